@@ -1,0 +1,20 @@
+"""gradguard: detect, diagnose and tame exploding and vanishing gradients in PyTorch."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import clip, stats  # noqa: E402
+from .errors import ConfigError, GradGuardError, GuardUsageError  # noqa: E402
+from .guard import Guard, StepInfo  # noqa: E402
+
+__all__ = [
+    "ConfigError",
+    "GradGuardError",
+    "Guard",
+    "GuardUsageError",
+    "StepInfo",
+    "__version__",
+    "clip",
+    "stats",
+]

@@ -1,0 +1,517 @@
+"""Gradient transforms: small objects with explicit state, composable with :func:`chain`.
+
+Each transform reads and edits a :class:`ClipContext` that holds the step's gradients and
+their per-tensor norms. Transforms that only rescale whole tensors (global norm, per-layer
+norm, quantile, z-score, normalise) do not touch the gradients at once: they multiply a
+pending per-tensor scale and update the norms analytically, so a chain of them costs one
+multiply pass over the gradients, exactly like ``clip_grad_norm_``. Transforms that need
+elementwise access (value, AGC, centralise) flush the pending scale first and mark the
+norms stale; the next reader recomputes them.
+
+State lives in device tensors and is updated with ``torch.where``: no transform calls
+``.item()`` or branches on a device value, and no stateful transform lets a non-finite
+norm into its history.
+
+The composition follows optax's ``chain`` of gradient transformations
+(``optax/_src/combine.py``), adapted to in-place PyTorch gradients.
+"""
+
+from __future__ import annotations
+
+import abc
+import fnmatch
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, final
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .stats import GradGroups, GradStats, foreach_norms, global_from_norms
+
+__all__ = [
+    "AGC",
+    "Centralize",
+    "Chain",
+    "ClipContext",
+    "GlobalNorm",
+    "Normalize",
+    "PerLayerNorm",
+    "Quantile",
+    "Transform",
+    "Value",
+    "ZScore",
+    "chain",
+]
+
+# clip_grad_norm_'s guard against division by zero; matched so GlobalNorm is bit-compatible.
+_TORCH_EPS = 1e-6
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Validate a numeric knob at construction, so a bad config fails now, not at step 1000."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+class ClipContext:
+    """The gradients of one step as the transforms see them.
+
+    Attributes:
+        groups: the gradients, bucketed by device and dtype.
+        names: parameter names, aligned with ``groups.grads``.
+        positions: positions of those parameters in the guard's parameter list.
+        finite: 0-dim bool, False when the incoming gradients or loss are non-finite;
+            stateful transforms do not learn from such steps.
+        device: where the small statistics tensors live.
+    """
+
+    def __init__(self, groups: GradGroups, stats: GradStats, names: Sequence[str],
+                 finite: Tensor, device: torch.device) -> None:
+        self.groups = groups
+        self.names = list(names)
+        self.positions = stats.index
+        self.finite = finite
+        self.device = device
+        self._norms: Tensor | None = stats.norms
+        self._pending: Tensor | None = None
+
+    @property
+    def norms(self) -> Tensor:
+        """Current per-tensor L2 norms (after the transforms so far)."""
+        if self._norms is None:
+            self.flush()
+            self._norms = foreach_norms(self.groups, self.groups.grads, self.device)
+        return self._norms
+
+    @property
+    def global_norm(self) -> Tensor:
+        """Current global L2 norm (0-dim fp32)."""
+        return global_from_norms(self.norms)
+
+    def scale(self, factor: Tensor) -> None:
+        """Scale gradients by ``factor`` (0-dim, or one entry per tensor), lazily."""
+        norms = self.norms
+        self._norms = norms * factor
+        self._pending = factor if self._pending is None else self._pending * factor
+
+    def grads(self) -> list[Tensor]:
+        """The gradients, with every pending scale applied, for elementwise edits."""
+        self.flush()
+        return self.groups.grads
+
+    def modified(self) -> None:
+        """Declare that the gradients were edited in place; norms get recomputed on demand."""
+        self._norms = None
+
+    def flush(self) -> None:
+        """Apply the pending scale with one foreach multiply per bucket."""
+        factor = self._pending
+        if factor is None:
+            return
+        self._pending = None
+        for dev, grads, pos in self.groups.bucket_grads():
+            if factor.dim() == 0:
+                torch._foreach_mul_(grads, factor.to(dev, non_blocking=True))
+            else:
+                part = factor if len(pos) == factor.numel() else factor[pos]
+                torch._foreach_mul_(grads, list(part.to(dev, non_blocking=True).unbind(0)))
+
+
+class Transform(abc.ABC):
+    """A gradient transform with explicit state.
+
+    Subclasses implement :meth:`__call__`; those with state keep it in ``self._state``
+    (a dict of tensors), which :meth:`state_dict` / :meth:`load_state_dict` round-trip.
+    """
+
+    _state: dict[str, Tensor]
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        """Allocate state for the guarded parameters (called once by the guard)."""
+        self._state = {}
+
+    @abc.abstractmethod
+    def __call__(self, ctx: ClipContext) -> None:
+        """Transform the gradients in ``ctx``."""
+
+    def bound(self) -> float | None:
+        """The global-norm bound this transform guarantees, if it has one."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copy of the transform's state (tensors cloned, safe to keep as a snapshot)."""
+        return {k: v.detach().clone() for k, v in getattr(self, "_state", {}).items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict` of an identically configured transform."""
+        mine = getattr(self, "_state", {})
+        if set(state) != set(mine):
+            raise ConfigError(
+                f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(mine)}; "
+                "it was saved by a differently configured transform"
+            )
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(mine[k].shape):
+                raise ConfigError(
+                    f"{type(self).__name__}: state '{k}' has shape {tuple(v.shape)}, expected "
+                    f"{tuple(mine[k].shape)}; it was saved with different settings"
+                )
+            mine[k].copy_(v)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def _norm_clip_coef(norm: Tensor, max_norm: Tensor | float) -> Tensor:
+    """``clip_grad_norm_``'s coefficient: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (norm + _TORCH_EPS), max=1.0)
+
+
+@final
+class Chain(Transform):
+    """Apply transforms in order (optax ``chain``)."""
+
+    def __init__(self, *transforms: Transform) -> None:
+        for t in transforms:
+            if not isinstance(t, Transform):
+                raise ConfigError(f"chain() takes gradguard.clip transforms, got {t!r}")
+        self.transforms = list(transforms)
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        for t in self.transforms:
+            t.bind(names, params, device)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        for t in self.transforms:
+            t(ctx)
+
+    def bound(self) -> float | None:
+        # Every transform here can only shrink norms except Normalize, which sets them.
+        bound: float | None = None
+        for t in self.transforms:
+            b = t.bound()
+            if isinstance(t, Normalize):
+                bound = b
+            elif b is not None:
+                bound = b if bound is None else min(bound, b)
+        return bound
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): t.state_dict() for i, t in enumerate(self.transforms)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {str(i) for i in range(len(self.transforms))}:
+            raise ConfigError(
+                f"chain state has {len(state)} entries, this chain has {len(self.transforms)} "
+                "transforms; it was saved by a different chain"
+            )
+        for i, t in enumerate(self.transforms):
+            t.load_state_dict(state[str(i)])
+
+    def __repr__(self) -> str:
+        return f"chain({', '.join(map(repr, self.transforms))})"
+
+
+def chain(*transforms: Transform) -> Chain:
+    """Compose transforms; they run left to right on the same gradients."""
+    return Chain(*transforms)
+
+
+@final
+class GlobalNorm(Transform):
+    """Rescale all gradients so their global L2 norm is at most ``max_norm``.
+
+    Identical to ``torch.nn.utils.clip_grad_norm_`` (same coefficient, same epsilon).
+    Reference: Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent
+    neural networks", section 3.2.
+    """
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = _positive("GlobalNorm.max_norm", max_norm)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        ctx.scale(_norm_clip_coef(ctx.global_norm, self.max_norm))
+
+    def bound(self) -> float | None:
+        return self.max_norm
+
+
+@final
+class PerLayerNorm(Transform):
+    """Rescale each parameter tensor's gradient to an L2 norm of at most ``max_norm``.
+
+    Reference: Pascanu et al. 2013 (norm clipping), applied per tensor as in
+    layer-wise clipping for differentially private SGD (McMahan et al. 2018, sec. 3).
+    """
+
+    def __init__(self, max_norm: float = 1.0) -> None:
+        self.max_norm = _positive("PerLayerNorm.max_norm", max_norm)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        ctx.scale(_norm_clip_coef(ctx.norms, self.max_norm))
+
+    def bound(self) -> float | None:
+        # n tensors each at most max_norm: the global norm is at most sqrt(n) * max_norm.
+        return None
+
+
+@final
+class Value(Transform):
+    """Clamp every gradient element to ``[-limit, limit]``.
+
+    Reference: Mikolov 2012, "Statistical language models based on neural networks",
+    sec. 3.2.2 (clipping gradient values of RNN LMs); Keras ``clipvalue``.
+    """
+
+    def __init__(self, limit: float = 1.0) -> None:
+        self.limit = _positive("Value.limit", limit)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        ctx.flush()
+        for _, grads, _ in ctx.groups.bucket_grads():
+            torch._foreach_clamp_min_(grads, -self.limit)
+            torch._foreach_clamp_max_(grads, self.limit)
+        ctx.modified()
+
+
+def _unitwise_norm(x: Tensor) -> Tensor:
+    """L2 norm per output unit (row of a Linear, filter of a Conv); whole tensor if 0/1-D."""
+    if x.dim() <= 1:
+        return torch.linalg.vector_norm(x.float())
+    return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.dim())), keepdim=True)
+
+
+def _name_matcher(exclude: Sequence[str] | Callable[[str], bool] | str) -> Callable[[str], bool]:
+    if callable(exclude):
+        return exclude
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError(f"exclude patterns must be strings (globs on parameter names), got {p!r}")
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@final
+class AGC(Transform):
+    """Unit-wise adaptive gradient clipping.
+
+    Each unit's gradient G_i is rescaled to at most ``clipping * max(||W_i||, eps)``.
+    Reference: Brock, De, Smith & Simonyan 2021, "High-Performance Large-Scale Image
+    Recognition Without Normalization", section 3 (eq. 3); the paper excludes the final
+    classifier layer, which ``exclude=["fc.*"]`` (glob on parameter names) does here.
+
+    Args:
+        clipping: λ, the largest allowed ratio of gradient norm to weight norm per unit.
+        eps: floor on the weight norm, so zero-initialised units can still move.
+        exclude: glob patterns (or a predicate) on parameter names to leave unclipped.
+    """
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3,
+                 exclude: Sequence[str] | Callable[[str], bool] | str = ()) -> None:
+        self.clipping = _positive("AGC.clipping", clipping)
+        self.eps = _positive("AGC.eps", eps)
+        self.exclude = exclude
+        self._skip = _name_matcher(exclude)
+        self._excluded: set[int] = set()
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        self._state = {}
+        self._excluded = {i for i, n in enumerate(names) if self._skip(n)}
+
+    def __call__(self, ctx: ClipContext) -> None:
+        grads = ctx.grads()
+        for pos, p, g in zip(ctx.positions, ctx.groups.params, grads, strict=True):
+            if pos in self._excluded:
+                continue
+            max_norm = _unitwise_norm(p.detach()).clamp_min(self.eps) * self.clipping
+            g_norm = _unitwise_norm(g)
+            factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(_TORCH_EPS), 1.0)
+            g.mul_(factor.to(g.dtype))
+        ctx.modified()
+
+
+@final
+class Quantile(Transform):
+    """AutoClip: clip the global norm at the ``q``-quantile of the norms seen so far.
+
+    Reference: Seetharaman, Wichern, Pardo & Le Roux 2020, "AutoClip: Adaptive Gradient
+    Clipping for Source Separation Networks", section 2. Matches the ``autoclip`` package's
+    ``QuantileClip(global_threshold=True)`` (linear-interpolated quantile of the last
+    ``history`` pre-clip norms; no clipping on the first step), except that non-finite
+    norms never enter the history.
+    """
+
+    def __init__(self, q: float = 0.9, history: int = 1000) -> None:
+        self.q = _positive("Quantile.q", q, allow_zero=True)
+        if self.q > 1.0:
+            raise ConfigError(f"Quantile.q must be in [0, 1], got {q!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ConfigError(f"Quantile.history must be a positive int, got {history!r}")
+        self.history = history
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        self._state = {
+            "norms": torch.full((self.history,), math.nan, device=device),
+            "count": torch.zeros((), dtype=torch.long, device=device),
+        }
+
+    def threshold(self) -> Tensor:
+        """Current clipping threshold (inf until a norm has been seen)."""
+        thr = torch.nanquantile(self._state["norms"], self.q)
+        return torch.where(torch.isnan(thr), math.inf, thr)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        s = self._state
+        norm = ctx.global_norm
+        ctx.scale(_norm_clip_coef(norm, self.threshold()))
+        ok = ctx.finite & torch.isfinite(norm)
+        slot = torch.remainder(s["count"], self.history).reshape(1)
+        s["norms"].index_copy_(0, slot, torch.where(ok, norm, s["norms"][slot]).reshape(1))
+        s["count"].add_(ok.long())
+
+
+@final
+class ZScore(Transform):
+    """ZClip: clip gradient-norm spikes detected by a z-score against an EMA of norms.
+
+    Reference: Kumar, Owen, Ashkboos & others 2025, "ZClip: Adaptive Spike Mitigation for
+    LLM Pre-Training", section 3. Matches the ``zclip`` 1.0.0 package step for step: the
+    first ``warmup`` finite norms initialise mean and (population) variance; afterwards a
+    norm with z > ``z_thresh`` is clipped to
+
+    - ``mode="reciprocal"``: mean + z_thresh·std / (z / z_thresh), times ``clip_factor``
+      (zclip's ``adaptive_scaling``),
+    - ``mode="mean"``: the EMA mean,
+    - ``mode="percentile"``: mean + z_thresh·std for any norm above it,
+
+    and the EMA is updated with the clipped value. ``max_norm`` caps the threshold (and
+    clips during warm-up, as zclip's ``max_grad_norm`` does). Unlike zclip, a non-finite
+    norm never enters the statistics (zclip's EMA turns NaN for the rest of the run).
+    """
+
+    _MODES = ("reciprocal", "mean", "percentile")
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, warmup: int = 25,
+                 mode: str = "reciprocal", max_norm: float | None = None,
+                 clip_factor: float = 1.0, eps: float = 1e-6,
+                 skip_update_on_spike: bool = False) -> None:
+        self.alpha = _positive("ZScore.alpha", alpha)
+        if self.alpha >= 1.0:
+            raise ConfigError(f"ZScore.alpha must be in (0, 1), got {alpha!r}")
+        self.z_thresh = _positive("ZScore.z_thresh", z_thresh)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ConfigError(f"ZScore.warmup must be a positive int, got {warmup!r}")
+        self.warmup = warmup
+        if mode not in self._MODES:
+            raise ConfigError(f"ZScore.mode must be one of {self._MODES}, got {mode!r}")
+        self.mode = mode
+        self.max_norm = None if max_norm is None else _positive("ZScore.max_norm", max_norm)
+        self.clip_factor = _positive("ZScore.clip_factor", clip_factor)
+        self.eps = _positive("ZScore.eps", eps)
+        self.skip_update_on_spike = bool(skip_update_on_spike)
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        f32 = {"dtype": torch.float32, "device": device}
+        self._state = {
+            "buffer": torch.zeros(self.warmup, **f32),
+            "count": torch.zeros((), dtype=torch.long, device=device),
+            "mean": torch.zeros((), **f32),
+            "var": torch.zeros((), **f32),
+        }
+
+    def __call__(self, ctx: ClipContext) -> None:
+        s = self._state
+        norm = ctx.global_norm
+        ok = ctx.finite & torch.isfinite(norm)
+        ready = s["count"] >= self.warmup  # statistics initialised before this step
+
+        mean, var = s["mean"], s["var"]
+        std = var.sqrt()
+        if self.mode == "percentile":
+            limit = mean + self.z_thresh * std
+            spike = norm > limit
+            target = limit
+        else:
+            z = (norm - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.mode == "reciprocal":
+                target = (mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+            else:
+                target = mean
+        spike = spike & ready
+        adaptive = torch.where(spike, target, norm)
+        effective = adaptive if self.max_norm is None else torch.clamp(adaptive, max=self.max_norm)
+        coef = torch.where(norm > effective, effective / (norm + _TORCH_EPS), 1.0)
+        if self.max_norm is not None:
+            coef = torch.where(ready, coef, _norm_clip_coef(norm, self.max_norm))
+        else:
+            coef = torch.where(ready, coef, torch.ones_like(coef))
+        ctx.scale(coef)
+
+        # EMA update (mean first, then variance around the new mean, as zclip does).
+        learn = ok & ready
+        if self.skip_update_on_spike:
+            learn = learn & ~spike
+        new_mean = self.alpha * mean + (1 - self.alpha) * adaptive
+        new_var = self.alpha * var + (1 - self.alpha) * (adaptive - new_mean) ** 2
+
+        # Warm-up: collect finite norms; initialise on the step the buffer fills.
+        collect = ok & ~ready
+        slot = torch.clamp(s["count"], max=self.warmup - 1).reshape(1)
+        buf = s["buffer"]
+        buf.index_copy_(0, slot, torch.where(collect, norm, buf[slot]).reshape(1))
+        count = s["count"] + collect.long()
+        init = collect & (count >= self.warmup)
+        buf_mean = buf.mean()
+        buf_var = ((buf - buf_mean) ** 2).mean()
+
+        mean.copy_(torch.where(init, buf_mean, torch.where(learn, new_mean, mean)))
+        var.copy_(torch.where(init, buf_var, torch.where(learn, new_var, var)))
+        s["count"].copy_(count)
+
+
+@final
+class Centralize(Transform):
+    """Gradient centralisation: remove the mean of each output unit's gradient.
+
+    Applies to tensors with two or more dimensions (weights); biases are left alone.
+    Reference: Yong, Huang, Hua & Zhang 2020, "Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks", ECCV, eq. 3.
+    """
+
+    def __call__(self, ctx: ClipContext) -> None:
+        for g in ctx.grads():
+            if g.dim() > 1:
+                g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+        ctx.modified()
+
+
+@final
+class Normalize(Transform):
+    """Rescale the gradient to a fixed L2 norm: keep its direction, drop its size.
+
+    ``per_tensor=False`` is normalised gradient descent (Hazan, Levy & Shalev-Shwartz 2015,
+    "Beyond Convexity: Stochastic Quasi-Convex Optimization"); ``per_tensor=True`` is
+    block-normalised gradient (Yu, Lin, Yang & others 2017, "Block-Normalized Gradient
+    Method", eq. 2).
+    """
+
+    def __init__(self, norm: float = 1.0, per_tensor: bool = False, eps: float = 1e-6) -> None:
+        self.norm = _positive("Normalize.norm", norm)
+        self.per_tensor = bool(per_tensor)
+        self.eps = _positive("Normalize.eps", eps)
+
+    def __call__(self, ctx: ClipContext) -> None:
+        current = ctx.norms if self.per_tensor else ctx.global_norm
+        ctx.scale(self.norm / (current + self.eps))
+
+    def bound(self) -> float | None:
+        return None if self.per_tensor else self.norm

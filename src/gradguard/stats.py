@@ -1,0 +1,153 @@
+"""The fused gradient pass: the only code that walks every gradient to measure it.
+
+One ``torch._foreach_norm`` per (device, dtype) group gives every per-tensor L2 norm; the
+global norm, the non-finite flag and everything downstream are derived from that short
+vector, so the guard reads each gradient byte once to measure it (the same single read
+``torch.nn.utils.clip_grad_norm_`` makes). Nothing here copies to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradGroups", "GradStats", "collect_grads", "compute_stats", "foreach_norms"]
+
+
+@dataclass(frozen=True)
+class GradGroups:
+    """Gradients of the guarded parameters, bucketed for foreach kernels.
+
+    Attributes:
+        index: positions (into the guard's parameter list) of the parameters that have a grad.
+        grads: the grads, in ``index`` order.
+        params: the matching parameters.
+        buckets: ``(device, dtype) -> positions into grads`` so each bucket is one kernel.
+    """
+
+    index: tuple[int, ...]
+    grads: list[Tensor]
+    params: list[Tensor]
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]]
+
+    def bucket_grads(self) -> list[tuple[torch.device, list[Tensor], list[int]]]:
+        """Return ``(device, grads, positions)`` per bucket."""
+        return [(dev, [self.grads[i] for i in pos], pos) for (dev, _), pos in self.buckets.items()]
+
+
+def collect_grads(params: Sequence[Tensor]) -> GradGroups:
+    """Gather ``.grad`` of ``params``; parameters without a grad are skipped.
+
+    Raises:
+        TypeError: a gradient is sparse (the fused norm kernels need dense grads).
+    """
+    index: list[int] = []
+    grads: list[Tensor] = []
+    kept: list[Tensor] = []
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise TypeError(
+                f"parameter #{i} (shape {tuple(p.shape)}) has a sparse gradient; gradguard "
+                "measures and clips dense gradients only. Use dense embeddings "
+                "(nn.Embedding(..., sparse=False)) or leave that parameter out of the guard "
+                "(Guard(model, optimizer, params=...))."
+            )
+        buckets.setdefault((g.device, g.dtype), []).append(len(grads))
+        index.append(i)
+        grads.append(g)
+        kept.append(p)
+    return GradGroups(tuple(index), grads, kept, buckets)
+
+
+def foreach_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per-tensor L2 norms (fp32, on ``device``) of ``tensors`` laid out like ``groups.grads``."""
+    if len(groups.buckets) == 1:
+        # The common case: one device, one dtype, no scatter needed.
+        ((dev, dtype),) = groups.buckets
+        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+        return torch.stack(norms).to(device, non_blocking=True)
+    out = torch.empty(len(tensors), dtype=torch.float32, device=device)
+    for (_dev, _dtype), pos in groups.buckets.items():
+        norms = torch._foreach_norm([tensors[i] for i in pos], 2, dtype=torch.float32)
+        idx = torch.tensor(pos, device=device)
+        out.index_copy_(0, idx, torch.stack(norms).to(device, non_blocking=True))
+    return out
+
+
+@dataclass
+class GradStats:
+    """Gradient statistics of one step, all device tensors.
+
+    Attributes:
+        norms: per-parameter-tensor L2 norms, fp32, one per parameter *with* a grad
+            (positions in ``index``).
+        index: positions of those parameters in the guard's parameter list.
+        global_norm: L2 norm of all gradients together (0-dim fp32).
+        nonfinite: True when any gradient element is NaN/Inf (0-dim bool). A gradient whose
+            squared norm overflows fp32 counts as non-finite too: no update of that size is
+            usable.
+    """
+
+    norms: Tensor
+    index: tuple[int, ...]
+    global_norm: Tensor
+    nonfinite: Tensor
+    _groups: GradGroups | None = field(default=None, repr=False)
+    _max_abs: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def max_abs(self) -> Tensor:
+        """Largest absolute gradient element (0-dim fp32); one extra read, made on first use."""
+        if self._max_abs is None:
+            if self._groups is None or not self._groups.grads:
+                self._max_abs = torch.zeros((), device=self.norms.device)
+            else:
+                per = [
+                    torch.stack(torch._foreach_norm(g, float("inf"), dtype=torch.float32))
+                    .max()
+                    .to(self.norms.device)
+                    for _, g, _ in self._groups.bucket_grads()
+                ]
+                self._max_abs = torch.stack(per).max()
+        return self._max_abs
+
+    def full_norms(self, n: int) -> Tensor:
+        """Per-tensor norms over all ``n`` guarded parameters (0 where a grad is missing)."""
+        if len(self.index) == n:
+            return self.norms
+        out = torch.zeros(n, dtype=self.norms.dtype, device=self.norms.device)
+        if self.index:
+            out[list(self.index)] = self.norms
+        return out
+
+
+def global_from_norms(norms: Tensor) -> Tensor:
+    """L2 norm of a vector of per-tensor L2 norms, as ``clip_grad_norm_`` combines them."""
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=norms.device)
+    return torch.linalg.vector_norm(norms, 2)
+
+
+def compute_stats(groups: GradGroups, device: torch.device) -> GradStats:
+    """One fused pass over ``groups`` giving per-tensor norms, global norm and non-finite flag.
+
+    Args:
+        groups: output of :func:`collect_grads`.
+        device: where the (small) result tensors live; the first parameter's device.
+    """
+    if not groups.grads:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return GradStats(
+            torch.zeros(0, device=device), (), zero, torch.zeros((), dtype=torch.bool, device=device),
+            groups,
+        )
+    norms = foreach_norms(groups, groups.grads, device)
+    gnorm = global_from_norms(norms)
+    return GradStats(norms, groups.index, gnorm, ~torch.isfinite(gnorm), groups)

@@ -1,0 +1,184 @@
+"""Run ``optimizer.step()`` under a device-side skip flag, without a host sync.
+
+Two strategies, picked per optimizer:
+
+``found_inf``
+    Optimizers that implement PyTorch's AMP contract (``_step_supports_amp_scaling``,
+    i.e. the fused Adam/AdamW/SGD/Adagrad kernels) read ``optimizer.found_inf`` and leave
+    parameters, moments and step counters untouched when it is non-zero. This is the
+    path ``torch.amp.GradScaler`` uses; it costs nothing extra. gradguard switches
+    torch's own Adam/AdamW/SGD/Adagrad to ``fused=True`` when the user left both
+    ``fused`` and ``foreach`` unset and the parameters allow it.
+
+``masked``
+    Any other optimizer: parameters and tensor state are copied before the step and put
+    back with ``torch.where(skip, saved, new)`` after it. Exact for every optimizer whose
+    state is tensors; one extra read and write of parameters and state per step.
+
+A step that creates optimizer state lazily (usually the first) ends with one host read
+of the flag: a skipped first step must leave no state behind, and the fused SGD kernel
+would otherwise leave its momentum buffer uninitialised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = ["Stepper", "make_stepper"]
+
+log = logging.getLogger("gradguard")
+
+_FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+STRATEGIES = ("auto", "found_inf", "masked")
+
+
+def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
+    """Switch a torch Adam/AdamW/SGD/Adagrad to its fused kernel when the user left it open."""
+    if type(optimizer) not in _FUSABLE:
+        return False
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    if isinstance(optimizer, torch.optim.Adagrad):
+        devices = {"cpu"}  # torch's fused Adagrad has no CUDA kernel
+    for group in optimizer.param_groups:
+        if group.get("fused") is not None or group.get("foreach") is not None:
+            return False
+        if group.get("differentiable") or group.get("capturable"):
+            return False
+        for p in group["params"]:
+            if not (torch.is_floating_point(p) and p.device.type in devices):
+                return False
+            if _is_dtensor(p):
+                return False  # leave sharded optimizers as the user built them
+    for group in optimizer.param_groups:
+        group["fused"] = True
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if st and isinstance(st.get("step"), Tensor):
+                # Fused kernels keep the step counter on the parameter's device in fp32.
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+    optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
+    log.info("gradguard: switched %s to fused=True so skipped steps need no host sync",
+             type(optimizer).__name__)
+    return True
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # builds without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+class Stepper:
+    """Steps an optimizer, or leaves it exactly as it was when ``skip`` is true."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.optimizer = optimizer
+        supports = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if strategy == "auto":
+            strategy = "found_inf" if supports or _try_fuse(optimizer) else "masked"
+        elif strategy == "found_inf" and not supports and not _try_fuse(optimizer):
+            raise ConfigError(
+                f"skip_strategy='found_inf' needs an optimizer that reads `found_inf` (torch's "
+                f"fused Adam/AdamW/SGD/Adagrad); {type(optimizer).__name__} does not. Use "
+                "skip_strategy='masked' or 'auto'."
+            )
+        self.strategy = strategy
+        self._saved: list[Tensor] | None = None
+        self._saved_keys: list[tuple[int, str]] = []
+        # Once every stepped parameter has state, lazy creation is over; stop looking.
+        self._settled_for = -1
+
+    # -- state bookkeeping -------------------------------------------------------------
+    def _stateless(self, params: Sequence[Tensor]) -> list[Tensor]:
+        state = self.optimizer.state
+        return [p for p in params if not state.get(p)]
+
+    def _drop_new_state(self, fresh: Sequence[Tensor], skip: Tensor) -> None:
+        """After a step that created state: drop that state if the step was skipped."""
+        state = self.optimizer.state
+        created = [p for p in fresh if state.get(p)]
+        if created and bool(skip):  # the one host read: only on state-creating steps
+            for p in created:
+                del state[p]
+
+    # -- the step ----------------------------------------------------------------------
+    def step(self, params: Sequence[Tensor], skip: Tensor) -> None:
+        """``optimizer.step()`` unless ``skip`` (0-dim bool tensor) is true.
+
+        Args:
+            params: the parameters that have gradients this step.
+            skip: the decision; read on the device, never on the host (except on a
+                state-creating step, see module docs).
+        """
+        fresh = [] if self._settled_for == len(params) else self._stateless(params)
+        if self.strategy == "found_inf":
+            self._step_found_inf(skip)
+        else:
+            self._step_masked(params, skip)
+        if fresh:
+            self._drop_new_state(fresh, skip)
+        elif self._settled_for != len(params) and self.optimizer.state:
+            self._settled_for = len(params)
+
+    def _step_found_inf(self, skip: Tensor) -> None:
+        opt = self.optimizer
+        opt.grad_scale = None  # type: ignore[attr-defined]
+        opt.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale  # type: ignore[attr-defined]
+            del opt.found_inf  # type: ignore[attr-defined]
+
+    def _tracked(self, params: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[int, str]]]:
+        """Parameters and every tensor in their optimizer state, with keys to detect changes."""
+        tensors: list[Tensor] = list(params)
+        keys: list[tuple[int, str]] = [(id(p), "") for p in params]
+        host: list[tuple[int, str]] = []
+        for p in params:
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if isinstance(v, Tensor):
+                    tensors.append(v)
+                    keys.append((id(p), k))
+                elif v is not None:
+                    host.append((id(p), k))
+        return tensors, keys + [(-1, f"host:{k}") for _, k in host]
+
+    def _step_masked(self, params: Sequence[Tensor], skip: Tensor) -> None:
+        tensors, keys = self._tracked(params)
+        host_state = any(i == -1 for i, _ in keys)
+        if host_state or any(t.device != skip.device for t in tensors[len(params):]):
+            # State the device cannot restore (Python numbers, or tensors on another device,
+            # e.g. Adam's CPU step counter beside CUDA params): decide on the host.
+            self._step_host_decided(params, skip)
+            return
+        if self._saved is None or keys != self._saved_keys:
+            self._saved = [t.detach().clone() for t in tensors]
+            self._saved_keys = keys
+        else:
+            torch._foreach_copy_(self._saved, [t.detach() for t in tensors])
+        self.optimizer.step()
+        with torch.no_grad():
+            for t, s in zip(tensors, self._saved, strict=True):
+                torch.where(skip, s, t, out=t)
+
+    def _step_host_decided(self, params: Sequence[Tensor], skip: Tensor) -> None:
+        if not bool(skip):
+            self.optimizer.step()
+
+
+def make_stepper(optimizer: torch.optim.Optimizer, strategy: str = "auto") -> Stepper:
+    """Build the stepper for ``optimizer`` (see module docs for the strategies)."""
+    return Stepper(optimizer, strategy)
