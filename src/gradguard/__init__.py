@@ -4,9 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import clip, stats  # noqa: E402
-from .errors import ConfigError, GradGuardError, GuardUsageError  # noqa: E402
-from .guard import Guard, StepInfo  # noqa: E402
+from . import clip, stats
+from .errors import ConfigError, GradGuardError, GuardUsageError
+from .guard import Guard, StepInfo
 
 __all__ = [
     "ConfigError",

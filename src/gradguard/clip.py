@@ -295,7 +295,7 @@ def _name_matcher(exclude: Sequence[str] | Callable[[str], bool] | str) -> Calla
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     for p in patterns:
         if not isinstance(p, str):
-            raise ConfigError(f"exclude patterns must be strings (globs on parameter names), got {p!r}")
+            raise ConfigError(f"exclude patterns must be globs on parameter names, got {p!r}")
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -476,6 +476,9 @@ class ZScore(Transform):
         mean.copy_(torch.where(init, buf_mean, torch.where(learn, new_mean, mean)))
         var.copy_(torch.where(init, buf_var, torch.where(learn, new_var, var)))
         s["count"].copy_(count)
+
+    def bound(self) -> float | None:
+        return self.max_norm
 
 
 @final

@@ -93,7 +93,8 @@ def _resolve_params(
         if foreign and len(foreign) == len(trainable):
             raise ConfigError(
                 "none of the model's trainable parameters are in the optimizer: build the "
-                "optimizer from this model's parameters (e.g. torch.optim.AdamW(model.parameters()))"
+                "optimizer from this model's parameters "
+                "(e.g. torch.optim.AdamW(model.parameters()))"
             )
         if foreign:
             raise ConfigError(

@@ -70,7 +70,6 @@ def foreach_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.d
     """Per-tensor L2 norms (fp32, on ``device``) of ``tensors`` laid out like ``groups.grads``."""
     if len(groups.buckets) == 1:
         # The common case: one device, one dtype, no scatter needed.
-        ((dev, dtype),) = groups.buckets
         norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
         return torch.stack(norms).to(device, non_blocking=True)
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
@@ -144,10 +143,8 @@ def compute_stats(groups: GradGroups, device: torch.device) -> GradStats:
     """
     if not groups.grads:
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        return GradStats(
-            torch.zeros(0, device=device), (), zero, torch.zeros((), dtype=torch.bool, device=device),
-            groups,
-        )
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        return GradStats(torch.zeros(0, device=device), (), zero, no, groups)
     norms = foreach_norms(groups, groups.grads, device)
     gnorm = global_from_norms(norms)
     return GradStats(norms, groups.index, gnorm, ~torch.isfinite(gnorm), groups)

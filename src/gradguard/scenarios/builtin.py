@@ -1,0 +1,87 @@
+"""The built-in scenarios (see ``gradguard.scenarios``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import Scenario, Setup, register
+from . import data as D
+from .train import Batch, batches
+
+
+def _sgd(momentum: float = 0.0):
+    return lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def _linreg_raw(seed: int) -> Setup:
+    """Diabetes progression from 10 clinical measurements in raw units, plain SGD."""
+    x, y = D.diabetes()
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    tr, te = perm[:354], perm[354:]
+    model = nn.Linear(x.shape[1], 1)
+
+    def evaluate(m: nn.Module) -> tuple[float, float | None]:
+        return float(F.mse_loss(m(x[te]), y[te])), None
+
+    return Setup(model, batches(x[tr], y[tr], 32, seed), F.mse_loss, evaluate, _sgd())
+
+
+register(Scenario(
+    name="linreg-raw",
+    summary="linear regression, sklearn diabetes in raw units, SGD (the brief's score model)",
+    lr=1e-3, steps=400, build=_linreg_raw,
+))
+
+
+def _mnist_split(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x, y = D.mnist()
+    x = (x / 255.0 - 0.1307) / 0.3081  # the usual MNIST standardisation
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    tr, te = perm[:4000], perm[4000:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _classify_eval(xte: Tensor, yte: Tensor):
+    def evaluate(m: nn.Module) -> tuple[float, float | None]:
+        out = m(xte)
+        acc = float((out.argmax(1) == yte).float().mean())
+        return float(F.cross_entropy(out, yte)), acc
+
+    return evaluate
+
+
+# A dataloader fault every few hundred steps: a NaN-filled batch (a broken record) and a
+# batch in the wrong units (pixel values 0–255 where the model expects standardised ones).
+CORRUPT_NAN = frozenset({60, 230})
+CORRUPT_UNSCALED = frozenset({120, 170, 300})
+
+
+def _corrupt_batches(step: int, batch: Batch) -> Batch:
+    x, y = batch
+    if step in CORRUPT_NAN:
+        return torch.full_like(x, float("nan")), y
+    if step in CORRUPT_UNSCALED:
+        return x * 0.3081 * 255 * 40, y
+    return batch
+
+
+def _mlp_corrupt(seed: int) -> Setup:
+    """A healthy 4-layer MLP on MNIST; a few corrupted batches arrive mid-run."""
+    xtr, ytr, xte, yte = _mnist_split(seed)
+    model = nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+    return Setup(model, batches(xtr, ytr, 64, seed), F.cross_entropy, _classify_eval(xte, yte),
+                 _sgd(momentum=0.9), corrupt=_corrupt_batches)
+
+
+register(Scenario(
+    name="mlp-corrupt",
+    summary="MLP on the MNIST subset, SGD+momentum; NaN and unscaled batches mid-run",
+    lr=0.05, steps=400, build=_mlp_corrupt, metric="accuracy",
+))

@@ -1,0 +1,57 @@
+"""Shared fixtures and helpers for the test suite."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Make every device→host read raise: the hot path must not call any of these."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("host sync on the guard's hot path")
+
+    names = ("item", "__bool__", "__float__", "__int__", "tolist", "__index__")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, boom)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def small_mlp(seed: int = 0, width: int = 16, depth: int = 3, d_in: int = 8) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    d = d_in
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(d, width), torch.nn.Tanh()]
+        d = width
+    layers.append(torch.nn.Linear(d, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def backward(model: torch.nn.Module, scale: float = 1.0, seed: int = 0, nan: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    d_in = next(model.parameters()).shape[1]
+    x = torch.randn(32, d_in, generator=gen) * scale
+    if nan:
+        x[0, 0] = float("nan")
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    return loss
+
+
+@pytest.fixture
+def mlp() -> torch.nn.Module:
+    return small_mlp()

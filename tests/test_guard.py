@@ -1,0 +1,180 @@
+import copy
+
+import pytest
+import torch
+
+import gradguard as gg
+from tests.conftest import backward, no_host_sync, small_mlp
+
+
+def test_sync_detector_is_armed():
+    with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
+        torch.tensor(1.0).item()
+    with no_host_sync(), pytest.raises(AssertionError, match="host sync"):
+        bool(torch.tensor(True))
+
+
+def test_step_info_reports_norms_and_clip(mlp):
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
+    guard = gg.Guard(mlp, opt, clip=gg.clip.GlobalNorm(0.5))
+    loss = backward(mlp, scale=10)
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in mlp.parameters()]))
+    info = guard.step(loss)
+    d = info.to_dict()
+    assert d["grad_norm"] == pytest.approx(want.item(), rel=1e-6)
+    assert d["clipped_norm"] == pytest.approx(0.5, rel=1e-5)
+    assert d["clip_coef"] == pytest.approx(0.5 / want.item(), rel=1e-5)
+    assert not d["skipped"]
+    assert info.norms.shape == (len(list(mlp.parameters())),)
+
+
+def test_default_clip_is_zscore(mlp):
+    guard = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1))
+    assert isinstance(guard.clip, gg.clip.ZScore)
+
+
+def test_step_twice_without_backward_is_an_error(mlp):
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    guard = gg.Guard(mlp, opt)
+    guard.step(backward(mlp))
+    with pytest.raises(gg.GuardUsageError, match="twice"):
+        guard.step()
+    # set_to_none then backward: fine; zero in place then backward: fine
+    opt.zero_grad(set_to_none=True)
+    guard.step(backward(mlp))
+    opt.zero_grad(set_to_none=False)
+    guard.step(backward(mlp))
+
+
+def test_no_grads_is_a_clear_error(mlp):
+    guard = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1))
+    with pytest.raises(gg.GuardUsageError, match=r"loss\.backward\(\)"):
+        guard.step()
+
+
+def test_optimizer_must_own_model_params():
+    a, b = small_mlp(0), small_mlp(1)
+    with pytest.raises(gg.ConfigError, match="none of the model's trainable parameters"):
+        gg.Guard(a, torch.optim.SGD(b.parameters(), lr=0.1))
+    half = list(a.parameters())[:2]
+    with pytest.raises(gg.ConfigError, match="not in the optimizer"):
+        gg.Guard(a, torch.optim.SGD(half, lr=0.1))
+    with pytest.raises(gg.ConfigError, match=r"torch\.optim\.Optimizer"):
+        gg.Guard(a, "adam")
+
+
+def test_frozen_params_are_left_out():
+    m = small_mlp()
+    m[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    guard = gg.Guard(m, opt)
+    assert guard.names == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    guard.step(backward(m))
+
+
+def test_loss_must_be_a_tensor(mlp):
+    guard = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1))
+    loss = backward(mlp)
+    with pytest.raises(gg.GuardUsageError, match=r"no \.item"):
+        guard.step(loss.item())
+
+
+def test_gradient_accumulation_clips_the_sum():
+    """Accumulate two micro-batches, then one guard.step: clipping sees the summed grad."""
+    a, b = small_mlp(), small_mlp()
+    oa = torch.optim.SGD(a.parameters(), lr=0.1)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1)
+    guard = gg.Guard(a, oa, clip=gg.clip.GlobalNorm(0.1))
+    for seed in (1, 2):
+        (backward(a, seed=seed) / 2).detach()
+        backward(b, seed=seed)
+    for p in a.parameters():
+        p.grad /= 2
+    for p in b.parameters():
+        p.grad /= 2
+    guard.step()
+    torch.nn.utils.clip_grad_norm_(list(b.parameters()), 0.1)
+    ob.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_overflow_skips_and_backs_off_scale():
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = gg.Guard(model, opt, scaler=scaler)
+    x = torch.randn(16, 8)
+    for step in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        if step == 1:  # an fp16-style overflow in one gradient
+            next(iter(model.parameters())).grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            scale_before = scaler.get_scale()
+        info = guard.step(loss)
+        if step == 1:
+            assert info.skipped
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+            assert scaler.get_scale() == scale_before * 0.5
+        else:
+            assert not info.skipped
+            # the guard measured unscaled gradients
+            assert info.grad_norm < 1e3
+
+
+def test_grad_scaler_path_has_no_host_sync():
+    model = small_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = gg.Guard(model, opt, scaler=scaler)
+    x = torch.randn(16, 8)
+
+    def one():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        scaler.scale(loss).backward()
+        return loss
+
+    guard.step(one())
+    loss = one()
+    with no_host_sync():
+        guard.step(loss)
+
+
+def test_state_dict_resume_continues_identically():
+    def run(split):
+        model = small_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        guard = gg.Guard(model, opt, clip=[gg.clip.ZScore(warmup=3), gg.clip.Quantile(history=5)])
+        infos = []
+        for s in range(12):
+            if s == split:
+                saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+                         copy.deepcopy(guard.state_dict()))
+                model = small_mlp(seed=123)
+                opt = torch.optim.SGD(model.parameters(), lr=0.05)
+                guard = gg.Guard(model, opt, clip=[gg.clip.ZScore(warmup=3),
+                                                   gg.clip.Quantile(history=5)])
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+                guard.load_state_dict(saved[2])
+            opt.zero_grad()
+            infos.append(guard.step(backward(model, scale=1 + 20 * (s % 4 == 3), seed=s)))
+        return [i.to_dict() for i in infos]
+
+    assert run(split=-1) == run(split=7)
+
+
+def test_load_state_dict_rejects_other_config(mlp):
+    g1 = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), clip=gg.clip.ZScore())
+    g2 = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), clip=gg.clip.GlobalNorm(1))
+    with pytest.raises(gg.ConfigError, match="same clip settings"):
+        g2.load_state_dict(g1.state_dict())
+    bad = g1.state_dict()
+    bad["format"] = 99
+    with pytest.raises(gg.ConfigError, match="format 99"):
+        g1.load_state_dict(bad)

@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from gradguard.stats import collect_grads, compute_stats
+from tests.conftest import backward, small_mlp
+
+
+def test_norms_match_torch(mlp):
+    backward(mlp)
+    params = list(mlp.parameters())
+    st = compute_stats(collect_grads(params), torch.device("cpu"))
+    expect = torch.stack([p.grad.norm() for p in params])
+    torch.testing.assert_close(st.norms, expect)
+    total = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    torch.testing.assert_close(st.global_norm, total)
+    assert not st.nonfinite
+    expect_max = max(p.grad.abs().max() for p in params)
+    torch.testing.assert_close(st.max_abs, expect_max)
+
+
+def test_params_without_grad_are_skipped():
+    m = small_mlp()
+    backward(m)
+    params = list(m.parameters())
+    params[0].grad = None
+    st = compute_stats(collect_grads(params), torch.device("cpu"))
+    assert st.index == tuple(range(1, len(params)))
+    full = st.full_norms(len(params))
+    assert full[0] == 0 and full.shape == (len(params),)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_flag(mlp, bad):
+    backward(mlp)
+    next(iter(mlp.parameters())).grad[0, 0] = bad
+    st = compute_stats(collect_grads(list(mlp.parameters())), torch.device("cpu"))
+    assert st.nonfinite
+
+
+def test_mixed_dtypes_grouped():
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16))
+    c = torch.nn.Parameter(torch.randn(2, 2))
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    groups = collect_grads([a, b, c])
+    assert len(groups.buckets) == 2
+    st = compute_stats(groups, torch.device("cpu"))
+    expect = torch.stack([a.grad.norm(), b.grad.float().norm(), c.grad.norm()])
+    torch.testing.assert_close(st.norms, expect, rtol=1e-3, atol=1e-3)
+    assert st.norms.dtype == torch.float32
+
+
+def test_sparse_grad_is_type_error():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match="sparse gradient"):
+        collect_grads(list(emb.parameters()))

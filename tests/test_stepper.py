@@ -1,0 +1,116 @@
+import copy
+
+import pytest
+import torch
+
+import gradguard as gg
+from tests.conftest import backward, no_host_sync, small_mlp
+
+OPTIMIZERS = {
+    "sgd": lambda p, **k: torch.optim.SGD(p, lr=0.1, **k),
+    "sgd_momentum": lambda p, **k: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, **k),
+    "adam": lambda p, **k: torch.optim.Adam(p, lr=1e-2, **k),
+    "adamw": lambda p, **k: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, **k),
+    "rmsprop": lambda p, **k: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5, **k),
+}
+# (strategy asked for, extra optimizer kwargs): auto fuses torch's own optimizers;
+# foreach=True keeps them unfused, which forces the masked strategy.
+STRATEGIES = {"auto": {}, "masked": {"foreach": True}}
+
+
+def snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def assert_identical(before, model, opt):
+    params, state = before
+    for a, b in zip(params, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    now = opt.state_dict()
+    assert now["state"].keys() == state["state"].keys()
+    for k, s in state["state"].items():
+        assert s.keys() == now["state"][k].keys()
+        for name, v in s.items():
+            w = now["state"][k][name]
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(w)), (k, name)
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "rmsprop"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("first_step_bad", [False, True])
+def test_skipped_step_leaves_state_bit_identical(name, strategy, first_step_bad):
+    model = small_mlp()
+    opt = OPTIMIZERS[name](model.parameters(), **STRATEGIES[strategy])
+    guard = gg.Guard(model, opt, clip=[], skip_strategy=strategy)
+    if not first_step_bad:
+        for s in range(3):
+            opt.zero_grad()
+            guard.step(backward(model, seed=s))
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    info = guard.step(backward(model, nan=True))
+    assert info.skipped and info.nonfinite
+    assert_identical(before, model, opt)
+    # and the next good step trains as usual
+    opt.zero_grad()
+    assert not guard.step(backward(model, seed=9)).skipped
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_guarded_good_steps_match_plain_optimizer(name):
+    """With nothing to clip or skip, the guarded run is the plain run (masked path)."""
+    a, b = small_mlp(), small_mlp()
+    oa = OPTIMIZERS[name](a.parameters(), foreach=True)
+    ob = OPTIMIZERS[name](b.parameters(), foreach=True)
+    guard = gg.Guard(a, oa, clip=[], skip_strategy="masked")
+    for s in range(4):
+        oa.zero_grad()
+        ob.zero_grad()
+        guard.step(backward(a, seed=s))
+        backward(b, seed=s)
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_nonfinite_loss_alone_skips():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    backward(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    info = guard.step(torch.tensor(float("nan")))
+    assert info.skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "masked"])
+def test_no_host_sync_in_step(strategy):
+    model = small_mlp()
+    kw = STRATEGIES[strategy]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **kw)
+    guard = gg.Guard(model, opt, clip=[gg.clip.ZScore(warmup=3), gg.clip.Quantile(history=8),
+                                       gg.clip.AGC(), gg.clip.Value(5.0)],
+                     skip_strategy=strategy)
+    opt.zero_grad()
+    guard.step(backward(model))  # creates optimizer state (the one documented host read)
+    for s in range(8):
+        opt.zero_grad()
+        loss = backward(model, seed=s, nan=(s == 5))
+        with no_host_sync():
+            info = guard.step(loss)
+    assert guard.skipped == 1
+    assert not info.skipped
+
+
+def test_fused_conversion_only_when_user_left_it_open():
+    m = small_mlp()
+    opt = torch.optim.Adam(m.parameters())
+    assert gg.Guard(m, opt).stepper.strategy == "found_inf"
+    assert opt.param_groups[0]["fused"] is True
+    opt2 = torch.optim.Adam(m.parameters(), foreach=False)
+    assert gg.Guard(m, opt2).stepper.strategy == "masked"
+    assert opt2.param_groups[0]["fused"] is None
+    with pytest.raises(gg.ConfigError, match="found_inf"):
+        gg.Guard(m, torch.optim.RMSprop(m.parameters()), skip_strategy="found_inf")
