@@ -1,5 +1,9 @@
 # Everything a user needs: `make demo` and `make test`. Both set up .venv on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3.11
+# pip warns about every missing local index folder on these machines; keep real errors only.
+QUIET  := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -10,9 +14,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]"
+	$(BIN)/pip install --quiet --upgrade pip $(QUIET)
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0 $(QUIET)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[all]" $(QUIET)
 	touch $(STAMP)
 
 demo: $(STAMP)

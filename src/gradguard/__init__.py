@@ -4,17 +4,28 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import clip, stats
+from . import clip, detect, stats
+from .detect import LossSpike, NormSpike
 from .errors import ConfigError, GradGuardError, GuardUsageError
 from .guard import Guard, StepInfo
+from .record import read_jsonl
+from .respond import Backoff, Policy, Rollback, TrainingDivergedError
 
 __all__ = [
+    "Backoff",
     "ConfigError",
     "GradGuardError",
     "Guard",
     "GuardUsageError",
+    "LossSpike",
+    "NormSpike",
+    "Policy",
+    "Rollback",
     "StepInfo",
+    "TrainingDivergedError",
     "__version__",
     "clip",
+    "detect",
+    "read_jsonl",
     "stats",
 ]

@@ -59,6 +59,54 @@ def demo(seed: int = typer.Option(0, help="seed for model init and batch order")
             console.print(f"• [bold]{r.scenario}[/bold] / {r.label}: {r.note}")
 
 
+@app.command()
+def report(
+    run_log: str = typer.Argument(..., help="a JSONL run log written by Guard(log=...)"),
+    events: int = typer.Option(20, help="how many events of the timeline to show"),
+) -> None:
+    """Summarise a recorded run: steps, skips, spikes, rollbacks, where trouble started."""
+    from pathlib import Path
+
+    from .report import summarize
+
+    if not Path(run_log).exists():
+        console.print(f"[red]no such run log: {run_log}[/red]")
+        raise typer.Exit(2)
+    s = summarize(run_log)
+    head = Table(title=f"gradguard run {run_log}", show_header=False)
+    head.add_column("what")
+    head.add_column("value", justify="right")
+    head.add_row("steps", str(s.steps))
+    head.add_row("skipped steps", str(s.skipped))
+    head.add_row("clipped steps", str(s.clipped))
+    head.add_row("loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}")
+    head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
+    for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "rollback",
+                 "drift", "depth_trend", "diverged"):
+        if s.events[kind]:
+            head.add_row(f"events: {kind}", str(s.events[kind]))
+    if s.origins:
+        layer, n = s.origins.most_common(1)[0]
+        head.add_row("where trouble starts most often", f"{layer} ({n}×)")
+    first = s.first_trouble
+    if first:
+        head.add_row("first trouble", f"step {first['step']}: {first['kind']}")
+    if s.lr_changes:
+        head.add_row("LR scale changes", ", ".join(f"{k}:×{v:.3g}" for k, v in s.lr_changes[:8])
+                     + (" …" if len(s.lr_changes) > 8 else ""))
+    console.print(head)
+    if s.timeline:
+        tl = Table(title="events")
+        for col in ("step", "kind", "action", "origin layer", "message"):
+            tl.add_column(col, overflow="fold")
+        for e in s.timeline[:events]:
+            tl.add_row(str(e["step"]), e["kind"], str(e.get("action", "")),
+                       str(e.get("origin_layer") or ""), e.get("message", ""))
+        console.print(tl)
+        if len(s.timeline) > events:
+            console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,28 +1,45 @@
-"""Guard: the drop-in for ``optimizer.step()``: stats → clip → decide → step → record.
+"""Guard: the drop-in for ``optimizer.step()``: stats → clip → detect → decide → step → record.
 
-Everything on the per-step path stays on the device; the only host reads are the ones
-documented in :mod:`gradguard.stepper` (a state-creating first step) and in the
-recorder's periodic flush.
+Per step, on the device: one fused norm pass, the clip transforms, the spike detectors,
+the skip/LR-scale decision and the (possibly skipped) optimizer step. The step's row of
+statistics is then posted to the host without waiting (:mod:`gradguard.record`); the
+host side turns rows into events, runs the analyzers and, when the policy says so, rolls
+back. The only blocking host reads are the documented ones: a state-creating first step
+(:mod:`gradguard.stepper`), snapshot writes to disk, and a masked optimizer with LR
+backoff reading its LR scale one step late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import copy
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import __version__
+from . import snapshot as snap
 from .clip import ClipContext, Transform, ZScore, chain
+from .detect import DepthTrend, Drift, LayerAttribution
 from .errors import ConfigError, GuardUsageError
+from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
+from .respond import DeviceDecision, Policy, TrainingDivergedError
 from .stats import GradStats, collect_grads, compute_stats
 from .stepper import Stepper
 
 __all__ = ["Guard", "StepInfo"]
 
-STATE_VERSION = 1
+log = logging.getLogger("gradguard")
+STATE_VERSION = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,7 +53,11 @@ class StepInfo:
         clipped_norm: global gradient norm after the transforms.
         skipped: 0-dim bool, True when the optimizer step was not applied.
         nonfinite: 0-dim bool, True when the gradients or the loss had NaN/Inf.
+        grad_spike: 0-dim bool, the gradient-norm spike detector fired.
+        loss_spike: 0-dim bool, the loss spike detector fired.
+        lr_scale: 0-dim, the factor the guard applied to every group's LR this step.
         norms: per-parameter-tensor gradient norms before the transforms.
+        rolled_back: the guard restored a snapshot during this call (a host bool).
     """
 
     step: int
@@ -45,7 +66,11 @@ class StepInfo:
     clipped_norm: Tensor
     skipped: Tensor
     nonfinite: Tensor
+    grad_spike: Tensor
+    loss_spike: Tensor
+    lr_scale: Tensor
     norms: Tensor
+    rolled_back: bool = False
 
     @property
     def clip_coef(self) -> Tensor:
@@ -55,19 +80,20 @@ class StepInfo:
     def to_dict(self) -> dict[str, Any]:
         """Host copy of the scalars (this synchronises; call it off the hot path)."""
         out: dict[str, Any] = {"step": self.step}
-        for k in ("loss", "grad_norm", "clipped_norm"):
+        for k in ("loss", "grad_norm", "clipped_norm", "lr_scale"):
             v = getattr(self, k)
             out[k] = None if v is None else float(v.detach().float().cpu())
         out["clip_coef"] = float(self.clip_coef.cpu())
-        out["skipped"] = bool(self.skipped.cpu())
-        out["nonfinite"] = bool(self.nonfinite.cpu())
+        for k in ("skipped", "nonfinite", "grad_spike", "loss_spike"):
+            out[k] = bool(getattr(self, k).cpu())
+        out["rolled_back"] = self.rolled_back
         return out
 
 
 def _resolve_params(
     model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
 ) -> tuple[list[str], list[Tensor]]:
-    """The parameters the guard watches, with names, in model (≈ forward) order."""
+    """The parameters the guard watches, with names, in model registration order."""
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_ids = {id(p) for p in opt_params}
     if not opt_params:
@@ -120,28 +146,74 @@ def _resolve_params(
     return names, chosen
 
 
+class _ForwardOrder:
+    """Learns the order in which modules run in the first forward pass, then unhooks."""
+
+    def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.calls: list[nn.Module] = []
+        self.handles = []
+        if model is not None:
+            for m in model.modules():
+                if any(True for _ in m.parameters(recurse=False)):
+                    self.handles.append(m.register_forward_pre_hook(self._hook))
+
+    def _hook(self, module: nn.Module, _args: Any) -> None:
+        if not self.calls or self.calls[-1] is not module:
+            self.calls.append(module)
+
+    def finish(self) -> list[int]:
+        """Positions of the guarded params in forward order (unused ones at the end)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        order: list[int] = []
+        seen: set[int] = set()
+        for m in self.calls:
+            for p in m.parameters(recurse=False):
+                i = pos.get(id(p))
+                if i is not None and i not in seen:
+                    seen.add(i)
+                    order.append(i)
+        order += [i for i in range(len(self.params)) if i not in seen]
+        return order
+
+
 class Guard:
-    """Replaces ``optimizer.step()``: measures, clips, and skips bad steps without host syncs.
+    """Replaces ``optimizer.step()``: measures, clips, detects, skips, backs off, rolls back.
 
     Example::
 
-        guard = gg.Guard(model, optimizer)             # default: ZClip-style z-score clip
-        for x, y in loader:
+        guard = gg.Guard(model, optimizer, log="runs/exp1.jsonl")
+        for x, y in guard.batches(loader):            # drops batches after a rollback
             optimizer.zero_grad()
-            loss_fn(model(x), y).backward()
+            loss = loss_fn(model(x), y)
+            loss.backward()
             info = guard.step(loss)                    # instead of optimizer.step()
+        guard.close()
 
     Args:
-        model: the module being trained (names parameters for reports); may be None when
-            ``params`` or the optimizer's own parameters are enough.
+        model: the module being trained (names parameters, gives forward order, and is
+            what a rollback restores); may be None when ``params`` or the optimizer's own
+            parameters are enough.
         optimizer: the user's optimizer. torch's Adam/AdamW/SGD/Adagrad left at their
-            default implementation are switched to ``fused=True`` so a skipped step needs no
-            host sync (see :mod:`gradguard.stepper`; ``skip_strategy="masked"`` opts out).
+            default implementation are switched to ``fused=True`` so a skipped step needs
+            no host sync (see :mod:`gradguard.stepper`; ``skip_strategy="masked"`` opts out).
         clip: a transform, a list of transforms (chained), or None for the default
             ``ZScore()``; pass ``[]`` for no clipping.
-        scaler: a ``torch.amp.GradScaler``; the guard then unscales before measuring,
-            steps through the scaler's inf checks and calls ``scaler.update()`` itself.
-        skip_nonfinite: skip steps whose gradients or loss are NaN/Inf (default True).
+        policy: a :class:`~gradguard.respond.Policy`; default ``Policy()`` (skip NaN/Inf
+            steps, back the LR off on spikes, no rollback). ``on_nonfinite``,
+            ``on_spike``, ``on_loss_spike`` and ``rollback`` are shortcuts that replace
+            the policy's fields.
+        scaler: a ``torch.amp.GradScaler``; the guard then unscales before measuring and
+            calls ``scaler.update()`` itself.
+        log: path of a JSONL run log (read by ``gradguard report``).
+        tensorboard: a log dir for a TensorBoard sink.
+        console: print events to the console.
+        sinks: further sinks (objects with meta/steps/event/close).
+        flush_every: hand rows to the sinks every this many steps (and at every event).
+        layers_every: write per-layer norms every this many steps (and at flagged steps).
         skip_strategy: "auto", "found_inf" or "masked" (see :mod:`gradguard.stepper`).
         params: guard only these parameters (default: all trainable ones).
     """
@@ -152,8 +224,18 @@ class Guard:
         optimizer: torch.optim.Optimizer,
         clip: Transform | Sequence[Transform] | None = None,
         *,
+        policy: Policy | None = None,
+        on_nonfinite: str | None = None,
+        on_spike: str | None = None,
+        on_loss_spike: str | None = None,
+        rollback: Any = None,
         scaler: torch.amp.GradScaler | None = None,
-        skip_nonfinite: bool = True,
+        log: str | os.PathLike[str] | None = None,
+        tensorboard: str | os.PathLike[str] | None = None,
+        console: bool = False,
+        sinks: Sequence[Sink] = (),
+        flush_every: int = 50,
+        layers_every: int = 1,
         skip_strategy: str = "auto",
         params: Iterable[Tensor] | None = None,
     ) -> None:
@@ -166,9 +248,24 @@ class Guard:
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
-        self.skip_nonfinite = bool(skip_nonfinite)
         self.names, self.params = _resolve_params(model, optimizer, params)
         self.device = self.params[0].device
+
+        policy = policy if policy is not None else Policy()
+        overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
+                                       ("on_loss_spike", on_loss_spike), ("rollback", rollback))
+                     if v is not None}
+        if overrides:
+            fields = {**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
+                      **overrides}
+            policy = Policy(**fields)
+        self.policy = policy
+        self.grad_spike = copy.deepcopy(policy.grad_spike)
+        self.loss_spike = copy.deepcopy(policy.loss_spike)
+        self.grad_spike.bind(self.device)
+        self.loss_spike.bind(self.device)
+        self.decision = DeviceDecision(policy, self.device)
+
         if clip is None:
             clip = ZScore()
         elif not isinstance(clip, Transform):
@@ -176,9 +273,72 @@ class Guard:
         self.clip: Transform = clip
         self.clip.bind(self.names, self.params, self.device)
         self.stepper = Stepper(optimizer, skip_strategy)
+        # Fused kernels take the LR as a device tensor; others get a host float, one step late.
+        self._lr_on_device = self.stepper.strategy == "found_inf"
+        self._host_lr_scale = 1.0
+
         self.steps = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.rollbacks = 0
+        self._nan = torch.full((), math.nan, device=self.device)
         self._false = torch.zeros((), dtype=torch.bool, device=self.device)
+
+        all_sinks: list[Sink] = list(sinks)
+        if log is not None:
+            all_sinks.append(JsonlSink(log))
+        if tensorboard is not None:
+            all_sinks.append(TensorBoardSink(tensorboard))
+        if console:
+            all_sinks.append(ConsoleSink())
+        self.recorder = Recorder(self.names, all_sinks, flush_every, layers_every)
+        self.mailbox = Mailbox(self.device)
+        self._order_probe: _ForwardOrder | None = _ForwardOrder(model, self.params)
+        self.order = list(range(len(self.params)))
+        self.attribution = LayerAttribution(self.names, self.order)
+        self.depth = DepthTrend(self.names, self.order, [p.dim() >= 2 for p in self.params])
+        self.drift = Drift()
+
+        self._tracked: list[Any] = []
+        self._good: deque[snap.Snapshot] = deque(maxlen=policy.rollback.keep
+                                                  if policy.rollback else 1)
+        self._candidates: dict[int, snap.Snapshot] = {}
+        self._last_target: int | None = None
+        self._rollback_scale = 1.0
+        self._skip_batches = 0
+        self._skip_streak = 0
+        self._clean_streak = 0
+        self._loss_streak = 0
+        self._ignore_rows_before = 0
+        self._prev_lr_scale = 1.0
+        self._disk_files: deque[Path] = deque()
+        self._started = False
+        self._closed = False
+
+    # -- public helpers ----------------------------------------------------------------
+    def track(self, obj: Any) -> Any:
+        """Include ``obj`` (anything with state_dict/load_state_dict, e.g. an LR scheduler
+        or a GradScaler) in rollback snapshots. Returns ``obj``."""
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise ConfigError(f"track() needs state_dict/load_state_dict, {type(obj).__name__} "
+                              "has neither")
+        if self._good:
+            raise GuardUsageError("track() objects before the first guard.step()")
+        self._tracked.append(obj)
+        return obj
+
+    def should_skip_batch(self) -> bool:
+        """True for the next ``Rollback.skip_batches`` calls after a rollback."""
+        if self._skip_batches > 0:
+            self._skip_batches -= 1
+            return True
+        return False
+
+    def batches(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Yield from ``iterable``, dropping the batches a rollback asks to skip."""
+        for item in iterable:
+            if self.should_skip_batch():
+                continue
+            yield item
 
     # -- the step ----------------------------------------------------------------------
     @staticmethod
@@ -199,15 +359,38 @@ class Guard:
         if state["stage"] is OptState.READY:
             self.scaler.unscale_(self.optimizer)  # type: ignore[union-attr]
 
+    def _start(self) -> None:
+        self._started = True
+        if self._order_probe is not None:
+            self.order = self._order_probe.finish()
+            self._order_probe = None
+            self.attribution.order = self.order
+            self.depth = DepthTrend(self.names, self.order, [p.dim() >= 2 for p in self.params])
+        self.recorder.start({
+            "gradguard": __version__, "params": self.names,
+            "forward_order": [self.names[i] for i in self.order],
+            "shapes": [list(p.shape) for p in self.params],
+            "config": {"clip": repr(self.clip), **self.policy.describe(),
+                       "optimizer": type(self.optimizer).__name__,
+                       "skip_strategy": self.stepper.strategy},
+        })
+        if self.policy.rollback is not None:
+            self._good.append(self._take(-1))
+
     def step(self, loss: Tensor | None = None) -> StepInfo:
         """Measure, transform and apply (or skip) this step's gradients.
 
         Args:
-            loss: this step's loss (unscaled); lets the guard skip on a non-finite loss.
+            loss: this step's loss (unscaled); enables the loss checks.
 
         Returns:
             A :class:`StepInfo` of device tensors.
+
+        Raises:
+            TrainingDivergedError: the policy has run out of remedies.
         """
+        if self._closed:
+            raise GuardUsageError("this guard was closed; build a new one to keep training")
         if self.scaler is not None and self.scaler.is_enabled():
             self._unscale()
         groups = collect_grads(self.params)
@@ -217,49 +400,308 @@ class Guard:
                 "guard.step(), and check the loss depends on the model's parameters"
             )
         self._check_fresh_grads(groups.grads)
+        if not self._started:
+            self._start()
+
         stats: GradStats = compute_stats(groups, self.device)
         nonfinite = stats.nonfinite
-        loss_d = None
+        loss_d: Tensor | None = None
+        loss_spike = self._false
+        loss_z = self._nan
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise GuardUsageError(
                     f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
                     "the tensor you called backward() on (no .item())"
                 )
-            loss_d = loss.detach()
-            nonfinite = nonfinite | ~torch.isfinite(loss_d.to(self.device)).all()
-        ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ~nonfinite,
-                          self.device)
+            loss_d = loss.detach().float().mean().to(self.device)
+            nonfinite = nonfinite | ~torch.isfinite(loss_d)
+        ok = ~nonfinite
+        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok)
+        if loss_d is not None and self.policy.on_loss_spike != "none":
+            loss_spike, loss_z = self.loss_spike(loss_d, ok)
+
+        ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
         self.clip(ctx)
+        if self.policy.on_spike in ("auto", "clip", "backoff"):
+            # A detected spike is applied no larger than the norm the detector expects,
+            # whatever the clip transforms let through (ZClip's "mean" response).
+            ctx.scale(torch.where(grad_spike, torch.clamp(typical / (ctx.global_norm + 1e-6),
+                                                          max=1.0), 1.0))
         clipped = ctx.global_norm
         ctx.flush()
-        skip = nonfinite if self.skip_nonfinite else self._false
-        self.stepper.step(groups.params, skip)
+
+        skip, lr_scale = self.decision(nonfinite, grad_spike, loss_spike)
+        self._optimizer_step(groups.params, skip, lr_scale)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.update()
         self.skipped.add_(skip.long())
         for g in groups.grads:
             g._gradguard_version = g._version  # type: ignore[attr-defined]
-        info = StepInfo(self.steps, loss_d, stats.global_norm, clipped, skip, nonfinite,
-                        stats.norms)
-        self.steps += 1
-        return info
 
-    # -- state -------------------------------------------------------------------------
+        full = stats.full_norms(len(self.params))
+        head = torch.stack([loss_d if loss_d is not None else self._nan, stats.global_norm,
+                            clipped, skip.float(), nonfinite.float(), grad_spike.float(),
+                            loss_spike.float(), lr_scale.float(), grad_z, loss_z])
+        self.mailbox.post(self.steps, torch.cat([head, full.float()]))
+        step = self.steps
+        self.steps += 1
+        rolled = self._host_side(step)
+        return StepInfo(step, loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
+                        loss_spike, lr_scale, stats.norms, rolled)
+
+    def _optimizer_step(self, params: list[Tensor], skip: Tensor, lr_scale: Tensor) -> None:
+        groups = self.optimizer.param_groups
+        scaled = self.policy.backs_off
+        if scaled:
+            base = [g["lr"] for g in groups]
+            for g, b in zip(groups, base, strict=True):
+                if self._lr_on_device:
+                    g["lr"] = lr_scale * b
+                elif self._host_lr_scale != 1.0:
+                    g["lr"] = b * self._host_lr_scale
+        try:
+            self.stepper.step(params, skip)
+        finally:
+            if scaled:
+                for g, b in zip(groups, base, strict=True):
+                    g["lr"] = b
+
+    # -- host side ---------------------------------------------------------------------
+    def _host_side(self, step: int) -> bool:
+        """Process the rows that reached the host; maybe roll back; take snapshots."""
+        rolled = False
+        for k, values in self.mailbox.poll():
+            rolled = self._on_row(k, values) or rolled
+        rb = self.policy.rollback
+        if rb is not None and not rolled and step % rb.every == 0 and step > 0:
+            cand = self._take(step)
+            if self.recorder.rows and self.recorder.rows[-1]["step"] == step:
+                self._judge(cand)
+            else:
+                self._candidates[step] = cand
+        self.recorder.maybe_flush(step)
+        return rolled
+
+    def _judge(self, cand: snap.Snapshot) -> None:
+        rb = self.policy.rollback
+        assert rb is not None
+        if self._clean_streak >= rb.clean_window:
+            self._good.append(cand)
+            if rb.dir is not None and cand.step % (rb.disk_every or rb.every) == 0:
+                self._write_disk(cand)
+
+    def _on_row(self, k: int, values: np.ndarray) -> bool:
+        rec = self.recorder.row(k, values, len(self.params))
+        norms = rec["_norms"]
+        if not self._lr_on_device:
+            self._host_lr_scale = rec["lr_scale"]
+        flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
+        self._clean_streak = 0 if flagged else self._clean_streak + 1
+        if k in self._candidates:
+            self._judge(self._candidates.pop(k))
+        if flagged:
+            self._events_for(rec, norms)
+        else:
+            self.attribution.learn(norms)
+        self._lr_events(rec)
+        msg = self.depth.update(norms)
+        if msg:
+            self.recorder.event(k, "depth_trend", msg, action="warn")
+        msg = self.drift.update(rec["grad_norm"])
+        if msg:
+            self.recorder.event(k, "drift", msg, action="warn")
+        if k < self._ignore_rows_before:
+            return False  # a step taken before the last rollback took effect
+        return self._escalate(rec)
+
+    def _events_for(self, rec: dict[str, Any], norms: np.ndarray) -> None:
+        k = rec["step"]
+        att = self.attribution.attribute(norms)
+        where = f" starting at {att.origin}" if att.origin else ""
+        # What the device actually did, whatever the configured action was called.
+        if rec["skipped"]:
+            action = "skip"
+        elif rec["lr_scale"] < self._prev_lr_scale * (1 - 1e-6):
+            action = "backoff"
+        else:
+            action = "clip"
+        done = {"skip": "step skipped", "backoff": "step clipped, LR backed off",
+                "clip": "step clipped"}[action]
+        common = {"action": action, "origin_layer": att.origin,
+                  "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
+                                 for n, z in att.top],
+                  "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
+        if rec["nonfinite"]:
+            self.recorder.event(k, "nonfinite", f"NaN/Inf in gradients or loss{where}; {done}",
+                                **common)
+        if rec["grad_spike"]:
+            self.recorder.event(k, "grad_spike",
+                                f"gradient norm {rec['grad_norm']:.4g} spiked "
+                                f"(z={rec['grad_z']:.2f}){where}; {done}",
+                                z=rec["grad_z"], **common)
+        if rec["loss_spike"]:
+            self.recorder.event(k, "loss_spike",
+                                f"loss {rec['loss']:.4g} spiked (z={rec['loss_z']:.2f}){where}; "
+                                f"{done}", z=rec["loss_z"], **common)
+
+    def _lr_events(self, rec: dict[str, Any]) -> None:
+        s = rec["lr_scale"]
+        prev = self._prev_lr_scale
+        if s < prev * (1 - 1e-6):
+            self.recorder.event(rec["step"], "backoff", f"LR scaled ×{s:.4g} (was ×{prev:.4g})",
+                                action="backoff", lr_scale=s)
+        elif s > prev * (1 + 1e-6):
+            self.recorder.event(rec["step"], "recover", f"LR scale recovered to ×{s:.4g}",
+                                action="recover", lr_scale=s)
+        self._prev_lr_scale = s
+
+    def _escalate(self, rec: dict[str, Any]) -> bool:
+        p = self.policy
+        k = rec["step"]
+        self._skip_streak = self._skip_streak + 1 if rec["skipped"] else 0
+        self._loss_streak = self._loss_streak + 1 if rec["loss_spike"] else 0
+        if rec["nonfinite"] and p.on_nonfinite == "raise":
+            self._diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
+        rb = p.rollback
+        if rb is None:
+            if self._skip_streak >= p.max_consecutive_skips:
+                self._diverged(k, f"{self._skip_streak} consecutive steps skipped and no "
+                                  "rollback configured: the model cannot recover by skipping")
+            return False
+        reason = None
+        if rec["nonfinite"] and p.on_nonfinite == "rollback":
+            reason = "NaN/Inf step"
+        elif rec["grad_spike"] and p.on_spike == "rollback":
+            reason = "gradient-norm spike"
+        elif self._loss_streak >= rb.loss_spike_steps and p.on_loss_spike == "rollback":
+            reason = f"loss spiked {self._loss_streak} steps in a row"
+        elif self._skip_streak >= rb.after_bad_steps:
+            reason = f"{self._skip_streak} consecutive bad steps"
+        if reason is None:
+            return False
+        self._rollback(k, reason)
+        return True
+
+    def _diverged(self, step: int, why: str) -> None:
+        diagnosis = self.diagnosis()
+        self.recorder.event(step, "diverged", f"gave up: {why}", action="raise")
+        self.recorder.flush()
+        raise TrainingDivergedError(
+            f"gradguard gave up at step {step}: {why}. Last events: "
+            + "; ".join(e["message"] for e in self.recorder.events[-4:]),
+            diagnosis,
+        )
+
+    def diagnosis(self) -> dict[str, Any]:
+        """What the guard has seen so far: event counts, origins, LR scale, rollbacks."""
+        ev = self.recorder.events
+        kinds: dict[str, int] = {}
+        origins: dict[str, int] = {}
+        for e in ev:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+            if e.get("origin_layer"):
+                origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
+        return {"steps": self.steps, "events": kinds, "origin_layers": origins,
+                "rollbacks": self.rollbacks, "lr_scale": self._prev_lr_scale,
+                "last_good_step": self._good[-1].step if self._good else None,
+                "recent_events": ev[-10:]}
+
+    # -- snapshots and rollback --------------------------------------------------------
+    def _guard_state(self) -> dict[str, Any]:
+        return {"clip": self.clip.state_dict(), "grad_spike": self.grad_spike.state_dict(),
+                "loss_spike": self.loss_spike.state_dict(),
+                "decision": self.decision.state_dict()}
+
+    def _load_guard_state(self, s: dict[str, Any]) -> None:
+        self.clip.load_state_dict(snap.clone_tree(s["clip"]))
+        self.grad_spike.load_state_dict(s["grad_spike"])
+        self.loss_spike.load_state_dict(s["loss_spike"])
+        self.decision.load_state_dict(s["decision"])
+
+    def _take(self, step: int) -> snap.Snapshot:
+        return snap.take(step, self.model, self.params, self.optimizer, self._guard_state(),
+                         self._tracked)
+
+    def _write_disk(self, s: snap.Snapshot) -> None:
+        rb = self.policy.rollback
+        assert rb is not None and rb.dir is not None
+        path = snap.save_file(s, Path(rb.dir) / f"snapshot-{max(s.step, 0):09d}.pt")
+        self._disk_files.append(path)
+        while len(self._disk_files) > rb.keep:
+            self._disk_files.popleft().unlink(missing_ok=True)
+        self.recorder.event(s.step, "snapshot", f"snapshot of step {s.step} written to {path}",
+                            action="snapshot", path=str(path))
+
+    def _rollback(self, step: int, reason: str) -> None:
+        rb = self.policy.rollback
+        assert rb is not None
+        if self.rollbacks >= rb.max_rollbacks:
+            self._diverged(step, f"{reason} after {self.rollbacks} rollbacks "
+                                 f"(max_rollbacks={rb.max_rollbacks})")
+        if not self._good:
+            self._diverged(step, f"{reason} and no good snapshot to roll back to")
+        target = self._good[-1]
+        if self._last_target == target.step and len(self._good) > 1:
+            self._good.pop()  # it failed again from here: go further back
+            target = self._good[-1]
+        self._last_target = target.step
+        snap.restore(target, self.model, self.params, self.optimizer, self._tracked)
+        self._load_guard_state(target.guard)
+        self._rollback_scale *= rb.lr_factor
+        self.decision.scale_lr(self._rollback_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.rollbacks += 1
+        self._skip_batches = rb.skip_batches
+        self._skip_streak = self._loss_streak = self._clean_streak = 0
+        self._candidates.clear()
+        self._ignore_rows_before = self.steps
+        self.recorder.event(
+            step, "rollback",
+            f"rolled back to the state after step {target.step} ({reason}); LR scale "
+            f"×{self._rollback_scale:.4g}; skipping the next {rb.skip_batches} batches",
+            action="rollback", to_step=target.step, reason=reason,
+            lr_factor=self._rollback_scale,
+        )
+
+    # -- lifecycle and state -----------------------------------------------------------
+    def close(self) -> None:
+        """Process the rows still in flight and close the sinks."""
+        if self._closed:
+            return
+        for k, values in self.mailbox.poll(wait=True):
+            self._on_row(k, values)
+        self.recorder.close()
+        self._closed = True
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def state_dict(self) -> dict[str, Any]:
         """The guard's own state (not the model's or optimizer's), versioned."""
+        for k, values in self.mailbox.poll(wait=True):
+            self._on_row(k, values)
         return {
             "format": STATE_VERSION,
             "gradguard": __version__,
             "config": self._config(),
             "steps": self.steps,
             "skipped": self.skipped.detach().clone(),
-            "clip": self.clip.state_dict(),
+            "rollbacks": self.rollbacks,
+            "rollback_scale": self._rollback_scale,
+            "host_lr_scale": self._host_lr_scale,
+            "prev_lr_scale": self._prev_lr_scale,
+            "attribution": {k: torch.as_tensor(v) for k, v in
+                            self.attribution.state_dict().items()},
+            **self._guard_state(),
         }
 
     def _config(self) -> dict[str, Any]:
         return {"clip": repr(self.clip), "n_params": len(self.params),
-                "skip_nonfinite": self.skip_nonfinite}
+                "policy": self.policy.describe()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output from an identically configured guard."""
@@ -273,8 +715,16 @@ class Guard:
         if state["config"] != self._config():
             raise ConfigError(
                 f"guard state was saved with config {state['config']}, this guard has "
-                f"{self._config()}; build the guard with the same clip settings and parameters"
+                f"{self._config()}; build the guard with the same clip settings, policy and "
+                "parameters"
             )
-        self.clip.load_state_dict(state["clip"])
+        self._load_guard_state(state)
         self.steps = int(state["steps"])
         self.skipped.copy_(state["skipped"])
+        self.rollbacks = int(state["rollbacks"])
+        self._rollback_scale = float(state["rollback_scale"])
+        self._host_lr_scale = float(state["host_lr_scale"])
+        self._prev_lr_scale = float(state["prev_lr_scale"])
+        a = state["attribution"]
+        self.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
+                                          "count": int(a["count"])})

@@ -1,0 +1,318 @@
+"""Detectors: which steps are in trouble, and where the trouble starts.
+
+Two kinds, by where they run:
+
+* **Device detectors** (:class:`NormSpike`, :class:`LossSpike`) decide *this* step: their
+  flags feed the skip and LR-backoff decisions on the device, so they are written with
+  tensor ops only and keep their statistics in device tensors.
+* **Host analyzers** (:class:`LayerAttribution`, :class:`DepthTrend`, :class:`Drift`)
+  explain and warn: they read the per-step rows the recorder brings to the host and
+  produce events. They never hold up a step.
+
+Non-finite detection needs no detector of its own: it is the stats pass's flag.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .clip import _positive
+from .errors import ConfigError
+
+__all__ = ["DepthTrend", "Drift", "LayerAttribution", "LossSpike", "NormSpike"]
+
+_TINY = 1e-30
+
+
+def _int_at_least(name: str, v: int, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+class NormSpike:
+    """Gradient-norm spike: z-score of log‖g‖ against its EMA mean and variance.
+
+    Working in log space makes the test scale-free (a spike is a *factor* above the
+    typical norm). A step is a spike when z > ``z_thresh`` *and* the norm is at least
+    ``min_ratio`` times the EMA's typical norm, so a run with very steady norms does not
+    flag ordinary wobbles. Before ``warmup`` finite norms have been seen, a norm more than
+    ``early_ratio`` times the smallest norm so far is a spike (a run that explodes from
+    step one has no calm history to compare with). Spikes enter the statistics clipped
+    to the threshold, so a lasting level shift is learned, slowly.
+
+    References: the EMA z-score test of Kumar et al. 2025 (ZClip), section 3; OLMo-core's
+    mean + kσ skip rule (``olmo_core/optim/skip_step_optimizer.py``); Megatron-LM's check
+    against a multiple of early values.
+    """
+
+    def __init__(self, alpha: float = 0.95, z_thresh: float = 4.0, warmup: int = 10,
+                 min_ratio: float = 3.0, early_ratio: float = 10.0) -> None:
+        self.alpha = _positive("NormSpike.alpha", alpha)
+        if self.alpha >= 1:
+            raise ConfigError(f"NormSpike.alpha must be in (0, 1), got {alpha!r}")
+        self.z_thresh = _positive("NormSpike.z_thresh", z_thresh)
+        self.warmup = _int_at_least("NormSpike.warmup", warmup, 1)
+        self.min_ratio = _positive("NormSpike.min_ratio", min_ratio)
+        self.early_ratio = _positive("NormSpike.early_ratio", early_ratio)
+
+    def bind(self, device: torch.device) -> None:
+        z = {"dtype": torch.float32, "device": device}
+        self.state = {"mean": torch.zeros((), **z), "var": torch.zeros((), **z),
+                      "min": torch.full((), math.inf, **z),
+                      "count": torch.zeros((), dtype=torch.long, device=device)}
+
+    def __call__(self, norm: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(spike, z, typical)`` for this step's global norm (0-dim tensors).
+
+        ``typical`` is the geometric-mean norm the statistics expect (the norm itself
+        before any has been learned); the guard clips spikes down to it.
+        """
+        s = self.state
+        x = torch.log(norm.clamp_min(_TINY))
+        ready = s["count"] >= self.warmup
+        std = torch.sqrt(s["var"] + 1e-12)
+        z = torch.where(ready, (x - s["mean"]) / std, torch.zeros_like(x))
+        late = ready & (z > self.z_thresh) & (x - s["mean"] > math.log(self.min_ratio))
+        early = ~ready & (s["count"] > 0) & (x - s["min"] > math.log(self.early_ratio))
+        spike = ok & (late | early)
+        typical = torch.where(s["count"] > 0, torch.exp(s["mean"]), norm)
+
+        # Learning: Welford-style running mean during warm-up, EMA afterwards; spikes
+        # enter clipped to the threshold.
+        cap = s["mean"] + self.z_thresh * std
+        xc = torch.where(ready, torch.minimum(x, cap), x)
+        n = (s["count"] + 1).to(torch.float32)
+        w = torch.where(ready, torch.full_like(n, 1 - self.alpha), 1.0 / n)
+        delta = xc - s["mean"]
+        new_mean = s["mean"] + w * delta
+        new_var = torch.where(ready, (1 - w) * (s["var"] + w * delta * delta),
+                              s["var"] + (delta * (xc - new_mean) - s["var"]) / n)
+        learn = ok & (ready | ~spike)
+        s["mean"].copy_(torch.where(learn, new_mean, s["mean"]))
+        s["var"].copy_(torch.where(learn, new_var, s["var"]))
+        s["min"].copy_(torch.where(ok, torch.minimum(s["min"], x), s["min"]))
+        s["count"].add_(learn.long())
+        return spike, z, typical
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in self.state.items():
+            v.copy_(state[k])
+
+
+class LossSpike:
+    """Loss spike: z-score *and* ratio against a rolling window of recent losses.
+
+    A step is a spike when the loss is more than ``z_thresh`` standard deviations above
+    the window mean and (for positive losses) more than ``ratio`` times that mean. Spikes
+    do not enter the window.
+
+    References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
+    (``olmo_core/optim/skip_step_optimizer.py``); Megatron-LM flags a loss far above its
+    recent values.
+    """
+
+    def __init__(self, window: int = 50, z_thresh: float = 6.0, ratio: float = 1.5,
+                 min_count: int = 10) -> None:
+        self.window = _int_at_least("LossSpike.window", window, 2)
+        self.z_thresh = _positive("LossSpike.z_thresh", z_thresh)
+        self.ratio = _positive("LossSpike.ratio", ratio)
+        self.min_count = _int_at_least("LossSpike.min_count", min_count, 2)
+
+    def bind(self, device: torch.device) -> None:
+        self.state = {"losses": torch.full((self.window,), math.nan, device=device),
+                      "count": torch.zeros((), dtype=torch.long, device=device)}
+
+    def __call__(self, loss: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.state
+        buf = s["losses"]
+        loss = loss.float().reshape(())
+        mean = torch.nanmean(buf)
+        valid = ~torch.isnan(buf)
+        nvalid = valid.sum().clamp_min(1)
+        var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / nvalid
+        std = torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12
+        ready = s["count"] >= self.min_count
+        z = torch.where(ready, (loss - mean) / std, torch.zeros_like(loss))
+        ratio_ok = (mean <= 0) | (loss > self.ratio * mean)
+        spike = ok & ready & (z > self.z_thresh) & ratio_ok
+        learn = ok & torch.isfinite(loss) & ~spike
+        slot = torch.remainder(s["count"], self.window).reshape(1)
+        buf.index_copy_(0, slot, torch.where(learn, loss, buf[slot]).reshape(1))
+        s["count"].add_(learn.long())
+        return spike, z
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in self.state.items():
+            v.copy_(state[k])
+
+
+# --------------------------------------------------------------------------------------
+# Host analyzers: numpy on the rows the recorder delivers.
+
+
+@dataclass
+class Attribution:
+    """Where a flagged step's gradients deviated most from their own history."""
+
+    origin: str | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+class LayerAttribution:
+    """Per-tensor z-scores of log gradient norms against each tensor's own EMA.
+
+    For a flagged step it names the tensors that deviated most and the **first tensor in
+    forward order** whose deviation passes ``z_thresh`` (or whose norm is non-finite):
+    where the blow-up starts, as seen from the input side.
+    """
+
+    def __init__(self, names: Sequence[str], order: Sequence[int], alpha: float = 0.95,
+                 z_thresh: float = 3.0, top_k: int = 3, warmup: int = 5) -> None:
+        self.names = list(names)
+        self.order = list(order)
+        self.alpha = alpha
+        self.z_thresh = z_thresh
+        self.top_k = top_k
+        self.warmup = warmup
+        n = len(names)
+        self.mean = np.zeros(n)
+        self.var = np.zeros(n)
+        self.count = 0
+
+    def zscores(self, norms: np.ndarray) -> np.ndarray:
+        x = np.log(np.maximum(np.nan_to_num(norms, nan=np.inf, posinf=np.inf), _TINY))
+        if self.count < self.warmup:
+            return np.where(np.isfinite(x), 0.0, np.inf)
+        z = (x - self.mean) / np.sqrt(self.var + 1e-6)
+        return np.where(np.isfinite(x), z, np.inf)
+
+    def learn(self, norms: np.ndarray) -> None:
+        """Update the per-tensor statistics with a clean step's norms."""
+        if not np.all(np.isfinite(norms)):
+            return
+        x = np.log(np.maximum(norms, _TINY))
+        self.count += 1
+        if self.count == 1:
+            self.mean = x.copy()
+            return
+        a = self.alpha if self.count > self.warmup else 1 - 1 / self.count
+        d = x - self.mean
+        self.mean = self.mean + (1 - a) * d
+        self.var = a * (self.var + (1 - a) * d * d)
+
+    def attribute(self, norms: np.ndarray) -> Attribution:
+        z = self.zscores(norms)
+        ranked = np.argsort(-np.where(np.isnan(z), -np.inf, z))[: self.top_k]
+        top = [(self.names[i], float(z[i])) for i in ranked if z[i] > 0]
+        origin = next((self.names[i] for i in self.order if z[i] > self.z_thresh), None)
+        return Attribution(origin, top)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.mean, self.var, self.count = np.asarray(s["mean"]), np.asarray(s["var"]), s["count"]
+
+
+class DepthTrend:
+    """Vanishing/exploding with depth: the slope of log layer-gradient norms over depth.
+
+    Uses weight tensors (two or more dimensions) in forward order. ``ratio`` is the
+    input-side norm over the output-side norm, from a least-squares line through the log
+    norms (robust to one odd layer). Flags after ``patience`` consecutive steps beyond
+    ``threshold`` either way: ratio < 1/threshold means gradients vanish toward the
+    input; ratio > threshold means they explode toward it.
+    Reference: Glorot & Bengio 2010, section 4.2 (back-propagated gradient variance
+    across layers); Pascanu et al. 2013, section 2.
+    """
+
+    def __init__(self, names: Sequence[str], order: Sequence[int], is_weight: Sequence[bool],
+                 threshold: float = 100.0, patience: int = 20) -> None:
+        self.idx = [i for i in order if is_weight[i]]
+        self.names = list(names)
+        self.threshold = threshold
+        self.patience = patience
+        self.streak = 0
+        self.active = False
+
+    def ratio(self, norms: np.ndarray) -> float | None:
+        if len(self.idx) < 3:
+            return None
+        v = norms[self.idx]
+        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+            return None
+        y = np.log(v)
+        x = np.arange(len(y), dtype=np.float64)
+        slope = np.polyfit(x, y, 1)[0]
+        return float(np.exp(-slope * (len(y) - 1)))
+
+    def update(self, norms: np.ndarray) -> str | None:
+        """Feed one step; return a message the first time a trend has persisted."""
+        r = self.ratio(norms)
+        bad = r is not None and (r > self.threshold or r < 1 / self.threshold)
+        self.streak = self.streak + 1 if bad else 0
+        if bad and self.streak >= self.patience and not self.active:
+            self.active = True
+            assert r is not None
+            first, last = self.names[self.idx[0]], self.names[self.idx[-1]]
+            if r < 1:
+                return (f"vanishing gradients: the input-side layer ({first}) gets {1 / r:.3g}× "
+                        f"smaller gradients than the output side ({last}) "
+                        f"for {self.streak} steps")
+            return (f"exploding gradients with depth: the input-side layer ({first}) gets "
+                    f"{r:.3g}× larger gradients than the output side ({last}) "
+                    f"for {self.streak} steps")
+        if not bad:
+            self.active = False
+        return None
+
+
+class Drift:
+    """Slow drift: the global norm growing steadily over a window (an early warning).
+
+    Fits a line to log‖g‖ over the last ``window`` finite steps; warns when the fitted
+    growth across the window exceeds ``factor`` and the fit is consistent (correlation
+    above ``min_corr``), then stays quiet for a window.
+    """
+
+    def __init__(self, window: int = 200, factor: float = 4.0, min_corr: float = 0.7) -> None:
+        self.window = window
+        self.factor = factor
+        self.min_corr = min_corr
+        self.buf: deque[float] = deque(maxlen=window)
+        self.cooldown = 0
+
+    def update(self, norm: float) -> str | None:
+        if math.isfinite(norm) and norm > 0:
+            self.buf.append(math.log(norm))
+        if self.cooldown:
+            self.cooldown -= 1
+            return None
+        if len(self.buf) < self.window:
+            return None
+        y = np.fromiter(self.buf, dtype=np.float64)
+        x = np.arange(len(y), dtype=np.float64)
+        if np.std(y) == 0:
+            return None
+        corr = float(np.corrcoef(x, y)[0, 1])
+        growth = float(np.exp(np.polyfit(x, y, 1)[0] * len(y)))
+        if growth > self.factor and corr > self.min_corr:
+            self.cooldown = self.window
+            return (f"gradient norm drifting up: ×{growth:.3g} over the last {len(y)} steps "
+                    f"(steady, r={corr:.2f}); a spike may follow — consider a lower LR")
+        return None

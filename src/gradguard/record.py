@@ -1,0 +1,318 @@
+"""Recording: per-step rows reach the host asynchronously; sinks get them in batches.
+
+Each ``guard.step`` packs its statistics (loss, norms, flags, LR scale, per-tensor norms)
+into one small device tensor and posts it to a :class:`Mailbox`. On CUDA the mailbox
+copies it into pinned host memory with ``non_blocking=True`` and records an event; the
+host picks the row up once the event has completed (usually one step later), so the
+training loop never waits for the device. On CPU there is no device to wait for and the
+row is read in place. The host side (policy, analyzers, sinks) works on those rows.
+
+Sinks receive rows every ``flush_every`` steps and immediately when an event happens.
+
+Record schema (one JSON object per line in the JSONL sink):
+
+- ``{"type": "meta", "format": 1, "gradguard": ver, "params": [...], "forward_order": [...],
+  "config": {...}, "time": unix}`` — first line of a run.
+- ``{"type": "step", "step": k, "loss": x, "grad_norm": x, "clipped_norm": x,
+  "clip_coef": x, "skipped": b, "nonfinite": b, "grad_spike": b, "loss_spike": b,
+  "lr_scale": x, "norms": [...]}`` — one per step (``norms`` every
+  ``layers_every`` steps and on every flagged step).
+- ``{"type": "event", "step": k, "kind": ..., "action": ..., "origin_layer": name|null,
+  "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,
+  ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``rollback``, ``snapshot``,
+  ``drift``, ``depth_trend``, ``diverged``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "COLUMNS",
+    "ConsoleSink",
+    "JsonlSink",
+    "Mailbox",
+    "Recorder",
+    "Sink",
+    "TensorBoardSink",
+    "read_jsonl",
+]
+
+FORMAT = 1
+# Scalar columns at the head of every packed row; per-tensor norms follow.
+COLUMNS = ("loss", "grad_norm", "clipped_norm", "skipped", "nonfinite", "grad_spike",
+           "loss_spike", "lr_scale", "grad_z", "loss_z")
+_BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike"}
+
+
+def _num(v: float) -> float | str | None:
+    """JSON has no NaN/Inf; write them as strings a reader turns back into floats."""
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def _unnum(v: Any) -> Any:
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    return v
+
+
+class Mailbox:
+    """Moves small per-step tensors to the host without blocking the training loop."""
+
+    def __init__(self, device: torch.device, slots: int = 64) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._queue: deque[tuple[int, Tensor, Any]] = deque()
+        self._slots = slots
+        self._pool: list[Tensor] = []
+
+    def post(self, step: int, row: Tensor) -> None:
+        """Queue ``row`` (a 1-D device tensor) of ``step`` for the host."""
+        if not self.cuda:
+            self._queue.append((step, row.detach(), None))
+            return
+        host = self._pool.pop() if self._pool and self._pool[-1].numel() == row.numel() else \
+            torch.empty(row.numel(), dtype=row.dtype, pin_memory=True)
+        host.copy_(row.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._queue.append((step, host, event))
+        if len(self._queue) > self._slots:
+            # The host fell this far behind: wait for the oldest row rather than grow.
+            self._queue[0][2].synchronize()
+
+    def poll(self, wait: bool = False) -> list[tuple[int, np.ndarray]]:
+        """Rows whose copies have completed, oldest first (all of them when ``wait``)."""
+        out: list[tuple[int, np.ndarray]] = []
+        while self._queue:
+            step, host, event = self._queue[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._queue.popleft()
+            # A CPU tensor: reading it is a memory access, not a device synchronisation.
+            out.append((step, host.numpy().copy()))
+            if event is not None:
+                self._pool.append(host)
+        return out
+
+
+class Sink(Protocol):
+    """Where records go. Every method receives plain Python data."""
+
+    def meta(self, record: dict[str, Any]) -> None: ...
+    def steps(self, records: list[dict[str, Any]]) -> None: ...
+    def event(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _atomic_append_lines(f: Any, lines: Iterable[str]) -> None:
+    # One write call per batch, then flush + fsync, so a crash leaves at most a torn
+    # last line, which read_jsonl skips.
+    f.write("".join(lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class JsonlSink:
+    """Append records to a JSON-lines file (the default sink; ``gradguard report`` reads it)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def _write(self, records: Iterable[dict[str, Any]]) -> None:
+        _atomic_append_lines(self._f, (json.dumps(r, separators=(",", ":")) + "\n"
+                                       for r in records))
+
+    def meta(self, record: dict[str, Any]) -> None:
+        self._write([record])
+
+    def steps(self, records: list[dict[str, Any]]) -> None:
+        self._write(records)
+
+    def event(self, record: dict[str, Any]) -> None:
+        self._write([record])
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+class ConsoleSink:
+    """Print events (not steps) to the console with rich, or plain print without it."""
+
+    def __init__(self, console: Any = None) -> None:
+        if console is None:
+            try:
+                from rich.console import Console
+
+                console = Console(stderr=True)
+            except ImportError:
+                console = None
+        self.console = console
+
+    def meta(self, record: dict[str, Any]) -> None:
+        pass
+
+    def steps(self, records: list[dict[str, Any]]) -> None:
+        pass
+
+    def event(self, record: dict[str, Any]) -> None:
+        text = f"gradguard step {record['step']}: {record.get('message', record['kind'])}"
+        if self.console is None:
+            print(text)
+        else:
+            style = "red" if record["kind"] in ("nonfinite", "rollback", "diverged") else "yellow"
+            self.console.print(f"[{style}]{text}[/{style}]")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Scalars, per-layer norm histograms and events as text, via ``SummaryWriter``."""
+
+    def __init__(self, log_dir: str | os.PathLike[str], histogram_every: int = 50) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ModuleNotFoundError(
+                "TensorBoardSink needs tensorboard: pip install 'gradguard[tensorboard]'"
+            ) from e
+        self.writer = SummaryWriter(str(log_dir))
+        self.histogram_every = histogram_every
+        self._names: list[str] = []
+
+    def meta(self, record: dict[str, Any]) -> None:
+        self._names = list(record.get("params", []))
+        self.writer.add_text("gradguard/config", json.dumps(record.get("config", {}), indent=1))
+
+    def steps(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            k = r["step"]
+            for col in ("loss", "grad_norm", "clipped_norm", "clip_coef", "lr_scale"):
+                v = _unnum(r.get(col))
+                if isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(f"gradguard/{col}", v, k)
+            self.writer.add_scalar("gradguard/skipped", float(r["skipped"]), k)
+            norms = r.get("norms")
+            if norms is not None and k % self.histogram_every == 0:
+                arr = np.asarray([_unnum(v) for v in norms], dtype=np.float64)
+                arr = arr[np.isfinite(arr) & (arr > 0)]
+                if arr.size:
+                    self.writer.add_histogram("gradguard/log10_layer_grad_norm",
+                                              np.log10(arr), k)
+
+    def event(self, record: dict[str, Any]) -> None:
+        self.writer.add_text(f"gradguard/events/{record['kind']}",
+                             record.get("message", ""), record["step"])
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class Recorder:
+    """Turns host rows into records, keeps recent history, and feeds the sinks."""
+
+    def __init__(self, names: list[str], sinks: list[Sink], flush_every: int = 50,
+                 layers_every: int = 1, history: int = 10_000) -> None:
+        self.names = names
+        self.sinks = sinks
+        self.flush_every = max(1, int(flush_every))
+        self.layers_every = max(1, int(layers_every))
+        self.rows: deque[dict[str, Any]] = deque(maxlen=history)
+        self.events: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
+        self._last_flush = 0
+
+    def start(self, meta: dict[str, Any]) -> None:
+        record = {"type": "meta", "format": FORMAT, "time": time.time(), **meta}
+        for s in self.sinks:
+            s.meta(record)
+
+    def row(self, step: int, values: np.ndarray, n_params: int,
+            index: Iterable[int] | None = None) -> dict[str, Any]:
+        """Decode one packed row into a step record (and queue it for the sinks)."""
+        k = len(COLUMNS)
+        rec: dict[str, Any] = {"type": "step", "step": step}
+        for i, col in enumerate(COLUMNS):
+            v = float(values[i])
+            rec[col] = bool(v) if col in _BOOL_COLUMNS else v
+        g, c = rec["grad_norm"], rec["clipped_norm"]
+        rec["clip_coef"] = c / g if g > 0 and math.isfinite(g) else 1.0
+        norms = values[k : k + n_params]
+        rec["_norms"] = norms  # kept in memory for the analyzers; serialised selectively
+        flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"]
+        rec["_with_norms"] = flagged or step % self.layers_every == 0
+        self.rows.append(rec)
+        self._pending.append(rec)
+        return rec
+
+    @staticmethod
+    def serialise(rec: dict[str, Any]) -> dict[str, Any]:
+        out = {k: (_num(v) if isinstance(v, float) else v)
+               for k, v in rec.items() if not k.startswith("_")}
+        if rec.get("_with_norms"):
+            out["norms"] = [_num(float(v)) for v in rec["_norms"]]
+        return out
+
+    def event(self, step: int, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+        """Record an event; it and every pending step go to the sinks now."""
+        rec = {"type": "event", "step": step, "kind": kind, "message": message, **fields}
+        self.events.append(rec)
+        self.flush()
+        for s in self.sinks:
+            s.event(rec)
+        return rec
+
+    def maybe_flush(self, step: int) -> None:
+        if step - self._last_flush >= self.flush_every:
+            self.flush()
+            self._last_flush = step
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        records = [self.serialise(r) for r in self._pending]
+        self._pending = []
+        for s in self.sinks:
+            s.steps(records)
+
+    def close(self) -> None:
+        self.flush()
+        for s in self.sinks:
+            s.close()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Read a run log; a torn or corrupt line (e.g. from a crash mid-write) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or "type" not in rec:
+                continue
+            yield {k: (_unnum(v) if not isinstance(v, list) else [_unnum(x) for x in v])
+                   for k, v in rec.items()}

@@ -1,0 +1,70 @@
+"""Summarise a JSONL run log: steps, skips, spikes, rollbacks, where trouble started."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..record import read_jsonl
+
+__all__ = ["RunSummary", "summarize"]
+
+
+@dataclass
+class RunSummary:
+    """What a run log says, in numbers."""
+
+    path: str
+    steps: int = 0
+    skipped: int = 0
+    clipped: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    max_grad_norm: float | None = None
+    events: Counter[str] = field(default_factory=Counter)
+    origins: Counter[str] = field(default_factory=Counter)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    lr_changes: list[tuple[int, float]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    bad_lines: int = 0
+
+    @property
+    def first_trouble(self) -> dict[str, Any] | None:
+        return next((e for e in self.timeline
+                     if e["kind"] in ("nonfinite", "grad_spike", "loss_spike")), None)
+
+
+def summarize(path: str | os.PathLike[str]) -> RunSummary:
+    """Read a run log (tolerating a torn last line) and summarise it."""
+    s = RunSummary(str(path))
+    last_scale = 1.0
+    for rec in read_jsonl(path):
+        t = rec["type"]
+        if t == "meta":
+            s.meta = rec
+        elif t == "step":
+            s.steps = max(s.steps, rec["step"] + 1)
+            s.skipped += bool(rec.get("skipped"))
+            coef = rec.get("clip_coef", 1.0)
+            s.clipped += isinstance(coef, float) and coef < 1 - 1e-6 and not rec.get("skipped")
+            loss = rec.get("loss")
+            if isinstance(loss, float) and math.isfinite(loss):
+                if s.first_loss is None:
+                    s.first_loss = loss
+                s.last_loss = loss
+            g = rec.get("grad_norm")
+            if isinstance(g, float) and math.isfinite(g):
+                s.max_grad_norm = g if s.max_grad_norm is None else max(s.max_grad_norm, g)
+            scale = rec.get("lr_scale", 1.0)
+            if isinstance(scale, float) and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
+                s.lr_changes.append((rec["step"], scale))
+                last_scale = scale
+        elif t == "event":
+            s.events[rec["kind"]] += 1
+            if rec.get("origin_layer"):
+                s.origins[rec["origin_layer"]] += 1
+            s.timeline.append(rec)
+    return s

@@ -1,0 +1,152 @@
+"""Snapshots of model + optimizer + guard state for rollback, in memory or on disk.
+
+In memory, a snapshot is a set of device-side clones (no host copy, no sync). On disk it
+is written atomically — serialised to bytes, SHA-256 checksummed, written to a temporary
+file in the same folder, fsynced, renamed over the target, and the folder fsynced — so a
+crash mid-write leaves the previous snapshot intact, and a corrupted or truncated file
+is detected by its checksum rather than loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GradGuardError
+
+__all__ = ["Snapshot", "SnapshotError", "load_file", "restore", "save_file", "take"]
+
+FILE_FORMAT = 1
+
+
+class SnapshotError(GradGuardError):
+    """A snapshot file is missing, truncated, corrupted or of another format."""
+
+
+def clone_tree(obj: Any) -> Any:
+    """Deep copy with tensors cloned (on their own device) and containers rebuilt."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [clone_tree(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(clone_tree(v) for v in obj)
+    return obj
+
+
+def to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+@dataclass
+class Snapshot:
+    """State at the end of step ``step`` (``-1``: before the first step)."""
+
+    step: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    guard: dict[str, Any]
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "model": self.model, "optimizer": self.optimizer,
+                "guard": self.guard, "extras": self.extras}
+
+
+def _model_state(model: nn.Module | None, params: Sequence[Tensor]) -> dict[str, Any]:
+    if model is not None:
+        return clone_tree(model.state_dict())
+    return {str(i): p.detach().clone() for i, p in enumerate(params)}
+
+
+def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
+         optimizer: torch.optim.Optimizer, guard_state: dict[str, Any],
+         extras: Sequence[Any] = ()) -> Snapshot:
+    """Clone everything needed to return to this moment (device-side copies only)."""
+    return Snapshot(
+        step=step,
+        model=_model_state(model, params),
+        optimizer=clone_tree(optimizer.state_dict()),
+        guard=clone_tree(guard_state),
+        extras=[clone_tree(e.state_dict()) for e in extras],
+    )
+
+
+def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
+            optimizer: torch.optim.Optimizer, extras: Sequence[Any] = ()) -> None:
+    """Put model, optimizer and extras back to ``snap`` (the guard restores its own part)."""
+    with torch.no_grad():
+        if model is not None:
+            model.load_state_dict(clone_tree(snap.model))
+        else:
+            for i, p in enumerate(params):
+                p.copy_(snap.model[str(i)])
+    optimizer.load_state_dict(clone_tree(snap.optimizer))
+    for e, s in zip(extras, snap.extras, strict=True):
+        e.load_state_dict(clone_tree(s))
+
+
+def save_file(snap: Snapshot, path: str | os.PathLike[str]) -> Path:
+    """Write ``snap`` to ``path`` atomically, with a checksum."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(to_cpu(snap.as_dict()), buf)
+    payload = buf.getvalue()
+    outer = io.BytesIO()
+    torch.save({"format": FILE_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload}, outer)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(outer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapshot:
+    """Read a snapshot written by :func:`save_file`, verifying format and checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise SnapshotError(f"snapshot file {path} does not exist")
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated zip
+        raise SnapshotError(
+            f"snapshot file {path} is truncated or not a gradguard snapshot "
+            f"({e.__class__.__name__}); use the previous snapshot"
+        ) from e
+    if not isinstance(outer, dict) or outer.get("format") != FILE_FORMAT:
+        raise SnapshotError(f"snapshot file {path} has an unknown format; expected {FILE_FORMAT}")
+    payload = outer.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+        raise SnapshotError(f"snapshot file {path} failed its checksum: it is corrupted")
+    d = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    return Snapshot(d["step"], d["model"], d["optimizer"], d["guard"], d.get("extras", []))
