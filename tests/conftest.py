@@ -41,9 +41,10 @@ def small_mlp(seed: int = 0, width: int = 16, depth: int = 3, d_in: int = 8) -> 
     return torch.nn.Sequential(*layers)
 
 
-def backward(model: torch.nn.Module, scale: float = 1.0, seed: int = 0, nan: bool = False):
+def backward(model: torch.nn.Module, scale: float = 1.0, seed: int = 0, nan: bool = False,
+             d_in: int | None = None):
     gen = torch.Generator().manual_seed(seed)
-    d_in = next(model.parameters()).shape[1]
+    d_in = d_in or next(model.parameters()).shape[1]
     x = torch.randn(32, d_in, generator=gen) * scale
     if nan:
         x[0, 0] = float("nan")

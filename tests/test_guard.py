@@ -178,3 +178,55 @@ def test_load_state_dict_rejects_other_config(mlp):
     bad["format"] = 99
     with pytest.raises(gg.ConfigError, match="format 99"):
         g1.load_state_dict(bad)
+
+
+class Shuffled(torch.nn.Module):
+    """Registers the head before the stem; forward runs stem → body → head."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 1)
+        self.body = torch.nn.Linear(16, 16)
+        self.stem = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))))
+
+
+def test_forward_order_is_learned_from_the_first_forward(tmp_path):
+    model = Shuffled()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=tmp_path / "r.jsonl")
+    for s in range(25):
+        opt.zero_grad()
+        loss = backward(model, seed=s, d_in=8)
+        if s == 20:  # NaN in one layer's gradient only
+            model.body.weight.grad[0, 0] = float("nan")
+        guard.step(loss)
+    guard.close()
+    assert [guard.names[i] for i in guard.order] == [
+        "stem.weight", "stem.bias", "body.weight", "body.bias", "head.weight", "head.bias"]
+    meta = next(gg.read_jsonl(tmp_path / "r.jsonl"))
+    assert meta["forward_order"][0] == "stem.weight"
+    ev = [e for e in guard.recorder.events if e["kind"] == "nonfinite"]
+    assert len(ev) == 1 and ev[0]["step"] == 20 and ev[0]["origin_layer"] == "body.weight"
+
+
+def test_report_cli_summarises_a_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradguard.cli import app
+
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, opt, log=tmp_path / "r.jsonl") as guard:
+        for s in range(30):
+            opt.zero_grad()
+            guard.step(backward(model, seed=s, nan=s == 25))
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r.jsonl")],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "skipped steps" in res.output and "nonfinite" in res.output
+    assert "first trouble" in res.output and "step 25" in res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "no such run log" in res.output

@@ -57,6 +57,12 @@ def demo(seed: int = typer.Option(0, help="seed for model init and batch order")
     for r in rows:
         if r.note:
             console.print(f"• [bold]{r.scenario}[/bold] / {r.label}: {r.note}")
+    from .demo import LOG_DIR
+
+    logs = sorted(LOG_DIR.glob("*.jsonl"))
+    if logs:
+        console.print(f"Run logs of the guarded runs: {', '.join(map(str, logs))}; "
+                      f"try [bold]gradguard report {logs[-1]}[/bold]")
 
 
 @app.command()

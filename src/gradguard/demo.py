@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn, optim
 
-from . import clip, scenarios
+from . import scenarios
 from .guard import Guard
 from .scenarios.train import RunResult
 
@@ -24,13 +26,19 @@ class DemoRow:
     note: str = ""
 
 
+LOG_DIR = Path("gradguard-runs") / "demo"
+
+
+def _logged(scn: str) -> GuardFactory:
+    return lambda m, o: Guard(m, o, log=LOG_DIR / f"{scn}.jsonl")
+
+
 # (scenario, label, guard factory). The first run of each scenario is the unguarded one.
 PLAN: list[tuple[str, str, GuardFactory]] = [
     ("linreg-raw", "no guard", None),
-    ("linreg-raw", "Guard(clip=GlobalNorm(10))",
-     lambda m, o: Guard(m, o, clip=clip.GlobalNorm(10.0))),
+    ("linreg-raw", "gradguard default", _logged("linreg-raw")),
     ("mlp-corrupt", "no guard", None),
-    ("mlp-corrupt", "Guard() default", lambda m, o: Guard(m, o)),
+    ("mlp-corrupt", "gradguard default", _logged("mlp-corrupt")),
 ]
 
 
@@ -52,10 +60,22 @@ def run_demo(seed: int = 0, progress: Any = None) -> list[DemoRow]:
     """Run the demo plan and return one row per run."""
     rows: list[DemoRow] = []
     baselines: dict[str, RunResult] = {}
+    shutil.rmtree(LOG_DIR, ignore_errors=True)
     for scn, label, factory in PLAN:
         if progress is not None:
             progress.print(f"[dim]training {scn} ({label})…[/dim]")
-        res = scenarios.run(scn, seed=seed, guard=factory)
+        guards: list[Guard] = []
+
+        def build(m: nn.Module, o: optim.Optimizer, factory: GuardFactory = factory,
+                  guards: list[Guard] = guards) -> Guard:
+            assert factory is not None
+            g = factory(m, o)
+            guards.append(g)
+            return g
+
+        res = scenarios.run(scn, seed=seed, guard=None if factory is None else build)
+        for g in guards:
+            g.close()
         base = baselines.get(scn)
         if factory is None:
             baselines[scn] = res

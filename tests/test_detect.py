@@ -1,0 +1,96 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradguard as gg
+from gradguard.detect import DepthTrend, Drift, LayerAttribution
+
+CPU = torch.device("cpu")
+OK = torch.tensor(True)
+
+
+def feed(det, values):
+    det.bind(CPU)
+    out = []
+    for v in values:
+        spike, *_ = det(torch.tensor(float(v)), OK)
+        out.append(bool(spike))
+    return out
+
+
+def test_norm_spike_flags_a_sudden_jump_not_noise():
+    gen = np.random.default_rng(0)
+    noise = list(np.exp(gen.normal(0, 0.2, 60)))
+    flags = feed(gg.NormSpike(), [*noise, 50.0, *noise[:5]])
+    assert flags[60] and not any(flags[:60]) and not any(flags[61:])
+
+
+def test_norm_spike_tolerates_a_gradual_rise():
+    # early training: the norm rises 3x over 50 steps, smoothly
+    flags = feed(gg.NormSpike(), list(np.geomspace(0.4, 1.2, 50)))
+    assert not any(flags)
+
+
+def test_norm_spike_catches_an_explosion_from_step_one():
+    flags = feed(gg.NormSpike(), [1.0, 150.0, 2e4, 3e6])
+    assert flags[1:] == [True, True, True]
+
+
+def test_norm_spike_ignores_nonfinite_and_learns_level_shifts():
+    det = gg.NormSpike(warmup=5)
+    det.bind(CPU)
+    for _ in range(20):
+        det(torch.tensor(1.0), OK)
+    spike, *_ = det(torch.tensor(math.nan), torch.tensor(False))
+    assert not spike and torch.isfinite(det.state["mean"])
+    # a lasting 10x shift is flagged at first, then learned
+    flags = [bool(det(torch.tensor(10.0), OK)[0]) for _ in range(300)]
+    assert flags[0] and not flags[-1]
+
+
+def test_loss_spike_needs_both_z_and_ratio():
+    gen = np.random.default_rng(1)
+    base = list(2.0 + 0.05 * gen.normal(size=40))
+    det = gg.LossSpike()
+    flags = feed(det, [*base, 2.2, 9.0])
+    assert not flags[40]  # 4σ but only 10% above the mean
+    assert flags[41]
+
+
+def test_attribution_names_first_deviating_layer_in_forward_order():
+    names = ["head.weight", "body.weight", "stem.weight"]
+    order = [2, 1, 0]  # stem runs first
+    att = LayerAttribution(names, order)
+    for _ in range(20):
+        att.learn(np.array([1.0, 1.0, 1.0]) * np.exp(np.random.default_rng(0).normal(0, .05, 3)))
+    res = att.attribute(np.array([30.0, 30.0, 1.0]))
+    assert res.origin == "body.weight"
+    assert {n for n, _ in res.top[:2]} == {"head.weight", "body.weight"}
+    res = att.attribute(np.array([1.0, 1.0, math.nan]))
+    assert res.origin == "stem.weight"
+
+
+def test_depth_trend_reports_vanishing_after_patience():
+    names = [f"l{i}.weight" for i in range(6)]
+    dt = DepthTrend(names, list(range(6)), [True] * 6, threshold=100, patience=3)
+    vanishing = np.geomspace(1e-6, 1.0, 6)  # input side tiny
+    msgs = [dt.update(vanishing) for _ in range(4)]
+    assert msgs[:2] == [None, None] and "vanishing" in msgs[2] and msgs[3] is None
+    assert dt.update(np.ones(6)) is None
+
+
+def test_drift_warns_on_steady_growth():
+    d = Drift(window=50, factor=4)
+    msgs = [d.update(float(x)) for x in np.geomspace(1, 20, 60)]
+    assert any(m and "drifting up" in m for m in msgs)
+    d2 = Drift(window=50, factor=4)
+    rng = np.random.default_rng(0)
+    assert not any(d2.update(float(x)) for x in np.exp(rng.normal(0, 0.3, 200)))
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=1.0), dict(z_thresh=-1), dict(warmup=0)])
+def test_detector_config_validated(bad):
+    with pytest.raises(gg.ConfigError):
+        gg.NormSpike(**bad)

@@ -1,0 +1,73 @@
+"""Issue #3's acceptance run: injected faults on real data under the default policy."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.report import summarize
+from gradguard.scenarios.builtin import _mnist_split
+from gradguard.scenarios.train import batches
+
+FAULTS = {40: "nan", 75: "spike", 110: "nan", 150: "spike", 190: "spike", 230: "nan",
+          265: "spike"}
+
+
+def train(faults, log=None, steps=300, seed=0, guarded=True):
+    xtr, ytr, xte, yte = _mnist_split(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    # fused=True in both runs, so guarded and plain runs use the same kernel
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, fused=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    guard = gg.Guard(model, opt, log=log) if guarded else None
+    data = batches(xtr, ytr, 128, seed)
+    poisoned = 0
+    for s in range(steps):
+        x, y = next(data)
+        if faults.get(s) == "nan":
+            x = torch.full_like(x, math.nan)  # a broken record
+        elif faults.get(s) == "spike":
+            x = x * 1000.0  # a batch in the wrong units
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if guard is None:
+            opt.step()
+        else:
+            guard.step(loss)
+        sched.step()
+        state = [p for p in model.parameters()] + [
+            v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+        poisoned += not all(torch.isfinite(t).all() for t in state)
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        test_loss = nn.functional.cross_entropy(model(xte), yte).item()
+    return test_loss, poisoned
+
+
+@pytest.mark.slow
+def test_faulty_run_matches_clean_run_and_log_explains_each_fault(tmp_path):
+    clean, _ = train({}, guarded=False)  # the same run, unguarded, without faults
+    log = tmp_path / "run.jsonl"
+    faulty, poisoned = train(FAULTS, log=log)
+    assert poisoned == 0
+    assert faulty == pytest.approx(clean, rel=0.02), (faulty, clean)
+
+    s = summarize(log)
+    assert s.steps == 300 and s.skipped == len(FAULTS)
+    by_step = {}
+    for e in s.timeline:
+        by_step.setdefault(e["step"], []).append(e)
+    for step, kind in FAULTS.items():
+        kinds = {e["kind"] for e in by_step[step]}
+        assert ("nonfinite" if kind == "nan" else "grad_spike") in kinds, (step, kinds)
+        for e in by_step[step]:
+            assert e["action"] == "skip"
+            assert e["origin_layer"] == "0.weight"  # the corrupted input enters here
+    # nothing else was flagged
+    assert set(by_step) == set(FAULTS)

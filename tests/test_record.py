@@ -1,0 +1,59 @@
+import json
+import math
+
+import numpy as np
+import torch
+
+import gradguard as gg
+from gradguard.record import JsonlSink, Mailbox, Recorder, read_jsonl
+
+
+def test_mailbox_on_cpu_delivers_in_order():
+    mb = Mailbox(torch.device("cpu"))
+    for k in range(3):
+        mb.post(k, torch.tensor([float(k), 2.0]))
+    rows = mb.poll()
+    assert [k for k, _ in rows] == [0, 1, 2]
+    assert rows[2][1].tolist() == [2.0, 2.0]
+
+
+def test_jsonl_roundtrip_nonfinite_and_torn_last_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    rec = Recorder(["a", "b"], [JsonlSink(path)], flush_every=1)
+    rec.start({"params": ["a", "b"]})
+    vals = np.array([math.nan, 3.0, 1.0, 1, 1, 0, 0, 0.5, 0.0, 0.0, math.inf, 2.0])
+    rec.row(0, vals, 2)
+    rec.event(0, "nonfinite", "boom", action="skip")
+    rec.close()
+    with open(path, "a") as f:
+        f.write('{"type": "step", "step": 1, "loss": 0.')  # a crash mid-line
+    recs = list(read_jsonl(path))
+    assert [r["type"] for r in recs] == ["meta", "step", "event"]
+    step = recs[1]
+    assert math.isnan(step["loss"]) and step["skipped"] is True
+    assert step["norms"][0] == math.inf and step["lr_scale"] == 0.5
+    assert json.loads(path.read_text().splitlines()[1])["loss"] == "nan"
+
+
+def test_tensorboard_sink_writes_events(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, tensorboard=tmp_path / "tb", flush_every=5)
+    for i in range(12):
+        opt.zero_grad()
+        x = torch.randn(8, 3)
+        if i == 10:
+            x[0, 0] = math.nan
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert "gradguard/grad_norm" in tags["scalars"]
+    assert len(acc.Scalars("gradguard/loss")) >= 10
+    assert "gradguard/log10_layer_grad_norm" in tags["histograms"]
+    assert any("nonfinite" in t for t in tags["tensors"])
