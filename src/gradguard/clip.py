@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .state import TensorState
 from .stats import GradGroups, GradStats, foreach_norms, global_from_norms
 
 __all__ = [
@@ -124,18 +125,17 @@ class ClipContext:
                 torch._foreach_mul_(grads, list(part.to(dev, non_blocking=True).unbind(0)))
 
 
-class Transform(abc.ABC):
+class Transform(TensorState, abc.ABC):
     """A gradient transform with explicit state.
 
-    Subclasses implement :meth:`__call__`; those with state keep it in ``self._state``
-    (a dict of tensors), which :meth:`state_dict` / :meth:`load_state_dict` round-trip.
+    Subclasses implement :meth:`__call__`; those with state keep it in ``self.state``
+    (a dict of device tensors, allocated in :meth:`bind`), which :meth:`state_dict` /
+    :meth:`load_state_dict` round-trip.
     """
-
-    _state: dict[str, Tensor]
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         """Allocate state for the guarded parameters (called once by the guard)."""
-        self._state = {}
+        self.state = {}
 
     @abc.abstractmethod
     def __call__(self, ctx: ClipContext) -> None:
@@ -145,28 +145,9 @@ class Transform(abc.ABC):
         """The global-norm bound this transform guarantees, if it has one."""
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Copy of the transform's state (tensors cloned, safe to keep as a snapshot)."""
-        return {k: v.detach().clone() for k, v in getattr(self, "_state", {}).items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore state saved by :meth:`state_dict` of an identically configured transform."""
-        mine = getattr(self, "_state", {})
-        if set(state) != set(mine):
-            raise ConfigError(
-                f"{type(self).__name__}: state has keys {sorted(state)}, expected {sorted(mine)}; "
-                "it was saved by a differently configured transform"
-            )
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(mine[k].shape):
-                raise ConfigError(
-                    f"{type(self).__name__}: state '{k}' has shape {tuple(v.shape)}, expected "
-                    f"{tuple(mine[k].shape)}; it was saved with different settings"
-                )
-            mine[k].copy_(v)
-
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and k != "state")
         return f"{type(self).__name__}({args})"
 
 
@@ -323,7 +304,7 @@ class AGC(Transform):
         self._excluded: set[int] = set()
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
-        self._state = {}
+        self.state = {}
         self._excluded = {i for i, n in enumerate(names) if self._skip(n)}
 
     def __call__(self, ctx: ClipContext) -> None:
@@ -358,18 +339,18 @@ class Quantile(Transform):
         self.history = history
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
-        self._state = {
+        self.state = {
             "norms": torch.full((self.history,), math.nan, device=device),
             "count": torch.zeros((), dtype=torch.long, device=device),
         }
 
     def threshold(self) -> Tensor:
         """Current clipping threshold (inf until a norm has been seen)."""
-        thr = torch.nanquantile(self._state["norms"], self.q)
+        thr = torch.nanquantile(self.state["norms"], self.q)
         return torch.where(torch.isnan(thr), math.inf, thr)
 
     def __call__(self, ctx: ClipContext) -> None:
-        s = self._state
+        s = self.state
         norm = ctx.global_norm
         ctx.scale(_norm_clip_coef(norm, self.threshold()))
         ok = ctx.finite & torch.isfinite(norm)
@@ -420,7 +401,7 @@ class ZScore(Transform):
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         f32 = {"dtype": torch.float32, "device": device}
-        self._state = {
+        self.state = {
             "buffer": torch.zeros(self.warmup, **f32),
             "count": torch.zeros((), dtype=torch.long, device=device),
             "mean": torch.zeros((), **f32),
@@ -428,7 +409,7 @@ class ZScore(Transform):
         }
 
     def __call__(self, ctx: ClipContext) -> None:
-        s = self._state
+        s = self.state
         norm = ctx.global_norm
         ok = ctx.finite & torch.isfinite(norm)
         ready = s["count"] >= self.warmup  # statistics initialised before this step

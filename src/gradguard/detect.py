@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .clip import _positive
 from .errors import ConfigError
+from .state import TensorState
 
 __all__ = ["DepthTrend", "Drift", "LayerAttribution", "LossSpike", "NormSpike"]
 
@@ -38,7 +39,7 @@ def _int_at_least(name: str, v: int, lo: int) -> int:
     return v
 
 
-class NormSpike:
+class NormSpike(TensorState):
     """Gradient-norm spike: z-score of log‖g‖ against its EMA mean and variance.
 
     Working in log space makes the test scale-free (a spike is a *factor* above the
@@ -103,15 +104,8 @@ class NormSpike:
         s["count"].add_(learn.long())
         return spike, z, typical
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.state.items()}
 
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in self.state.items():
-            v.copy_(state[k])
-
-
-class LossSpike:
+class LossSpike(TensorState):
     """Loss spike: z-score *and* ratio against a rolling window of recent losses.
 
     A step is a spike when the loss is more than ``z_thresh`` standard deviations above
@@ -152,13 +146,6 @@ class LossSpike:
         buf.index_copy_(0, slot, torch.where(learn, loss, buf[slot]).reshape(1))
         s["count"].add_(learn.long())
         return spike, z
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.state.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in self.state.items():
-            v.copy_(state[k])
 
 
 # --------------------------------------------------------------------------------------

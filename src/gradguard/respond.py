@@ -22,6 +22,7 @@ from torch import Tensor
 from .clip import _positive
 from .detect import LossSpike, NormSpike, _int_at_least
 from .errors import ConfigError, GradGuardError
+from .state import TensorState
 
 __all__ = ["Backoff", "Policy", "Rollback", "TrainingDivergedError"]
 
@@ -185,7 +186,7 @@ class Policy:
                 "rollback": repr(self.rollback)}
 
 
-class DeviceDecision:
+class DeviceDecision(TensorState):
     """The per-step decision on the device: skip flag and LR scale."""
 
     def __init__(self, policy: Policy, device: torch.device) -> None:
@@ -240,10 +241,3 @@ class DeviceDecision:
         s = self.state["lr_scale"]
         s.copy_(torch.clamp(s * factor, min=self.policy.backoff.floor))
         self.state["calm"].zero_()
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.state.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in self.state.items():
-            v.copy_(state[k])
