@@ -26,7 +26,7 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     if v is None:
         return "–"
     if not math.isfinite(v):
-        return "[red]inf/NaN[/red]"
+        return "[red]NaN[/red]" if math.isnan(v) else "[red]inf[/red]"
     return f"{v:.{digits}g}"
 
 
@@ -45,14 +45,13 @@ def demo(seed: int = typer.Option(0, help="seed for model init and batch order")
     table = Table(title="gradguard demo: the same runs without and with a guard")
     table.add_column("scenario", no_wrap=True)
     table.add_column("run", no_wrap=True)
-    for col in ("blew up at", "test loss", "acc", "skipped", "clipped", "sec"):
-        table.add_column(col, justify="right")
+    for col in ("blew up", "test loss", "acc", "skipped"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         res = r.result
         blew = "[green]no[/green]" if res.diverged_at is None else f"[red]{res.diverged_at}[/red]"
         table.add_row(r.scenario, r.label, blew, _fmt(res.final_loss),
-                      _fmt(res.final_metric, 3), str(res.skipped), str(res.clipped),
-                      f"{res.seconds:.1f}")
+                      _fmt(res.final_metric, 3), str(res.skipped))
     console.print(table)
     for r in rows:
         if r.note:
