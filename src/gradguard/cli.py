@@ -112,6 +112,96 @@ def report(
             console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")
 
 
+_SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
+
+
+@app.command()
+def doctor(
+    target: str = typer.Argument(..., help="a built-in scenario (e.g. mlp-init, linreg-raw) "
+                                 "or path/to/file.py:make_run"),
+    json_out: bool = typer.Option(False, "--json", help="print the findings as JSON"),
+    fix: bool = typer.Option(False, "--fix", help="apply the safe fixes to a copy and re-run"),
+    steps: int = typer.Option(200, help="steps of the before/after re-run with --fix"),
+    lr_test: bool = typer.Option(True, help="run the LR range test"),
+    run_log: str = typer.Option(None, help="also read a guard's JSONL run log"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Diagnose why gradients explode or vanish, rank the causes, and propose fixes."""
+    from .doctor import diagnose
+    from .doctor.entry import apply_fixes, load_run, rerun, summary
+
+    try:
+        run = load_run(target, seed)
+    except (ValueError, FileNotFoundError, AttributeError, TypeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
+                 lr_test=lr_test)
+    out: dict = d.to_dict()
+    if fix:
+        fixed, done = apply_fixes(run, d)
+        before, after = summary(rerun(run, steps)), summary(rerun(fixed, steps))
+        out["fix"] = {"applied": done, "before": before, "after": after, "steps": steps}
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    console.print(f"[bold]gradguard doctor[/bold] · {run.name}")
+    if not d.findings:
+        console.print("[green]no findings: signal propagation, inputs, LR and architecture look "
+                      "healthy[/green]")
+    for i, f in enumerate(d.findings, 1):
+        style = _SEV_STYLE[f.severity]
+        console.print(f"{i}. [{style}]{f.severity.upper()}[/{style}] [bold]{f.check}[/bold]: "
+                      f"{f.title}")
+        if f.layers:
+            more = " …" if len(f.layers) > 6 else ""
+            console.print(f"   layers: {', '.join(f.layers[:6])}{more}")
+        if f.fix:
+            console.print(f"   fix: {f.fix}")
+        if f.fix_code:
+            console.print(f"   [cyan]{f.fix_code}[/cyan]")
+    if d.root_cause:
+        console.print(f"[bold]most likely root cause:[/bold] {d.root_cause.check}")
+    if fix:
+        fx = out["fix"]
+        console.print("applied to a copy: " + ("; ".join(fx["applied"]) or "nothing safe to apply"))
+        t = Table(title=f"{steps}-step re-run, before and after the fixes")
+        for col in ("run", "final train loss", "max grad norm", "blew up at"):
+            t.add_column(col, justify="right" if col != "run" else "left")
+        for label, s in (("before", fx["before"]), ("after", fx["after"])):
+            t.add_row(label, _fmt(s["final_loss"]), _fmt(s["max_grad_norm"]),
+                      "no" if s["diverged_at"] is None else str(s["diverged_at"]))
+        console.print(t)
+
+
+@app.command("lr-find")
+def lr_find_cmd(
+    target: str = typer.Argument(..., help="a built-in scenario or path/to/file.py:make_run"),
+    out: str = typer.Option("lr_find.png", help="where to write the plot"),
+    start_lr: float = typer.Option(1e-7),
+    end_lr: float = typer.Option(10.0),
+    num_iter: int = typer.Option(100),
+    seed: int = typer.Option(0),
+) -> None:
+    """LR range test (Smith 2017) on a copy: plot loss vs LR and suggest an LR."""
+    from .doctor import lr_find
+    from .doctor.entry import load_run
+
+    try:
+        run = load_run(target, seed)
+    except (ValueError, FileNotFoundError, AttributeError, TypeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,
+                  end_lr=end_lr, num_iter=num_iter)
+    user = float(run.optimizer.param_groups[0]["lr"])
+    res.plot(out, user_lr=user)
+    console.print(f"your LR: {user:.3g}; suggested: {_fmt(res.suggested, 3)}; loss diverges at: "
+                  f"{_fmt(res.diverged_at, 3)}; plot: {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -311,6 +311,7 @@ class Guard:
         self._ignore_rows_before = 0
         self._prev_lr_scale = 1.0
         self._disk_files: deque[Path] = deque()
+        self._base_lrs: dict[int, float] = {}
         self._started = False
         self._closed = False
 
@@ -432,6 +433,9 @@ class Guard:
         ctx.flush()
 
         skip, lr_scale = self.decision(nonfinite, grad_spike, loss_spike)
+        base_lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(base_lr, float | int):  # a host number: free to record
+            self._base_lrs[self.steps] = float(base_lr)
         self._optimizer_step(groups.params, skip, lr_scale)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.update()
@@ -493,6 +497,7 @@ class Guard:
 
     def _on_row(self, k: int, values: np.ndarray) -> bool:
         rec = self.recorder.row(k, values, len(self.params))
+        rec["lr"] = self._base_lrs.pop(k, None)
         norms = rec["_norms"]
         if not self._lr_on_device:
             self._host_lr_scale = rec["lr_scale"]

@@ -15,7 +15,8 @@ Record schema (one JSON object per line in the JSONL sink):
   "config": {...}, "time": unix}`` — first line of a run.
 - ``{"type": "step", "step": k, "loss": x, "grad_norm": x, "clipped_norm": x,
   "clip_coef": x, "skipped": b, "nonfinite": b, "grad_spike": b, "loss_spike": b,
-  "lr_scale": x, "norms": [...]}`` — one per step (``norms`` every
+  "lr_scale": x, "lr": x, "norms": [...]}`` — one per step (``lr`` is group 0's LR as the
+  user's scheduler set it, before the guard's scale) (``norms`` every
   ``layers_every`` steps and on every flagged step).
 - ``{"type": "event", "step": k, "kind": ..., "action": ..., "origin_layer": name|null,
   "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,

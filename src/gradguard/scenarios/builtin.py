@@ -85,3 +85,26 @@ register(Scenario(
     summary="MLP on the MNIST subset, SGD+momentum; NaN and unscaled batches mid-run",
     lr=0.05, steps=400, build=_mlp_corrupt, metric="accuracy",
 ))
+
+
+def _mlp_init(seed: int) -> Setup:
+    """A 10-layer ReLU MLP whose weights start 2.5× larger than Kaiming's."""
+    xtr, ytr, xte, yte = _mnist_split(seed)
+    layers: list[nn.Module] = []
+    d = 784
+    for _ in range(9):
+        lin = nn.Linear(d, 256)
+        nn.init.normal_(lin.weight, std=2.5 * (2.0 / d) ** 0.5)  # Kaiming std × 2.5
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+        d = 256
+    layers.append(nn.Linear(d, 10))
+    return Setup(nn.Sequential(*layers), batches(xtr, ytr, 64, seed), F.cross_entropy,
+                 _classify_eval(xte, yte), _sgd(momentum=0.9))
+
+
+register(Scenario(
+    name="mlp-init",
+    summary="10-layer ReLU MLP on the MNIST subset, weights 2.5× Kaiming (bad init)",
+    lr=0.01, steps=300, build=_mlp_init, metric="accuracy",
+))

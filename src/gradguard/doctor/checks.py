@@ -1,0 +1,438 @@
+"""The doctor's checks; each returns findings with numbers, layers and a concrete fix."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..fixes.init import reinit, spectral_radius
+from ..record import read_jsonl
+from .findings import Diagnosis, Finding
+from .lr_find import Batch, cycle_batches, lr_find
+from .probe import ProbeResult, probe
+
+__all__ = ["diagnose", "diagnose_run"]
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+          nn.InstanceNorm1d, nn.InstanceNorm2d, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def _sev(value: float, warn: float, crit: float) -> str | None:
+    return "critical" if value >= crit else ("warning" if value >= warn else None)
+
+
+# -- 1. signal propagation ------------------------------------------------------------
+
+
+def check_init(model: nn.Module, batch: Batch, loss_fn: Callable[[Tensor, Tensor], Tensor],
+               pr: ProbeResult, warn: float = 30.0, crit: float = 300.0) -> list[Finding]:
+    """Activation and gradient std across depth (Glorot & Bengio 2010; He et al. 2015)."""
+    fr, br = pr.forward_ratio(), pr.backward_ratio()
+    if fr is None and br is None:
+        return []
+    worst = max(abs(math.log10(r)) for r in (fr, br) if r is not None and r > 0)
+    sev = _sev(10**worst, warn, crit)
+    if sev is None:
+        return []
+    fixed = copy.deepcopy(model)
+    rep = reinit(fixed, "auto")
+    after = probe(fixed, batch, loss_fn)
+    fa, ba = after.forward_ratio(), after.backward_ratio()
+    wl = pr.weight_layers()
+    gains = [wl[i].out_std / wl[i - 1].out_std for i in range(1, len(wl))
+             if wl[i - 1].out_std > 0]
+    typical_gain = math.exp(sum(math.log(g) for g in gains if g > 0) / max(1, len(gains)))
+    direction = []
+    if fr is not None and abs(math.log10(fr)) >= math.log10(warn):
+        direction.append("activations " + ("grow" if fr > 1 else "shrink") +
+                         f" {max(fr, 1 / fr):.3g}× from the first to the last layer")
+    if br is not None and abs(math.log10(br)) >= math.log10(warn):
+        direction.append("gradients " + ("explode" if br > 1 else "vanish") +
+                         f" {max(br, 1 / br):.3g}× from the output back to the input")
+    return [Finding(
+        "init", sev, "weight initialisation: " + "; ".join(direction),
+        evidence={"forward_std_ratio": fr, "backward_grad_ratio": br,
+                  "typical_layer_gain": typical_gain,
+                  "layer_out_std": {lp.name: lp.out_std for lp in wl},
+                  "after_auto_reinit": {"forward_std_ratio": fa, "backward_grad_ratio": ba}},
+        layers=[lp.name for lp in wl],
+        fix=("re-initialise with the scheme matching each layer's activation (Kaiming for "
+             "ReLU-like, Xavier for tanh/sigmoid); on this batch that gives forward ratio "
+             f"{_fmt(fa)} and gradient ratio {_fmt(ba)}. Changes: {len(rep.layers)} layers"),
+        fix_code='gg.fixes.reinit(model, scheme="auto")',
+        score=worst,
+    )]
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+# -- 2. learning rate -----------------------------------------------------------------
+
+
+def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
+             loss_fn: Callable[[Tensor, Tensor], Tensor], num_iter: int = 100
+             ) -> tuple[list[Finding], dict[str, Any]]:
+    """LR range test on copies (Smith 2017)."""
+    lr0 = optimizer.param_groups[0]["lr"]
+    user_lr = float(lr0)
+    try:
+        res = lr_find(model, optimizer, data, loss_fn, num_iter=num_iter)
+    except Exception as e:  # an exotic optimizer we cannot clone: say so, do not crash
+        return [Finding("learning_rate", "info", f"LR range test not run: {e}",
+                        fix="run gradguard lr-find with a standard optimizer")], {}
+    meas = {"user_lr": user_lr, "diverges_at": res.diverged_at, "suggested": res.suggested,
+            "min_loss_lr": res.min_loss_lr}
+    out: list[Finding] = []
+    if res.diverged_at is not None and user_lr >= res.diverged_at:
+        ratio = user_lr / res.diverged_at
+        out.append(Finding(
+            "learning_rate", "critical",
+            f"learning rate {user_lr:.3g} is {ratio:.3g}× above where the loss diverges "
+            f"({res.diverged_at:.3g})",
+            evidence=meas, fix=f"lower the LR to about {res.suggested or res.diverged_at / 10:.2g}"
+            " (LR range test suggestion), add warm-up, or keep the guard's LR backoff on",
+            fix_code=f"for g in optimizer.param_groups: g['lr'] = {res.suggested or 0:.3g}",
+            score=math.log10(ratio) + 1))
+    elif res.diverged_at is not None and user_lr >= res.diverged_at / 3:
+        out.append(Finding(
+            "learning_rate", "warning",
+            f"learning rate {user_lr:.3g} is within 3× of where the loss diverges "
+            f"({res.diverged_at:.3g})", evidence=meas,
+            fix=f"use warm-up, or an LR near {res.suggested or res.diverged_at / 10:.2g}",
+            score=math.log10(3 * user_lr / res.diverged_at)))
+    elif res.suggested is not None and user_lr < res.suggested / 100:
+        out.append(Finding(
+            "learning_rate", "info",
+            f"learning rate {user_lr:.3g} is far below the range test's suggestion "
+            f"({res.suggested:.3g}); training may be slow", evidence=meas))
+    return out, meas
+
+
+# -- 3. input scale -------------------------------------------------------------------
+
+
+def _features(x: Tensor) -> Tensor:
+    """(N, D) view: tabular as is, images per channel."""
+    x = x.detach().float()
+    if x.dim() >= 3:
+        return x.transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.reshape(x.shape[0], -1)
+
+
+def check_inputs(batches: list[Batch]) -> tuple[list[Finding], dict[str, Any]]:
+    """Unnormalised inputs and targets (LeCun et al. 1998, "Efficient BackProp", sec. 4.3)."""
+    xs = [b[0] for b in batches if torch.is_floating_point(b[0])]
+    if not xs:
+        return [], {}
+    f = torch.cat([_features(x) for x in xs])
+    mean, std = f.mean(0), f.std(0)
+    absmax = float(f.abs().max())
+    live = std > 1e-3 * float(std.median())
+    spread = float(std[live].max() / std[live].min()) if live.sum() > 1 else 1.0
+    scale = float((mean.abs() + std).max())
+    meas: dict[str, Any] = {"feature_mean_range": [float(mean.min()), float(mean.max())],
+                            "feature_std_range": [float(std.min()), float(std.max())],
+                            "abs_max": absmax, "std_spread": spread}
+    out: list[Finding] = []
+    sev = _sev(scale, 10.0, 100.0)
+    if sev:
+        worst = [int(i) for i in torch.argsort(mean.abs() + std, descending=True)[:3]]
+        out.append(Finding(
+            "input_scale", sev,
+            f"inputs are not standardised: features reach |x| = {absmax:.3g} "
+            f"(mean up to {float(mean.abs().max()):.3g}, std up to {float(std.max()):.3g})",
+            evidence=meas, layers=[f"feature {i}" for i in worst],
+            fix="standardise inputs to zero mean and unit variance per feature (per channel "
+                "for images), with statistics from the training set",
+            fix_code="x = (x - x_train.mean(0)) / x_train.std(0)",
+            score=math.log10(scale)))
+    elif spread > 100 and f.shape[1] <= 100:  # tabular features, not pixels
+        out.append(Finding(
+            "input_scale", "warning",
+            f"feature scales differ {spread:.3g}× (an ill-conditioned problem for SGD)",
+            evidence=meas, fix="standardise each feature", score=math.log10(spread) - 1))
+    ys = [b[1] for b in batches if torch.is_floating_point(b[1])]
+    if ys:
+        y = torch.cat([v.detach().float().reshape(len(v), -1) for v in ys])
+        ymax = float((y.mean(0).abs() + y.std(0)).max())
+        meas["target_scale"] = ymax
+        sev = _sev(ymax, 10.0, 1000.0)
+        if sev:
+            out.append(Finding(
+                "input_scale", "warning" if sev == "warning" else "critical",
+                f"regression targets are large (|mean| + std up to {ymax:.3g}): the first "
+                "gradients are that much larger",
+                evidence={"target_scale": ymax},
+                fix="standardise targets and invert the transform on predictions",
+                fix_code="y = (y - y_train.mean()) / y_train.std()",
+                score=math.log10(ymax) - 0.5))
+    return out, meas
+
+
+# -- 4. activations -------------------------------------------------------------------
+
+
+def check_activations(pr: ProbeResult) -> list[Finding]:
+    """Saturation, dead units, huge pre-activations, attention logits, output log Z."""
+    out: list[Finding] = []
+    sat = [(lp.name, lp.saturated) for lp in pr.layers if lp.saturated is not None]
+    bad = [(n, s) for n, s in sat if s > 0.5]
+    if bad:
+        worst = max(s for _, s in bad)
+        out.append(Finding(
+            "activations", "critical" if worst > 0.9 else "warning",
+            f"{len(bad)} tanh/sigmoid layer(s) saturated (up to {worst:.0%} of units at ±1), "
+            "so their local gradient is ~0", evidence={"saturated_fraction": dict(sat)},
+            layers=[n for n, _ in bad],
+            fix="shrink the init (Xavier), normalise inputs, or switch to a non-saturating "
+                "activation", fix_code='gg.fixes.reinit(model, scheme="auto")',
+            score=worst))
+    dead = [(lp.name, lp.dead) for lp in pr.layers if lp.dead is not None]
+    bad = [(n, d) for n, d in dead if d > 0.5]
+    if bad:
+        worst = max(d for _, d in bad)
+        out.append(Finding(
+            "activations", "warning",
+            f"{len(bad)} ReLU layer(s) with up to {worst:.0%} dead units on this batch",
+            evidence={"dead_fraction": dict(dead)}, layers=[n for n, _ in bad],
+            fix="lower the LR, use LeakyReLU/GELU, or re-initialise",
+            score=worst))
+    big = [(lp.name, lp.out_absmax) for lp in pr.weight_layers()
+           if math.isfinite(lp.out_absmax) and lp.out_absmax > 1e3]
+    if big:
+        out.append(Finding(
+            "activations", "warning",
+            f"pre-activations reach {max(v for _, v in big):.3g}",
+            evidence={"pre_activation_max": dict(big)}, layers=[n for n, _ in big],
+            fix="normalise inputs or add normalisation layers",
+            score=math.log10(max(v for _, v in big)) - 3))
+    att = [(lp.name, lp.attn_logit_max) for lp in pr.layers if lp.attn_logit_max is not None]
+    if att and max(v for _, v in att) > 50:
+        v = max(v for _, v in att)
+        out.append(Finding(
+            "activations", "warning" if v < 1e3 else "critical",
+            f"attention logits reach {v:.3g}: attention-logit growth "
+            "(Wortsman et al. 2023) makes softmax one-hot and training unstable",
+            evidence={"attention_logit_max": dict(att)}, layers=[n for n, v2 in att if v2 > 50],
+            fix="add layer norm to queries and keys (qk-layernorm) or lower the LR",
+            score=math.log10(v)))
+    if pr.log_z is not None and pr.log_z > 30:
+        out.append(Finding(
+            "activations", "warning",
+            f"output log-partition |log Z| = {pr.log_z:.3g}: logits drift large "
+            "(Wortsman et al. 2023; PaLM)",
+            evidence={"log_z": pr.log_z},
+            fix="add a z-loss term 1e-4·log²Z to the loss", score=math.log10(pr.log_z)))
+    return out
+
+
+# -- 5. architecture ------------------------------------------------------------------
+
+
+def check_architecture(model: nn.Module) -> list[Finding]:
+    """Missing normalisation in deep stacks; recurrent spectral radius (Pascanu et al. 2013)."""
+    out: list[Finding] = []
+    weighted = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d |
+                                                                  nn.Conv1d)]
+    norms = [n for n, m in model.named_modules() if isinstance(m, _NORMS)]
+    if len(weighted) >= 8 and not norms:
+        out.append(Finding(
+            "architecture", "info",
+            f"{len(weighted)} stacked weight layers and no normalisation layer",
+            evidence={"depth": len(weighted)},
+            fix="add BatchNorm/LayerNorm between layers, or residual connections",
+            score=len(weighted) / 10))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNN):
+            for pname, p in m.named_parameters():
+                if not pname.startswith("weight_hh"):
+                    continue
+                rho = spectral_radius(p)
+                lname = f"{name}.{pname}" if name else pname
+                if rho > 1.05:
+                    out.append(Finding(
+                        "recurrent", "critical" if rho >= 1.3 else "warning",
+                        f"vanilla RNN recurrent weights have spectral radius {rho:.3g} > 1: "
+                        "gradients can grow exponentially with sequence length",
+                        evidence={"spectral_radius": rho, "nonlinearity": m.nonlinearity},
+                        layers=[lname],
+                        fix="initialise recurrent weights orthogonal with radius < 1 and clip "
+                            "gradient norms (Pascanu et al. 2013), or use an LSTM/GRU",
+                        fix_code='gg.fixes.reinit(model, scheme="auto")',
+                        score=math.log10(rho) * 10))
+                elif rho < 0.5:
+                    out.append(Finding(
+                        "recurrent", "info",
+                        f"recurrent spectral radius {rho:.3g}: gradients vanish over long "
+                        "sequences", evidence={"spectral_radius": rho}, layers=[lname],
+                        fix="orthogonal init with radius near 1, or an LSTM/GRU"))
+    return out
+
+
+# -- 6. precision ---------------------------------------------------------------------
+
+
+def check_precision(model: nn.Module, amp_dtype: torch.dtype | None,
+                    scaler: torch.amp.GradScaler | None) -> list[Finding]:
+    """fp16 without loss scaling, collapsing scales, bf16 weights under fp16 autocast."""
+    out: list[Finding] = []
+    dtypes = Counter(p.dtype for p in model.parameters())
+    if dtypes.get(torch.float16):
+        out.append(Finding(
+            "precision", "warning",
+            f"{dtypes[torch.float16]} parameter tensors are stored in fp16: small updates "
+            "round to zero and large gradients overflow",
+            fix="keep fp32 master weights and use torch.autocast(dtype=torch.float16) with a "
+                "GradScaler", score=1))
+    if amp_dtype == torch.float16 and (scaler is None or not scaler.is_enabled()):
+        out.append(Finding(
+            "precision", "critical",
+            "fp16 autocast without a GradScaler: small gradients underflow to zero and large "
+            "ones overflow to inf", fix="use torch.amp.GradScaler and pass it to the guard",
+            fix_code='scaler = torch.amp.GradScaler(); gg.Guard(model, opt, scaler=scaler)',
+            score=2))
+    if scaler is not None and scaler.is_enabled():
+        scale = scaler.get_scale()
+        if scale < 1.0:
+            out.append(Finding(
+                "precision", "warning",
+                f"GradScaler scale has collapsed to {scale:.3g}: gradients overflow at every "
+                "scale, i.e. they are inf/NaN in fp32 too", evidence={"scale": scale},
+                fix="look for the source of inf gradients (the guard's events name the layer)",
+                score=-math.log10(max(scale, 1e-30))))
+    if amp_dtype == torch.float16 and dtypes.get(torch.bfloat16):
+        out.append(Finding(
+            "precision", "warning",
+            "bf16 parameters under fp16 autocast: values beyond fp16's range overflow",
+            fix="autocast with dtype=torch.bfloat16 for bf16 models", score=1))
+    return out
+
+
+# -- the entry points -----------------------------------------------------------------
+
+
+def _sample(data: Batch | Iterable[Batch], n: int = 4) -> list[Batch]:
+    it = cycle_batches(data)
+    return [next(it) for _ in range(n)] if not isinstance(data, tuple) else [data]
+
+
+def diagnose(
+    model: nn.Module,
+    batch_or_loader: Batch | Iterable[Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    run_log: str | None = None,
+    lr_test: bool = True,
+    lr_iters: int = 100,
+) -> Diagnosis:
+    """Find why gradients explode or vanish; returns ranked findings.
+
+    Works on copies: the model, optimizer and data loader are not modified.
+
+    Args:
+        model: the model as it will start training.
+        batch_or_loader: one ``(inputs, targets)`` batch or an iterable of batches.
+        loss_fn: ``loss_fn(model(inputs), targets)``.
+        optimizer: enables the LR range test against its current LR.
+        amp_dtype, scaler: the mixed-precision setup, for the precision checks.
+        run_log: a JSONL run log from a guard, for the recorded-run checks.
+        lr_test: set False to skip the (slower) LR range test.
+        lr_iters: steps of the LR range test.
+    """
+    batches = _sample(batch_or_loader)
+    pr = probe(model, batches[0], loss_fn)
+    findings: list[Finding] = []
+    meas: dict[str, Any] = {"loss": pr.loss, "forward_std_ratio": pr.forward_ratio(),
+                            "backward_grad_ratio": pr.backward_ratio()}
+    f, m = check_inputs(batches)
+    findings += f
+    meas["inputs"] = m
+    findings += check_init(model, batches[0], loss_fn, pr)
+    findings += check_activations(pr)
+    findings += check_architecture(model)
+    findings += check_precision(model, amp_dtype, scaler)
+    if optimizer is not None and lr_test:
+        data = batch_or_loader if not isinstance(batch_or_loader, tuple) else batches[0]
+        f, m = check_lr(model, optimizer, data, loss_fn, lr_iters)
+        meas["lr_range_test"] = m
+        if f and f[0].severity != "info" and any(x.check == "init" for x in findings):
+            _lr_after_reinit(f[0], model, optimizer, data, loss_fn, lr_iters, meas)
+        findings += f
+    if run_log is not None:
+        findings += diagnose_run(run_log).findings
+    return Diagnosis(findings, meas)
+
+
+def _lr_after_reinit(finding: Finding, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor], iters: int,
+                     meas: dict[str, Any]) -> None:
+    """A too-high LR measured on a badly initialised model may be a symptom: re-test after
+    re-initialising a copy, and demote the LR finding when the LR is fine there."""
+    from .lr_find import clone_optimizer
+
+    fixed = copy.deepcopy(model)
+    reinit(fixed, "auto")
+    opt = clone_optimizer(optimizer, model, fixed)
+    _, after = check_lr(fixed, opt, data, loss_fn, iters)
+    meas["lr_range_test_after_reinit"] = after
+    div = after.get("diverges_at")
+    user = after.get("user_lr", 0.0)
+    if div is None or user < div / 3:
+        where = f"only at {div:.3g}" if div else "not within the range tested"
+        finding.severity = "info"
+        finding.title += f" — a symptom of the init: after re-initialising, it diverges {where}"
+        finding.fix = "fix the initialisation first; the LR is then fine"
+        finding.fix_code = ""
+
+
+def diagnose_run(path: str) -> Diagnosis:
+    """Read a guard's JSONL log: when and where trouble started, what preceded it."""
+    steps: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for rec in read_jsonl(path):
+        if rec["type"] == "step":
+            steps.append(rec)
+        elif rec["type"] == "event":
+            events.append(rec)
+    trouble = [e for e in events if e["kind"] in ("nonfinite", "grad_spike", "loss_spike")]
+    out: list[Finding] = []
+    if not trouble:
+        return Diagnosis([Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
+                                  "or non-finite steps")], {"steps": len(steps)})
+    first = trouble[0]
+    k = first["step"]
+    lrs = [(r["step"], r.get("lr")) for r in steps if isinstance(r.get("lr"), float)]
+    before = [lr for s, lr in lrs if s < k]
+    lr_note = ""
+    ev: dict[str, Any] = {"first_step": k, "kind": first["kind"], "count": len(trouble)}
+    if len(before) >= 2:
+        window = before[-50:]
+        if window[-1] > 1.5 * min(window):
+            lr_note = (f"; it followed an LR increase from {min(window):.3g} to {window[-1]:.3g} "
+                       "within 50 steps (end of warm-up or a schedule change)")
+            ev["lr_rise"] = [min(window), window[-1]]
+    origins = Counter(e.get("origin_layer") for e in trouble if e.get("origin_layer"))
+    dom = ""
+    if origins:
+        layer, n = origins.most_common(1)[0]
+        ev["origins"] = dict(origins)
+        if n >= max(2, 0.5 * len(trouble)):
+            dom = f"; {n} of {len(trouble)} flagged steps start at {layer}"
+    out.append(Finding(
+        "run_log", "warning" if len(trouble) < 10 else "critical",
+        f"first trouble at step {k} ({first['kind']}, {first.get('message', '')}){lr_note}{dom}",
+        evidence=ev, layers=[first["origin_layer"]] if first.get("origin_layer") else [],
+        fix="if it follows an LR rise, lengthen warm-up or lower the peak LR; if one layer "
+            "dominates, inspect its init and inputs", score=math.log10(len(trouble) + 1)))
+    return Diagnosis(out, {"steps": len(steps), "flagged": len(trouble)})

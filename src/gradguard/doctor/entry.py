@@ -1,0 +1,112 @@
+"""What the CLI's doctor needs: load a run to diagnose, apply fixes, re-run briefly.
+
+A user script is named ``path/to/file.py:make_run``; ``make_run()`` must return
+``(model, data, loss_fn, optimizer)`` where ``data`` is one ``(inputs, targets)`` batch or
+an iterable of such batches (a DataLoader), ``loss_fn(model(inputs), targets)`` is the
+loss, and ``optimizer`` is built over ``model.parameters()`` with the LR to check.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import scenarios
+from ..fixes.init import reinit
+from ..scenarios.train import RunResult, train
+from .findings import Diagnosis
+from .lr_find import Batch, clone_optimizer, cycle_batches
+
+__all__ = ["Run", "apply_fixes", "load_run", "rerun"]
+
+
+@dataclass
+class Run:
+    """A model, its data, loss and optimizer: what the doctor examines."""
+
+    name: str
+    model: nn.Module
+    data: Batch | Iterable[Batch]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def load_run(target: str, seed: int = 0) -> Run:
+    """A built-in scenario name, or ``file.py:function`` returning the 4-tuple above."""
+    if target in scenarios.SCENARIOS:
+        scn = scenarios.get(target)
+        torch.manual_seed(seed)
+        setup = scn.build(seed)
+        opt = setup.make_optimizer(setup.model.parameters(), scn.lr)
+        first = [next(setup.data) for _ in range(32)]
+        return Run(target, setup.model, first, setup.loss_fn, opt)
+    if ":" not in target:
+        raise ValueError(
+            f"{target!r} is neither a built-in scenario ({', '.join(scenarios.SCENARIOS)}) nor "
+            "'path/to/file.py:make_run'"
+        )
+    path, func = target.rsplit(":", 1)
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"no such file: {file}")
+    spec = importlib.util.spec_from_file_location(f"_gradguard_user_{file.stem}", file)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.parent.resolve()))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(mod, func):
+        raise AttributeError(f"{file} has no function {func!r}")
+    out = getattr(mod, func)()
+    if not (isinstance(out, tuple) and len(out) == 4):
+        raise TypeError(f"{func}() must return a 4-tuple (model, data, loss_fn, optimizer); "
+                        f"got {type(out).__name__}")
+    model, data, loss_fn, opt = out
+    if not isinstance(model, nn.Module) or not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"{func}() must return (nn.Module, data, loss_fn, torch.optim.Optimizer)")
+    return Run(target, model, data, loss_fn, opt)
+
+
+def apply_fixes(run: Run, diagnosis: Diagnosis) -> tuple[Run, list[str]]:
+    """The safe fixes (re-initialisation, LR) applied to copies of the run's model/optimizer."""
+    model = copy.deepcopy(run.model)
+    opt = clone_optimizer(run.optimizer, run.model, model)
+    done: list[str] = []
+    if any("reinit" in f.fix_code for f in diagnosis.findings if f.severity != "info"):
+        rep = reinit(model, "auto")
+        done.append(str(rep).splitlines()[0])
+    lr = diagnosis.measurements.get("lr_range_test", {})
+    if done and "lr_range_test_after_reinit" in diagnosis.measurements:
+        lr = diagnosis.measurements["lr_range_test_after_reinit"]
+    if any(f.check == "learning_rate" and f.severity != "info" for f in diagnosis.findings):
+        new = lr.get("suggested") or (lr["diverges_at"] / 10 if lr.get("diverges_at") else None)
+        if new:
+            for g in opt.param_groups:
+                g["lr"] = new
+            done.append(f"learning rate {lr['user_lr']:.3g} → {new:.3g}")
+    return Run(run.name + " (fixed)", model, run.data, run.loss_fn, opt), done
+
+
+def rerun(run: Run, steps: int = 200) -> RunResult:
+    """Train a copy for ``steps`` steps (no guard) and report loss and gradient norms."""
+    model = copy.deepcopy(run.model)
+    opt = clone_optimizer(run.optimizer, run.model, model)
+    res = train(model, opt, cycle_batches(run.data), run.loss_fn, steps)
+    return res
+
+
+def summary(res: RunResult) -> dict[str, Any]:
+    finite = [g for g in res.grad_norms if math.isfinite(g)]
+    return {"final_loss": res.losses[-1], "max_grad_norm": max(finite) if finite else math.inf,
+            "diverged_at": res.diverged_at, "first_nonfinite": res.first_nonfinite}

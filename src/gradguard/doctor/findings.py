@@ -1,0 +1,91 @@
+"""Findings: what the doctor concludes, with evidence, ranked by likely root cause."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CAUSES", "SEVERITIES", "Diagnosis", "Finding"]
+
+SEVERITIES = ("critical", "warning", "info")
+# Causal precedence: a too-high LR is often the *symptom* of raw inputs or a bad init, so
+# when both are flagged at the same severity the upstream cause is listed first.
+CAUSES = ("precision", "input_scale", "init", "recurrent", "architecture", "activations",
+          "learning_rate", "run_log")
+
+
+@dataclass
+class Finding:
+    """One conclusion of the doctor.
+
+    Attributes:
+        check: which check produced it (one of :data:`CAUSES`).
+        severity: "critical", "warning" or "info".
+        title: one line for humans.
+        evidence: the numbers behind it.
+        layers: the layers (or features) involved.
+        fix: what to do, concretely.
+        fix_code: a line of code that applies the fix, when there is one.
+        score: size of the effect (log10 of a ratio, mostly), used to rank within a severity.
+    """
+
+    check: str
+    severity: str
+    title: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+    fix: str = ""
+    fix_code: str = ""
+    score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+        if self.check not in CAUSES:
+            raise ValueError(f"check must be one of {CAUSES}, got {self.check!r}")
+
+    @property
+    def rank_key(self) -> tuple[int, int, float]:
+        return (SEVERITIES.index(self.severity), CAUSES.index(self.check), -self.score)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+@dataclass
+class Diagnosis:
+    """All findings, most likely root cause first, plus the raw measurements."""
+
+    findings: list[Finding] = field(default_factory=list)
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.findings.sort(key=lambda f: f.rank_key)
+
+    @property
+    def root_cause(self) -> Finding | None:
+        """The top finding above "info", or None for a healthy setup."""
+        top = self.findings[0] if self.findings else None
+        return top if top is not None and top.severity != "info" else None
+
+    def by_check(self, check: str) -> list[Finding]:
+        return [f for f in self.findings if f.check == check]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable({
+            "root_cause": self.root_cause.check if self.root_cause else None,
+            "findings": [asdict(f) for f in self.findings],
+            "measurements": self.measurements,
+        })
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

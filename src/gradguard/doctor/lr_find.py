@@ -1,0 +1,166 @@
+"""Learning-rate range test on a copy of the model and optimizer.
+
+Exponential LR ramp, EMA-smoothed loss with bias correction, stop when the smoothed loss
+exceeds ``diverge_factor`` times its best (or turns non-finite). Reference: Smith 2017,
+"Cyclical Learning Rates for Training Neural Networks", section 3.3; the conventions
+(β = 0.98 smoothing, ×4 divergence threshold, suggestion = LR at the minimum / 10, the
+steepest-descent LR as a second opinion) follow fastai's ``lr_find`` and torch-lr-finder.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LRFindResult", "clone_optimizer", "cycle_batches", "lr_find"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class LRFindResult:
+    """The curve and what it says."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # smoothed
+    diverged_at: float | None = None  # LR where the smoothed loss blew past the threshold
+    suggested: float | None = None  # a tenth of the LR at the loss minimum (fastai's rule)
+    steepest: float | None = None  # LR at the steepest descent of the smoothed curve
+    min_loss_lr: float | None = None
+
+    def plot(self, path: str, user_lr: float | None = None) -> str:
+        """Write loss vs LR as a PNG (log-x), marking the suggestion and the user's LR."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.lrs, self.losses, color="C0")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("smoothed loss")
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if finite:
+            lo, hi = min(finite), min(max(finite), 4 * min(finite) if min(finite) > 0
+                                      else max(finite))
+            ax.set_ylim(lo - 0.05 * abs(lo), hi + 0.1 * abs(hi))
+        if self.suggested:
+            ax.axvline(self.suggested, color="C2", ls="--",
+                       label=f"suggested {self.suggested:.2g}")
+        if self.diverged_at:
+            ax.axvline(self.diverged_at, color="C3", ls=":",
+                       label=f"diverges {self.diverged_at:.2g}")
+        if user_lr:
+            ax.axvline(user_lr, color="k", ls="-.", label=f"your LR {user_lr:.2g}")
+        ax.legend()
+        ax.set_title("gradguard lr-find")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def clone_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
+                    copy_model: nn.Module) -> torch.optim.Optimizer:
+    """A fresh optimizer of the same class and hyper-parameters over ``copy_model``."""
+    mapping = {id(p): q for p, q in zip(model.parameters(), copy_model.parameters(),
+                                        strict=True)}
+    groups = []
+    for g in optimizer.param_groups:
+        params = [mapping[id(p)] for p in g["params"] if id(p) in mapping]
+        hp = {k: v for k, v in g.items() if k != "params"}
+        if isinstance(hp.get("lr"), Tensor):
+            hp["lr"] = float(hp["lr"])
+        groups.append({"params": params, **hp})
+    return type(optimizer)(groups)
+
+
+def cycle_batches(data: Batch | Iterable[Batch]) -> Iterator[Batch]:
+    """Endless batches from one batch or an iterable of batches (re-iterated when spent)."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        return itertools.repeat(data)
+    if isinstance(data, Iterator):
+        return data
+
+    def gen() -> Iterator[Batch]:
+        while True:
+            yielded = False
+            for b in data:
+                yielded = True
+                yield b
+            if not yielded:
+                raise ValueError("the data iterable yielded no batches")
+    return gen()
+
+
+def lr_find(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Batch | Iterable[Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_iter: int = 100,
+    beta: float = 0.98,
+    diverge_factor: float = 4.0,
+) -> LRFindResult:
+    """Run the range test on copies; ``model`` and ``optimizer`` are left untouched."""
+    m = copy.deepcopy(model)
+    m.train()
+    opt = clone_optimizer(optimizer, model, m)
+    batches = cycle_batches(data)
+    gamma = (end_lr / start_lr) ** (1 / max(1, num_iter - 1))
+    res = LRFindResult()
+    avg, best = 0.0, math.inf
+    for i in range(num_iter):
+        lr = start_lr * gamma**i
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(m(x), y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            res.diverged_at = lr
+            break
+        loss.backward()
+        opt.step()
+        avg = beta * avg + (1 - beta) * value
+        smooth = avg / (1 - beta ** (i + 1))
+        res.lrs.append(lr)
+        res.losses.append(smooth)
+        if smooth < best:
+            best = smooth
+            res.min_loss_lr = lr
+        if i > 5 and smooth > diverge_factor * best:
+            res.diverged_at = lr
+            break
+    res.steepest = _steepest(res.lrs, res.losses)
+    if res.min_loss_lr is not None:
+        # The minimum sits just before divergence; a tenth of it is Smith's "still falling
+        # fast" region and is robust where the steepest slope is noisy (broken models).
+        res.suggested = res.min_loss_lr / 10
+    return res
+
+
+def _steepest(lrs: list[float], losses: list[float]) -> float | None:
+    """LR at the steepest descent of the smoothed loss (on log-LR), ignoring the ends."""
+    n = len(losses)
+    if n < 10:
+        return None
+    cut = max(1, n // 10)
+    xs = [math.log(v) for v in lrs]
+    best_i, best_slope = None, 0.0
+    for i in range(cut, n - cut):
+        slope = (losses[i + 1] - losses[i - 1]) / (xs[i + 1] - xs[i - 1])
+        if slope < best_slope:
+            best_i, best_slope = i, slope
+    return lrs[best_i] if best_i is not None else None

@@ -1,0 +1,201 @@
+"""Re-initialisation: the fix for signal that grows or shrinks with depth.
+
+``auto`` picks, per weight layer, the initialisation that keeps the variance of
+activations and gradients constant through the activation that follows it:
+
+- ReLU-family (ReLU, LeakyReLU, PReLU, ELU, GELU, SiLU, Mish): Kaiming (He et al. 2015,
+  "Delving Deep into Rectifiers", eq. 10) with the nonlinearity's gain;
+- tanh / sigmoid / none: Xavier (Glorot & Bengio 2010, "Understanding the difficulty of
+  training deep feedforward neural networks", eq. 16) with torch's gain for it (5/3 for tanh);
+- recurrent hidden-to-hidden weights: orthogonal, scaled to a spectral radius just below 1
+  (Pascanu, Mikolov & Bengio 2013, section 3.3; Saxe et al. 2014 for orthogonal init);
+- residual-branch output projections (names matching ``residual``): scaled by
+  1/sqrt(2·n_blocks) as GPT-2 (Radford et al. 2019, section 2.3) and nanoGPT do.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["FixReport", "layer_activations", "reinit", "spectral_radius"]
+
+SCHEMES = ("auto", "kaiming", "xavier", "orthogonal")
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RELU_LIKE = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.ReLU6)
+_SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Softsign)
+ACTIVATIONS = _RELU_LIKE + _SATURATING
+_MARK = "_gradguard_init"
+
+
+@dataclass
+class FixReport:
+    """What a fix changed: one line per change, and the layers it touched."""
+
+    fix: str
+    changes: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"{self.fix}: {len(self.layers)} layer(s) changed"
+        lines = [head, *(f"  - {c}" for c in self.changes)]
+        if self.skipped:
+            lines.append(f"  (left as they were: {', '.join(self.skipped[:6])}"
+                         f"{' …' if len(self.skipped) > 6 else ''})")
+        return "\n".join(lines)
+
+
+def layer_activations(model: nn.Module) -> dict[str, nn.Module | None]:
+    """For each Linear/Conv layer, the activation module that follows it.
+
+    Read from registration order, which is forward order for ``nn.Sequential`` stacks and
+    for the usual ``self.fc1 … self.act …`` style; a layer followed by another weight layer
+    before any activation maps to None.
+    """
+    out: dict[str, nn.Module | None] = {}
+    pending: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, _WEIGHTED):
+            for p in pending:
+                out.setdefault(p, None)
+            pending = [name]
+        elif isinstance(m, ACTIVATIONS):
+            for p in pending:
+                out[p] = m
+            pending = []
+    for p in pending:
+        out.setdefault(p, None)
+    return out
+
+
+def _gain_and_rule(act: nn.Module | None) -> tuple[str, str, float]:
+    """(rule, nonlinearity name, a) for torch.nn.init given the following activation."""
+    if isinstance(act, nn.LeakyReLU):
+        return "kaiming", "leaky_relu", act.negative_slope
+    if isinstance(act, _RELU_LIKE):
+        return "kaiming", "relu", 0.0
+    if isinstance(act, nn.Tanh | nn.Hardtanh | nn.Softsign):
+        return "xavier", "tanh", 0.0
+    if isinstance(act, nn.Sigmoid):
+        return "xavier", "sigmoid", 0.0
+    return "xavier", "linear", 0.0
+
+
+def spectral_radius(w: torch.Tensor) -> float:
+    """Largest |eigenvalue| of a square matrix."""
+    return float(torch.linalg.eigvals(w.detach().double().cpu()).abs().max())
+
+
+def _match(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*")
+               for p in patterns)
+
+
+@torch.no_grad()
+def reinit(
+    model: nn.Module,
+    scheme: str = "auto",
+    *,
+    layers: Sequence[str] | None = None,
+    residual: Sequence[str] = (),
+    n_blocks: int | None = None,
+    rnn_radius: float = 0.95,
+    force: bool = False,
+) -> FixReport:
+    """Re-initialise weight layers (and recurrent weights) of ``model`` in place.
+
+    Args:
+        model: the module to fix.
+        scheme: "auto" (by the following activation), "kaiming", "xavier" or "orthogonal".
+        layers: only these layer names (glob patterns); default all weight layers.
+        residual: glob patterns of residual-branch output projections to scale by
+            1/sqrt(2·n_blocks) (e.g. ``["*.c_proj"]``).
+        n_blocks: number of residual blocks (default: the number of matching layers).
+        rnn_radius: spectral radius for recurrent hidden-to-hidden weights.
+        force: re-initialise layers this function already initialised with the same scheme
+            (otherwise they are left alone, so applying the fix twice changes nothing).
+
+    Returns:
+        A :class:`FixReport` naming each layer and the rule applied.
+    """
+    if scheme not in SCHEMES:
+        raise ConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not 0 < rnn_radius <= 1.5:
+        raise ConfigError(f"rnn_radius must be in (0, 1.5], got {rnn_radius!r}")
+    report = FixReport(f"reinit(scheme={scheme!r})")
+    acts = layer_activations(model)
+    res_layers = [n for n in acts if residual and _match(n, residual)]
+    blocks = n_blocks or max(1, len(res_layers))
+    for name, m in model.named_modules():
+        if layers is not None and not _match(name, layers):
+            continue
+        if isinstance(m, (*_WEIGHTED, nn.RNNBase)):
+            if getattr(m, _MARK, None) == scheme and not force:
+                report.skipped.append(name)
+                continue
+        else:
+            continue
+        if isinstance(m, nn.RNNBase):
+            _reinit_rnn(name, m, rnn_radius, report)
+        else:
+            _reinit_layer(name, m, scheme, acts.get(name), name in res_layers, blocks, report)
+        setattr(m, _MARK, scheme)
+        report.layers.append(name)
+    return report
+
+
+def _reinit_layer(name: str, m: nn.Module, scheme: str, act: nn.Module | None,
+                  is_residual: bool, blocks: int, report: FixReport) -> None:
+    w = m.weight
+    rule, nonlin, a = _gain_and_rule(act)
+    if scheme == "kaiming":
+        rule = "kaiming"
+        nonlin = "relu" if nonlin in ("linear", "tanh", "sigmoid") else nonlin
+    elif scheme == "xavier":
+        rule = "xavier"
+    elif scheme == "orthogonal":
+        rule = "orthogonal"
+    if rule == "kaiming":
+        nn.init.kaiming_normal_(w, a=a, nonlinearity=nonlin)
+        desc = f"Kaiming normal ({nonlin})"
+    elif rule == "xavier":
+        gain = nn.init.calculate_gain(nonlin if nonlin != "linear" else "linear")
+        nn.init.xavier_normal_(w, gain=gain)
+        desc = f"Xavier normal (gain {gain:.3g} for {nonlin})"
+    else:
+        gain = nn.init.calculate_gain("relu" if nonlin == "relu" else
+                                      ("tanh" if nonlin == "tanh" else "linear"))
+        nn.init.orthogonal_(w, gain=gain)
+        desc = f"orthogonal (gain {gain:.3g})"
+    if is_residual:
+        w.mul_(1 / math.sqrt(2 * blocks))
+        desc += f", scaled 1/sqrt(2·{blocks}) as a residual output projection"
+    if getattr(m, "bias", None) is not None:
+        nn.init.zeros_(m.bias)
+        desc += ", bias zeroed"
+    after = type(act).__name__ if act is not None else "no activation"
+    report.changes.append(f"{name} ({type(m).__name__}, before {after}): {desc}")
+
+
+def _reinit_rnn(name: str, m: nn.RNNBase, radius: float, report: FixReport) -> None:
+    for pname, p in m.named_parameters():
+        if pname.startswith("weight_hh"):
+            gates = p.shape[0] // p.shape[1]
+            for g in range(gates):
+                block = p[g * p.shape[1] : (g + 1) * p.shape[1]]
+                nn.init.orthogonal_(block)
+                block.mul_(radius)
+        elif pname.startswith("weight_ih"):
+            nn.init.xavier_uniform_(p)
+        elif pname.startswith("bias"):
+            nn.init.zeros_(p)
+    report.changes.append(f"{name} ({type(m).__name__}): recurrent weights orthogonal with "
+                          f"spectral radius {radius}, input weights Xavier, biases zeroed")

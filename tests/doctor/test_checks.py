@@ -1,0 +1,164 @@
+"""The doctor ranks the known cause first, on models built to have that cause."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import doctor
+from gradguard.scenarios import data
+
+
+def deep_mlp(act, depth=20, width=64):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(width, width)
+        nn.init.normal_(lin.weight)  # N(0, 1): far too large
+        layers += [lin, act()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+def test_bad_init_is_the_root_cause(act):
+    m = deep_mlp(act)
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    d = doctor.diagnose(m, (x, y), nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=0.01))
+    assert d.root_cause.check == "init" and d.root_cause.severity == "critical"
+    assert "reinit" in d.root_cause.fix_code
+    after = d.root_cause.evidence["after_auto_reinit"]
+    assert 0.1 < after["forward_std_ratio"] < 10
+
+
+def digits_loader():
+    x, y = data.digits()
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, 1024, 64)]
+
+
+def healthy_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def test_lr_far_past_divergence_is_the_root_cause():
+    m = healthy_model()
+    d = doctor.diagnose(m, digits_loader(), nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=50.0))
+    assert d.root_cause.check == "learning_rate" and d.root_cause.severity == "critical"
+    lr = d.measurements["lr_range_test"]
+    assert lr["diverges_at"] < 50 and lr["suggested"] < lr["diverges_at"]
+
+
+def test_raw_unit_regression_inputs_are_the_root_cause():
+    x, y = data.diabetes()
+    m = nn.Linear(10, 1)
+    loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 320, 32)]
+    d = doctor.diagnose(m, loader, nn.functional.mse_loss,
+                        torch.optim.SGD(m.parameters(), lr=1e-3))
+    assert d.root_cause.check == "input_scale"
+    assert "feature 4" in d.root_cause.layers  # s1, total serum cholesterol: the largest
+
+
+def test_vanilla_rnn_with_radius_above_one_is_the_root_cause():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(2, 64, batch_first=True)
+            self.out = nn.Linear(64, 1)
+            with torch.no_grad():
+                w = torch.randn(64, 64)
+                self.rnn.weight_hh_l0.copy_(w * 1.5 / torch.linalg.eigvals(w).abs().max())
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    m = Net()
+    d = doctor.diagnose(m, (torch.randn(32, 50, 2), torch.randn(32, 1)), nn.functional.mse_loss,
+                        torch.optim.SGD(m.parameters(), lr=0.01))
+    assert d.root_cause.check == "recurrent"
+    assert d.root_cause.evidence["spectral_radius"] == pytest.approx(1.5, rel=1e-3)
+
+
+def test_healthy_model_has_nothing_above_info():
+    m = healthy_model()
+    d = doctor.diagnose(m, digits_loader(), nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=0.05))
+    assert d.root_cause is None
+    assert all(f.severity == "info" for f in d.findings)
+
+
+def test_user_model_and_optimizer_are_untouched():
+    m = healthy_model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    loader = digits_loader()
+    x, y = loader[0]
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+    params = [p.detach().clone() for p in m.parameters()]
+    grads = [p.grad.clone() for p in m.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    doctor.diagnose(m, loader, nn.functional.cross_entropy, opt)
+    assert all(torch.equal(a, b) for a, b in zip(params, m.parameters(), strict=True))
+    assert all(torch.equal(a, b.grad) for a, b in zip(grads, m.parameters(), strict=True))
+    now = opt.state_dict()
+    assert now["param_groups"] == state["param_groups"]
+    for k, st in state["state"].items():
+        for n, v in st.items():
+            assert torch.equal(v, now["state"][k][n])
+
+
+def test_precision_checks():
+    m = healthy_model()
+    loader = digits_loader()
+    d = doctor.diagnose(m, loader, nn.functional.cross_entropy, amp_dtype=torch.float16)
+    assert d.root_cause.check == "precision" and d.root_cause.severity == "critical"
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**-8)
+    d = doctor.diagnose(m, loader, nn.functional.cross_entropy, amp_dtype=torch.float16,
+                        scaler=scaler)
+    assert any("collapsed" in f.title for f in d.by_check("precision"))
+
+
+def test_attention_logit_growth_and_log_z():
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 10)
+            with torch.no_grad():
+                self.mha.in_proj_weight.mul_(30)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x)[0].mean(1)) * 100
+
+    m = Attn()
+    d = doctor.diagnose(m, (torch.randn(8, 12, 32), torch.randint(0, 10, (8,))),
+                        nn.functional.cross_entropy)
+    titles = " | ".join(f.title for f in d.by_check("activations"))
+    assert "attention logits reach" in titles and "log-partition" in titles
+
+
+def test_diagnose_run_finds_first_spike_after_lr_rise(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, end_factor=1.0,
+                                              total_iters=30)  # warm-up
+    with gg.Guard(m, opt, log=tmp_path / "r.jsonl") as guard:
+        for s in range(60):
+            x = torch.randn(32, 8) * (1000 if s == 45 else 1)
+            opt.zero_grad()
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            sched.step()
+    d = doctor.diagnose_run(str(tmp_path / "r.jsonl"))
+    f = d.findings[0]
+    assert f.evidence["first_step"] == 45
+    assert "LR increase" in f.title and f.layers == ["0.weight"]

@@ -1,0 +1,73 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import fixes, scenarios
+
+
+def test_auto_picks_by_following_activation():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.Tanh(),
+                      nn.Linear(256, 10))
+    rep = fixes.reinit(m)
+    assert rep.layers == ["0", "2", "4"]
+    assert "Kaiming" in rep.changes[0] and "Xavier" in rep.changes[1]
+    assert m[0].weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+    assert m[2].weight.std().item() == pytest.approx(5 / 3 * (2 / 512) ** 0.5, rel=0.1)
+    assert torch.all(m[0].bias == 0)
+
+
+def test_second_application_changes_nothing_unless_forced():
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    fixes.reinit(m)
+    before = [p.clone() for p in m.parameters()]
+    rep = fixes.reinit(m)
+    assert rep.layers == [] and rep.skipped == ["0", "2"]
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+    assert fixes.reinit(m, force=True).layers == ["0", "2"]
+
+
+def test_rnn_radius_and_residual_scaling():
+    rnn = nn.RNN(4, 32)
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(5)
+    fixes.reinit(rnn, rnn_radius=0.9)
+    assert fixes.spectral_radius(rnn.weight_hh_l0) == pytest.approx(0.9, rel=1e-4)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 64)
+            self.act = nn.GELU()
+            self.c_proj = nn.Linear(64, 16)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(*[Block() for _ in range(8)])
+    rep = fixes.reinit(m, residual=["*.c_proj"])
+    assert "1/sqrt(2·8)" in str(rep)
+    plain = nn.Linear(64, 16)
+    nn.init.xavier_normal_(plain.weight)
+    ratio = m[0].c_proj.weight.std() / plain.weight.std()
+    assert ratio.item() == pytest.approx(1 / 4, rel=0.15)
+
+
+def test_reinit_turns_the_bad_init_scenario_from_diverging_to_training():
+    scn = scenarios.get("mlp-init")
+    plain = scenarios.run(scn, steps=150)
+    assert plain.diverged
+
+    def build(seed):
+        s = scn.build(seed)
+        fixes.reinit(s.model)
+        return s
+
+    fixed = scenarios.run(dataclasses.replace(scn, build=build), steps=150)
+    assert not fixed.diverged and fixed.final_metric > 0.85
+
+
+def test_bad_scheme_is_config_error():
+    with pytest.raises(gg.ConfigError, match="scheme"):
+        fixes.reinit(nn.Linear(2, 2), scheme="he")
