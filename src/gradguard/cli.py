@@ -115,6 +115,17 @@ def report(
 _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
 
 
+def _load_run(target: str, seed: int):
+    """A scenario or user script for the doctor; a bad target exits 2 with the reason."""
+    from .doctor.entry import load_run
+
+    try:
+        return load_run(target, seed)
+    except (ValueError, FileNotFoundError, AttributeError, TypeError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+
+
 @app.command()
 def doctor(
     target: str = typer.Argument(..., help="a built-in scenario (e.g. mlp-init, linreg-raw) "
@@ -128,13 +139,9 @@ def doctor(
 ) -> None:
     """Diagnose why gradients explode or vanish, rank the causes, and propose fixes."""
     from .doctor import diagnose
-    from .doctor.entry import apply_fixes, load_run, rerun, summary
+    from .doctor.entry import apply_fixes, rerun, summary
 
-    try:
-        run = load_run(target, seed)
-    except (ValueError, FileNotFoundError, AttributeError, TypeError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from e
+    run = _load_run(target, seed)
     d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
                  lr_test=lr_test)
     out: dict = d.to_dict()
@@ -187,13 +194,8 @@ def lr_find_cmd(
 ) -> None:
     """LR range test (Smith 2017) on a copy: plot loss vs LR and suggest an LR."""
     from .doctor import lr_find
-    from .doctor.entry import load_run
 
-    try:
-        run = load_run(target, seed)
-    except (ValueError, FileNotFoundError, AttributeError, TypeError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from e
+    run = _load_run(target, seed)
     res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,
                   end_lr=end_lr, num_iter=num_iter)
     user = float(run.optimizer.param_groups[0]["lr"])

@@ -104,7 +104,6 @@ def probe(model: nn.Module, batch: tuple[Tensor, Tensor],
     m.train()
     res = ProbeResult()
     handles = []
-    by_module: dict[nn.Module, LayerProbe] = {}
 
     def record(lp: LayerProbe) -> None:
         res.layers.append(lp)
@@ -149,7 +148,6 @@ def probe(model: nn.Module, batch: tuple[Tensor, Tensor],
             handles.append(mod.register_forward_hook(fwd_act(name)))
         elif isinstance(mod, nn.MultiheadAttention):
             handles.append(mod.register_forward_hook(fwd_mha(name), with_kwargs=True))
-    del by_module
     x, y = batch
     res.input_std = _std(x) if torch.is_floating_point(x) else math.nan
     try:
