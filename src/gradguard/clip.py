@@ -27,7 +27,7 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
 from .stats import GradGroups, GradStats, foreach_norms, global_from_norms
 
@@ -48,17 +48,6 @@ __all__ = [
 
 # clip_grad_norm_'s guard against division by zero; matched so GlobalNorm is bit-compatible.
 _TORCH_EPS = 1e-6
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    """Validate a numeric knob at construction, so a bad config fails now, not at step 1000."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
-    return v
 
 
 class ClipContext:
@@ -216,7 +205,7 @@ class GlobalNorm(Transform):
     """
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = _positive("GlobalNorm.max_norm", max_norm)
+        self.max_norm = check_positive("GlobalNorm.max_norm", max_norm)
 
     def __call__(self, ctx: ClipContext) -> None:
         ctx.scale(_norm_clip_coef(ctx.global_norm, self.max_norm))
@@ -234,7 +223,7 @@ class PerLayerNorm(Transform):
     """
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        self.max_norm = _positive("PerLayerNorm.max_norm", max_norm)
+        self.max_norm = check_positive("PerLayerNorm.max_norm", max_norm)
 
     def __call__(self, ctx: ClipContext) -> None:
         ctx.scale(_norm_clip_coef(ctx.norms, self.max_norm))
@@ -253,7 +242,7 @@ class Value(Transform):
     """
 
     def __init__(self, limit: float = 1.0) -> None:
-        self.limit = _positive("Value.limit", limit)
+        self.limit = check_positive("Value.limit", limit)
 
     def __call__(self, ctx: ClipContext) -> None:
         ctx.flush()
@@ -297,8 +286,8 @@ class AGC(Transform):
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3,
                  exclude: Sequence[str] | Callable[[str], bool] | str = ()) -> None:
-        self.clipping = _positive("AGC.clipping", clipping)
-        self.eps = _positive("AGC.eps", eps)
+        self.clipping = check_positive("AGC.clipping", clipping)
+        self.eps = check_positive("AGC.eps", eps)
         self.exclude = exclude
         self._skip = _name_matcher(exclude)
         self._excluded: set[int] = set()
@@ -331,12 +320,10 @@ class Quantile(Transform):
     """
 
     def __init__(self, q: float = 0.9, history: int = 1000) -> None:
-        self.q = _positive("Quantile.q", q, allow_zero=True)
+        self.q = check_positive("Quantile.q", q, allow_zero=True)
         if self.q > 1.0:
             raise ConfigError(f"Quantile.q must be in [0, 1], got {q!r}")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ConfigError(f"Quantile.history must be a positive int, got {history!r}")
-        self.history = history
+        self.history = check_int("Quantile.history", history, 1)
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         self.state = {
@@ -384,19 +371,17 @@ class ZScore(Transform):
                  mode: str = "reciprocal", max_norm: float | None = None,
                  clip_factor: float = 1.0, eps: float = 1e-6,
                  skip_update_on_spike: bool = False) -> None:
-        self.alpha = _positive("ZScore.alpha", alpha)
+        self.alpha = check_positive("ZScore.alpha", alpha)
         if self.alpha >= 1.0:
             raise ConfigError(f"ZScore.alpha must be in (0, 1), got {alpha!r}")
-        self.z_thresh = _positive("ZScore.z_thresh", z_thresh)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ConfigError(f"ZScore.warmup must be a positive int, got {warmup!r}")
-        self.warmup = warmup
+        self.z_thresh = check_positive("ZScore.z_thresh", z_thresh)
+        self.warmup = check_int("ZScore.warmup", warmup, 1)
         if mode not in self._MODES:
             raise ConfigError(f"ZScore.mode must be one of {self._MODES}, got {mode!r}")
         self.mode = mode
-        self.max_norm = None if max_norm is None else _positive("ZScore.max_norm", max_norm)
-        self.clip_factor = _positive("ZScore.clip_factor", clip_factor)
-        self.eps = _positive("ZScore.eps", eps)
+        self.max_norm = None if max_norm is None else check_positive("ZScore.max_norm", max_norm)
+        self.clip_factor = check_positive("ZScore.clip_factor", clip_factor)
+        self.eps = check_positive("ZScore.eps", eps)
         self.skip_update_on_spike = bool(skip_update_on_spike)
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
@@ -489,9 +474,9 @@ class Normalize(Transform):
     """
 
     def __init__(self, norm: float = 1.0, per_tensor: bool = False, eps: float = 1e-6) -> None:
-        self.norm = _positive("Normalize.norm", norm)
+        self.norm = check_positive("Normalize.norm", norm)
         self.per_tensor = bool(per_tensor)
-        self.eps = _positive("Normalize.eps", eps)
+        self.eps = check_positive("Normalize.eps", eps)
 
     def __call__(self, ctx: ClipContext) -> None:
         current = ctx.norms if self.per_tensor else ctx.global_norm

@@ -24,19 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .clip import _positive
-from .errors import ConfigError
+from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
 
 __all__ = ["DepthTrend", "Drift", "LayerAttribution", "LossSpike", "NormSpike"]
 
 _TINY = 1e-30
-
-
-def _int_at_least(name: str, v: int, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
 
 
 class NormSpike(TensorState):
@@ -57,13 +50,13 @@ class NormSpike(TensorState):
 
     def __init__(self, alpha: float = 0.95, z_thresh: float = 4.0, warmup: int = 10,
                  min_ratio: float = 3.0, early_ratio: float = 10.0) -> None:
-        self.alpha = _positive("NormSpike.alpha", alpha)
+        self.alpha = check_positive("NormSpike.alpha", alpha)
         if self.alpha >= 1:
             raise ConfigError(f"NormSpike.alpha must be in (0, 1), got {alpha!r}")
-        self.z_thresh = _positive("NormSpike.z_thresh", z_thresh)
-        self.warmup = _int_at_least("NormSpike.warmup", warmup, 1)
-        self.min_ratio = _positive("NormSpike.min_ratio", min_ratio)
-        self.early_ratio = _positive("NormSpike.early_ratio", early_ratio)
+        self.z_thresh = check_positive("NormSpike.z_thresh", z_thresh)
+        self.warmup = check_int("NormSpike.warmup", warmup, 1)
+        self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
+        self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
 
     def bind(self, device: torch.device) -> None:
         z = {"dtype": torch.float32, "device": device}
@@ -119,10 +112,10 @@ class LossSpike(TensorState):
 
     def __init__(self, window: int = 50, z_thresh: float = 6.0, ratio: float = 1.5,
                  min_count: int = 10) -> None:
-        self.window = _int_at_least("LossSpike.window", window, 2)
-        self.z_thresh = _positive("LossSpike.z_thresh", z_thresh)
-        self.ratio = _positive("LossSpike.ratio", ratio)
-        self.min_count = _int_at_least("LossSpike.min_count", min_count, 2)
+        self.window = check_int("LossSpike.window", window, 2)
+        self.z_thresh = check_positive("LossSpike.z_thresh", z_thresh)
+        self.ratio = check_positive("LossSpike.ratio", ratio)
+        self.min_count = check_int("LossSpike.min_count", min_count, 2)
 
     def bind(self, device: torch.device) -> None:
         self.state = {"losses": torch.full((self.window,), math.nan, device=device),

@@ -248,8 +248,7 @@ class Recorder:
         for s in self.sinks:
             s.meta(record)
 
-    def row(self, step: int, values: np.ndarray, n_params: int,
-            index: Iterable[int] | None = None) -> dict[str, Any]:
+    def row(self, step: int, values: np.ndarray, n_params: int) -> dict[str, Any]:
         """Decode one packed row into a step record (and queue it for the sinks)."""
         k = len(COLUMNS)
         rec: dict[str, Any] = {"type": "step", "step": step}

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .clip import _positive
-from .detect import LossSpike, NormSpike, _int_at_least
-from .errors import ConfigError, GradGuardError
+from .detect import LossSpike, NormSpike
+from .errors import ConfigError, GradGuardError, check_int, check_positive
 from .state import TensorState
 
 __all__ = ["Backoff", "Policy", "Rollback", "TrainingDivergedError"]
@@ -70,12 +69,12 @@ class Backoff:
     on_nonfinite: bool = True
 
     def __post_init__(self) -> None:
-        _positive("Backoff.factor", self.factor)
+        check_positive("Backoff.factor", self.factor)
         if not 0 < self.factor < 1:
             raise ConfigError(f"Backoff.factor must be in (0, 1), got {self.factor!r}")
-        _int_at_least("Backoff.patience", self.patience, 1)
-        _int_at_least("Backoff.window", self.window, 1)
-        _positive("Backoff.floor", self.floor)
+        check_int("Backoff.patience", self.patience, 1)
+        check_int("Backoff.window", self.window, 1)
+        check_positive("Backoff.floor", self.floor)
         if self.floor > 1:
             raise ConfigError(f"Backoff.floor must be in (0, 1], got {self.floor!r}")
 
@@ -111,16 +110,16 @@ class Rollback:
     clean_window: int = 5
 
     def __post_init__(self) -> None:
-        _int_at_least("Rollback.every", self.every, 1)
-        _int_at_least("Rollback.keep", self.keep, 1)
-        _int_at_least("Rollback.after_bad_steps", self.after_bad_steps, 1)
-        _int_at_least("Rollback.loss_spike_steps", self.loss_spike_steps, 1)
-        _int_at_least("Rollback.skip_batches", self.skip_batches, 0)
-        _int_at_least("Rollback.max_rollbacks", self.max_rollbacks, 0)
-        _int_at_least("Rollback.clean_window", self.clean_window, 0)
+        check_int("Rollback.every", self.every, 1)
+        check_int("Rollback.keep", self.keep, 1)
+        check_int("Rollback.after_bad_steps", self.after_bad_steps, 1)
+        check_int("Rollback.loss_spike_steps", self.loss_spike_steps, 1)
+        check_int("Rollback.skip_batches", self.skip_batches, 0)
+        check_int("Rollback.max_rollbacks", self.max_rollbacks, 0)
+        check_int("Rollback.clean_window", self.clean_window, 0)
         if self.disk_every is not None:
-            _int_at_least("Rollback.disk_every", self.disk_every, 1)
-        _positive("Rollback.lr_factor", self.lr_factor)
+            check_int("Rollback.disk_every", self.disk_every, 1)
+        check_positive("Rollback.lr_factor", self.lr_factor)
         if self.lr_factor > 1:
             raise ConfigError(f"Rollback.lr_factor must be in (0, 1], got {self.lr_factor!r}")
 
@@ -166,7 +165,7 @@ class Policy:
             raise ConfigError(f"backoff must be a gradguard.Backoff, got {self.backoff!r}")
         if self.rollback is not None and not isinstance(self.rollback, Rollback):
             raise ConfigError(f"rollback must be a gradguard.Rollback, got {self.rollback!r}")
-        _int_at_least("max_consecutive_skips", self.max_consecutive_skips, 1)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         if self.needs_rollback and self.rollback is None:
             object.__setattr__(self, "rollback", Rollback())
 

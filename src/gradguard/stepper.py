@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["Stepper", "make_stepper"]
+__all__ = ["Stepper"]
 
 log = logging.getLogger("gradguard")
 
@@ -162,7 +162,7 @@ class Stepper:
         if host_state or any(t.device != skip.device for t in tensors[len(params):]):
             # State the device cannot restore (Python numbers, or tensors on another device,
             # e.g. Adam's CPU step counter beside CUDA params): decide on the host.
-            self._step_host_decided(params, skip)
+            self._step_host_decided(skip)
             return
         if self._saved is None or keys != self._saved_keys:
             self._saved = [t.detach().clone() for t in tensors]
@@ -174,11 +174,7 @@ class Stepper:
             for t, s in zip(tensors, self._saved, strict=True):
                 torch.where(skip, s, t, out=t)
 
-    def _step_host_decided(self, params: Sequence[Tensor], skip: Tensor) -> None:
+    def _step_host_decided(self, skip: Tensor) -> None:
         if not bool(skip):
             self.optimizer.step()
 
-
-def make_stepper(optimizer: torch.optim.Optimizer, strategy: str = "auto") -> Stepper:
-    """Build the stepper for ``optimizer`` (see module docs for the strategies)."""
-    return Stepper(optimizer, strategy)

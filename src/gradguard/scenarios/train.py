@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..guard import Guard
+from ..stats import collect_grads, compute_stats
 
 __all__ = ["RunResult", "batches", "train"]
 
@@ -103,8 +104,8 @@ def train(
         loss = loss_fn(model(x), y)
         loss.backward()
         if guard is None:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            params = list(model.parameters())
+            norms.append(compute_stats(collect_grads(params), params[0].device).global_norm)
             optimizer.step()
         else:
             info = guard.step(loss)
