@@ -670,12 +670,16 @@ class Guard:
         )
 
     # -- lifecycle and state -----------------------------------------------------------
+    def _drain(self) -> None:
+        """Wait for and process every row still in flight."""
+        for k, values in self.mailbox.poll(wait=True):
+            self._on_row(k, values)
+
     def close(self) -> None:
         """Process the rows still in flight and close the sinks."""
         if self._closed:
             return
-        for k, values in self.mailbox.poll(wait=True):
-            self._on_row(k, values)
+        self._drain()
         self.recorder.close()
         self._closed = True
 
@@ -687,8 +691,7 @@ class Guard:
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's own state (not the model's or optimizer's), versioned."""
-        for k, values in self.mailbox.poll(wait=True):
-            self._on_row(k, values)
+        self._drain()
         return {
             "format": STATE_VERSION,
             "gradguard": __version__,
