@@ -47,7 +47,8 @@ def load_run(target: str, seed: int = 0) -> Run:
         torch.manual_seed(seed)
         setup = scn.build(seed)
         opt = setup.make_optimizer(setup.model.parameters(), scn.lr)
-        first = [next(setup.data) for _ in range(32)]
+        stream = setup.data(setup.batch_size)
+        first = [next(stream) for _ in range(32)]
         return Run(target, setup.model, first, setup.loss_fn, opt)
     if ":" not in target:
         raise ValueError(

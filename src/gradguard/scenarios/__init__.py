@@ -14,21 +14,37 @@ import torch
 from torch import Tensor, nn
 
 from ..guard import Guard
-from .train import Batch, RunResult, train
+from .train import BLOWUP, Batch, RunResult, train
 
-__all__ = ["SCENARIOS", "RunResult", "Scenario", "Setup", "get", "run"]
+__all__ = ["SCENARIOS", "RunResult", "Scenario", "Setup", "get", "make_scaler", "run"]
 
 
 @dataclass
 class Setup:
-    """Everything one run of a scenario needs, built fresh per seed."""
+    """Everything one run of a scenario needs, built fresh per seed.
+
+    Attributes:
+        model: the freshly initialised model.
+        data: ``batch_size -> endless iterator of (inputs, targets)``, reproducible per seed.
+        batch_size: the scenario's own batch size.
+        loss_fn: ``(outputs, targets) -> scalar loss``.
+        evaluate: ``model -> (held-out loss, metric or None)``.
+        make_optimizer: ``(params, lr) -> optimizer``; ``lr`` may be swept.
+        corrupt: ``(step, batch) -> batch``, faulty batches the scenario injects.
+        amp_dtype: run forward passes under ``torch.autocast`` with this dtype; float16 also
+            gets a ``torch.amp.GradScaler`` (dynamic loss scaling).
+        act: the activation the model's hidden layers use, for ``gg.fixes.reinit``'s choice
+            and for the bench's activation swap ("relu", "tanh", ...).
+    """
 
     model: nn.Module
-    data: Iterator[Batch]
+    data: Callable[[int], Iterator[Batch]]
+    batch_size: int
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     evaluate: Callable[[nn.Module], tuple[float, float | None]]
     make_optimizer: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
     corrupt: Callable[[int, Batch], Batch] | None = None
+    amp_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,13 @@ class Scenario:
         lr: a learning rate at which the unguarded run blows up.
         steps: optimizer steps of a full run.
         build: ``seed -> Setup``.
-        metric: name of ``final_metric`` ("accuracy", or "" when there is none).
+        metric: name of ``final_metric`` ("accuracy", "success", or "" when there is none).
+        lr_grid: learning rates the bench sweeps (ascending, including ``lr``).
+        optimizer: the optimizer family ``make_optimizer`` builds ("sgd" or "adam"), so the
+            bench's optimizer-swap remedy knows what to swap to.
+        blowup: a run whose final loss ends above ``blowup`` × its first loss (or non-finite)
+            diverged. 10 suits losses that explode; a language model that blows up settles
+            near its initial loss instead, so it uses a ratio near 1.
     """
 
     name: str
@@ -50,6 +72,15 @@ class Scenario:
     steps: int
     build: Callable[[int], Setup]
     metric: str = ""
+    lr_grid: tuple[float, ...] = ()
+    optimizer: str = "sgd"
+    blowup: float = BLOWUP
+
+    def grid(self) -> tuple[float, ...]:
+        """The LR sweep: ``lr_grid`` or, when unset, 1/100× to 10× ``lr`` in half decades."""
+        if self.lr_grid:
+            return self.lr_grid
+        return tuple(self.lr * 10 ** (k / 2) for k in range(-4, 3))
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -88,9 +119,26 @@ def run(
     torch.manual_seed(seed)
     setup = scn.build(seed)
     opt = setup.make_optimizer(setup.model.parameters(), scn.lr if lr is None else lr)
+    scaler = make_scaler(setup)
     g = guard(setup.model, opt) if guard is not None else None
-    return train(setup.model, opt, setup.data, setup.loss_fn, steps or scn.steps, guard=g,
-                 evaluate=setup.evaluate, corrupt=setup.corrupt)
+    if g is not None and scaler is not None and g.scaler is None:
+        g.scaler = scaler
+    try:
+        return train(setup.model, opt, setup.data(setup.batch_size), setup.loss_fn,
+                     steps or scn.steps, guard=g, evaluate=setup.evaluate,
+                     corrupt=setup.corrupt, amp_dtype=setup.amp_dtype, scaler=scaler,
+                     blowup=scn.blowup)
+    finally:
+        if g is not None:
+            g.close()
+
+
+def make_scaler(setup: Setup) -> torch.amp.GradScaler | None:
+    """The dynamic loss scaler an fp16 scenario trains with (None otherwise)."""
+    if setup.amp_dtype != torch.float16:
+        return None
+    device = next(setup.model.parameters()).device.type
+    return torch.amp.GradScaler(device)
 
 
 # Registering the built-in scenarios imports their modules.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,10 @@ def _sgd(momentum: float = 0.0):
     return lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
+def _data(x: Tensor, y: Tensor, seed: int) -> Callable[[int], Iterator[Batch]]:
+    return lambda batch_size: batches(x, y, batch_size, seed)
+
+
 def _linreg_raw(seed: int) -> Setup:
     """Diabetes progression from 10 clinical measurements in raw units, plain SGD."""
     x, y = D.diabetes()
@@ -26,7 +32,7 @@ def _linreg_raw(seed: int) -> Setup:
     def evaluate(m: nn.Module) -> tuple[float, float | None]:
         return float(F.mse_loss(m(x[te]), y[te])), None
 
-    return Setup(model, batches(x[tr], y[tr], 32, seed), F.mse_loss, evaluate, _sgd())
+    return Setup(model, _data(x[tr], y[tr], seed), 32, F.mse_loss, evaluate, _sgd())
 
 
 register(Scenario(
@@ -76,7 +82,7 @@ def _mlp_corrupt(seed: int) -> Setup:
         nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
         nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
     )
-    return Setup(model, batches(xtr, ytr, 64, seed), F.cross_entropy, _classify_eval(xte, yte),
+    return Setup(model, _data(xtr, ytr, seed), 64, F.cross_entropy, _classify_eval(xte, yte),
                  _sgd(momentum=0.9), corrupt=_corrupt_batches)
 
 
@@ -99,7 +105,7 @@ def _mlp_init(seed: int) -> Setup:
         layers += [lin, nn.ReLU()]
         d = 256
     layers.append(nn.Linear(d, 10))
-    return Setup(nn.Sequential(*layers), batches(xtr, ytr, 64, seed), F.cross_entropy,
+    return Setup(nn.Sequential(*layers), _data(xtr, ytr, seed), 64, F.cross_entropy,
                  _classify_eval(xte, yte), _sgd(momentum=0.9))
 
 
