@@ -94,3 +94,13 @@ def test_drift_warns_on_steady_growth():
 def test_detector_config_validated(bad):
     with pytest.raises(gg.ConfigError):
         gg.NormSpike(**bad)
+
+
+def test_norm_spike_learns_a_level_knocked_up_in_the_first_steps():
+    # One overshooting first step leaves the run at a 30x higher, steady norm level: the
+    # first few steps there are spikes, but the level is learned instead of flagged for ever.
+    gen = np.random.default_rng(1)
+    later = list(30 * np.exp(gen.normal(0, 0.1, 300)))
+    flags = feed(gg.NormSpike(), [1.0, *later])
+    assert flags[1]
+    assert not any(flags[150:])

@@ -81,16 +81,19 @@ class NormSpike(TensorState):
         typical = torch.where(s["count"] > 0, torch.exp(s["mean"]), norm)
 
         # Learning: Welford-style running mean during warm-up, EMA afterwards; spikes
-        # enter clipped to the threshold.
-        cap = s["mean"] + self.z_thresh * std
-        xc = torch.where(ready, torch.minimum(x, cap), x)
+        # enter clipped to the threshold. Early spikes enter too (clipped to the early
+        # bound): a run knocked to a higher norm level in its first steps must still get
+        # through warm-up and learn that level, not flag every later step for ever.
+        cap = torch.where(ready, s["mean"] + self.z_thresh * std,
+                          s["min"] + math.log(self.early_ratio))
+        xc = torch.minimum(x, cap)
         n = (s["count"] + 1).to(torch.float32)
         w = torch.where(ready, torch.full_like(n, 1 - self.alpha), 1.0 / n)
         delta = xc - s["mean"]
         new_mean = s["mean"] + w * delta
         new_var = torch.where(ready, (1 - w) * (s["var"] + w * delta * delta),
                               s["var"] + (delta * (xc - new_mean) - s["var"]) / n)
-        learn = ok & (ready | ~spike)
+        learn = ok
         s["mean"].copy_(torch.where(learn, new_mean, s["mean"]))
         s["var"].copy_(torch.where(learn, new_var, s["var"]))
         s["min"].copy_(torch.where(ok, torch.minimum(s["min"], x), s["min"]))

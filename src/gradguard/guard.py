@@ -529,10 +529,12 @@ class Guard:
             action = "skip"
         elif rec["lr_scale"] < self._prev_lr_scale * (1 - 1e-6):
             action = "backoff"
-        else:
+        elif rec["clipped_norm"] < rec["grad_norm"] * (1 - 1e-6):
             action = "clip"
+        else:
+            action = "none"
         done = {"skip": "step skipped", "backoff": "step clipped, LR backed off",
-                "clip": "step clipped"}[action]
+                "clip": "step clipped", "none": "step applied as is"}[action]
         common = {"action": action, "origin_layer": att.origin,
                   "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
                                  for n, z in att.top],

@@ -26,7 +26,7 @@ from .state import TensorState
 __all__ = ["Backoff", "Policy", "Rollback", "TrainingDivergedError"]
 
 NONFINITE_ACTIONS = ("skip", "rollback", "raise")
-SPIKE_ACTIONS = ("auto", "clip", "skip", "backoff", "rollback")
+SPIKE_ACTIONS = ("none", "auto", "clip", "skip", "backoff", "rollback")
 LOSS_SPIKE_ACTIONS = ("none", "auto", "skip", "backoff", "rollback")
 
 
@@ -135,7 +135,8 @@ class Policy:
             bad batch; on a spike within ``backoff.window`` steps of earlier trouble, apply
             the step clipped to the typical norm and lower the LR), "clip" (apply it
             clipped to the typical norm; only record), "skip" the step, "backoff" (apply
-            clipped and lower the LR), or "rollback".
+            clipped and lower the LR), "rollback", or "none" (record it, apply the step as
+            the clip transforms left it).
         on_loss_spike: "none", "auto" (default, as for on_spike), "skip", "backoff" or
             "rollback".
         backoff: LR backoff settings (used by the "backoff" actions and by rollbacks).

@@ -1,0 +1,169 @@
+"""The remedies the bench compares, each a named recipe applied to a scenario's run.
+
+Peer packages are used the way their users use them (called between ``backward`` and
+``optimizer.step()``), not reimplemented; the brief's non-clipping remedies change the model,
+the optimizer, the schedule or the batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..clip import AGC
+from ..guard import Guard
+from ..respond import Rollback
+from ..scenarios import Scenario, Setup
+
+__all__ = ["REMEDIES", "Remedy", "get"]
+
+Optimizer = torch.optim.Optimizer
+Clipper = Callable[[nn.Module, Optimizer], Callable[[], None]]
+GuardFactory = Callable[[nn.Module, Optimizer, "torch.amp.GradScaler | None", "Path | None"],
+                        Guard]
+OptFactory = Callable[[Scenario, Setup, Iterable[nn.Parameter], float], Optimizer]
+Schedule = Callable[[Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One named configuration of a run; unset fields leave the scenario as it is.
+
+    Attributes:
+        name: CLI and table name.
+        summary: one line for tables.
+        kind: "baseline", "peer" (another package), "gradguard" or "brief" (a remedy the
+            brief names that is not a clipper).
+        fix_model: changes the freshly built model in place (before the optimizer exists).
+        optimizer: builds the optimizer instead of the scenario's own.
+        batch_scale: multiplies the scenario's batch size.
+        accum: micro-batches accumulated per optimizer step.
+        schedule: ``(optimizer, steps) -> scheduler`` stepped once per optimizer step.
+        clipper: ``(model, optimizer) -> hook`` called between backward and the step.
+        guard: ``(model, optimizer, scaler, log) -> Guard`` replacing ``optimizer.step()``.
+        needs: a Python package the remedy imports (the bench skips it, saying so, when absent).
+    """
+
+    name: str
+    summary: str
+    kind: str
+    fix_model: Callable[[nn.Module], object] | None = None
+    optimizer: OptFactory | None = None
+    batch_scale: int = 1
+    accum: int = 1
+    schedule: Schedule | None = None
+    clipper: Clipper | None = None
+    guard: GuardFactory | None = None
+    needs: str | None = None
+
+    def available(self) -> bool:
+        return self.needs is None or importlib.util.find_spec(self.needs) is not None
+
+
+def _clip_norm(model: nn.Module, _opt: Optimizer) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)
+
+
+def _clip_value(model: nn.Module, _opt: Optimizer) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return lambda: torch.nn.utils.clip_grad_value_(params, 1.0)
+
+
+def _zclip(model: nn.Module, _opt: Optimizer) -> Callable[[], None]:
+    from zclip import ZClip
+
+    z = ZClip()  # the package's defaults: alpha 0.97, z 2.5, 25 warm-up steps
+    return lambda: z.step(model)
+
+
+def _autoclip(model: nn.Module, _opt: Optimizer) -> Callable[[], None]:
+    from autoclip.torch import QuantileClip
+
+    c = QuantileClip(model.parameters(), quantile=0.9, history_length=1000)
+    return c.step
+
+
+def _guard(clip: Callable[[], object] | None = None, **kwargs: object) -> GuardFactory:
+    """A guard factory; ``clip`` builds fresh transforms per guard (they hold state)."""
+
+    def make(model: nn.Module, opt: Optimizer, scaler: torch.amp.GradScaler | None,
+             log: Path | None) -> Guard:
+        extra = {} if clip is None else {"clip": clip()}
+        return Guard(model, opt, scaler=scaler, log=log, **extra, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+def _reinit(model: nn.Module) -> object:
+    from ..fixes import reinit
+
+    return reinit(model, "auto", force=True)
+
+
+def _swap_optimizer(scn: Scenario, _setup: Setup, params: Iterable[nn.Parameter],
+                    lr: float) -> Optimizer:
+    if scn.optimizer == "adam":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _weight_decay(scn: Scenario, setup: Setup, params: Iterable[nn.Parameter],
+                  lr: float) -> Optimizer:
+    opt = setup.make_optimizer(params, lr)
+    # L2 for SGD at a usual ImageNet-style strength; decoupled decay at GPT-style strength.
+    wd = 0.1 if scn.optimizer == "adam" else 1e-3
+    for group in opt.param_groups:
+        group["weight_decay"] = wd
+    return opt
+
+
+def _warmup_cosine(opt: Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    warm = max(1, steps // 10)
+    return SequentialLR(opt, [LinearLR(opt, start_factor=0.01, total_iters=warm),
+                              CosineAnnealingLR(opt, T_max=max(1, steps - warm))],
+                        milestones=[warm])
+
+
+_LIST = [
+    Remedy("none", "no remedy: the scenario as it is", "baseline"),
+    Remedy("clip-norm", "torch clip_grad_norm_(max_norm=1.0)", "peer", clipper=_clip_norm),
+    Remedy("clip-value", "torch clip_grad_value_(clip_value=1.0)", "peer", clipper=_clip_value),
+    Remedy("zclip", "zclip package ZClip() defaults (z-score, adaptive)", "peer",
+           clipper=_zclip, needs="zclip"),
+    Remedy("autoclip", "autoclip package QuantileClip(quantile=0.9)", "peer",
+           clipper=_autoclip, needs="autoclip"),
+    Remedy("agc", "gradguard AGC(λ=0.01) alone (Brock et al. 2021), non-finite skip",
+           "gradguard", guard=_guard(clip=AGC, on_spike="none", on_loss_spike="none")),
+    Remedy("skip-nonfinite", "skip steps with NaN/Inf only (optax apply_if_finite)",
+           "gradguard", guard=_guard(clip=list, on_spike="none", on_loss_spike="none")),
+    Remedy("gradguard", "gradguard default Guard(model, opt)", "gradguard", guard=_guard()),
+    Remedy("gradguard-rollback", "gradguard default + Rollback(every=50)", "gradguard",
+           guard=_guard(rollback=Rollback(every=50))),
+    Remedy("reinit", "gg.fixes.reinit(model, 'auto'): Kaiming/Xavier by activation", "brief",
+           fix_model=_reinit),
+    Remedy("warmup-cosine", "LR warm-up (10% of steps) then cosine decay", "brief",
+           schedule=_warmup_cosine),
+    Remedy("accum-4", "gradient accumulation over 4 micro-batches", "brief", accum=4),
+    Remedy("batch-x4", "4× larger batches", "brief", batch_scale=4),
+    Remedy("weight-decay", "weight decay (SGD 1e-3, AdamW 0.1)", "brief",
+           optimizer=_weight_decay),
+    Remedy("swap-optimizer", "Adam instead of SGD (SGD+momentum instead of Adam), same LR",
+           "brief", optimizer=_swap_optimizer),
+]
+
+REMEDIES: dict[str, Remedy] = {r.name: r for r in _LIST}
+
+
+def get(name: str) -> Remedy:
+    """Look a remedy up by name, with the list of names in the error."""
+    if name not in REMEDIES:
+        raise KeyError(f"unknown remedy {name!r}; choose from {', '.join(REMEDIES)}")
+    return REMEDIES[name]

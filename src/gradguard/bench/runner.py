@@ -1,0 +1,302 @@
+"""Run scenarios × remedies × learning rates × seeds and write the results directory.
+
+The directory (read by ``gradguard report DIR``):
+
+* ``meta.json`` — the command, date, torch version, machine, scenarios, remedies, seeds;
+* ``runs.csv`` — one row per run (:data:`RUN_COLUMNS`);
+* ``curves.jsonl`` — per run: training losses and global gradient norms before/after clipping;
+* ``summary.csv`` / ``results.md`` — per scenario and remedy: stable LR range, LR
+  sensitivity and the outcome at the scenario's default LR (see :mod:`.metrics`);
+* ``logs/<scenario>__<remedy>.jsonl`` — guard run logs at the default LR, first seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import scenarios
+from ..scenarios.train import RunResult, train
+from . import remedies as R
+from .metrics import SummaryRow, markdown, summarize
+
+__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "run_bench", "run_one"]
+
+RUN_COLUMNS = ("scenario", "remedy", "lr", "seed", "steps", "diverged", "diverged_at",
+               "first_nonfinite", "gave_up", "initial_loss", "final_train_loss",
+               "final_test_loss", "metric_name", "final_metric", "clipped", "skipped",
+               "rollbacks", "seconds", "error")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the bench."""
+
+    scenario: str
+    remedy: str
+    lr: float
+    seed: int
+    steps: int
+    log: str | None = None
+
+
+@dataclass
+class BenchConfig:
+    """What to run.
+
+    Attributes:
+        scenarios: scenario names.
+        remedies: remedy names (see ``gradguard.bench.remedies.REMEDIES``).
+        seeds: seeds per (scenario, remedy, LR).
+        lr_grid: LRs to sweep for every scenario; None uses each scenario's own grid.
+        lr_points: keep every this-many-th grid point counted down from the scenario's
+            default LR (2 halves a half-decade grid to whole decades); 1 keeps all.
+        steps: optimizer steps per run; None uses each scenario's own.
+        jobs: worker processes (each single-threaded); 1 runs in this process.
+        out: results directory.
+        tol: convergence tolerance for the stable LR range (see ``metrics.summarize``).
+        command: the command line recorded in ``meta.json``.
+    """
+
+    scenarios: Sequence[str]
+    remedies: Sequence[str]
+    seeds: Sequence[int] = (0, 1, 2)
+    lr_grid: Sequence[float] | None = None
+    lr_points: int = 1
+    steps: int | None = None
+    jobs: int = 1
+    out: Path = Path("gradguard-runs/bench")
+    tol: float = 0.1
+    command: str = field(default_factory=lambda: shlex.join(["gradguard", *sys.argv[1:]]))
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    def grid(self, scn: scenarios.Scenario) -> list[float]:
+        if self.lr_grid:
+            return sorted(self.lr_grid)
+        grid = sorted(scn.grid())
+        i = min(range(len(grid)), key=lambda k: abs(math.log(grid[k] / scn.lr)))
+        return [v for k, v in enumerate(grid) if (i - k) % self.lr_points == 0]
+
+
+# The quick preset: the explosions a user meets first, against the peers, one seed.
+QUICK = {
+    "scenarios": ("linreg-raw", "mlp-corrupt", "cnn-lr"),
+    "remedies": ("none", "clip-norm", "zclip", "autoclip", "skip-nonfinite", "gradguard"),
+    "seeds": (0,),
+    "lr_points": 2,
+}
+
+
+@dataclass
+class BenchResult:
+    """Rows of the run, the summary and where they were written."""
+
+    rows: list[dict[str, Any]]
+    summary: list[SummaryRow]
+    out: Path
+    skipped_remedies: dict[str, str]
+
+
+def run_one(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one job; returns its ``runs.csv`` row and its ``curves.jsonl`` record."""
+    scn = scenarios.get(job.scenario)
+    rem = R.get(job.remedy)
+    error = ""
+    try:
+        res = _train(scn, rem, job)
+    except Exception as e:  # a remedy that crashes is a result too, not the end of the bench
+        res = RunResult(diverged_at=0)
+        error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    row = {
+        "scenario": job.scenario, "remedy": job.remedy, "lr": job.lr, "seed": job.seed,
+        "steps": job.steps, "diverged": int(res.diverged), "diverged_at": res.diverged_at,
+        "first_nonfinite": res.first_nonfinite, "gave_up": int(res.gave_up),
+        "initial_loss": res.losses[0] if res.losses else math.nan,
+        "final_train_loss": res.final_train_loss, "final_test_loss": res.final_loss,
+        "metric_name": scn.metric, "final_metric": res.final_metric, "clipped": res.clipped,
+        "skipped": res.skipped, "rollbacks": res.rollbacks, "seconds": res.seconds,
+        "error": error,
+    }
+    curve = {"scenario": job.scenario, "remedy": job.remedy, "lr": job.lr, "seed": job.seed,
+             "losses": _json_floats(res.losses), "grad_norms": _json_floats(res.grad_norms),
+             "clipped_norms": _json_floats(res.clipped_norms)}
+    return row, curve
+
+
+def _train(scn: scenarios.Scenario, rem: R.Remedy, job: Job) -> RunResult:
+    torch.manual_seed(job.seed)
+    setup = scn.build(job.seed)
+    model = setup.model
+    if rem.fix_model is not None:
+        rem.fix_model(model)
+    params = model.parameters()
+    opt = (rem.optimizer(scn, setup, params, job.lr) if rem.optimizer is not None
+           else setup.make_optimizer(params, job.lr))
+    scaler = scenarios.make_scaler(setup)
+    sched = rem.schedule(opt, job.steps) if rem.schedule is not None else None
+    hook = rem.clipper(model, opt) if rem.clipper is not None else None
+    guard = (rem.guard(model, opt, scaler, Path(job.log) if job.log else None)
+             if rem.guard is not None else None)
+    try:
+        return train(model, opt, setup.data(setup.batch_size * rem.batch_scale), setup.loss_fn,
+                     job.steps, guard=guard, evaluate=setup.evaluate, corrupt=setup.corrupt,
+                     scheduler=sched, accum=rem.accum, before_step=hook,
+                     amp_dtype=setup.amp_dtype, scaler=scaler, blowup=scn.blowup)
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+def _json_floats(xs: Sequence[float]) -> list[float | None]:
+    return [x if math.isfinite(x) else None for x in xs]
+
+
+def _worker_init() -> None:
+    # One thread per worker: runs are small, and N single-threaded runs side by side beat
+    # N threads fighting over each one.
+    torch.set_num_threads(1)
+
+
+def _jobs(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
+    skipped = {r: f"needs the '{R.get(r).needs}' package" for r in cfg.remedies
+               if not R.get(r).available()}
+    jobs: list[Job] = []
+    for name in cfg.scenarios:
+        scn = scenarios.get(name)
+        steps = cfg.steps or scn.steps
+        for rem in cfg.remedies:
+            if rem in skipped:
+                continue
+            logged = R.get(rem).guard is not None
+            for lr in cfg.grid(scn):
+                for seed in cfg.seeds:
+                    log = None
+                    if logged and seed == cfg.seeds[0] and math.isclose(lr, scn.lr):
+                        log = str(cfg.out / "logs" / f"{name}__{rem}.jsonl")
+                    jobs.append(Job(name, rem, lr, seed, steps, log))
+    return jobs, skipped
+
+
+def _validate(cfg: BenchConfig) -> None:
+    for name in cfg.scenarios:
+        scenarios.get(name)
+    for rem in cfg.remedies:
+        R.get(rem)
+    if not cfg.seeds:
+        raise ValueError("give at least one seed")
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
+    if cfg.lr_points < 1:
+        raise ValueError(f"lr_points must be >= 1, got {cfg.lr_points}")
+    if cfg.lr_grid is not None and any(not (v > 0 and math.isfinite(v)) for v in cfg.lr_grid):
+        raise ValueError(f"learning rates must be positive and finite, got {list(cfg.lr_grid)}")
+
+
+def run_bench(cfg: BenchConfig,
+              progress: Callable[[Job, dict[str, Any], int, int], None] | None = None
+              ) -> BenchResult:
+    """Run every job of ``cfg`` and write the results directory.
+
+    Args:
+        cfg: what to run.
+        progress: called after each run with ``(job, row, done, total)``.
+    """
+    _validate(cfg)
+    jobs, skipped = _jobs(cfg)
+    out = Path(cfg.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for old in (out / "logs").glob("*.jsonl"):
+        old.unlink()
+    results: dict[Job, tuple[dict[str, Any], dict[str, Any]]] = {}
+    if cfg.jobs == 1:
+        for job in jobs:
+            results[job] = run_one(job)
+            if progress is not None:
+                progress(job, results[job][0], len(results), len(jobs))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(run_one, job): job for job in jobs}
+            for fut in as_completed(futures):
+                job = futures[fut]
+                results[job] = fut.result()
+                if progress is not None:
+                    progress(job, results[job][0], len(results), len(jobs))
+    rows = [results[j][0] for j in jobs]
+    meta = _meta(cfg, skipped)
+    summary = summarize(rows, {n: scenarios.get(n).lr for n in cfg.scenarios}, cfg.tol)
+    _write(out, rows, [results[j][1] for j in jobs], summary, meta)
+    return BenchResult(rows, summary, out, skipped)
+
+
+def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
+    scns = {}
+    for name in cfg.scenarios:
+        scn = scenarios.get(name)
+        scns[name] = {"lr": scn.lr, "grid": cfg.grid(scn), "metric": scn.metric,
+                      "summary": scn.summary}
+    return {
+        "command": cfg.command,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"{os.cpu_count()} CPUs, {cfg.jobs} single-threaded worker(s)".strip(),
+        "scenarios": scns,
+        "remedies": {r: R.get(r).summary for r in cfg.remedies if r not in skipped},
+        "skipped_remedies": skipped,
+        "seeds": list(cfg.seeds),
+        "steps": {n: cfg.steps or scenarios.get(n).steps for n in cfg.scenarios},
+        "tol": cfg.tol,
+    }
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _write(out: Path, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
+           summary: list[SummaryRow], meta: dict[str, Any]) -> None:
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, RUN_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r[k]) for k in RUN_COLUMNS})
+    with open(out / "curves.jsonl", "w") as f:
+        for c in curves:
+            f.write(json.dumps(c) + "\n")
+    cols = list(SummaryRow.__dataclass_fields__)
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        for s in summary:
+            w.writerow({k: _csv_value(v) for k, v in s.as_dict().items()})
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    head = ["# gradguard bench results", "", f"Command: `{meta['command']}`  ",
+            f"Created {meta['created']} with torch {meta['torch']} on {meta['machine']}; "
+            f"seeds {meta['seeds']}; convergence tolerance {meta['tol']}.", ""]
+    if meta["skipped_remedies"]:
+        head += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in
+                                         meta["skipped_remedies"].items()), ""]
+    (out / "results.md").write_text("\n".join(head) + "\n" + markdown(summary, meta) + "\n")
