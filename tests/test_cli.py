@@ -10,8 +10,16 @@ def test_version():
     assert res.exit_code == 0 and "gradguard" in res.output
 
 
-def test_demo_shows_explosion_and_rescue():
-    res = runner.invoke(app, ["demo"], env={"COLUMNS": "160"})
+def test_demo_runs_the_quick_bench_and_writes_the_report(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path)], env={"COLUMNS": "100"})
     assert res.exit_code == 0, res.output
-    assert "loss became NaN/inf at step" in res.output
-    assert "trained to a finite loss" in res.output
+    out = " ".join(res.output.split())
+    assert "linreg-raw at lr 0.001: unguarded, the loss became NaN/inf at step" in out
+    assert "mlp-corrupt at lr 0.05: unguarded, the loss became NaN/inf at step 60" in out
+    assert "with the default guard it trained to a test loss" in out
+    for name in ("zclip", "autoclip", "clip-norm", "skip-nonfinite"):
+        assert name in out
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (tmp_path / "results.md").exists()
+
+

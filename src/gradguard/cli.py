@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Annotated
 
 try:
     import typer
@@ -37,46 +39,57 @@ def version() -> None:
 
 
 @app.command()
-def demo(seed: int = typer.Option(0, help="seed for model init and batch order")) -> None:
-    """Train built-in real-data scenarios unguarded, then guarded, and compare."""
-    from .demo import run_demo
+def demo(
+    seed: int = typer.Option(0, help="seed for model init and batch order"),
+    jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
+    out: str = typer.Option(str(Path("gradguard-runs") / "demo"), help="results directory"),
+) -> None:
+    """Blow up real-data scenarios, then compare the peers' remedies and gradguard's."""
+    import json
 
-    rows = run_demo(seed=seed, progress=console)
-    table = Table(title="gradguard demo: the same runs without and with a guard")
-    table.add_column("scenario", no_wrap=True)
-    table.add_column("run", no_wrap=True)
-    for col in ("blew up", "test loss", "acc", "skipped"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for r in rows:
-        res = r.result
-        blew = "[green]no[/green]" if res.diverged_at is None else f"[red]{res.diverged_at}[/red]"
-        table.add_row(r.scenario, r.label, blew, _fmt(res.final_loss),
-                      _fmt(res.final_metric, 3), str(res.skipped))
-    console.print(table)
-    for r in rows:
-        if r.note:
-            console.print(f"• [bold]{r.scenario}[/bold] / {r.label}: {r.note}")
-    from .demo import LOG_DIR
+    from .bench.console import run_with_progress, summary_tables
+    from .demo import demo_config, headlines
+    from .report import write_bench_report
 
-    logs = sorted(LOG_DIR.glob("*.jsonl"))
-    if logs:
-        console.print(f"Run logs of the guarded runs: {', '.join(map(str, logs))}; "
-                      f"try [bold]gradguard report {logs[-1]}[/bold]")
+    cfg = demo_config(Path(out), jobs, seed)
+    console.print("[bold]gradguard demo[/bold]: the same real-data runs unguarded, with torch's "
+                  "clip_grad_norm_, the zclip and autoclip packages, skip-if-NaN, and "
+                  "gradguard's default guard, over a grid of learning rates.")
+    res = run_with_progress(cfg, console)
+    meta = json.loads((res.out / "meta.json").read_text())
+    for t in summary_tables(res.summary, meta):
+        console.print(t)
+    for line in headlines(res.rows, res.summary, meta):
+        console.print(f"• {line}")
+    page = write_bench_report(res.out)
+    console.print(f"Report with loss, norm and LR-sensitivity plots: [bold]{page}[/bold]")
+    console.print(f"Tables: {res.out / 'results.md'}; guard run logs: {res.out / 'logs'} "
+                  f"(try [bold]gradguard report {res.out / 'logs'}/<file>.jsonl[/bold])")
 
 
 @app.command()
 def report(
-    run_log: str = typer.Argument(..., help="a JSONL run log written by Guard(log=...)"),
+    run_log: str = typer.Argument(..., metavar="PATH",
+                                  help="a JSONL run log written by Guard(log=...), or a "
+                                  "results directory written by gradguard bench"),
     events: int = typer.Option(20, help="how many events of the timeline to show"),
+    html: str = typer.Option(None, "--html", metavar="OUT.html",
+                             help="also write a self-contained HTML page with plots here "
+                             "(a bench directory gets DIR/report.html without it)"),
 ) -> None:
-    """Summarise a recorded run: steps, skips, spikes, rollbacks, where trouble started."""
+    """Summarise a recorded run (steps, skips, spikes, rollbacks, where trouble started), or
+    turn a bench results directory into an HTML page."""
     from pathlib import Path
 
-    from .report import summarize
+    from .report import summarize, write_bench_report, write_run_log_report
 
     if not Path(run_log).exists():
-        console.print(f"[red]no such run log: {run_log}[/red]")
+        console.print(f"[red]no such run log or bench directory: {run_log}[/red]")
         raise typer.Exit(2)
+    if Path(run_log).is_dir():
+        # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
+        typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
+        return
     s = summarize(run_log)
     head = Table(title=f"gradguard run {run_log}", show_header=False)
     head.add_column("what")
@@ -110,6 +123,8 @@ def report(
         console.print(tl)
         if len(s.timeline) > events:
             console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")
+    if html:
+        typer.echo(f"HTML report: {write_run_log_report(run_log, html)}")
 
 
 _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
@@ -211,3 +226,84 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def bench(
+    scenario: Annotated[list[str] | None, typer.Option(
+        "--scenario", "-s", help="scenario(s) to run (default: all; see --list)")] = None,
+    remedy: Annotated[list[str] | None, typer.Option(
+        "--remedy", "-r", help="remedy(ies) to compare (default: all; see --list)")] = None,
+    lr_grid: str = typer.Option(None, help="comma-separated LRs for every scenario, e.g. "
+                                           "'1e-3,1e-2,1e-1' (default: each scenario's grid)"),
+    lr_points: int = typer.Option(1, help="keep every N-th point of each scenario's grid"),
+    seeds: int = typer.Option(3, help="seeds per scenario, remedy and LR"),
+    steps: int = typer.Option(None, help="optimizer steps per run (default: the scenario's)"),
+    jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
+    out: str = typer.Option("gradguard-runs/bench", help="results directory"),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset: 3 scenarios, "
+                                                      "6 remedies, 1 seed, whole decades"),
+    html: bool = typer.Option(True, help="write OUT/report.html"),
+    list_: bool = typer.Option(False, "--list", help="list scenarios and remedies, then exit"),
+) -> None:
+    """Reproduce explosions on real data and compare remedies side by side."""
+    import os
+
+    from . import scenarios as S
+    from .bench import QUICK, REMEDIES, BenchConfig
+    from .bench.console import run_with_progress, summary_tables
+
+    if list_:
+        t = Table(title="scenarios")
+        for col in ("name", "default LR", "steps", "what"):
+            t.add_column(col)
+        for s in S.SCENARIOS.values():
+            t.add_row(s.name, f"{s.lr:.3g}", str(s.steps), s.summary)
+        console.print(t)
+        t = Table(title="remedies")
+        for col in ("name", "kind", "what"):
+            t.add_column(col)
+        for r in REMEDIES.values():
+            t.add_row(r.name, r.kind, r.summary + ("" if r.available() else
+                                                   f" [red](needs {r.needs})[/red]"))
+        console.print(t)
+        return
+    preset: dict = dict(QUICK) if quick else {}
+    try:
+        grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None
+    except ValueError:
+        console.print(f"[red]--lr-grid must be comma-separated numbers, got {lr_grid!r}[/red]")
+        raise typer.Exit(2) from None
+    if seeds < 1:
+        console.print("[red]--seeds must be at least 1[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = BenchConfig(
+            scenarios=scenario or preset.get("scenarios", list(S.SCENARIOS)),
+            remedies=remedy or preset.get("remedies", list(REMEDIES)),
+            seeds=preset.get("seeds", tuple(range(seeds))) if quick else tuple(range(seeds)),
+            lr_grid=grid, lr_points=preset.get("lr_points", lr_points), steps=steps,
+            jobs=jobs or os.cpu_count() or 1, out=out,
+        )
+        from .bench.runner import plan_jobs
+
+        plan, skipped = plan_jobs(cfg)
+    except (KeyError, ValueError) as e:
+        console.print(f"[red]{e.args[0] if e.args else e}[/red]")
+        raise typer.Exit(2) from None
+    for name, why in skipped.items():
+        console.print(f"[yellow]remedy {name} not run: {why}[/yellow]")
+    console.print(f"{len(plan)} runs on {cfg.jobs} worker(s) → {cfg.out}")
+    res = run_with_progress(cfg, console)
+    import json
+
+    meta = json.loads((res.out / "meta.json").read_text())
+    for t in summary_tables(res.summary, meta):
+        console.print(t)
+    console.print(f"Results: {res.out / 'results.md'}, {res.out / 'runs.csv'}, "
+                  f"{res.out / 'summary.csv'}")
+    if html:
+        from .report import write_bench_report
+
+        page = write_bench_report(res.out)
+        console.print(f"Report: [bold]{page}[/bold] (open it in a browser)")

@@ -1,82 +1,62 @@
-"""``gradguard demo``: real explosions on real data, then the same runs guarded."""
+"""``gradguard demo``: the bench's quick preset — real explosions, the peers, the guard."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn, optim
+from .bench import QUICK, BenchConfig
+from .bench.metrics import SummaryRow
 
-from . import scenarios
-from .guard import Guard
-from .scenarios.train import RunResult
-
-GuardFactory = Callable[[nn.Module, optim.Optimizer], Guard] | None
+OUT = Path("gradguard-runs") / "demo"
 
 
-@dataclass
-class DemoRow:
-    scenario: str
-    label: str
-    result: RunResult
-    note: str = ""
+def demo_config(out: Path = OUT, jobs: int | None = None, seed: int = 0) -> BenchConfig:
+    """The quick preset at one seed, on every core."""
+    return BenchConfig(scenarios=QUICK["scenarios"], remedies=QUICK["remedies"], seeds=(seed,),
+                       lr_points=QUICK["lr_points"], jobs=jobs or os.cpu_count() or 1, out=out,
+                       command="gradguard demo")
 
 
-LOG_DIR = Path("gradguard-runs") / "demo"
+def _runs(rows: list[dict[str, Any]], scenario: str, remedy: str, lr: float
+          ) -> list[dict[str, Any]]:
+    return [r for r in rows if r["scenario"] == scenario and r["remedy"] == remedy
+            and math.isclose(r["lr"], lr)]
 
 
-def _logged(scn: str) -> GuardFactory:
-    return lambda m, o: Guard(m, o, log=LOG_DIR / f"{scn}.jsonl")
-
-
-# (scenario, label, guard factory). The first run of each scenario is the unguarded one.
-PLAN: list[tuple[str, str, GuardFactory]] = [
-    ("linreg-raw", "no guard", None),
-    ("linreg-raw", "gradguard default", _logged("linreg-raw")),
-    ("mlp-corrupt", "no guard", None),
-    ("mlp-corrupt", "gradguard default", _logged("mlp-corrupt")),
-]
-
-
-def _note(scn: str, res: RunResult, baseline: RunResult | None) -> str:
-    if baseline is None:
-        if res.diverged_at is None:
-            return ""
-        where = (f"loss became NaN/inf at step {res.first_nonfinite}"
-                 if res.first_nonfinite is not None
-                 else f"loss grew past 10× its start at step {res.diverged_at}")
-        return f"{where}; the model is ruined"
-    if res.diverged_at is None and baseline.diverged_at is not None:
-        extra = f", {res.skipped} bad step(s) skipped" if res.skipped else ""
-        return f"trained to a finite loss of {res.final_loss:.4g}{extra}"
-    return ""
-
-
-def run_demo(seed: int = 0, progress: Any = None) -> list[DemoRow]:
-    """Run the demo plan and return one row per run."""
-    rows: list[DemoRow] = []
-    baselines: dict[str, RunResult] = {}
-    shutil.rmtree(LOG_DIR, ignore_errors=True)
-    for scn, label, factory in PLAN:
-        if progress is not None:
-            progress.print(f"[dim]training {scn} ({label})…[/dim]")
-        guards: list[Guard] = []
-
-        def build(m: nn.Module, o: optim.Optimizer, factory: GuardFactory = factory,
-                  guards: list[Guard] = guards) -> Guard:
-            assert factory is not None
-            g = factory(m, o)
-            guards.append(g)
-            return g
-
-        res = scenarios.run(scn, seed=seed, guard=None if factory is None else build)
-        for g in guards:
-            g.close()
-        base = baselines.get(scn)
-        if factory is None:
-            baselines[scn] = res
-        rows.append(DemoRow(scn, label, res, _note(scn, res, base)))
-    return rows
+def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[str, Any]
+              ) -> list[str]:
+    """One plain sentence per scenario: what broke unguarded, what the guard did."""
+    out = []
+    for scn, info in meta["scenarios"].items():
+        lr = info["lr"]
+        plain = _runs(rows, scn, "none", lr)
+        guarded = _runs(rows, scn, "gradguard", lr)
+        if not plain or not guarded:
+            continue
+        p, g = plain[0], guarded[0]
+        if p["first_nonfinite"] is not None:
+            broke = f"the loss became NaN/inf at step {p['first_nonfinite']}"
+        elif p["diverged"]:
+            broke = f"the loss blew up from step {p['diverged_at']}"
+        else:
+            broke = f"it trained (test loss {p['final_test_loss']:.4g})"
+        if g["diverged"]:
+            kept = "the default guard did not save it"
+        else:
+            metric = (f", {info['metric']} {g['final_metric']:.3f}"
+                      if g["final_metric"] is not None else "")
+            kept = (f"with the default guard it trained to a test loss of "
+                    f"{g['final_test_loss']:.4g}{metric} ({g['skipped']} steps skipped, "
+                    f"{g['clipped']} clipped)")
+        ranges = {s.remedy: s.stable_decades for s in summary if s.scenario == scn}
+        widest = max((v for v in ranges.values() if v is not None), default=None)
+        wide = ""
+        if widest is not None:
+            best = [r for r, v in ranges.items() if v == widest]
+            wide = (f"; widest stable LR range: {', '.join(best)} ({widest:.2g} decades "
+                    f"of the grid)")
+        out.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}.")
+    return out

@@ -35,7 +35,8 @@ from ..scenarios.train import RunResult, train
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
 
-__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "run_bench", "run_one"]
+__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "plan_jobs", "run_bench",
+           "run_one"]
 
 RUN_COLUMNS = ("scenario", "remedy", "lr", "seed", "steps", "diverged", "diverged_at",
                "first_nonfinite", "gave_up", "initial_loss", "final_train_loss",
@@ -175,7 +176,9 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _jobs(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
+def plan_jobs(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
+    """The runs ``cfg`` asks for, and the remedies left out (with why)."""
+    _validate(cfg)
     skipped = {r: f"needs the '{R.get(r).needs}' package" for r in cfg.remedies
                if not R.get(r).available()}
     jobs: list[Job] = []
@@ -219,8 +222,7 @@ def run_bench(cfg: BenchConfig,
         cfg: what to run.
         progress: called after each run with ``(job, row, done, total)``.
     """
-    _validate(cfg)
-    jobs, skipped = _jobs(cfg)
+    jobs, skipped = plan_jobs(cfg)
     out = Path(cfg.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for old in (out / "logs").glob("*.jsonl"):

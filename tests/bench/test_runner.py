@@ -1,0 +1,80 @@
+"""The bench end to end on real data: runs, files, determinism across worker processes."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from gradguard.bench import REMEDIES, BenchConfig, Job, run_bench, run_one
+from gradguard.bench.runner import RUN_COLUMNS
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def small_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(scenarios=["linreg-raw"], remedies=["none", "clip-norm", "gradguard"],
+                      seeds=(0,), lr_grid=[1e-5, 1e-3], steps=80, jobs=1, out=out,
+                      command="test")
+    return run_bench(cfg), out
+
+
+def test_bench_writes_every_file_with_real_outcomes(small_bench):
+    res, out = small_bench
+    rows = read_csv(out / "runs.csv")
+    assert list(rows[0]) == list(RUN_COLUMNS)
+    assert len(rows) == 3 * 2
+    cell = {(r["remedy"], float(r["lr"])): r for r in rows}
+    # raw-unit SGD at 1e-3 blows up; the guard and torch's clip keep it finite
+    assert cell[("none", 1e-3)]["diverged"] == "1"
+    assert cell[("none", 1e-3)]["final_test_loss"] == "inf"
+    assert cell[("gradguard", 1e-3)]["diverged"] == "0"
+    assert int(cell[("gradguard", 1e-3)]["skipped"]) > 0
+    assert int(cell[("clip-norm", 1e-3)]["clipped"]) > 0
+    assert cell[("none", 1e-5)]["diverged"] == "0"
+    curves = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert len(curves) == 6 and all(len(c["losses"]) == 80 for c in curves)
+    bad = next(c for c in curves if c["remedy"] == "none" and c["lr"] == 1e-3)
+    assert None in bad["losses"]  # NaN written as JSON null
+    summary = {r["remedy"]: r for r in read_csv(out / "summary.csv")}
+    assert summary["none"]["stable_hi"] == "1e-05"
+    assert float(summary["gradguard"]["stable_decades"]) == pytest.approx(2.0)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["command"] == "test" and meta["scenarios"]["linreg-raw"]["grid"] == [1e-5, 1e-3]
+    assert (out / "logs" / "linreg-raw__gradguard.jsonl").exists()
+    assert not (out / "logs" / "linreg-raw__none.jsonl").exists()
+    assert "| gradguard |" in (out / "results.md").read_text()
+    assert res.summary and not res.skipped_remedies
+
+
+def test_worker_processes_give_the_same_results(small_bench, tmp_path):
+    _, out = small_bench
+    cfg = BenchConfig(scenarios=["linreg-raw"], remedies=["none", "clip-norm", "gradguard"],
+                      seeds=(0,), lr_grid=[1e-5, 1e-3], steps=80, jobs=2, out=tmp_path)
+    run_bench(cfg)
+    for a, b in zip(read_csv(out / "runs.csv"), read_csv(tmp_path / "runs.csv"), strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == \
+            {k: v for k, v in b.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("remedy", [r for r in REMEDIES if r != "none"])
+def test_every_remedy_trains_a_real_model(remedy):
+    row, curve = run_one(Job("mlp-corrupt", remedy, 0.01, 0, 25))
+    assert row["error"] == ""
+    assert len(curve["losses"]) == 25 and math.isfinite(row["final_test_loss"])
+
+
+def test_bad_config_is_refused_before_any_run(tmp_path):
+    with pytest.raises(KeyError, match="linreg-raw"):
+        run_bench(BenchConfig(scenarios=["nope"], remedies=["none"], out=tmp_path))
+    with pytest.raises(KeyError, match="gradguard"):
+        run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["nope"], out=tmp_path))
+    with pytest.raises(ValueError, match="positive"):
+        run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none"], lr_grid=[-1.0],
+                              out=tmp_path))
+    assert not (tmp_path / "runs.csv").exists()
