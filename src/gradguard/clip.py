@@ -298,11 +298,23 @@ class AGC(Transform):
 
     def __call__(self, ctx: ClipContext) -> None:
         grads = ctx.grads()
-        for pos, p, g in zip(ctx.positions, ctx.groups.params, grads, strict=True):
-            if pos in self._excluded:
-                continue
-            max_norm = _unitwise_norm(p.detach()).clamp_min(self.eps) * self.clipping
-            g_norm = _unitwise_norm(g)
+        weights = ctx.groups.weights or ctx.groups.params
+        todo = [(w, g) for pos, w, g in zip(ctx.positions, weights, grads, strict=True)
+                if pos not in self._excluded]
+        whole: dict[int, tuple[Tensor, Tensor]] = {}
+        if ctx.groups.sum_squares is not None:
+            # Sharded (FSDP2, Shard(0)): rows of a matrix live on one rank, but a vector's
+            # norm is spread over ranks; sum its squares across shards, all in one collective.
+            vec = [i for i, (w, _) in enumerate(todo) if w.dim() <= 1]
+            if vec:
+                sq = torch.stack([torch.stack([todo[i][0].detach().float().square().sum(),
+                                               todo[i][1].float().square().sum()])
+                                  for i in vec])
+                sq = ctx.groups.sum_squares(sq.flatten()).view(-1, 2).sqrt()
+                whole = {i: (sq[k, 0], sq[k, 1]) for k, i in enumerate(vec)}
+        for i, (w, g) in enumerate(todo):
+            w_norm, g_norm = whole.get(i) or (_unitwise_norm(w.detach()), _unitwise_norm(g))
+            max_norm = w_norm.clamp_min(self.eps) * self.clipping
             factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(_TORCH_EPS), 1.0)
             g.mul_(factor.to(g.dtype))
         ctx.modified()

@@ -12,11 +12,12 @@ backoff reading its LR scale one step late.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,10 +30,11 @@ from . import __version__
 from . import snapshot as snap
 from .clip import ClipContext, Transform, ZScore, chain
 from .detect import DepthTrend, Drift, LayerAttribution
+from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
 from .respond import DeviceDecision, Policy, TrainingDivergedError
-from .stats import GradStats, collect_grads, compute_stats
+from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
 from .stepper import Stepper
 
 __all__ = ["Guard", "StepInfo"]
@@ -216,6 +218,9 @@ class Guard:
         layers_every: write per-layer norms every this many steps (and at flagged steps).
         skip_strategy: "auto", "found_inf" or "masked" (see :mod:`gradguard.stepper`).
         params: guard only these parameters (default: all trainable ones).
+        after_step: a callable (or a sequence of them) the guard calls right after each
+            optimizer step, skipped or not: a weight constraint such as
+            ``gg.fixes.MaxNorm(model, 3.0)`` (a projection is harmless on a skipped step).
     """
 
     def __init__(
@@ -238,6 +243,8 @@ class Guard:
         layers_every: int = 1,
         skip_strategy: str = "auto",
         params: Iterable[Tensor] | None = None,
+        after_step: Callable[[], object] | Sequence[Callable[[], object]] | None = None,
+        distributed: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -272,6 +279,11 @@ class Guard:
             clip = chain(*clip)
         self.clip: Transform = clip
         self.clip.bind(self.names, self.params, self.device)
+        hooks = (tuple(after_step) if isinstance(after_step, Sequence)
+                 else () if after_step is None else (after_step,))
+        if not all(callable(h) for h in hooks):
+            raise ConfigError(f"after_step takes a callable or a list of them, got {after_step!r}")
+        self.after_step: tuple[Callable[[], object], ...] = hooks
         self.stepper = Stepper(optimizer, skip_strategy)
         # Fused kernels take the LR as a device tensor; others get a host float, one step late.
         self._lr_on_device = self.stepper.strategy == "found_inf"
@@ -283,6 +295,11 @@ class Guard:
         self._nan = torch.full((), math.nan, device=self.device)
         self._false = torch.zeros((), dtype=torch.bool, device=self.device)
 
+        self._sync = make_sync(distributed, self.params)
+        if self._sync is not None and self._sync.rank != 0:
+            # Every rank makes the same decisions; one copy of the record is enough, and
+            # several ranks appending to one file would interleave it.
+            sinks, log, tensorboard, console = (), None, None, False
         all_sinks: list[Sink] = list(sinks)
         if log is not None:
             all_sinks.append(JsonlSink(log))
@@ -404,8 +421,6 @@ class Guard:
         if not self._started:
             self._start()
 
-        stats: GradStats = compute_stats(groups, self.device)
-        nonfinite = stats.nonfinite
         loss_d: Tensor | None = None
         loss_spike = self._false
         loss_z = self._nan
@@ -415,7 +430,23 @@ class Guard:
                     f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
                     "the tensor you called backward() on (no .item())"
                 )
-            loss_d = loss.detach().float().mean().to(self.device)
+            loss_d = local_tensor(loss.detach()).float().mean().to(self.device)
+        if self._sync is None:
+            stats: GradStats = compute_stats(groups, self.device)
+        else:
+            # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
+            # after this point is computed from identical inputs on every rank.
+            if self._sync.sharded:
+                groups = dataclasses.replace(groups, sum_squares=self._sync.sum_squares)
+            local = local_norms(groups, groups.grads, self.device)
+            bad = ~torch.isfinite(global_from_norms(local))
+            if loss_d is not None:
+                bad = bad | ~torch.isfinite(loss_d)
+            norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)
+            stats = compute_stats(groups, self.device, norms=norms)
+            stats.nonfinite = stats.nonfinite | any_bad
+        nonfinite = stats.nonfinite
+        if loss_d is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss_d)
         ok = ~nonfinite
         grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok)
@@ -437,6 +468,8 @@ class Guard:
         if isinstance(base_lr, float | int):  # a host number: free to record
             self._base_lrs[self.steps] = float(base_lr)
         self._optimizer_step(groups.params, skip, lr_scale)
+        for hook in self.after_step:
+            hook()
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.update()
         self.skipped.add_(skip.long())
@@ -633,7 +666,9 @@ class Guard:
     def _write_disk(self, s: snap.Snapshot) -> None:
         rb = self.policy.rollback
         assert rb is not None and rb.dir is not None
-        path = snap.save_file(s, Path(rb.dir) / f"snapshot-{max(s.step, 0):09d}.pt")
+        # Under DDP/FSDP2 each rank saves its own state (its shards under FSDP2).
+        rank = f"-rank{self._sync.rank}" if self._sync is not None else ""
+        path = snap.save_file(s, Path(rb.dir) / f"snapshot-{max(s.step, 0):09d}{rank}.pt")
         self._disk_files.append(path)
         while len(self._disk_files) > rb.keep:
             self._disk_files.popleft().unlink(missing_ok=True)

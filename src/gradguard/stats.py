@@ -8,13 +8,14 @@ vector, so the guard reads each gradient byte once to measure it (the same singl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-__all__ = ["GradGroups", "GradStats", "collect_grads", "compute_stats", "foreach_norms"]
+__all__ = ["GradGroups", "GradStats", "collect_grads", "compute_stats", "foreach_norms",
+           "local_norms"]
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,21 @@ class GradGroups:
 
     Attributes:
         index: positions (into the guard's parameter list) of the parameters that have a grad.
-        grads: the grads, in ``index`` order.
-        params: the matching parameters.
+        grads: the grads, in ``index`` order (this rank's shard of a sharded DTensor grad).
+        params: the matching parameters, as the optimizer knows them.
         buckets: ``(device, dtype) -> positions into grads`` so each bucket is one kernel.
+        weights: the parameters' local tensors (shards under FSDP2), for transforms that read
+            weights (AGC).
+        sum_squares: sums per-tensor squared norms over shards when gradients are sharded
+            (set by the guard under FSDP2), so recomputed norms are the true ones.
     """
 
     index: tuple[int, ...]
     grads: list[Tensor]
     params: list[Tensor]
     buckets: dict[tuple[torch.device, torch.dtype], list[int]]
+    weights: list[Tensor] = field(default_factory=list)
+    sum_squares: Callable[[Tensor], Tensor] | None = None
 
     def bucket_grads(self) -> list[tuple[torch.device, list[Tensor], list[int]]]:
         """Return ``(device, grads, positions)`` per bucket."""
@@ -44,14 +51,18 @@ def collect_grads(params: Sequence[Tensor]) -> GradGroups:
     Raises:
         TypeError: a gradient is sparse (the fused norm kernels need dense grads).
     """
+    from .distributed import local_tensor
+
     index: list[int] = []
     grads: list[Tensor] = []
     kept: list[Tensor] = []
+    weights: list[Tensor] = []
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         g = p.grad
         if g is None:
             continue
+        g = local_tensor(g)
         if g.is_sparse:
             raise TypeError(
                 f"parameter #{i} (shape {tuple(p.shape)}) has a sparse gradient; gradguard "
@@ -63,11 +74,23 @@ def collect_grads(params: Sequence[Tensor]) -> GradGroups:
         index.append(i)
         grads.append(g)
         kept.append(p)
-    return GradGroups(tuple(index), grads, kept, buckets)
+        weights.append(local_tensor(p))
+    return GradGroups(tuple(index), grads, kept, buckets, weights)
 
 
 def foreach_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    """Per-tensor L2 norms (fp32, on ``device``) of ``tensors`` laid out like ``groups.grads``."""
+    """Per-tensor L2 norms (fp32, on ``device``) of ``tensors`` laid out like ``groups.grads``.
+
+    Under sharding (``groups.sum_squares`` set) the norms are of the whole tensors.
+    """
+    norms = local_norms(groups, tensors, device)
+    if groups.sum_squares is not None:
+        norms = groups.sum_squares(norms.square()).sqrt()
+    return norms
+
+
+def local_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per-tensor L2 norms of this rank's tensors (shards under FSDP2), no communication."""
     if len(groups.buckets) == 1:
         # The common case: one device, one dtype, no scatter needed.
         norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
@@ -134,17 +157,21 @@ def global_from_norms(norms: Tensor) -> Tensor:
     return torch.linalg.vector_norm(norms, 2)
 
 
-def compute_stats(groups: GradGroups, device: torch.device) -> GradStats:
+def compute_stats(groups: GradGroups, device: torch.device, norms: Tensor | None = None
+                  ) -> GradStats:
     """One fused pass over ``groups`` giving per-tensor norms, global norm and non-finite flag.
 
     Args:
         groups: output of :func:`collect_grads`.
         device: where the (small) result tensors live; the first parameter's device.
+        norms: per-tensor norms already measured (the guard's distributed path agrees on
+            them across ranks first); None measures them here.
     """
     if not groups.grads:
         zero = torch.zeros((), dtype=torch.float32, device=device)
         no = torch.zeros((), dtype=torch.bool, device=device)
         return GradStats(torch.zeros(0, device=device), (), zero, no, groups)
-    norms = foreach_norms(groups, groups.grads, device)
+    if norms is None:
+        norms = foreach_norms(groups, groups.grads, device)
     gnorm = global_from_norms(norms)
     return GradStats(norms, groups.index, gnorm, ~torch.isfinite(gnorm), groups)

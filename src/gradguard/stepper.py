@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .distributed import local_tensor
 from .errors import ConfigError
 
 __all__ = ["Stepper"]
@@ -158,6 +159,9 @@ class Stepper:
 
     def _step_masked(self, params: Sequence[Tensor], skip: Tensor) -> None:
         tensors, keys = self._tracked(params)
+        # Save and restore this rank's shards: DTensor has no sharding rule for the foreach
+        # copy, and the local tensors share storage with the DTensors the optimizer updates.
+        tensors = [local_tensor(t) for t in tensors]
         host_state = any(i == -1 for i, _ in keys)
         if host_state or any(t.device != skip.device for t in tensors[len(params):]):
             # State the device cannot restore (Python numbers, or tensors on another device,
