@@ -104,3 +104,12 @@ def test_norm_spike_learns_a_level_knocked_up_in_the_first_steps():
     flags = feed(gg.NormSpike(), [1.0, *later])
     assert flags[1]
     assert not any(flags[150:])
+
+
+def test_loss_spike_catches_a_loss_blowing_up_in_the_first_steps():
+    # A too-high LR: the loss goes 4.4 -> 6 -> 11.8 in three steps, before any window exists.
+    flags = feed(gg.LossSpike(), [4.4, 6.0, 11.8, 11.0, 9.0])
+    assert flags[:3] == [False, False, True]
+    # early spikes enter the window: a run that settles at a higher loss stops being flagged
+    flags = feed(gg.LossSpike(), [1.0, *([3.0] * 40)])
+    assert any(flags[:11]) and not any(flags[12:])

@@ -179,3 +179,26 @@ def test_unknown_policy_names_fail_at_construction(kw):
 def test_backoff_validation(bad):
     with pytest.raises(gg.ConfigError):
         gg.Backoff(**bad)
+
+
+def test_backoff_waits_longer_after_each_relapse():
+    from gradguard.respond import DeviceDecision
+
+    pol = gg.Policy(on_spike="backoff", backoff=gg.Backoff(patience=5, window=1))
+    dec = DeviceDecision(pol, torch.device("cpu"))
+    no, yes = torch.tensor(False), torch.tensor(True)
+
+    def calm_steps_until_recovery() -> int:
+        n = 0
+        while True:
+            n += 1
+            _, scale = dec(no, no, no)
+            if float(scale) == 1.0:
+                return n
+
+    dec(no, yes, no)  # trouble: scale 0.5
+    assert calm_steps_until_recovery() == 5
+    dec(no, yes, no)  # relapse right after recovering: wait twice as long
+    assert calm_steps_until_recovery() == 10
+    dec(no, yes, no)
+    assert calm_steps_until_recovery() == 20

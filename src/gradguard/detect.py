@@ -106,7 +106,11 @@ class LossSpike(TensorState):
 
     A step is a spike when the loss is more than ``z_thresh`` standard deviations above
     the window mean and (for positive losses) more than ``ratio`` times that mean. Spikes
-    do not enter the window.
+    do not enter the window. Before ``min_count`` losses have been seen, a positive loss
+    more than ``early_ratio`` times the smallest loss so far is a spike (a too-high LR
+    can wreck a model in its first few steps, before any statistics exist); early spikes
+    enter the window clipped to that bound, so a run that settles at a higher loss stops
+    being flagged once the window has filled.
 
     References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
     (``olmo_core/optim/skip_step_optimizer.py``); Megatron-LM flags a loss far above its
@@ -114,11 +118,12 @@ class LossSpike(TensorState):
     """
 
     def __init__(self, window: int = 50, z_thresh: float = 6.0, ratio: float = 1.5,
-                 min_count: int = 10) -> None:
+                 min_count: int = 10, early_ratio: float = 2.5) -> None:
         self.window = check_int("LossSpike.window", window, 2)
         self.z_thresh = check_positive("LossSpike.z_thresh", z_thresh)
         self.ratio = check_positive("LossSpike.ratio", ratio)
         self.min_count = check_int("LossSpike.min_count", min_count, 2)
+        self.early_ratio = check_positive("LossSpike.early_ratio", early_ratio)
 
     def bind(self, device: torch.device) -> None:
         self.state = {"losses": torch.full((self.window,), math.nan, device=device),
@@ -136,10 +141,15 @@ class LossSpike(TensorState):
         ready = s["count"] >= self.min_count
         z = torch.where(ready, (loss - mean) / std, torch.zeros_like(loss))
         ratio_ok = (mean <= 0) | (loss > self.ratio * mean)
-        spike = ok & ready & (z > self.z_thresh) & ratio_ok
-        learn = ok & torch.isfinite(loss) & ~spike
+        low = torch.where(valid, buf, torch.full_like(buf, math.inf)).min()
+        early = ~ready & (s["count"] > 0) & (low > 0) & (loss > self.early_ratio * low)
+        spike = ok & ((ready & (z > self.z_thresh) & ratio_ok) | early)
+        learn = ok & torch.isfinite(loss) & (~spike | ~ready)
+        # Early spikes enter clipped to the early bound: a wrecked first step must not fill
+        # the window with values that hide the next spike for ``window`` steps.
+        entry = torch.where(early, self.early_ratio * low, loss)
         slot = torch.remainder(s["count"], self.window).reshape(1)
-        buf.index_copy_(0, slot, torch.where(learn, loss, buf[slot]).reshape(1))
+        buf.index_copy_(0, slot, torch.where(learn, entry, buf[slot]).reshape(1))
         s["count"].add_(learn.long())
         return spike, z
 

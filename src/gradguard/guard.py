@@ -40,7 +40,7 @@ from .stepper import Stepper
 __all__ = ["Guard", "StepInfo"]
 
 log = logging.getLogger("gradguard")
-STATE_VERSION = 2
+STATE_VERSION = 3
 T = TypeVar("T")
 
 

@@ -48,8 +48,12 @@ class Backoff:
 
     After each flagged step the LR scale becomes ``max(scale * factor, floor)``; after
     every ``patience`` consecutive calm steps it is divided by ``factor`` again, up to 1.
-    The scale multiplies whatever LR the user's scheduler set for that step: the
-    scheduler sets the base, the guard scales it.
+    Trouble that comes back after a recovery (a *relapse*: the recovered LR is at the edge
+    of stability) multiplies the patience by ``patience_growth``, up to 64×, so a run
+    near its stability limit spends most of its time below it instead of oscillating
+    across it; this is TCP's exponential backoff applied to the LR. The scale multiplies
+    whatever LR the user's scheduler set for that step: the scheduler sets the base, the
+    guard scales it.
 
     Args:
         factor: multiplier per flagged step, in (0, 1).
@@ -60,6 +64,7 @@ class Backoff:
             treated as a bad batch and skipped).
         on_nonfinite: also back off on persistent NaN/Inf steps (repeated non-finite
             gradients are often a too-high LR's first sign).
+        patience_growth: patience multiplier per relapse (1 keeps it fixed).
     """
 
     factor: float = 0.5
@@ -67,6 +72,7 @@ class Backoff:
     floor: float = 1e-3
     window: int = 10
     on_nonfinite: bool = True
+    patience_growth: float = 2.0
 
     def __post_init__(self) -> None:
         check_positive("Backoff.factor", self.factor)
@@ -77,6 +83,10 @@ class Backoff:
         check_positive("Backoff.floor", self.floor)
         if self.floor > 1:
             raise ConfigError(f"Backoff.floor must be in (0, 1], got {self.floor!r}")
+        check_positive("Backoff.patience_growth", self.patience_growth)
+        if self.patience_growth < 1:
+            raise ConfigError(
+                f"Backoff.patience_growth must be >= 1, got {self.patience_growth!r}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,9 @@ class DeviceDecision(TensorState):
         i64 = {"dtype": torch.long, "device": device}
         self.state = {"lr_scale": torch.ones((), **f32), "calm": torch.zeros((), **i64),
                       "step": torch.zeros((), **i64),
-                      "last_flag": torch.full((), -(2**40), **i64)}
+                      "last_flag": torch.full((), -(2**40), **i64),
+                      "patience": torch.full((), float(policy.backoff.patience), **f32),
+                      "recovered": torch.zeros((), dtype=torch.bool, device=device)}
 
     def __call__(self, nonfinite: Tensor, grad_spike: Tensor, loss_spike: Tensor
                  ) -> tuple[Tensor, Tensor]:
@@ -229,9 +241,14 @@ class DeviceDecision(TensorState):
         scale, calm = st["lr_scale"], st["calm"]
         lowered = torch.clamp(scale * b.factor, min=b.floor)
         calm_next = torch.where(trouble, torch.zeros_like(calm), calm + 1)
-        recover = (calm_next >= b.patience) & (scale < 1)
+        recover = (calm_next >= st["patience"]) & (scale < 1)
         raised = torch.clamp(scale / b.factor, max=1.0)
         new = torch.where(trouble, lowered, torch.where(recover, raised, scale))
+        relapse = trouble & st["recovered"]
+        st["patience"].copy_(torch.where(
+            relapse, torch.clamp(st["patience"] * b.patience_growth, max=64.0 * b.patience),
+            st["patience"]))
+        st["recovered"].copy_((st["recovered"] & ~trouble) | recover)
         scale.copy_(new)
         calm.copy_(torch.where(recover, torch.zeros_like(calm), calm_next))
         return skip, scale

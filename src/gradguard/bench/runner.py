@@ -160,7 +160,8 @@ def _train(scn: scenarios.Scenario, rem: R.Remedy, job: Job) -> RunResult:
         return train(model, opt, setup.data(setup.batch_size * rem.batch_scale), setup.loss_fn,
                      job.steps, guard=guard, evaluate=setup.evaluate, corrupt=setup.corrupt,
                      scheduler=sched, accum=rem.accum, before_step=hook,
-                     amp_dtype=setup.amp_dtype, scaler=scaler, blowup=scn.blowup)
+                     amp_dtype=setup.amp_dtype, scaler=scaler, blowup=scn.blowup,
+                     reference_loss=scn.reference_loss)
     finally:
         if guard is not None:
             guard.close()

@@ -64,6 +64,10 @@ class Scenario:
         blowup: a run whose final loss ends above ``blowup`` × its first loss (or non-finite)
             diverged. 10 suits losses that explode; a language model that blows up settles
             near its initial loss instead, so it uses a ratio near 1.
+        reference_loss: the loss ``blowup`` multiplies, where it is known in advance (chance
+            level, e.g. ln 4 for a 4-way classifier with a zero readout); None uses the
+            run's first loss. A fixed reference keeps the verdict the same for remedies that
+            change the first loss (a re-initialised readout).
     """
 
     name: str
@@ -75,6 +79,7 @@ class Scenario:
     lr_grid: tuple[float, ...] = ()
     optimizer: str = "sgd"
     blowup: float = BLOWUP
+    reference_loss: float | None = None
 
     def grid(self) -> tuple[float, ...]:
         """The LR sweep: ``lr_grid`` or, when unset, 1/100× to 10× ``lr`` in half decades."""
@@ -127,7 +132,7 @@ def run(
         return train(setup.model, opt, setup.data(setup.batch_size), setup.loss_fn,
                      steps or scn.steps, guard=g, evaluate=setup.evaluate,
                      corrupt=setup.corrupt, amp_dtype=setup.amp_dtype, scaler=scaler,
-                     blowup=scn.blowup)
+                     blowup=scn.blowup, reference_loss=scn.reference_loss)
     finally:
         if g is not None:
             g.close()
@@ -142,4 +147,6 @@ def make_scaler(setup: Setup) -> torch.amp.GradScaler | None:
 
 
 # Registering the built-in scenarios imports their modules.
-from . import builtin  # noqa: E402, F401
+from . import builtin  # noqa: E402, F401, I001
+from . import sequence  # noqa: E402, F401
+from . import vision  # noqa: E402, F401

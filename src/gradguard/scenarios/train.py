@@ -37,8 +37,9 @@ class RunResult:
             before any skip).
         first_nonfinite: first step whose training loss was NaN/Inf, or None (a guarded run
             can see one on a corrupted batch and still finish healthy).
-        diverged_at: for a run that ends broken (final loss non-finite or above
-            ``BLOWUP`` × the first loss), the first step where the loss went there; else None.
+        diverged_at: for a run that ends broken (final loss non-finite or above ``blowup`` ×
+            the reference loss), the step where its final stretch above that limit began;
+            else None.
         final_loss: evaluation loss after training (inf when the model is broken).
         final_train_loss: median training loss over the last 20 steps (inf when broken).
         final_metric: evaluation accuracy (classification) or None.
@@ -95,6 +96,7 @@ def train(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     blowup: float = BLOWUP,
+    reference_loss: float | None = None,
 ) -> RunResult:
     """Train for ``steps`` optimizer steps and report what happened.
 
@@ -111,7 +113,8 @@ def train(
             where a peer clipper (``clip_grad_norm_``, ZClip, AutoClip) goes.
         amp_dtype: autocast dtype for the forward pass (None: full precision).
         scaler: a GradScaler for fp16; a guard given one uses it, else the loop does.
-        blowup: the run diverged if its final loss ends above ``blowup`` × its first loss.
+        blowup: the run diverged if its final loss ends above ``blowup`` × its first loss
+            (or × ``reference_loss`` when given).
     """
     res = RunResult()
     losses: list[Tensor] = []
@@ -194,10 +197,11 @@ def train(
         res.final_metric = metric
     else:
         res.final_loss = res.final_train_loss
-    limit = blowup * res.losses[0] if math.isfinite(res.losses[0]) else math.inf
+    ref = reference_loss if reference_loss is not None else res.losses[0]
+    limit = blowup * ref if math.isfinite(ref) else math.inf
     if res.gave_up or not res.final_loss <= limit:
-        res.diverged_at = next(
-            (i for i, v in enumerate(res.losses) if not math.isfinite(v) or v > limit),
-            len(res.losses) - 1,
-        )
+        # Where the final stretch above the limit began: after the last step whose loss was
+        # still finite and at or below it (0 when it never was).
+        below = [i for i, v in enumerate(res.losses) if math.isfinite(v) and v <= limit]
+        res.diverged_at = min(below[-1] + 1, len(res.losses) - 1) if below else 0
     return res
