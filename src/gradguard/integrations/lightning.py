@@ -1,0 +1,236 @@
+"""PyTorch Lightning: a :class:`~gradguard.Guard` in charge of every optimizer step.
+
+Lightning runs ``optimizer.step(closure)`` itself; the closure does forward and backward,
+then calls the ``on_before_optimizer_step`` hooks, then Lightning's own clipping, and only
+then does the optimizer update. The callback does its work in that hook:
+``guard.step(loss)`` measures, clips, detects and applies or skips the update there, and
+a :class:`~gradguard.integrations.StepGate` makes the update that would follow a no-op.
+So skipping needs no change to Lightning's loop, works the same under automatic and
+manual optimization, and a skipped step leaves parameters and optimizer moments untouched.
+
+- ``Trainer(gradient_clip_val=...)`` and a ``configure_gradient_clipping`` override are
+  refused: they would clip after the guard's step. Clip with the guard (``clip=``).
+- Gradient accumulation: the hook runs once per optimizer step, on the accumulated
+  gradient; the loss the guard checks is the sum of the (already divided) losses Lightning
+  back-propagated since the last step, i.e. the mean loss of the accumulation window.
+- AMP: bf16 needs nothing. With fp16 the gradients are unscaled before the guard measures
+  them (Lightning's plugin does it, or the callback when the optimizer is fused), and
+  Lightning's ``GradScaler`` keeps calling ``scaler.update()`` once per step.
+- Lightning's ``global_step`` and LR schedulers advance on skipped steps, as they do when
+  ``GradScaler`` skips one; a rollback also restores the schedulers.
+- Works with either package name, ``lightning`` or ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..guard import Guard, StepInfo
+from . import StepGate
+
+__all__ = ["GradGuardCallback"]
+
+STATE_KEY = "gradguard"  # the guard's entry in a Lightning checkpoint dict
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """Callback classes of every installed Lightning package, so either Trainer accepts us."""
+    bases: list[type] = []
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            bases.append(importlib.import_module(name).Callback)
+        except ImportError:
+            continue
+    if not bases:
+        raise ModuleNotFoundError(
+            "gradguard.integrations.lightning needs PyTorch Lightning: "
+            "pip install 'gradguard[lightning]' (or lightning / pytorch-lightning)"
+        )
+    return tuple(bases)
+
+
+def _overrides_clipping(pl_module: Any) -> bool:
+    """True when the user's LightningModule defines its own ``configure_gradient_clipping``."""
+    for cls in type(pl_module).__mro__:
+        if cls.__name__ == "LightningModule":
+            return False
+        if "configure_gradient_clipping" in cls.__dict__:
+            return True
+    return False
+
+
+class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
+    """Lightning callback that replaces the optimizer step with ``guard.step(loss)``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[GradGuardCallback(log="runs/guard.jsonl")])
+        trainer.fit(model, loader)
+
+    Args:
+        prefix: prefix of the metric names logged with ``pl_module.log``.
+        log_metrics: log ``grad_norm``, ``clipped_norm``, ``skipped``, ``lr_scale`` and
+            ``skipped_total`` every step, as device tensors (Lightning reads them only when
+            it hands metrics to the logger, every ``log_every_n_steps``).
+        **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
+            ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
+            ``scaler``: the callback uses the precision plugin's.
+    """
+
+    def __init__(self, *, prefix: str = "gradguard/", log_metrics: bool = True,
+                 **guard_kwargs: Any) -> None:
+        super().__init__()
+        for k in ("model", "optimizer", "scaler"):
+            if k in guard_kwargs:
+                raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
+        self.guard_kwargs = guard_kwargs
+        self.prefix = prefix
+        self.log_metrics = log_metrics
+        self.guard: Guard | None = None
+        self._gate: StepGate | None = None
+        self._scaler: torch.amp.GradScaler | None = None
+        self._loss: Tensor | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- set-up and tear-down ----------------------------------------------------------
+    @staticmethod
+    def _check(trainer: Any, pl_module: Any) -> None:
+        clip = trainer.gradient_clip_val
+        if clip is not None and clip > 0:
+            raise ConfigError(
+                f"Trainer(gradient_clip_val={clip}) clips after the guard has already stepped; "
+                "gradguard owns clipping: drop gradient_clip_val and pass "
+                f"GradGuardCallback(clip=gg.clip.GlobalNorm({clip})) (or another transform)"
+            )
+        if _overrides_clipping(pl_module):
+            raise ConfigError(
+                f"{type(pl_module).__name__}.configure_gradient_clipping runs after the guard "
+                "has stepped; remove it and pass the clipping to GradGuardCallback(clip=...)"
+            )
+        if type(trainer.strategy).__name__.startswith("DeepSpeed"):
+            raise ConfigError("DeepSpeed runs its own optimizer step; GradGuardCallback cannot "
+                              "skip it. Use DDP/FSDP or a single device.")
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse a conflicting configuration before any training happens."""
+        if stage == "fit":
+            self._check(trainer, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build the guard once optimizers, schedulers and any checkpoint are in place."""
+        self._check(trainer, pl_module)
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ConfigError(f"GradGuardCallback guards one optimizer; configure_optimizers "
+                              f"returned {len(optimizers)}")
+        opt = optimizers[0]
+        if isinstance(opt, torch.optim.LBFGS):
+            raise ConfigError("LBFGS evaluates its closure several times per step; the guard "
+                              "cannot own that step")
+        self.guard = Guard(pl_module, opt, **self.guard_kwargs)
+        for cfg in trainer.lr_scheduler_configs:
+            self.guard.track(cfg.scheduler)  # rolled back with the model
+        if self._pending_state is not None:
+            self.guard.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._loss = None
+        self._gate = StepGate(opt, "Lightning")
+
+    def _finish(self) -> None:
+        if self._gate is not None:
+            self._gate.remove()
+            self._gate = None
+        if self.guard is not None:
+            self.guard.close()  # stays readable: events, skipped, diagnosis()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Close the guard (flushing its sinks) and restore the optimizer's ``step``."""
+        if stage == "fit":
+            self._finish()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Also close on errors (e.g. ``TrainingDivergedError``), so the run log is complete."""
+        self._finish()
+
+    # -- the step ----------------------------------------------------------------------
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        """Add this backward's loss to the step's loss (unscaled, detached, on device)."""
+        if self._gate is None:
+            return
+        self._gate.handled = False
+        loss = loss.detach().float()
+        scaler = self._scaler
+        if scaler is not None and scaler.is_enabled():
+            # Lightning's fp16 plugin hands the hook the scaled loss.
+            scale = getattr(scaler, "_scale", None)
+            if isinstance(scale, Tensor):
+                loss = loss / scale.to(loss.device)
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def _unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning does not unscale for optimizers that handle scaling themselves (fused
+        # ones, which the guard prefers); the guard must measure real units either way.
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        from torch.amp.grad_scaler import OptState
+
+        if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+            scaler.unscale_(optimizer)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Run ``guard.step``: the update happens (or is skipped) here, not after the hook."""
+        gate, guard = self._gate, self.guard
+        if gate is None or guard is None:
+            return
+        gate.handled = True
+        loss, self._loss = self._loss, None
+        if not any(p.grad is not None for p in guard.params):
+            return  # nothing was back-propagated (training_step returned None)
+        self._unscale(guard.optimizer)
+        if guard.should_skip_batch():
+            # After a rollback: drop this step's gradients. Zeroed, not freed, so an fp16
+            # GradScaler still finds the inf checks it recorded.
+            guard.optimizer.zero_grad(set_to_none=False)
+            return
+        gate.passthrough = True
+        try:
+            info = guard.step(loss)
+        finally:
+            gate.passthrough = False
+        if self.log_metrics:
+            self._log(pl_module, info, guard)
+
+    def _log(self, pl_module: Any, info: StepInfo, guard: Guard) -> None:
+        p = self.prefix
+        pl_module.log_dict(
+            {f"{p}grad_norm": info.grad_norm.float(), f"{p}clipped_norm": info.clipped_norm.float(),
+             f"{p}skipped": info.skipped.float(), f"{p}lr_scale": info.lr_scale.float(),
+             f"{p}skipped_total": guard.skipped.float()},
+            on_step=True, on_epoch=False,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any,
+                           checkpoint: dict[str, Any]) -> None:
+        """Store the guard's state (clip statistics, detectors, LR scale) in the checkpoint."""
+        if self.guard is not None:
+            checkpoint[STATE_KEY] = self.guard.state_dict()
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any,
+                           checkpoint: dict[str, Any]) -> None:
+        """Restore the guard's state; applied when the guard is built at ``on_train_start``."""
+        state = checkpoint.get(STATE_KEY)
+        if state is None:
+            return
+        if self.guard is not None and self._gate is not None:
+            self.guard.load_state_dict(state)
+        else:
+            self._pending_state = state

@@ -1,0 +1,201 @@
+"""Hugging Face ``Trainer``: a :class:`~gradguard.Guard` in charge of every optimizer step.
+
+Per optimizer step the Trainer runs (``Trainer._inner_training_loop``, transformers 5.x):
+backward for each micro-batch, clipping to ``args.max_grad_norm`` when it is > 0, a
+gradient-norm read for its logs, the ``on_pre_optimizer_step`` callbacks,
+``optimizer.step()`` (accelerate's ``AcceleratedOptimizer``), ``on_optimizer_step``, the
+LR scheduler and ``zero_grad``. The callback runs ``guard.step(loss)`` in
+``on_pre_optimizer_step`` (measure, clip, detect, apply or skip), and a
+:class:`~gradguard.integrations.StepGate` turns the Trainer's ``optimizer.step()`` that
+follows into a no-op. A skipped step leaves weights and optimizer moments untouched.
+
+- ``TrainingArguments(max_grad_norm=0)`` is required: the guard owns clipping (the
+  Trainer's default, 1.0, would clip before the guard measures). ``clip=GlobalNorm(1.0)``
+  gives the Trainer's default back.
+- The loss the guard checks is the model output's ``loss``, averaged over the micro-batches
+  of the step (a custom ``compute_loss`` that adds terms outside the model is not seen).
+- fp16: the Trainer has unscaled the gradients before the hook; the guard is handed
+  accelerate's ``GradScaler`` and calls ``scaler.update()`` itself.
+- The Trainer's LR scheduler still advances on a skipped step (as the guard's docs say for
+  plain loops); the guard's metrics go to its own sinks (``log=``, ``tensorboard=``,
+  ``sinks=``), not to the Trainer's ``report_to`` loggers.
+- The guard's state is written as ``gradguard.pt`` into each ``checkpoint-N`` folder and
+  read back when training resumes from that checkpoint.
+- DeepSpeed runs its own step and is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..guard import Guard
+from . import StepGate
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ModuleNotFoundError(
+        "gradguard.integrations.transformers needs transformers: "
+        "pip install 'gradguard[transformers]'"
+    ) from e
+
+__all__ = ["STATE_FILE", "GradGuardCallback"]
+
+log = logging.getLogger("gradguard")
+STATE_FILE = "gradguard.pt"  # the guard's state inside a Trainer checkpoint folder
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or itself)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if type(optimizer).__name__ == "AcceleratedOptimizer" and inner is not None:
+        return inner
+    return optimizer
+
+
+class GradGuardCallback(TrainerCallback):
+    """``Trainer`` callback that replaces the optimizer step with ``guard.step(loss)``.
+
+    Example::
+
+        args = TrainingArguments(output_dir="out", max_grad_norm=0)   # the guard clips
+        cb = GradGuardCallback(log="out/guard.jsonl")
+        Trainer(model, args, train_dataset=ds, callbacks=[cb]).train()
+        cb.guard.diagnosis()
+
+    Args:
+        **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
+            ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
+            ``scaler``: the callback uses the Trainer's.
+    """
+
+    def __init__(self, **guard_kwargs: Any) -> None:
+        for k in ("model", "optimizer", "scaler"):
+            if k in guard_kwargs:
+                raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
+        self.guard_kwargs = guard_kwargs
+        self.guard: Guard | None = None
+        self._gate: StepGate | None = None
+        self._hook: Any = None
+        self._loss_sum: Tensor | None = None
+        self._loss_n = 0
+
+    # -- set-up and tear-down ----------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        """Check the arguments and build the guard around the Trainer's optimizer."""
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            raise ConfigError(
+                f"TrainingArguments(max_grad_norm={args.max_grad_norm}) clips before the guard "
+                "measures; gradguard owns clipping: set max_grad_norm=0 and pass "
+                f"GradGuardCallback(clip=gg.clip.GlobalNorm({args.max_grad_norm})) for the same "
+                "clipping"
+            )
+        if "on_pre_optimizer_step" not in vars(TrainerCallback):
+            raise ConfigError("this transformers version has no on_pre_optimizer_step callback "
+                              "hook; upgrade transformers to use GradGuardCallback")
+        if getattr(args, "deepspeed", None):
+            raise ConfigError("DeepSpeed runs its own optimizer step; GradGuardCallback cannot "
+                              "skip it")
+        if model is None or optimizer is None:
+            raise ConfigError("the Trainer passed no model/optimizer to the callback")
+        self._finish()
+        inner = _unwrap_optimizer(optimizer)
+        scaler = getattr(optimizer, "scaler", None)
+        self.guard = Guard(model, inner, scaler=scaler, **self.guard_kwargs)
+        if lr_scheduler is not None and hasattr(lr_scheduler, "load_state_dict"):
+            self.guard.track(lr_scheduler)  # rolled back with the model
+        self._resume(args, state)
+        self._gate = StepGate(optimizer, "transformers.Trainer")
+        self._hook = model.register_forward_hook(self._capture_loss)
+        self._loss_sum, self._loss_n = None, 0
+
+    def _resume(self, args: Any, state: Any) -> None:
+        if not state.global_step:
+            return
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
+                            STATE_FILE)
+        if not os.path.exists(path):
+            log.warning("gradguard: resuming at step %d without %s; the guard starts fresh",
+                        state.global_step, path)
+            return
+        assert self.guard is not None
+        self.guard.load_state_dict(torch.load(path, map_location=self.guard.device,
+                                              weights_only=True))
+
+    def _finish(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._gate is not None:
+            self._gate.remove()
+            self._gate = None
+        if self.guard is not None:
+            self.guard.close()  # stays readable: events, skipped, diagnosis()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the guard (flushing its sinks) and give the optimizer its ``step`` back."""
+        self._finish()
+
+    # -- the step ----------------------------------------------------------------------
+    def _capture_loss(self, module: nn.Module, _args: Any, output: Any) -> None:
+        # A forward hook: the Trainer hands callbacks no loss, the model output has it.
+        if not (module.training and torch.is_grad_enabled() and isinstance(output, Mapping)):
+            return
+        loss = output.get("loss")
+        if not isinstance(loss, Tensor):
+            return
+        loss = loss.detach().float().mean()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_n += 1
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
+                              **kwargs: Any) -> None:
+        """Run ``guard.step``: the update happens (or is skipped) here, not in the Trainer."""
+        gate, guard = self._gate, self.guard
+        if gate is None or guard is None:
+            return
+        gate.handled = True
+        loss = None if self._loss_sum is None else self._loss_sum / self._loss_n
+        self._loss_sum, self._loss_n = None, 0
+        if guard.should_skip_batch():
+            self._drop(guard)
+            return
+        gate.passthrough = True  # when the Trainer's optimizer is the guard's own
+        try:
+            guard.step(loss)
+        except BaseException:
+            # The Trainer has no exception hook: close the log and unhook the model now.
+            self._finish()
+            raise
+        finally:
+            gate.passthrough = False
+
+    @staticmethod
+    def _drop(guard: Guard) -> None:
+        """Discard this step's gradients (after a rollback) and settle the fp16 scaler."""
+        scaler = guard.scaler
+        if scaler is not None and scaler.is_enabled():
+            from torch.amp.grad_scaler import OptState
+
+            if scaler._per_optimizer_states[id(guard.optimizer)]["stage"] is OptState.READY:
+                scaler.unscale_(guard.optimizer)
+            scaler.update()  # the next step's unscale_ would fail without it
+        guard.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the guard's state beside the Trainer's checkpoint."""
+        if self.guard is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.guard.state_dict(), os.path.join(folder, STATE_FILE))

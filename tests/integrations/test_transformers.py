@@ -1,0 +1,144 @@
+"""GradGuardCallback inside a real Hugging Face ``Trainer.train`` (tiny BERT, CPU, offline)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import gradguard as gg
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+pytest.importorskip("gensim", reason="the Lee corpus ships with gensim")
+
+from gradguard.integrations.transformers import STATE_FILE, GradGuardCallback  # noqa: E402
+from gradguard.scenarios.data import lee_text  # noqa: E402
+
+WINDOW, BATCH, STEPS = 16, 16, 40
+# transformers 5.x can keep batches in dataset order, which pins the bad batch's step.
+SEQUENTIAL = "train_sampling_strategy" in transformers.TrainingArguments.__dataclass_fields__
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Character windows of the Lee corpus; target: does the window open on a vowel."""
+    text = lee_text()[: WINDOW * 1600]
+    vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    windows = [text[i : i + WINDOW] for i in range(0, len(text) - WINDOW + 1, WINDOW)]
+    ids = torch.tensor([[vocab[c] for c in w] for w in windows])
+    vowel = torch.tensor([float(w[0] in "aeiouAEIOU") for w in windows])
+    return len(vocab), ids, (vowel - vowel.mean()) / vowel.std()
+
+
+def dataset(ids, target, bad=()):
+    rows = [{"input_ids": i, "labels": t.clone()} for i, t in zip(ids, target, strict=True)]
+    for k in bad:
+        rows[k]["labels"] = torch.tensor(math.nan)  # a corrupt record
+    return rows
+
+
+def tiny_bert(vocab):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=WINDOW, num_labels=1)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def train(model, rows, out, callbacks=(), max_grad_norm=0.0, resume=None, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, learning_rate=3e-3,
+        max_grad_norm=max_grad_norm, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        logging_strategy="no", save_strategy=kw.pop("save_strategy", "no"),
+        dataloader_num_workers=0,
+        **({"train_sampling_strategy": "sequential"} if SEQUENTIAL else {}), **kw)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   callbacks=list(callbacks))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def mse(model, ids, target):
+    model.eval()
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(input_ids=ids).logits[:, 0], target).item()
+
+
+def finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_guard_skips_the_bad_batch_and_trains(corpus, tmp_path):
+    vocab, ids, target = corpus
+    n = BATCH * STEPS
+    tr_ids, tr_y, te_ids, te_y = ids[:n], target[:n], ids[n:], target[n:]
+    model = tiny_bert(vocab)
+    cb = GradGuardCallback(log=tmp_path / "guard.jsonl")
+    train(model, dataset(tr_ids, tr_y, bad=[330]), tmp_path / "out", [cb], max_steps=STEPS)
+    assert finite(model)
+    assert mse(model, te_ids, te_y) < 0.3  # predicting the mean scores 1.0
+    guard = cb.guard
+    assert guard.steps == STEPS
+    [ev] = [e for e in guard.recorder.events if e["kind"] == "nonfinite"]
+    assert ev["action"] == "skip"
+    assert ev["step"] == 330 // BATCH or not SEQUENTIAL
+    rows = [r for r in gg.read_jsonl(tmp_path / "guard.jsonl") if r["type"] == "step"]
+    bad = rows[ev["step"]]
+    assert len(rows) == STEPS and bad["skipped"] and math.isnan(bad["loss"])
+
+
+def test_unguarded_trainer_ends_with_nan_weights(corpus, tmp_path):
+    vocab, ids, target = corpus
+    model = tiny_bert(vocab)
+    train(model, dataset(ids[:160], target[:160], bad=[40]), tmp_path, max_grad_norm=1.0,
+          max_steps=6)
+    assert not finite(model)
+
+
+def test_requires_max_grad_norm_zero(corpus, tmp_path):
+    vocab, ids, target = corpus
+    with pytest.raises(gg.ConfigError, match="max_grad_norm=0"):
+        train(tiny_bert(vocab), dataset(ids[:32], target[:32]), tmp_path, [GradGuardCallback()],
+              max_grad_norm=1.0, max_steps=1)
+
+
+def test_guard_state_travels_with_trainer_checkpoints(corpus, tmp_path):
+    vocab, ids, target = corpus
+    rows = dataset(ids[:160], target[:160], bad=[40])
+    cb = GradGuardCallback()
+    train(tiny_bert(vocab), rows, tmp_path, [cb], max_steps=6, save_strategy="steps",
+          save_steps=6)
+    assert (tmp_path / "checkpoint-6" / STATE_FILE).exists()
+    assert int(cb.guard.skipped) == 1
+    cb2 = GradGuardCallback()
+    train(tiny_bert(vocab), rows, tmp_path, [cb2], max_steps=9,
+          resume=str(tmp_path / "checkpoint-6"))
+    assert cb2.guard.steps == 9  # continued from step 6
+    assert int(cb2.guard.skipped) == 1
+
+
+def test_rollback_restores_model_optimizer_and_scheduler(corpus, tmp_path):
+    vocab, ids, target = corpus
+    model = tiny_bert(vocab)
+    cb = GradGuardCallback(on_nonfinite="rollback",
+                           rollback=gg.Rollback(every=2, clean_window=1, skip_batches=1))
+    train(model, dataset(ids[:160], target[:160], bad=[100]), tmp_path, [cb], max_steps=10)
+    guard = cb.guard
+    assert guard.rollbacks == 1 and finite(model)
+    ev = next(e for e in guard.recorder.events if e["kind"] == "rollback")
+    assert ev["to_step"] == 4 or not SEQUENTIAL  # bad batch 6, last good snapshot at step 4
+    assert guard.steps == 9  # one Trainer step dropped after the rollback
+
+
+def test_divergence_raises_and_unhooks(corpus, tmp_path):
+    vocab, ids, target = corpus
+    model = tiny_bert(vocab)
+    cb = GradGuardCallback(policy=gg.Policy(max_consecutive_skips=2))
+    rows = dataset(ids[:64], target[:64], bad=range(16, 64))  # every batch after the first
+    with pytest.raises(gg.TrainingDivergedError):
+        train(model, rows, tmp_path, [cb], max_steps=4)
+    assert cb._gate is None and not model._forward_hooks and finite(model)
