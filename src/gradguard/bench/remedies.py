@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..clip import AGC
+from ..clip import AGC, Centralize, Normalize
 from ..guard import Guard
 from ..respond import Rollback
 from ..scenarios import Scenario, Setup
@@ -47,6 +47,8 @@ class Remedy:
         clipper: ``(model, optimizer) -> hook`` called between backward and the step.
         guard: ``(model, optimizer, scaler, log) -> Guard`` replacing ``optimizer.step()``.
         needs: a Python package the remedy imports (the bench skips it, saying so, when absent).
+        fix_setup: ``(scenario, setup) -> None`` changes the freshly built setup in place
+            (wraps the model, replaces the loss) when a fix needs the data or the loss.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Remedy:
     clipper: Clipper | None = None
     guard: GuardFactory | None = None
     needs: str | None = None
+    fix_setup: Callable[[Scenario, Setup], None] | None = None
 
     def available(self) -> bool:
         return self.needs is None or importlib.util.find_spec(self.needs) is not None
@@ -157,6 +160,87 @@ _LIST = [
            optimizer=_weight_decay),
     Remedy("swap-optimizer", "Adam instead of SGD (SGD+momentum instead of Adam), same LR",
            "brief", optimizer=_swap_optimizer),
+]
+
+
+# -- gradguard.fixes: the brief's model-, data- and loss-side remedies ------------------
+# A fix that does not apply to a scenario (Huber on a classifier, standardising token ids)
+# leaves it as it is: that row then measures the scenario unchanged, and says so here.
+
+
+def _max_norm_guard(model: nn.Module, opt: Optimizer, scaler: torch.amp.GradScaler | None,
+                    log: Path | None) -> Guard:
+    from ..fixes import MaxNorm
+
+    # No clipping and no spike response: the row measures the constraint (NaN/Inf steps
+    # are still skipped, as in skip-nonfinite).
+    return Guard(model, opt, clip=[], on_spike="none", on_loss_spike="none", scaler=scaler,
+                 log=log, after_step=MaxNorm(model, 2.0))
+
+
+def _standardize(_scn: Scenario, setup: Setup) -> None:
+    from ..fixes import Standardizer
+
+    x, _ = next(setup.data(setup.batch_size))
+    if not torch.is_floating_point(x):
+        return  # token ids (lm-char): nothing to standardise
+    # 3-D inputs of the built-in scenarios are (batch, time, features) sequences.
+    std = Standardizer.fit(setup.data(setup.batch_size), dim=-1 if x.dim() == 3 else 1,
+                           max_batches=16)
+    setup.model = std.wrap(setup.model)  # regression outputs get the target mean added
+
+
+def _huber(_scn: Scenario, setup: Setup) -> None:
+    from ..fixes import robust_loss
+
+    if setup.loss_fn is torch.nn.functional.mse_loss:  # regression only
+        setup.loss_fn = robust_loss("huber", delta=1.0)
+
+
+def _z_loss(scn: Scenario, setup: Setup) -> None:
+    from ..fixes import with_z_loss
+
+    # classifiers: logits with classes in the last dim
+    if scn.metric == "accuracy" or setup.loss_fn is torch.nn.functional.cross_entropy:
+        setup.loss_fn = with_z_loss(setup.loss_fn, 1e-4)
+
+
+def _weight_norm(model: nn.Module) -> object:
+    from ..fixes import weight_norm
+
+    return weight_norm(model)
+
+
+def _prune_20(model: nn.Module) -> object:
+    from ..fixes import prune
+
+    return prune(model, 0.2)
+
+
+def _smooth(model: nn.Module) -> object:
+    from ..fixes import swap_activations
+
+    return swap_activations(model, "smooth")  # functional activations: a no-op, reported
+
+
+_LIST += [
+    Remedy("standardize-inputs", "gg.fixes.Standardizer: inputs (and regression targets' "
+           "mean) from 16 training batches", "brief", fix_setup=_standardize),
+    Remedy("max-norm", "gg.fixes.MaxNorm(model, 2.0) after every step, via Guard(after_step=), "
+           "no clipping", "brief", guard=_max_norm_guard),
+    Remedy("weight-norm", "gg.fixes.weight_norm(model): w = g·v/‖v‖ on every Linear/Conv",
+           "brief", fix_model=_weight_norm),
+    Remedy("prune-20", "gg.fixes.prune(model, 0.2): 20% smallest |w| per layer masked",
+           "brief", fix_model=_prune_20),
+    Remedy("smooth-activations", "gg.fixes.swap_activations(model, 'smooth'): ReLU → SiLU "
+           "(activation modules only)", "brief", fix_model=_smooth),
+    Remedy("huber-loss", "nn.HuberLoss(delta=1) instead of MSE (regression scenarios only)",
+           "brief", fix_setup=_huber),
+    Remedy("z-loss", "gg.fixes.with_z_loss(loss_fn, 1e-4) (classification scenarios only)",
+           "brief", fix_setup=_z_loss),
+    Remedy("normalize", "gradient standardisation: gg.clip.Centralize() + Normalize(1.0)",
+           "brief", guard=_guard(clip=lambda: [Centralize(), Normalize(1.0)],
+                                 on_spike="none", on_loss_spike="none")),
 ]
 
 REMEDIES: dict[str, Remedy] = {r.name: r for r in _LIST}

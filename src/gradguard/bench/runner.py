@@ -130,7 +130,7 @@ def run_one(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
         "scenario": job.scenario, "remedy": job.remedy, "lr": job.lr, "seed": job.seed,
         "steps": job.steps, "diverged": int(res.diverged), "diverged_at": res.diverged_at,
         "first_nonfinite": res.first_nonfinite, "gave_up": int(res.gave_up),
-        "initial_loss": res.losses[0] if res.losses else math.nan,
+        "initial_loss": res.initial_loss,
         "final_train_loss": res.final_train_loss, "final_test_loss": res.final_loss,
         "metric_name": scn.metric, "final_metric": res.final_metric, "clipped": res.clipped,
         "skipped": res.skipped, "rollbacks": res.rollbacks, "seconds": res.seconds,
@@ -145,6 +145,8 @@ def run_one(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
 def _train(scn: scenarios.Scenario, rem: R.Remedy, job: Job) -> RunResult:
     torch.manual_seed(job.seed)
     setup = scn.build(job.seed)
+    if rem.fix_setup is not None:
+        rem.fix_setup(scn, setup)
     model = setup.model
     if rem.fix_model is not None:
         rem.fix_model(model)

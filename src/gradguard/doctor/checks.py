@@ -106,7 +106,8 @@ def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
             "learning_rate", "warning",
             f"learning rate {user_lr:.3g} is within 3× of where the loss diverges "
             f"({res.diverged_at:.3g})", evidence=meas,
-            fix=f"use warm-up, or an LR near {res.suggested or res.diverged_at / 10:.2g}",
+            fix=f"use warm-up (gg.fixes.warmup_cosine), or an LR near "
+                f"{res.suggested or res.diverged_at / 10:.2g}",
             score=math.log10(3 * user_lr / res.diverged_at)))
     elif res.suggested is not None and user_lr < res.suggested / 100:
         out.append(Finding(
@@ -151,14 +152,17 @@ def check_inputs(batches: list[Batch]) -> tuple[list[Finding], dict[str, Any]]:
             f"(mean up to {float(mean.abs().max()):.3g}, std up to {float(std.max()):.3g})",
             evidence=meas, layers=[f"feature {i}" for i in worst],
             fix="standardise inputs to zero mean and unit variance per feature (per channel "
-                "for images), with statistics from the training set",
+                "for images), with statistics from the training set; in one line: "
+                "model = gg.fixes.Standardizer.fit(loader).wrap(model)",
             fix_code="x = (x - x_train.mean(0)) / x_train.std(0)",
             score=math.log10(scale)))
     elif spread > 100 and f.shape[1] <= 100:  # tabular features, not pixels
         out.append(Finding(
             "input_scale", "warning",
             f"feature scales differ {spread:.3g}× (an ill-conditioned problem for SGD)",
-            evidence=meas, fix="standardise each feature", score=math.log10(spread) - 1))
+            evidence=meas, fix="standardise each feature (gg.fixes.Standardizer)",
+            fix_code="model = gg.fixes.Standardizer.fit(loader).wrap(model)",
+            score=math.log10(spread) - 1))
     ys = [b[1] for b in batches if torch.is_floating_point(b[1])]
     if ys:
         y = torch.cat([v.detach().float().reshape(len(v), -1) for v in ys])
@@ -171,8 +175,9 @@ def check_inputs(batches: list[Batch]) -> tuple[list[Finding], dict[str, Any]]:
                 f"regression targets are large (|mean| + std up to {ymax:.3g}): the first "
                 "gradients are that much larger",
                 evidence={"target_scale": ymax},
-                fix="standardise targets and invert the transform on predictions",
-                fix_code="y = (y - y_train.mean()) / y_train.std()",
+                fix="standardise targets and invert the transform on predictions, or let "
+                    "gg.fixes.Standardizer's wrapper add the target mean to the outputs",
+                fix_code="model = gg.fixes.Standardizer.fit(loader, targets=True).wrap(model)",
                 score=math.log10(ymax) - 0.5))
     return out, meas
 
@@ -193,7 +198,9 @@ def check_activations(pr: ProbeResult) -> list[Finding]:
             "so their local gradient is ~0", evidence={"saturated_fraction": dict(sat)},
             layers=[n for n, _ in bad],
             fix="shrink the init (Xavier), normalise inputs, or switch to a non-saturating "
-                "activation", fix_code='gg.fixes.reinit(model, scheme="auto")',
+                "activation (gg.fixes.swap_activations(model, 'non-saturating'): tanh → GELU)",
+            fix_code='gg.fixes.reinit(model, scheme="auto")  '
+                     '# or gg.fixes.swap_activations(model, "non-saturating")',
             score=worst))
     dead = [(lp.name, lp.dead) for lp in pr.layers if lp.dead is not None]
     bad = [(n, d) for n, d in dead if d > 0.5]
@@ -204,7 +211,7 @@ def check_activations(pr: ProbeResult) -> list[Finding]:
             f"{len(bad)} ReLU layer(s) with up to {worst:.0%} dead units on this batch",
             evidence={"dead_fraction": dict(dead)}, layers=[n for n, _ in bad],
             fix="lower the LR, use LeakyReLU/GELU, or re-initialise",
-            score=worst))
+            fix_code='gg.fixes.swap_activations(model, "leaky")', score=worst))
     big = [(lp.name, lp.out_absmax) for lp in pr.weight_layers()
            if math.isfinite(lp.out_absmax) and lp.out_absmax > 1e3]
     if big:
@@ -230,7 +237,9 @@ def check_activations(pr: ProbeResult) -> list[Finding]:
             f"output log-partition |log Z| = {pr.log_z:.3g}: logits drift large "
             "(Wortsman et al. 2023; PaLM)",
             evidence={"log_z": pr.log_z},
-            fix="add a z-loss term 1e-4·log²Z to the loss", score=math.log10(pr.log_z)))
+            fix="add a z-loss term 1e-4·log²Z to the loss",
+            fix_code="loss_fn = gg.fixes.with_z_loss(loss_fn, weight=1e-4)",
+            score=math.log10(pr.log_z)))
     return out
 
 
@@ -433,6 +442,7 @@ def diagnose_run(path: str) -> Diagnosis:
         "run_log", "warning" if len(trouble) < 10 else "critical",
         f"first trouble at step {k} ({first['kind']}, {first.get('message', '')}){lr_note}{dom}",
         evidence=ev, layers=[first["origin_layer"]] if first.get("origin_layer") else [],
-        fix="if it follows an LR rise, lengthen warm-up or lower the peak LR; if one layer "
-            "dominates, inspect its init and inputs", score=math.log10(len(trouble) + 1)))
+        fix="if it follows an LR rise, lengthen warm-up (gg.fixes.warmup_cosine) or lower the "
+            "peak LR; if one layer dominates, inspect its init and inputs",
+        score=math.log10(len(trouble) + 1)))
     return Diagnosis(out, {"steps": len(steps), "flagged": len(trouble)})

@@ -40,6 +40,8 @@ class RunResult:
         diverged_at: for a run that ends broken (final loss non-finite or above ``blowup`` ×
             the reference loss), the step where its final stretch above that limit began;
             else None.
+        initial_loss: evaluation loss before training (the first training loss when there
+            is no evaluation); the reference for the blowup verdict.
         final_loss: evaluation loss after training (inf when the model is broken).
         final_train_loss: median training loss over the last 20 steps (inf when broken).
         final_metric: evaluation accuracy (classification) or None.
@@ -55,6 +57,7 @@ class RunResult:
     clipped_norms: list[float] = field(default_factory=list)
     first_nonfinite: int | None = None
     diverged_at: int | None = None
+    initial_loss: float = math.nan
     final_loss: float = math.inf
     final_train_loss: float = math.inf
     final_metric: float | None = None
@@ -113,8 +116,8 @@ def train(
             where a peer clipper (``clip_grad_norm_``, ZClip, AutoClip) goes.
         amp_dtype: autocast dtype for the forward pass (None: full precision).
         scaler: a GradScaler for fp16; a guard given one uses it, else the loop does.
-        blowup: the run diverged if its final loss ends above ``blowup`` × its first loss
-            (or × ``reference_loss`` when given).
+        blowup: the run diverged if its final loss ends above ``blowup`` × its initial loss
+            (held-out when ``evaluate`` is given; ``reference_loss`` when given).
     """
     res = RunResult()
     losses: list[Tensor] = []
@@ -132,6 +135,13 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
+    initial_eval: float | None = None
+    if evaluate is not None:
+        # The verdict compares held-out loss with held-out loss: a remedy that changes the
+        # training loss itself (Huber, z-loss) is judged in the scenario's own units.
+        model.eval()
+        with torch.no_grad(), autocast():
+            initial_eval = evaluate(model)[0]
     start = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -197,7 +207,10 @@ def train(
         res.final_metric = metric
     else:
         res.final_loss = res.final_train_loss
-    ref = reference_loss if reference_loss is not None else res.losses[0]
+    res.initial_loss = initial_eval if initial_eval is not None else res.losses[0]
+    ref = reference_loss if reference_loss is not None else res.initial_loss
+    # A model broken before it trained (non-finite at init) has no scale to blow up from:
+    # judge it by finiteness alone.
     limit = blowup * ref if math.isfinite(ref) else math.inf
     if res.gave_up or not res.final_loss <= limit:
         # Where the final stretch above the limit began: after the last step whose loss was

@@ -1,0 +1,69 @@
+"""LR warm-up then cosine decay, built from torch's schedulers (no scheduler of our own).
+
+Pairing with the guard: the scheduler owns the base LR; the guard's spike backoff
+multiplies whatever LR the scheduler set, for the step it applies, and puts the
+scheduler's value back afterwards. So ``scheduler.step()`` keeps its schedule and the
+guard only ever scales it down (see ``Guard(policy=...)`` and ``Backoff``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+from ..errors import ConfigError, check_int
+
+__all__ = ["warmup_cosine"]
+
+_MARK = "_gradguard_warmup_cosine"
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, *,
+                  start_factor: float = 0.01, min_lr: float = 0.0) -> SequentialLR:
+    """Linear LR warm-up for ``warmup_steps``, then cosine decay to ``min_lr``.
+
+    torch's ``SequentialLR([LinearLR, CosineAnnealingLR])``. Warm-up keeps the first
+    updates small while Adam's moment estimates and the loss landscape's sharpness settle
+    (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 2.2; Liu et al. 2020,
+    "On the Variance of the Adaptive Learning Rate and Beyond", section 3); cosine decay is
+    Loshchilov & Hutter 2017, "SGDR", eq. 5 (without restarts).
+
+    Args:
+        optimizer: the optimizer whose groups' LRs are the peak LRs.
+        warmup_steps: steps from ``start_factor`` × LR up to the LR (>= 1).
+        total_steps: steps of the whole schedule (> ``warmup_steps``); call
+            ``scheduler.step()`` once per optimizer step.
+        start_factor: the first step's LR as a fraction of the peak, in (0, 1].
+        min_lr: the LR the cosine ends at.
+
+    Returns:
+        The ``torch.optim.lr_scheduler.SequentialLR``.
+
+    Raises:
+        ConfigError: bad step counts, or the optimizer already has a warmup_cosine
+            schedule (two schedulers on one optimizer fight over its LR).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"warmup_cosine: optimizer must be a torch.optim.Optimizer, got "
+                          f"{type(optimizer).__name__}")
+    check_int("warmup_cosine.warmup_steps", warmup_steps, 1)
+    check_int("warmup_cosine.total_steps", total_steps, 2)
+    if total_steps <= warmup_steps:
+        raise ConfigError(f"warmup_cosine: total_steps ({total_steps}) must exceed "
+                          f"warmup_steps ({warmup_steps})")
+    if not 0 < start_factor <= 1:
+        raise ConfigError(f"warmup_cosine: start_factor must be in (0, 1], got {start_factor!r}")
+    if min_lr < 0:
+        raise ConfigError(f"warmup_cosine: min_lr must be >= 0, got {min_lr!r}")
+    if getattr(optimizer, _MARK, False):
+        raise ConfigError("warmup_cosine: this optimizer already has a warmup_cosine "
+                          "schedule; two schedulers on one optimizer overwrite each other's LR")
+    sched = SequentialLR(
+        optimizer,
+        [LinearLR(optimizer, start_factor=start_factor, end_factor=1.0,
+                  total_iters=warmup_steps),
+         CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=min_lr)],
+        milestones=[warmup_steps],
+    )
+    setattr(optimizer, _MARK, True)
+    return sched

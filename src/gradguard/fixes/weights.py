@@ -1,0 +1,296 @@
+"""Weight-side remedies: constraints applied after each step, reparametrisations, pruning.
+
+- :class:`MaxNorm`: each output unit's incoming weight vector kept at L2 norm ≤ c
+  (Srivastava et al. 2014, "Dropout", JMLR 15, section 5.1, max-norm regularisation);
+- :class:`WeightClip`: every weight clamped to [−c, c] (Arjovsky, Chintala & Bottou 2017,
+  "Wasserstein GAN", Algorithm 1, line 7);
+- :func:`weight_norm`: torch's weight normalisation (Salimans & Kingma 2016, eq. 2) or
+  spectral normalisation (Miyato et al. 2018, section 2.1), applied per layer;
+- :func:`prune`: magnitude pruning with torch's ``l1_unstructured`` (Han et al. 2015,
+  "Learning both Weights and Connections", section 3).
+
+The two constraints are objects called after ``optimizer.step()`` (or handed to
+``Guard(after_step=...)``); they are tensor ops only, so calling them every step costs no
+host-device sync.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import final
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import prune as _prune
+
+from ..errors import ConfigError, check_positive
+from .init import _WEIGHTED, FixReport, _match
+
+__all__ = ["MaxNorm", "WeightClip", "prune", "weight_norm"]
+
+_PRUNED = "_gradguard_pruned"
+
+
+def _layers(model: nn.Module, layers: Sequence[str] | None,
+            fix: str) -> list[tuple[str, nn.Module]]:
+    """The Linear/Conv layers of ``model`` selected by ``layers`` (glob patterns)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{fix}: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(layers, str):
+        raise ConfigError(f"{fix}: layers takes a list of patterns, e.g. [{layers!r}]")
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)
+             and (layers is None or _match(n, layers))]
+    if not found:
+        which = "" if layers is None else f" matching {list(layers)}"
+        raise ConfigError(f"{fix}: the model has no Linear/Conv layer{which}")
+    return found
+
+
+def _leaf_weight(m: nn.Module) -> Tensor | None:
+    """The trainable tensor behind ``m.weight``: the weight itself, or a pruned layer's
+    ``weight_orig``; None for a parametrised weight (its norm is set by the parametrisation)."""
+    if parametrize.is_parametrized(m, "weight"):
+        return None
+    w = m._parameters.get("weight_orig", m._parameters.get("weight"))
+    return w if isinstance(w, nn.Parameter) else None
+
+
+class _Constraint(abc.ABC):
+    """Shared plumbing of the per-step weight constraints."""
+
+    fix = ""
+
+    def _bind(self, model: nn.Module, layers: Sequence[str] | None, bias: bool) -> None:
+        self.names: list[str] = []
+        self.tensors: list[Tensor] = []
+        self.report = FixReport(self.fix)
+        for name, m in _layers(model, layers, self.fix):
+            w = _leaf_weight(m)
+            if w is None:
+                self.report.skipped.append(name)
+                continue
+            self.names.append(name)
+            self.tensors.append(w)
+            self.report.layers.append(name)
+            self.report.changes.append(self._describe(name, m, w))
+            if bias and isinstance(getattr(m, "bias", None), nn.Parameter):
+                self.tensors.append(m.bias)
+        if not self.tensors:
+            raise ConfigError(f"{self.fix}: every selected layer has a parametrised weight "
+                              f"({', '.join(self.report.skipped[:4])}); nothing to constrain")
+
+    @abc.abstractmethod
+    def _describe(self, name: str, m: nn.Module, w: Tensor) -> str:
+        """One report line for layer ``name`` (read at construction, off the hot path)."""
+
+    @abc.abstractmethod
+    def __call__(self) -> None:
+        """Apply the constraint in place; device ops only."""
+
+    def __repr__(self) -> str:
+        return f"{self.fix} on {len(self.names)} layer(s)"
+
+
+@final
+class MaxNorm(_Constraint):
+    """Max-norm constraint: rescale each output unit's weights to an L2 norm ≤ ``max_norm``.
+
+    Call it after every ``optimizer.step()`` (or pass it as ``Guard(after_step=...)``); a
+    row already inside the ball is left as it is, so calling it twice changes nothing.
+    Reference: Srivastava, Hinton, Krizhevsky, Sutskever & Salakhutdinov 2014, "Dropout: A
+    Simple Way to Prevent Neural Networks from Overfitting", JMLR 15, section 5.1.
+
+    Args:
+        model: the module whose Linear/Conv weights to constrain.
+        max_norm: the radius c. Kaiming init gives rows of norm ≈ √2 and torch's default
+            init ≈ 0.58 whatever the fan-in, so 2 leaves a sound init alone and cuts a too
+            large one (Srivastava et al. use 3–4 with dropout; Keras's default is 2).
+        layers: glob patterns of layer names; default every Linear/Conv layer.
+        now: project the weights once at construction too, so the first step starts inside
+            the ball. Off, a too-large init still produces one huge first step, and the
+            projection after it keeps the rows' size but not their (ruined) directions.
+
+    Attributes:
+        report: a :class:`FixReport` naming each constrained layer and its largest row norm
+            at construction.
+    """
+
+    fix = "MaxNorm"
+
+    def __init__(self, model: nn.Module, max_norm: float = 2.0, *,
+                 layers: Sequence[str] | None = None, now: bool = True) -> None:
+        self.max_norm = check_positive("MaxNorm.max_norm", max_norm)
+        self.fix = f"MaxNorm(max_norm={max_norm:g})"
+        self._bind(model, layers, bias=False)
+        if now:
+            self()
+
+    def _describe(self, name: str, m: nn.Module, w: Tensor) -> str:
+        rows = w.detach().flatten(1).norm(dim=1)
+        over = int((rows > self.max_norm).sum())
+        return (f"{name} ({type(m).__name__}): {w.shape[0]} output units, row L2 norm ≤ "
+                f"{self.max_norm:g} (now max {float(rows.max()):.3g}, {over} above)")
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        """Project every constrained weight onto the max-norm ball (device ops only)."""
+        for w in self.tensors:
+            # renorm_ rescales only the dim-0 slices (output units) whose norm exceeds c.
+            w.renorm_(2, 0, self.max_norm)
+
+
+@final
+class WeightClip(_Constraint):
+    """Clamp every weight element to ``[-limit, limit]`` after each optimizer step.
+
+    Reference: Arjovsky, Chintala & Bottou 2017, "Wasserstein GAN", ICML, Algorithm 1 line 7
+    (weight clipping keeps the critic Lipschitz; it bounds the weights, hence the forward
+    signal and the gradients through them).
+
+    Args:
+        model: the module whose Linear/Conv weights to clamp.
+        limit: the bound c, in weight units (no default: it depends on the fan-in; Kaiming
+            init has std √(2/fan_in), WGAN's critics use 0.01).
+        layers: glob patterns of layer names; default every Linear/Conv layer.
+        bias: clamp the biases of those layers too (WGAN clamps every parameter).
+        now: clamp once at construction too, so the first step starts inside the box.
+
+    Attributes:
+        report: a :class:`FixReport` naming each clamped layer.
+    """
+
+    fix = "WeightClip"
+
+    def __init__(self, model: nn.Module, limit: float, *,
+                 layers: Sequence[str] | None = None, bias: bool = False,
+                 now: bool = True) -> None:
+        self.limit = check_positive("WeightClip.limit", limit)
+        self.fix = f"WeightClip(limit={limit:g})"
+        self._bind(model, layers, bias=bool(bias))
+        if now:
+            self()
+
+    def _describe(self, name: str, m: nn.Module, w: Tensor) -> str:
+        frac = float((w.detach().abs() > self.limit).float().mean())
+        return (f"{name} ({type(m).__name__}): weights clamped to ±{self.limit:g} "
+                f"(now {frac:.1%} outside)")
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        """Clamp every constrained tensor in place (device ops only)."""
+        for w in self.tensors:
+            w.clamp_(-self.limit, self.limit)
+
+
+_KINDS = ("weight", "spectral")
+
+
+def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
+                kind: str = "weight", dim: int = 0) -> FixReport:
+    """Reparametrise Linear/Conv weights with torch's weight or spectral normalisation.
+
+    ``kind="weight"``: w = g·v/‖v‖ per output unit, so the step on the scale g is decoupled
+    from the step on the direction v (Salimans & Kingma 2016, "Weight Normalization", eq. 2;
+    ``torch.nn.utils.parametrizations.weight_norm``). The function is unchanged at the
+    moment of the call. ``kind="spectral"``: w / σ_max(w) by one power iteration per forward
+    pass, so every layer is 1-Lipschitz (Miyato et al. 2018, "Spectral Normalization for
+    Generative Adversarial Networks", section 2.1; ``parametrizations.spectral_norm``); this
+    changes the function (each layer's gain drops to ≤ 1).
+
+    Args:
+        model: the module to change in place.
+        layers: glob patterns of layer names; default every Linear/Conv layer.
+        kind: "weight" or "spectral".
+        dim: the output-unit dimension for ``kind="weight"``.
+
+    Returns:
+        A :class:`FixReport` naming each reparametrised layer.
+
+    Raises:
+        ConfigError: a selected layer is already parametrised or pruned (applying the fix
+            twice would stack two normalisations).
+    """
+    if kind not in _KINDS:
+        raise ConfigError(f"weight_norm: kind must be one of {_KINDS}, got {kind!r}")
+    fix = f"weight_norm(kind={kind!r})"
+    chosen = _layers(model, layers, fix)
+    for name, m in chosen:
+        if parametrize.is_parametrized(m, "weight"):
+            raise ConfigError(f"{fix}: layer {name!r} already has a parametrised weight (is "
+                              "weight_norm applied twice?); applying it again would stack "
+                              "two normalisations")
+        if _prune.is_pruned(m) or hasattr(m, _PRUNED):
+            raise ConfigError(f"{fix}: layer {name!r} is pruned; apply weight_norm before "
+                              "prune, not after")
+    report = FixReport(fix)
+    for name, m in chosen:
+        w = m.weight.detach()
+        rows = w.movedim(dim, 0).flatten(1).norm(dim=1) if kind == "weight" else w.norm()
+        if bool((rows == 0).any()):
+            # g·v/‖v‖ (or w/σ_max) of a zero row is 0/0: the layer would output NaN.
+            report.skipped.append(f"{name} (zero weights)")
+            continue
+        if kind == "weight":
+            parametrizations.weight_norm(m, "weight", dim=dim)
+            desc = (f"weight = g·v/‖v‖ over dim {dim}, g initialised to the current norms "
+                    f"({float(rows.min()):.3g}–{float(rows.max()):.3g})")
+        else:
+            sigma = float(torch.linalg.matrix_norm(w.flatten(1).double(), ord=2))
+            parametrizations.spectral_norm(m, "weight")
+            desc = f"weight / σ_max, σ_max was {sigma:.3g} (layer gain now ≤ 1)"
+        report.layers.append(name)
+        report.changes.append(f"{name} ({type(m).__name__}): {desc}")
+    return report
+
+
+def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None = None,
+          permanent: bool = False) -> FixReport:
+    """Magnitude pruning: zero the ``amount`` fraction of smallest-|w| weights in each layer.
+
+    Uses ``torch.nn.utils.prune.l1_unstructured`` per layer (Han, Pool, Tran & Dally 2015,
+    "Learning both Weights and Connections for Efficient Neural Networks", section 3). While
+    the mask is kept, pruned weights get zero gradient and stay zero; ``permanent=True``
+    calls ``prune.remove`` so the zeros are baked into a plain weight (and may regrow).
+
+    Args:
+        model: the module to change in place.
+        amount: fraction of each layer's weights to remove, in (0, 1).
+        layers: glob patterns of layer names; default every Linear/Conv layer.
+        permanent: bake the zeros in and drop the mask.
+
+    Returns:
+        A :class:`FixReport` with, per layer, how many weights were removed.
+
+    Raises:
+        ConfigError: a selected layer was already pruned (a second call would prune the
+            survivors again) or has a parametrised weight.
+    """
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount < 1:
+        raise ConfigError(f"prune: amount must be a fraction in (0, 1), got {amount!r}")
+    fix = f"prune(amount={amount:g}{', permanent' if permanent else ''})"
+    chosen = _layers(model, layers, fix)
+    for name, m in chosen:
+        if _prune.is_pruned(m) or hasattr(m, _PRUNED):
+            raise ConfigError(f"{fix}: layer {name!r} is already pruned; a second prune would "
+                              "remove a further fraction of the survivors")
+        if parametrize.is_parametrized(m, "weight"):
+            raise ConfigError(f"{fix}: layer {name!r} has a parametrised weight "
+                              "(weight_norm?); prune before reparametrising")
+    report = FixReport(fix)
+    total = removed = 0
+    for name, m in chosen:
+        _prune.l1_unstructured(m, "weight", amount=float(amount))
+        zeros = int((m.weight_mask == 0).sum())
+        n = m.weight_mask.numel()
+        if permanent:
+            _prune.remove(m, "weight")
+        setattr(m, _PRUNED, float(amount))
+        total += n
+        removed += zeros
+        report.layers.append(name)
+        report.changes.append(f"{name} ({type(m).__name__}): {zeros} of {n} weights removed "
+                              f"({zeros / n:.1%}){', mask removed' if permanent else ''}")
+    report.changes.append(f"total: {removed} of {total} weights removed")
+    return report
