@@ -78,3 +78,18 @@ def test_bad_config_is_refused_before_any_run(tmp_path):
         run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none"], lr_grid=[-1.0],
                               out=tmp_path))
     assert not (tmp_path / "runs.csv").exists()
+
+
+def test_resummarize_recomputes_with_a_new_tolerance(small_bench, tmp_path):
+    import shutil
+
+    from gradguard.bench.runner import resummarize
+
+    _, out = small_bench
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    loose = {s.remedy: s for s in resummarize(copy, tol=0.99)}
+    assert loose["gradguard"].stable_decades == pytest.approx(2.0)
+    assert json.loads((copy / "meta.json").read_text())["tol"] == 0.99
+    assert "has the widest stable LR range" in (copy / "results.md").read_text()
+    assert (copy / "curves.jsonl").read_text() == (out / "curves.jsonl").read_text()

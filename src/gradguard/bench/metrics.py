@@ -125,6 +125,34 @@ def _widest(lrs: list[float], ok: list[bool]) -> tuple[float | None, float | Non
     return lo, hi, math.log10(hi / lo)
 
 
+def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]:
+    """Markdown bullets: per scenario, which remedies have the widest stable LR range."""
+    lines = ["### Widest stable LR range per scenario", ""]
+    wins = 0
+    scns = list(dict.fromkeys(s.scenario for s in summary))
+    for scn in scns:
+        rows = [s for s in summary if s.scenario == scn]
+        widest = max((s.stable_decades for s in rows if s.stable_decades is not None),
+                     default=None)
+        if widest is None:
+            lines.append(f"- {scn}: no remedy converged at any LR of the grid")
+            continue
+        best = [s.remedy for s in rows if s.stable_decades == widest]
+        mine = next((s for s in rows if s.remedy == ours), None)
+        if mine is not None and mine.stable_decades == widest:
+            wins += 1
+            tag = f"**{ours} is among the widest**" if len(best) > 1 else f"**{ours} widest**"
+        elif mine is not None:
+            got = "none" if mine.stable_decades is None else f"{mine.stable_decades:.2g}"
+            tag = f"{ours}: {got} decades"
+        else:
+            tag = f"{ours} not run"
+        lines.append(f"- {scn}: {', '.join(best)} ({widest:.2g} decades); {tag}")
+    lines += ["", f"{ours} (default policy) has the widest stable LR range, alone or tied, on "
+              f"{wins} of {len(scns)} scenarios."]
+    return lines
+
+
 def _f(v: float | None, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -161,7 +189,7 @@ def markdown(summary: Sequence[SummaryRow], meta: dict) -> str:
             vals.append(f"**{txt}**" if s.stable_decades is not None and
                         s.stable_decades >= widest else txt)
         lines.append(f"| {rem} | " + " | ".join(vals) + " |")
-    lines.append("")
+    lines += ["", *verdict(summary), ""]
     for scn in scns:
         info = meta.get("scenarios", {}).get(scn, {})
         metric = info.get("metric") or "metric"

@@ -35,8 +35,8 @@ from ..scenarios.train import RunResult, train
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
 
-__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "plan_jobs", "run_bench",
-           "run_one"]
+__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "plan_jobs", "resummarize",
+           "run_bench", "run_one"]
 
 RUN_COLUMNS = ("scenario", "remedy", "lr", "seed", "steps", "diverged", "diverged_at",
                "first_nonfinite", "gave_up", "initial_loss", "final_train_loss",
@@ -252,6 +252,28 @@ def run_bench(cfg: BenchConfig,
     return BenchResult(rows, summary, out, skipped)
 
 
+def resummarize(out: str | os.PathLike[str], tol: float | None = None) -> list[SummaryRow]:
+    """Recompute ``summary.csv`` and ``results.md`` of a results directory from its runs.
+
+    Args:
+        out: a directory ``run_bench`` wrote.
+        tol: a new convergence tolerance (default: the one it was run with).
+    """
+    out = Path(out)
+    meta = json.loads((out / "meta.json").read_text())
+    if tol is not None:
+        meta["tol"] = tol
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["lr"] = float(r["lr"])
+    default = {n: float(v["lr"]) for n, v in meta["scenarios"].items()}
+    summary = summarize(rows, default, meta["tol"])
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write(out, rows, None, summary, meta)  # curves.jsonl stays as it is
+    return summary
+
+
 def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
     scns = {}
     for name in cfg.scenarios:
@@ -281,16 +303,17 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _write(out: Path, rows: list[dict[str, Any]], curves: list[dict[str, Any]],
+def _write(out: Path, rows: list[dict[str, Any]], curves: list[dict[str, Any]] | None,
            summary: list[SummaryRow], meta: dict[str, Any]) -> None:
     with open(out / "runs.csv", "w", newline="") as f:
         w = csv.DictWriter(f, RUN_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({k: _csv_value(r[k]) for k in RUN_COLUMNS})
-    with open(out / "curves.jsonl", "w") as f:
-        for c in curves:
-            f.write(json.dumps(c) + "\n")
+    if curves is not None:
+        with open(out / "curves.jsonl", "w") as f:
+            for c in curves:
+                f.write(json.dumps(c) + "\n")
     cols = list(SummaryRow.__dataclass_fields__)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, cols)
