@@ -182,6 +182,13 @@ class _ForwardOrder:
         return order
 
 
+def _why(z: float, early: str) -> str:
+    # Before a detector's warm-up ends it has no z-score, only its early ratio rule.
+    if z == 0.0:
+        return f"early check: far above the {early} so far"
+    return f"z={z:.2f}"
+
+
 class Guard:
     """Replaces ``optimizer.step()``: measures, clips, detects, skips, backs off, rolls back.
 
@@ -578,12 +585,13 @@ class Guard:
         if rec["grad_spike"]:
             self.recorder.event(k, "grad_spike",
                                 f"gradient norm {rec['grad_norm']:.4g} spiked "
-                                f"(z={rec['grad_z']:.2f}){where}; {done}",
+                                f"({_why(rec['grad_z'], 'smallest norm')}){where}; {done}",
                                 z=rec["grad_z"], **common)
         if rec["loss_spike"]:
             self.recorder.event(k, "loss_spike",
-                                f"loss {rec['loss']:.4g} spiked (z={rec['loss_z']:.2f}){where}; "
-                                f"{done}", z=rec["loss_z"], **common)
+                                f"loss {rec['loss']:.4g} spiked "
+                                f"({_why(rec['loss_z'], 'smallest loss')}){where}; {done}",
+                                z=rec["loss_z"], **common)
 
     def _lr_events(self, rec: dict[str, Any]) -> None:
         s = rec["lr_scale"]
