@@ -30,6 +30,27 @@ def no_host_sync():
             setattr(torch.Tensor, n, f)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one intra-op thread, as the bench runs scenarios.
+
+    The test models are tiny: a second thread buys nothing, and on a busy 2-core machine
+    it makes each step wait for a core (up to 10x slower measured).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
+
+
 def small_mlp(seed: int = 0, width: int = 16, depth: int = 3, d_in: int = 8) -> torch.nn.Module:
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []

@@ -10,14 +10,6 @@ import gradguard as gg
 from gradguard import fixes, scenarios
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -9,15 +9,6 @@ from gradguard import fixes, scenarios
 from tests.conftest import no_host_sync
 
 
-@pytest.fixture
-def one_thread():
-    # Scenario runs are small: one thread is ~10× faster than two on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))

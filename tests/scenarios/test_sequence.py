@@ -9,15 +9,7 @@ import torch
 from gradguard import scenarios
 from gradguard.scenarios import sequence as S
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Sized for one core, as the bench runs them: the RNN steps are tiny, and a second
-    # thread on a busy machine multiplies the time instead of halving it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # sized for one core, as the bench runs them
 
 
 def test_temporal_order_label_names_the_two_relevant_symbols_in_order():

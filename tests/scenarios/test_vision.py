@@ -13,14 +13,7 @@ from gradguard import scenarios
 TRAINS = [("cnn-lr", 0.01, 0.7), ("cnn-digits", 0.01, 0.9), ("amp-fp16", 0.03, 0.85)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The scenarios are sized for one core (as the bench runs them); a second thread only
-    # adds sync overhead to these tiny convs and, on a busy machine, can triple the time.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # sized for one core, as the bench runs them
 
 
 @pytest.mark.parametrize("name", ["cnn-lr", "cnn-digits", "amp-fp16"])
