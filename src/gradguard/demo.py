@@ -51,12 +51,15 @@ def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[
             kept = (f"with the default guard it trained to a test loss of "
                     f"{g['final_test_loss']:.4g}{metric} ({g['skipped']} steps skipped, "
                     f"{g['clipped']} clipped)")
-        ranges = {s.remedy: s.stable_decades for s in summary if s.scenario == scn}
-        widest = max((v for v in ranges.values() if v is not None), default=None)
+        mine = [s for s in summary if s.scenario == scn]
+        widest = max((s.stable_decades for s in mine if s.stable_decades is not None),
+                     default=None)
         wide = ""
         if widest is not None:
-            best = [r for r, v in ranges.items() if v == widest]
-            wide = (f"; widest stable LR range: {', '.join(best)} ({widest:.2g} decades "
-                    f"of the grid)")
+            best = [s for s in mine if s.stable_decades == widest]
+            span = (f"lr {best[0].stable_lo:.2g}" if widest == 0 else
+                    f"{widest:.2g} decades, lr {best[0].stable_lo:.2g}–{best[0].stable_hi:.2g}")
+            wide = (f"; widest stable LR range on this grid: "
+                    f"{', '.join(s.remedy for s in best)} ({span})")
         out.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}.")
     return out

@@ -122,7 +122,8 @@ def _widest(lrs: list[float], ok: list[bool]) -> tuple[float | None, float | Non
     if best is None:
         return None, None, None
     lo, hi = lrs[best[0]], lrs[best[1]]
-    return lo, hi, math.log10(hi / lo)
+    # Rounded so equal spans of a log-spaced grid compare equal whatever their endpoints.
+    return lo, hi, round(math.log10(hi / lo), 6)
 
 
 def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]:
