@@ -222,6 +222,22 @@ class LayerAttribution:
         self.mean, self.var, self.count = np.asarray(s["mean"]), np.asarray(s["var"]), s["count"]
 
 
+def _line_fit(y: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``y`` against 0, 1, 2, … and the Pearson correlation.
+
+    The same numbers as ``np.polyfit(x, y, 1)[0]`` and ``np.corrcoef(x, y)[0, 1]`` in
+    closed form: a few dot products instead of an SVD, since the analyzers run every step.
+    The correlation is NaN when ``y`` is constant.
+    """
+    xc = np.arange(len(y), dtype=np.float64)
+    xc -= xc.mean()
+    yc = y - y.mean()
+    sxy, sxx, syy = float(xc @ yc), float(xc @ xc), float(yc @ yc)
+    slope = sxy / sxx
+    corr = sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan
+    return slope, corr
+
+
 class DepthTrend:
     """Vanishing/exploding with depth: the slope of log layer-gradient norms over depth.
 
@@ -250,8 +266,7 @@ class DepthTrend:
         if not np.all(np.isfinite(v)) or np.any(v <= 0):
             return None
         y = np.log(v)
-        x = np.arange(len(y), dtype=np.float64)
-        slope = np.polyfit(x, y, 1)[0]
+        slope, _ = _line_fit(y)
         return float(np.exp(-slope * (len(y) - 1)))
 
     def update(self, norms: np.ndarray) -> str | None:
@@ -299,11 +314,10 @@ class Drift:
         if len(self.buf) < self.window:
             return None
         y = np.fromiter(self.buf, dtype=np.float64)
-        x = np.arange(len(y), dtype=np.float64)
-        if np.std(y) == 0:
+        slope, corr = _line_fit(y)
+        if not math.isfinite(corr):  # constant norms: no trend
             return None
-        corr = float(np.corrcoef(x, y)[0, 1])
-        growth = float(np.exp(np.polyfit(x, y, 1)[0] * len(y)))
+        growth = math.exp(slope * len(y))
         if growth > self.factor and corr > self.min_corr:
             self.cooldown = self.window
             return (f"gradient norm drifting up: ×{growth:.3g} over the last {len(y)} steps "

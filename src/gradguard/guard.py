@@ -31,7 +31,7 @@ from . import snapshot as snap
 from .clip import ClipContext, Transform, ZScore, chain
 from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
-from .errors import ConfigError, GuardUsageError
+from .errors import ConfigError, GuardUsageError, check_int
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
 from .respond import DeviceDecision, Policy, TrainingDivergedError
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
@@ -259,6 +259,8 @@ class Guard:
             )
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        check_int("flush_every", flush_every, 1)
+        check_int("layers_every", layers_every, 1)
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
@@ -266,6 +268,9 @@ class Guard:
         self.device = self.params[0].device
 
         policy = policy if policy is not None else Policy()
+        if not isinstance(policy, Policy):
+            raise ConfigError(f"policy must be a gradguard.Policy, got {policy!r}; use "
+                              "Policy(on_spike=...) or the on_* shortcuts")
         overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
                                        ("on_loss_spike", on_loss_spike), ("rollback", rollback))
                      if v is not None}
@@ -282,6 +287,9 @@ class Guard:
 
         if clip is None:
             clip = ZScore()
+        elif isinstance(clip, str) or not isinstance(clip, Transform | Sequence):
+            raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
+                              f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
         elif not isinstance(clip, Transform):
             clip = chain(*clip)
         self.clip: Transform = clip
@@ -763,7 +771,9 @@ class Guard:
         if state["format"] != STATE_VERSION:
             raise ConfigError(
                 f"guard state format {state['format']} (gradguard {state.get('gradguard')}) "
-                f"cannot be read by format {STATE_VERSION} (gradguard {__version__})"
+                f"cannot be read by format {STATE_VERSION} (gradguard {__version__}); resume "
+                "with the gradguard version that saved it, or leave the guard state out (the "
+                "guard relearns its statistics within its warm-up)"
             )
         if state["config"] != self._config():
             raise ConfigError(

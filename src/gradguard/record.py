@@ -136,6 +136,14 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        if self._f.tell() > 0:
+            # A crash can leave a torn last line; start on a fresh one so this run's first
+            # record is not glued onto the fragment and skipped with it.
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                _atomic_append_lines(self._f, ["\n"])
 
     def _write(self, records: Iterable[dict[str, Any]]) -> None:
         _atomic_append_lines(self._f, (json.dumps(r, separators=(",", ":")) + "\n"
@@ -289,6 +297,9 @@ class Recorder:
 
     def flush(self) -> None:
         if not self._pending:
+            return
+        if not self.sinks:  # nobody reads them: skip the per-tensor serialisation
+            self._pending = []
             return
         records = [self.serialise(r) for r in self._pending]
         self._pending = []

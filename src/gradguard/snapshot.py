@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from .errors import GradGuardError
 
-__all__ = ["Snapshot", "SnapshotError", "load_file", "restore", "save_file", "take"]
+__all__ = ["Snapshot", "SnapshotError", "load_file", "load_latest", "restore", "save_file",
+           "take"]
 
 FILE_FORMAT = 1
 
@@ -150,3 +151,36 @@ def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapsho
         raise SnapshotError(f"snapshot file {path} failed its checksum: it is corrupted")
     d = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     return Snapshot(d["step"], d["model"], d["optimizer"], d["guard"], d.get("extras", []))
+
+
+def load_latest(folder: str | os.PathLike[str], pattern: str = "snapshot-*.pt",
+                map_location: Any = None) -> tuple[Path, Snapshot]:
+    """The newest snapshot in ``folder`` that passes its checksum, with its path.
+
+    After a crash, the newest file may be corrupted (a disk fault; a torn write cannot
+    happen, see :func:`save_file`) and unfinished temp files may remain; neither is
+    taken for a snapshot (temp files never match ``pattern``).
+
+    Args:
+        folder: where the snapshots are (``Rollback(dir=...)``).
+        pattern: glob for snapshot names; the guard's are ``snapshot-<step>[-rank<r>].pt``.
+        map_location: as for :func:`torch.load`.
+
+    Raises:
+        SnapshotError: no file in ``folder`` matching ``pattern`` loads.
+    """
+    folder = Path(folder)
+    # Newest written first, not highest step first: a run restarted without its guard
+    # state counts steps from 0 again.
+    found = sorted((p for p in folder.glob(pattern) if p.is_file()),
+                   key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    errors: list[str] = []
+    for path in found:
+        try:
+            return path, load_file(path, map_location)
+        except SnapshotError as e:
+            errors.append(str(e))
+    raise SnapshotError(
+        f"no loadable snapshot matching {pattern!r} in {folder}"
+        + (f" ({len(errors)} refused: {errors[0]})" if errors else "")
+    )

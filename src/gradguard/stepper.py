@@ -98,8 +98,10 @@ class Stepper:
         self.strategy = strategy
         self._saved: list[Tensor] | None = None
         self._saved_keys: list[tuple[int, str]] = []
-        # Once every stepped parameter has state, lazy creation is over; stop looking.
-        self._settled_for = -1
+        # The parameters (ids) of the last step that found every one of them with state,
+        # and the state's size then: while both repeat, lazy creation is over. (A count
+        # alone is not enough: another subset of the same size may have no state yet.)
+        self._settled: tuple[tuple[int, ...], int] | None = None
 
     # -- state bookkeeping -------------------------------------------------------------
     def _stateless(self, params: Sequence[Tensor]) -> list[Tensor]:
@@ -123,15 +125,46 @@ class Stepper:
             skip: the decision; read on the device, never on the host (except on a
                 state-creating step, see module docs).
         """
-        fresh = [] if self._settled_for == len(params) else self._stateless(params)
+        key = (tuple(map(id, params)), len(self.optimizer.state))
+        fresh = [] if key == self._settled else self._stateless(params)
         if self.strategy == "found_inf":
+            if fresh:
+                self._complete_momentum()
             self._step_found_inf(skip)
         else:
             self._step_masked(params, skip)
         if fresh:
             self._drop_new_state(fresh, skip)
-        elif self._settled_for != len(params) and self.optimizer.state:
-            self._settled_for = len(params)
+        elif self.optimizer.state:
+            self._settled = key
+
+    def _complete_momentum(self) -> None:
+        """Give fused SGD a momentum buffer for parameters stepped for the first time.
+
+        Fused SGD takes one first-step flag per param group and fails on a group where
+        some parameters have buffers and some do not (a parameter whose first gradient
+        comes later, e.g. a branch used only sometimes). The buffer given makes the
+        kernel's ``mu * buf + (1 - dampening) * g`` equal ``g``, torch's first-step value.
+        """
+        opt = self.optimizer
+        if not isinstance(opt, torch.optim.SGD):
+            return
+        for group in opt.param_groups:
+            mu, damp = group["momentum"], group["dampening"]
+            if mu == 0 or not group.get("fused"):
+                continue
+            stepped = [p for p in group["params"] if p.grad is not None]
+            missing = [p for p in stepped if opt.state.get(p, {}).get("momentum_buffer") is None]
+            if not missing or len(missing) == len(stepped):
+                continue  # all or none have buffers: the kernel handles both
+            for p in missing:
+                g = p.grad.detach()
+                if damp:
+                    g = (-g if group["maximize"] else g) + group["weight_decay"] * p.detach()
+                    buf = g * (damp / mu)
+                else:
+                    buf = torch.zeros_like(g)
+                opt.state[p]["momentum_buffer"] = buf
 
     def _step_found_inf(self, skip: Tensor) -> None:
         opt = self.optimizer

@@ -1,0 +1,258 @@
+"""Bad input: each mistake fails with a message that names the problem and the fix.
+
+Already covered elsewhere (not repeated here): an optimizer that does not own the model's
+parameters, ``guard.step()`` twice without ``backward`` and no backward at all
+(``tests/test_guard.py``); truncated and bit-flipped snapshot files
+(``tests/test_snapshot.py``); ``read_jsonl`` on a torn last line (``tests/test_record.py``).
+"""
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard import snapshot as snap
+from gradguard.report import summarize
+from tests.conftest import backward, small_mlp
+
+
+def sgd(model, lr=0.1):
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+# -- gradients -------------------------------------------------------------------------
+def test_loss_that_does_not_depend_on_the_parameters():
+    model = small_mlp()
+    guard = gg.Guard(model, sgd(model))
+    x = torch.randn(4, 8, requires_grad=True)
+    loss = (x * 2).sum()  # built from the input only: backward reaches no parameter
+    loss.backward()
+    with pytest.raises(gg.GuardUsageError, match="check the loss depends on the model"):
+        guard.step(loss)
+
+
+def test_some_parameters_without_grads_are_fine():
+    model = nn.ModuleDict({"used": nn.Linear(8, 1), "unused": nn.Linear(8, 1)})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt)
+    before = model["unused"].weight.detach().clone()
+    model["used"](torch.randn(4, 8)).pow(2).mean().backward()
+    info = guard.step()
+    assert not info.skipped
+    assert info.norms.shape == (2,)  # norms of the parameters that have a gradient
+    assert torch.equal(model["unused"].weight, before)
+
+
+def test_sparse_gradients_are_refused_with_the_fix():
+    emb = nn.Embedding(10, 4, sparse=True)
+    guard = gg.Guard(emb, torch.optim.SGD(emb.parameters(), lr=0.1))
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"sparse gradient.*sparse=False.*params="):
+        guard.step()
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1).to(torch.bfloat16))
+
+    def loss_fn(x):
+        h = model[1](model[0](x))
+        return model[2](h.to(torch.bfloat16)).float().pow(2).mean()
+
+    opt = opt_cls(model.parameters(), lr=1e-2)
+    guard = gg.Guard(model, opt, clip=gg.clip.GlobalNorm(0.05))
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_fn(torch.randn(32, 8) * 10)
+        loss.backward()
+        if step == 2:  # NaN in the bf16 layer only: the whole step is skipped
+            model[2].weight.grad[0, 0] = math.nan
+            before = [p.detach().clone() for p in model.parameters()]
+        info = guard.step(loss)
+        if step == 2:
+            assert info.skipped
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(),
+                                                          strict=True))
+        else:
+            assert not info.skipped
+            # the clip acts on both dtypes together (bf16 rounding: ~2^-8 relative)
+            applied = torch.linalg.vector_norm(torch.stack(
+                [p.grad.float().norm() for p in model.parameters()]))
+            assert applied <= 0.05 * (1 + 2**-7)
+    assert {p.dtype for p in model.parameters()} == {torch.float32, torch.bfloat16}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- configuration, checked at construction --------------------------------------------
+@pytest.mark.parametrize("make, match", [
+    (lambda: gg.clip.GlobalNorm(-1.0), r"GlobalNorm.max_norm must be a finite number > 0"),
+    (lambda: gg.clip.GlobalNorm(0), r"GlobalNorm.max_norm must be a finite number > 0"),
+    (lambda: gg.clip.GlobalNorm(math.nan), r"GlobalNorm.max_norm .* got nan"),
+    (lambda: gg.clip.GlobalNorm(math.inf), r"GlobalNorm.max_norm .* got inf"),
+    (lambda: gg.clip.GlobalNorm("1.0"), r"must be a number"),
+    (lambda: gg.clip.Value(math.nan), r"Value.limit"),
+    (lambda: gg.clip.PerLayerNorm(-2), r"PerLayerNorm.max_norm"),
+    (lambda: gg.clip.AGC(clipping=0), r"AGC.clipping"),
+    (lambda: gg.clip.Quantile(q=math.nan), r"Quantile.q"),
+    (lambda: gg.clip.Quantile(q=1.5), r"Quantile.q must be in \[0, 1\]"),
+    (lambda: gg.clip.ZScore(z_thresh=math.nan), r"ZScore.z_thresh"),
+    (lambda: gg.clip.ZScore(alpha=1.0), r"ZScore.alpha must be in \(0, 1\)"),
+    (lambda: gg.clip.ZScore(mode="median"), r"ZScore.mode must be one of"),
+    (lambda: gg.clip.Normalize(norm=0.0), r"Normalize.norm"),
+    (lambda: gg.NormSpike(z_thresh=-1), r"NormSpike.z_thresh"),
+    (lambda: gg.NormSpike(warmup=0), r"NormSpike.warmup must be an int >= 1"),
+    (lambda: gg.LossSpike(ratio=math.nan), r"LossSpike.ratio"),
+    (lambda: gg.Backoff(factor=1.5), r"Backoff.factor must be in \(0, 1\)"),
+    (lambda: gg.Backoff(factor=math.nan), r"Backoff.factor"),
+    (lambda: gg.Rollback(every=0), r"Rollback.every must be an int >= 1"),
+    (lambda: gg.Rollback(lr_factor=math.nan), r"Rollback.lr_factor"),
+    (lambda: gg.Policy(on_spike="explode"), r"on_spike must be one of .*'explode'"),
+    (lambda: gg.Policy(on_nonfinite="ignore"), r"on_nonfinite must be one of"),
+    (lambda: gg.Policy(on_loss_spike="clip"), r"on_loss_spike must be one of"),
+    (lambda: gg.Policy(rollback=True), r"rollback must be a gradguard.Rollback"),
+    (lambda: gg.Policy(max_consecutive_skips=0), r"max_consecutive_skips"),
+])
+def test_invalid_settings_fail_at_construction(make, match):
+    with pytest.raises(gg.ConfigError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"on_spike": "explode"}, r"on_spike must be one of"),
+    ({"on_nonfinite": "warn"}, r"on_nonfinite must be one of"),
+    ({"skip_strategy": "fast"}, r"skip_strategy must be one of"),
+    ({"policy": "skip"}, r"policy must be a gradguard.Policy"),
+    ({"clip": "zscore"}, r"clip takes a gradguard.clip transform.*GlobalNorm"),
+    ({"clip": torch.nn.utils.clip_grad_norm_}, r"clip takes a gradguard.clip transform"),
+    ({"clip": [gg.clip.GlobalNorm(1.0), 1.0]}, r"chain\(\) takes gradguard.clip transforms"),
+    ({"flush_every": 0}, r"flush_every must be an int >= 1"),
+    ({"layers_every": math.nan}, r"layers_every must be an int >= 1"),
+    ({"after_step": "maxnorm"}, r"after_step takes a callable"),
+])
+def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
+    model = small_mlp()
+    with pytest.raises(gg.ConfigError, match=match):
+        gg.Guard(model, sgd(model), log=tmp_path / "r.jsonl", **kwargs)
+
+
+# -- resuming ----------------------------------------------------------------------------
+def stepped_guard(model, **kw):
+    guard = gg.Guard(model, sgd(model), **kw)
+    guard.step(backward(model))
+    return guard
+
+
+def test_state_from_a_differently_configured_guard_is_refused():
+    model = small_mlp()
+    state = stepped_guard(model).state_dict()
+    with pytest.raises(gg.ConfigError, match="same clip settings, policy and parameters"):
+        stepped_guard(model, on_spike="skip").load_state_dict(state)
+    deeper = small_mlp(depth=4)
+    with pytest.raises(gg.ConfigError, match="'n_params': 8"):
+        stepped_guard(deeper).load_state_dict(state)
+    with pytest.raises(gg.ConfigError, match="not a gradguard state dict"):
+        stepped_guard(model).load_state_dict(model.state_dict())
+    with pytest.raises(gg.ConfigError, match="not a gradguard state dict"):
+        stepped_guard(model).load_state_dict([1, 2])
+
+
+def test_state_from_another_format_version_names_the_fix():
+    model = small_mlp()
+    state = stepped_guard(model).state_dict()
+    state["format"] = 2
+    state["gradguard"] = "0.0.1"
+    with pytest.raises(gg.ConfigError,
+                       match=r"format 2 \(gradguard 0.0.1\).*version that saved it"):
+        stepped_guard(model).load_state_dict(state)
+
+
+def test_state_from_another_package_version_with_the_same_format_loads():
+    # The format number is the contract: a release that keeps it reads older states.
+    model = small_mlp()
+    state = stepped_guard(model).state_dict()
+    state["gradguard"] = "0.0.9"
+    fresh = stepped_guard(model)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 1
+
+
+# -- files ---------------------------------------------------------------------------------
+def take(step=0):
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters())
+    return snap.take(step, model, list(model.parameters()), opt, {"x": torch.ones(2)})
+
+
+def test_a_failed_snapshot_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "snapshot-000000001.pt"
+    snap.save_file(take(1), path)
+
+    def disk_full(_fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        snap.save_file(take(2), path)
+    monkeypatch.undo()
+    assert snap.load_file(path).step == 1  # the old snapshot, intact
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+
+
+def test_load_latest_falls_back_past_a_corrupted_newest_snapshot(tmp_path):
+    for step in (100, 200, 300):
+        snap.save_file(take(step), tmp_path / f"snapshot-{step:09d}.pt")
+    newest = tmp_path / "snapshot-000000300.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    # leftovers of a crash mid-write look nothing like a snapshot name
+    (tmp_path / ".snapshot-000000400.pt.k3j2.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    path, s = snap.load_latest(tmp_path)
+    assert path.name == "snapshot-000000200.pt" and s.step == 200
+    with pytest.raises(snap.SnapshotError, match="no loadable snapshot"):
+        snap.load_latest(tmp_path / "empty")
+
+
+def test_guard_snapshots_on_disk_survive_a_corrupted_newest_file(tmp_path):
+    model = small_mlp()
+    guard = gg.Guard(model, sgd(model, 0.01),
+                     rollback=gg.Rollback(every=5, keep=2, dir=str(tmp_path), clean_window=0))
+    for s in range(21):
+        guard.optimizer.zero_grad()
+        guard.step(backward(model, seed=s))
+    guard.close()
+    files = sorted(tmp_path.glob("snapshot-*.pt"))
+    assert [f.name for f in files] == ["snapshot-000000015.pt", "snapshot-000000020.pt"]
+    files[-1].write_bytes(files[-1].read_bytes()[:100])  # truncated
+    with pytest.raises(snap.SnapshotError, match="truncated"):
+        snap.load_file(files[-1])
+    path, s = snap.load_latest(tmp_path)
+    assert path == files[0] and s.step == 15
+
+
+def test_report_reads_a_log_whose_last_line_is_torn(tmp_path):
+    log = tmp_path / "r.jsonl"
+    model = small_mlp()
+    opt = sgd(model, 0.01)
+    with gg.Guard(model, opt, log=log, flush_every=1) as guard:
+        for s in range(12):
+            opt.zero_grad()
+            guard.step(backward(model, seed=s, nan=s == 8))
+    with open(log, "a") as f:
+        f.write('{"type":"step","step":12,"loss":0.4,"grad_no')  # killed mid-write
+    s = summarize(log)
+    assert s.steps == 12 and s.skipped == 1 and s.events["nonfinite"] == 1
+
+    # A run resumed into the same log starts on a fresh line: its records are not lost.
+    model2 = small_mlp()
+    opt2 = sgd(model2, 0.01)
+    with gg.Guard(model2, opt2, log=log, flush_every=1) as guard:
+        opt2.zero_grad()
+        guard.step(backward(model2))
+    recs = list(gg.read_jsonl(log))
+    assert [r["type"] for r in recs].count("meta") == 2
+    assert recs[-1]["type"] == "step" and recs[-1]["step"] == 0
