@@ -459,12 +459,34 @@ def _q(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _load() -> float | None:
-    """1-minute load average (this run's own threads count too), to flag a busy machine."""
+def _cpu_clock() -> tuple[float, float, float] | None:
+    """(wall s, CPU s busy on the whole machine, CPU s used by this process); Linux only."""
     try:
-        return os.getloadavg()[0]
-    except OSError:
+        with open("/proc/stat", encoding="ascii") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
         return None
+    busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+def others_cores(since: tuple[float, float, float] | None) -> float | None:
+    """CPU cores other processes kept busy, on average, since ``since``: the contamination."""
+    now = _cpu_clock()
+    if since is None or now is None or now[0] <= since[0]:
+        return None
+    return max(0.0, ((now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0]))
+
+
+def wait_idle(limit_s: float, window_s: float = 2.0, threshold: float = 0.15) -> float | None:
+    """Wait (up to ``limit_s``) until other processes use < ``threshold`` cores; return it."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        t0 = _cpu_clock()
+        time.sleep(window_s)
+        busy = others_cores(t0)
+        if busy is None or busy < threshold or time.monotonic() >= deadline:
+            return busy
 
 
 def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets_n: int = 4,
@@ -505,7 +527,7 @@ def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets
         v.times.append(_timed(lambda: v.fn(losses[k % grad_sets_n]), device))
 
     # Warm-up: each variant's own steady-state steps, then common interleaved rounds.
-    started, load_before = time.time(), _load()
+    started, clock = time.time(), _cpu_clock()
     for v in variants:
         for k in range(v.warmup):
             call(v, k)
@@ -524,7 +546,7 @@ def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets
     for v in variants:
         v.times = v.times[-reps:]
     fb = fb_times[warmup:] or fb_times
-    elapsed, load_after = time.time() - started, _load()
+    elapsed, others = time.time() - started, others_cores(clock)
 
     checks = {v.name: sync_check(v, grad_sets, losses, device)
               for v in variants if v.guard is not None}
@@ -590,7 +612,7 @@ def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets
     return {
         "model": name, "description": spec.description, "n_tensors": n_tensors,
         "started": time.strftime("%H:%M:%S", time.localtime(started)), "seconds": elapsed,
-        "load_before": load_before, "load_after": load_after, "reps": reps,
+        "others_cores": others, "reps": reps,
         "n_params": n_params, "fwd_bwd_ms": fb_med, "train_step_ms": train_step,
         "bare_ms": bare_med, "clip_alone_ms": clip_alone_med, "rows": rows,
         "variants": names, "skipped": skipped, "sync_check": checks, "snapshot": snapshot,
@@ -612,9 +634,8 @@ def model_table(res: dict[str, Any]) -> str:
             f"{res['n_tensors']} parameter tensors, {res['n_params'] / 1e6:.2f} M parameters. "
             f"Forward+backward {res['fwd_bwd_ms']:.2f} ms; training step with the bare "
             f"optimizer step {res['train_step_ms']:.2f} ms. {res['reps']} repetitions from "
-            f"{res['started']} for {res['seconds']:.0f} s; 1-min load average "
-            f"{_f(res['load_before'], '.2f')} → {_f(res['load_after'], '.2f')} (this run's two "
-            "threads make 2).\n\n"
+            f"{res['started']} for {res['seconds']:.0f} s; other processes kept "
+            f"{_f(res['others_cores'], '.2f')} CPU cores busy on average meanwhile.\n\n"
             "| variant | median ms | IQR ms | mean ms | × bare step | added ms | "
             "added ÷ clip_grad_norm_ alone | added % of training step |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -707,12 +728,16 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def run(models: list[str], reps: int = 200, warmup: int = 30, device: str = "cpu",
         threads: int = 2, steady: bool = True, grad_sets: int = 4, snapshot_reps: int = 10,
-        profile: bool = False) -> dict[str, Any]:
+        profile: bool = False, wait_idle_s: float = 0.0) -> dict[str, Any]:
     """Measure ``models``; returns ``{"env": ..., "results": [...], "targets": [...]}``."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    results = [run_model(m, reps, warmup, dev, grad_sets, steady, snapshot_reps, profile)
-               for m in models]
+    results = []
+    for m in models:
+        if wait_idle_s > 0:
+            wait_idle(wait_idle_s)
+        results.append(run_model(m, reps, warmup, dev, grad_sets, steady, snapshot_reps,
+                                 profile))
     return {"env": environment(dev), "results": results,
             "targets": [list(t) for t in targets(results)]}
 
@@ -739,6 +764,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each model, wait up to this long for other processes to "
+                         "leave the CPU (a shared machine)")
     ap.add_argument("--profile", action="store_true",
                     help="cProfile 200 steps of the default guard on each model")
     a = ap.parse_args(argv)
@@ -748,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA build of torch and a GPU")
-    report = run(models, a.reps, a.warmup, a.device, a.threads, profile=a.profile)
+    report = run(models, a.reps, a.warmup, a.device, a.threads, profile=a.profile,
+                 wait_idle_s=a.wait_idle)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

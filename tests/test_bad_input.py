@@ -18,6 +18,8 @@ from gradguard import snapshot as snap
 from gradguard.report import summarize
 from tests.conftest import backward, small_mlp
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+
 
 def sgd(model, lr=0.1):
     return torch.optim.SGD(model.parameters(), lr=lr)

@@ -19,6 +19,9 @@ from gradguard.testing import BadBatch, GradFault, Injector, NaNLoss
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+
 # Trains with disk snapshots every step and a log flushed every step, resuming from the
 # newest loadable snapshot of the previous run, until it is killed.
 WRITER = textwrap.dedent("""

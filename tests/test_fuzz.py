@@ -11,6 +11,7 @@ no gradient larger than its clip chain's bound.
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,11 +19,19 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.testing import state_is_finite
+from tests.conftest import single_thread
 
 SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 3e38,
             "big": 1e19, "denormal": 1e-40, "zero": 0.0}
 # bf16 keeps 8 significant bits: a scaled bf16 gradient is rounded by up to 2^-8 relative.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8 + 1e-5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is faster (module scope: hypothesis re-runs the test body).
+    with single_thread():
+        yield
 
 
 @st.composite
@@ -137,7 +146,7 @@ def same(a, b):
         ((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
 
 
-@settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setup=setups(), steps=st.lists(step_grads(), min_size=1, max_size=6))
 def test_guard_never_raises_never_poisons_and_bounds_hold(setup, steps):
     model, opt, clip, policy, strategy = setup
@@ -173,7 +182,7 @@ def test_guard_never_raises_never_poisons_and_bounds_hold(setup, steps):
     guard.close()
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setup=setups(), steps=st.lists(step_grads(), min_size=2, max_size=5))
 def test_reported_clipped_norm_is_the_applied_norm(setup, steps):
     model, opt, clip, policy, strategy = setup

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,15 +15,6 @@ def load_soak():
     sys.modules.setdefault("soak", mod)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture
-def one_thread():
-    # A small MLP gains nothing from a second thread, and loses a lot when cores are busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_soak_smoke(one_thread):

@@ -20,6 +20,8 @@ from gradguard.testing import (
 )
 from tests.conftest import small_mlp
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+
 
 def classifier(seed=0):
     torch.manual_seed(seed)
