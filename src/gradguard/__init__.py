@@ -9,10 +9,10 @@ from .detect import LossSpike, NormSpike
 from .errors import ConfigError, GradGuardError, GuardUsageError
 from .guard import Guard, StepInfo
 from .record import read_jsonl
-from .respond import Backoff, Policy, Rollback, TrainingDivergedError
+from .control import Stability
+from .respond import Policy, Rollback, TrainingDivergedError
 
 __all__ = [
-    "Backoff",
     "ConfigError",
     "GradGuardError",
     "Guard",
@@ -21,6 +21,7 @@ __all__ = [
     "NormSpike",
     "Policy",
     "Rollback",
+    "Stability",
     "StepInfo",
     "TrainingDivergedError",
     "__version__",

@@ -32,125 +32,145 @@ __all__ = ["DepthTrend", "Drift", "LayerAttribution", "LossSpike", "NormSpike"]
 _TINY = 1e-30
 
 
-class NormSpike(TensorState):
-    """Gradient-norm spike: z-score of log‖g‖ against its EMA mean and variance.
+# MAD → σ for normal data (1.4826 = 1/Φ⁻¹(3/4)).
+_MAD_SIGMA = 1.4826
 
-    Working in log space makes the test scale-free (a spike is a *factor* above the
-    typical norm). A step is a spike when z > ``z_thresh`` *and* the norm is at least
-    ``min_ratio`` times the EMA's typical norm, so a run with very steady norms does not
-    flag ordinary wobbles. Before ``warmup`` finite norms have been seen, a norm more than
-    ``early_ratio`` times the smallest norm so far is a spike (a run that explodes from
-    step one has no calm history to compare with). Spikes enter the statistics clipped
-    to the threshold, so a lasting level shift is learned, slowly.
 
-    References: the EMA z-score test of Kumar et al. 2025 (ZClip), section 3; OLMo-core's
-    mean + kσ skip rule (``olmo_core/optim/skip_step_optimizer.py``); Megatron-LM's check
-    against a multiple of early values.
+class _RobustWindow(TensorState):
+    """A rolling window of recent values on the device, summarised by median and MAD.
+
+    Median and MAD ignore the odd outlier that would inflate a mean and a variance (or an
+    EMA of them), so the detectors built on them neither miss the second spike after a
+    first one nor learn a steady blow-up as normal.
     """
 
-    def __init__(self, alpha: float = 0.95, z_thresh: float = 4.0, warmup: int = 10,
-                 min_ratio: float = 3.0, early_ratio: float = 10.0) -> None:
-        self.alpha = check_positive("NormSpike.alpha", alpha)
-        if self.alpha >= 1:
-            raise ConfigError(f"NormSpike.alpha must be in (0, 1), got {alpha!r}")
-        self.z_thresh = check_positive("NormSpike.z_thresh", z_thresh)
-        self.warmup = check_int("NormSpike.warmup", warmup, 1)
-        self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
-        self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
+    window: int
 
     def bind(self, device: torch.device) -> None:
-        z = {"dtype": torch.float32, "device": device}
-        self.state = {"mean": torch.zeros((), **z), "var": torch.zeros((), **z),
-                      "min": torch.full((), math.inf, **z),
+        self.state = {"buf": torch.full((self.window,), math.nan, device=device),
                       "count": torch.zeros((), dtype=torch.long, device=device)}
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """(median, robust σ) of the window (NaN while it is empty)."""
+        buf = self.state["buf"]
+        med = torch.nanmedian(buf)
+        return med, _MAD_SIGMA * torch.nanmedian((buf - med).abs())
+
+    def learn(self, value: Tensor, when: Tensor) -> None:
+        """Append ``value`` to the window where ``when`` holds (a 0-dim bool tensor)."""
+        s = self.state
+        slot = torch.remainder(s["count"], self.window).reshape(1)
+        s["buf"].index_copy_(0, slot, torch.where(when, value, s["buf"][slot]).reshape(1))
+        s["count"].add_(when.long())
+
+
+class NormSpike(_RobustWindow):
+    """Gradient-norm spike: log‖g‖ far above the median of a rolling window.
+
+    Working in log space makes the test scale-free (a spike is a *factor* above the
+    typical norm). After ``warmup`` finite norms, a step is a spike when its log norm is
+    more than ``z_thresh`` robust standard deviations (MAD-based) above the window's
+    median *and* at least ``min_ratio`` times the median norm. Before that, a norm more
+    than ``early_ratio`` times the median so far (plus ``z_thresh`` σ once three norms
+    exist) is a spike: a run that explodes from step one has no calm history. Spikes
+    enter the window clipped to the threshold, so a lasting level shift is learned within
+    about half a window, while a steady exponential blow-up keeps outrunning the median.
+
+    References: OLMo-core's skip rule, mean + 6σ over the last 128 steps
+    (``olmo_core/optim/skip_step_optimizer.py``), here with median/MAD (Hampel 1974) in
+    place of mean/σ; the z-score test of Kumar et al. 2025 (ZClip), section 3.
+    """
+
+    def __init__(self, window: int = 64, z_thresh: float = 6.0, warmup: int = 10,
+                 min_ratio: float = 3.0, early_ratio: float = 10.0) -> None:
+        self.window = check_int("NormSpike.window", window, 4)
+        self.z_thresh = check_positive("NormSpike.z_thresh", z_thresh)
+        self.warmup = check_int("NormSpike.warmup", warmup, 1)
+        if self.warmup > self.window:
+            raise ConfigError(f"NormSpike.warmup ({warmup}) must be <= window ({window})")
+        self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
+        self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
 
     def __call__(self, norm: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(spike, z, typical)`` for this step's global norm (0-dim tensors).
 
-        ``typical`` is the geometric-mean norm the statistics expect (the norm itself
-        before any has been learned); the guard clips spikes down to it.
+        ``typical`` is the median norm of the window (the norm itself before any has been
+        seen); the guard clips spikes down to it.
         """
-        s = self.state
-        x = torch.log(norm.clamp_min(_TINY))
-        ready = s["count"] >= self.warmup
-        std = torch.sqrt(s["var"] + 1e-12)
-        z = torch.where(ready, (x - s["mean"]) / std, torch.zeros_like(x))
-        late = ready & (z > self.z_thresh) & (x - s["mean"] > math.log(self.min_ratio))
-        early = ~ready & (s["count"] > 0) & (x - s["min"] > math.log(self.early_ratio))
+        count = self.state["count"]
+        x = torch.log(norm.float().clamp_min(_TINY))
+        med, sigma = self.stats()
+        ready = count >= self.warmup
+        seen = count > 0
+        dev = torch.where(seen, x - med, torch.zeros_like(x))
+        noise = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
+        z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(x))
+        late = ready & (dev > self.z_thresh * sigma) & (dev > math.log(self.min_ratio))
+        early = seen & ~ready & (dev > math.log(self.early_ratio) + noise)
         spike = ok & (late | early)
-        typical = torch.where(s["count"] > 0, torch.exp(s["mean"]), norm)
-
-        # Learning: Welford-style running mean during warm-up, EMA afterwards; spikes
-        # enter clipped to the threshold. Early spikes enter too (clipped to the early
-        # bound): a run knocked to a higher norm level in its first steps must still get
-        # through warm-up and learn that level, not flag every later step for ever.
-        cap = torch.where(ready, s["mean"] + self.z_thresh * std,
-                          s["min"] + math.log(self.early_ratio))
-        xc = torch.minimum(x, cap)
-        n = (s["count"] + 1).to(torch.float32)
-        w = torch.where(ready, torch.full_like(n, 1 - self.alpha), 1.0 / n)
-        delta = xc - s["mean"]
-        new_mean = s["mean"] + w * delta
-        new_var = torch.where(ready, (1 - w) * (s["var"] + w * delta * delta),
-                              s["var"] + (delta * (xc - new_mean) - s["var"]) / n)
-        learn = ok
-        s["mean"].copy_(torch.where(learn, new_mean, s["mean"]))
-        s["var"].copy_(torch.where(learn, new_var, s["var"]))
-        s["min"].copy_(torch.where(ok, torch.minimum(s["min"], x), s["min"]))
-        s["count"].add_(learn.long())
+        typical = torch.where(seen, torch.exp(med), norm.float())
+        # A spike enters at the threshold: a level shift is learned, a blow-up is not.
+        cap = torch.where(ready, med + torch.maximum(self.z_thresh * sigma,
+                                                     torch.full_like(sigma, math.log(
+                                                         self.min_ratio))),
+                          med + math.log(self.early_ratio) + noise)
+        self.learn(torch.where(spike, cap, x), ok & torch.isfinite(x))
         return spike, z, typical
 
 
-class LossSpike(TensorState):
-    """Loss spike: z-score *and* ratio against a rolling window of recent losses.
+class LossSpike(_RobustWindow):
+    """Loss spike: the loss far above the median of a rolling window of recent losses.
 
-    A step is a spike when the loss is more than ``z_thresh`` standard deviations above
-    the window mean and (for positive losses) more than ``ratio`` times that mean. Spikes
-    do not enter the window. Before ``min_count`` losses have been seen, a positive loss
-    more than ``early_ratio`` times the smallest loss so far is a spike (a too-high LR
-    can wreck a model in its first few steps, before any statistics exist); early spikes
-    enter the window clipped to that bound, so a run that settles at a higher loss stops
-    being flagged once the window has filled.
+    After ``min_count`` losses, a step is a spike when the loss is more than ``z_thresh``
+    robust standard deviations above the window's median, more than ``floor`` × the first
+    loss above it (a noise floor: once a loss is near zero, a batch at 5× the median is
+    still a small loss, not an event), and (for positive losses) more than ``ratio`` times
+    the median. Spikes do not enter the window. Before ``min_count`` losses, a positive
+    loss more than ``early_ratio`` times the median so far (and ``z_thresh`` σ above it once
+    three losses exist) is a spike: a too-high LR can wreck a model in its first few
+    steps, before any statistics exist. Early spikes enter clipped to that bound, so a
+    run that settles at a higher loss stops being flagged once the window has filled.
 
     References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
-    (``olmo_core/optim/skip_step_optimizer.py``); Megatron-LM flags a loss far above its
-    recent values.
+    (``olmo_core/optim/skip_step_optimizer.py``); here with median/MAD (Hampel 1974).
     """
 
-    def __init__(self, window: int = 50, z_thresh: float = 6.0, ratio: float = 1.5,
-                 min_count: int = 10, early_ratio: float = 2.5) -> None:
-        self.window = check_int("LossSpike.window", window, 2)
+    def __init__(self, window: int = 64, z_thresh: float = 6.0, ratio: float = 1.5,
+                 min_count: int = 10, early_ratio: float = 2.5, floor: float = 0.05) -> None:
+        self.window = check_int("LossSpike.window", window, 4)
         self.z_thresh = check_positive("LossSpike.z_thresh", z_thresh)
         self.ratio = check_positive("LossSpike.ratio", ratio)
         self.min_count = check_int("LossSpike.min_count", min_count, 2)
+        if self.min_count > self.window:
+            raise ConfigError(f"LossSpike.min_count ({min_count}) must be <= window ({window})")
         self.early_ratio = check_positive("LossSpike.early_ratio", early_ratio)
+        self.floor = check_positive("LossSpike.floor", floor, allow_zero=True)
 
     def bind(self, device: torch.device) -> None:
-        self.state = {"losses": torch.full((self.window,), math.nan, device=device),
-                      "count": torch.zeros((), dtype=torch.long, device=device)}
+        super().bind(device)
+        self.state["first"] = torch.full((), math.nan, device=device)
 
     def __call__(self, loss: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
         s = self.state
-        buf = s["losses"]
         loss = loss.float().reshape(())
-        mean = torch.nanmean(buf)
-        valid = ~torch.isnan(buf)
-        nvalid = valid.sum().clamp_min(1)
-        var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / nvalid
-        std = torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12
-        ready = s["count"] >= self.min_count
-        z = torch.where(ready, (loss - mean) / std, torch.zeros_like(loss))
-        ratio_ok = (mean <= 0) | (loss > self.ratio * mean)
-        low = torch.where(valid, buf, torch.full_like(buf, math.inf)).min()
-        early = ~ready & (s["count"] > 0) & (low > 0) & (loss > self.early_ratio * low)
-        spike = ok & ((ready & (z > self.z_thresh) & ratio_ok) | early)
-        learn = ok & torch.isfinite(loss) & (~spike | ~ready)
+        med, sigma = self.stats()
+        count = s["count"]
+        ready = count >= self.min_count
+        seen = count > 0
+        dev = torch.where(seen, loss - med, torch.zeros_like(loss))
+        floor = self.floor * torch.nan_to_num(s["first"].abs(), nan=0.0)
+        z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(loss))
+        ratio_ok = (med <= 0) | (loss > self.ratio * med)
+        late = ready & (dev > self.z_thresh * sigma) & (dev > floor) & ratio_ok
+        noise = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
+        early_bound = self.early_ratio * med
+        early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > noise)
+        spike = ok & (late | early)
+        good = ok & torch.isfinite(loss)
         # Early spikes enter clipped to the early bound: a wrecked first step must not fill
-        # the window with values that hide the next spike for ``window`` steps.
-        entry = torch.where(early, self.early_ratio * low, loss)
-        slot = torch.remainder(s["count"], self.window).reshape(1)
-        buf.index_copy_(0, slot, torch.where(learn, entry, buf[slot]).reshape(1))
-        s["count"].add_(learn.long())
+        # the window with values that hide the next spike.
+        self.learn(torch.where(early, early_bound, loss), good & ~late)
+        s["first"].copy_(torch.where(good & ~seen, loss, s["first"]))
         return spike, z
 
 

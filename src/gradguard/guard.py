@@ -33,14 +33,15 @@ from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError, check_int
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
-from .respond import DeviceDecision, Policy, TrainingDivergedError
+from .control import Controller
+from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
 from .stepper import Stepper
 
 __all__ = ["Guard", "StepInfo"]
 
 log = logging.getLogger("gradguard")
-STATE_VERSION = 3
+STATE_VERSION = 4
 T = TypeVar("T")
 
 
@@ -271,9 +272,15 @@ class Guard:
         if not isinstance(policy, Policy):
             raise ConfigError(f"policy must be a gradguard.Policy, got {policy!r}; use "
                               "Policy(on_spike=...) or the on_* shortcuts")
+        if rollback is not None and rollback is not False and \
+                not isinstance(rollback, Rollback):
+            raise ConfigError(f"rollback takes a gradguard.Rollback, or False to turn rollback "
+                              f"off, got {rollback!r}")
         overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
                                        ("on_loss_spike", on_loss_spike), ("rollback", rollback))
                      if v is not None}
+        if overrides.get("rollback") is False:
+            overrides["rollback"] = None
         if overrides:
             fields = {**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
                       **overrides}
@@ -284,6 +291,7 @@ class Guard:
         self.grad_spike.bind(self.device)
         self.loss_spike.bind(self.device)
         self.decision = DeviceDecision(policy, self.device)
+        self.control = Controller(policy.stability) if policy.stability is not None else None
 
         if clip is None:
             clip = ZScore()
@@ -300,9 +308,15 @@ class Guard:
             raise ConfigError(f"after_step takes a callable or a list of them, got {after_step!r}")
         self.after_step: tuple[Callable[[], object], ...] = hooks
         self.stepper = Stepper(optimizer, skip_strategy)
-        # Fused kernels take the LR as a device tensor; others get a host float, one step late.
-        self._lr_on_device = self.stepper.strategy == "found_inf"
-        self._host_lr_scale = 1.0
+        # The LR scale is decided on the host from rows already there (no sync); the
+        # device copy only feeds the per-step row and is refilled when the scale changes.
+        self._scale = 1.0  # the controller's LR scale
+        self._factor = 1.0  # what this step applies: scale × automatic warm-up
+        self._scale_t = torch.ones((), device=self.device)
+        self._warm_len = (policy.stability.warmup_steps(optimizer)
+                          if policy.stability is not None else 0)
+        self._progress = 0  # steps since the state the weights are in began
+        self._lr0: float | None = None
 
         self.steps = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
@@ -334,14 +348,12 @@ class Guard:
         self._good: deque[snap.Snapshot] = deque(maxlen=policy.rollback.keep
                                                   if policy.rollback else 1)
         self._candidates: dict[int, snap.Snapshot] = {}
-        self._last_target: int | None = None
-        self._rollback_scale = 1.0
+        # Where snapshots live ("device", "cpu" or "off"), settled at the first snapshot.
+        self._snap_place: str | None = None
         self._skip_batches = 0
         self._skip_streak = 0
         self._clean_streak = 0
-        self._loss_streak = 0
         self._ignore_rows_before = 0
-        self._prev_lr_scale = 1.0
         self._disk_files: deque[Path] = deque()
         self._base_lrs: dict[int, float] = {}
         self._started = False
@@ -408,7 +420,9 @@ class Guard:
                        "skip_strategy": self.stepper.strategy},
         })
         if self.policy.rollback is not None:
-            self._good.append(self._take(-1))
+            self._snap_place = self._placement()
+            if self._snap_place != "off":
+                self._good.append(self._take(-1))
 
     def step(self, loss: Tensor | None = None) -> StepInfo:
         """Measure, transform and apply (or skip) this step's gradients.
@@ -478,11 +492,14 @@ class Guard:
         clipped = ctx.global_norm
         ctx.flush()
 
-        skip, lr_scale = self.decision(nonfinite, grad_spike, loss_spike)
+        skip = self.decision(nonfinite, grad_spike, loss_spike)
+        lr_scale = self._scale_t
         base_lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(base_lr, float | int):  # a host number: free to record
             self._base_lrs[self.steps] = float(base_lr)
-        self._optimizer_step(groups.params, skip, lr_scale)
+        self._set_factor(self._scale * self._warmup_factor(base_lr))
+        self._optimizer_step(groups.params, skip)
+        self._progress += 1
         for hook in self.after_step:
             hook()
         if self.scaler is not None and self.scaler.is_enabled():
@@ -502,22 +519,46 @@ class Guard:
         return StepInfo(step, loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
                         loss_spike, lr_scale, stats.norms, rolled)
 
-    def _optimizer_step(self, params: list[Tensor], skip: Tensor, lr_scale: Tensor) -> None:
+    def _optimizer_step(self, params: list[Tensor], skip: Tensor) -> None:
         groups = self.optimizer.param_groups
-        scaled = self.policy.backs_off
-        if scaled:
+        scale = self._factor
+        if scale != 1.0:
+            # The guard scales whatever LR the user's scheduler set, for this step only.
             base = [g["lr"] for g in groups]
             for g, b in zip(groups, base, strict=True):
-                if self._lr_on_device:
-                    g["lr"] = lr_scale * b
-                elif self._host_lr_scale != 1.0:
-                    g["lr"] = b * self._host_lr_scale
+                g["lr"] = b * scale
         try:
             self.stepper.step(params, skip)
         finally:
-            if scaled:
+            if scale != 1.0:
                 for g, b in zip(groups, base, strict=True):
                     g["lr"] = b
+
+    def _set_scale(self, scale: float) -> None:
+        self._scale = scale
+
+    def _set_factor(self, factor: float) -> None:
+        if factor != self._factor:
+            self._factor = factor
+            self._scale_t.fill_(factor)  # a host scalar into a device tensor: no sync
+
+    def _warmup_factor(self, base_lr: Any) -> float:
+        """The automatic warm-up's LR factor for this step (1 when off or over).
+
+        A linear ramp over ``Stability.warmup`` steps, counted from the state the weights
+        are in (a rollback to the start ramps again). Switched off for good when the
+        user's own LR rises during the ramp: their schedule warms up already.
+        """
+        n = self._warm_len
+        if n == 0 or self._progress >= n:
+            return 1.0
+        if isinstance(base_lr, float | int):
+            if self._lr0 is None:
+                self._lr0 = float(base_lr)
+            elif base_lr > self._lr0 * (1 + 1e-6):
+                self._warm_len = 0
+                return 1.0
+        return (self._progress + 1) / n
 
     # -- host side ---------------------------------------------------------------------
     def _host_side(self, step: int) -> bool:
@@ -526,7 +567,8 @@ class Guard:
         for k, values in self.mailbox.poll():
             rolled = self._on_row(k, values) or rolled
         rb = self.policy.rollback
-        if rb is not None and not rolled and step % rb.every == 0 and step > 0:
+        if (rb is not None and self._snap_place not in (None, "off") and not rolled
+                and step % rb.every == 0 and step > 0):
             cand = self._take(step)
             if self.recorder.rows and self.recorder.rows[-1]["step"] == step:
                 self._judge(cand)
@@ -536,9 +578,14 @@ class Guard:
         return rolled
 
     def _judge(self, cand: snap.Snapshot) -> None:
+        """Keep a snapshot when the steps before it were clean and the loss was calm."""
         rb = self.policy.rollback
         assert rb is not None
-        if self._clean_streak >= rb.clean_window:
+        calm = self.control is None or self.control.calm_now()
+        if self._clean_streak >= rb.clean_window and calm:
+            if self.control is not None:
+                # Judged at its own row: the controller now describes exactly its weights.
+                cand.guard["control"] = self.control.trajectory()
             self._good.append(cand)
             if rb.dir is not None and cand.step % (rb.disk_every or rb.every) == 0:
                 self._write_disk(cand)
@@ -547,17 +594,13 @@ class Guard:
         rec = self.recorder.row(k, values, len(self.params))
         rec["lr"] = self._base_lrs.pop(k, None)
         norms = rec["_norms"]
-        if not self._lr_on_device:
-            self._host_lr_scale = rec["lr_scale"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self._clean_streak = 0 if flagged else self._clean_streak + 1
-        if k in self._candidates:
-            self._judge(self._candidates.pop(k))
+        self._skip_streak = self._skip_streak + 1 if rec["skipped"] else 0
         if flagged:
             self._events_for(rec, norms)
         else:
             self.attribution.learn(norms)
-        self._lr_events(rec)
         msg = self.depth.update(norms)
         if msg:
             self.recorder.event(k, "depth_trend", msg, action="warn")
@@ -566,7 +609,77 @@ class Guard:
             self.recorder.event(k, "drift", msg, action="warn")
         if k < self._ignore_rows_before:
             return False  # a step taken before the last rollback took effect
-        return self._escalate(rec)
+        rolled = self._stability(rec, bool(flagged))
+        if not rolled and k in self._candidates:
+            self._judge(self._candidates.pop(k))
+        return rolled
+
+    def _stability(self, rec: dict[str, Any], flagged: bool) -> bool:
+        """Escalation: feed the controller; lower the LR, roll back or give up."""
+        p = self.policy
+        k = rec["step"]
+        if rec["nonfinite"] and p.on_nonfinite == "raise":
+            self._diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
+        if self.control is None:
+            if self._skip_streak >= p.max_consecutive_skips:
+                self._diverged(k, f"{self._skip_streak} consecutive steps skipped: the model "
+                                  "cannot recover by skipping")
+            return False
+        loss = rec["loss"]
+        verdict = self.control.observe(k, None if loss is None else float(loss), flagged,
+                                       bool(rec["skipped"]))
+        may_roll = True
+        if verdict.unstable is None:
+            forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])
+            if forced is not None:
+                verdict = self.control.unstable(k, forced[0])
+                may_roll = forced[1]
+        reason = verdict.unstable
+        if verdict.raised:
+            self._set_scale(verdict.scale)
+            self.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
+                                f"×{verdict.scale:.3g}", action="recover",
+                                lr_scale=verdict.scale)
+            return False
+        if reason is None:
+            if self._skip_streak >= p.max_consecutive_skips:
+                self._diverged(k, f"{self._skip_streak} consecutive steps skipped")
+            return False
+        if verdict.give_up:
+            self._give_up(k, reason)
+        rb = p.rollback
+        if self.rollbacks >= (rb.max_rollbacks if rb else 0) and rb is not None and \
+                self._good:
+            self._diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
+                              f"(max_rollbacks={rb.max_rollbacks})")
+        self._set_scale(verdict.scale)
+        if self._good and may_roll:
+            self._rollback(k, reason)
+            return True
+        # No snapshot undid the damage: the weights are elsewhere now, and so is what is
+        # normal for their loss and gradients. Judge what follows from here.
+        self.control.rebaseline()
+        self.grad_spike.bind(self.device)
+        self.loss_spike.bind(self.device)
+        self.recorder.event(k, "backoff", f"unstable: {reason}; LR scale ×{verdict.scale:.3g}"
+                            " (no snapshot to roll back to)", action="backoff",
+                            lr_scale=verdict.scale, reason=reason)
+        return False
+
+    def _give_up(self, step: int, reason: str) -> None:
+        assert self.control is not None
+        lr = self._base_lrs.get(step) or self.optimizer.param_groups[0]["lr"]
+        try:
+            at = f" (lr {float(lr) * self.control.scale:.3g})"
+        except (TypeError, ValueError):
+            at = ""
+        self._diverged(
+            step,
+            f"{reason}, and the LR is already scaled ×{self.control.scale:.3g}{at}: this run "
+            "is unstable at any LR the guard can give it. The base LR, the initialisation "
+            "or the inputs' scale is the problem: run `gradguard doctor` on this model, or "
+            "start from a much lower LR",
+        )
 
     def _events_for(self, rec: dict[str, Any], norms: np.ndarray) -> None:
         k = rec["step"]
@@ -575,14 +688,12 @@ class Guard:
         # What the device actually did, whatever the configured action was called.
         if rec["skipped"]:
             action = "skip"
-        elif rec["lr_scale"] < self._prev_lr_scale * (1 - 1e-6):
-            action = "backoff"
         elif rec["clipped_norm"] < rec["grad_norm"] * (1 - 1e-6):
             action = "clip"
         else:
             action = "none"
-        done = {"skip": "step skipped", "backoff": "step clipped, LR backed off",
-                "clip": "step clipped", "none": "step applied as is"}[action]
+        done = {"skip": "step skipped", "clip": "step clipped",
+                "none": "step applied as is"}[action]
         common = {"action": action, "origin_layer": att.origin,
                   "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
                                  for n, z in att.top],
@@ -593,51 +704,13 @@ class Guard:
         if rec["grad_spike"]:
             self.recorder.event(k, "grad_spike",
                                 f"gradient norm {rec['grad_norm']:.4g} spiked "
-                                f"({_why(rec['grad_z'], 'smallest norm')}){where}; {done}",
+                                f"({_why(rec['grad_z'], 'median norm')}){where}; {done}",
                                 z=rec["grad_z"], **common)
         if rec["loss_spike"]:
             self.recorder.event(k, "loss_spike",
                                 f"loss {rec['loss']:.4g} spiked "
-                                f"({_why(rec['loss_z'], 'smallest loss')}){where}; {done}",
+                                f"({_why(rec['loss_z'], 'median loss')}){where}; {done}",
                                 z=rec["loss_z"], **common)
-
-    def _lr_events(self, rec: dict[str, Any]) -> None:
-        s = rec["lr_scale"]
-        prev = self._prev_lr_scale
-        if s < prev * (1 - 1e-6):
-            self.recorder.event(rec["step"], "backoff", f"LR scaled ×{s:.4g} (was ×{prev:.4g})",
-                                action="backoff", lr_scale=s)
-        elif s > prev * (1 + 1e-6):
-            self.recorder.event(rec["step"], "recover", f"LR scale recovered to ×{s:.4g}",
-                                action="recover", lr_scale=s)
-        self._prev_lr_scale = s
-
-    def _escalate(self, rec: dict[str, Any]) -> bool:
-        p = self.policy
-        k = rec["step"]
-        self._skip_streak = self._skip_streak + 1 if rec["skipped"] else 0
-        self._loss_streak = self._loss_streak + 1 if rec["loss_spike"] else 0
-        if rec["nonfinite"] and p.on_nonfinite == "raise":
-            self._diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
-        rb = p.rollback
-        if rb is None:
-            if self._skip_streak >= p.max_consecutive_skips:
-                self._diverged(k, f"{self._skip_streak} consecutive steps skipped and no "
-                                  "rollback configured: the model cannot recover by skipping")
-            return False
-        reason = None
-        if rec["nonfinite"] and p.on_nonfinite == "rollback":
-            reason = "NaN/Inf step"
-        elif rec["grad_spike"] and p.on_spike == "rollback":
-            reason = "gradient-norm spike"
-        elif self._loss_streak >= rb.loss_spike_steps and p.on_loss_spike == "rollback":
-            reason = f"loss spiked {self._loss_streak} steps in a row"
-        elif self._skip_streak >= rb.after_bad_steps:
-            reason = f"{self._skip_streak} consecutive bad steps"
-        if reason is None:
-            return False
-        self._rollback(k, reason)
-        return True
 
     def _diverged(self, step: int, why: str) -> None:
         diagnosis = self.diagnosis()
@@ -659,25 +732,55 @@ class Guard:
             if e.get("origin_layer"):
                 origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
         return {"steps": self.steps, "events": kinds, "origin_layers": origins,
-                "rollbacks": self.rollbacks, "lr_scale": self._prev_lr_scale,
+                "rollbacks": self.rollbacks, "lr_scale": self._scale,
                 "last_good_step": self._good[-1].step if self._good else None,
                 "recent_events": ev[-10:]}
 
     # -- snapshots and rollback --------------------------------------------------------
     def _guard_state(self) -> dict[str, Any]:
-        return {"clip": self.clip.state_dict(), "grad_spike": self.grad_spike.state_dict(),
-                "loss_spike": self.loss_spike.state_dict(),
-                "decision": self.decision.state_dict()}
+        """The guard state that describes the current weights (rolled back with them)."""
+        out = {"clip": self.clip.state_dict(), "grad_spike": self.grad_spike.state_dict(),
+               "loss_spike": self.loss_spike.state_dict(),
+               "decision": self.decision.state_dict()}
+        if self.control is not None:
+            out["control"] = self.control.trajectory()
+        return out
 
     def _load_guard_state(self, s: dict[str, Any]) -> None:
         self.clip.load_state_dict(snap.clone_tree(s["clip"]))
         self.grad_spike.load_state_dict(s["grad_spike"])
         self.loss_spike.load_state_dict(s["loss_spike"])
         self.decision.load_state_dict(s["decision"])
+        if self.control is not None and "control" in s:
+            self.control.load_trajectory(s["control"])
+
+    def _placement(self) -> str:
+        """Where in-memory snapshots can live: "device", "cpu" or "off" (too large)."""
+        rb = self.policy.rollback
+        assert rb is not None
+        if rb.memory != "auto":
+            return rb.memory
+        need = rb.keep * snap.estimate_bytes(self.params, self.optimizer)
+        host = snap.host_available_bytes()
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if need <= rb.device_fraction * total:
+                return "device"
+        elif host is None:
+            return "device"  # nothing to measure against: trust the user's device
+        if host is not None and need <= rb.host_fraction * host:
+            # On a CPU model host memory *is* the device; a GPU model offloads to it.
+            return "device" if self.device.type == "cpu" else "cpu"
+        self.recorder.event(-1, "rollback_off",
+                            f"rollback off: {rb.keep} snapshots need {need / 2**30:.3g} GiB, "
+                            f"more than Rollback(device_fraction={rb.device_fraction}, "
+                            f"host_fraction={rb.host_fraction}) allows; instability is "
+                            "answered by lowering the LR in place", action="warn")
+        return "off"
 
     def _take(self, step: int) -> snap.Snapshot:
         return snap.take(step, self.model, self.params, self.optimizer, self._guard_state(),
-                         self._tracked)
+                         self._tracked, to_cpu=self._snap_place == "cpu")
 
     def _write_disk(self, s: snap.Snapshot) -> None:
         rb = self.policy.rollback
@@ -692,34 +795,28 @@ class Guard:
                             action="snapshot", path=str(path))
 
     def _rollback(self, step: int, reason: str) -> None:
+        """Restore the latest good snapshot; the controller has already lowered the LR."""
         rb = self.policy.rollback
-        assert rb is not None
-        if self.rollbacks >= rb.max_rollbacks:
-            self._diverged(step, f"{reason} after {self.rollbacks} rollbacks "
-                                 f"(max_rollbacks={rb.max_rollbacks})")
-        if not self._good:
-            self._diverged(step, f"{reason} and no good snapshot to roll back to")
+        assert rb is not None and self._good
+        # The latest good snapshot was taken while the loss was calm, so before the
+        # regression began. Going back further would throw away sound progress; if the
+        # run fails again from here, the lower LR is what changes.
         target = self._good[-1]
-        if self._last_target == target.step and len(self._good) > 1:
-            self._good.pop()  # it failed again from here: go further back
-            target = self._good[-1]
-        self._last_target = target.step
         snap.restore(target, self.model, self.params, self.optimizer, self._tracked)
         self._load_guard_state(target.guard)
-        self._rollback_scale *= rb.lr_factor
-        self.decision.scale_lr(self._rollback_scale)
+        self._progress = target.step + 1
         self.optimizer.zero_grad(set_to_none=True)
         self.rollbacks += 1
         self._skip_batches = rb.skip_batches
-        self._skip_streak = self._loss_streak = self._clean_streak = 0
+        self._skip_streak = self._clean_streak = 0
         self._candidates.clear()
         self._ignore_rows_before = self.steps
+        skip = f"; skipping the next {rb.skip_batches} batches" if rb.skip_batches else ""
         self.recorder.event(
             step, "rollback",
-            f"rolled back to the state after step {target.step} ({reason}); LR scale "
-            f"×{self._rollback_scale:.4g}; skipping the next {rb.skip_batches} batches",
-            action="rollback", to_step=target.step, reason=reason,
-            lr_factor=self._rollback_scale,
+            f"unstable: {reason}; rolled back to the state after step {target.step}, LR "
+            f"scale ×{self._scale:.3g}{skip}",
+            action="rollback", to_step=target.step, reason=reason, lr_scale=self._scale,
         )
 
     # -- lifecycle and state -----------------------------------------------------------
@@ -729,12 +826,32 @@ class Guard:
             self._on_row(k, values)
 
     def close(self) -> None:
-        """Process the rows still in flight and close the sinks."""
+        """Process the rows still in flight, write the run's verdict, close the sinks."""
         if self._closed:
             return
         self._drain()
+        if self._started:
+            self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
         self.recorder.close()
         self._closed = True
+
+    def verdict(self) -> str:
+        """One sentence on how the run went and what to change (also logged at close)."""
+        skipped = sum(1 for e in self.recorder.events if e.get("action") == "skip")
+        bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
+        c = self.control
+        if c is None or c.instabilities == 0:
+            return f"stable: {bad}, the LR was never changed"
+        lr = self.optimizer.param_groups[0]["lr"]
+        share = c.scaled_rows / max(c.rows, 1)
+        try:
+            at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
+        except (TypeError, ValueError):
+            at = f"×{c.scale:.3g} of your LR"
+        return (f"unstable at your LR: the guard lowered it {c.instabilities} time(s) "
+                f"({self.rollbacks} rollback(s)), it was scaled down on {share:.0%} of steps, "
+                f"and the run ended stable at {at}; {bad}. Set that LR (or warm up to it) "
+                "to train without the guard's help")
 
     def __enter__(self) -> Guard:
         return self
@@ -752,9 +869,8 @@ class Guard:
             "steps": self.steps,
             "skipped": self.skipped.detach().clone(),
             "rollbacks": self.rollbacks,
-            "rollback_scale": self._rollback_scale,
-            "host_lr_scale": self._host_lr_scale,
-            "prev_lr_scale": self._prev_lr_scale,
+            "scale": self._scale,
+            "controller": None if self.control is None else self.control.state_dict(),
             "attribution": {k: torch.as_tensor(v) for k, v in
                             self.attribution.state_dict().items()},
             **self._guard_state(),
@@ -785,9 +901,9 @@ class Guard:
         self.steps = int(state["steps"])
         self.skipped.copy_(state["skipped"])
         self.rollbacks = int(state["rollbacks"])
-        self._rollback_scale = float(state["rollback_scale"])
-        self._host_lr_scale = float(state["host_lr_scale"])
-        self._prev_lr_scale = float(state["prev_lr_scale"])
+        self._set_scale(float(state["scale"]))
+        if self.control is not None and state["controller"] is not None:
+            self.control.load_state_dict(state["controller"])
         a = state["attribution"]
         self.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
                                           "count": int(a["count"])})

@@ -33,17 +33,46 @@ class SnapshotError(GradGuardError):
     """A snapshot file is missing, truncated, corrupted or of another format."""
 
 
-def clone_tree(obj: Any) -> Any:
-    """Deep copy with tensors cloned (on their own device) and containers rebuilt."""
+def clone_tree(obj: Any, to_cpu: bool = False) -> Any:
+    """Deep copy with tensors cloned and containers rebuilt.
+
+    Tensors stay on their device, or with ``to_cpu`` go to host memory: pinned, and
+    copied without blocking the host when they come from a GPU (the copy is ordered on
+    the stream before any later in-place update of the source).
+    """
     if isinstance(obj, Tensor):
-        return obj.detach().clone()
+        t = obj.detach()
+        if not to_cpu or t.device.type == "cpu":
+            return t.clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+        return out.copy_(t, non_blocking=t.is_cuda)
     if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
+        return {k: clone_tree(v, to_cpu) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [clone_tree(v) for v in obj]
+        return [clone_tree(v, to_cpu) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(clone_tree(v) for v in obj)
+        return tuple(clone_tree(v, to_cpu) for v in obj)
     return obj
+
+
+def estimate_bytes(params: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes one snapshot takes: the parameters plus the optimizer's state.
+
+    Before the first step the state does not exist yet; it is counted as two tensors per
+    parameter (Adam's moments: the largest of torch's usual optimizers).
+    """
+    weights = sum(p.numel() * p.element_size() for p in params)
+    state = sum(v.numel() * v.element_size() for st in optimizer.state.values()
+                for v in st.values() if isinstance(v, Tensor))
+    return weights + (state if optimizer.state else 2 * weights)
+
+
+def host_available_bytes() -> int | None:
+    """Free host memory (Linux/macOS ``sysconf``), or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def to_cpu(obj: Any) -> Any:
@@ -71,22 +100,23 @@ class Snapshot:
                 "guard": self.guard, "extras": self.extras}
 
 
-def _model_state(model: nn.Module | None, params: Sequence[Tensor]) -> dict[str, Any]:
+def _model_state(model: nn.Module | None, params: Sequence[Tensor],
+                 to_cpu: bool) -> dict[str, Any]:
     if model is not None:
-        return clone_tree(model.state_dict())
-    return {str(i): p.detach().clone() for i, p in enumerate(params)}
+        return clone_tree(model.state_dict(), to_cpu)
+    return {str(i): clone_tree(p, to_cpu) for i, p in enumerate(params)}
 
 
 def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
          optimizer: torch.optim.Optimizer, guard_state: dict[str, Any],
-         extras: Sequence[Any] = ()) -> Snapshot:
-    """Clone everything needed to return to this moment (device-side copies only)."""
+         extras: Sequence[Any] = (), to_cpu: bool = False) -> Snapshot:
+    """Clone everything needed to return to this moment (no host sync either way)."""
     return Snapshot(
         step=step,
-        model=_model_state(model, params),
-        optimizer=clone_tree(optimizer.state_dict()),
+        model=_model_state(model, params, to_cpu),
+        optimizer=clone_tree(optimizer.state_dict(), to_cpu),
         guard=clone_tree(guard_state),
-        extras=[clone_tree(e.state_dict()) for e in extras],
+        extras=[clone_tree(e.state_dict(), to_cpu) for e in extras],
     )
 
 

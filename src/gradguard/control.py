@@ -1,0 +1,277 @@
+"""The stability controller: tells a bad batch from an unstable run and sets the LR scale.
+
+The per-step detectors (:mod:`gradguard.detect`) flag single steps. Whether a run is
+*unstable* is a question about many steps, so it is answered here, on the host, from the
+rows the recorder brings back (no device sync; on a GPU the rows arrive a step or two
+late, which a trend measured over tens of steps does not mind). Three classes of evidence:
+
+* **transient fault** — one flagged step (NaN/Inf, a gradient-norm or loss spike) between
+  normal ones: a bad batch. The device skips it; the LR is left alone, and it does not
+  count towards instability.
+* **persistent instability** — ``bad_steps`` flagged steps in a row, or the loss *level*
+  (the median of recent losses, robust to single bad batches) rising to more than
+  (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
+  errors wide): the run itself is diverging, slowly or fast.
+* **early phase** — before ``min_losses`` losses exist there is no level; only the flag
+  streak counts, and the per-step detectors' early checks (a norm or loss far above the
+  first ones) supply the flags.
+
+Response to instability: multiply the LR scale by ``decrease`` and (when the guard keeps
+snapshots) return to the last snapshot taken before the loss began to rise, so the damage
+of the unstable stretch is undone rather than trained on. The scale has memory: it is
+raised again (by 1/√decrease) only after ``probe_after`` calm steps, and a relapse soon
+after a raise doubles that wait — TCP's multiplicative decrease with exponentially backed
+off probing (Jacobson 1988), so a run settles at a stable LR instead of cycling across
+the edge. Below ``floor`` the guard gives up: the base LR, the init or the inputs are
+wrong, which the doctor diagnoses.
+
+Reasoning borrowed from: backtracking line search (Armijo 1966; Nocedal & Wright 2006,
+§3.1: shrink the step by a constant factor until the objective does not rise); PaLM's
+restart-before-the-spike (Chowdhery et al. 2022, §5.1); OLMo-core's skip rule on a rolling
+window (``olmo_core/optim/skip_step_optimizer.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, check_int, check_positive
+
+__all__ = ["Controller", "Stability", "Verdict"]
+
+# Standard error of a sample median of n normal draws is about 1.2533·σ/√n (Kenney &
+# Keeping 1962); σ itself comes from the MAD (1.4826 × median absolute deviation).
+_MEDIAN_SE = 1.2533
+_MAD_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Stability:
+    """How the guard tells transient faults from persistent instability, and responds.
+
+    Args:
+        window: the loss level is the median of the last ``window`` finite losses.
+        min_losses: losses needed before the level is judged (the early phase before).
+        rise: the level is *regressing* when above its best by more than ``rise`` × |best|
+            (1: the median loss has doubled).
+        z: the test uses confidence bounds ``z`` standard errors wide: the best level is
+            the smallest upper bound the level has had, and the level regresses when its
+            lower bound is above ``(1 + rise)`` × that (a noise floor: tiny, noisy losses
+            near zero are not flagged for doubling).
+        bad_steps: this many flagged steps in a row are instability, not bad batches.
+        decrease: LR scale multiplier per instability (a backtracking factor).
+        probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
+            each relapse (instability within ``probe_after`` steps of a raise).
+        floor: give up (:class:`~gradguard.TrainingDivergedError`) when the scale would
+            fall below this.
+        warmup: an automatic linear LR warm-up: "auto" ramps Adam-family optimizers (those
+            with ``betas``) over 2/(1 − β2) steps, the untuned warm-up of Ma & Yarats 2021
+            (§4; about the time Adam's second-moment estimate needs to become reliable,
+            cf. RAdam, Liu et al. 2020) and leaves others alone; an int ramps any optimizer
+            over that many steps; None or 0 turns it off. It is switched off as soon as
+            the user's own LR rises during the ramp (their schedule warms up already).
+    """
+
+    window: int = 20
+    min_losses: int = 8
+    rise: float = 1.0
+    z: float = 4.0
+    bad_steps: int = 3
+    decrease: float = 0.3
+    probe_after: int = 250
+    floor: float = 1e-3
+    warmup: str | int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("Stability.window", self.window, 3)
+        check_int("Stability.min_losses", self.min_losses, 2)
+        if self.min_losses > self.window:
+            raise ConfigError(f"Stability.min_losses ({self.min_losses}) must be <= window "
+                              f"({self.window})")
+        check_positive("Stability.rise", self.rise)
+        check_positive("Stability.z", self.z, allow_zero=True)
+        check_int("Stability.bad_steps", self.bad_steps, 1)
+        check_positive("Stability.decrease", self.decrease)
+        if not self.decrease < 1:
+            raise ConfigError(f"Stability.decrease must be in (0, 1), got {self.decrease!r}")
+        check_int("Stability.probe_after", self.probe_after, 1)
+        check_positive("Stability.floor", self.floor)
+        if self.floor >= 1:
+            raise ConfigError(f"Stability.floor must be in (0, 1), got {self.floor!r}")
+        if self.warmup not in (None, "auto"):
+            check_int("Stability.warmup", self.warmup, 0)  # type: ignore[arg-type]
+
+    def warmup_steps(self, optimizer: Any) -> int:
+        """Length of the automatic warm-up for this optimizer (0: none)."""
+        if self.warmup is None:
+            return 0
+        if self.warmup != "auto":
+            return int(self.warmup)
+        betas = optimizer.param_groups[0].get("betas")
+        if not betas or not 0 < float(betas[1]) < 1:
+            return 0
+        return round(2 / (1 - float(betas[1])))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the controller concluded from one row.
+
+    Attributes:
+        unstable: why the run counts as unstable at this row, or None.
+        give_up: set when the LR scale would fall below the floor.
+        scale: the LR scale to apply from now on.
+        raised: the scale was raised (a probe) at this row.
+    """
+
+    unstable: str | None = None
+    give_up: bool = False
+    scale: float = 1.0
+    raised: bool = False
+
+
+class Controller:
+    """Host-side state machine over the per-step rows (see the module docstring).
+
+    Its state has two parts: the *trajectory* (recent losses, best level) describes the
+    model's current weights and is rolled back with them; the *memory* (LR scale, probe
+    wait, counts) is what the run has learned about its LR and survives rollbacks.
+    """
+
+    def __init__(self, cfg: Stability) -> None:
+        self.cfg = cfg
+        # trajectory
+        self.losses: deque[float] = deque(maxlen=cfg.window)
+        self.best = math.inf
+        self.best_se = 0.0
+        self.streak = 0
+        # memory
+        self.scale = 1.0
+        self.calm = 0
+        self.probe_wait = cfg.probe_after
+        self.last_raise: int | None = None
+        self.instabilities = 0
+        self.rows = 0
+        self.scaled_rows = 0
+        self.scale_rows: dict[float, int] = {}
+
+    # -- the loss level ------------------------------------------------------------------
+    def level(self) -> tuple[float, float] | None:
+        """(median of recent losses, its standard error), or None in the early phase."""
+        if len(self.losses) < self.cfg.min_losses:
+            return None
+        x = np.fromiter(self.losses, dtype=np.float64)
+        med = float(np.median(x))
+        sigma = _MAD_SIGMA * float(np.median(np.abs(x - med)))
+        return med, _MEDIAN_SE * sigma / math.sqrt(len(x))
+
+    def threshold(self) -> float:
+        """The level above which the loss is regressing (inf before a best exists).
+
+        ``best`` is the smallest *upper* confidence bound the level has had, and the level
+        is compared through its *lower* bound (see :meth:`observe`): the minimum of many
+        noisy medians is biased low, and this keeps a lucky window from becoming a bar
+        that ordinary noise later clears.
+        """
+        if not math.isfinite(self.best):
+            return math.inf
+        return self.best + self.cfg.rise * abs(self.best)
+
+    def calm_now(self) -> bool:
+        """No flag streak and a level well under the regression threshold: a good moment
+        to keep a snapshot."""
+        if self.streak:
+            return False
+        lv = self.level()
+        thr = self.threshold()
+        return lv is None or not math.isfinite(thr) or \
+            lv[0] <= self.best + 0.5 * (thr - self.best)
+
+    # -- one row -------------------------------------------------------------------------
+    def observe(self, step: int, loss: float | None, flagged: bool, skipped: bool) -> Verdict:
+        """Feed one step's row; returns what to do (see :class:`Verdict`)."""
+        cfg = self.cfg
+        self.rows += 1
+        self.scale_rows[self.scale] = self.scale_rows.get(self.scale, 0) + 1
+        if self.scale < 1:
+            self.scaled_rows += 1
+        self.streak = self.streak + 1 if flagged else 0
+        if loss is not None and math.isfinite(loss) and not skipped:
+            self.losses.append(float(loss))
+        reason = None
+        if self.streak >= cfg.bad_steps:
+            reason = f"{self.streak} flagged steps in a row"
+        else:
+            lv = self.level()
+            if lv is not None:
+                level, se = lv
+                thr = self.threshold()
+                if level - cfg.z * se > thr:
+                    reason = (f"loss level {level:.4g} rose above its best {self.best:.4g} "
+                              f"(limit {thr:.4g})")
+                elif level + cfg.z * se < self.best:
+                    self.best, self.best_se = level + cfg.z * se, se
+        if reason is not None:
+            return self.unstable(step, reason)
+        self.calm += 1
+        if self.calm >= self.probe_wait and self.scale < 1:
+            self.scale = min(1.0, self.scale / math.sqrt(cfg.decrease))
+            self.calm = 0
+            self.last_raise = step
+            return Verdict(scale=self.scale, raised=True)
+        return Verdict(scale=self.scale)
+
+    def unstable(self, step: int, reason: str) -> Verdict:
+        """Respond to instability found at ``step``: lower the scale, or give up."""
+        cfg = self.cfg
+        self.instabilities += 1
+        if self.last_raise is not None and step - self.last_raise <= self.probe_wait:
+            self.probe_wait *= 2  # a relapse: the raised LR was past the edge
+        self.last_raise = None
+        self.calm = 0
+        new = self.scale * cfg.decrease
+        if new < cfg.floor:
+            return Verdict(unstable=reason, give_up=True, scale=self.scale)
+        self.scale = new
+        return Verdict(unstable=reason, scale=self.scale)
+
+    def rebaseline(self) -> None:
+        """Forget the trajectory (after an in-place LR cut, when no rollback undid it):
+        judge what follows against what the run does from here, not the old best."""
+        self.losses.clear()
+        self.best, self.best_se = math.inf, 0.0
+        self.streak = 0
+
+    # -- state ---------------------------------------------------------------------------
+    def trajectory(self) -> dict[str, Any]:
+        """The part rolled back with the model."""
+        return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se}
+
+    def load_trajectory(self, s: dict[str, Any]) -> None:
+        self.losses = deque(s["losses"], maxlen=self.cfg.window)
+        self.best, self.best_se = float(s["best"]), float(s["best_se"])
+        self.streak = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.trajectory(), "streak": self.streak, "scale": self.scale,
+                "calm": self.calm, "probe_wait": self.probe_wait,
+                "last_raise": self.last_raise, "instabilities": self.instabilities,
+                "rows": self.rows, "scaled_rows": self.scaled_rows,
+                "scale_rows": dict(self.scale_rows)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.load_trajectory(s)
+        self.streak = int(s["streak"])
+        self.scale = float(s["scale"])
+        self.calm = int(s["calm"])
+        self.probe_wait = int(s["probe_wait"])
+        self.last_raise = None if s["last_raise"] is None else int(s["last_raise"])
+        self.instabilities = int(s["instabilities"])
+        self.rows = int(s["rows"])
+        self.scaled_rows = int(s["scaled_rows"])
+        self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}

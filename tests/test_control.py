@@ -1,0 +1,149 @@
+"""The stability controller on its own: evidence classes, LR memory, probing, state."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradguard as gg
+from gradguard.control import Controller
+
+
+def feed(ctrl, losses, flags=None, start=0):
+    out = []
+    for i, v in enumerate(losses):
+        flagged = bool(flags[i]) if flags is not None else False
+        out.append(ctrl.observe(start + i, v, flagged, flagged))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), level=st.floats(1e-4, 1e4),
+       spread=st.floats(0.0, 0.6))
+def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
+    # Heavy multiplicative batch noise (up to ×1.8 per σ) around a flat or falling level,
+    # for 3000 steps: no false alarm. A real regression must double the median.
+    gen = np.random.default_rng(seed)
+    trend = np.geomspace(1.0, 0.3, 3000)
+    losses = level * trend * np.exp(gen.normal(0, spread, 3000))
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed(ctrl, losses))
+    assert ctrl.scale == 1.0
+
+
+def test_tiny_noisy_losses_near_zero_are_not_a_regression():
+    # Mechanism 7 of the stability issue: once a loss is ~1e-3, a batch at 5e-3 is noise.
+    gen = np.random.default_rng(0)
+    losses = np.abs(gen.standard_cauchy(2000)) * 1e-3
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed(ctrl, losses))
+
+
+def test_a_gradual_blowup_is_caught_while_it_is_still_small():
+    # cnn-lr at lr 1: the loss creeps from 2 to 17 over ~100 steps (mechanism 4).
+    gen = np.random.default_rng(0)
+    calm = 2.0 * np.exp(gen.normal(0, 0.2, 60))
+    creep = np.geomspace(2.0, 17.0, 100) * np.exp(gen.normal(0, 0.2, 100))
+    ctrl = Controller(gg.Stability())
+    verdicts = feed(ctrl, np.concatenate([calm, creep]))
+    first = next(i for i, v in enumerate(verdicts) if v.unstable)
+    assert 60 < first < 60 + 60  # caught before the loss is 8× its calm level
+    assert "rose above its best" in verdicts[first].unstable
+    assert verdicts[first].scale == pytest.approx(0.3)
+
+
+def test_isolated_flags_are_transient_but_a_streak_is_instability():
+    ctrl = Controller(gg.Stability(bad_steps=3))
+    flags = [0] * 30
+    for k in (5, 9, 12, 13, 20):  # bad batches, never three in a row
+        flags[k] = 1
+    assert not any(v.unstable for v in feed(ctrl, [1.0] * 30, flags))
+    v = feed(ctrl, [1.0] * 3, [1, 1, 1], start=30)
+    assert [x.unstable is not None for x in v] == [False, False, True]
+    assert "3 flagged steps in a row" in v[-1].unstable
+
+
+def test_scale_falls_by_decrease_and_gives_up_below_floor():
+    ctrl = Controller(gg.Stability(decrease=0.5, floor=0.1))
+    scales = []
+    for k in range(4):
+        v = ctrl.unstable(k, "test")
+        scales.append((v.scale, v.give_up))
+    assert scales == [(0.5, False), (0.25, False), (0.125, False), (0.125, True)]
+
+
+def test_probe_after_long_calm_and_relapse_doubles_the_wait():
+    cfg = gg.Stability(decrease=0.25, probe_after=10)
+    ctrl = Controller(cfg)
+    ctrl.unstable(0, "test")
+    assert ctrl.scale == 0.25
+    v = feed(ctrl, [1.0] * 10, start=1)
+    assert [x.raised for x in v].index(True) == 9 and ctrl.scale == pytest.approx(0.5)
+    ctrl.unstable(12, "relapse soon after the raise")
+    assert ctrl.scale == pytest.approx(0.125) and ctrl.probe_wait == 20
+    v = feed(ctrl, [1.0] * 20, start=13)
+    assert [x.raised for x in v].index(True) == 19  # waited twice as long
+    # trouble more than a full wait after the raise (step 32) is not a relapse
+    feed(ctrl, [1.0] * 19, start=33)
+    ctrl.unstable(53, "much later")
+    assert ctrl.probe_wait == 20
+
+
+def test_probing_never_exceeds_one():
+    ctrl = Controller(gg.Stability(decrease=0.5, probe_after=2))
+    ctrl.unstable(0, "x")
+    feed(ctrl, [1.0] * 50, start=1)
+    assert ctrl.scale == 1.0
+
+
+def test_trajectory_rolls_back_memory_does_not():
+    ctrl = Controller(gg.Stability())
+    feed(ctrl, list(np.linspace(5, 1, 30)))
+    traj = ctrl.trajectory()
+    ctrl.unstable(30, "x")
+    feed(ctrl, [9.0] * 5, start=31)
+    ctrl.load_trajectory(traj)
+    assert ctrl.best == traj["best"] and list(ctrl.losses) == traj["losses"]
+    assert ctrl.scale == pytest.approx(0.3) and ctrl.instabilities == 1
+
+
+def test_state_dict_round_trip_decides_identically():
+    gen = np.random.default_rng(3)
+    losses = np.concatenate([np.exp(gen.normal(0, 0.3, 80)),
+                             np.geomspace(1, 50, 40), np.exp(gen.normal(0, 0.3, 200))])
+    a = Controller(gg.Stability(probe_after=30))
+    feed(a, losses[:100])
+    b = Controller(gg.Stability(probe_after=30))
+    b.load_state_dict(a.state_dict())
+    va = feed(a, losses[100:], start=100)
+    vb = feed(b, losses[100:], start=100)
+    assert va == vb and a.state_dict() == b.state_dict()
+
+
+def test_nonfinite_and_skipped_losses_do_not_enter_the_level():
+    ctrl = Controller(gg.Stability())
+    feed(ctrl, [1.0] * 20)
+    ctrl.observe(20, math.nan, True, True)
+    ctrl.observe(21, 1e9, True, True)  # a skipped bad batch
+    assert max(ctrl.losses) == 1.0
+
+
+@pytest.mark.parametrize("bad", [dict(window=2), dict(min_losses=30), dict(rise=0),
+                                 dict(decrease=1.0), dict(floor=1.5), dict(bad_steps=0),
+                                 dict(warmup="sometimes"), dict(warmup=-1)])
+def test_stability_validation(bad):
+    with pytest.raises(gg.ConfigError):
+        gg.Stability(**bad)
+
+
+def test_auto_warmup_length_follows_beta2():
+    import torch
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert gg.Stability(warmup="auto").warmup_steps(
+        torch.optim.AdamW(p, betas=(0.9, 0.95))) == 40
+    assert gg.Stability(warmup="auto").warmup_steps(torch.optim.SGD(p, lr=0.1)) == 0
+    assert gg.Stability(warmup=7).warmup_steps(torch.optim.SGD(p, lr=0.1)) == 7
+    assert gg.Stability(warmup=None).warmup_steps(torch.optim.Adam(p)) == 0
