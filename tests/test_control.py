@@ -15,7 +15,7 @@ def feed(ctrl, losses, flags=None, start=0):
     out = []
     for i, v in enumerate(losses):
         flagged = bool(flags[i]) if flags is not None else False
-        out.append(ctrl.observe(start + i, v, flagged, flagged))
+        out.append(ctrl.observe(start + i, v, flagged, flagged and not math.isfinite(v)))
     return out
 
 
@@ -60,9 +60,19 @@ def test_isolated_flags_are_transient_but_a_streak_is_instability():
     for k in (5, 9, 12, 13, 20):  # bad batches, never three in a row
         flags[k] = 1
     assert not any(v.unstable for v in feed(ctrl, [1.0] * 30, flags))
-    v = feed(ctrl, [1.0] * 3, [1, 1, 1], start=30)
+    v = feed(ctrl, [math.nan] * 3, [1, 1, 1], start=30)
     assert [x.unstable is not None for x in v] == [False, False, True]
-    assert "3 flagged steps in a row" in v[-1].unstable
+    assert "3 steps in a row with NaN/Inf" in v[-1].unstable
+
+
+def test_a_flag_streak_is_instability_only_before_a_loss_level_exists():
+    early = Controller(gg.Stability(bad_steps=3))
+    v = feed(early, [5.0, 9.0, 30.0], [1, 1, 1])  # exploding from step one
+    assert "before any loss history" in v[-1].unstable
+    # Later, a run of gradient-norm spikes with a healthy loss (an RNN's heavy tails)
+    late = Controller(gg.Stability(bad_steps=3))
+    feed(late, [1.0] * 30)
+    assert not any(x.unstable for x in feed(late, [1.0] * 6, [1] * 6, start=30))
 
 
 def test_scale_falls_by_decrease_and_gives_up_below_floor():
@@ -122,12 +132,13 @@ def test_state_dict_round_trip_decides_identically():
     assert va == vb and a.state_dict() == b.state_dict()
 
 
-def test_nonfinite_and_skipped_losses_do_not_enter_the_level():
+def test_nonfinite_losses_do_not_enter_the_level_bad_batches_do():
     ctrl = Controller(gg.Stability())
     feed(ctrl, [1.0] * 20)
     ctrl.observe(20, math.nan, True, True)
-    ctrl.observe(21, 1e9, True, True)  # a skipped bad batch
-    assert max(ctrl.losses) == 1.0
+    assert max(ctrl.losses) == 1.0 and len(ctrl.losses) == 20
+    ctrl.observe(21, 1e9, True, False)  # a bad batch: one outlier the median ignores
+    assert ctrl._shown(ctrl.level()[0]) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("bad", [dict(window=2), dict(min_losses=30), dict(rise=0),

@@ -116,9 +116,10 @@ def batch(step):
     return x, x[:, :4].argmax(1)
 
 
-# NaN steps and bad batches close together: the guard skips, then backs the LR off, so
-# the state saved mid-run holds a lowered LR scale, backoff counters and spike statistics.
-FAULTS = lambda: [GradFault("nan", at=[12, 41]), NaNLoss(at=[44]),  # noqa: E731
+# Three NaN steps in a row are instability (rollback, LR scale lowered); isolated NaN steps
+# and bad batches are skipped. The state saved mid-run holds a lowered LR scale, the
+# controller's loss history and memory, and spike statistics.
+FAULTS = lambda: [GradFault("nan", at=[12, 13, 14, 41]), NaNLoss(at=[44]),  # noqa: E731
                   BadBatch(factor=300.0, at=[20, 24, 27, 47, 50])]
 
 
@@ -156,7 +157,7 @@ def test_resume_from_state_dicts_reproduces_decisions_and_params(tmp_path, opt_n
     steps(model, opt, guard, 0, n)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "guard": guard.state_dict()}, tmp_path / "ckpt.pt")
-    assert guard.state_dict()["decision"]["lr_scale"] < 1  # there is backoff state to keep
+    assert guard.state_dict()["scale"] < 1  # there is LR-control state to keep
     straight = steps(model, opt, guard, n, n + m)
 
     # "Crash": new process state, fresh objects from another init, restored from disk.
@@ -168,7 +169,7 @@ def test_resume_from_state_dicts_reproduces_decisions_and_params(tmp_path, opt_n
     resumed = steps(model2, opt2, guard2, n, n + m)
 
     assert resumed == straight
-    assert "True" in straight[11] and "0.125" in straight[11]  # step 41: skipped, backed off
+    assert "True" in straight[11] and "0.3" in straight[11]  # step 41: skipped, still ×0.3
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
     for sa, sb in zip(opt.state.values(), opt2.state.values(), strict=True):

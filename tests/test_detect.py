@@ -44,10 +44,29 @@ def test_norm_spike_ignores_nonfinite_and_learns_level_shifts():
     for _ in range(20):
         det(torch.tensor(1.0), OK)
     spike, *_ = det(torch.tensor(math.nan), torch.tensor(False))
-    assert not spike and torch.isfinite(det.state["mean"])
-    # a lasting 10x shift is flagged at first, then learned
+    assert not spike and int(det.state["count"]) == 20
+    assert bool(torch.isfinite(det.state["buf"][:20]).all())
+    # a lasting 10x shift is flagged at first, then learned within a window or two
     flags = [bool(det(torch.tensor(10.0), OK)[0]) for _ in range(300)]
-    assert flags[0] and not flags[-1]
+    assert flags[0] and not any(flags[2 * det.window:])
+
+
+def test_norm_spike_keeps_flagging_a_steady_exponential_blowup():
+    # Mechanism 1 of the stability issue: an EMA learned a norm growing 20 %/step as
+    # normal; a rolling median lags half a window behind it and keeps flagging.
+    gen = np.random.default_rng(0)
+    calm = list(np.exp(gen.normal(0, 0.2, 40)))
+    flags = feed(gg.NormSpike(), [*calm, *np.geomspace(1.2, 1.2**60, 60)])
+    assert not any(flags[:40]) and all(flags[60:])
+
+
+def test_loss_spike_has_a_noise_floor_for_tiny_losses():
+    # Mechanism 7: a loss near zero with a tiny spread; a batch at 5x the median is still
+    # a small loss (under 5 % of the first loss above it), not an event.
+    gen = np.random.default_rng(0)
+    tiny = list(1e-3 * np.exp(gen.normal(0, 0.05, 100)))
+    flags = feed(gg.LossSpike(), [1.4, *tiny, 5e-3, *tiny[:10], 0.6])
+    assert not any(flags[1:112]) and flags[112]
 
 
 def test_loss_spike_needs_both_z_and_ratio():
@@ -90,7 +109,8 @@ def test_drift_warns_on_steady_growth():
     assert not any(d2.update(float(x)) for x in np.exp(rng.normal(0, 0.3, 200)))
 
 
-@pytest.mark.parametrize("bad", [dict(alpha=1.0), dict(z_thresh=-1), dict(warmup=0)])
+@pytest.mark.parametrize("bad", [dict(window=2), dict(z_thresh=-1), dict(warmup=0),
+                                 dict(warmup=100)])
 def test_detector_config_validated(bad):
     with pytest.raises(gg.ConfigError):
         gg.NormSpike(**bad)

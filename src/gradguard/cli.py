@@ -100,7 +100,7 @@ def report(
     head.add_row("loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}")
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "rollback",
-                 "drift", "depth_trend", "diverged"):
+                 "rollback_off", "drift", "depth_trend", "diverged"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:
@@ -113,6 +113,8 @@ def report(
         head.add_row("LR scale changes", ", ".join(f"{k}:×{v:.3g}" for k, v in s.lr_changes[:8])
                      + (" …" if len(s.lr_changes) > 8 else ""))
     console.print(head)
+    if s.verdict:
+        typer.echo(f"verdict: {s.verdict}")
     if s.timeline:
         tl = Table(title="events")
         for col in ("step", "kind", "action", "origin layer", "message"):
@@ -237,7 +239,7 @@ def bench(
     lr_grid: str = typer.Option(None, help="comma-separated LRs for every scenario, e.g. "
                                            "'1e-3,1e-2,1e-1' (default: each scenario's grid)"),
     lr_points: int = typer.Option(1, help="keep every N-th point of each scenario's grid"),
-    seeds: int = typer.Option(3, help="seeds per scenario, remedy and LR"),
+    seeds: int = typer.Option(5, help="seeds per scenario, remedy and LR (medians need >= 5)"),
     steps: int = typer.Option(None, help="optimizer steps per run (default: the scenario's)"),
     jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
     out: str = typer.Option("gradguard-runs/bench", help="results directory"),

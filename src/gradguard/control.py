@@ -8,13 +8,15 @@ late, which a trend measured over tens of steps does not mind). Three classes of
 * **transient fault** — one flagged step (NaN/Inf, a gradient-norm or loss spike) between
   normal ones: a bad batch. The device skips it; the LR is left alone, and it does not
   count towards instability.
-* **persistent instability** — ``bad_steps`` flagged steps in a row, or the loss *level*
+* **persistent instability** — ``bad_steps`` NaN/Inf steps in a row, or the loss *level*
   (the median of recent losses, robust to single bad batches) rising to more than
   (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
   errors wide): the run itself is diverging, slowly or fast.
-* **early phase** — before ``min_losses`` losses exist there is no level; only the flag
-  streak counts, and the per-step detectors' early checks (a norm or loss far above the
-  first ones) supply the flags.
+* **early phase** — before ``min_losses`` losses exist there is no level; then
+  ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
+  early checks (a norm or loss far above the first ones) supplying the flags. Later a
+  flag streak alone is not enough: heavy-tailed but healthy gradient norms (an RNN's)
+  flag runs of steps, and the loss level is the better witness.
 
 Response to instability: multiply the LR scale by ``decrease`` and (when the guard keeps
 snapshots) return to the last snapshot taken before the loss began to rise, so the damage
@@ -63,7 +65,8 @@ class Stability:
             the smallest upper bound the level has had, and the level regresses when its
             lower bound is above ``(1 + rise)`` × that (a noise floor: tiny, noisy losses
             near zero are not flagged for doubling).
-        bad_steps: this many flagged steps in a row are instability, not bad batches.
+        bad_steps: this many NaN/Inf steps in a row (or, before a loss level exists, this
+            many flagged steps in a row) are instability, not bad batches.
         decrease: LR scale multiplier per instability (a backtracking factor).
         probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
             each relapse (instability within ``probe_after`` steps of a raise).
@@ -149,7 +152,9 @@ class Controller:
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.best = math.inf
         self.best_se = 0.0
+        self.log_scale: bool | None = None
         self.streak = 0
+        self.nan_streak = 0
         # memory
         self.scale = 1.0
         self.calm = 0
@@ -162,13 +167,36 @@ class Controller:
 
     # -- the loss level ------------------------------------------------------------------
     def level(self) -> tuple[float, float] | None:
-        """(median of recent losses, its standard error), or None in the early phase."""
+        """(median of recent losses, its standard error), or None in the early phase.
+
+        Positive losses are judged on a log scale (a regression is a *factor* above the
+        best, whatever the loss's units). The noise is measured from successive
+        differences (MAD of x[t] − x[t−1], over √2): a loss that trends up or down spreads
+        the window's values far more than its noise does, and a spread-based error bar
+        would hide exactly the steady blow-up this test is for.
+        """
         if len(self.losses) < self.cfg.min_losses:
             return None
-        x = np.fromiter(self.losses, dtype=np.float64)
+        x = self._scaled(np.fromiter(self.losses, dtype=np.float64))
         med = float(np.median(x))
-        sigma = _MAD_SIGMA * float(np.median(np.abs(x - med)))
+        d = np.diff(x)
+        sigma = _MAD_SIGMA * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
         return med, _MEDIAN_SE * sigma / math.sqrt(len(x))
+
+    def _scaled(self, x: np.ndarray) -> np.ndarray:
+        positive = bool(np.all(x > 0))
+        if self.log_scale is None:  # decided on the first full window
+            self.log_scale = positive
+        elif self.log_scale and not positive:
+            # A loss that can reach zero or below (a log-likelihood): linear from here on,
+            # and the best level in log units means nothing any more.
+            self.log_scale = False
+            self.best, self.best_se = math.inf, 0.0
+        return np.log(np.maximum(x, 1e-300)) if self.log_scale else x
+
+    def _shown(self, v: float) -> float:
+        """A level back in the loss's own units, for messages."""
+        return math.exp(v) if self.log_scale else v
 
     def threshold(self) -> float:
         """The level above which the loss is regressing (inf before a best exists).
@@ -180,6 +208,8 @@ class Controller:
         """
         if not math.isfinite(self.best):
             return math.inf
+        if self.log_scale:
+            return self.best + math.log1p(self.cfg.rise)
         return self.best + self.cfg.rise * abs(self.best)
 
     def calm_now(self) -> bool:
@@ -193,27 +223,43 @@ class Controller:
             lv[0] <= self.best + 0.5 * (thr - self.best)
 
     # -- one row -------------------------------------------------------------------------
-    def observe(self, step: int, loss: float | None, flagged: bool, skipped: bool) -> Verdict:
-        """Feed one step's row; returns what to do (see :class:`Verdict`)."""
+    def observe(self, step: int, loss: float | None, flagged: bool, nonfinite: bool
+                ) -> Verdict:
+        """Feed one step's row; returns what to do (see :class:`Verdict`).
+
+        Args:
+            step: the row's step.
+            loss: its loss (None when the guard is not given losses).
+            flagged: any detector flagged the step (NaN/Inf, gradient or loss spike).
+            nonfinite: its gradients or loss were NaN/Inf.
+        """
         cfg = self.cfg
         self.rows += 1
         self.scale_rows[self.scale] = self.scale_rows.get(self.scale, 0) + 1
         if self.scale < 1:
             self.scaled_rows += 1
         self.streak = self.streak + 1 if flagged else 0
-        if loss is not None and math.isfinite(loss) and not skipped:
+        self.nan_streak = self.nan_streak + 1 if nonfinite else 0
+        if loss is not None and math.isfinite(loss):
+            # Bad batches enter too: one is an outlier the median ignores, a run of them
+            # is a loss that really is higher now.
             self.losses.append(float(loss))
         reason = None
-        if self.streak >= cfg.bad_steps:
-            reason = f"{self.streak} flagged steps in a row"
+        lv = self.level()
+        if self.nan_streak >= cfg.bad_steps:
+            reason = f"{self.nan_streak} steps in a row with NaN/Inf"
+        elif lv is None and self.streak >= cfg.bad_steps:
+            # Early phase: no loss level to judge by yet, so a flag streak is the evidence.
+            # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps;
+            # then only the loss level decides.
+            reason = f"{self.streak} flagged steps in a row before any loss history"
         else:
-            lv = self.level()
             if lv is not None:
                 level, se = lv
                 thr = self.threshold()
                 if level - cfg.z * se > thr:
-                    reason = (f"loss level {level:.4g} rose above its best {self.best:.4g} "
-                              f"(limit {thr:.4g})")
+                    reason = (f"loss level {self._shown(level):.4g} rose above its best "
+                              f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
         if reason is not None:
@@ -245,20 +291,23 @@ class Controller:
         judge what follows against what the run does from here, not the old best."""
         self.losses.clear()
         self.best, self.best_se = math.inf, 0.0
-        self.streak = 0
+        self.streak = self.nan_streak = 0
 
     # -- state ---------------------------------------------------------------------------
     def trajectory(self) -> dict[str, Any]:
         """The part rolled back with the model."""
-        return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se}
+        return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se,
+                "log_scale": self.log_scale}
 
     def load_trajectory(self, s: dict[str, Any]) -> None:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
-        self.streak = 0
+        self.log_scale = s["log_scale"]
+        self.streak = self.nan_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.trajectory(), "streak": self.streak, "scale": self.scale,
+        return {**self.trajectory(), "streak": self.streak, "nan_streak": self.nan_streak,
+                "scale": self.scale,
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
@@ -267,6 +316,7 @@ class Controller:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.load_trajectory(s)
         self.streak = int(s["streak"])
+        self.nan_streak = int(s["nan_streak"])
         self.scale = float(s["scale"])
         self.calm = int(s["calm"])
         self.probe_wait = int(s["probe_wait"])

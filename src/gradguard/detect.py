@@ -73,8 +73,9 @@ class NormSpike(_RobustWindow):
     median *and* at least ``min_ratio`` times the median norm. Before that, a norm more
     than ``early_ratio`` times the median so far (plus ``z_thresh`` σ once three norms
     exist) is a spike: a run that explodes from step one has no calm history. Spikes
-    enter the window clipped to the threshold, so a lasting level shift is learned within
-    about half a window, while a steady exponential blow-up keeps outrunning the median.
+    enter the window clipped to ``min_ratio`` × the median, so a lasting level shift is
+    learned within a window or two, while a steady exponential blow-up keeps outrunning
+    the median.
 
     References: OLMo-core's skip rule, mean + 6σ over the last 128 steps
     (``olmo_core/optim/skip_step_optimizer.py``), here with median/MAD (Hampel 1974) in
@@ -109,11 +110,11 @@ class NormSpike(_RobustWindow):
         early = seen & ~ready & (dev > math.log(self.early_ratio) + noise)
         spike = ok & (late | early)
         typical = torch.where(seen, torch.exp(med), norm.float())
-        # A spike enters at the threshold: a level shift is learned, a blow-up is not.
-        cap = torch.where(ready, med + torch.maximum(self.z_thresh * sigma,
-                                                     torch.full_like(sigma, math.log(
-                                                         self.min_ratio))),
-                          med + math.log(self.early_ratio) + noise)
+        # A spike enters at min_ratio × the median (not at the z threshold, which would
+        # widen the MAD it is measured by): a level shift is learned within a window or
+        # two, while a steady exponential blow-up outruns the median and stays flagged.
+        cap = med + torch.where(ready, math.log(self.min_ratio),
+                                math.log(self.early_ratio) + noise)
         self.learn(torch.where(spike, cap, x), ok & torch.isfinite(x))
         return spike, z, typical
 

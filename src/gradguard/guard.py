@@ -627,7 +627,7 @@ class Guard:
             return False
         loss = rec["loss"]
         verdict = self.control.observe(k, None if loss is None else float(loss), flagged,
-                                       bool(rec["skipped"]))
+                                       bool(rec["nonfinite"]))
         may_roll = True
         if verdict.unstable is None:
             forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])

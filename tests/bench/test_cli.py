@@ -11,7 +11,7 @@ WIDE = {"COLUMNS": "160"}
 def test_list_names_every_scenario_and_remedy():
     res = runner.invoke(app, ["bench", "--list"], env=WIDE)
     assert res.exit_code == 0, res.output
-    for name in ("linreg-raw", "mlp-init", "zclip", "autoclip", "gradguard-rollback",
+    for name in ("linreg-raw", "mlp-init", "zclip", "autoclip", "gradguard-no-rollback",
                  "warmup-cosine"):
         assert name in res.output
 

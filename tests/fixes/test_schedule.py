@@ -56,7 +56,7 @@ def test_the_guard_scales_the_scheduled_lr_and_leaves_the_schedule_alone():
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = fixes.warmup_cosine(opt, 5, 40)
-    guard = gg.Guard(model, opt, on_spike="backoff")
+    guard = gg.Guard(model, opt, on_spike="backoff", on_loss_spike="backoff")
     x, y = torch.randn(32, 4), torch.randn(32, 1)
     for step in range(40):
         opt.zero_grad()

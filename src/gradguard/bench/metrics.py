@@ -1,14 +1,31 @@
 """Cross-LR stability metrics and the bench's tables.
 
-Two numbers summarise how a remedy copes with the learning rate, per scenario:
+Every number is a **median over seeds**: the scenarios are chaotic (a 1e-7 difference in
+one kernel's rounding sends a BN network or an RNN down another path), and a mean is
+decided by its worst seed. Per scenario:
 
-* **stable LR range**: the widest contiguous stretch of the LR grid where every seed
-  converges (does not diverge, and its mean held-out loss is within ``tol`` of the way from
-  the best loss back to the initial loss), in decades of LR;
+* ``L0`` is the unguarded run's held-out loss at initialisation, ``L*`` the best median
+  final loss any remedy reached at any LR.
+* **Seed noise** ``σ``: the robust spread (1.4826 × median absolute deviation) of the
+  unguarded seeds around their own LR's median, pooled over the LRs where the unguarded
+  run does not diverge. A median of ``n`` seeds then has a standard error of about
+  1.2533·σ/√n, and a difference of two medians √2 times that.
+* **Tolerance** ``tol = max(frac · (L0 − L*), 2 · √2 · 1.2533 · σ/√n)``: a cell counts as
+  converged when its median is within ``tol`` of ``L*`` — the difference must be both
+  practically small (``frac``, 10 % of the way back to the start) and within two standard
+  errors of the seed noise.
+* **stable LR range**: the widest contiguous stretch of the LR grid whose cells converged,
+  in decades of LR (a cell whose median is a diverged run does not converge);
 * **LR sensitivity** (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
-  training instabilities", §2.2): the mean over the LR grid of ``min(L(lr), L0) − L*``, where
-  ``L0`` is the initial loss and ``L*`` the best loss any remedy reached on the scenario.
-  Lower is better; it charges both instability and slow training at small LRs.
+  training instabilities", §2.2): the mean over the LR grid of ``min(median, L0) − L*``.
+* **harm**: at every LR where the unguarded run converges, the remedy's runs are paired with
+  the unguarded runs of the same seed; the median paired difference is harm when it
+  exceeds two standard errors of such a median (1.2533 · √2σ/√n each). The same test
+  against the *placebo* (``skip-nonfinite``: the guard's kernels, no action taken on
+  healthy steps) separates what the guard's actions do from the noise of a different
+  but equivalent kernel (torch's fused SGD against its foreach SGD).
+* **ratio at the exploding LR**: the remedy's median at the scenario's default (exploding)
+  LR over the best median of the unguarded run at any LR.
 """
 
 from __future__ import annotations
@@ -19,7 +36,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from statistics import median
 
-__all__ = ["SummaryRow", "markdown", "summarize"]
+__all__ = ["PLACEBO", "SummaryRow", "markdown", "summarize"]
+
+PLACEBO = "skip-nonfinite"
+# Standard error of a sample median ≈ 1.2533 σ/√n; σ from the MAD (× 1.4826).
+_MEDIAN_SE = 1.2533
+_MAD_SIGMA = 1.4826
 
 
 @dataclass
@@ -40,6 +62,13 @@ class SummaryRow:
     clipped: float
     skipped: float
     seconds: float
+    tol: float = math.nan
+    noise: float = math.nan
+    default_lr_ratio: float = math.nan
+    harm_checked: int = 0
+    harm_lrs: str = ""
+    harm_worst: float = math.nan
+    placebo_harm_lrs: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -55,6 +84,37 @@ def _loss(row: dict) -> float:
     return v if math.isfinite(v) and not int(row["diverged"]) else math.inf
 
 
+def _median(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return median(xs) if xs else math.nan
+
+
+def _noise(cells: dict[tuple[str, float], list[dict]]) -> float:
+    """Pooled robust seed spread σ of the unguarded runs (0 when it cannot be measured)."""
+    devs: list[float] = []
+    for (rem, _lr), runs in cells.items():
+        losses = [_loss(r) for r in runs]
+        if rem != "none" or len(losses) < 3 or not all(math.isfinite(v) for v in losses):
+            continue
+        m = median(losses)
+        devs += [abs(v - m) for v in losses]
+    return _MAD_SIGMA * median(devs) if devs else 0.0
+
+
+def _paired(mine: list[dict], ref: list[dict]) -> list[float]:
+    """Per-seed differences (mine − ref) of the final loss, on the seeds both have."""
+    by_seed = {int(r["seed"]): _loss(r) for r in ref}
+    return [_loss(r) - by_seed[int(r["seed"])] for r in mine if int(r["seed"]) in by_seed]
+
+
+def _harms(diffs: list[float], sigma: float) -> bool:
+    """The median paired difference exceeds two standard errors of such a median."""
+    if not diffs:
+        return False
+    d = median(diffs)
+    return d > 2 * _MEDIAN_SE * math.sqrt(2) * sigma / math.sqrt(len(diffs)) and d > 0
+
+
 def summarize(rows: Sequence[dict], default_lr: dict[str, float],
               tol: float = 0.1) -> list[SummaryRow]:
     """Aggregate per-run rows (dicts with the ``runs.csv`` columns) by scenario and remedy.
@@ -62,8 +122,8 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
     Args:
         rows: one dict per run.
         default_lr: each scenario's exploding LR, where the "default LR" columns are read.
-        tol: a run at some LR converged if its loss is at most
-            ``L* + tol · (L0 − L*)``.
+        tol: the practical part of the tolerance, as a fraction of ``L0 − L*`` (see the
+            module docstring for the statistical part).
     """
     by_scn: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -79,31 +139,62 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
             cells[(r["remedy"], float(r["lr"]))].append(r)
 
         def cell_loss(runs: list[dict]) -> float:
-            return _mean(_loss(r) for r in runs)
+            return _median(_loss(r) for r in runs)
 
         best = min((cell_loss(c) for c in cells.values()), default=math.inf)
-        limit = best + tol * (init - best) if math.isfinite(init) else best * (1 + tol)
+        sigma = _noise(cells)
+        n = max((len(c) for c in cells.values()), default=1)
+        stat = 2 * math.sqrt(2) * _MEDIAN_SE * sigma / math.sqrt(n)
+        practical = tol * (init - best) if math.isfinite(init) else tol * abs(best)
+        tolerance = max(practical, stat)
+        limit = best + tolerance
+        plain = {lr: cell_loss(c) for (name, lr), c in cells.items() if name == "none"}
+        best_plain = min(plain.values(), default=math.nan)
+        healthy = sorted(lr for lr, v in plain.items() if v <= limit)
         remedies = list(dict.fromkeys(r["remedy"] for r in srows))
         for rem in remedies:
             lrs = sorted({lr for (name, lr) in cells if name == rem})
             ok = [cell_loss(cells[(rem, lr)]) <= limit for lr in lrs]
             lo, hi, decades = _widest(lrs, ok)
-            capped = [_mean(min(_loss(r), init) for r in cells[(rem, lr)]) for lr in lrs]
+            capped = [min(cell_loss(cells[(rem, lr)]), init) for lr in lrs]
             sens = _mean(c - best for c in capped) if math.isfinite(best) else math.nan
             mine = [r for r in srows if r["remedy"] == rem]
             d_lr = min(lrs, key=lambda v: abs(math.log(v / default_lr.get(scn, v))))
             at = cells[(rem, d_lr)]
             metrics = [float(r["final_metric"]) for r in at if r["final_metric"] not in ("", None)]
+            harmed, placebo_harmed, worst = [], [], -math.inf
+            checked = 0
+            if rem != "none":
+                for lr in healthy:
+                    if (rem, lr) not in cells:
+                        continue
+                    checked += 1
+                    diffs = _paired(cells[(rem, lr)], cells[("none", lr)])
+                    if diffs:
+                        worst = max(worst, median(diffs) / max(abs(plain[lr]), 1e-12))
+                    if _harms(diffs, sigma):
+                        harmed.append(lr)
+                    if (PLACEBO, lr) in cells and rem != PLACEBO and _harms(
+                            _paired(cells[(rem, lr)], cells[(PLACEBO, lr)]), sigma):
+                        placebo_harmed.append(lr)
+            d_med = cell_loss(at)
             out.append(SummaryRow(
                 scenario=scn, remedy=rem, runs=len(mine),
                 diverged_runs=sum(int(r["diverged"]) for r in mine),
                 stable_lo=lo, stable_hi=hi, stable_decades=decades, lr_sensitivity=sens,
-                default_lr_test_loss=_mean(_loss(r) for r in at),
-                default_lr_metric=_mean(metrics) if metrics else None,
+                default_lr_test_loss=d_med,
+                default_lr_metric=_median(metrics) if metrics else None,
                 default_lr_diverged=_mean(int(r["diverged"]) for r in at),
                 clipped=_mean(float(r["clipped"]) for r in at),
                 skipped=_mean(float(r["skipped"]) for r in at),
                 seconds=_mean(float(r["seconds"]) for r in mine),
+                tol=tolerance, noise=sigma,
+                default_lr_ratio=(d_med / best_plain if best_plain and math.isfinite(
+                    best_plain) and best_plain > 0 else math.nan),
+                harm_checked=checked,
+                harm_lrs=" ".join(f"{v:.3g}" for v in harmed),
+                harm_worst=worst if math.isfinite(worst) else math.nan,
+                placebo_harm_lrs=" ".join(f"{v:.3g}" for v in placebo_harmed),
             ))
     return out
 
@@ -127,30 +218,56 @@ def _widest(lrs: list[float], ok: list[bool]) -> tuple[float | None, float | Non
 
 
 def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]:
-    """Markdown bullets: per scenario, which remedies have the widest stable LR range."""
-    lines = ["### Widest stable LR range per scenario", ""]
-    wins = 0
+    """Markdown bullets: per scenario, the widest stable LR range, the lowest LR
+    sensitivity, ``ours``' ratio at the exploding LR and its harm, then a tally."""
+    lines = ["### Verdict per scenario", ""]
+    wins = sens_wins = ratio_ok = harmless = 0
     scns = list(dict.fromkeys(s.scenario for s in summary))
     for scn in scns:
         rows = [s for s in summary if s.scenario == scn]
+        mine = next((s for s in rows if s.remedy == ours), None)
         widest = max((s.stable_decades for s in rows if s.stable_decades is not None),
                      default=None)
+        parts = []
         if widest is None:
-            lines.append(f"- {scn}: no remedy converged at any LR of the grid")
-            continue
-        best = [s.remedy for s in rows if s.stable_decades == widest]
-        mine = next((s for s in rows if s.remedy == ours), None)
-        if mine is not None and mine.stable_decades == widest:
-            wins += 1
-            tag = f"**{ours} is among the widest**" if len(best) > 1 else f"**{ours} widest**"
-        elif mine is not None:
-            got = "none" if mine.stable_decades is None else f"{mine.stable_decades:.2g}"
-            tag = f"{ours}: {got} decades"
+            parts.append("no remedy converged at any LR of the grid")
         else:
-            tag = f"{ours} not run"
-        lines.append(f"- {scn}: {', '.join(best)} ({widest:.2g} decades); {tag}")
-    lines += ["", f"{ours} (default policy) has the widest stable LR range, alone or tied, on "
-              f"{wins} of {len(scns)} scenarios."]
+            best = [s.remedy for s in rows if s.stable_decades == widest]
+            parts.append(f"widest range {', '.join(best)} ({widest:.2g} decades)")
+        if mine is None:
+            lines.append(f"- {scn}: {'; '.join(parts)}; {ours} not run")
+            continue
+        if widest is not None and mine.stable_decades == widest:
+            wins += 1
+            parts.append(f"**{ours} widest**" + (" (tied)" if len(best) > 1 else ""))
+        else:
+            got = "none" if mine.stable_decades is None else f"{mine.stable_decades:.2g}"
+            parts.append(f"{ours} {got} decades")
+        # LR sensitivity is a mean of medians: "tied" means within the scenario's tolerance.
+        low = min(s.lr_sensitivity for s in rows if math.isfinite(s.lr_sensitivity))
+        if mine.lr_sensitivity <= low + mine.tol:
+            sens_wins += 1
+            parts.append(f"lowest LR sensitivity{' (tied)' if mine.lr_sensitivity > low else ''}"
+                         f" {mine.lr_sensitivity:.3g}")
+        else:
+            lowest = next(s.remedy for s in rows if s.lr_sensitivity == low)
+            parts.append(f"LR sensitivity {mine.lr_sensitivity:.3g} (lowest: {lowest} "
+                         f"{low:.3g})")
+        r = mine.default_lr_ratio
+        if math.isfinite(r) and r <= 1.5 or math.isnan(r):
+            ratio_ok += 1
+        parts.append(f"at the exploding LR {_f(r)}× the best unguarded loss")
+        if mine.harm_lrs:
+            parts.append(f"**harm** vs unguarded at lr {mine.harm_lrs}")
+        else:
+            harmless += 1
+            parts.append(f"no harm at the {mine.harm_checked} LR(s) where unguarded converges")
+        lines.append(f"- {scn}: " + "; ".join(parts))
+    n = len(scns)
+    lines += ["", f"{ours} (default policy): widest stable LR range, alone or tied, on {wins} "
+              f"of {n} scenarios; lowest or tied LR sensitivity on {sens_wins} of {n}; at the "
+              f"exploding LR within 1.5× of the best unguarded loss on {ratio_ok} of {n}; no "
+              f"harm on {harmless} of {n}."]
     return lines
 
 
@@ -175,7 +292,7 @@ def markdown(summary: Sequence[SummaryRow], meta: dict) -> str:
     scns = list(dict.fromkeys(s.scenario for s in summary))
     rems = list(dict.fromkeys(s.remedy for s in summary))
     cell = {(s.scenario, s.remedy): s for s in summary}
-    lines = ["## Stable LR range (decades of LR where every seed converges; wider is better)",
+    lines = ["## Stable LR range (decades of LR where the median converges; wider is better)",
              "", "| remedy | " + " | ".join(scns) + " |",
              "|---|" + "---:|" * len(scns)]
     for rem in rems:
@@ -197,14 +314,24 @@ def markdown(summary: Sequence[SummaryRow], meta: dict) -> str:
         lines += [f"## {scn}", "", info.get("summary", ""), "",
                   f"Default LR {info.get('lr', '?')}; grid "
                   f"{', '.join(f'{v:.3g}' for v in info.get('grid', []))}.", "",
+                  f"Tolerance {_f(next(x.tol for x in summary if x.scenario == scn))} "
+                  f"(seed noise σ {_f(next(x.noise for x in summary if x.scenario == scn))})."
+                  " Columns at the default LR are medians over seeds; *ratio* is that median "
+                  "over the best unguarded median at any LR; *harm* lists the LRs (where the "
+                  "unguarded run converges) at which the remedy's seed-paired median is worse "
+                  "beyond the noise, against the unguarded run and against the placebo.", "",
                   f"| remedy | stable LR range | decades | LR sensitivity | diverged at default "
-                  f"LR | test loss | {metric} | clipped | skipped | s/run |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"LR | test loss | ratio | {metric} | harm (vs none / vs placebo) | clipped "
+                  "| skipped | s/run |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for s in (x for x in summary if x.scenario == scn):
+            harm = (f"{s.harm_lrs or '–'} / {s.placebo_harm_lrs or '–'}"
+                    if s.harm_checked else "")
             lines.append(
                 f"| {s.remedy} | {_range(s)} | {_f(s.stable_decades, 2)} | "
                 f"{_f(s.lr_sensitivity)} | {s.default_lr_diverged:.0%} | "
-                f"{_f(s.default_lr_test_loss)} | {_f(s.default_lr_metric)} | "
+                f"{_f(s.default_lr_test_loss)} | {_f(s.default_lr_ratio)} | "
+                f"{_f(s.default_lr_metric)} | {harm} | "
                 f"{s.clipped:.0f} | {s.skipped:.0f} | {s.seconds:.2f} |")
         lines.append("")
     return "\n".join(lines)

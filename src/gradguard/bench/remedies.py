@@ -17,7 +17,7 @@ from torch import nn
 
 from ..clip import AGC, Centralize, Normalize
 from ..guard import Guard
-from ..respond import Rollback
+from ..respond import Policy
 from ..scenarios import Scenario, Setup
 
 __all__ = ["REMEDIES", "Remedy", "get"]
@@ -92,15 +92,24 @@ def _autoclip(model: nn.Module, _opt: Optimizer) -> Callable[[], None]:
     return c.step
 
 
-def _guard(clip: Callable[[], object] | None = None, **kwargs: object) -> GuardFactory:
-    """A guard factory; ``clip`` builds fresh transforms per guard (they hold state)."""
+def _guard(clip: Callable[[], object] | None = None,
+           policy: Callable[[], Policy] | None = None, **kwargs: object) -> GuardFactory:
+    """A guard factory; ``clip`` and ``policy`` build fresh objects per guard (state)."""
 
     def make(model: nn.Module, opt: Optimizer, scaler: torch.amp.GradScaler | None,
              log: Path | None) -> Guard:
-        extra = {} if clip is None else {"clip": clip()}
+        extra: dict[str, object] = {} if clip is None else {"clip": clip()}
+        if policy is not None:
+            extra["policy"] = policy()
         return Guard(model, opt, scaler=scaler, log=log, **extra, **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+def _CLIP_ONLY() -> Policy:  # noqa: N802 - reads as a constant at the call sites
+    """NaN/Inf steps skipped, nothing else: no spike response, no LR control, no rollback,
+    so a row measures its clip transform (or nothing) alone."""
+    return Policy(on_spike="none", on_loss_spike="none", stability=None, rollback=None)
 
 
 def _reinit(model: nn.Module) -> object:
@@ -144,12 +153,13 @@ _LIST = [
     Remedy("autoclip", "autoclip package QuantileClip(quantile=0.9)", "peer",
            clipper=_autoclip, needs="autoclip"),
     Remedy("agc", "gradguard AGC(λ=0.01) alone (Brock et al. 2021), non-finite skip",
-           "gradguard", guard=_guard(clip=AGC, on_spike="none", on_loss_spike="none")),
-    Remedy("skip-nonfinite", "skip steps with NaN/Inf only (optax apply_if_finite)",
-           "gradguard", guard=_guard(clip=list, on_spike="none", on_loss_spike="none")),
+           "gradguard", guard=_guard(clip=AGC, policy=_CLIP_ONLY)),
+    Remedy("skip-nonfinite", "skip steps with NaN/Inf only (optax apply_if_finite); the "
+           "placebo: the guard's kernels, nothing done on a healthy step", "gradguard",
+           guard=_guard(clip=list, policy=_CLIP_ONLY)),
     Remedy("gradguard", "gradguard default Guard(model, opt)", "gradguard", guard=_guard()),
-    Remedy("gradguard-rollback", "gradguard default + Rollback(every=50)", "gradguard",
-           guard=_guard(rollback=Rollback(every=50))),
+    Remedy("gradguard-no-rollback", "gradguard default with rollback off: the stability "
+           "controller lowers the LR in place", "gradguard", guard=_guard(rollback=False)),
     Remedy("reinit", "gg.fixes.reinit(model, 'auto'): Kaiming/Xavier by activation", "brief",
            fix_model=_reinit),
     Remedy("warmup-cosine", "LR warm-up (10% of steps) then cosine decay", "brief",
@@ -174,8 +184,8 @@ def _max_norm_guard(model: nn.Module, opt: Optimizer, scaler: torch.amp.GradScal
 
     # No clipping and no spike response: the row measures the constraint (NaN/Inf steps
     # are still skipped, as in skip-nonfinite).
-    return Guard(model, opt, clip=[], on_spike="none", on_loss_spike="none", scaler=scaler,
-                 log=log, after_step=MaxNorm(model, 2.0))
+    return Guard(model, opt, clip=[], policy=_CLIP_ONLY(), scaler=scaler, log=log,
+                 after_step=MaxNorm(model, 2.0))
 
 
 def _standardize(_scn: Scenario, setup: Setup) -> None:
@@ -240,7 +250,7 @@ _LIST += [
            "brief", fix_setup=_z_loss),
     Remedy("normalize", "gradient standardisation: gg.clip.Centralize() + Normalize(1.0)",
            "brief", guard=_guard(clip=lambda: [Centralize(), Normalize(1.0)],
-                                 on_spike="none", on_loss_spike="none")),
+                                 policy=_CLIP_ONLY)),
 ]
 
 REMEDIES: dict[str, Remedy] = {r.name: r for r in _LIST}

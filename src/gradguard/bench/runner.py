@@ -76,7 +76,7 @@ class BenchConfig:
 
     scenarios: Sequence[str]
     remedies: Sequence[str]
-    seeds: Sequence[int] = (0, 1, 2)
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
     lr_grid: Sequence[float] | None = None
     lr_points: int = 1
     steps: int | None = None

@@ -388,7 +388,8 @@ def _heatmap(log: _Log, title: str) -> str | None:
 
 
 def _summary_rows(s: RunSummary) -> list[list[str]]:
-    rows = [["steps", str(s.steps)], ["skipped steps", str(s.skipped)],
+    rows = [["verdict", escape(s.verdict)]] if s.verdict else []
+    rows += [["steps", str(s.steps)], ["skipped steps", str(s.skipped)],
             ["clipped steps", str(s.clipped)],
             ["loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"],
             ["largest gradient norm", _fmt(s.max_grad_norm)]]

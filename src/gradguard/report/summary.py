@@ -32,6 +32,12 @@ class RunSummary:
     bad_lines: int = 0
 
     @property
+    def verdict(self) -> str | None:
+        """The guard's closing verdict on the run (None when the log has none)."""
+        return next((e["message"] for e in reversed(self.timeline) if e["kind"] == "verdict"),
+                    None)
+
+    @property
     def first_trouble(self) -> dict[str, Any] | None:
         return next((e for e in self.timeline
                      if e["kind"] in ("nonfinite", "grad_spike", "loss_spike")), None)
@@ -58,11 +64,13 @@ def summarize(path: str | os.PathLike[str]) -> RunSummary:
             g = rec.get("grad_norm")
             if isinstance(g, float) and math.isfinite(g):
                 s.max_grad_norm = g if s.max_grad_norm is None else max(s.max_grad_norm, g)
-            scale = rec.get("lr_scale", 1.0)
-            if isinstance(scale, float) and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
+        elif t == "event":
+            scale = rec.get("lr_scale")
+            # The controller's decisions, not the automatic warm-up's per-step ramp.
+            if rec["kind"] in ("backoff", "rollback", "recover") and isinstance(scale, float) \
+                    and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
                 s.lr_changes.append((rec["step"], scale))
                 last_scale = scale
-        elif t == "event":
             s.events[rec["kind"]] += 1
             if rec.get("origin_layer"):
                 s.origins[rec["origin_layer"]] += 1
