@@ -170,9 +170,6 @@ def doctor(
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     console.print(f"[bold]gradguard doctor[/bold] · {run.name}")
-    if not d.findings:
-        console.print("[green]no findings: signal propagation, inputs, LR and architecture look "
-                      "healthy[/green]")
     for i, f in enumerate(d.findings, 1):
         style = _SEV_STYLE[f.severity]
         console.print(f"{i}. [{style}]{f.severity.upper()}[/{style}] [bold]{f.check}[/bold]: "
@@ -186,6 +183,9 @@ def doctor(
             console.print(f"   [cyan]{f.fix_code}[/cyan]")
     if d.root_cause:
         console.print(f"[bold]most likely root cause:[/bold] {d.root_cause.check}")
+    elif d.healthy:
+        console.print("[green]no problem found: nothing above info (a short training run of a "
+                      "copy is fine)[/green]")
     if fix:
         fx = out["fix"]
         console.print("applied to a copy: " + ("; ".join(fx["applied"]) or "nothing safe to apply"))
