@@ -90,11 +90,17 @@ class Usage:
         self.scaler_elsewhere = False
         self.fp16_forward = False
         self._step_hook = optimizer.register_step_pre_hook(_refuse_outside_steps)
-        self._fwd_hook = None
+        self._fwd_hooks: list[Any] = []
         if model is not None and not has_scaler:
-            self._fwd_hook = model.register_forward_pre_hook(self._see_forward)
+            # Every module with weights: frameworks call submodules, not always the root
+            # (Lightning's training_step). Removed at the first guard.step.
+            self._fwd_hooks = [m.register_forward_pre_hook(self._see_forward)
+                               for m in model.modules()
+                               if any(True for _ in m.parameters(recurse=False))]
 
     def _see_forward(self, _module: nn.Module, _args: Any) -> None:
+        if self.fp16_forward:
+            return
         dt = self.device_type
         if torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) == torch.float16:
             self.fp16_forward = True
@@ -113,18 +119,19 @@ class Usage:
 
     def first_step(self) -> None:
         """Called by the first ``guard.step``: warn about a forgotten GradScaler."""
-        if self._fwd_hook is not None:
-            self._fwd_hook.remove()
-            self._fwd_hook = None
+        self._remove_forward_hooks()
         if self.fp16_forward and not self.scaler_elsewhere:
             warnings.warn(NO_SCALER, GuardUsageWarning, stacklevel=3)
 
     def remove(self) -> None:
         """Remove the hooks (the guard is closed or gone)."""
         self._step_hook.remove()
-        if self._fwd_hook is not None:
-            self._fwd_hook.remove()
-            self._fwd_hook = None
+        self._remove_forward_hooks()
+
+    def _remove_forward_hooks(self) -> None:
+        for h in self._fwd_hooks:
+            h.remove()
+        self._fwd_hooks = []
 
 
 def _refuse_outside_steps(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
