@@ -8,6 +8,7 @@ from typing import Annotated
 
 try:
     import typer
+    import typer.core
     from rich.console import Console
     from rich.table import Table
 except ImportError as e:  # pragma: no cover - exercised only without the [cli] extra
@@ -15,7 +16,32 @@ except ImportError as e:  # pragma: no cover - exercised only without the [cli] 
 
 from . import __version__
 
+
+class _FlagsWithoutType:
+    """On/off flags show no value type in ``--help``.
+
+    typer 0.2x prints the Python type after every option, flags included
+    (``--json <bool>``, even ``--help <bool>``), as if they took a value.
+    """
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsWithoutType, typer.core.TyperCommand):
+    """A gradguard subcommand."""
+
+
+class _Group(_FlagsWithoutType, typer.core.TyperGroup):
+    """The gradguard command group."""
+
+
 app = typer.Typer(
+    cls=_Group,
     name="gradguard",
     help="Detect, diagnose and tame exploding and vanishing gradients in PyTorch.",
     no_args_is_help=True,
@@ -32,13 +58,13 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the gradguard version."""
     console.print(f"gradguard {__version__}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     seed: int = typer.Option(0, help="seed for model init and batch order"),
     jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
@@ -67,7 +93,7 @@ def demo(
                   f"(try [bold]gradguard report {res.out / 'logs'}/<file>.jsonl[/bold])")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     run_log: str = typer.Argument(..., metavar="PATH",
                                   help="a JSONL run log written by Guard(log=...), or a "
@@ -97,7 +123,10 @@ def report(
     head.add_row("steps", str(s.steps))
     head.add_row("skipped steps", str(s.skipped))
     head.add_row("clipped steps", str(s.clipped))
-    head.add_row("loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}")
+    loss = f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"
+    if s.ended_nonfinite and s.last_finite_loss is not None:
+        loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
+    head.add_row("loss first → last", loss)
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "rollback",
                  "drift", "depth_trend", "diverged"):
@@ -141,7 +170,7 @@ def _load_run(target: str, seed: int):
         raise typer.Exit(2) from e
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     target: str = typer.Argument(..., help="a built-in scenario (e.g. mlp-init, linreg-raw) "
                                  "or path/to/file.py:make_run"),
@@ -198,7 +227,7 @@ def doctor(
         console.print(t)
 
 
-@app.command("lr-find")
+@app.command("lr-find", cls=_Command)
 def lr_find_cmd(
     target: str = typer.Argument(..., help="a built-in scenario or path/to/file.py:make_run"),
     out: str = typer.Option("lr_find.png", help="where to write the plot"),
@@ -228,7 +257,7 @@ if __name__ == "__main__":
     main()
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     scenario: Annotated[list[str] | None, typer.Option(
         "--scenario", "-s", help="scenario(s) to run (default: all; see --list)")] = None,
