@@ -64,14 +64,19 @@ class NormSpike(TensorState):
                       "min": torch.full((), math.inf, **z),
                       "count": torch.zeros((), dtype=torch.long, device=device)}
 
-    def __call__(self, norm: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(spike, z, typical)`` for this step's global norm (0-dim tensors).
 
         ``typical`` is the geometric-mean norm the statistics expect (the norm itself
-        before any has been learned); the guard clips spikes down to it.
+        before any has been learned); the guard clips spikes down to it. ``noise`` >= 1
+        is how much larger sampling noise alone can make this step's norm (a smaller
+        batch: see :mod:`gradguard.samples`); the norm is judged divided by it.
         """
         s = self.state
         x = torch.log(norm.clamp_min(_TINY))
+        if noise != 1.0:
+            x = x - math.log(noise)
         ready = s["count"] >= self.warmup
         std = torch.sqrt(s["var"] + 1e-12)
         z = torch.where(ready, (x - s["mean"]) / std, torch.zeros_like(x))
@@ -129,7 +134,9 @@ class LossSpike(TensorState):
         self.state = {"losses": torch.full((self.window,), math.nan, device=device),
                       "count": torch.zeros((), dtype=torch.long, device=device)}
 
-    def __call__(self, loss: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Return ``(spike, z)`` for this step's loss; ``noise`` >= 1 widens the thresholds
+        by the factor a smaller batch's loss is noisier (see :mod:`gradguard.samples`)."""
         s = self.state
         buf = s["losses"]
         loss = loss.float().reshape(())
@@ -137,17 +144,17 @@ class LossSpike(TensorState):
         valid = ~torch.isnan(buf)
         nvalid = valid.sum().clamp_min(1)
         var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / nvalid
-        std = torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12
+        std = (torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12) * noise
         ready = s["count"] >= self.min_count
         z = torch.where(ready, (loss - mean) / std, torch.zeros_like(loss))
         ratio_ok = (mean <= 0) | (loss > self.ratio * mean)
         low = torch.where(valid, buf, torch.full_like(buf, math.inf)).min()
-        early = ~ready & (s["count"] > 0) & (low > 0) & (loss > self.early_ratio * low)
+        early = ~ready & (s["count"] > 0) & (low > 0) & (loss > self.early_ratio * noise * low)
         spike = ok & ((ready & (z > self.z_thresh) & ratio_ok) | early)
         learn = ok & torch.isfinite(loss) & (~spike | ~ready)
         # Early spikes enter clipped to the early bound: a wrecked first step must not fill
         # the window with values that hide the next spike for ``window`` steps.
-        entry = torch.where(early, self.early_ratio * low, loss)
+        entry = torch.where(early, self.early_ratio * noise * low, loss)
         slot = torch.remainder(s["count"], self.window).reshape(1)
         buf.index_copy_(0, slot, torch.where(learn, entry, buf[slot]).reshape(1))
         s["count"].add_(learn.long())

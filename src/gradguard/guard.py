@@ -34,6 +34,7 @@ from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError, check_int, config_diff
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
 from .respond import DeviceDecision, Policy, TrainingDivergedError
+from .samples import SampleCounter
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
 from .stepper import Stepper
 from .usage import Usage, check_optimizer
@@ -350,7 +351,9 @@ class Guard:
         self._closed = False
         # Last, so a failed construction leaves no hooks behind (see gradguard.usage).
         self._usage = Usage(model, optimizer, scaler is not None, self.device)
-        self._finalizer = lifecycle.register(self, self.recorder, self._usage)
+        # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
+        self._samples = SampleCounter(model if self._sync is None else None)
+        self._finalizer = lifecycle.register(self, self.recorder, self._usage, self._samples)
 
     # -- public helpers ----------------------------------------------------------------
     def track(self, obj: Any) -> Any:
@@ -486,9 +489,10 @@ class Guard:
         if loss_d is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss_d)
         ok = ~nonfinite
-        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok)
+        noise = self._samples.noise()  # > 1 for a smaller batch (epoch end)
+        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
         if loss_d is not None and self.policy.on_loss_spike != "none":
-            loss_spike, loss_z = self.loss_spike(loss_d, ok)
+            loss_spike, loss_z = self.loss_spike(loss_d, ok, noise)
 
         ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
         self.clip(ctx)
@@ -756,6 +760,7 @@ class Guard:
         if self._closed:
             return
         self._usage.remove()
+        self._samples.remove()
         lifecycle.unregister(self, self._finalizer)
         try:
             self._drain()

@@ -23,10 +23,16 @@ log = logging.getLogger("gradguard")
 _open: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def register(guard: Any, recorder: Any, usage: Any) -> weakref.finalize:
-    """Watch ``guard`` until it is closed; returns the finalizer ``close()`` detaches."""
+def register(guard: Any, recorder: Any, *hooks: Any) -> weakref.finalize:
+    """Watch ``guard`` until it is closed; returns the finalizer ``close()`` detaches.
+
+    Args:
+        guard: the guard (only weakly referenced).
+        recorder: flushed and closed if the guard is collected unclosed.
+        hooks: objects whose ``remove()`` takes the guard's hooks off the model/optimizer.
+    """
     _open.add(guard)
-    fin = weakref.finalize(guard, _release, recorder, usage)
+    fin = weakref.finalize(guard, _release, recorder, hooks)
     fin.atexit = False  # at exit _close_open_guards closes the whole guard instead
     return fin
 
@@ -37,8 +43,9 @@ def unregister(guard: Any, fin: weakref.finalize) -> None:
     _open.discard(guard)
 
 
-def _release(recorder: Any, usage: Any) -> None:
-    usage.remove()
+def _release(recorder: Any, hooks: tuple[Any, ...]) -> None:
+    for h in hooks:
+        h.remove()
     try:
         recorder.close()
     except Exception:  # a sink failing at collection must not raise into unrelated code
