@@ -10,6 +10,7 @@ try:
     import typer
     import typer.core
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ImportError as e:  # pragma: no cover - exercised only without the [cli] extra
     raise SystemExit("the gradguard CLI needs its extra: pip install 'gradguard[cli]'") from e
@@ -199,17 +200,19 @@ def doctor(
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     console.print(f"[bold]gradguard doctor[/bold] · {run.name}")
+    # soft_wrap: one line per item, left for the terminal to wrap (rich would break
+    # sentences and code at its own width, with trailing spaces).
     for i, f in enumerate(d.findings, 1):
         style = _SEV_STYLE[f.severity]
         console.print(f"{i}. [{style}]{f.severity.upper()}[/{style}] [bold]{f.check}[/bold]: "
-                      f"{f.title}")
+                      f"{escape(f.title)}", soft_wrap=True)
         if f.layers:
             more = " …" if len(f.layers) > 6 else ""
-            console.print(f"   layers: {', '.join(f.layers[:6])}{more}")
+            console.print(f"   layers: {escape(', '.join(f.layers[:6]))}{more}", soft_wrap=True)
         if f.fix:
-            console.print(f"   fix: {f.fix}")
+            console.print(f"   fix: {escape(f.fix)}", soft_wrap=True)
         if f.fix_code:
-            console.print(f"   [cyan]{f.fix_code}[/cyan]")
+            console.print(f"   [cyan]{escape(f.fix_code)}[/cyan]", soft_wrap=True)
     if d.root_cause:
         console.print(f"[bold]most likely root cause:[/bold] {d.root_cause.check}")
     elif d.healthy:

@@ -8,8 +8,9 @@
   (``scaler.scale(loss).backward()``); a guard without ``scaler=`` then measures, clips
   and steps gradients 2^16 times too large. The first forward pass tells whether fp16
   autocast is on; with no scaler given, the first ``guard.step`` warns once.
-- **Closure optimizers.** LBFGS re-evaluates its closure several times per step (line
-  search); there is no single gradient to measure, clip or skip, so it is refused.
+- **Optimizers it cannot own.** LBFGS re-evaluates its closure several times per step
+  (line search): there is no single gradient to measure, clip or skip. SparseAdam needs
+  sparse gradients, which the guard does not measure. Both are refused at construction.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             "measure, clip or skip. Use a first-order optimizer with the guard (SGD, Adam, "
             "AdamW, ...; see the README's optimizer table), or run "
             f"{type(optimizer).__name__} without a guard."
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ConfigError(
+            "SparseAdam steps sparse gradients (nn.Embedding(sparse=True)); the guard "
+            "measures and clips dense gradients only. Use dense gradients with Adam or "
+            "AdamW, or run SparseAdam without a guard."
         )
 
 
