@@ -144,7 +144,9 @@ class LossSpike(TensorState):
         valid = ~torch.isnan(buf)
         nvalid = valid.sum().clamp_min(1)
         var = torch.where(valid, (buf - mean) ** 2, 0.0).sum() / nvalid
-        std = (torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12) * noise
+        std = torch.sqrt(var) + 1e-8 * mean.abs() + 1e-12
+        if noise != 1.0:
+            std = std * noise
         ready = s["count"] >= self.min_count
         z = torch.where(ready, (loss - mean) / std, torch.zeros_like(loss))
         ratio_ok = (mean <= 0) | (loss > self.ratio * mean)

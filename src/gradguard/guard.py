@@ -196,13 +196,17 @@ class Guard:
 
     Example::
 
-        guard = gg.Guard(model, optimizer, log="runs/exp1.jsonl")
-        for x, y in guard.batches(loader):            # drops batches after a rollback
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            info = guard.step(loss)                    # instead of optimizer.step()
-        guard.close()
+        with gg.Guard(model, optimizer, log="runs/exp1.jsonl") as guard:  # closes the log
+            for x, y in guard.batches(loader):        # drops batches after a rollback
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                info = guard.step(loss)                # instead of optimizer.step()
+
+    The guard owns the optimizer's step: an ``optimizer.step()`` (or
+    ``scaler.step(optimizer)``) outside ``guard.step`` raises
+    :class:`~gradguard.GuardUsageError` until the guard is closed. A guard never closed is
+    closed at interpreter exit (see :mod:`gradguard.lifecycle`).
 
     Args:
         model: the module being trained (names parameters, gives forward order, and is
