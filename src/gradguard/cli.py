@@ -179,16 +179,23 @@ def doctor(
     fix: bool = typer.Option(False, "--fix", help="apply the safe fixes to a copy and re-run"),
     steps: int = typer.Option(200, help="steps of the before/after re-run with --fix"),
     lr_test: bool = typer.Option(True, help="run the LR range test"),
-    run_log: str = typer.Option(None, help="also read a guard's JSONL run log"),
+    run_log: str = typer.Option(None, help="also read a guard's JSONL run log (evidence, "
+                                "never the root cause)"),
+    trial_steps: int = typer.Option(60, help="steps of each short training run of a copy "
+                                    "(as is, and with each proposed fix) that the "
+                                    "severities rest on; 0: none, suspicions stop at warning"),
     seed: int = typer.Option(0),
 ) -> None:
     """Diagnose why gradients explode or vanish, rank the causes, and propose fixes."""
     from .doctor import diagnose
     from .doctor.entry import apply_fixes, rerun, summary
 
+    if trial_steps < 0:
+        console.print("[red]--trial-steps must be 0 or more[/red]")
+        raise typer.Exit(2)
     run = _load_run(target, seed)
     d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
-                 lr_test=lr_test)
+                 lr_test=lr_test, trial_steps=trial_steps)
     out: dict = d.to_dict()
     if fix:
         fixed, done = apply_fixes(run, d)
