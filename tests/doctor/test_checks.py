@@ -10,6 +10,9 @@ import gradguard as gg
 from gradguard import doctor
 from gradguard.scenarios import data
 
+# Tiny models, many short trials: a second thread only waits for a core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def deep_mlp(act, depth=20, width=64):
     torch.manual_seed(0)
