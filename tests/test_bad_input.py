@@ -136,6 +136,8 @@ def test_invalid_settings_fail_at_construction(make, match):
     ({"flush_every": 0}, r"flush_every must be an int >= 1"),
     ({"layers_every": math.nan}, r"layers_every must be an int >= 1"),
     ({"after_step": "maxnorm"}, r"after_step takes a callable"),
+    ({"clip": gg.clip.AGC(exclude=["head.*", "0.*"])},
+     r"AGC exclude pattern\(s\) \['head\.\*'\] match no parameter.*'0\.weight', '0\.bias'"),
 ])
 def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
     model = small_mlp()
@@ -156,12 +158,44 @@ def test_state_from_a_differently_configured_guard_is_refused():
     with pytest.raises(gg.ConfigError, match="same clip settings, policy and parameters"):
         stepped_guard(model, on_spike="skip").load_state_dict(state)
     deeper = small_mlp(depth=4)
-    with pytest.raises(gg.ConfigError, match="'n_params': 8"):
+    with pytest.raises(gg.ConfigError, match="n_params: 6 → 8"):
         stepped_guard(deeper).load_state_dict(state)
     with pytest.raises(gg.ConfigError, match="not a gradguard state dict"):
         stepped_guard(model).load_state_dict(model.state_dict())
     with pytest.raises(gg.ConfigError, match="not a gradguard state dict"):
         stepped_guard(model).load_state_dict([1, 2])
+
+
+def test_a_refused_state_lists_only_the_settings_that_differ():
+    model = small_mlp()
+    state = stepped_guard(model).state_dict()
+    with pytest.raises(gg.ConfigError) as e:
+        stepped_guard(model, on_spike="skip", clip=gg.clip.GlobalNorm(1.0)).load_state_dict(state)
+    lines = str(e.value).splitlines()
+    diff = [ln.strip() for ln in lines[1:-1]]
+    assert len(diff) == 2  # n_params, the backoff and rollback settings are equal: not listed
+    assert diff[0].startswith('clip: "ZScore(') and diff[0].endswith("→ 'GlobalNorm(max_norm=1.0)'")
+    assert diff[1] == "policy.on_spike: 'auto' → 'skip'"
+    assert "strict=False" in lines[-1]
+
+
+def test_non_strict_load_takes_what_the_new_settings_leave_valid():
+    model = small_mlp()
+    old = stepped_guard(model)
+    for _ in range(4):
+        model.zero_grad()
+        old.step(backward(model))
+    state = old.state_dict()
+    new = stepped_guard(model, on_spike="skip")  # same clip, other policy
+    skipped = new.load_state_dict(state, strict=False)
+    assert skipped == ["decision"]
+    assert new.steps == 5
+    for k, v in old.clip.state.items():  # the ZScore statistics came across
+        assert torch.equal(new.clip.state[k], v)
+    assert torch.equal(new.grad_spike.state["count"], old.grad_spike.state["count"])
+    other = stepped_guard(model, clip=gg.clip.GlobalNorm(1.0), on_spike="skip")
+    assert other.load_state_dict(state, strict=False) == ["clip", "decision"]
+    assert other.steps == 5
 
 
 def test_state_from_another_format_version_names_the_fix():

@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from gradguard.cli import app
@@ -23,3 +24,13 @@ def test_demo_runs_the_quick_bench_and_writes_the_report(tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
+
+
+@pytest.mark.parametrize("command", [[], ["doctor"], ["bench"], ["report"], ["demo"],
+                                     ["lr-find"], ["version"]])
+def test_help_shows_no_type_after_flags(command):
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.output
+    if command in (["doctor"], ["bench"]):
+        assert "<int>" in res.output  # options that take a value still say which

@@ -133,3 +133,25 @@ def test_loss_spike_catches_a_loss_blowing_up_in_the_first_steps():
     # early spikes enter the window: a run that settles at a higher loss stops being flagged
     flags = feed(gg.LossSpike(), [1.0, *([3.0] * 40)])
     assert any(flags[:11]) and not any(flags[12:])
+
+
+@pytest.mark.parametrize(("det", "spread", "odd"), [
+    (gg.NormSpike(), 0.02, 3.5),  # norms: judged divided by the factor
+    (gg.LossSpike(), 0.15, 2.0),  # losses: the z-score's std widened by it
+])
+def test_a_smaller_batch_widens_the_thresholds_by_its_noise_factor(det, spread, odd):
+    # A batch of 5 where 64 is usual: sampling noise alone can make its loss and gradient
+    # norm up to sqrt(64/5) = 3.6 times further out; a real spike is far beyond that.
+    gen = np.random.default_rng(0)
+    steady = list(1.0 + spread * gen.standard_normal(40))
+    noise = math.sqrt(64 / 5)
+
+    def last_flag(value, factor):
+        det.bind(CPU)
+        for v in steady:
+            det(torch.tensor(v), OK)
+        return bool(det(torch.tensor(value), OK, factor)[0])
+
+    assert last_flag(odd, 1.0)  # judged as a full batch: a spike
+    assert not last_flag(odd, noise)  # as the 5-sample batch it is: sampling noise
+    assert last_flag(50.0, noise)  # a real spike in a small batch is still one

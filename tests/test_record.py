@@ -57,3 +57,21 @@ def test_tensorboard_sink_writes_events(tmp_path):
     assert len(acc.Scalars("gradguard/loss")) >= 10
     assert "gradguard/log10_layer_grad_norm" in tags["histograms"]
     assert any("nonfinite" in t for t in tags["tensors"])
+
+
+def test_console_events_are_whole_lines_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from gradguard.record import ConsoleSink
+
+    buf = io.StringIO()
+    sink = ConsoleSink(Console(file=buf, width=80, force_terminal=False))
+    path = "/very/long/checkpoint/directory/of/an/experiment/run-2024-06-01/snapshot-000000100.pt"
+    sink.event({"step": 100, "kind": "snapshot",
+                "message": f"snapshot of step 100 written to {path}"})
+    sink.event({"step": 101, "kind": "nonfinite", "message": "NaN in [layers.0] weights"})
+    lines = buf.getvalue().splitlines()
+    assert lines == [f"gradguard step 100: snapshot of step 100 written to {path}",
+                     "gradguard step 101: NaN in [layers.0] weights"]

@@ -114,3 +114,49 @@ def test_fused_conversion_only_when_user_left_it_open():
     assert opt2.param_groups[0]["fused"] is None
     with pytest.raises(gg.ConfigError, match="found_inf"):
         gg.Guard(m, torch.optim.RMSprop(m.parameters()), skip_strategy="found_inf")
+
+
+# What the README's optimizer table promises, for every optimizer torch ships.
+TABLE = {"SGD": "found_inf", "Adam": "found_inf", "AdamW": "found_inf", "Adagrad": "found_inf",
+         "Adadelta": "masked", "Adafactor": "masked", "Adamax": "masked", "ASGD": "masked",
+         "Muon": "masked", "NAdam": "masked", "RAdam": "masked", "RMSprop": "masked",
+         "Rprop": "masked", "LBFGS": "refused", "SparseAdam": "refused"}
+TORCH_OPTIMIZERS = sorted(n for n in dir(torch.optim)
+                          if isinstance(getattr(torch.optim, n), type)
+                          and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+                          and n != "Optimizer")
+
+
+def test_the_table_covers_every_torch_optimizer_and_the_readme_lists_them():
+    from pathlib import Path
+
+    assert set(TORCH_OPTIMIZERS) <= set(TABLE), set(TORCH_OPTIMIZERS) - set(TABLE)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("| optimizer | how a step is skipped")[1].split("\n\n")[0]
+    for name in TORCH_OPTIMIZERS:
+        assert f"`{name}`" in section, name
+
+
+@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
+def test_every_torch_optimizer_skips_a_nan_step_exactly_or_is_refused(name):
+    model = small_mlp()
+    params = list(model.parameters())
+    if name == "Muon":  # matrices only
+        for p in params:
+            p.requires_grad_(p.dim() == 2)
+        params = [p for p in params if p.dim() == 2]
+    cls = getattr(torch.optim, name)
+    if TABLE[name] == "refused":
+        with pytest.raises(gg.ConfigError, match=r"closure|sparse gradients"):
+            gg.Guard(model, cls(params, lr=0.01))
+        return
+    opt = cls(params, lr=0.01)
+    guard = gg.Guard(model, opt)
+    assert guard.stepper.strategy == TABLE[name]
+    for s in range(2):
+        opt.zero_grad()
+        guard.step(backward(model, seed=s))
+    before = snapshot(model, opt)
+    opt.zero_grad()
+    assert bool(guard.step(backward(model, seed=3, nan=True)).skipped)
+    assert_identical(before, model, opt)

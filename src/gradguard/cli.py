@@ -8,14 +8,41 @@ from typing import Annotated
 
 try:
     import typer
+    import typer.core
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 except ImportError as e:  # pragma: no cover - exercised only without the [cli] extra
     raise SystemExit("the gradguard CLI needs its extra: pip install 'gradguard[cli]'") from e
 
 from . import __version__
 
+
+class _FlagsWithoutType:
+    """On/off flags show no value type in ``--help``.
+
+    typer 0.2x prints the Python type after every option, flags included
+    (``--json <bool>``, even ``--help <bool>``), as if they took a value.
+    """
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_FlagsWithoutType, typer.core.TyperCommand):
+    """A gradguard subcommand."""
+
+
+class _Group(_FlagsWithoutType, typer.core.TyperGroup):
+    """The gradguard command group."""
+
+
 app = typer.Typer(
+    cls=_Group,
     name="gradguard",
     help="Detect, diagnose and tame exploding and vanishing gradients in PyTorch.",
     no_args_is_help=True,
@@ -32,13 +59,13 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the gradguard version."""
     console.print(f"gradguard {__version__}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     seed: int = typer.Option(0, help="seed for model init and batch order"),
     jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
@@ -67,7 +94,7 @@ def demo(
                   f"(try [bold]gradguard report {res.out / 'logs'}/<file>.jsonl[/bold])")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     run_log: str = typer.Argument(..., metavar="PATH",
                                   help="a JSONL run log written by Guard(log=...), or a "
@@ -97,7 +124,10 @@ def report(
     head.add_row("steps", str(s.steps))
     head.add_row("skipped steps", str(s.skipped))
     head.add_row("clipped steps", str(s.clipped))
-    head.add_row("loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}")
+    loss = f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"
+    if s.ended_nonfinite and s.last_finite_loss is not None:
+        loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
+    head.add_row("loss first → last", loss)
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "rollback",
                  "rollback_off", "drift", "depth_trend", "diverged"):
@@ -143,7 +173,7 @@ def _load_run(target: str, seed: int):
         raise typer.Exit(2) from e
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor(
     target: str = typer.Argument(..., help="a built-in scenario (e.g. mlp-init, linreg-raw) "
                                  "or path/to/file.py:make_run"),
@@ -151,16 +181,23 @@ def doctor(
     fix: bool = typer.Option(False, "--fix", help="apply the safe fixes to a copy and re-run"),
     steps: int = typer.Option(200, help="steps of the before/after re-run with --fix"),
     lr_test: bool = typer.Option(True, help="run the LR range test"),
-    run_log: str = typer.Option(None, help="also read a guard's JSONL run log"),
+    run_log: str = typer.Option(None, help="also read a guard's JSONL run log (evidence, "
+                                "never the root cause)"),
+    trial_steps: int = typer.Option(60, help="steps of each short training run of a copy "
+                                    "(as is, and with each proposed fix) that the "
+                                    "severities rest on; 0: none, suspicions stop at warning"),
     seed: int = typer.Option(0),
 ) -> None:
     """Diagnose why gradients explode or vanish, rank the causes, and propose fixes."""
     from .doctor import diagnose
     from .doctor.entry import apply_fixes, rerun, summary
 
+    if trial_steps < 0:
+        console.print("[red]--trial-steps must be 0 or more[/red]")
+        raise typer.Exit(2)
     run = _load_run(target, seed)
     d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
-                 lr_test=lr_test)
+                 lr_test=lr_test, trial_steps=trial_steps)
     out: dict = d.to_dict()
     if fix:
         fixed, done = apply_fixes(run, d)
@@ -172,22 +209,24 @@ def doctor(
         typer.echo(json.dumps(out, indent=2, default=str))
         return
     console.print(f"[bold]gradguard doctor[/bold] · {run.name}")
-    if not d.findings:
-        console.print("[green]no findings: signal propagation, inputs, LR and architecture look "
-                      "healthy[/green]")
+    # soft_wrap: one line per item, left for the terminal to wrap (rich would break
+    # sentences and code at its own width, with trailing spaces).
     for i, f in enumerate(d.findings, 1):
         style = _SEV_STYLE[f.severity]
         console.print(f"{i}. [{style}]{f.severity.upper()}[/{style}] [bold]{f.check}[/bold]: "
-                      f"{f.title}")
+                      f"{escape(f.title)}", soft_wrap=True)
         if f.layers:
             more = " …" if len(f.layers) > 6 else ""
-            console.print(f"   layers: {', '.join(f.layers[:6])}{more}")
+            console.print(f"   layers: {escape(', '.join(f.layers[:6]))}{more}", soft_wrap=True)
         if f.fix:
-            console.print(f"   fix: {f.fix}")
+            console.print(f"   fix: {escape(f.fix)}", soft_wrap=True)
         if f.fix_code:
-            console.print(f"   [cyan]{f.fix_code}[/cyan]")
+            console.print(f"   [cyan]{escape(f.fix_code)}[/cyan]", soft_wrap=True)
     if d.root_cause:
         console.print(f"[bold]most likely root cause:[/bold] {d.root_cause.check}")
+    elif d.healthy:
+        console.print("[green]no problem found: nothing above info (a short training run of a "
+                      "copy is fine)[/green]")
     if fix:
         fx = out["fix"]
         console.print("applied to a copy: " + ("; ".join(fx["applied"]) or "nothing safe to apply"))
@@ -200,7 +239,7 @@ def doctor(
         console.print(t)
 
 
-@app.command("lr-find")
+@app.command("lr-find", cls=_Command)
 def lr_find_cmd(
     target: str = typer.Argument(..., help="a built-in scenario or path/to/file.py:make_run"),
     out: str = typer.Option("lr_find.png", help="where to write the plot"),
@@ -230,7 +269,7 @@ if __name__ == "__main__":
     main()
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     scenario: Annotated[list[str] | None, typer.Option(
         "--scenario", "-s", help="scenario(s) to run (default: all; see --list)")] = None,

@@ -295,6 +295,19 @@ class AGC(Transform):
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         self.state = {}
         self._excluded = {i for i, n in enumerate(names) if self._skip(n)}
+        if callable(self.exclude):
+            return
+        patterns = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
+        # A pattern that matches nothing is a typo or a wrapper prefix (DDP's "module.");
+        # silently clipping the layer it meant to exclude would defeat the point.
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            shown = ", ".join(repr(n) for n in names[:6]) + (" …" if len(names) > 6 else "")
+            raise ConfigError(
+                f"AGC exclude pattern(s) {unmatched} match no parameter; the guarded "
+                f"parameters are named like {shown} ({len(names)} in all). Fix the glob "
+                "(e.g. 'fc.*' for a module attribute named fc, 'module.fc.*' under DDP)"
+            )
 
     def __call__(self, ctx: ClipContext) -> None:
         grads = ctx.grads()

@@ -92,14 +92,19 @@ class NormSpike(_RobustWindow):
         self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
         self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
 
-    def __call__(self, norm: Tensor, ok: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(spike, z, typical)`` for this step's global norm (0-dim tensors).
 
         ``typical`` is the median norm of the window (the norm itself before any has been
-        seen); the guard clips spikes down to it.
+        seen); the guard clips spikes down to it. ``noise`` >= 1 is how much larger
+        sampling noise alone can make this step's norm (a smaller batch at an epoch's
+        end): the norm is judged divided by it.
         """
         count = self.state["count"]
         x = torch.log(norm.float().clamp_min(_TINY))
+        if noise != 1.0:
+            x = x - math.log(noise)
         med, sigma = self.stats()
         ready = count >= self.warmup
         seen = count > 0
@@ -151,10 +156,14 @@ class LossSpike(_RobustWindow):
         super().bind(device)
         self.state["first"] = torch.full((), math.nan, device=device)
 
-    def __call__(self, loss: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Return ``(spike, z)`` for this step's loss; ``noise`` >= 1 widens the thresholds
+        for a step whose batch is smaller than usual (its loss is noisier)."""
         s = self.state
         loss = loss.float().reshape(())
         med, sigma = self.stats()
+        if noise != 1.0:
+            sigma = sigma * noise
         count = s["count"]
         ready = count >= self.min_count
         seen = count > 0
@@ -164,7 +173,7 @@ class LossSpike(_RobustWindow):
         ratio_ok = (med <= 0) | (loss > self.ratio * med)
         late = ready & (dev > self.z_thresh * sigma) & (dev > floor) & ratio_ok
         noise = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
-        early_bound = self.early_ratio * med
+        early_bound = self.early_ratio * noise * med
         early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > noise)
         spike = ok & (late | early)
         good = ok & torch.isfinite(loss)

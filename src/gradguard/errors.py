@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "check_int", "check_positive"]
+__all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning", "check_int",
+           "check_positive", "config_diff"]
 
 
 class GradGuardError(Exception):
@@ -17,6 +19,10 @@ class ConfigError(GradGuardError, ValueError):
 
 class GuardUsageError(GradGuardError, RuntimeError):
     """The guard was called in a way that would silently train on wrong gradients."""
+
+
+class GuardUsageWarning(UserWarning):
+    """The guard suspects a mistake it cannot prove (e.g. a GradScaler it was not given)."""
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
@@ -35,3 +41,28 @@ def check_int(name: str, value: int, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"{name} must be an int >= {lo}, got {value!r}")
     return value
+
+
+def config_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """The settings that differ, one ``"key: saved → current"`` line each (dicts flattened).
+
+    Args:
+        saved: the settings a state was saved with.
+        current: the settings of the object loading it.
+        prefix: dotted path of ``saved`` inside the whole config.
+
+    Returns:
+        One line per differing leaf; empty when the settings are equal.
+    """
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for k in sorted(set(saved) | set(current), key=str):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in saved:
+                out.append(f"{name}: (absent) → {current[k]!r}")
+            elif k not in current:
+                out.append(f"{name}: {saved[k]!r} → (absent)")
+            else:
+                out += config_diff(saved[k], current[k], name)
+        return out
+    return [] if saved == current else [f"{prefix or 'config'}: {saved!r} → {current!r}"]

@@ -26,17 +26,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, lifecycle
 from . import snapshot as snap
 from .clip import ClipContext, Transform, ZScore, chain
+from .control import Controller
 from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
-from .errors import ConfigError, GuardUsageError, check_int
+from .errors import ConfigError, GuardUsageError, check_int, config_diff
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
-from .control import Controller
 from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
+from .samples import SampleCounter
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
 from .stepper import Stepper
+from .usage import Usage, check_optimizer
 
 __all__ = ["Guard", "StepInfo"]
 
@@ -195,13 +197,17 @@ class Guard:
 
     Example::
 
-        guard = gg.Guard(model, optimizer, log="runs/exp1.jsonl")
-        for x, y in guard.batches(loader):            # drops batches after a rollback
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            info = guard.step(loss)                    # instead of optimizer.step()
-        guard.close()
+        with gg.Guard(model, optimizer, log="runs/exp1.jsonl") as guard:  # closes the log
+            for x, y in guard.batches(loader):        # drops batches after a rollback
+                optimizer.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                info = guard.step(loss)                # instead of optimizer.step()
+
+    The guard owns the optimizer's step: an ``optimizer.step()`` (or
+    ``scaler.step(optimizer)``) outside ``guard.step`` raises
+    :class:`~gradguard.GuardUsageError` until the guard is closed. A guard never closed is
+    closed at interpreter exit (see :mod:`gradguard.lifecycle`).
 
     Args:
         model: the module being trained (names parameters, gives forward order, and is
@@ -260,6 +266,7 @@ class Guard:
             )
         if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        check_optimizer(optimizer)
         check_int("flush_every", flush_every, 1)
         check_int("layers_every", layers_every, 1)
         self.model = model
@@ -358,6 +365,11 @@ class Guard:
         self._base_lrs: dict[int, float] = {}
         self._started = False
         self._closed = False
+        # Last, so a failed construction leaves no hooks behind (see gradguard.usage).
+        self._usage = Usage(model, optimizer, scaler is not None, self.device)
+        # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
+        self._samples = SampleCounter(model if self._sync is None else None)
+        self._finalizer = lifecycle.register(self, self.recorder, self._usage, self._samples)
 
     # -- public helpers ----------------------------------------------------------------
     def track(self, obj: Any) -> Any:
@@ -404,8 +416,19 @@ class Guard:
         if state["stage"] is OptState.READY:
             self.scaler.unscale_(self.optimizer)  # type: ignore[union-attr]
 
+    @staticmethod
+    def _run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
+        if loss is not None:
+            raise GuardUsageError("guard.step() takes the loss or a closure, not both: the "
+                                  "closure computes the loss and calls backward() itself")
+        if not callable(closure):
+            raise GuardUsageError(f"closure must be callable, got {type(closure).__name__}")
+        with torch.enable_grad():
+            return closure()
+
     def _start(self) -> None:
         self._started = True
+        self._usage.first_step()
         if self._order_probe is not None:
             self.order = self._order_probe.finish()
             self._order_probe = None
@@ -424,11 +447,15 @@ class Guard:
             if self._snap_place != "off":
                 self._good.append(self._take(-1))
 
-    def step(self, loss: Tensor | None = None) -> StepInfo:
+    def step(self, loss: Tensor | None = None,
+             closure: Callable[[], Tensor] | None = None) -> StepInfo:
         """Measure, transform and apply (or skip) this step's gradients.
 
         Args:
             loss: this step's loss (unscaled); enables the loss checks.
+            closure: instead of ``loss``, torch's convention: a callable that clears the
+                gradients, computes the loss, calls ``backward()`` and returns the loss;
+                the guard calls it once, then steps.
 
         Returns:
             A :class:`StepInfo` of device tensors.
@@ -438,6 +465,8 @@ class Guard:
         """
         if self._closed:
             raise GuardUsageError("this guard was closed; build a new one to keep training")
+        if closure is not None:
+            loss = self._run_closure(loss, closure)
         if self.scaler is not None and self.scaler.is_enabled():
             self._unscale()
         groups = collect_grads(self.params)
@@ -478,9 +507,10 @@ class Guard:
         if loss_d is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss_d)
         ok = ~nonfinite
-        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok)
+        noise = self._samples.noise()  # > 1 for a smaller batch (epoch end)
+        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
         if loss_d is not None and self.policy.on_loss_spike != "none":
-            loss_spike, loss_z = self.loss_spike(loss_d, ok)
+            loss_spike, loss_z = self.loss_spike(loss_d, ok, noise)
 
         ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
         self.clip(ctx)
@@ -528,7 +558,8 @@ class Guard:
             for g, b in zip(groups, base, strict=True):
                 g["lr"] = b * scale
         try:
-            self.stepper.step(params, skip)
+            with self._usage.stepping():
+                self.stepper.step(params, skip)
         finally:
             if scale != 1.0:
                 for g, b in zip(groups, base, strict=True):
@@ -829,11 +860,16 @@ class Guard:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
         if self._closed:
             return
-        self._drain()
-        if self._started:
-            self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
-        self.recorder.close()
-        self._closed = True
+        self._usage.remove()
+        self._samples.remove()
+        lifecycle.unregister(self, self._finalizer)
+        try:
+            self._drain()
+            if self._started:
+                self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
+        finally:
+            self.recorder.close()
+            self._closed = True
 
     def verdict(self) -> str:
         """One sentence on how the run went and what to change (also logged at close)."""
@@ -880,8 +916,21 @@ class Guard:
         return {"clip": repr(self.clip), "n_params": len(self.params),
                 "policy": self.policy.describe()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output from an identically configured guard."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> list[str]:
+        """Restore :meth:`state_dict` output.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+            strict: refuse a state saved with other settings, listing the settings that
+                differ. With ``strict=False`` the parts those settings leave valid are
+                loaded (counters always; the clip statistics when the clip settings and
+                parameters match; the decision when the policy matches; each detector
+                when its state fits) and the rest keeps its fresh state, relearned
+                within its warm-up.
+
+        Returns:
+            The parts that were not loaded (empty when everything was).
+        """
         if not isinstance(state, dict) or "format" not in state:
             raise ConfigError("not a gradguard state dict (no 'format' key)")
         if state["format"] != STATE_VERSION:
@@ -891,19 +940,62 @@ class Guard:
                 "with the gradguard version that saved it, or leave the guard state out (the "
                 "guard relearns its statistics within its warm-up)"
             )
-        if state["config"] != self._config():
+        diff = config_diff(state["config"], self._config())
+        if diff and strict:
             raise ConfigError(
-                f"guard state was saved with config {state['config']}, this guard has "
-                f"{self._config()}; build the guard with the same clip settings, policy and "
-                "parameters"
+                "guard state was saved with other settings (saved → this guard):\n  "
+                + "\n  ".join(diff) + "\nbuild the guard with the same clip settings, policy "
+                "and parameters, or load_state_dict(state, strict=False) to load only the "
+                "parts those settings leave valid"
             )
-        self._load_guard_state(state)
+        skipped = self._load_parts(state) if diff else []
+        if not diff:
+            self._load_guard_state(state)
+        if skipped:
+            log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
+                        ", ".join(skipped), "; ".join(diff))
         self.steps = int(state["steps"])
         self.skipped.copy_(state["skipped"])
         self.rollbacks = int(state["rollbacks"])
         self._set_scale(float(state["scale"]))
-        if self.control is not None and state["controller"] is not None:
+        if self.control is not None and state["controller"] is not None \
+                and "controller" not in skipped:
             self.control.load_state_dict(state["controller"])
-        a = state["attribution"]
-        self.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
-                                          "count": int(a["count"])})
+        if "attribution" not in skipped:
+            a = state["attribution"]
+            self.attribution.load_state_dict({"mean": a["mean"].numpy(),
+                                              "var": a["var"].numpy(),
+                                              "count": int(a["count"])})
+        return skipped
+
+    def _load_parts(self, state: dict[str, Any]) -> list[str]:
+        """Non-strict load: each part whose settings (or tensor shapes) match; the rest
+        is named in the returned list."""
+        saved, mine = state["config"], self._config()
+
+        def same(*keys: str) -> bool:
+            return all(saved.get(k) == mine.get(k) for k in keys)
+
+        def fits(obj: Any, st: dict[str, Any]) -> bool:
+            cur = getattr(obj, "state", {})
+            return set(st) == set(cur) and all(tuple(v.shape) == tuple(cur[k].shape)
+                                               for k, v in st.items())
+
+        skipped: list[str] = []
+        if same("clip", "n_params"):
+            self.clip.load_state_dict(snap.clone_tree(state["clip"]))
+        else:
+            skipped.append("clip")
+        for name in ("grad_spike", "loss_spike"):
+            det = getattr(self, name)
+            if fits(det, state[name]):
+                det.load_state_dict(state[name])
+            else:
+                skipped.append(name)
+        if same("policy") and fits(self.decision, state["decision"]):
+            self.decision.load_state_dict(state["decision"])
+        else:
+            skipped += ["decision", "controller"]
+        if not same("n_params"):
+            skipped.append("attribution")
+        return skipped

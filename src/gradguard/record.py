@@ -188,7 +188,10 @@ class ConsoleSink:
             print(text)
         else:
             style = "red" if record["kind"] in ("nonfinite", "rollback", "diverged") else "yellow"
-            self.console.print(f"[{style}]{text}[/{style}]")
+            # soft_wrap: one line per event, whole (rich would otherwise break a snapshot
+            # path mid-word at 80 columns); markup off: messages may contain "[...]".
+            self.console.print(text, style=style, soft_wrap=True, markup=False,
+                               highlight=False)
 
     def close(self) -> None:
         pass

@@ -14,6 +14,10 @@ def test_list_names_every_scenario_and_remedy():
     for name in ("linreg-raw", "mlp-init", "zclip", "autoclip", "gradguard-no-rollback",
                  "warmup-cosine"):
         assert name in res.output
+    # Remedies are described in user terms, not by the project's internal documents.
+    assert "brief" not in res.output.lower()
+    for kind in ("init", "schedule", "batch", "optimizer", "weights", "data", "loss"):
+        assert f" {kind} " in res.output
 
 
 def test_small_bench_prints_tables_and_writes_results(tmp_path):

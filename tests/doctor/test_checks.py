@@ -10,6 +10,9 @@ import gradguard as gg
 from gradguard import doctor
 from gradguard.scenarios import data
 
+# Tiny models, many short trials: a second thread only waits for a core.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def deep_mlp(act, depth=20, width=64):
     torch.manual_seed(0)
@@ -162,3 +165,40 @@ def test_diagnose_run_finds_first_spike_after_lr_rise(tmp_path):
     f = d.findings[0]
     assert f.evidence["first_step"] == 45
     assert "LR increase" in f.title and f.layers == ["0.weight"]
+
+
+def spiky_run_log(path):
+    """A guarded run on a healthy model with many wrong-unit batches: events in the log."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    with gg.Guard(m, opt, log=path) as guard:
+        for s in range(80):
+            x = torch.randn(32, 8) * (1000 if s >= 30 and s % 5 == 0 else 1)
+            opt.zero_grad()
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    return path
+
+
+def test_a_run_log_is_evidence_never_the_root_cause(tmp_path):
+    log = str(spiky_run_log(tmp_path / "r.jsonl"))
+    alone = doctor.diagnose_run(log)
+    assert alone.findings[0].severity in ("warning", "critical")
+    assert alone.root_cause is None
+    m = healthy_model()
+    d = doctor.diagnose(m, digits_loader(), nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=0.05), run_log=log)
+    assert d.by_check("run_log")[0].severity != "info"
+    assert d.root_cause is None
+    assert d.findings[-1].check == "run_log"  # listed after every cause
+
+
+def test_diagnosis_prints_on_a_healthy_setup():
+    m = healthy_model()
+    d = doctor.diagnose(m, digits_loader(), nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=0.05))
+    assert d.root_cause is None
+    assert str(d).endswith("no problem found: nothing above info")
+    assert str(doctor.Diagnosis()) == "no problem found: nothing above info"

@@ -58,3 +58,25 @@ def test_lr_find_writes_a_png(tmp_path):
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "suggested" in res.output
+
+
+def test_doctor_says_when_nothing_is_wrong(tmp_path):
+    script = tmp_path / "healthy.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make_run():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+            x = torch.randn(256, 16)
+            y = x.sum(1, keepdim=True)
+            loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+            return model, loader, nn.functional.mse_loss, torch.optim.SGD(model.parameters(),
+                                                                         lr=0.01)
+    """))
+    res = runner.invoke(app, ["doctor", f"{script}:make_run"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "no problem found" in res.output and "root cause" not in res.output
+    res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "-1"], env=WIDE)
+    assert res.exit_code == 2 and "--trial-steps must be 0 or more" in res.output

@@ -192,6 +192,7 @@ def test_hook_makes_no_host_sync_after_the_first_step(data):
     assert cb.guard.steps == 6
 
 
+@pytest.mark.filterwarnings("error::gradguard.GuardUsageWarning")  # Lightning owns the scaler
 @pytest.mark.parametrize("skip_strategy", ["auto", "masked"])
 def test_fp16_scaler_updates_once_per_step_and_overflow_is_skipped(data, skip_strategy):
     # auto: the guard fuses AdamW, so Lightning leaves unscaling to the callback;

@@ -28,7 +28,7 @@ def test_raw_unit_regression_explodes_and_the_default_guard_backs_the_lr_off():
     guarded = scenarios.run("linreg-raw", guard=lambda m, o: gg.Guard(m, o))
     assert not guarded.diverged and guarded.first_nonfinite is None
     assert guarded.final_loss < 4500  # target variance ~5900; least squares ~2900
-    # fixed-threshold clipping (the brief's clip-by-norm) contains it too, less well
+    # fixed-threshold clipping (clip-by-norm) contains it too, less well
     clipped = scenarios.run(
         "linreg-raw", guard=lambda m, o: gg.Guard(m, o, clip=gg.clip.GlobalNorm(10))
     )

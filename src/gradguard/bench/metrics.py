@@ -254,7 +254,7 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             parts.append(f"LR sensitivity {mine.lr_sensitivity:.3g} (lowest: {lowest} "
                          f"{low:.3g})")
         r = mine.default_lr_ratio
-        if math.isfinite(r) and r <= 1.5 or math.isnan(r):
+        if (math.isfinite(r) and r <= 1.5) or math.isnan(r):
             ratio_ok += 1
         parts.append(f"at the exploding LR {_f(r)}× the best unguarded loss")
         if mine.harm_lrs:

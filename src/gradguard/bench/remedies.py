@@ -1,8 +1,8 @@
 """The remedies the bench compares, each a named recipe applied to a scenario's run.
 
 Peer packages are used the way their users use them (called between ``backward`` and
-``optimizer.step()``), not reimplemented; the brief's non-clipping remedies change the model,
-the optimizer, the schedule or the batch.
+``optimizer.step()``), not reimplemented; the remedies that are not clippers change the
+model, the optimizer, the schedule, the batch, the data or the loss.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class Remedy:
     Attributes:
         name: CLI and table name.
         summary: one line for tables.
-        kind: "baseline", "peer" (another package), "gradguard" or "brief" (a remedy the
-            brief names that is not a clipper).
+        kind: "baseline", "peer" (another package), "gradguard", or what a remedy that is
+            not a clipper changes: "init", "schedule", "batch", "optimizer", "weights",
+            "architecture", "data", "loss" or "gradient".
         fix_model: changes the freshly built model in place (before the optimizer exists).
         optimizer: builds the optimizer instead of the scenario's own.
         batch_scale: multiplies the scenario's batch size.
@@ -106,7 +107,7 @@ def _guard(clip: Callable[[], object] | None = None,
     return make
 
 
-def _CLIP_ONLY() -> Policy:  # noqa: N802 - reads as a constant at the call sites
+def _CLIP_ONLY() -> Policy:
     """NaN/Inf steps skipped, nothing else: no spike response, no LR control, no rollback,
     so a row measures its clip transform (or nothing) alone."""
     return Policy(on_spike="none", on_loss_spike="none", stability=None, rollback=None)
@@ -160,20 +161,20 @@ _LIST = [
     Remedy("gradguard", "gradguard default Guard(model, opt)", "gradguard", guard=_guard()),
     Remedy("gradguard-no-rollback", "gradguard default with rollback off: the stability "
            "controller lowers the LR in place", "gradguard", guard=_guard(rollback=False)),
-    Remedy("reinit", "gg.fixes.reinit(model, 'auto'): Kaiming/Xavier by activation", "brief",
+    Remedy("reinit", "gg.fixes.reinit(model, 'auto'): Kaiming/Xavier by activation", "init",
            fix_model=_reinit),
-    Remedy("warmup-cosine", "LR warm-up (10% of steps) then cosine decay", "brief",
+    Remedy("warmup-cosine", "LR warm-up (10% of steps) then cosine decay", "schedule",
            schedule=_warmup_cosine),
-    Remedy("accum-4", "gradient accumulation over 4 micro-batches", "brief", accum=4),
-    Remedy("batch-x4", "4× larger batches", "brief", batch_scale=4),
-    Remedy("weight-decay", "weight decay (SGD 1e-3, AdamW 0.1)", "brief",
+    Remedy("accum-4", "gradient accumulation over 4 micro-batches", "batch", accum=4),
+    Remedy("batch-x4", "4× larger batches", "batch", batch_scale=4),
+    Remedy("weight-decay", "weight decay (SGD 1e-3, AdamW 0.1)", "optimizer",
            optimizer=_weight_decay),
     Remedy("swap-optimizer", "Adam instead of SGD (SGD+momentum instead of Adam), same LR",
-           "brief", optimizer=_swap_optimizer),
+           "optimizer", optimizer=_swap_optimizer),
 ]
 
 
-# -- gradguard.fixes: the brief's model-, data- and loss-side remedies ------------------
+# -- gradguard.fixes: model-, data- and loss-side remedies -----------------------------
 # A fix that does not apply to a scenario (Huber on a classifier, standardising token ids)
 # leaves it as it is: that row then measures the scenario unchanged, and says so here.
 
@@ -235,22 +236,22 @@ def _smooth(model: nn.Module) -> object:
 
 _LIST += [
     Remedy("standardize-inputs", "gg.fixes.Standardizer: inputs (and regression targets' "
-           "mean) from 16 training batches", "brief", fix_setup=_standardize),
+           "mean) from 16 training batches", "data", fix_setup=_standardize),
     Remedy("max-norm", "gg.fixes.MaxNorm(model, 2.0) after every step, via Guard(after_step=), "
-           "no clipping", "brief", guard=_max_norm_guard),
+           "no clipping", "weights", guard=_max_norm_guard),
     Remedy("weight-norm", "gg.fixes.weight_norm(model): w = g·v/‖v‖ on every Linear/Conv",
-           "brief", fix_model=_weight_norm),
+           "weights", fix_model=_weight_norm),
     Remedy("prune-20", "gg.fixes.prune(model, 0.2): 20% smallest |w| per layer masked",
-           "brief", fix_model=_prune_20),
+           "weights", fix_model=_prune_20),
     Remedy("smooth-activations", "gg.fixes.swap_activations(model, 'smooth'): ReLU → SiLU "
-           "(activation modules only)", "brief", fix_model=_smooth),
+           "(activation modules only)", "architecture", fix_model=_smooth),
     Remedy("huber-loss", "nn.HuberLoss(delta=1) instead of MSE (regression scenarios only)",
-           "brief", fix_setup=_huber),
+           "loss", fix_setup=_huber),
     Remedy("z-loss", "gg.fixes.with_z_loss(loss_fn, 1e-4) (classification scenarios only)",
-           "brief", fix_setup=_z_loss),
+           "loss", fix_setup=_z_loss),
     Remedy("normalize", "gradient standardisation: gg.clip.Centralize() + Normalize(1.0)",
-           "brief", guard=_guard(clip=lambda: [Centralize(), Normalize(1.0)],
-                                 policy=_CLIP_ONLY)),
+           "gradient", guard=_guard(clip=lambda: [Centralize(), Normalize(1.0)],
+                                    policy=_CLIP_ONLY)),
 ]
 
 REMEDIES: dict[str, Remedy] = {r.name: r for r in _LIST}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -13,9 +14,11 @@ from torch import Tensor, nn
 
 from ..fixes.init import reinit, spectral_radius
 from ..record import read_jsonl
+from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
 from .lr_find import Batch, cycle_batches, lr_find
 from .probe import ProbeResult, probe
+from .trial import Trials
 
 __all__ = ["diagnose", "diagnose_run"]
 
@@ -80,41 +83,19 @@ def _fmt(v: float | None) -> str:
 def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
              loss_fn: Callable[[Tensor, Tensor], Tensor], num_iter: int = 100
              ) -> tuple[list[Finding], dict[str, Any]]:
-    """LR range test on copies (Smith 2017)."""
-    lr0 = optimizer.param_groups[0]["lr"]
-    user_lr = float(lr0)
+    """LR range test on copies (Smith 2017): where the loss diverges, and a suggestion.
+
+    The measurements only: whether the LR is a problem is judged from training trials
+    (:mod:`gradguard.doctor.confirm`), since a fast ramp puts the divergence point late.
+    """
     try:
         res = lr_find(model, optimizer, data, loss_fn, num_iter=num_iter)
     except Exception as e:  # an exotic optimizer we cannot clone: say so, do not crash
         return [Finding("learning_rate", "info", f"LR range test not run: {e}",
                         fix="run gradguard lr-find with a standard optimizer")], {}
-    meas = {"user_lr": user_lr, "diverges_at": res.diverged_at, "suggested": res.suggested,
-            "min_loss_lr": res.min_loss_lr}
-    out: list[Finding] = []
-    if res.diverged_at is not None and user_lr >= res.diverged_at:
-        ratio = user_lr / res.diverged_at
-        out.append(Finding(
-            "learning_rate", "critical",
-            f"learning rate {user_lr:.3g} is {ratio:.3g}× above where the loss diverges "
-            f"({res.diverged_at:.3g})",
-            evidence=meas, fix=f"lower the LR to about {res.suggested or res.diverged_at / 10:.2g}"
-            " (LR range test suggestion), add warm-up, or keep the guard's LR backoff on",
-            fix_code=f"for g in optimizer.param_groups: g['lr'] = {res.suggested or 0:.3g}",
-            score=math.log10(ratio) + 1))
-    elif res.diverged_at is not None and user_lr >= res.diverged_at / 3:
-        out.append(Finding(
-            "learning_rate", "warning",
-            f"learning rate {user_lr:.3g} is within 3× of where the loss diverges "
-            f"({res.diverged_at:.3g})", evidence=meas,
-            fix=f"use warm-up (gg.fixes.warmup_cosine), or an LR near "
-                f"{res.suggested or res.diverged_at / 10:.2g}",
-            score=math.log10(3 * user_lr / res.diverged_at)))
-    elif res.suggested is not None and user_lr < res.suggested / 100:
-        out.append(Finding(
-            "learning_rate", "info",
-            f"learning rate {user_lr:.3g} is far below the range test's suggestion "
-            f"({res.suggested:.3g}); training may be slow", evidence=meas))
-    return out, meas
+    return [], {"user_lr": float(optimizer.param_groups[0]["lr"]),
+                "diverges_at": res.diverged_at, "suggested": res.suggested,
+                "min_loss_lr": res.min_loss_lr}
 
 
 # -- 3. input scale -------------------------------------------------------------------
@@ -344,22 +325,35 @@ def diagnose(
     run_log: str | None = None,
     lr_test: bool = True,
     lr_iters: int = 100,
+    trial_steps: int = 60,
 ) -> Diagnosis:
     """Find why gradients explode or vanish; returns ranked findings.
 
-    Works on copies: the model, optimizer and data loader are not modified.
+    The checks measure the model at initialisation; each suspicion's severity then rests
+    on what happens when copies train for ``trial_steps`` steps, as they are and with the
+    proposed fix (:mod:`gradguard.doctor.confirm`). Works on copies: the model, optimizer
+    and data are not modified (a one-shot iterator is read once, into a list).
 
     Args:
         model: the model as it will start training.
         batch_or_loader: one ``(inputs, targets)`` batch or an iterable of batches.
         loss_fn: ``loss_fn(model(inputs), targets)``.
-        optimizer: enables the LR range test against its current LR.
+        optimizer: the optimizer with the LR you intend to use; enables the training
+            trials and the LR range test. Without it, suspicions are capped at warning.
         amp_dtype, scaler: the mixed-precision setup, for the precision checks.
-        run_log: a JSONL run log from a guard, for the recorded-run checks.
+        run_log: a JSONL run log from a guard: its findings are listed as evidence, never
+            as the root cause.
         lr_test: set False to skip the (slower) LR range test.
         lr_iters: steps of the LR range test.
+        trial_steps: steps of each training trial (0: no trials, as without an optimizer).
+
+    Returns:
+        A :class:`Diagnosis`; ``root_cause`` is None when nothing is above info.
     """
-    batches = _sample(batch_or_loader)
+    data: Batch | Iterable[Batch] = batch_or_loader
+    if isinstance(data, Iterator):
+        data = list(itertools.islice(data, max(lr_iters, trial_steps, 4)))
+    batches = _sample(data)
     pr = probe(model, batches[0], loss_fn)
     findings: list[Finding] = []
     meas: dict[str, Any] = {"loss": pr.loss, "forward_std_ratio": pr.forward_ratio(),
@@ -371,38 +365,20 @@ def diagnose(
     findings += check_activations(pr)
     findings += check_architecture(model)
     findings += check_precision(model, amp_dtype, scaler)
+    lr_meas: dict[str, Any] = {}
     if optimizer is not None and lr_test:
-        data = batch_or_loader if not isinstance(batch_or_loader, tuple) else batches[0]
-        f, m = check_lr(model, optimizer, data, loss_fn, lr_iters)
-        meas["lr_range_test"] = m
-        if f and f[0].severity != "info" and any(x.check == "init" for x in findings):
-            _lr_after_reinit(f[0], model, optimizer, data, loss_fn, lr_iters, meas)
+        f, lr_meas = check_lr(model, optimizer, data, loss_fn, lr_iters)
+        meas["lr_range_test"] = lr_meas
         findings += f
+    if optimizer is not None and trial_steps > 0:
+        trials = Trials(model, optimizer, data, loss_fn, trial_steps)
+        findings = confirm(findings, trials, batches, lr_meas)
+        meas["trials"] = {k: t.summary() for k, t in trials.done().items()}
+    else:
+        findings = unconfirmed(findings)
     if run_log is not None:
         findings += diagnose_run(run_log).findings
     return Diagnosis(findings, meas)
-
-
-def _lr_after_reinit(finding: Finding, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor], iters: int,
-                     meas: dict[str, Any]) -> None:
-    """A too-high LR measured on a badly initialised model may be a symptom: re-test after
-    re-initialising a copy, and demote the LR finding when the LR is fine there."""
-    from .lr_find import clone_optimizer
-
-    fixed = copy.deepcopy(model)
-    reinit(fixed, "auto")
-    opt = clone_optimizer(optimizer, model, fixed)
-    _, after = check_lr(fixed, opt, data, loss_fn, iters)
-    meas["lr_range_test_after_reinit"] = after
-    div = after.get("diverges_at")
-    user = after.get("user_lr", 0.0)
-    if div is None or user < div / 3:
-        where = f"only at {div:.3g}" if div else "not within the range tested"
-        finding.severity = "info"
-        finding.title += f" — a symptom of the init: after re-initialising, it diverges {where}"
-        finding.fix = "fix the initialisation first; the LR is then fine"
-        finding.fix_code = ""
 
 
 def diagnose_run(path: str) -> Diagnosis:

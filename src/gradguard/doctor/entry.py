@@ -87,15 +87,12 @@ def apply_fixes(run: Run, diagnosis: Diagnosis) -> tuple[Run, list[str]]:
     if any("reinit" in f.fix_code for f in diagnosis.findings if f.severity != "info"):
         rep = reinit(model, "auto")
         done.append(str(rep).splitlines()[0])
-    lr = diagnosis.measurements.get("lr_range_test", {})
-    if done and "lr_range_test_after_reinit" in diagnosis.measurements:
-        lr = diagnosis.measurements["lr_range_test_after_reinit"]
-    if any(f.check == "learning_rate" and f.severity != "info" for f in diagnosis.findings):
-        new = lr.get("suggested") or (lr["diverges_at"] / 10 if lr.get("diverges_at") else None)
-        if new:
+    for f in diagnosis.by_check("learning_rate"):
+        new = f.evidence.get("suggested_lr")
+        if f.severity != "info" and new:
             for g in opt.param_groups:
                 g["lr"] = new
-            done.append(f"learning rate {lr['user_lr']:.3g} → {new:.3g}")
+            done.append(f"learning rate {f.evidence['user_lr']:.3g} → {new:.3g}")
     return Run(run.name + " (fixed)", model, run.data, run.loss_fn, opt), done
 
 

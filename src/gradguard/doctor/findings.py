@@ -7,13 +7,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CAUSES", "SEVERITIES", "Diagnosis", "Finding"]
+__all__ = ["CAUSES", "EVIDENCE", "SEVERITIES", "Diagnosis", "Finding"]
 
 SEVERITIES = ("critical", "warning", "info")
 # Causal precedence: a too-high LR is often the *symptom* of raw inputs or a bad init, so
 # when both are flagged at the same severity the upstream cause is listed first.
+# "run_log" is not a cause but evidence (what a guarded run recorded); it is listed last
+# and is never the root cause.
 CAUSES = ("precision", "input_scale", "init", "recurrent", "architecture", "activations",
           "learning_rate", "run_log")
+EVIDENCE = ("run_log",)
 
 
 @dataclass
@@ -73,12 +76,36 @@ class Diagnosis:
 
     @property
     def root_cause(self) -> Finding | None:
-        """The top finding above "info", or None for a healthy setup."""
-        top = self.findings[0] if self.findings else None
-        return top if top is not None and top.severity != "info" else None
+        """The top cause above "info", or None for a healthy setup (evidence never counts)."""
+        return next((f for f in self.findings
+                     if f.severity != "info" and f.check not in EVIDENCE), None)
+
+    @property
+    def healthy(self) -> bool:
+        """True when no finding is above "info"."""
+        return all(f.severity == "info" for f in self.findings)
 
     def by_check(self, check: str) -> list[Finding]:
+        """The findings of one check."""
         return [f for f in self.findings if f.check == check]
+
+    def __str__(self) -> str:
+        """The findings as text, most likely root cause first; says so when all is well."""
+        lines = []
+        for i, f in enumerate(self.findings, 1):
+            lines.append(f"{i}. {f.severity.upper()} {f.check}: {f.title}")
+            if f.fix:
+                lines.append(f"   fix: {f.fix}")
+            if f.fix_code:
+                lines.append(f"   {f.fix_code}")
+        rc = self.root_cause
+        if rc is not None:
+            lines.append(f"most likely root cause: {rc.check}")
+        elif not self.healthy:
+            lines.append("no root cause: the warnings above are evidence, not a cause")
+        else:
+            lines.append("no problem found: nothing above info")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable({

@@ -139,6 +139,10 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
             self.guard.load_state_dict(self._pending_state)
             self._pending_state = None
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self._scaler is not None:
+            # Lightning's plugin owns the GradScaler: the callback unscales before the
+            # guard measures and Lightning updates it, so no scaler= is missing.
+            self.guard._usage.scaler_elsewhere = True
         self._loss = None
         self._gate = StepGate(opt, "Lightning")
 

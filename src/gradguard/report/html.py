@@ -388,10 +388,13 @@ def _heatmap(log: _Log, title: str) -> str | None:
 
 
 def _summary_rows(s: RunSummary) -> list[list[str]]:
+    loss = f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"
+    if s.ended_nonfinite and s.last_finite_loss is not None:
+        loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
     rows = [["verdict", escape(s.verdict)]] if s.verdict else []
     rows += [["steps", str(s.steps)], ["skipped steps", str(s.skipped)],
             ["clipped steps", str(s.clipped)],
-            ["loss first → last", f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"],
+            ["loss first → last", loss],
             ["largest gradient norm", _fmt(s.max_grad_norm)]]
     for kind, n in sorted(s.events.items()):
         rows.append([f"events: {escape(kind)}", str(n)])

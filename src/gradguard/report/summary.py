@@ -22,7 +22,9 @@ class RunSummary:
     skipped: int = 0
     clipped: int = 0
     first_loss: float | None = None
-    last_loss: float | None = None
+    last_loss: float | None = None  # as recorded: a run that ended NaN has NaN here
+    last_finite_loss: float | None = None
+    last_finite_step: int | None = None
     max_grad_norm: float | None = None
     events: Counter[str] = field(default_factory=Counter)
     origins: Counter[str] = field(default_factory=Counter)
@@ -36,6 +38,11 @@ class RunSummary:
         """The guard's closing verdict on the run (None when the log has none)."""
         return next((e["message"] for e in reversed(self.timeline) if e["kind"] == "verdict"),
                     None)
+
+    @property
+    def ended_nonfinite(self) -> bool:
+        """The last recorded loss is NaN/Inf."""
+        return self.last_loss is not None and not math.isfinite(self.last_loss)
 
     @property
     def first_trouble(self) -> dict[str, Any] | None:
@@ -57,10 +64,14 @@ def summarize(path: str | os.PathLike[str]) -> RunSummary:
             coef = rec.get("clip_coef", 1.0)
             s.clipped += isinstance(coef, float) and coef < 1 - 1e-6 and not rec.get("skipped")
             loss = rec.get("loss")
-            if isinstance(loss, float) and math.isfinite(loss):
+            # A NaN loss on a step the guard did not flag non-finite is a step without a
+            # loss (guard.step() called without one), not a NaN loss.
+            if isinstance(loss, float) and (math.isfinite(loss) or rec.get("nonfinite")):
                 if s.first_loss is None:
                     s.first_loss = loss
                 s.last_loss = loss
+                if math.isfinite(loss):
+                    s.last_finite_loss, s.last_finite_step = loss, rec["step"]
             g = rec.get("grad_norm")
             if isinstance(g, float) and math.isfinite(g):
                 s.max_grad_norm = g if s.max_grad_norm is None else max(s.max_grad_norm, g)

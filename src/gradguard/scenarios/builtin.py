@@ -37,7 +37,7 @@ def _linreg_raw(seed: int) -> Setup:
 
 register(Scenario(
     name="linreg-raw",
-    summary="linear regression, sklearn diabetes in raw units, SGD (the brief's score model)",
+    summary="linear regression of a disease score, sklearn diabetes in raw units, SGD",
     lr=1e-3, steps=400, build=_linreg_raw,
     # Plain SGD is stable below 2/λmax ≈ 2.5e-5 here (λmax of the raw-unit input covariance).
     lr_grid=(1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3),

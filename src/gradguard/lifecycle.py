@@ -1,0 +1,61 @@
+"""A guard that is never closed still delivers its log.
+
+Rows reach the sinks in batches (every ``flush_every`` steps), so a script that ends
+without ``guard.close()`` (or ``with gg.Guard(...) as guard:``) would lose the last batch.
+Two safety nets:
+
+- at interpreter exit, every guard still open is closed (rows in flight processed, sinks
+  flushed and closed), by one ``atexit`` handler;
+- a guard garbage-collected without ``close()`` flushes and closes its sinks and removes
+  its optimizer hooks (``weakref.finalize``; it holds no reference to the guard).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import Any
+
+__all__ = ["register"]
+
+log = logging.getLogger("gradguard")
+_open: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register(guard: Any, recorder: Any, *hooks: Any) -> weakref.finalize:
+    """Watch ``guard`` until it is closed; returns the finalizer ``close()`` detaches.
+
+    Args:
+        guard: the guard (only weakly referenced).
+        recorder: flushed and closed if the guard is collected unclosed.
+        hooks: objects whose ``remove()`` takes the guard's hooks off the model/optimizer.
+    """
+    _open.add(guard)
+    fin = weakref.finalize(guard, _release, recorder, hooks)
+    fin.atexit = False  # at exit _close_open_guards closes the whole guard instead
+    return fin
+
+
+def unregister(guard: Any, fin: weakref.finalize) -> None:
+    """The guard was closed: nothing left to do for it."""
+    fin.detach()
+    _open.discard(guard)
+
+
+def _release(recorder: Any, hooks: tuple[Any, ...]) -> None:
+    for h in hooks:
+        h.remove()
+    try:
+        recorder.close()
+    except Exception:  # a sink failing at collection must not raise into unrelated code
+        log.exception("gradguard: closing the sinks of a collected guard failed")
+
+
+@atexit.register
+def _close_open_guards() -> None:
+    for guard in list(_open):
+        try:
+            guard.close()
+        except Exception:
+            log.exception("gradguard: closing an open guard at exit failed")

@@ -1,0 +1,146 @@
+"""Misuse the guard can see for itself, and says so instead of training on wrong numbers.
+
+- **Outside steps.** ``guard.step`` steps the optimizer; an ``optimizer.step()`` (or a
+  ``scaler.step(optimizer)``) left in the loop would apply every update twice, and apply
+  the ones the guard skipped. A step pre-hook (``Optimizer.register_step_pre_hook``)
+  refuses every step of the guarded optimizer that the guard did not start.
+- **A GradScaler the guard was not given.** Under fp16 autocast the loss is scaled
+  (``scaler.scale(loss).backward()``); a guard without ``scaler=`` then measures, clips
+  and steps gradients 2^16 times too large. The first forward pass tells whether fp16
+  autocast is on; with no scaler given, the first ``guard.step`` warns once.
+- **Optimizers it cannot own.** LBFGS re-evaluates its closure several times per step
+  (line search): there is no single gradient to measure, clip or skip. SparseAdam needs
+  sparse gradients, which the guard does not measure. Both are refused at construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, GuardUsageError, GuardUsageWarning
+
+__all__ = ["Usage", "check_optimizer"]
+
+OUTSIDE_STEP = (
+    "optimizer.step() was called outside guard.step() (scaler.step(optimizer) calls it "
+    "too): the guard already steps this optimizer, so the update would be applied twice, "
+    "and steps the guard skipped would be applied anyway. Remove optimizer.step(); "
+    "guard.step(loss) steps for you. With a GradScaler, pass Guard(..., scaler=scaler) and "
+    "remove scaler.step(optimizer) and scaler.update() as well."
+)
+
+NO_SCALER = (
+    "the model ran under fp16 autocast but the guard has no GradScaler. If you scale the "
+    "loss (scaler.scale(loss).backward()), pass it: Guard(model, optimizer, scaler=scaler); "
+    "otherwise the guard measures, clips and steps gradients multiplied by the loss scale. "
+    "If you do not scale the loss, fp16 gradients underflow: use a GradScaler, or "
+    "autocast to bfloat16."
+)
+
+# Optimizers the guard steps while a guard.step is in progress (by id): any guard of the
+# optimizer may step it, so a guard that was dropped without close() cannot block a new one.
+_stepping: set[int] = set()
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose ``step`` requires a closure (LBFGS)."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return True
+    try:
+        p = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # a C extension or an odd wrapper: assume not
+        return False
+    return p is not None and p.default is inspect.Parameter.empty
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizers the guard cannot own the step of, naming why and what to do."""
+    if needs_closure(optimizer):
+        raise ConfigError(
+            f"{type(optimizer).__name__} needs a closure that it re-evaluates several times "
+            "per step (a line search), so there is no single gradient the guard could "
+            "measure, clip or skip. Use a first-order optimizer with the guard (SGD, Adam, "
+            "AdamW, ...; see the README's optimizer table), or run "
+            f"{type(optimizer).__name__} without a guard."
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise ConfigError(
+            "SparseAdam steps sparse gradients (nn.Embedding(sparse=True)); the guard "
+            "measures and clips dense gradients only. Use dense gradients with Adam or "
+            "AdamW, or run SparseAdam without a guard."
+        )
+
+
+class Usage:
+    """The guard's watch over how it is used: outside steps and a forgotten GradScaler.
+
+    Args:
+        model: watched for fp16 autocast in its first forward pass (None: not watched).
+        optimizer: every step of it outside :meth:`stepping` raises
+            :class:`~gradguard.GuardUsageError`.
+        has_scaler: the guard was given a GradScaler (then nothing is watched for fp16).
+        device: the parameters' device (its type names the autocast to look at).
+    """
+
+    def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
+                 has_scaler: bool, device: torch.device) -> None:
+        self.optimizer = optimizer
+        self.device_type = device.type
+        # Set by integrations whose framework unscales and updates its own GradScaler.
+        self.scaler_elsewhere = False
+        self.fp16_forward = False
+        self._step_hook = optimizer.register_step_pre_hook(_refuse_outside_steps)
+        self._fwd_hooks: list[Any] = []
+        if model is not None and not has_scaler:
+            # Every module with weights: frameworks call submodules, not always the root
+            # (Lightning's training_step). Removed at the first guard.step.
+            self._fwd_hooks = [m.register_forward_pre_hook(self._see_forward)
+                               for m in model.modules()
+                               if any(True for _ in m.parameters(recurse=False))]
+
+    def _see_forward(self, _module: nn.Module, _args: Any) -> None:
+        if self.fp16_forward:
+            return
+        dt = self.device_type
+        if torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) == torch.float16:
+            self.fp16_forward = True
+
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """The guard's own optimizer step: let it through."""
+        key = id(self.optimizer)
+        nested = key in _stepping
+        _stepping.add(key)
+        try:
+            yield
+        finally:
+            if not nested:
+                _stepping.discard(key)
+
+    def first_step(self) -> None:
+        """Called by the first ``guard.step``: warn about a forgotten GradScaler."""
+        self._remove_forward_hooks()
+        if self.fp16_forward and not self.scaler_elsewhere:
+            warnings.warn(NO_SCALER, GuardUsageWarning, stacklevel=3)
+
+    def remove(self) -> None:
+        """Remove the hooks (the guard is closed or gone)."""
+        self._step_hook.remove()
+        self._remove_forward_hooks()
+
+    def _remove_forward_hooks(self) -> None:
+        for h in self._fwd_hooks:
+            h.remove()
+        self._fwd_hooks = []
+
+
+def _refuse_outside_steps(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+    if id(optimizer) not in _stepping:
+        raise GuardUsageError(OUTSIDE_STEP)

@@ -1,0 +1,41 @@
+"""The run summary tells the truth about how a run ended."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from typer.testing import CliRunner
+
+import gradguard as gg
+from gradguard.cli import app
+from gradguard.report import summarize
+from tests.conftest import backward, small_mlp
+
+
+def run(path, steps: int, nan_from: int | None = None, with_loss: bool = True):
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, opt, log=path) as guard:
+        for s in range(steps):
+            opt.zero_grad()
+            loss = backward(model, seed=s, nan=nan_from is not None and s >= nan_from)
+            guard.step(loss if with_loss else None)
+    return path
+
+
+def test_a_run_that_ends_nan_says_so(tmp_path):
+    s = summarize(run(tmp_path / "r.jsonl", 12, nan_from=9))
+    assert math.isfinite(s.first_loss)
+    assert math.isnan(s.last_loss) and s.ended_nonfinite
+    assert s.last_finite_step == 8 and math.isfinite(s.last_finite_loss)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r.jsonl")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "→ NaN (last finite" in res.output and "at step 8)" in res.output
+
+
+def test_a_healthy_run_and_a_run_without_losses(tmp_path):
+    s = summarize(run(tmp_path / "a.jsonl", 5))
+    assert math.isfinite(s.last_loss) and not s.ended_nonfinite and s.last_finite_step == 4
+    s = summarize(run(tmp_path / "b.jsonl", 5, with_loss=False))
+    assert s.first_loss is None and s.last_loss is None and not s.ended_nonfinite

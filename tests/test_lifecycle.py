@@ -1,0 +1,70 @@
+"""A guard that is never closed still delivers its whole run log."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import gradguard as gg
+from tests.conftest import backward, small_mlp
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    import gradguard as gg
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=sys.argv[1], flush_every=1000)
+    for _ in range(7):
+        opt.zero_grad()
+        loss = model(torch.randn(32, 8)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    # no guard.close(): the script just ends
+""")
+
+
+def steps_in(path) -> list[int]:
+    return [r["step"] for r in gg.read_jsonl(path) if r["type"] == "step"]
+
+
+def test_a_script_that_never_closes_its_guard_still_writes_every_step(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    log = tmp_path / "run.jsonl"
+    res = subprocess.run([sys.executable, str(script), str(log)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert steps_in(log) == list(range(7))
+
+
+def test_a_guard_collected_without_close_flushes_and_unhooks(tmp_path):
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log = tmp_path / "run.jsonl"
+    guard = gg.Guard(model, opt, log=log, flush_every=1000)
+    for s in range(3):
+        opt.zero_grad()
+        guard.step(backward(model, seed=s))
+    assert steps_in(log) == []  # still pending: flush_every=1000
+    del guard
+    gc.collect()
+    assert steps_in(log) == [0, 1, 2]
+    opt.zero_grad()
+    backward(model)
+    opt.step()  # the step hook went with the guard
+
+
+def test_closing_twice_and_collecting_a_closed_guard_are_harmless(tmp_path):
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt, log=tmp_path / "run.jsonl") as guard:
+        guard.step(backward(model))
+    guard.close()
+    del guard
+    gc.collect()
+    assert steps_in(tmp_path / "run.jsonl") == [0]

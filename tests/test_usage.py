@@ -1,0 +1,158 @@
+"""Misuse the guard detects itself: outside steps, a forgotten GradScaler, closures."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import gradguard as gg
+from tests.conftest import backward, small_mlp
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model, before) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.RMSprop])  # fused, masked
+def test_optimizer_step_after_guard_step_is_refused_and_not_applied(opt_cls):
+    model = small_mlp()
+    opt = opt_cls(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    guard.step(backward(model))
+    before = params_of(model)
+    with pytest.raises(gg.GuardUsageError,
+                       match=r"Remove optimizer\.step\(\); guard\.step\(loss\) steps for you"):
+        opt.step()
+    assert unchanged(model, before)
+
+
+def test_optimizer_step_before_guard_step_is_refused():
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    backward(model)
+    with pytest.raises(gg.GuardUsageError, match=r"outside guard\.step"):
+        opt.step()
+    guard.step()  # the refused step left the gradients for the guard
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.RMSprop])  # fused, masked
+def test_scaler_step_in_user_code_is_an_outside_step(opt_cls):
+    model = small_mlp()
+    opt = opt_cls(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = gg.Guard(model, opt, scaler=scaler)
+    x = torch.randn(16, 8)
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    guard.step(loss)
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    scaler.scale(loss).backward()
+    before = params_of(model)
+    with pytest.raises(gg.GuardUsageError, match=r"scaler\.step\(optimizer\)"):
+        scaler.step(opt)
+    assert unchanged(model, before)
+
+
+def test_close_gives_the_optimizer_back():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt) as guard:
+        guard.step(backward(model))
+    backward(model)
+    opt.step()  # the guard is closed: a plain loop again
+
+
+def test_a_dropped_guard_neither_blocks_a_new_one_nor_plain_steps():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    old = gg.Guard(model, opt)
+    old.step(backward(model))
+    new = gg.Guard(model, opt)  # the old one is still alive: both may step the optimizer
+    opt.zero_grad()
+    new.step(backward(model))
+    del old, new
+    gc.collect()
+    opt.zero_grad()
+    backward(model)
+    opt.step()
+
+
+def fp16_step(guard, model, opt, scaler=None):
+    x = torch.randn(16, 8)
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(x).float().pow(2).mean()
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    guard.step(loss)
+
+
+def test_fp16_autocast_without_scaler_warns_once():
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt)
+    scaler = torch.amp.GradScaler("cpu")  # the user's, not given to the guard
+    with pytest.warns(gg.GuardUsageWarning, match=r"Guard\(model, optimizer, scaler=scaler\)"):
+        fp16_step(guard, model, opt, scaler)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp16_step(guard, model, opt, scaler)
+
+
+@pytest.mark.parametrize("setup", ["scaler", "bf16", "fp32"])
+def test_no_scaler_warning_when_nothing_is_missing(setup):
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu") if setup == "scaler" else None
+    guard = gg.Guard(model, opt, scaler=scaler)
+    x = torch.randn(16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if setup == "scaler":
+            fp16_step(guard, model, opt, scaler)
+        else:
+            dtype = torch.bfloat16 if setup == "bf16" else None
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = model(x).float().pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+
+
+def test_lbfgs_is_refused_at_construction():
+    model = small_mlp()
+    with pytest.raises(gg.ConfigError, match=r"LBFGS needs a closure .* without a guard"):
+        gg.Guard(model, torch.optim.LBFGS(model.parameters()))
+
+
+def test_step_with_a_closure_matches_optimizer_step_with_it():
+    a, b = small_mlp(), small_mlp()
+    oa = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    guard = gg.Guard(a, oa, clip=[])
+    x = torch.randn(32, 8)
+
+    def closure_for(model, opt):
+        def closure():
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+        return closure
+
+    with torch.no_grad():  # torch's convention: the closure enables grad itself
+        for _ in range(3):
+            info = guard.step(closure=closure_for(a, oa))
+            ob.step(closure_for(b, ob))
+    assert info.loss is not None and info.step == 2
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(gg.GuardUsageError, match="the loss or a closure, not both"):
+        guard.step(torch.tensor(1.0), closure=closure_for(a, oa))
