@@ -158,3 +158,26 @@ def test_auto_warmup_length_follows_beta2():
     assert gg.Stability(warmup="auto").warmup_steps(torch.optim.SGD(p, lr=0.1)) == 0
     assert gg.Stability(warmup=7).warmup_steps(torch.optim.SGD(p, lr=0.1)) == 7
     assert gg.Stability(warmup=None).warmup_steps(torch.optim.Adam(p)) == 0
+
+
+def test_a_sudden_failure_is_retried_at_the_same_lr_once_a_slow_climb_is_not():
+    gen = np.random.default_rng(0)
+    ctrl = Controller(gg.Stability(probe_after=50))
+    ctrl.can_retry = True
+    calm = np.geomspace(3, 1, 60) * np.exp(gen.normal(0, 0.1, 60))
+    feed(ctrl, calm)
+    v = feed(ctrl, [40.0] * 15, start=60)  # a corrupted step: the loss jumps and stays
+    hit = next(x for x in v if x.unstable)
+    assert hit.retry and hit.scale == 1.0 and ctrl.cuts == 0
+    ctrl.can_retry = False  # the guard: this snapshot was retried from already
+    v = ctrl.unstable(80, "again, from the same snapshot")
+    assert not v.retry and v.scale == pytest.approx(0.3) and ctrl.cuts == 1
+    # a slow climb (the LR) is cut at once, as is anything in the early phase
+    slow = Controller(gg.Stability(probe_after=50))
+    slow.can_retry = True
+    feed(slow, calm)
+    v = feed(slow, np.geomspace(1, 30, 120), start=60)
+    assert not next(x for x in v if x.unstable).retry
+    early = Controller(gg.Stability(probe_after=50))
+    early.can_retry = True
+    assert not feed(early, [5.0, 9.0, 30.0], [1, 1, 1])[-1].retry

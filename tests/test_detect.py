@@ -127,12 +127,15 @@ def test_norm_spike_learns_a_level_knocked_up_in_the_first_steps():
 
 
 def test_loss_spike_catches_a_loss_blowing_up_in_the_first_steps():
-    # A too-high LR: the loss goes 4.4 -> 6 -> 11.8 in three steps, before any window exists.
-    flags = feed(gg.LossSpike(), [4.4, 6.0, 11.8, 11.0, 9.0])
-    assert flags[:3] == [False, False, True]
+    # A too-high LR: the loss goes 4.4 -> 6 -> 11.8 -> 30 in a few steps, before any window
+    # exists; with under three losses only a gross jump (×6.25) counts.
+    flags = feed(gg.LossSpike(), [4.4, 4.5, 4.3, 6.0, 11.8, 30.0])
+    assert flags == [False, False, False, False, True, True]
+    assert feed(gg.LossSpike(), [4.4, 12.0])[1] is False  # two batches, ×2.7: noise
+    assert feed(gg.LossSpike(), [4.4, 40.0])[1] is True
     # early spikes enter the window: a run that settles at a higher loss stops being flagged
-    flags = feed(gg.LossSpike(), [1.0, *([3.0] * 40)])
-    assert any(flags[:11]) and not any(flags[12:])
+    flags = feed(gg.LossSpike(), [1.0, 1.0, 1.0, *([3.0] * 40)])
+    assert any(flags[:13]) and not any(flags[14:])
 
 
 @pytest.mark.parametrize(("det", "spread", "odd"), [

@@ -130,12 +130,14 @@ class Verdict:
         give_up: set when the LR scale would fall below the floor.
         scale: the LR scale to apply from now on.
         raised: the scale was raised (a probe) at this row.
+        retry: roll back and retry at the same scale (see :meth:`Controller.unstable`).
     """
 
     unstable: str | None = None
     give_up: bool = False
     scale: float = 1.0
     raised: bool = False
+    retry: bool = False
 
 
 class Controller:
@@ -161,6 +163,11 @@ class Controller:
         self.probe_wait = cfg.probe_after
         self.last_raise: int | None = None
         self.instabilities = 0
+        self.cuts = 0
+        self.retries = 0
+        self.best_row = 0
+        # Set by the guard: whether a snapshot it has not retried from yet is there.
+        self.can_retry = False
         self.rows = 0
         self.scaled_rows = 0
         self.scale_rows: dict[float, int] = {}
@@ -262,6 +269,7 @@ class Controller:
                               f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
+                    self.best_row = self.rows
         if reason is not None:
             return self.unstable(step, reason)
         self.calm += 1
@@ -273,9 +281,23 @@ class Controller:
         return Verdict(scale=self.scale)
 
     def unstable(self, step: int, reason: str) -> Verdict:
-        """Respond to instability found at ``step``: lower the scale, or give up."""
+        """Respond to instability found at ``step``: lower the scale, or give up.
+
+        A *sudden* failure — the loss level was at its best less than ``window`` steps
+        before — is retried at the same scale when the guard has a snapshot it has not
+        retried from yet (``can_retry``): it is likelier a transient fault (bad data, a
+        corrupted step, a flipped bit) than the LR, and PaLM restarted at the same LR
+        (Chowdhery et al. 2022, §5.1). A failure in the early phase, a slow climb, or
+        failing again from the same snapshot is the LR's doing, and the scale falls.
+        """
         cfg = self.cfg
         self.instabilities += 1
+        sudden = len(self.losses) >= cfg.min_losses and self.rows - self.best_row <= cfg.window
+        if self.can_retry and sudden:
+            self.calm = 0
+            self.retries += 1
+            return Verdict(unstable=reason, scale=self.scale, retry=True)
+        self.cuts += 1
         if self.last_raise is not None and step - self.last_raise <= self.probe_wait:
             self.probe_wait *= 2  # a relapse: the raised LR was past the edge
         self.last_raise = None
@@ -303,6 +325,7 @@ class Controller:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
         self.log_scale = s["log_scale"]
+        self.best_row = self.rows  # the restored weights are the best state there is now
         self.streak = self.nan_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +333,8 @@ class Controller:
                 "scale": self.scale,
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
+                "cuts": self.cuts, "retries": self.retries,
+                "best_row": self.best_row,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows)}
 
@@ -322,6 +347,8 @@ class Controller:
         self.probe_wait = int(s["probe_wait"])
         self.last_raise = None if s["last_raise"] is None else int(s["last_raise"])
         self.instabilities = int(s["instabilities"])
+        self.cuts, self.retries = int(s["cuts"]), int(s["retries"])
+        self.best_row = int(s["best_row"])
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}

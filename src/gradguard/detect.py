@@ -109,17 +109,17 @@ class NormSpike(_RobustWindow):
         ready = count >= self.warmup
         seen = count > 0
         dev = torch.where(seen, x - med, torch.zeros_like(x))
-        noise = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
+        spread = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
         z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(x))
         late = ready & (dev > self.z_thresh * sigma) & (dev > math.log(self.min_ratio))
-        early = seen & ~ready & (dev > math.log(self.early_ratio) + noise)
+        early = seen & ~ready & (dev > math.log(self.early_ratio) + spread)
         spike = ok & (late | early)
         typical = torch.where(seen, torch.exp(med), norm.float())
         # A spike enters at min_ratio × the median (not at the z threshold, which would
         # widen the MAD it is measured by): a level shift is learned within a window or
         # two, while a steady exponential blow-up outruns the median and stays flagged.
         cap = med + torch.where(ready, math.log(self.min_ratio),
-                                math.log(self.early_ratio) + noise)
+                                math.log(self.early_ratio) + spread)
         self.learn(torch.where(spike, cap, x), ok & torch.isfinite(x))
         return spike, z, typical
 
@@ -134,7 +134,9 @@ class LossSpike(_RobustWindow):
     the median. Spikes do not enter the window. Before ``min_count`` losses, a positive
     loss more than ``early_ratio`` times the median so far (and ``z_thresh`` σ above it once
     three losses exist) is a spike: a too-high LR can wreck a model in its first few
-    steps, before any statistics exist. Early spikes enter clipped to that bound, so a
+    steps, before any statistics exist (with fewer than three losses, ``early_ratio``
+    squared: two batches alone can differ by ``early_ratio``). Early spikes enter clipped
+    to that bound, so a
     run that settles at a higher loss stops being flagged once the window has filled.
 
     References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
@@ -172,9 +174,12 @@ class LossSpike(_RobustWindow):
         z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(loss))
         ratio_ok = (med <= 0) | (loss > self.ratio * med)
         late = ready & (dev > self.z_thresh * sigma) & (dev > floor) & ratio_ok
-        noise = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
-        early_bound = self.early_ratio * noise * med
-        early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > noise)
+        spread = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
+        # With fewer than three losses there is no noise estimate: only a gross jump
+        # (early_ratio squared) counts, since two batches can differ by early_ratio alone.
+        early_bound = torch.where(count >= 3, self.early_ratio, self.early_ratio ** 2) \
+            * noise * med
+        early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > spread)
         spike = ok & (late | early)
         good = ok & torch.isfinite(loss)
         # Early spikes enter clipped to the early bound: a wrecked first step must not fill

@@ -357,6 +357,7 @@ class Guard:
         self._candidates: dict[int, snap.Snapshot] = {}
         # Where snapshots live ("device", "cpu" or "off"), settled at the first snapshot.
         self._snap_place: str | None = None
+        self._retried_from: int | None = None
         self._skip_batches = 0
         self._skip_streak = 0
         self._clean_streak = 0
@@ -657,6 +658,9 @@ class Guard:
                                   "cannot recover by skipping")
             return False
         loss = rec["loss"]
+        # A retry at the same LR is allowed once per snapshot: failing again from the same
+        # place is the LR's doing.
+        self.control.can_retry = bool(self._good) and self._good[-1].step != self._retried_from
         verdict = self.control.observe(k, None if loss is None else float(loss), flagged,
                                        bool(rec["nonfinite"]))
         may_roll = True
@@ -685,7 +689,7 @@ class Guard:
                               f"(max_rollbacks={rb.max_rollbacks})")
         self._set_scale(verdict.scale)
         if self._good and may_roll:
-            self._rollback(k, reason)
+            self._rollback(k, reason, retry=verdict.retry)
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
@@ -825,7 +829,7 @@ class Guard:
         self.recorder.event(s.step, "snapshot", f"snapshot of step {s.step} written to {path}",
                             action="snapshot", path=str(path))
 
-    def _rollback(self, step: int, reason: str) -> None:
+    def _rollback(self, step: int, reason: str, retry: bool = False) -> None:
         """Restore the latest good snapshot; the controller has already lowered the LR."""
         rb = self.policy.rollback
         assert rb is not None and self._good
@@ -833,6 +837,8 @@ class Guard:
         # regression began. Going back further would throw away sound progress; if the
         # run fails again from here, the lower LR is what changes.
         target = self._good[-1]
+        if retry:
+            self._retried_from = target.step
         snap.restore(target, self.model, self.params, self.optimizer, self._tracked)
         self._load_guard_state(target.guard)
         self._progress = target.step + 1
@@ -843,10 +849,13 @@ class Guard:
         self._candidates.clear()
         self._ignore_rows_before = self.steps
         skip = f"; skipping the next {rb.skip_batches} batches" if rb.skip_batches else ""
+        lr = (f"retrying at the same LR scale ×{self._scale:.3g} (a sudden failure of a "
+              "healthy run: a transient fault is likelier than the LR)" if retry
+              else f"LR scale ×{self._scale:.3g}")
         self.recorder.event(
             step, "rollback",
-            f"unstable: {reason}; rolled back to the state after step {target.step}, LR "
-            f"scale ×{self._scale:.3g}{skip}",
+            f"unstable: {reason}; rolled back to the state after step {target.step}, "
+            f"{lr}{skip}",
             action="rollback", to_step=target.step, reason=reason, lr_scale=self._scale,
         )
 
@@ -873,18 +882,20 @@ class Guard:
 
     def verdict(self) -> str:
         """One sentence on how the run went and what to change (also logged at close)."""
-        skipped = sum(1 for e in self.recorder.events if e.get("action") == "skip")
+        skipped = len({e["step"] for e in self.recorder.events if e.get("action") == "skip"})
         bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
         c = self.control
-        if c is None or c.instabilities == 0:
-            return f"stable: {bad}, the LR was never changed"
+        if c is None or c.cuts == 0:
+            retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same "
+                       "LR" if c is not None and c.retries else "")
+            return f"stable: {bad}, the LR was never changed{retried}"
         lr = self.optimizer.param_groups[0]["lr"]
         share = c.scaled_rows / max(c.rows, 1)
         try:
             at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
         except (TypeError, ValueError):
             at = f"×{c.scale:.3g} of your LR"
-        return (f"unstable at your LR: the guard lowered it {c.instabilities} time(s) "
+        return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) "
                 f"({self.rollbacks} rollback(s)), it was scaled down on {share:.0%} of steps, "
                 f"and the run ended stable at {at}; {bad}. Set that LR (or warm up to it) "
                 "to train without the guard's help")

@@ -206,7 +206,8 @@ def test_fp16_scaler_updates_once_per_step_and_overflow_is_skipped(data, skip_st
         module, loader(xtr, ytr, {5: "huge"}))  # overflows fp16
     guard = cb.guard
     assert finite(module) and guard.steps == 10
-    assert [(e["step"], e["action"]) for e in guard.recorder.events] == [(5, "skip")]
+    assert [(e["step"], e["action"]) for e in guard.recorder.events
+            if e["kind"] != "verdict"] == [(5, "skip")]
     assert scaler.get_scale() == 2.0**9  # halved once, by Lightning's own update()
     assert guard.recorder.rows[0]["loss"] < 5  # the guard saw the unscaled loss (ln 10 = 2.3)
 
