@@ -21,9 +21,9 @@ def feed(ctrl, losses, flags=None, start=0):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), level=st.floats(1e-4, 1e4),
-       spread=st.floats(0.0, 0.6))
+       spread=st.floats(0.0, 0.8))
 def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
-    # Heavy multiplicative batch noise (up to ×1.8 per σ) around a flat or falling level,
+    # Heavy multiplicative batch noise (up to ×2.2 per σ) around a flat or falling level,
     # for 3000 steps: no false alarm. A real regression must double the median.
     gen = np.random.default_rng(seed)
     trend = np.geomspace(1.0, 0.3, 3000)
@@ -36,7 +36,7 @@ def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
 def test_tiny_noisy_losses_near_zero_are_not_a_regression():
     # Mechanism 7 of the stability issue: once a loss is ~1e-3, a batch at 5e-3 is noise.
     gen = np.random.default_rng(0)
-    losses = np.abs(gen.standard_cauchy(2000)) * 1e-3
+    losses = 1e-3 * np.exp(gen.normal(0, 1.0, 2000))  # batches ×2.7 apart per σ
     ctrl = Controller(gg.Stability())
     assert not any(v.unstable for v in feed(ctrl, losses))
 

@@ -83,7 +83,7 @@ class Stability:
     window: int = 20
     min_losses: int = 8
     rise: float = 1.0
-    z: float = 4.0
+    z: float = 2.0
     bad_steps: int = 3
     decrease: float = 0.3
     probe_after: int = 250
@@ -155,6 +155,7 @@ class Controller:
         self.best = math.inf
         self.best_se = 0.0
         self.log_scale: bool | None = None
+        self.sigma: float | None = None
         self.streak = 0
         self.nan_streak = 0
         # memory
@@ -166,6 +167,7 @@ class Controller:
         self.cuts = 0
         self.retries = 0
         self.best_row = 0
+        self.first_loss: float | None = None
         # Set by the guard: whether a snapshot it has not retried from yet is there.
         self.can_retry = False
         self.rows = 0
@@ -173,8 +175,9 @@ class Controller:
         self.scale_rows: dict[float, int] = {}
 
     # -- the loss level ------------------------------------------------------------------
-    def level(self) -> tuple[float, float] | None:
-        """(median of recent losses, its standard error), or None in the early phase.
+    def level(self) -> tuple[float, float, float] | None:
+        """(median of recent losses, its standard error, the pooled noise σ), or None in
+        the early phase.
 
         Positive losses are judged on a log scale (a regression is a *factor* above the
         best, whatever the loss's units). The noise is measured from successive
@@ -188,7 +191,10 @@ class Controller:
         med = float(np.median(x))
         d = np.diff(x)
         sigma = _MAD_SIGMA * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
-        return med, _MEDIAN_SE * sigma / math.sqrt(len(x))
+        # One window's spread is itself noisy (a lucky window is low *and* tight), so the
+        # error bar uses a slow average of it.
+        pooled = sigma if self.sigma is None else 0.95 * self.sigma + 0.05 * sigma
+        return med, _MEDIAN_SE * pooled / math.sqrt(len(x)), pooled
 
     def _scaled(self, x: np.ndarray) -> np.ndarray:
         positive = bool(np.all(x > 0))
@@ -198,7 +204,7 @@ class Controller:
             # A loss that can reach zero or below (a log-likelihood): linear from here on,
             # and the best level in log units means nothing any more.
             self.log_scale = False
-            self.best, self.best_se = math.inf, 0.0
+            self.best, self.best_se, self.sigma = math.inf, 0.0, None
         return np.log(np.maximum(x, 1e-300)) if self.log_scale else x
 
     def _shown(self, v: float) -> float:
@@ -248,6 +254,8 @@ class Controller:
         self.streak = self.streak + 1 if flagged else 0
         self.nan_streak = self.nan_streak + 1 if nonfinite else 0
         if loss is not None and math.isfinite(loss):
+            if self.first_loss is None:
+                self.first_loss = float(loss)
             # Bad batches enter too: one is an outlier the median ignores, a run of them
             # is a loss that really is higher now.
             self.losses.append(float(loss))
@@ -262,7 +270,7 @@ class Controller:
             reason = f"{self.streak} flagged steps in a row before any loss history"
         else:
             if lv is not None:
-                level, se = lv
+                level, se, self.sigma = lv
                 thr = self.threshold()
                 if level - cfg.z * se > thr:
                     reason = (f"loss level {self._shown(level):.4g} rose above its best "
@@ -283,8 +291,8 @@ class Controller:
     def unstable(self, step: int, reason: str) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
-        A *sudden* failure — the loss level was at its best less than ``window`` steps
-        before — is retried at the same scale when the guard has a snapshot it has not
+        A *sudden* failure of a *healthy* run — the loss level was at its best, and below
+        the run's first loss, less than ``window`` steps before — is retried at the same scale when the guard has a snapshot it has not
         retried from yet (``can_retry``): it is likelier a transient fault (bad data, a
         corrupted step, a flipped bit) than the LR, and PaLM restarted at the same LR
         (Chowdhery et al. 2022, §5.1). A failure in the early phase, a slow climb, or
@@ -293,7 +301,12 @@ class Controller:
         cfg = self.cfg
         self.instabilities += 1
         sudden = len(self.losses) >= cfg.min_losses and self.rows - self.best_row <= cfg.window
-        if self.can_retry and sudden:
+        # Healthy: the run had made progress, its best level under its first loss. A run
+        # that never got below where it started is failing at its LR, not by accident.
+        first = self.first_loss
+        healthy = first is not None and math.isfinite(self.best) and (
+            self._shown(self.best) < first)
+        if self.can_retry and sudden and healthy:
             self.calm = 0
             self.retries += 1
             return Verdict(unstable=reason, scale=self.scale, retry=True)
@@ -319,12 +332,13 @@ class Controller:
     def trajectory(self) -> dict[str, Any]:
         """The part rolled back with the model."""
         return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se,
-                "log_scale": self.log_scale}
+                "log_scale": self.log_scale, "sigma": self.sigma}
 
     def load_trajectory(self, s: dict[str, Any]) -> None:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
         self.log_scale = s["log_scale"]
+        self.sigma = s["sigma"]
         self.best_row = self.rows  # the restored weights are the best state there is now
         self.streak = self.nan_streak = 0
 
@@ -334,7 +348,7 @@ class Controller:
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "cuts": self.cuts, "retries": self.retries,
-                "best_row": self.best_row,
+                "best_row": self.best_row, "first_loss": self.first_loss,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows)}
 
@@ -349,6 +363,7 @@ class Controller:
         self.instabilities = int(s["instabilities"])
         self.cuts, self.retries = int(s["cuts"]), int(s["retries"])
         self.best_row = int(s["best_row"])
+        self.first_loss = s["first_loss"]
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}
