@@ -21,9 +21,9 @@ def feed(ctrl, losses, flags=None, start=0):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), level=st.floats(1e-4, 1e4),
-       spread=st.floats(0.0, 0.8))
+       spread=st.floats(0.0, 1.0))
 def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
-    # Heavy multiplicative batch noise (up to ×2.2 per σ) around a flat or falling level,
+    # Heavy multiplicative batch noise (up to ×2.7 per σ) around a flat or falling level,
     # for 3000 steps: no false alarm. A real regression must double the median.
     gen = np.random.default_rng(seed)
     trend = np.geomspace(1.0, 0.3, 3000)
@@ -166,8 +166,10 @@ def test_a_sudden_failure_is_retried_at_the_same_lr_once_a_slow_climb_is_not():
     ctrl.can_retry = True
     calm = np.geomspace(3, 1, 60) * np.exp(gen.normal(0, 0.1, 60))
     feed(ctrl, calm)
-    v = feed(ctrl, [40.0] * 15, start=60)  # a corrupted step: the loss jumps and stays
-    hit = next(x for x in v if x.unstable)
+    for k in range(60, 80):  # a corrupted step: the loss jumps and stays
+        hit = ctrl.observe(k, 40.0, False, False)
+        if hit.unstable:
+            break
     assert hit.retry and hit.scale == 1.0 and ctrl.cuts == 0
     ctrl.can_retry = False  # the guard: this snapshot was retried from already
     v = ctrl.unstable(80, "again, from the same snapshot")

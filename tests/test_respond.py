@@ -86,7 +86,9 @@ def test_too_high_lr_is_rolled_back_and_settles_near_the_stable_run():
     stable, _ = train_regression(2e-4)
     blown, _ = train_regression(3e-3)
     assert not blown < 1e6
-    final, guard = train_regression(3e-3, {})
+    # (no probe back up within these 300 steps: that is tested on the controller itself)
+    final, guard = train_regression(
+        3e-3, {"policy": gg.Policy(stability=gg.Stability(probe_after=1000))})
     assert final < 1.5 * stable
     assert guard.rollbacks >= 1 and guard._scale < 1
     kinds = [e["kind"] for e in guard.recorder.events]
@@ -155,8 +157,8 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
             assert all(p.grad is None for p in model.parameters())
     ev = [e for e in guard.recorder.events if e["kind"] == "rollback"]
     assert len(ev) == 1 and ev[0]["to_step"] == 5 and ev[0]["step"] == 8
-    # a sudden failure of a healthy run: retried from the snapshot at the same LR
-    assert guard._scale == 1.0 and "retrying at the same LR" in ev[0]["message"]
+    # early in a run a failure is the LR's doing: the scale falls with the rollback
+    assert guard._scale == pytest.approx(gg.Stability().decrease)
 
 
 def test_rollback_returns_to_the_latest_good_snapshot_every_time():

@@ -8,7 +8,8 @@ late, which a trend measured over tens of steps does not mind). Three classes of
 * **transient fault** — one flagged step (NaN/Inf, a gradient-norm or loss spike) between
   normal ones: a bad batch. The device skips it; the LR is left alone, and it does not
   count towards instability.
-* **persistent instability** — ``bad_steps`` NaN/Inf steps in a row, or the loss *level*
+* **persistent instability** — ``bad_steps`` steps in a row whose loss was NaN/Inf or
+  spiked, or the loss *level*
   (the median of recent losses, robust to single bad batches) rising to more than
   (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
   errors wide): the run itself is diverging, slowly or fast.
@@ -60,13 +61,14 @@ class Stability:
         window: the loss level is the median of the last ``window`` finite losses.
         min_losses: losses needed before the level is judged (the early phase before).
         rise: the level is *regressing* when above its best by more than ``rise`` × |best|
-            (1: the median loss has doubled).
+            (0.5: the median loss is half as high again as its best).
         z: the test uses confidence bounds ``z`` standard errors wide: the best level is
             the smallest upper bound the level has had, and the level regresses when its
             lower bound is above ``(1 + rise)`` × that (a noise floor: tiny, noisy losses
             near zero are not flagged for doubling).
-        bad_steps: this many NaN/Inf steps in a row (or, before a loss level exists, this
-            many flagged steps in a row) are instability, not bad batches.
+        bad_steps: this many steps in a row with a NaN/Inf or spiking loss (or, before a
+            loss level exists, this many flagged steps in a row) are instability, not bad
+            batches.
         decrease: LR scale multiplier per instability (a backtracking factor).
         probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
             each relapse (instability within ``probe_after`` steps of a raise).
@@ -82,8 +84,8 @@ class Stability:
 
     window: int = 20
     min_losses: int = 8
-    rise: float = 1.0
-    z: float = 2.0
+    rise: float = 0.5
+    z: float = 3.0
     bad_steps: int = 3
     decrease: float = 0.3
     probe_after: int = 250
@@ -166,8 +168,9 @@ class Controller:
         self.instabilities = 0
         self.cuts = 0
         self.retries = 0
-        self.best_row = 0
         self.first_loss: float | None = None
+        self.last_unstable_row = 0  # the run's start counts as one
+        self.was_calm = False
         # Set by the guard: whether a snapshot it has not retried from yet is there.
         self.can_retry = False
         self.rows = 0
@@ -228,15 +231,16 @@ class Controller:
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment
         to keep a snapshot."""
-        if self.streak:
-            return False
+        return not self.streak and self._level_calm()
+
+    def _level_calm(self) -> bool:
         lv = self.level()
         thr = self.threshold()
         return lv is None or not math.isfinite(thr) or \
             lv[0] <= self.best + 0.5 * (thr - self.best)
 
     # -- one row -------------------------------------------------------------------------
-    def observe(self, step: int, loss: float | None, flagged: bool, nonfinite: bool
+    def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool
                 ) -> Verdict:
         """Feed one step's row; returns what to do (see :class:`Verdict`).
 
@@ -244,7 +248,8 @@ class Controller:
             step: the row's step.
             loss: its loss (None when the guard is not given losses).
             flagged: any detector flagged the step (NaN/Inf, gradient or loss spike).
-            nonfinite: its gradients or loss were NaN/Inf.
+            loss_bad: the loss itself was flagged: NaN/Inf gradients or loss, or a loss
+                spike.
         """
         cfg = self.cfg
         self.rows += 1
@@ -252,7 +257,7 @@ class Controller:
         if self.scale < 1:
             self.scaled_rows += 1
         self.streak = self.streak + 1 if flagged else 0
-        self.nan_streak = self.nan_streak + 1 if nonfinite else 0
+        self.nan_streak = self.nan_streak + 1 if loss_bad else 0
         if loss is not None and math.isfinite(loss):
             if self.first_loss is None:
                 self.first_loss = float(loss)
@@ -262,11 +267,11 @@ class Controller:
         reason = None
         lv = self.level()
         if self.nan_streak >= cfg.bad_steps:
-            reason = f"{self.nan_streak} steps in a row with NaN/Inf"
+            reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss"
         elif lv is None and self.streak >= cfg.bad_steps:
-            # Early phase: no loss level to judge by yet, so a flag streak is the evidence.
-            # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps;
-            # then only the loss level decides.
+            # Early phase: no loss level to judge by yet, so any flag streak is evidence.
+            # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps, so
+            # only a streak the loss itself shows counts.
             reason = f"{self.streak} flagged steps in a row before any loss history"
         else:
             if lv is not None:
@@ -277,9 +282,13 @@ class Controller:
                               f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
-                    self.best_row = self.rows
         if reason is not None:
-            return self.unstable(step, reason)
+            verdict = self.unstable(step, reason)
+            self.was_calm = False
+            return verdict
+        if not flagged:
+            # A flag streak that follows is judged by where the level was before it.
+            self.was_calm = self._level_calm()
         self.calm += 1
         if self.calm >= self.probe_wait and self.scale < 1:
             self.scale = min(1.0, self.scale / math.sqrt(cfg.decrease))
@@ -291,22 +300,27 @@ class Controller:
     def unstable(self, step: int, reason: str) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
-        A *sudden* failure of a *healthy* run — the loss level was at its best, and below
-        the run's first loss, less than ``window`` steps before — is retried at the same scale when the guard has a snapshot it has not
+        A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
+        still in the lower half of its margin, its best was below the run's first loss, and
+        the run had gone ``probe_after`` steps since its start or its last instability —
+        is retried at the same scale when the guard has a snapshot it has not
         retried from yet (``can_retry``): it is likelier a transient fault (bad data, a
         corrupted step, a flipped bit) than the LR, and PaLM restarted at the same LR
-        (Chowdhery et al. 2022, §5.1). A failure in the early phase, a slow climb, or
-        failing again from the same snapshot is the LR's doing, and the scale falls.
+        (Chowdhery et al. 2022, §5.1). A failure early in training (where warm-up exists
+        for a reason), a slow climb, or failing again from the same snapshot is the LR's
+        doing, and the scale falls.
         """
         cfg = self.cfg
         self.instabilities += 1
-        sudden = len(self.losses) >= cfg.min_losses and self.rows - self.best_row <= cfg.window
+        sudden = self.was_calm and len(self.losses) >= cfg.min_losses
         # Healthy: the run had made progress, its best level under its first loss. A run
         # that never got below where it started is failing at its LR, not by accident.
         first = self.first_loss
         healthy = first is not None and math.isfinite(self.best) and (
-            self._shown(self.best) < first)
-        if self.can_retry and sudden and healthy:
+            self._shown(self.best - cfg.z * self.best_se) < first)
+        settled = self.rows - self.last_unstable_row >= cfg.probe_after
+        self.last_unstable_row = self.rows
+        if self.can_retry and sudden and healthy and settled:
             self.calm = 0
             self.retries += 1
             return Verdict(unstable=reason, scale=self.scale, retry=True)
@@ -339,7 +353,6 @@ class Controller:
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
         self.log_scale = s["log_scale"]
         self.sigma = s["sigma"]
-        self.best_row = self.rows  # the restored weights are the best state there is now
         self.streak = self.nan_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -348,7 +361,8 @@ class Controller:
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "cuts": self.cuts, "retries": self.retries,
-                "best_row": self.best_row, "first_loss": self.first_loss,
+                "first_loss": self.first_loss, "last_unstable_row": self.last_unstable_row,
+                "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows)}
 
@@ -362,8 +376,9 @@ class Controller:
         self.last_raise = None if s["last_raise"] is None else int(s["last_raise"])
         self.instabilities = int(s["instabilities"])
         self.cuts, self.retries = int(s["cuts"]), int(s["retries"])
-        self.best_row = int(s["best_row"])
         self.first_loss = s["first_loss"]
+        self.last_unstable_row = int(s["last_unstable_row"])
+        self.was_calm = bool(s["was_calm"])
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import __version__, lifecycle
 from . import snapshot as snap
-from .clip import ClipContext, Transform, ZScore, chain
+from .clip import ClipContext, Transform, chain
 from .control import Controller
 from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
@@ -216,10 +216,13 @@ class Guard:
         optimizer: the user's optimizer. torch's Adam/AdamW/SGD/Adagrad left at their
             default implementation are switched to ``fused=True`` so a skipped step needs
             no host sync (see :mod:`gradguard.stepper`; ``skip_strategy="masked"`` opts out).
-        clip: a transform, a list of transforms (chained), or None for the default
-            ``ZScore()``; pass ``[]`` for no clipping.
+        clip: a transform or a list of transforms (chained). None (the default) clips
+            nothing but the spikes the detector flags (to the typical norm): blanket
+            clipping of a healthy run's heavy-tailed norms slows it, and real instability
+            is the stability controller's job.
         policy: a :class:`~gradguard.respond.Policy`; default ``Policy()`` (skip NaN/Inf
-            steps, back the LR off on spikes, no rollback). ``on_nonfinite``,
+            steps and isolated spikes; the stability controller lowers the LR and rolls
+            back on persistent instability). ``on_nonfinite``,
             ``on_spike``, ``on_loss_spike`` and ``rollback`` are shortcuts that replace
             the policy's fields.
         scaler: a ``torch.amp.GradScaler``; the guard then unscales before measuring and
@@ -301,7 +304,7 @@ class Guard:
         self.control = Controller(policy.stability) if policy.stability is not None else None
 
         if clip is None:
-            clip = ZScore()
+            clip = chain()
         elif isinstance(clip, str) or not isinstance(clip, Transform | Sequence):
             raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
                               f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
@@ -662,7 +665,7 @@ class Guard:
         # place is the LR's doing.
         self.control.can_retry = bool(self._good) and self._good[-1].step != self._retried_from
         verdict = self.control.observe(k, None if loss is None else float(loss), flagged,
-                                       bool(rec["nonfinite"]))
+                                       bool(rec["nonfinite"] or rec["loss_spike"]))
         may_roll = True
         if verdict.unstable is None:
             forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])

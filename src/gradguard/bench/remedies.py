@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..clip import AGC, Centralize, Normalize
+from ..control import Stability
 from ..guard import Guard
 from ..respond import Policy
 from ..scenarios import Scenario, Setup
@@ -161,6 +162,9 @@ _LIST = [
     Remedy("gradguard", "gradguard default Guard(model, opt)", "gradguard", guard=_guard()),
     Remedy("gradguard-no-rollback", "gradguard default with rollback off: the stability "
            "controller lowers the LR in place", "gradguard", guard=_guard(rollback=False)),
+    Remedy("gradguard-warmup", "gradguard default + Stability(warmup='auto'): linear warm-up "
+           "over 2/(1-β2) steps for Adam-family optimizers", "gradguard",
+           guard=_guard(policy=lambda: Policy(stability=Stability(warmup="auto")))),
     Remedy("reinit", "gg.fixes.reinit(model, 'auto'): Kaiming/Xavier by activation", "init",
            fix_model=_reinit),
     Remedy("warmup-cosine", "LR warm-up (10% of steps) then cosine decay", "schedule",
