@@ -21,9 +21,9 @@ def feed(ctrl, losses, flags=None, start=0):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), level=st.floats(1e-4, 1e4),
-       spread=st.floats(0.0, 1.0))
+       spread=st.floats(0.0, 0.8))
 def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
-    # Heavy multiplicative batch noise (up to ×2.7 per σ) around a flat or falling level,
+    # Heavy multiplicative batch noise (up to ×2.2 per σ) around a flat or falling level,
     # for 3000 steps: no false alarm. A real regression must double the median.
     gen = np.random.default_rng(seed)
     trend = np.geomspace(1.0, 0.3, 3000)

@@ -36,12 +36,11 @@ window (``olmo_core/optim/skip_step_optimizer.py``).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from .errors import ConfigError, check_int, check_positive
 
@@ -51,6 +50,14 @@ __all__ = ["Controller", "Stability", "Verdict"]
 # Keeping 1962); σ itself comes from the MAD (1.4826 × median absolute deviation).
 _MEDIAN_SE = 1.2533
 _MAD_SIGMA = 1.4826
+
+
+def _median(x: list[float]) -> float:
+    # Pure Python: on windows of ~20 values it is several times faster than numpy's call
+    # overhead, and this runs once per training step.
+    s = sorted(x)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,7 @@ class Controller:
         self.best_se = 0.0
         self.log_scale: bool | None = None
         self.sigma: float | None = None
+        self._cache: tuple[float, float, float] | None = None
         self.streak = 0
         self.nan_streak = 0
         # memory
@@ -190,17 +198,21 @@ class Controller:
         """
         if len(self.losses) < self.cfg.min_losses:
             return None
-        x = self._scaled(np.fromiter(self.losses, dtype=np.float64))
-        med = float(np.median(x))
-        d = np.diff(x)
-        sigma = _MAD_SIGMA * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
+        if self._cache is not None:
+            return self._cache
+        x = self._scaled(list(self.losses))
+        med = _median(x)
+        d = [b - a for a, b in itertools.pairwise(x)]
+        md = _median(d)
+        sigma = _MAD_SIGMA * _median([abs(v - md) for v in d]) / math.sqrt(2)
         # One window's spread is itself noisy (a lucky window is low *and* tight), so the
         # error bar uses a slow average of it.
         pooled = sigma if self.sigma is None else 0.95 * self.sigma + 0.05 * sigma
-        return med, _MEDIAN_SE * pooled / math.sqrt(len(x)), pooled
+        self._cache = (med, _MEDIAN_SE * pooled / math.sqrt(len(x)), pooled)
+        return self._cache
 
-    def _scaled(self, x: np.ndarray) -> np.ndarray:
-        positive = bool(np.all(x > 0))
+    def _scaled(self, x: list[float]) -> list[float]:
+        positive = min(x) > 0
         if self.log_scale is None:  # decided on the first full window
             self.log_scale = positive
         elif self.log_scale and not positive:
@@ -208,7 +220,7 @@ class Controller:
             # and the best level in log units means nothing any more.
             self.log_scale = False
             self.best, self.best_se, self.sigma = math.inf, 0.0, None
-        return np.log(np.maximum(x, 1e-300)) if self.log_scale else x
+        return [math.log(v) for v in x] if self.log_scale else x
 
     def _shown(self, v: float) -> float:
         """A level back in the loss's own units, for messages."""
@@ -264,6 +276,7 @@ class Controller:
             # Bad batches enter too: one is an outlier the median ignores, a run of them
             # is a loss that really is higher now.
             self.losses.append(float(loss))
+        self._cache = None
         reason = None
         lv = self.level()
         if self.nan_streak >= cfg.bad_steps:
@@ -339,6 +352,7 @@ class Controller:
         """Forget the trajectory (after an in-place LR cut, when no rollback undid it):
         judge what follows against what the run does from here, not the old best."""
         self.losses.clear()
+        self._cache = None
         self.best, self.best_se = math.inf, 0.0
         self.streak = self.nan_streak = 0
 
@@ -350,6 +364,7 @@ class Controller:
 
     def load_trajectory(self, s: dict[str, Any]) -> None:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
+        self._cache = None
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
         self.log_scale = s["log_scale"]
         self.sigma = s["sigma"]
