@@ -324,6 +324,12 @@ class DepthTrend:
             self.active = False
         return None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak, "active": self.active}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.streak, self.active = int(s["streak"]), bool(s["active"])
+
 
 class Drift:
     """Slow drift: the global norm growing steadily over a window (an early warning).
@@ -358,3 +364,10 @@ class Drift:
             return (f"gradient norm drifting up: ×{growth:.3g} over the last {len(y)} steps "
                     f"(steady, r={corr:.2f}); a spike may follow — consider a lower LR")
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buf": list(self.buf), "cooldown": self.cooldown}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.buf = deque((float(v) for v in s["buf"]), maxlen=self.window)
+        self.cooldown = int(s["cooldown"])

@@ -361,6 +361,7 @@ class Guard:
         # Where snapshots live ("device", "cpu" or "off"), settled at the first snapshot.
         self._snap_place: str | None = None
         self._retried_from: int | None = None
+        self._resumed_snapshots = False
         self._skip_batches = 0
         self._skip_streak = 0
         self._clean_streak = 0
@@ -437,7 +438,9 @@ class Guard:
             self.order = self._order_probe.finish()
             self._order_probe = None
             self.attribution.order = self.order
+            old = self.depth
             self.depth = DepthTrend(self.names, self.order, [p.dim() >= 2 for p in self.params])
+            self.depth.load_state_dict(old.state_dict())  # a resumed run keeps its streak
         self.recorder.start({
             "gradguard": __version__, "params": self.names,
             "forward_order": [self.names[i] for i in self.order],
@@ -448,7 +451,7 @@ class Guard:
         })
         if self.policy.rollback is not None:
             self._snap_place = self._placement()
-            if self._snap_place != "off":
+            if self._snap_place != "off" and not self._resumed_snapshots:
                 self._good.append(self._take(-1))
 
     def step(self, loss: Tensor | None = None,
@@ -909,10 +912,17 @@ class Guard:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def state_dict(self) -> dict[str, Any]:
-        """The guard's own state (not the model's or optimizer's), versioned."""
+    def state_dict(self, snapshots: bool = False) -> dict[str, Any]:
+        """The guard's own state (not the model's or optimizer's), versioned.
+
+        Args:
+            snapshots: include the in-memory rollback snapshots (each the size of the
+                model plus its optimizer state), so that a resumed run rolls back to
+                exactly where the uninterrupted one would. Without them, a resumed guard's
+                first rollback target is the state it resumed from.
+        """
         self._drain()
-        return {
+        out = {
             "format": STATE_VERSION,
             "gradguard": __version__,
             "config": self._config(),
@@ -923,8 +933,16 @@ class Guard:
             "controller": None if self.control is None else self.control.state_dict(),
             "attribution": {k: torch.as_tensor(v) for k, v in
                             self.attribution.state_dict().items()},
+            # Host-side bookkeeping a resumed run needs to decide as the uninterrupted one.
+            "host": {"skip_streak": self._skip_streak, "clean_streak": self._clean_streak,
+                     "skip_batches": self._skip_batches, "retried_from": self._retried_from,
+                     "progress": self._progress, "lr0": self._lr0, "warm_len": self._warm_len,
+                     "depth": self.depth.state_dict(), "drift": self.drift.state_dict()},
             **self._guard_state(),
         }
+        if snapshots:
+            out["snapshots"] = [snap.clone_tree(s.as_dict()) for s in self._good]
+        return out
 
     def _config(self) -> dict[str, Any]:
         return {"clip": repr(self.clip), "n_params": len(self.params),
@@ -970,6 +988,17 @@ class Guard:
                         ", ".join(skipped), "; ".join(diff))
         self.steps = int(state["steps"])
         self.skipped.copy_(state["skipped"])
+        h = state["host"]
+        self._skip_streak, self._clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
+        self._skip_batches, self._retried_from = int(h["skip_batches"]), h["retried_from"]
+        self._progress, self._lr0, self._warm_len = int(h["progress"]), h["lr0"], int(
+            h["warm_len"])
+        self.depth.load_state_dict(h["depth"])
+        self.drift.load_state_dict(h["drift"])
+        if state.get("snapshots") and self.policy.rollback is not None:
+            self._good.clear()
+            self._good.extend(snap.Snapshot(**d) for d in snap.clone_tree(state["snapshots"]))
+            self._resumed_snapshots = True
         self.rollbacks = int(state["rollbacks"])
         self._set_scale(float(state["scale"]))
         if self.control is not None and state["controller"] is not None \

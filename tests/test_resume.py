@@ -1,0 +1,70 @@
+"""Resume mid-run: a guard restored from ``state_dict`` decides as the uninterrupted one."""
+
+import torch
+from torch import nn
+
+import gradguard as gg
+
+# Trouble before the save (spikes, a NaN streak that rolls back and lowers the LR) and
+# after it (bad batches, another NaN streak, a probe back up after a long calm).
+SPIKES = {20, 90, 150, 260, 333}
+NAN_STREAKS = {40, 41, 42, 300, 301, 302}
+SAVE, STEPS = 120, 420
+
+
+def make(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=10),
+                     policy=gg.Policy(stability=gg.Stability(probe_after=100)))
+    return model, opt, guard
+
+
+def batch(k):
+    gen = torch.Generator().manual_seed(1000 + k)
+    x = torch.randn(64, 8, generator=gen)
+    y = x[:, :4].argmax(1)
+    if k in SPIKES:
+        x = x * 300.0
+    if k in NAN_STREAKS:
+        x[0, 0] = float("nan")
+    return x, y
+
+
+def run(model, opt, guard, first, last):
+    out = []
+    for k in range(first, last):
+        x, y = batch(k)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        d = guard.step(loss).to_dict()
+        out.append(repr((k, d["skipped"], d["lr_scale"], d["grad_norm"], d["rolled_back"])))
+    return out
+
+
+def test_resume_decides_and_trains_identically_for_300_steps(tmp_path):
+    model, opt, guard = make(0)
+    run(model, opt, guard, 0, SAVE)
+    assert guard._scale < 1 and guard.rollbacks >= 1  # saved while the LR is backed off
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "guard": guard.state_dict(snapshots=True)}, tmp_path / "ckpt.pt")
+    straight = run(model, opt, guard, SAVE, STEPS)
+
+    model2, opt2, guard2 = make(123)  # another init: everything must come from the file
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    guard2.load_state_dict(ckpt["guard"])
+    resumed = run(model2, opt2, guard2, SAVE, STEPS)
+
+    assert resumed == straight
+    assert guard.rollbacks == guard2.rollbacks >= 2  # the second streak rolled back too
+    kinds = [e["kind"] for e in guard2.recorder.events]
+    assert "rollback" in kinds and "recover" in kinds
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    guard.close()
+    guard2.close()
+    assert guard.verdict().split(";")[0] == guard2.verdict().split(";")[0]
