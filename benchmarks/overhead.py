@@ -579,7 +579,7 @@ def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets
     full = next((v for v in variants if v.name == "gradguard full"), None)
     if full is not None and full.guard is not None and full.guard.policy.rollback is not None:
         every = full.guard.policy.rollback.every
-        st = [_timed(lambda g=full.guard: g._take(g.steps), device) * ms
+        st = [_timed(lambda g=full.guard: g.store._take(g.steps, g._trajectory()), device) * ms
               for _ in range(snapshot_reps)]
         snap_med = statistics.median(st)
         full_med = next(r for r in rows if r["variant"] == "gradguard full")["median_ms"]

@@ -315,7 +315,7 @@ def default_guard(model: nn.Module, opt: torch.optim.Optimizer, log: Path) -> gg
 
 
 def rollback_guard(model: nn.Module, opt: torch.optim.Optimizer, log: Path) -> gg.Guard:
-    """Skip every flagged step; roll back when five in a row are flagged (a damaged model)."""
+    """Skip every flagged step; the stability controller rolls back a damaged model."""
     return gg.Guard(model, opt, log=log, on_spike="skip", on_loss_spike="skip",
                     rollback=gg.Rollback(every=25, max_rollbacks=10_000))
 

@@ -147,6 +147,7 @@ def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
 
 # -- resuming ----------------------------------------------------------------------------
 def stepped_guard(model, **kw):
+    kw.setdefault("clip", gg.clip.ZScore())  # a clip with statistics to carry over
     guard = gg.Guard(model, sgd(model), **kw)
     guard.step(backward(model))
     return guard

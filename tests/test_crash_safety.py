@@ -157,7 +157,7 @@ def test_resume_from_state_dicts_reproduces_decisions_and_params(tmp_path, opt_n
     steps(model, opt, guard, 0, n)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "guard": guard.state_dict()}, tmp_path / "ckpt.pt")
-    assert guard.state_dict()["scale"] < 1  # there is LR-control state to keep
+    assert guard.state_dict()["lr"]["scale"] < 1  # there is LR-control state to keep
     straight = steps(model, opt, guard, n, n + m)
 
     # "Crash": new process state, fresh objects from another init, restored from disk.

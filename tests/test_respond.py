@@ -10,9 +10,12 @@ import gradguard as gg
 from tests.conftest import backward, no_host_sync, small_mlp
 
 
-def step(guard, model, opt, seed, scale=1.0, nan=False):
+def step(guard, model, opt, seed, scale=1.0, nan=False, nan_grad=False):
     opt.zero_grad(set_to_none=True)
-    return guard.step(backward(model, scale=scale, seed=seed, nan=nan))
+    loss = backward(model, scale=scale, seed=seed, nan=nan)
+    if nan_grad:  # NaN born inside the model (its last layer), not in the inputs
+        list(model.parameters())[-1].grad[0] = float("nan")
+    return guard.step(loss)
 
 
 def relu_mlp(seed=0):
@@ -76,7 +79,7 @@ def test_independent_bad_batches_close_in_time_do_not_lower_the_lr():
         info = step(guard, model, opt, s, scale=1e4 if s in faults else 1.0, nan=s == 66)
         if s in faults or s == 66:
             assert info.skipped
-    assert guard.control.instabilities == 0 and guard._scale == 1.0
+    assert guard.control.instabilities == 0 and guard.lr.scale == 1.0
     assert "the LR was never changed" in guard.verdict()
 
 
@@ -90,7 +93,7 @@ def test_too_high_lr_is_rolled_back_and_settles_near_the_stable_run():
     final, guard = train_regression(
         3e-3, {"policy": gg.Policy(stability=gg.Stability(probe_after=1000))})
     assert final < 1.5 * stable
-    assert guard.rollbacks >= 1 and guard._scale < 1
+    assert guard.rollbacks >= 1 and guard.lr.scale < 1
     kinds = [e["kind"] for e in guard.recorder.events]
     assert "rollback" in kinds
     guard.close()
@@ -104,7 +107,7 @@ def test_without_rollback_the_lr_is_lowered_in_place():
     # ill-conditioned problem the small-curvature directions take thousands of steps to
     # come back), so the run ends finite and stable but not as good: rollback's value.
     final, guard = train_regression(3e-3, {"rollback": False})
-    assert guard.rollbacks == 0 and guard._scale < 1
+    assert guard.rollbacks == 0 and guard.lr.scale < 1
     assert any(e["kind"] == "backoff" for e in guard.recorder.events)
     assert final < 1e5
     with_rollback, _ = train_regression(3e-3, {})
@@ -116,7 +119,7 @@ def test_scheduler_lr_is_scaled_for_the_step_not_overwritten():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     guard = gg.Guard(model, opt, rollback=False)
-    guard._set_scale(0.25)
+    guard.control.scale = guard.lr.scale = 0.25  # as after an instability
     for s in range(12):
         before = [p.detach().clone() for p in model.parameters()]
         base = opt.param_groups[0]["lr"]
@@ -139,7 +142,7 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
         info = step(guard, model, opt, s, nan=s == 8)
         if s == 5:
             saved = ([p.detach().clone() for p in model.parameters()],
-                     copy.deepcopy(opt.state_dict()), copy.deepcopy(guard._guard_state()))
+                     copy.deepcopy(opt.state_dict()), copy.deepcopy(guard._trajectory()))
         if s == 8:
             assert info.rolled_back
             params, ostate, gstate = saved
@@ -151,27 +154,29 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
                     assert torch.equal(v, now["state"][k][n])
             for part in ("clip", "grad_spike", "loss_spike"):
                 for k, v in gstate[part].items():
-                    w = guard._guard_state()[part][k]
+                    w = guard._trajectory()[part][k]
                     assert torch.equal(v.isnan(), w.isnan())
                     assert torch.equal(v.nan_to_num(), w.nan_to_num())
             assert all(p.grad is None for p in model.parameters())
     ev = [e for e in guard.recorder.events if e["kind"] == "rollback"]
     assert len(ev) == 1 and ev[0]["to_step"] == 5 and ev[0]["step"] == 8
     # early in a run a failure is the LR's doing: the scale falls with the rollback
-    assert guard._scale == pytest.approx(gg.Stability().decrease)
+    assert guard.lr.scale == pytest.approx(gg.Stability().decrease)
 
 
-def test_rollback_returns_to_the_latest_good_snapshot_every_time():
+def test_rollback_returns_to_the_latest_good_snapshot_and_steps_back_only_when_it_fails():
     # A second rollback from the same place must not throw away the progress before it
-    # (with keep=2 it used to fall back to the initial weights).
+    # (with keep=2 it used to fall back to the initial weights). Only a snapshot that two
+    # restores (with the LR lowered in between) could not hold is dropped, for the one
+    # before it, never for the start.
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, on_nonfinite="rollback",
                      rollback=gg.Rollback(every=4, clean_window=1))
-    for s in range(14):
-        step(guard, model, opt, s, nan=s in (10, 11, 12))
+    for s in range(15):
+        step(guard, model, opt, s, nan_grad=s in (10, 11, 12, 13))
     targets = [e["to_step"] for e in guard.recorder.events if e["kind"] == "rollback"]
-    assert targets == [8, 8, 8]
+    assert targets == [8, 8, 4, 4]
 
 
 def test_rollback_skips_batches_and_escalates():
@@ -181,11 +186,11 @@ def test_rollback_skips_batches_and_escalates():
                      rollback=gg.Rollback(every=2, skip_batches=2, max_rollbacks=2))
     for s in range(4):
         step(guard, model, opt, s)
-    assert step(guard, model, opt, 4, nan=True).rolled_back
+    assert step(guard, model, opt, 4, nan_grad=True).rolled_back
     assert [guard.should_skip_batch() for _ in range(3)] == [True, True, False]
-    assert step(guard, model, opt, 5, nan=True).rolled_back
+    assert step(guard, model, opt, 5, nan_grad=True).rolled_back
     with pytest.raises(gg.TrainingDivergedError, match="max_rollbacks=2") as err:
-        step(guard, model, opt, 6, nan=True)
+        step(guard, model, opt, 6, nan_grad=True)
     assert err.value.diagnosis["rollbacks"] == 2
     assert err.value.diagnosis["events"]["nonfinite"] == 3
 
@@ -208,9 +213,32 @@ def test_giving_up_names_the_cause_and_the_doctor():
     guard = gg.Guard(model, opt, policy=gg.Policy(stability=gg.Stability(floor=0.05)))
     with pytest.raises(gg.TrainingDivergedError, match="gradguard doctor") as err:
         for s in range(40):
-            step(guard, model, opt, s, nan=True)
+            step(guard, model, opt, s, nan_grad=True)
     assert "unstable at any LR" in str(err.value)
     assert err.value.diagnosis["lr_scale"] < 0.1
+
+
+def test_nan_inputs_on_every_step_point_at_the_data():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt)
+    for s in range(12):
+        step(guard, model, opt, s)
+    with pytest.raises(gg.TrainingDivergedError, match="the inputs carry them") as err:
+        for s in range(12, 60):
+            step(guard, model, opt, s, nan=True)
+    assert "first layer (0.weight)" in str(err.value) and "doctor" not in str(err.value)
+
+
+def test_rollback_without_guard_batches_says_the_batches_are_not_skipped():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, on_nonfinite="rollback",
+                     rollback=gg.Rollback(every=2, skip_batches=5))
+    for s in range(5):
+        step(guard, model, opt, s, nan_grad=s == 4)
+    msg = next(e["message"] for e in guard.recorder.events if e["kind"] == "rollback")
+    assert "NOT skipping the next 5 batches" in msg and "guard.batches" in msg
 
 
 def test_without_the_controller_endless_skipping_is_an_error():
@@ -255,11 +283,11 @@ def test_rollback_memory_budget_turns_it_off_when_too_large():
     guard = gg.Guard(model, opt, on_nonfinite="rollback",
                      rollback=gg.Rollback(host_fraction=tiny, device_fraction=tiny))
     step(guard, model, opt, 0)
-    assert guard._snap_place == "off" and not guard._good
+    assert guard.store.place == "off" and not guard.store.good
     assert any(e["kind"] == "rollback_off" for e in guard.recorder.events)
     forced = gg.Guard(model, opt, rollback=gg.Rollback(memory="cpu"))
     step(forced, model, opt, 1)
-    assert forced._snap_place == "cpu" and len(forced._good) == 1
+    assert forced.store.place == "cpu" and len(forced.store.good) == 1
 
 
 def test_auto_warmup_ramps_adam_and_stands_down_for_the_users_warmup():

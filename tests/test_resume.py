@@ -47,7 +47,7 @@ def run(model, opt, guard, first, last):
 def test_resume_decides_and_trains_identically_for_300_steps(tmp_path):
     model, opt, guard = make(0)
     run(model, opt, guard, 0, SAVE)
-    assert guard._scale < 1 and guard.rollbacks >= 1  # saved while the LR is backed off
+    assert guard.lr.scale < 1 and guard.rollbacks >= 1  # saved while the LR is backed off
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "guard": guard.state_dict(snapshots=True)}, tmp_path / "ckpt.pt")
     straight = run(model, opt, guard, SAVE, STEPS)

@@ -251,6 +251,24 @@ class Controller:
         return lv is None or not math.isfinite(thr) or \
             lv[0] <= self.best + 0.5 * (thr - self.best)
 
+    def held_since(self, before: dict[str, Any], n: int) -> bool:
+        """The last ``n`` losses (the first ones computed with a snapshot's weights) are not
+        regressing against the level in ``before`` (the trajectory when it was taken):
+        their median is under (1 + ``rise``) × that level. A snapshot that holds damage (a
+        corrupted weight, an LR spike's update) fails this before it is ever kept."""
+        past = list(before["losses"])
+        if n <= 0 or len(self.losses) < n or len(past) < self.cfg.min_losses \
+                or self.log_scale is None:
+            return True
+        now = list(self.losses)[-n:]
+        if self.log_scale and (min(now) <= 0 or min(past) <= 0):
+            return True
+        f = (lambda v: [math.log(x) for x in v]) if self.log_scale else (lambda v: v)
+        ref = _median(f(past))
+        lim = ref + math.log1p(self.cfg.rise) if self.log_scale \
+            else ref + self.cfg.rise * abs(ref)
+        return _median(f(now)) <= lim
+
     # -- one row -------------------------------------------------------------------------
     def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool
                 ) -> Verdict:

@@ -128,7 +128,8 @@ class LossSpike(_RobustWindow):
     """Loss spike: the loss far above the median of a rolling window of recent losses.
 
     After ``min_count`` losses, a step is a spike when the loss is more than ``z_thresh``
-    robust standard deviations above the window's median, more than ``floor`` × the first
+    robust standard deviations above the window's median (of log losses, when they are
+    positive: a batch's loss is skewed to the right), more than ``floor`` × the first
     loss above it (a noise floor: once a loss is near zero, a batch at 5× the median is
     still a small loss, not an event), and (for positive losses) more than ``ratio`` times
     the median. Spikes do not enter the window. Before ``min_count`` losses, a positive
@@ -171,9 +172,18 @@ class LossSpike(_RobustWindow):
         seen = count > 0
         dev = torch.where(seen, loss - med, torch.zeros_like(loss))
         floor = self.floor * torch.nan_to_num(s["first"].abs(), nan=0.0)
-        z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(loss))
+        # Positive losses are compared on a log scale: late in training a batch's loss is
+        # skewed to the right (a few hard examples), and a harder batch at 3× the median
+        # is ordinary there, not 7 linear σ. Losses that can be <= 0 stay linear.
+        logs = torch.log(self.state["buf"].clamp_min(_TINY))
+        lmed = torch.nanmedian(logs)
+        lsig = _MAD_SIGMA * torch.nanmedian((logs - lmed).abs()) * noise
+        pos = (med > 0) & (loss > 0)
+        z = torch.where(pos, (torch.log(loss.clamp_min(_TINY)) - lmed) / (lsig + 1e-12),
+                        dev / (sigma + 1e-12))
+        z = torch.where(ready, z, torch.zeros_like(loss))
         ratio_ok = (med <= 0) | (loss > self.ratio * med)
-        late = ready & (dev > self.z_thresh * sigma) & (dev > floor) & ratio_ok
+        late = ready & (z > self.z_thresh) & (dev > floor) & ratio_ok
         spread = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
         # With fewer than three losses there is no noise estimate: only a gross jump
         # (early_ratio squared) counts, since two batches can differ by early_ratio alone.

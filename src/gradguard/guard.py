@@ -1,12 +1,15 @@
 """Guard: the drop-in for ``optimizer.step()``: stats → clip → detect → decide → step → record.
 
 Per step, on the device: one fused norm pass, the clip transforms, the spike detectors,
-the skip/LR-scale decision and the (possibly skipped) optimizer step. The step's row of
-statistics is then posted to the host without waiting (:mod:`gradguard.record`); the
-host side turns rows into events, runs the analyzers and, when the policy says so, rolls
-back. The only blocking host reads are the documented ones: a state-creating first step
-(:mod:`gradguard.stepper`), snapshot writes to disk, and a masked optimizer with LR
-backoff reading its LR scale one step late.
+the skip decision and the (possibly skipped) optimizer step. The step's row of statistics
+is then posted to the host without waiting (:mod:`gradguard.record`); the host side turns
+rows into events and feeds the stability controller (:mod:`gradguard.control`), which
+sets the LR factor (:mod:`gradguard.lr`) and asks for rollbacks (:mod:`gradguard.rollback`).
+The guard is the facade that wires these parts; each holds its own state.
+
+Host syncs, all deliberate: a state-creating first step (:mod:`gradguard.stepper`),
+snapshot writes to disk, and ``close()``/``state_dict()``, which wait for the rows still
+in flight.
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ import dataclasses
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,14 +28,18 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__, lifecycle
+from . import events as ev
 from . import snapshot as snap
 from .clip import ClipContext, Transform, chain
 from .control import Controller
 from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError, check_int, config_diff
+from .lr import LRFactor
+from .params import ForwardOrder, resolve_params
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
 from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
+from .rollback import RollbackStore
 from .samples import SampleCounter
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
 from .stepper import Stepper
@@ -43,7 +48,7 @@ from .usage import Usage, check_optimizer
 __all__ = ["Guard", "StepInfo"]
 
 log = logging.getLogger("gradguard")
-STATE_VERSION = 4
+STATE_VERSION = 5
 T = TypeVar("T")
 
 
@@ -93,103 +98,6 @@ class StepInfo:
             out[k] = bool(getattr(self, k).cpu())
         out["rolled_back"] = self.rolled_back
         return out
-
-
-def _resolve_params(
-    model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
-) -> tuple[list[str], list[Tensor]]:
-    """The parameters the guard watches, with names, in model registration order."""
-    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-    opt_ids = {id(p) for p in opt_params}
-    if not opt_params:
-        raise ConfigError("the optimizer has no parameters; build it with model.parameters()")
-    names: list[str] = []
-    chosen: list[Tensor] = []
-    if params is not None:
-        wanted = list(params)
-        missing = [i for i, p in enumerate(wanted) if id(p) not in opt_ids]
-        if missing:
-            raise ConfigError(
-                f"params #{missing[:5]} are not in the optimizer; the guard can only skip "
-                "steps of parameters the optimizer updates"
-            )
-        lookup = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        for i, p in enumerate(wanted):
-            names.append(lookup.get(id(p), f"param{i}"))
-            chosen.append(p)
-        return names, chosen
-    if model is not None:
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        foreign = [n for n, p in trainable if id(p) not in opt_ids]
-        if foreign and len(foreign) == len(trainable):
-            raise ConfigError(
-                "none of the model's trainable parameters are in the optimizer: build the "
-                "optimizer from this model's parameters "
-                "(e.g. torch.optim.AdamW(model.parameters()))"
-            )
-        if foreign:
-            raise ConfigError(
-                f"{len(foreign)} trainable parameter(s) of the model are not in the optimizer "
-                f"(first: {foreign[:3]}); freeze them (requires_grad_(False)), add them to the "
-                "optimizer, or pass params= to guard a subset"
-            )
-        seen: set[int] = set()
-        for n, p in trainable:
-            seen.add(id(p))
-            names.append(n)
-            chosen.append(p)
-        for gi, g in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(g["params"]):
-                if id(p) not in seen and p.requires_grad:
-                    names.append(f"group{gi}.param{pi}")
-                    chosen.append(p)
-        return names, chosen
-    for gi, g in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(g["params"]):
-            names.append(f"group{gi}.param{pi}")
-            chosen.append(p)
-    return names, chosen
-
-
-class _ForwardOrder:
-    """Learns the order in which modules run in the first forward pass, then unhooks."""
-
-    def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
-        self.params = params
-        self.calls: list[nn.Module] = []
-        self.handles = []
-        if model is not None:
-            for m in model.modules():
-                if any(True for _ in m.parameters(recurse=False)):
-                    self.handles.append(m.register_forward_pre_hook(self._hook))
-
-    def _hook(self, module: nn.Module, _args: Any) -> None:
-        if not self.calls or self.calls[-1] is not module:
-            self.calls.append(module)
-
-    def finish(self) -> list[int]:
-        """Positions of the guarded params in forward order (unused ones at the end)."""
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        pos = {id(p): i for i, p in enumerate(self.params)}
-        order: list[int] = []
-        seen: set[int] = set()
-        for m in self.calls:
-            for p in m.parameters(recurse=False):
-                i = pos.get(id(p))
-                if i is not None and i not in seen:
-                    seen.add(i)
-                    order.append(i)
-        order += [i for i in range(len(self.params)) if i not in seen]
-        return order
-
-
-def _why(z: float, early: str) -> str:
-    # Before a detector's warm-up ends it has no z-score, only its early ratio rule.
-    if z == 0.0:
-        return f"early check: far above the {early} so far"
-    return f"z={z:.2f}"
 
 
 class Guard:
@@ -272,61 +180,25 @@ class Guard:
         check_optimizer(optimizer)
         check_int("flush_every", flush_every, 1)
         check_int("layers_every", layers_every, 1)
-        self.model = model
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.names, self.params = _resolve_params(model, optimizer, params)
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.names, self.params = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
+        self.policy = policy = _policy(policy, on_nonfinite, on_spike, on_loss_spike, rollback)
+        self.clip = _clip(clip)
+        self.clip.bind(self.names, self.params, self.device)
+        self.after_step = _hooks(after_step)
 
-        policy = policy if policy is not None else Policy()
-        if not isinstance(policy, Policy):
-            raise ConfigError(f"policy must be a gradguard.Policy, got {policy!r}; use "
-                              "Policy(on_spike=...) or the on_* shortcuts")
-        if rollback is not None and rollback is not False and \
-                not isinstance(rollback, Rollback):
-            raise ConfigError(f"rollback takes a gradguard.Rollback, or False to turn rollback "
-                              f"off, got {rollback!r}")
-        overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
-                                       ("on_loss_spike", on_loss_spike), ("rollback", rollback))
-                     if v is not None}
-        if overrides.get("rollback") is False:
-            overrides["rollback"] = None
-        if overrides:
-            fields = {**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
-                      **overrides}
-            policy = Policy(**fields)
-        self.policy = policy
+        # Device parts: the detectors and the skip decision.
         self.grad_spike = copy.deepcopy(policy.grad_spike)
         self.loss_spike = copy.deepcopy(policy.loss_spike)
         self.grad_spike.bind(self.device)
         self.loss_spike.bind(self.device)
         self.decision = DeviceDecision(policy, self.device)
-        self.control = Controller(policy.stability) if policy.stability is not None else None
-
-        if clip is None:
-            clip = chain()
-        elif isinstance(clip, str) or not isinstance(clip, Transform | Sequence):
-            raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
-                              f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
-        elif not isinstance(clip, Transform):
-            clip = chain(*clip)
-        self.clip: Transform = clip
-        self.clip.bind(self.names, self.params, self.device)
-        hooks = (tuple(after_step) if isinstance(after_step, Sequence)
-                 else () if after_step is None else (after_step,))
-        if not all(callable(h) for h in hooks):
-            raise ConfigError(f"after_step takes a callable or a list of them, got {after_step!r}")
-        self.after_step: tuple[Callable[[], object], ...] = hooks
         self.stepper = Stepper(optimizer, skip_strategy)
-        # The LR scale is decided on the host from rows already there (no sync); the
-        # device copy only feeds the per-step row and is refilled when the scale changes.
-        self._scale = 1.0  # the controller's LR scale
-        self._factor = 1.0  # what this step applies: scale × automatic warm-up
-        self._scale_t = torch.ones((), device=self.device)
-        self._warm_len = (policy.stability.warmup_steps(optimizer)
-                          if policy.stability is not None else 0)
-        self._progress = 0  # steps since the state the weights are in began
-        self._lr0: float | None = None
+        # Host parts: the stability controller and the LR factor it sets.
+        self.control = Controller(policy.stability) if policy.stability is not None else None
+        self.lr = LRFactor(optimizer, policy.stability.warmup_steps(optimizer)
+                           if policy.stability is not None else 0, self.device)
 
         self.steps = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
@@ -348,25 +220,22 @@ class Guard:
             all_sinks.append(ConsoleSink())
         self.recorder = Recorder(self.names, all_sinks, flush_every, layers_every)
         self.mailbox = Mailbox(self.device)
-        self._order_probe: _ForwardOrder | None = _ForwardOrder(model, self.params)
+        self._order_probe: ForwardOrder | None = ForwardOrder(model, self.params)
         self.order = list(range(len(self.params)))
         self.attribution = LayerAttribution(self.names, self.order)
         self.depth = DepthTrend(self.names, self.order, [p.dim() >= 2 for p in self.params])
         self.drift = Drift()
 
         self._tracked: list[Any] = []
-        self._good: deque[snap.Snapshot] = deque(maxlen=policy.rollback.keep
-                                                  if policy.rollback else 1)
-        self._candidates: dict[int, snap.Snapshot] = {}
-        # Where snapshots live ("device", "cpu" or "off"), settled at the first snapshot.
-        self._snap_place: str | None = None
-        self._retried_from: int | None = None
-        self._resumed_snapshots = False
+        self.store = (RollbackStore(policy.rollback, model, self.params, optimizer,
+                                    self._tracked, self.recorder,
+                                    self._sync.rank if self._sync is not None else None)
+                      if policy.rollback is not None else None)
         self._skip_batches = 0
+        self._batches_used = False
         self._skip_streak = 0
         self._clean_streak = 0
         self._ignore_rows_before = 0
-        self._disk_files: deque[Path] = deque()
         self._base_lrs: dict[int, float] = {}
         self._started = False
         self._closed = False
@@ -383,13 +252,14 @@ class Guard:
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise ConfigError(f"track() needs state_dict/load_state_dict, {type(obj).__name__} "
                               "has neither")
-        if self._good:
+        if self._started:
             raise GuardUsageError("track() objects before the first guard.step()")
         self._tracked.append(obj)
         return obj
 
     def should_skip_batch(self) -> bool:
         """True for the next ``Rollback.skip_batches`` calls after a rollback."""
+        self._batches_used = True
         if self._skip_batches > 0:
             self._skip_batches -= 1
             return True
@@ -403,34 +273,6 @@ class Guard:
             yield item
 
     # -- the step ----------------------------------------------------------------------
-    @staticmethod
-    def _check_fresh_grads(grads: Sequence[Tensor]) -> None:
-        # A gradient the guard already stepped carries the version it had then; backward()
-        # either makes a new tensor or bumps the version by accumulating into it.
-        if all(getattr(g, "_gradguard_version", None) == g._version for g in grads):
-            raise GuardUsageError(
-                "guard.step() was called twice on the same gradients: call loss.backward() "
-                "(and optimizer.zero_grad()) between steps"
-            )
-
-    def _unscale(self) -> None:
-        """Unscale AMP gradients once, before anything measures them."""
-        from torch.amp.grad_scaler import OptState
-
-        state = self.scaler._per_optimizer_states[id(self.optimizer)]  # type: ignore[union-attr]
-        if state["stage"] is OptState.READY:
-            self.scaler.unscale_(self.optimizer)  # type: ignore[union-attr]
-
-    @staticmethod
-    def _run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
-        if loss is not None:
-            raise GuardUsageError("guard.step() takes the loss or a closure, not both: the "
-                                  "closure computes the loss and calls backward() itself")
-        if not callable(closure):
-            raise GuardUsageError(f"closure must be callable, got {type(closure).__name__}")
-        with torch.enable_grad():
-            return closure()
-
     def _start(self) -> None:
         self._started = True
         self._usage.first_step()
@@ -449,10 +291,8 @@ class Guard:
                        "optimizer": type(self.optimizer).__name__,
                        "skip_strategy": self.stepper.strategy},
         })
-        if self.policy.rollback is not None:
-            self._snap_place = self._placement()
-            if self._snap_place != "off" and not self._resumed_snapshots:
-                self._good.append(self._take(-1))
+        if self.store is not None:
+            self.store.start(self._trajectory())
 
     def step(self, loss: Tensor | None = None,
              closure: Callable[[], Tensor] | None = None) -> StepInfo:
@@ -473,22 +313,21 @@ class Guard:
         if self._closed:
             raise GuardUsageError("this guard was closed; build a new one to keep training")
         if closure is not None:
-            loss = self._run_closure(loss, closure)
+            loss = _run_closure(loss, closure)
         if self.scaler is not None and self.scaler.is_enabled():
-            self._unscale()
+            _unscale(self.scaler, self.optimizer)
         groups = collect_grads(self.params)
         if not groups.grads:
             raise GuardUsageError(
                 "no guarded parameter has a gradient: call loss.backward() before "
                 "guard.step(), and check the loss depends on the model's parameters"
             )
-        self._check_fresh_grads(groups.grads)
+        _check_fresh_grads(groups.grads)
         if not self._started:
             self._start()
 
         loss_d: Tensor | None = None
-        loss_spike = self._false
-        loss_z = self._nan
+        loss_spike, loss_z = self._false, self._nan
         if loss is not None:
             if not isinstance(loss, Tensor):
                 raise GuardUsageError(
@@ -496,20 +335,7 @@ class Guard:
                     "the tensor you called backward() on (no .item())"
                 )
             loss_d = local_tensor(loss.detach()).float().mean().to(self.device)
-        if self._sync is None:
-            stats: GradStats = compute_stats(groups, self.device)
-        else:
-            # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
-            # after this point is computed from identical inputs on every rank.
-            if self._sync.sharded:
-                groups = dataclasses.replace(groups, sum_squares=self._sync.sum_squares)
-            local = local_norms(groups, groups.grads, self.device)
-            bad = ~torch.isfinite(global_from_norms(local))
-            if loss_d is not None:
-                bad = bad | ~torch.isfinite(loss_d)
-            norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)
-            stats = compute_stats(groups, self.device, norms=norms)
-            stats.nonfinite = stats.nonfinite | any_bad
+        stats, loss_d, groups = self._measure(groups, loss_d)
         nonfinite = stats.nonfinite
         if loss_d is not None:
             nonfinite = nonfinite | ~torch.isfinite(loss_d)
@@ -530,13 +356,12 @@ class Guard:
         ctx.flush()
 
         skip = self.decision(nonfinite, grad_spike, loss_spike)
-        lr_scale = self._scale_t
         base_lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(base_lr, float | int):  # a host number: free to record
             self._base_lrs[self.steps] = float(base_lr)
-        self._set_factor(self._scale * self._warmup_factor(base_lr))
-        self._optimizer_step(groups.params, skip)
-        self._progress += 1
+        self.lr.prepare(base_lr)
+        with self.lr.applied(), self._usage.stepping():
+            self.stepper.step(groups.params, skip)
         for hook in self.after_step:
             hook()
         if self.scaler is not None and self.scaler.is_enabled():
@@ -548,55 +373,31 @@ class Guard:
         full = stats.full_norms(len(self.params))
         head = torch.stack([loss_d if loss_d is not None else self._nan, stats.global_norm,
                             clipped, skip.float(), nonfinite.float(), grad_spike.float(),
-                            loss_spike.float(), lr_scale.float(), grad_z, loss_z])
+                            loss_spike.float(), self.lr.tensor.float(), grad_z, loss_z])
         self.mailbox.post(self.steps, torch.cat([head, full.float()]))
         step = self.steps
         self.steps += 1
         rolled = self._host_side(step)
         return StepInfo(step, loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
-                        loss_spike, lr_scale, stats.norms, rolled)
+                        loss_spike, self.lr.tensor, stats.norms, rolled)
 
-    def _optimizer_step(self, params: list[Tensor], skip: Tensor) -> None:
-        groups = self.optimizer.param_groups
-        scale = self._factor
-        if scale != 1.0:
-            # The guard scales whatever LR the user's scheduler set, for this step only.
-            base = [g["lr"] for g in groups]
-            for g, b in zip(groups, base, strict=True):
-                g["lr"] = b * scale
-        try:
-            with self._usage.stepping():
-                self.stepper.step(params, skip)
-        finally:
-            if scale != 1.0:
-                for g, b in zip(groups, base, strict=True):
-                    g["lr"] = b
-
-    def _set_scale(self, scale: float) -> None:
-        self._scale = scale
-
-    def _set_factor(self, factor: float) -> None:
-        if factor != self._factor:
-            self._factor = factor
-            self._scale_t.fill_(factor)  # a host scalar into a device tensor: no sync
-
-    def _warmup_factor(self, base_lr: Any) -> float:
-        """The automatic warm-up's LR factor for this step (1 when off or over).
-
-        A linear ramp over ``Stability.warmup`` steps, counted from the state the weights
-        are in (a rollback to the start ramps again). Switched off for good when the
-        user's own LR rises during the ramp: their schedule warms up already.
-        """
-        n = self._warm_len
-        if n == 0 or self._progress >= n:
-            return 1.0
-        if isinstance(base_lr, float | int):
-            if self._lr0 is None:
-                self._lr0 = float(base_lr)
-            elif base_lr > self._lr0 * (1 + 1e-6):
-                self._warm_len = 0
-                return 1.0
-        return (self._progress + 1) / n
+    def _measure(self, groups: Any, loss_d: Tensor | None
+                 ) -> tuple[GradStats, Tensor | None, Any]:
+        """The fused norm pass; under torch.distributed, agreed across ranks."""
+        if self._sync is None:
+            return compute_stats(groups, self.device), loss_d, groups
+        # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
+        # after this point is computed from identical inputs on every rank.
+        if self._sync.sharded:
+            groups = dataclasses.replace(groups, sum_squares=self._sync.sum_squares)
+        local = local_norms(groups, groups.grads, self.device)
+        bad = ~torch.isfinite(global_from_norms(local))
+        if loss_d is not None:
+            bad = bad | ~torch.isfinite(loss_d)
+        norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)
+        stats = compute_stats(groups, self.device, norms=norms)
+        stats.nonfinite = stats.nonfinite | any_bad
+        return stats, loss_d, groups
 
     # -- host side ---------------------------------------------------------------------
     def _host_side(self, step: int) -> bool:
@@ -604,29 +405,19 @@ class Guard:
         rolled = False
         for k, values in self.mailbox.poll():
             rolled = self._on_row(k, values) or rolled
-        rb = self.policy.rollback
-        if (rb is not None and self._snap_place not in (None, "off") and not rolled
-                and step % rb.every == 0 and step > 0):
-            cand = self._take(step)
-            if self.recorder.rows and self.recorder.rows[-1]["step"] == step:
-                self._judge(cand)
-            else:
-                self._candidates[step] = cand
+        if self.store is not None and not rolled:
+            self.store.maybe_take(step, self._trajectory)
         self.recorder.maybe_flush(step)
         return rolled
 
     def _judge(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot when the steps before it were clean and the loss was calm."""
-        rb = self.policy.rollback
-        assert rb is not None
-        calm = self.control is None or self.control.calm_now()
-        if self._clean_streak >= rb.clean_window and calm:
-            if self.control is not None:
-                # Judged at its own row: the controller now describes exactly its weights.
-                cand.guard["control"] = self.control.trajectory()
-            self._good.append(cand)
-            if rb.dir is not None and cand.step % (rb.disk_every or rb.every) == 0:
-                self._write_disk(cand)
+        assert self.store is not None
+        cw = self.store.cfg.clean_window
+        c = self.control
+        calm = c is None or (c.calm_now() and c.held_since(cand.guard.get("control", {}), cw))
+        if self._clean_streak >= cw and calm:
+            self.store.keep(cand)
 
     def _on_row(self, k: int, values: np.ndarray) -> bool:
         rec = self.recorder.row(k, values, len(self.params))
@@ -636,70 +427,70 @@ class Guard:
         self._clean_streak = 0 if flagged else self._clean_streak + 1
         self._skip_streak = self._skip_streak + 1 if rec["skipped"] else 0
         if flagged:
-            self._events_for(rec, norms)
+            ev.describe_flags(self.recorder, self.attribution, rec, norms)
         else:
             self.attribution.learn(norms)
-        msg = self.depth.update(norms)
-        if msg:
-            self.recorder.event(k, "depth_trend", msg, action="warn")
-        msg = self.drift.update(rec["grad_norm"])
-        if msg:
-            self.recorder.event(k, "drift", msg, action="warn")
+        for kind, msg in (("depth_trend", self.depth.update(norms)),
+                          ("drift", self.drift.update(rec["grad_norm"]))):
+            if msg:
+                self.recorder.event(k, kind, msg, action="warn")
         if k < self._ignore_rows_before:
             return False  # a step taken before the last rollback took effect
         rolled = self._stability(rec, bool(flagged))
-        if not rolled and k in self._candidates:
-            self._judge(self._candidates.pop(k))
+        # A snapshot taken after step s is judged by rows s+1 … s+clean_window: their
+        # losses are the first ones computed with its weights and their descendants.
+        due = k - max(1, self.store.cfg.clean_window) if self.store is not None else None
+        if not rolled and self.store is not None and due in self.store.candidates:
+            self._judge(self.store.candidates.pop(due))
         return rolled
 
     def _stability(self, rec: dict[str, Any], flagged: bool) -> bool:
         """Escalation: feed the controller; lower the LR, roll back or give up."""
-        p = self.policy
-        k = rec["step"]
+        p, c, k = self.policy, self.control, rec["step"]
         if rec["nonfinite"] and p.on_nonfinite == "raise":
             self._diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
-        if self.control is None:
-            if self._skip_streak >= p.max_consecutive_skips:
-                self._diverged(k, f"{self._skip_streak} consecutive steps skipped: the model "
-                                  "cannot recover by skipping")
+        if self._skip_streak >= p.max_consecutive_skips:
+            self._diverged(k, f"{self._skip_streak} consecutive steps skipped: the model "
+                              "cannot recover by skipping")
+        if c is None:
             return False
+        c.can_retry = self.store is not None and self.store.can_retry()
         loss = rec["loss"]
-        # A retry at the same LR is allowed once per snapshot: failing again from the same
-        # place is the LR's doing.
-        self.control.can_retry = bool(self._good) and self._good[-1].step != self._retried_from
-        verdict = self.control.observe(k, None if loss is None else float(loss), flagged,
-                                       bool(rec["nonfinite"] or rec["loss_spike"]))
+        verdict = c.observe(k, None if loss is None else float(loss), flagged,
+                            bool(rec["nonfinite"] or rec["loss_spike"]))
         may_roll = True
         if verdict.unstable is None:
             forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])
             if forced is not None:
-                verdict = self.control.unstable(k, forced[0])
+                verdict = c.unstable(k, forced[0])
                 may_roll = forced[1]
-        reason = verdict.unstable
+        self.lr.scale = verdict.scale
         if verdict.raised:
-            self._set_scale(verdict.scale)
             self.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
-                                f"×{verdict.scale:.3g}", action="recover",
-                                lr_scale=verdict.scale)
-            return False
+                                f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)
+        reason = verdict.unstable
         if reason is None:
-            if self._skip_streak >= p.max_consecutive_skips:
-                self._diverged(k, f"{self._skip_streak} consecutive steps skipped")
             return False
-        if verdict.give_up:
-            self._give_up(k, reason)
+        first = self.names[self.order[0]] if self.order else None
+        from_data = first if ev.data_origin(self.recorder, first) else None
+        if verdict.give_up or (from_data and self.rollbacks >= 2):
+            lr = self._base_lrs.get(k) or self.optimizer.param_groups[0]["lr"]
+            self._diverged(k, ev.give_up(reason, c.scale, lr, from_data))
         rb = p.rollback
-        if self.rollbacks >= (rb.max_rollbacks if rb else 0) and rb is not None and \
-                self._good:
+        if rb is not None and self.rollbacks >= rb.max_rollbacks:
             self._diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
                               f"(max_rollbacks={rb.max_rollbacks})")
-        self._set_scale(verdict.scale)
-        if self._good and may_roll:
-            self._rollback(k, reason, retry=verdict.retry)
+        if self.store is not None and self.store.good and may_roll:
+            loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
+            if k - self._ignore_rows_before < c.cfg.bad_steps and self.rollbacks and loss_bad:
+                # The loss is wrecked right after a restore, before anything could
+                # re-develop: that snapshot holds the damage. Go one further back.
+                self.store.discard_latest()
+            self._rollback(k, reason, verdict.retry)
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
-        self.control.rebaseline()
+        c.rebaseline()
         self.grad_spike.bind(self.device)
         self.loss_spike.bind(self.device)
         self.recorder.event(k, "backoff", f"unstable: {reason}; LR scale ×{verdict.scale:.3g}"
@@ -707,51 +498,29 @@ class Guard:
                             lr_scale=verdict.scale, reason=reason)
         return False
 
-    def _give_up(self, step: int, reason: str) -> None:
-        assert self.control is not None
-        lr = self._base_lrs.get(step) or self.optimizer.param_groups[0]["lr"]
-        try:
-            at = f" (lr {float(lr) * self.control.scale:.3g})"
-        except (TypeError, ValueError):
-            at = ""
-        self._diverged(
-            step,
-            f"{reason}, and the LR is already scaled ×{self.control.scale:.3g}{at}: this run "
-            "is unstable at any LR the guard can give it. The base LR, the initialisation "
-            "or the inputs' scale is the problem: run `gradguard doctor` on this model, or "
-            "start from a much lower LR",
-        )
-
-    def _events_for(self, rec: dict[str, Any], norms: np.ndarray) -> None:
-        k = rec["step"]
-        att = self.attribution.attribute(norms)
-        where = f" starting at {att.origin}" if att.origin else ""
-        # What the device actually did, whatever the configured action was called.
-        if rec["skipped"]:
-            action = "skip"
-        elif rec["clipped_norm"] < rec["grad_norm"] * (1 - 1e-6):
-            action = "clip"
-        else:
-            action = "none"
-        done = {"skip": "step skipped", "clip": "step clipped",
-                "none": "step applied as is"}[action]
-        common = {"action": action, "origin_layer": att.origin,
-                  "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
-                                 for n, z in att.top],
-                  "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
-        if rec["nonfinite"]:
-            self.recorder.event(k, "nonfinite", f"NaN/Inf in gradients or loss{where}; {done}",
-                                **common)
-        if rec["grad_spike"]:
-            self.recorder.event(k, "grad_spike",
-                                f"gradient norm {rec['grad_norm']:.4g} spiked "
-                                f"({_why(rec['grad_z'], 'median norm')}){where}; {done}",
-                                z=rec["grad_z"], **common)
-        if rec["loss_spike"]:
-            self.recorder.event(k, "loss_spike",
-                                f"loss {rec['loss']:.4g} spiked "
-                                f"({_why(rec['loss_z'], 'median loss')}){where}; {done}",
-                                z=rec["loss_z"], **common)
+    def _rollback(self, step: int, reason: str, retry: bool) -> None:
+        """Restore the latest good snapshot; the controller has already set the LR."""
+        assert self.store is not None
+        target = self.store.restore(retry)
+        self._load_trajectory(target.guard)
+        self.lr.progress = target.step + 1
+        self.rollbacks += 1
+        skip_n = self.store.cfg.skip_batches
+        self._skip_batches = skip_n
+        self._skip_streak = self._clean_streak = 0
+        self._ignore_rows_before = self.steps
+        skip = ""
+        if skip_n:
+            skip = (f"; skipping the next {skip_n} batches" if self._batches_used else
+                    f"; NOT skipping the next {skip_n} batches: iterate with "
+                    "guard.batches(loader) (or ask guard.should_skip_batch()) for that")
+        lr = (f"retrying at the same LR scale ×{self.lr.scale:.3g} (a sudden failure of a "
+              "healthy run: a transient fault is likelier than the LR)" if retry
+              else f"LR scale ×{self.lr.scale:.3g}")
+        self.recorder.event(
+            step, "rollback", f"unstable: {reason}; rolled back to the state after step "
+            f"{target.step}, {lr}{skip}",
+            action="rollback", to_step=target.step, reason=reason, lr_scale=self.lr.scale)
 
     def _diverged(self, step: int, why: str) -> None:
         diagnosis = self.diagnosis()
@@ -765,20 +534,17 @@ class Guard:
 
     def diagnosis(self) -> dict[str, Any]:
         """What the guard has seen so far: event counts, origins, LR scale, rollbacks."""
-        ev = self.recorder.events
-        kinds: dict[str, int] = {}
-        origins: dict[str, int] = {}
-        for e in ev:
-            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-            if e.get("origin_layer"):
-                origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
-        return {"steps": self.steps, "events": kinds, "origin_layers": origins,
-                "rollbacks": self.rollbacks, "lr_scale": self._scale,
-                "last_good_step": self._good[-1].step if self._good else None,
-                "recent_events": ev[-10:]}
+        latest = self.store.latest if self.store is not None else None
+        return ev.diagnosis(self.recorder, self.steps, self.rollbacks, self.lr.scale,
+                            latest.step if latest is not None else None)
 
-    # -- snapshots and rollback --------------------------------------------------------
-    def _guard_state(self) -> dict[str, Any]:
+    def verdict(self) -> str:
+        """One sentence on how the run went and what to change (also logged at close)."""
+        return ev.verdict(self.recorder, self.control, self.rollbacks,
+                          self.optimizer.param_groups[0]["lr"])
+
+    # -- state -------------------------------------------------------------------------
+    def _trajectory(self) -> dict[str, Any]:
         """The guard state that describes the current weights (rolled back with them)."""
         out = {"clip": self.clip.state_dict(), "grad_spike": self.grad_spike.state_dict(),
                "loss_spike": self.loss_spike.state_dict(),
@@ -787,7 +553,7 @@ class Guard:
             out["control"] = self.control.trajectory()
         return out
 
-    def _load_guard_state(self, s: dict[str, Any]) -> None:
+    def _load_trajectory(self, s: dict[str, Any]) -> None:
         self.clip.load_state_dict(snap.clone_tree(s["clip"]))
         self.grad_spike.load_state_dict(s["grad_spike"])
         self.loss_spike.load_state_dict(s["loss_spike"])
@@ -795,79 +561,8 @@ class Guard:
         if self.control is not None and "control" in s:
             self.control.load_trajectory(s["control"])
 
-    def _placement(self) -> str:
-        """Where in-memory snapshots can live: "device", "cpu" or "off" (too large)."""
-        rb = self.policy.rollback
-        assert rb is not None
-        if rb.memory != "auto":
-            return rb.memory
-        need = rb.keep * snap.estimate_bytes(self.params, self.optimizer)
-        host = snap.host_available_bytes()
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            if need <= rb.device_fraction * total:
-                return "device"
-        elif host is None:
-            return "device"  # nothing to measure against: trust the user's device
-        if host is not None and need <= rb.host_fraction * host:
-            # On a CPU model host memory *is* the device; a GPU model offloads to it.
-            return "device" if self.device.type == "cpu" else "cpu"
-        self.recorder.event(-1, "rollback_off",
-                            f"rollback off: {rb.keep} snapshots need {need / 2**30:.3g} GiB, "
-                            f"more than Rollback(device_fraction={rb.device_fraction}, "
-                            f"host_fraction={rb.host_fraction}) allows; instability is "
-                            "answered by lowering the LR in place", action="warn")
-        return "off"
-
-    def _take(self, step: int) -> snap.Snapshot:
-        return snap.take(step, self.model, self.params, self.optimizer, self._guard_state(),
-                         self._tracked, to_cpu=self._snap_place == "cpu")
-
-    def _write_disk(self, s: snap.Snapshot) -> None:
-        rb = self.policy.rollback
-        assert rb is not None and rb.dir is not None
-        # Under DDP/FSDP2 each rank saves its own state (its shards under FSDP2).
-        rank = f"-rank{self._sync.rank}" if self._sync is not None else ""
-        path = snap.save_file(s, Path(rb.dir) / f"snapshot-{max(s.step, 0):09d}{rank}.pt")
-        self._disk_files.append(path)
-        while len(self._disk_files) > rb.keep:
-            self._disk_files.popleft().unlink(missing_ok=True)
-        self.recorder.event(s.step, "snapshot", f"snapshot of step {s.step} written to {path}",
-                            action="snapshot", path=str(path))
-
-    def _rollback(self, step: int, reason: str, retry: bool = False) -> None:
-        """Restore the latest good snapshot; the controller has already lowered the LR."""
-        rb = self.policy.rollback
-        assert rb is not None and self._good
-        # The latest good snapshot was taken while the loss was calm, so before the
-        # regression began. Going back further would throw away sound progress; if the
-        # run fails again from here, the lower LR is what changes.
-        target = self._good[-1]
-        if retry:
-            self._retried_from = target.step
-        snap.restore(target, self.model, self.params, self.optimizer, self._tracked)
-        self._load_guard_state(target.guard)
-        self._progress = target.step + 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.rollbacks += 1
-        self._skip_batches = rb.skip_batches
-        self._skip_streak = self._clean_streak = 0
-        self._candidates.clear()
-        self._ignore_rows_before = self.steps
-        skip = f"; skipping the next {rb.skip_batches} batches" if rb.skip_batches else ""
-        lr = (f"retrying at the same LR scale ×{self._scale:.3g} (a sudden failure of a "
-              "healthy run: a transient fault is likelier than the LR)" if retry
-              else f"LR scale ×{self._scale:.3g}")
-        self.recorder.event(
-            step, "rollback",
-            f"unstable: {reason}; rolled back to the state after step {target.step}, "
-            f"{lr}{skip}",
-            action="rollback", to_step=target.step, reason=reason, lr_scale=self._scale,
-        )
-
-    # -- lifecycle and state -----------------------------------------------------------
     def _drain(self) -> None:
-        """Wait for and process every row still in flight."""
+        """Wait for and process every row still in flight (a host sync, on purpose)."""
         for k, values in self.mailbox.poll(wait=True):
             self._on_row(k, values)
 
@@ -886,26 +581,6 @@ class Guard:
             self.recorder.close()
             self._closed = True
 
-    def verdict(self) -> str:
-        """One sentence on how the run went and what to change (also logged at close)."""
-        skipped = len({e["step"] for e in self.recorder.events if e.get("action") == "skip"})
-        bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
-        c = self.control
-        if c is None or c.cuts == 0:
-            retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same "
-                       "LR" if c is not None and c.retries else "")
-            return f"stable: {bad}, the LR was never changed{retried}"
-        lr = self.optimizer.param_groups[0]["lr"]
-        share = c.scaled_rows / max(c.rows, 1)
-        try:
-            at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
-        except (TypeError, ValueError):
-            at = f"×{c.scale:.3g} of your LR"
-        return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) "
-                f"({self.rollbacks} rollback(s)), it was scaled down on {share:.0%} of steps, "
-                f"and the run ended stable at {at}; {bad}. Set that LR (or warm up to it) "
-                "to train without the guard's help")
-
     def __enter__(self) -> Guard:
         return self
 
@@ -913,7 +588,8 @@ class Guard:
         self.close()
 
     def state_dict(self, snapshots: bool = False) -> dict[str, Any]:
-        """The guard's own state (not the model's or optimizer's), versioned.
+        """The guard's own state (not the model's or optimizer's), versioned: the dict of
+        its parts' states.
 
         Args:
             snapshots: include the in-memory rollback snapshots (each the size of the
@@ -922,27 +598,21 @@ class Guard:
                 first rollback target is the state it resumed from.
         """
         self._drain()
-        out = {
-            "format": STATE_VERSION,
-            "gradguard": __version__,
-            "config": self._config(),
-            "steps": self.steps,
-            "skipped": self.skipped.detach().clone(),
+        return {
+            "format": STATE_VERSION, "gradguard": __version__, "config": self._config(),
+            "steps": self.steps, "skipped": self.skipped.detach().clone(),
             "rollbacks": self.rollbacks,
-            "scale": self._scale,
             "controller": None if self.control is None else self.control.state_dict(),
+            "lr": self.lr.state_dict(),
+            "rollback": None if self.store is None else self.store.state_dict(snapshots),
             "attribution": {k: torch.as_tensor(v) for k, v in
                             self.attribution.state_dict().items()},
             # Host-side bookkeeping a resumed run needs to decide as the uninterrupted one.
             "host": {"skip_streak": self._skip_streak, "clean_streak": self._clean_streak,
-                     "skip_batches": self._skip_batches, "retried_from": self._retried_from,
-                     "progress": self._progress, "lr0": self._lr0, "warm_len": self._warm_len,
-                     "depth": self.depth.state_dict(), "drift": self.drift.state_dict()},
-            **self._guard_state(),
+                     "skip_batches": self._skip_batches, "depth": self.depth.state_dict(),
+                     "drift": self.drift.state_dict()},
+            **self._trajectory(),
         }
-        if snapshots:
-            out["snapshots"] = [snap.clone_tree(s.as_dict()) for s in self._good]
-        return out
 
     def _config(self) -> dict[str, Any]:
         return {"clip": repr(self.clip), "n_params": len(self.params),
@@ -956,9 +626,9 @@ class Guard:
             strict: refuse a state saved with other settings, listing the settings that
                 differ. With ``strict=False`` the parts those settings leave valid are
                 loaded (counters always; the clip statistics when the clip settings and
-                parameters match; the decision when the policy matches; each detector
-                when its state fits) and the rest keeps its fresh state, relearned
-                within its warm-up.
+                parameters match; the decision and controller when the policy matches;
+                each detector when its state fits) and the rest keeps its fresh state,
+                relearned within its warm-up.
 
         Returns:
             The parts that were not loaded (empty when everything was).
@@ -982,25 +652,21 @@ class Guard:
             )
         skipped = self._load_parts(state) if diff else []
         if not diff:
-            self._load_guard_state(state)
+            self._load_trajectory(state)
         if skipped:
             log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
                         ", ".join(skipped), "; ".join(diff))
         self.steps = int(state["steps"])
         self.skipped.copy_(state["skipped"])
+        self.rollbacks = int(state["rollbacks"])
         h = state["host"]
         self._skip_streak, self._clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
-        self._skip_batches, self._retried_from = int(h["skip_batches"]), h["retried_from"]
-        self._progress, self._lr0, self._warm_len = int(h["progress"]), h["lr0"], int(
-            h["warm_len"])
+        self._skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])
-        if state.get("snapshots") and self.policy.rollback is not None:
-            self._good.clear()
-            self._good.extend(snap.Snapshot(**d) for d in snap.clone_tree(state["snapshots"]))
-            self._resumed_snapshots = True
-        self.rollbacks = int(state["rollbacks"])
-        self._set_scale(float(state["scale"]))
+        self.lr.load_state_dict(state["lr"])
+        if self.store is not None and state["rollback"] is not None:
+            self.store.load_state_dict(state["rollback"])
         if self.control is not None and state["controller"] is not None \
                 and "controller" not in skipped:
             self.control.load_state_dict(state["controller"])
@@ -1042,3 +708,69 @@ class Guard:
         if not same("n_params"):
             skipped.append("attribution")
         return skipped
+
+
+def _policy(policy: Policy | None, on_nonfinite: str | None, on_spike: str | None,
+            on_loss_spike: str | None, rollback: Any) -> Policy:
+    """The policy with the ``Guard(on_*=..., rollback=...)`` shortcuts applied."""
+    policy = policy if policy is not None else Policy()
+    if not isinstance(policy, Policy):
+        raise ConfigError(f"policy must be a gradguard.Policy, got {policy!r}; use "
+                          "Policy(on_spike=...) or the on_* shortcuts")
+    if rollback is not None and rollback is not False and not isinstance(rollback, Rollback):
+        raise ConfigError(f"rollback takes a gradguard.Rollback, or False to turn rollback "
+                          f"off, got {rollback!r}")
+    overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
+                                   ("on_loss_spike", on_loss_spike), ("rollback", rollback))
+                 if v is not None}
+    if overrides.get("rollback") is False:
+        overrides["rollback"] = None
+    if not overrides:
+        return policy
+    return Policy(**{**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
+                     **overrides})
+
+
+def _clip(clip: Transform | Sequence[Transform] | None) -> Transform:
+    if clip is None:
+        return chain()
+    if isinstance(clip, str) or not isinstance(clip, Transform | Sequence):
+        raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
+                          f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
+    return clip if isinstance(clip, Transform) else chain(*clip)
+
+
+def _hooks(after_step: Any) -> tuple[Callable[[], object], ...]:
+    hooks = (tuple(after_step) if isinstance(after_step, Sequence)
+             else () if after_step is None else (after_step,))
+    if not all(callable(h) for h in hooks):
+        raise ConfigError(f"after_step takes a callable or a list of them, got {after_step!r}")
+    return hooks
+
+
+def _check_fresh_grads(grads: Sequence[Tensor]) -> None:
+    # A gradient the guard already stepped carries the version it had then; backward()
+    # either makes a new tensor or bumps the version by accumulating into it.
+    if all(getattr(g, "_gradguard_version", None) == g._version for g in grads):
+        raise GuardUsageError(
+            "guard.step() was called twice on the same gradients: call loss.backward() "
+            "(and optimizer.zero_grad()) between steps"
+        )
+
+
+def _unscale(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale AMP gradients once, before anything measures them."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
+def _run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
+    if loss is not None:
+        raise GuardUsageError("guard.step() takes the loss or a closure, not both: the "
+                              "closure computes the loss and calls backward() itself")
+    if not callable(closure):
+        raise GuardUsageError(f"closure must be callable, got {type(closure).__name__}")
+    with torch.enable_grad():
+        return closure()

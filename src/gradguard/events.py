@@ -1,0 +1,113 @@
+"""What the guard says: flagged-step events, the give-up message, the diagnosis, the verdict.
+
+The wording lives here, apart from the decisions, so the guard's own code reads as what it
+does. Every message says what happened and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .control import Controller
+from .detect import LayerAttribution
+from .record import Recorder
+
+__all__ = ["describe_flags", "diagnosis", "give_up", "verdict"]
+
+
+def _why(z: float, early: str) -> str:
+    # Before a detector's warm-up ends it has no z-score, only its early ratio rule.
+    if z == 0.0:
+        return f"early check: far above the {early} so far"
+    return f"z={z:.2f}"
+
+
+def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[str, Any],
+                   norms: np.ndarray) -> None:
+    """One event per detector that flagged the row, with where the trouble starts."""
+    k = rec["step"]
+    att = attribution.attribute(norms)
+    where = f" starting at {att.origin}" if att.origin else ""
+    # What the device actually did, whatever the configured action was called.
+    if rec["skipped"]:
+        action = "skip"
+    elif rec["clipped_norm"] < rec["grad_norm"] * (1 - 1e-6):
+        action = "clip"
+    else:
+        action = "none"
+    done = {"skip": "step skipped", "clip": "step clipped", "none": "step applied as is"}[action]
+    common = {"action": action, "origin_layer": att.origin,
+              "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
+                             for n, z in att.top],
+              "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
+    if rec["nonfinite"]:
+        recorder.event(k, "nonfinite", f"NaN/Inf in gradients or loss{where}; {done}", **common)
+    if rec["grad_spike"]:
+        recorder.event(k, "grad_spike", f"gradient norm {rec['grad_norm']:.4g} spiked "
+                       f"({_why(rec['grad_z'], 'median norm')}){where}; {done}",
+                       z=rec["grad_z"], **common)
+    if rec["loss_spike"]:
+        recorder.event(k, "loss_spike", f"loss {rec['loss']:.4g} spiked "
+                       f"({_why(rec['loss_z'], 'median loss')}){where}; {done}",
+                       z=rec["loss_z"], **common)
+
+
+def data_origin(recorder: Recorder, first_layer: str | None, last: int = 6) -> bool:
+    """The recent NaN/Inf steps all start at the first layer: the inputs carry them."""
+    nan = [e for e in recorder.events if e["kind"] == "nonfinite"][-last:]
+    return bool(first_layer) and len(nan) >= 3 and all(
+        e.get("origin_layer") == first_layer for e in nan)
+
+
+def give_up(reason: str, scale: float, lr: Any, from_data: str | None) -> str:
+    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad."""
+    if from_data:
+        return (f"{reason}: NaN/Inf enter at the first layer ({from_data}) on every failing "
+                "step, so the inputs carry them, not the model or the LR. Check the data "
+                "pipeline (a NaN in a file, a division by zero in preprocessing)")
+    try:
+        at = f" (lr {float(lr) * scale:.3g})"
+    except (TypeError, ValueError):
+        at = ""
+    return (f"{reason}, and the LR is already scaled ×{scale:.3g}{at}: this run is unstable "
+            "at any LR the guard can give it. The base LR, the initialisation or the "
+            "inputs' scale is the problem: run `gradguard doctor` on this model, or start "
+            "from a much lower LR")
+
+
+def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
+              last_good: int | None) -> dict[str, Any]:
+    """What the guard has seen so far: event counts, origins, LR scale, rollbacks."""
+    ev = recorder.events
+    kinds: dict[str, int] = {}
+    origins: dict[str, int] = {}
+    for e in ev:
+        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+        if e.get("origin_layer"):
+            origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
+    return {"steps": steps, "events": kinds, "origin_layers": origins,
+            "rollbacks": rollbacks, "lr_scale": scale, "last_good_step": last_good,
+            "recent_events": ev[-10:]}
+
+
+def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any) -> str:
+    """One sentence on how the run went and what to change."""
+    skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
+    bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
+    c = control
+    if c is None or c.cuts == 0:
+        retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
+                   if c is not None and c.retries else "")
+        return f"stable: {bad}, the LR was never changed{retried}"
+    share = c.scaled_rows / max(c.rows, 1)
+    try:
+        at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
+    except (TypeError, ValueError):
+        at = f"×{c.scale:.3g} of your LR"
+    return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) ({rollbacks} "
+            f"rollback(s)), it was scaled down on {share:.0%} of steps, and the run ended "
+            f"stable at {at}; {bad}. Set that LR (or warm up to it) to train without the "
+            "guard's help")

@@ -1,0 +1,84 @@
+"""The LR factor the guard applies on top of the user's schedule.
+
+The factor is the stability controller's scale times an optional automatic warm-up. It is
+decided on the host from rows already there (no sync) and applied to every param group
+for the optimizer step only: the scheduler sets the base, the guard scales it, and the
+group's LR is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["LRFactor"]
+
+
+class LRFactor:
+    """Scale × warm-up, with a device copy for the per-step row.
+
+    Args:
+        optimizer: whose groups' LR is scaled during the step.
+        warmup: length of the automatic linear warm-up in steps (0: none).
+        device: where the row's copy of the factor lives.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: int,
+                 device: torch.device) -> None:
+        self.optimizer = optimizer
+        self.scale = 1.0  # the controller's
+        self.factor = 1.0  # what this step applies
+        self.tensor = torch.ones((), device=device)
+        self.warmup = warmup
+        self.progress = 0  # steps since the state the weights are in began
+        self.lr0: float | None = None
+
+    def prepare(self, base_lr: Any) -> None:
+        """Settle this step's factor (the device copy is refilled only when it changes)."""
+        factor = self.scale * self._warmup_factor(base_lr)
+        if factor != self.factor:
+            self.factor = factor
+            self.tensor.fill_(factor)  # a host scalar into a device tensor: no sync
+
+    def _warmup_factor(self, base_lr: Any) -> float:
+        """A linear ramp over ``warmup`` steps, counted from the state the weights are in
+        (a rollback to the start ramps again); switched off for good when the user's own
+        LR rises during it (their schedule warms up already)."""
+        n = self.warmup
+        if n == 0 or self.progress >= n:
+            return 1.0
+        if isinstance(base_lr, float | int):
+            if self.lr0 is None:
+                self.lr0 = float(base_lr)
+            elif base_lr > self.lr0 * (1 + 1e-6):
+                self.warmup = 0
+                return 1.0
+        return (self.progress + 1) / n
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Scale every group's LR for the duration of the optimizer step."""
+        groups = self.optimizer.param_groups
+        f = self.factor
+        base = [g["lr"] for g in groups]
+        if f != 1.0:
+            for g, b in zip(groups, base, strict=True):
+                g["lr"] = b * f
+        try:
+            yield
+        finally:
+            if f != 1.0:
+                for g, b in zip(groups, base, strict=True):
+                    g["lr"] = b
+        self.progress += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "progress": self.progress, "lr0": self.lr0,
+                "warmup": self.warmup}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.scale = float(s["scale"])
+        self.progress, self.lr0, self.warmup = int(s["progress"]), s["lr0"], int(s["warmup"])

@@ -1,0 +1,103 @@
+"""Which parameters the guard watches, their names, and the order the forward pass uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+__all__ = ["ForwardOrder", "resolve_params"]
+def resolve_params(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
+) -> tuple[list[str], list[Tensor]]:
+    """The parameters the guard watches, with names, in model registration order."""
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    opt_ids = {id(p) for p in opt_params}
+    if not opt_params:
+        raise ConfigError("the optimizer has no parameters; build it with model.parameters()")
+    names: list[str] = []
+    chosen: list[Tensor] = []
+    if params is not None:
+        wanted = list(params)
+        missing = [i for i, p in enumerate(wanted) if id(p) not in opt_ids]
+        if missing:
+            raise ConfigError(
+                f"params #{missing[:5]} are not in the optimizer; the guard can only skip "
+                "steps of parameters the optimizer updates"
+            )
+        lookup = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        for i, p in enumerate(wanted):
+            names.append(lookup.get(id(p), f"param{i}"))
+            chosen.append(p)
+        return names, chosen
+    if model is not None:
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        foreign = [n for n, p in trainable if id(p) not in opt_ids]
+        if foreign and len(foreign) == len(trainable):
+            raise ConfigError(
+                "none of the model's trainable parameters are in the optimizer: build the "
+                "optimizer from this model's parameters "
+                "(e.g. torch.optim.AdamW(model.parameters()))"
+            )
+        if foreign:
+            raise ConfigError(
+                f"{len(foreign)} trainable parameter(s) of the model are not in the optimizer "
+                f"(first: {foreign[:3]}); freeze them (requires_grad_(False)), add them to the "
+                "optimizer, or pass params= to guard a subset"
+            )
+        seen: set[int] = set()
+        for n, p in trainable:
+            seen.add(id(p))
+            names.append(n)
+            chosen.append(p)
+        for gi, g in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if id(p) not in seen and p.requires_grad:
+                    names.append(f"group{gi}.param{pi}")
+                    chosen.append(p)
+        return names, chosen
+    for gi, g in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(g["params"]):
+            names.append(f"group{gi}.param{pi}")
+            chosen.append(p)
+    return names, chosen
+
+
+class ForwardOrder:
+    """Learns the order in which modules run in the first forward pass, then unhooks."""
+
+    def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.calls: list[nn.Module] = []
+        self.handles = []
+        if model is not None:
+            for m in model.modules():
+                if any(True for _ in m.parameters(recurse=False)):
+                    self.handles.append(m.register_forward_pre_hook(self._hook))
+
+    def _hook(self, module: nn.Module, _args: Any) -> None:
+        if not self.calls or self.calls[-1] is not module:
+            self.calls.append(module)
+
+    def finish(self) -> list[int]:
+        """Positions of the guarded params in forward order (unused ones at the end)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        pos = {id(p): i for i, p in enumerate(self.params)}
+        order: list[int] = []
+        seen: set[int] = set()
+        for m in self.calls:
+            for p in m.parameters(recurse=False):
+                i = pos.get(id(p))
+                if i is not None and i not in seen:
+                    seen.add(i)
+                    order.append(i)
+        order += [i for i in range(len(self.params)) if i not in seen]
+        return order
+
+

@@ -1,0 +1,172 @@
+"""The rollback store: which snapshots to take and keep, where they live, and restoring one.
+
+The guard owns *when* to roll back (the stability controller decides); this part owns the
+snapshots. Every ``Rollback.every`` steps it clones model, optimizer, the guard's
+weight-describing state and tracked objects after the step, and keeps the clone when the
+next ``clean_window`` rows show a calm run: their losses are the first ones computed with
+the cloned weights (a step that wrecked them, an LR spike say, looks clean in its own row,
+whose loss came before the update). Until then, and on a GPU until the rows arrive, the
+clone waits as a *candidate*. A snapshot that two rollbacks in a row could not hold to
+is dropped, so the next one goes a snapshot further back.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import snapshot as snap
+from .record import Recorder
+from .respond import Rollback
+
+__all__ = ["RollbackStore"]
+
+
+class RollbackStore:
+    """Snapshots for rollback, in memory (device or pinned host) and optionally on disk.
+
+    Args:
+        cfg: the rollback settings.
+        model, params, optimizer: what a snapshot holds.
+        tracked: further objects with ``state_dict``/``load_state_dict`` (the guard's list,
+            shared: ``guard.track`` appends to it).
+        recorder: where snapshot and ``rollback_off`` events go.
+        rank: this process's rank under torch.distributed (disk files per rank), or None.
+    """
+
+    def __init__(self, cfg: Rollback, model: nn.Module | None, params: Sequence[Tensor],
+                 optimizer: torch.optim.Optimizer, tracked: list[Any], recorder: Recorder,
+                 rank: int | None) -> None:
+        self.cfg = cfg
+        self.model, self.params, self.optimizer = model, params, optimizer
+        self.tracked = tracked
+        self.recorder = recorder
+        self.rank = rank
+        self.good: deque[snap.Snapshot] = deque(maxlen=cfg.keep)
+        self.candidates: dict[int, snap.Snapshot] = {}
+        # Where snapshots live ("device", "cpu" or "off"), settled at the first step.
+        self.place: str | None = None
+        self.retried_from: int | None = None
+        self.resumed = False
+        self.disk_files: deque[Path] = deque()
+        self.fails: dict[int, int] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.place not in (None, "off")
+
+    @property
+    def latest(self) -> snap.Snapshot | None:
+        return self.good[-1] if self.good else None
+
+    def can_retry(self) -> bool:
+        """A retry at the same LR is allowed once per snapshot: failing again from the
+        same place is the LR's doing."""
+        return bool(self.good) and self.good[-1].step != self.retried_from
+
+    def start(self, guard_state: dict[str, Any]) -> None:
+        """At the first step: settle where snapshots live and keep the starting state."""
+        self.place = self._placement()
+        if self.active and not self.resumed:
+            self.good.append(self._take(-1, guard_state))
+
+    def _placement(self) -> str:
+        """Where in-memory snapshots can live: "device", "cpu" or "off" (too large)."""
+        cfg = self.cfg
+        if cfg.memory != "auto":
+            return cfg.memory
+        device = self.params[0].device
+        need = cfg.keep * snap.estimate_bytes(self.params, self.optimizer)
+        host = snap.host_available_bytes()
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            if need <= cfg.device_fraction * total:
+                return "device"
+        elif host is None:
+            return "device"  # nothing to measure against: trust the user's device
+        if host is not None and need <= cfg.host_fraction * host:
+            # On a CPU model host memory *is* the device; a GPU model offloads to it.
+            return "device" if device.type == "cpu" else "cpu"
+        self.recorder.event(-1, "rollback_off",
+                            f"rollback off: {cfg.keep} snapshots need {need / 2**30:.3g} GiB, "
+                            f"more than Rollback(device_fraction={cfg.device_fraction}, "
+                            f"host_fraction={cfg.host_fraction}) allows; instability is "
+                            "answered by lowering the LR in place", action="warn")
+        return "off"
+
+    def _take(self, step: int, guard_state: dict[str, Any]) -> snap.Snapshot:
+        return snap.take(step, self.model, self.params, self.optimizer, guard_state,
+                         self.tracked, to_cpu=self.place == "cpu")
+
+    def maybe_take(self, step: int, guard_state: Callable[[], dict[str, Any]]) -> None:
+        """Take this step's snapshot when one is due, as a candidate."""
+        if not self.active or step <= 0 or step % self.cfg.every:
+            return
+        self.candidates[step] = self._take(step, guard_state())
+
+    def discard_latest(self) -> None:
+        """The latest snapshot failed at once when restored: it holds damage, not a calm
+        state (keep at least one to go back to)."""
+        if len(self.good) > 1:
+            self.good.pop()
+
+    def keep(self, cand: snap.Snapshot) -> None:
+        """Keep a snapshot its row showed calm (and write it to disk when due)."""
+        self.good.append(cand)
+        cfg = self.cfg
+        if cfg.dir is not None and cand.step % (cfg.disk_every or cfg.every) == 0:
+            self._write_disk(cand)
+
+    def _write_disk(self, s: snap.Snapshot) -> None:
+        assert self.cfg.dir is not None
+        # Under DDP/FSDP2 each rank saves its own state (its shards under FSDP2).
+        rank = f"-rank{self.rank}" if self.rank is not None else ""
+        path = snap.save_file(s, Path(self.cfg.dir) / f"snapshot-{max(s.step, 0):09d}{rank}.pt")
+        self.disk_files.append(path)
+        while len(self.disk_files) > self.cfg.keep:
+            self.disk_files.popleft().unlink(missing_ok=True)
+        self.recorder.event(s.step, "snapshot", f"snapshot of step {s.step} written to {path}",
+                            action="snapshot", path=str(path))
+
+    def restore(self, retry: bool) -> snap.Snapshot:
+        target = self.good[-1]
+        self.fails[target.step] = self.fails.get(target.step, 0) + 1
+        if self.fails[target.step] > 2 and len(self.good) > 1:
+            # Restored twice, failed twice, the LR lowered in between: the damage is in it.
+            self.good.pop()
+        return self._restore(retry)
+
+    def _restore(self, retry: bool) -> snap.Snapshot:
+        """Put model, optimizer and tracked objects back to the latest good snapshot.
+
+        Returns the snapshot (the guard restores its own part from ``.guard``). The latest
+        good one was taken while the loss was calm, so before the regression began; going
+        back further would throw away sound progress. If the run fails again from here,
+        the lower LR is what changes.
+        """
+        target = self.good[-1]
+        if retry:
+            self.retried_from = target.step
+        snap.restore(target, self.model, self.params, self.optimizer, self.tracked)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.candidates.clear()
+        return target
+
+    def state_dict(self, snapshots: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"retried_from": self.retried_from, "fails": dict(self.fails)}
+        if snapshots:
+            out["snapshots"] = [snap.clone_tree(s.as_dict()) for s in self.good]
+        return out
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.retried_from = s["retried_from"]
+        self.fails = {int(k): int(v) for k, v in s["fails"].items()}
+        if s.get("snapshots"):
+            self.good.clear()
+            self.good.extend(snap.Snapshot(**d) for d in snap.clone_tree(s["snapshots"]))
+            self.resumed = True
