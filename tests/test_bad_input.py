@@ -260,7 +260,7 @@ def test_guard_snapshots_on_disk_survive_a_corrupted_newest_file(tmp_path):
     model = small_mlp()
     guard = gg.Guard(model, sgd(model, 0.01),
                      rollback=gg.Rollback(every=5, keep=2, dir=str(tmp_path), clean_window=0))
-    for s in range(21):
+    for s in range(22):  # the snapshot of step 20 is judged by the row of step 21
         guard.optimizer.zero_grad()
         guard.step(backward(model, seed=s))
     guard.close()

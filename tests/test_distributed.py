@@ -150,10 +150,11 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         guard = gg.Guard(model, opt, on_nonfinite="rollback",
                          rollback=gg.Rollback(every=4, clean_window=2))
         at_snapshot = None
-        for step in range(12):
+        for step in range(13):
             opt.zero_grad()
             xb, yb = x[idx[step]], y[idx[step]]
-            if step == 10:
+            # The snapshot after step 8 is kept once rows 9 and 10 (clean_window) were clean.
+            if step == 11:
                 xb = torch.full_like(xb, float("nan"))
             loss = nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
@@ -185,5 +186,5 @@ def test_fsdp2_norms_clipping_and_rollback_match_the_unsharded_model(tmp_path):
                                        atol=1e-6)
             for a, b in zip(shard["params"], plain["params"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        assert res["rollbacks"] == 1 and res["rolled_back_at"] == 10
+        assert res["rollbacks"] == 1 and res["rolled_back_at"] == 11
         assert res["restored_equal"]  # back to the snapshot taken after step 8

@@ -224,10 +224,26 @@ def test_nan_inputs_on_every_step_point_at_the_data():
     guard = gg.Guard(model, opt)
     for s in range(12):
         step(guard, model, opt, s)
-    with pytest.raises(gg.TrainingDivergedError, match="the inputs carry them") as err:
+    with pytest.raises(gg.TrainingDivergedError, match="the data carries them") as err:
         for s in range(12, 60):
             step(guard, model, opt, s, nan=True)
     assert "first layer (0.weight)" in str(err.value) and "doctor" not in str(err.value)
+
+
+def test_a_blow_up_to_nan_is_not_blamed_on_the_data():
+    # NaN gradients with finite inputs start "at the first layer" too: no data claim.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, policy=gg.Policy(stability=gg.Stability(floor=0.05)))
+    x = torch.randn(32, 8)
+    with pytest.raises(gg.TrainingDivergedError) as err:
+        for s in range(60):
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).pow(2).mean() * (float("inf") if s >= 12 else 1.0)
+            loss.backward()
+            guard.step(loss)
+    assert guard.recorder.events[0]["origin_layer"] == "0.weight"
+    assert "data carries" not in str(err.value) and "gradguard doctor" in str(err.value)
 
 
 def test_rollback_without_guard_batches_says_the_batches_are_not_skipped():

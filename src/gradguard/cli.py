@@ -86,7 +86,7 @@ def demo(
     meta = json.loads((res.out / "meta.json").read_text())
     for t in summary_tables(res.summary, meta):
         console.print(t)
-    for line in headlines(res.rows, res.summary, meta):
+    for line in headlines(res.rows, res.summary, meta, res.out):
         console.print(f"• {line}")
     page = write_bench_report(res.out)
     console.print(f"Report with loss, norm and LR-sensitivity plots: [bold]{page}[/bold]")

@@ -26,10 +26,11 @@ def _runs(rows: list[dict[str, Any]], scenario: str, remedy: str, lr: float
             and math.isclose(r["lr"], lr)]
 
 
-def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[str, Any]
-              ) -> list[str]:
-    """One plain sentence per scenario: what broke unguarded, what the guard did."""
-    out = []
+def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[str, Any],
+              out: Path | None = None) -> list[str]:
+    """One plain sentence per scenario: what broke unguarded, what the guard did (with the
+    guard's own verdict from its run log in ``out/logs`` when there is one)."""
+    lines = []
     for scn, info in meta["scenarios"].items():
         lr = info["lr"]
         plain = _runs(rows, scn, "none", lr)
@@ -61,5 +62,18 @@ def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[
                     f"{widest:.2g} decades, lr {best[0].stable_lo:.2g}–{best[0].stable_hi:.2g}")
             wide = (f"; widest stable LR range on this grid: "
                     f"{', '.join(s.remedy for s in best)} ({span})")
-        out.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}.")
-    return out
+        said = _verdict(out, scn)
+        lines.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}."
+                     + (f" The guard's verdict: {said}" if said else ""))
+    return lines
+
+
+def _verdict(out: Path | None, scenario: str) -> str | None:
+    if out is None:
+        return None
+    log = out / "logs" / f"{scenario}__gradguard.jsonl"
+    if not log.exists():
+        return None
+    from .report import summarize
+
+    return summarize(log).verdict

@@ -132,13 +132,15 @@ class LossSpike(_RobustWindow):
     positive: a batch's loss is skewed to the right), more than ``floor`` × the first
     loss above it (a noise floor: once a loss is near zero, a batch at 5× the median is
     still a small loss, not an event), and (for positive losses) more than ``ratio`` times
-    the median. Spikes do not enter the window. Before ``min_count`` losses, a positive
-    loss more than ``early_ratio`` times the median so far (and ``z_thresh`` σ above it once
-    three losses exist) is a spike: a too-high LR can wreck a model in its first few
-    steps, before any statistics exist (with fewer than three losses, ``early_ratio``
-    squared: two batches alone can differ by ``early_ratio``). Early spikes enter clipped
-    to that bound, so a
-    run that settles at a higher loss stops being flagged once the window has filled.
+    the median. On the log scale the noise is read from successive differences, so a
+    falling loss's trend is not taken for noise. Spikes do not enter the window.
+
+    Before ``min_count`` losses, a positive loss more than ``early_ratio`` times the
+    median so far (and ``z_thresh`` σ above it once three losses exist) is a spike: a
+    too-high LR can wreck a model in its first few steps, before any statistics exist
+    (with fewer than three losses, ``early_ratio`` squared: two batches alone can differ
+    by ``early_ratio``). Early spikes enter clipped to that bound, so a run that settles
+    at a higher loss stops being flagged once the window has filled.
 
     References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
     (``olmo_core/optim/skip_step_optimizer.py``); here with median/MAD (Hampel 1974).
@@ -177,7 +179,11 @@ class LossSpike(_RobustWindow):
         # is ordinary there, not 7 linear σ. Losses that can be <= 0 stay linear.
         logs = torch.log(self.state["buf"].clamp_min(_TINY))
         lmed = torch.nanmedian(logs)
-        lsig = _MAD_SIGMA * torch.nanmedian((logs - lmed).abs()) * noise
+        # The noise comes from successive differences (neighbours in the ring are
+        # neighbours in time, but for the one pair across the write slot): a falling loss
+        # spreads the window around its median, which would pass a trend off as noise.
+        steps = logs - torch.roll(logs, 1)
+        lsig = _MAD_SIGMA / math.sqrt(2) * torch.nanmedian(steps.abs()) * noise
         pos = (med > 0) & (loss > 0)
         z = torch.where(pos, (torch.log(loss.clamp_min(_TINY)) - lmed) / (lsig + 1e-12),
                         dev / (sigma + 1e-12))

@@ -55,19 +55,25 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
                        z=rec["loss_z"], **common)
 
 
-def data_origin(recorder: Recorder, first_layer: str | None, last: int = 6) -> bool:
-    """The recent NaN/Inf steps all start at the first layer: the inputs carry them."""
-    nan = [e for e in recorder.events if e["kind"] == "nonfinite"][-last:]
-    return bool(first_layer) and len(nan) >= 3 and all(
-        e.get("origin_layer") == first_layer for e in nan)
+def data_origin(recorder: Recorder, inputs: Any, last: int = 3) -> bool:
+    """The last NaN/Inf steps all had NaN/Inf in the first layer's inputs: blame the data.
+
+    Args:
+        recorder: holds the guard's events.
+        inputs: the guard's :class:`~gradguard.params.InputWatch`.
+        last: how many of the most recent NaN/Inf steps must agree.
+    """
+    steps = [e["step"] for e in recorder.events if e["kind"] == "nonfinite"][-last:]
+    return len(steps) >= last and inputs.all_bad(steps)
 
 
 def give_up(reason: str, scale: float, lr: Any, from_data: str | None) -> str:
     """Why the guard stops: the run is unstable at any LR it can give, or the data is bad."""
     if from_data:
-        return (f"{reason}: NaN/Inf enter at the first layer ({from_data}) on every failing "
-                "step, so the inputs carry them, not the model or the LR. Check the data "
-                "pipeline (a NaN in a file, a division by zero in preprocessing)")
+        return (f"{reason}: the inputs of the first layer ({from_data}) held NaN/Inf on "
+                "every recent failing step, so the data carries them, not the model or the "
+                "LR. Check the data pipeline (a NaN in a file, a division by zero in "
+                "preprocessing)")
     try:
         at = f" (lr {float(lr) * scale:.3g})"
     except (TypeError, ValueError):

@@ -36,7 +36,7 @@ from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError, check_int, config_diff
 from .lr import LRFactor
-from .params import ForwardOrder, resolve_params
+from .params import ForwardOrder, InputWatch, resolve_params
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
 from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
 from .rollback import RollbackStore
@@ -221,6 +221,8 @@ class Guard:
         self.recorder = Recorder(self.names, all_sinks, flush_every, layers_every)
         self.mailbox = Mailbox(self.device)
         self._order_probe: ForwardOrder | None = ForwardOrder(model, self.params)
+        self._first_module: nn.Module | None = None
+        self._inputs: InputWatch | None = None  # armed by the first NaN/Inf step
         self.order = list(range(len(self.params)))
         self.attribution = LayerAttribution(self.names, self.order)
         self.depth = DepthTrend(self.names, self.order, [p.dim() >= 2 for p in self.params])
@@ -277,6 +279,7 @@ class Guard:
         self._started = True
         self._usage.first_step()
         if self._order_probe is not None:
+            self._first_module = self._order_probe.first
             self.order = self._order_probe.finish()
             self._order_probe = None
             self.attribution.order = self.order
@@ -426,6 +429,10 @@ class Guard:
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self._clean_streak = 0 if flagged else self._clean_streak + 1
         self._skip_streak = self._skip_streak + 1 if rec["skipped"] else 0
+        if rec["nonfinite"] and self._inputs is None and self._first_module is not None \
+                and self._sync is None:
+            # Inputs differ per rank, so under torch.distributed the data is not blamed.
+            self._inputs = InputWatch(self._first_module, lambda: self.steps)
         if flagged:
             ev.describe_flags(self.recorder, self.attribution, rec, norms)
         else:
@@ -471,9 +478,11 @@ class Guard:
         reason = verdict.unstable
         if reason is None:
             return False
-        first = self.names[self.order[0]] if self.order else None
-        from_data = first if ev.data_origin(self.recorder, first) else None
-        if verdict.give_up or (from_data and self.rollbacks >= 2):
+        from_data = None
+        if self.rollbacks >= 2 and self._inputs is not None and self.order \
+                and ev.data_origin(self.recorder, self._inputs):
+            from_data = self.names[self.order[0]]
+        if verdict.give_up or from_data:
             lr = self._base_lrs.get(k) or self.optimizer.param_groups[0]["lr"]
             self._diverged(k, ev.give_up(reason, c.scale, lr, from_data))
         rb = p.rollback
@@ -572,6 +581,8 @@ class Guard:
             return
         self._usage.remove()
         self._samples.remove()
+        if self._inputs is not None:
+            self._inputs.remove()
         lifecycle.unregister(self, self._finalizer)
         try:
             self._drain()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["ForwardOrder", "resolve_params"]
+__all__ = ["ForwardOrder", "InputWatch", "resolve_params"]
 def resolve_params(
     model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
 ) -> tuple[list[str], list[Tensor]]:
@@ -83,6 +83,11 @@ class ForwardOrder:
         if not self.calls or self.calls[-1] is not module:
             self.calls.append(module)
 
+    @property
+    def first(self) -> nn.Module | None:
+        """The first module with parameters that the forward pass ran."""
+        return self.calls[0] if self.calls else None
+
     def finish(self) -> list[int]:
         """Positions of the guarded params in forward order (unused ones at the end)."""
         for h in self.handles:
@@ -101,3 +106,37 @@ class ForwardOrder:
         return order
 
 
+
+
+class InputWatch:
+    """Records, per step, whether the first layer's floating inputs hold NaN/Inf.
+
+    Armed only after the guard has seen a NaN/Inf step, so a healthy run pays nothing.
+    The flags stay on the device; they are read once, when the guard decides whether to
+    blame the data, never on a healthy step.
+    """
+
+    def __init__(self, module: nn.Module, current_step: Callable[[], int],
+                 keep: int = 64) -> None:
+        self.current_step = current_step
+        self.keep = keep
+        self.flags: dict[int, Tensor] = {}
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, args: Any) -> None:
+        xs = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
+        if not xs:
+            return
+        bad = torch.stack([~torch.isfinite(x).all() for x in xs]).any()
+        self.flags[self.current_step()] = bad
+        while len(self.flags) > self.keep:
+            del self.flags[next(iter(self.flags))]
+
+    def all_bad(self, steps: Sequence[int]) -> bool:
+        """True when every one of ``steps`` was watched and its inputs held NaN/Inf."""
+        if not steps or any(s not in self.flags for s in steps):
+            return False
+        return bool(torch.stack([self.flags[s] for s in steps]).all())
+
+    def remove(self) -> None:
+        self.handle.remove()
