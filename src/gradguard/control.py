@@ -181,6 +181,7 @@ class Controller:
         self.was_calm = False
         # Set by the guard: whether a snapshot it has not retried from yet is there.
         self.can_retry = False
+        self._before_cut: tuple[float, int, int | None] | None = None
         self.rows = 0
         self.scaled_rows = 0
         self.scale_rows: dict[float, int] = {}
@@ -333,13 +334,13 @@ class Controller:
 
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
         still in the lower half of its margin, its best was below the run's first loss, and
-        the run had gone ``probe_after`` steps since its start or its last instability —
-        is retried at the same scale when the guard has a snapshot it has not
-        retried from yet (``can_retry``): it is likelier a transient fault (bad data, a
-        corrupted step, a flipped bit) than the LR, and PaLM restarted at the same LR
-        (Chowdhery et al. 2022, §5.1). A failure early in training (where warm-up exists
-        for a reason), a slow climb, or failing again from the same snapshot is the LR's
-        doing, and the scale falls.
+        the run is past its first ``probe_after`` steps — is retried at the same scale when
+        the guard has a snapshot it has never restored from (``can_retry``: the run got
+        past its last rollback and was verified clean again): it is likelier a transient
+        fault (bad data, a corrupted step, a flipped bit) than the LR, and PaLM restarted
+        at the same LR (Chowdhery et al. 2022, §5.1). A failure early in training (where
+        warm-up exists for a reason), a slow climb, or failing again before the run has
+        recovered from its last rollback is the LR's doing, and the scale falls.
         """
         cfg = self.cfg
         self.instabilities += 1
@@ -349,13 +350,17 @@ class Controller:
         first = self.first_loss
         healthy = first is not None and math.isfinite(self.best) and (
             self._shown(self.best - cfg.z * self.best_se) < first)
-        settled = self.rows - self.last_unstable_row >= cfg.probe_after
+        # Past the early phase. Whether the run has recovered since its last instability
+        # is the snapshot's to say (``can_retry``: one reached clean after the last
+        # rollback): independent faults can strike a run at any spacing.
+        settled = self.rows >= cfg.probe_after
         self.last_unstable_row = self.rows
         if self.can_retry and sudden and healthy and settled:
             self.calm = 0
             self.retries += 1
             return Verdict(unstable=reason, scale=self.scale, retry=True)
         self.cuts += 1
+        self._before_cut = (self.scale, self.probe_wait, self.last_raise)
         if self.last_raise is not None and step - self.last_raise <= self.probe_wait:
             self.probe_wait *= 2  # a relapse: the raised LR was past the edge
         self.last_raise = None
@@ -365,6 +370,15 @@ class Controller:
             return Verdict(unstable=reason, give_up=True, scale=self.scale)
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)
+
+    def not_the_lr(self) -> Verdict:
+        """Take back the cut just made: the failure was a damaged snapshot's, not the LR's
+        (the loss was wrecked at once after a restore, before anything could develop)."""
+        if self._before_cut is not None:
+            self.scale, self.probe_wait, self.last_raise = self._before_cut
+            self._before_cut = None
+            self.cuts -= 1
+        return Verdict(unstable="restored snapshot held the damage", scale=self.scale)
 
     def rebaseline(self) -> None:
         """Forget the trajectory (after an in-place LR cut, when no rollback undid it):

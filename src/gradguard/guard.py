@@ -491,10 +491,16 @@ class Guard:
                               f"(max_rollbacks={rb.max_rollbacks})")
         if self.store is not None and self.store.good and may_roll:
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
-            if k - self._ignore_rows_before < c.cfg.bad_steps and self.rollbacks and loss_bad:
-                # The loss is wrecked right after a restore, before anything could
-                # re-develop: that snapshot holds the damage. Go one further back.
-                self.store.discard_latest()
+            # A snapshot is kept when the clean_window rows after it were clean; failing
+            # that same test right after being restored (a streak that began within
+            # clean_window rows), it holds the damage, not the LR: go one further back
+            # at the LR the run had.
+            since = k - self._ignore_rows_before
+            if since < self.store.cfg.clean_window + c.cfg.bad_steps and self.rollbacks \
+                    and loss_bad:
+                if self.store.discard_latest():
+                    verdict = c.not_the_lr()
+                    self.lr.scale = verdict.scale
             self._rollback(k, reason, verdict.retry)
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is

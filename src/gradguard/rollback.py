@@ -65,9 +65,11 @@ class RollbackStore:
         return self.good[-1] if self.good else None
 
     def can_retry(self) -> bool:
-        """A retry at the same LR is allowed once per snapshot: failing again from the
-        same place is the LR's doing."""
-        return bool(self.good) and self.good[-1].step != self.retried_from
+        """A retry at the same LR needs a snapshot never restored from: one the run
+        reached and passed clean *after* its last rollback. Failing again from a place
+        already restored is the LR's doing."""
+        return bool(self.good) and self.good[-1].step != self.retried_from \
+            and not self.fails.get(self.good[-1].step)
 
     def start(self, guard_state: dict[str, Any]) -> None:
         """At the first step: settle where snapshots live and keep the starting state."""
@@ -109,11 +111,13 @@ class RollbackStore:
             return
         self.candidates[step] = self._take(step, guard_state())
 
-    def discard_latest(self) -> None:
+    def discard_latest(self) -> bool:
         """The latest snapshot failed at once when restored: it holds damage, not a calm
-        state (keep at least one to go back to)."""
+        state (keep at least one to go back to). Returns whether one was dropped."""
         if len(self.good) > 1:
             self.good.pop()
+            return True
+        return False
 
     def keep(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot its row showed calm (and write it to disk when due)."""
