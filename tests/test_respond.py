@@ -83,6 +83,44 @@ def test_independent_bad_batches_close_in_time_do_not_lower_the_lr():
     assert "the LR was never changed" in guard.verdict()
 
 
+def test_weight_corruptions_far_apart_are_each_undone_at_the_same_lr():
+    # Mechanism 3 again, for faults only a rollback undoes (a corrupted weight): each one
+    # strikes a run that has recovered from the last (a snapshot reached clean since), so
+    # each is retried at the same LR; the LR is not ratcheted down fault by fault.
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=20))
+    corrupt = {300, 390, 470, 600}
+    for s in range(700):
+        if s in corrupt:
+            with torch.no_grad():
+                model[0].weight.mul_(1e3)
+        step(guard, model, opt, s)
+    assert guard.rollbacks == len(corrupt)
+    assert guard.control.retries == len(corrupt) and guard.control.cuts == 0
+    assert guard.lr.scale == 1.0 and float(model[0].weight.detach().abs().max()) < 10
+
+
+def test_a_restored_snapshot_that_fails_at_once_is_dropped_without_a_second_cut():
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=10, keep=2))
+    for s in range(60):
+        step(guard, model, opt, s)
+    older, newer = (snap.step for snap in guard.store.good)
+    # The newest snapshot holds damage (as a fault that lay dormant when it was taken).
+    with torch.no_grad():
+        guard.store.good[-1].model["0.weight"].mul_(1e4)
+    targets = []
+    for s in range(60, 90):
+        info = step(guard, model, opt, s, nan=60 <= s < 63)  # NaN batches: roll back
+        if info.rolled_back:
+            targets.append(next(e["message"] for e in reversed(guard.recorder.events)
+                                if e["kind"] == "rollback"))
+    assert f"state after step {newer}" in targets[0] and f"state after step {older}" in targets[1]
+    assert guard.control.cuts == 1 and guard.lr.scale == pytest.approx(0.3)
+
+
 def test_too_high_lr_is_rolled_back_and_settles_near_the_stable_run():
     # SGD on raw-unit features at ~4x its stability limit (2/λmax ≈ 8e-4): unguarded it
     # overflows; guarded it backs off to a stable LR and ends near the stable run's loss.

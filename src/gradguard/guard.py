@@ -497,10 +497,9 @@ class Guard:
             # at the LR the run had.
             since = k - self._ignore_rows_before
             if since < self.store.cfg.clean_window + c.cfg.bad_steps and self.rollbacks \
-                    and loss_bad:
-                if self.store.discard_latest():
-                    verdict = c.not_the_lr()
-                    self.lr.scale = verdict.scale
+                    and loss_bad and self.store.discard_latest():
+                verdict = c.not_the_lr()
+                self.lr.scale = verdict.scale
             self._rollback(k, reason, verdict.retry)
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
