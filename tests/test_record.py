@@ -2,6 +2,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import gradguard as gg
@@ -75,3 +76,17 @@ def test_console_events_are_whole_lines_at_80_columns():
     lines = buf.getvalue().splitlines()
     assert lines == [f"gradguard step 100: snapshot of step 100 written to {path}",
                      "gradguard step 101: NaN in [layers.0] weights"]
+
+
+def test_pack_row_follows_the_declared_schema_and_names_a_missing_column():
+    from gradguard.record import COLUMNS, pack_row
+
+    cols = {c: torch.tensor(float(i)) for i, c in enumerate(COLUMNS)}
+    cols["skipped"] = torch.tensor(True)
+    row = pack_row(torch.tensor([7.0, 8.0]), **cols)
+    assert row.tolist()[: len(COLUMNS)] == [1.0 if c == "skipped" else float(i)
+                                            for i, c in enumerate(COLUMNS)]
+    assert row.tolist()[len(COLUMNS):] == [7.0, 8.0]
+    del cols["loss_z"]
+    with pytest.raises(ValueError, match="missing columns \\['loss_z'\\]"):
+        pack_row(torch.tensor([1.0]), **cols)

@@ -37,7 +37,7 @@ from .distributed import local_tensor, make_sync
 from .errors import ConfigError, GuardUsageError, check_int, config_diff
 from .lr import LRFactor
 from .params import ForwardOrder, InputWatch, resolve_params
-from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink
+from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink, pack_row
 from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
 from .rollback import RollbackStore
 from .samples import SampleCounter
@@ -373,11 +373,12 @@ class Guard:
         for g in groups.grads:
             g._gradguard_version = g._version  # type: ignore[attr-defined]
 
-        full = stats.full_norms(len(self.params))
-        head = torch.stack([loss_d if loss_d is not None else self._nan, stats.global_norm,
-                            clipped, skip.float(), nonfinite.float(), grad_spike.float(),
-                            loss_spike.float(), self.lr.tensor.float(), grad_z, loss_z])
-        self.mailbox.post(self.steps, torch.cat([head, full.float()]))
+        row = pack_row(stats.full_norms(len(self.params)),
+                       loss=loss_d if loss_d is not None else self._nan,
+                       grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
+                       nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
+                       lr_scale=self.lr.tensor, grad_z=grad_z, loss_z=loss_z)
+        self.mailbox.post(self.steps, row)
         step = self.steps
         self.steps += 1
         rolled = self._host_side(step)

@@ -47,6 +47,7 @@ __all__ = [
     "Recorder",
     "Sink",
     "TensorBoardSink",
+    "pack_row",
     "read_jsonl",
 ]
 
@@ -55,6 +56,20 @@ FORMAT = 1
 COLUMNS = ("loss", "grad_norm", "clipped_norm", "skipped", "nonfinite", "grad_spike",
            "loss_spike", "lr_scale", "grad_z", "loss_z")
 _BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike"}
+
+
+def pack_row(norms: Tensor, **columns: Tensor) -> Tensor:
+    """One step's row for the host, in the order :data:`COLUMNS` declares.
+
+    Args:
+        norms: the per-tensor gradient norms, appended after the scalar columns.
+        columns: one 0-dim tensor per name in :data:`COLUMNS`, no more and no fewer.
+    """
+    if set(columns) != set(COLUMNS):
+        missing, extra = set(COLUMNS) - set(columns), set(columns) - set(COLUMNS)
+        raise ValueError(f"pack_row: missing columns {sorted(missing)}, unknown {sorted(extra)}")
+    head = torch.stack([columns[c].float() for c in COLUMNS])
+    return torch.cat([head, norms.float()])
 
 
 def _num(v: float) -> float | str | None:
