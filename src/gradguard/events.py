@@ -13,7 +13,7 @@ import numpy as np
 
 from .control import Controller
 from .detect import LayerAttribution
-from .record import Recorder
+from .record import Recorder, encode_float
 
 __all__ = ["describe_flags", "diagnosis", "give_up", "verdict"]
 
@@ -40,7 +40,7 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
         action = "none"
     done = {"skip": "step skipped", "clip": "step clipped", "none": "step applied as is"}[action]
     common = {"action": action, "origin_layer": att.origin,
-              "top_layers": [[n, round(z, 2) if math.isfinite(z) else "inf"]
+              "top_layers": [[n, round(z, 2) if math.isfinite(z) else encode_float(z)]
                              for n, z in att.top],
               "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
     if rec["nonfinite"]:

@@ -89,6 +89,7 @@ class StepInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Host copy of the scalars (this synchronises; call it off the hot path)."""
+        # Host sync, deliberate: the caller asked for host numbers.
         out: dict[str, Any] = {"step": self.step}
         for k in ("loss", "grad_norm", "clipped_norm", "lr_scale"):
             v = getattr(self, k)

@@ -136,6 +136,7 @@ class InputWatch:
         """True when every one of ``steps`` was watched and its inputs held NaN/Inf."""
         if not steps or any(s not in self.flags for s in steps):
             return False
+        # Host sync, deliberate: only on the way to giving up, never on a healthy step.
         return bool(torch.stack([self.flags[s] for s in steps]).all())
 
     def remove(self) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "Recorder",
     "Sink",
     "TensorBoardSink",
+    "encode_float",
     "pack_row",
     "read_jsonl",
 ]
@@ -72,8 +73,9 @@ def pack_row(norms: Tensor, **columns: Tensor) -> Tensor:
     return torch.cat([head, norms.float()])
 
 
-def _num(v: float) -> float | str | None:
-    """JSON has no NaN/Inf; write them as strings a reader turns back into floats."""
+def encode_float(v: float) -> float | str:
+    """JSON and CSV have no NaN/Inf: write them as "nan"/"inf"/"-inf", which ``float()``
+    (and :func:`read_jsonl`) turn back into floats. The one encoder for logs and tables."""
     if math.isfinite(v):
         return v
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
@@ -107,7 +109,8 @@ class Mailbox:
         event.record()
         self._queue.append((step, host, event))
         if len(self._queue) > self._slots:
-            # The host fell this far behind: wait for the oldest row rather than grow.
+            # Host sync, deliberate: the host fell this far behind; waiting for the
+            # oldest row bounds the pinned memory instead of growing the queue.
             self._queue[0][2].synchronize()
 
     def poll(self, wait: bool = False) -> list[tuple[int, np.ndarray]]:
@@ -118,7 +121,7 @@ class Mailbox:
             if event is not None and not event.query():
                 if not wait:
                     break
-                event.synchronize()
+                event.synchronize()  # host sync, deliberate: close()/drain asked for all
             self._queue.popleft()
             # A CPU tensor: reading it is a memory access, not a device synchronisation.
             out.append((step, host.numpy().copy()))
@@ -293,10 +296,10 @@ class Recorder:
 
     @staticmethod
     def serialise(rec: dict[str, Any]) -> dict[str, Any]:
-        out = {k: (_num(v) if isinstance(v, float) else v)
+        out = {k: (encode_float(v) if isinstance(v, float) else v)
                for k, v in rec.items() if not k.startswith("_")}
         if rec.get("_with_norms"):
-            out["norms"] = [_num(float(v)) for v in rec["_norms"]]
+            out["norms"] = [encode_float(float(v)) for v in rec["_norms"]]
         return out
 
     def event(self, step: int, kind: str, message: str, **fields: Any) -> dict[str, Any]:

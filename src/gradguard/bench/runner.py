@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import scenarios
+from ..record import encode_float
 from ..scenarios.train import RunResult, train
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
@@ -298,9 +299,7 @@ def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
 def _csv_value(v: Any) -> Any:
     if v is None:
         return ""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+    return encode_float(v) if isinstance(v, float) else v
 
 
 def _write(out: Path, rows: list[dict[str, Any]], curves: list[dict[str, Any]] | None,
