@@ -296,3 +296,20 @@ def test_report_reads_a_log_whose_last_line_is_torn(tmp_path):
     assert [r["type"] for r in recs].count("meta") == 2
     second = max(i for i, r in enumerate(recs) if r["type"] == "meta")
     assert [r["step"] for r in recs[second:] if r["type"] == "step"] == [0]
+
+
+def test_periphery_errors_are_gradguard_errors_and_the_builtin_users_catch():
+    from gradguard import scenarios
+    from gradguard.bench import remedies
+
+    with pytest.raises(gg.UnknownNameError, match="unknown scenario 'nope'; choose from") as e:
+        scenarios.get("nope")
+    assert isinstance(e.value, KeyError) and isinstance(e.value, gg.GradGuardError)
+    assert str(e.value).startswith("unknown scenario")  # not KeyError's quoted repr
+    with pytest.raises(KeyError):
+        remedies.get("nope")
+    with pytest.raises(gg.InputError, match="sparse gradient"):
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        guard = gg.Guard(emb, torch.optim.SGD(emb.parameters(), lr=0.1))
+        emb(torch.tensor([1, 2])).sum().backward()
+        guard.step()

@@ -16,7 +16,15 @@ from types import ModuleType
 from . import clip, detect, stats
 from .control import Stability
 from .detect import LossSpike, NormSpike
-from .errors import ConfigError, GradGuardError, GuardUsageError, GuardUsageWarning
+from .errors import (
+    ConfigError,
+    GradGuardError,
+    GuardUsageError,
+    GuardUsageWarning,
+    InputError,
+    MissingFileError,
+    UnknownNameError,
+)
 from .guard import Guard, StepInfo
 from .record import read_jsonl
 from .respond import Policy, Rollback, TrainingDivergedError
@@ -27,6 +35,9 @@ _LAZY = ("bench", "doctor", "fixes", "integrations", "report", "scenarios", "tes
 
 __all__ = [
     "ConfigError",
+    "InputError",
+    "MissingFileError",
+    "UnknownNameError",
     "GradGuardError",
     "Guard",
     "GuardUsageError",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning", "check_int",
+__all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning",
+           "InputError", "MissingFileError", "UnknownNameError", "check_int",
            "check_positive", "config_diff"]
 
 
@@ -19,6 +20,22 @@ class ConfigError(GradGuardError, ValueError):
 
 class GuardUsageError(GradGuardError, RuntimeError):
     """The guard was called in a way that would silently train on wrong gradients."""
+
+
+class UnknownNameError(GradGuardError, KeyError):
+    """A scenario, remedy or other registered name does not exist (the message lists them)."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(GradGuardError, TypeError):
+    """What the user handed over has the wrong kind (a sparse gradient, a factory that
+    returns the wrong things)."""
+
+
+class MissingFileError(GradGuardError, FileNotFoundError):
+    """A file the user named does not exist."""
 
 
 class GuardUsageWarning(UserWarning):

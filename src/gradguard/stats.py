@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 __all__ = ["GradGroups", "GradStats", "collect_grads", "compute_stats", "foreach_norms",
            "local_norms"]
 
@@ -64,7 +66,7 @@ def collect_grads(params: Sequence[Tensor]) -> GradGroups:
             continue
         g = local_tensor(g)
         if g.is_sparse:
-            raise TypeError(
+            raise InputError(
                 f"parameter #{i} (shape {tuple(p.shape)}) has a sparse gradient; gradguard "
                 "measures and clips dense gradients only. Use dense embeddings "
                 "(nn.Embedding(..., sparse=False)) or leave that parameter out of the guard "

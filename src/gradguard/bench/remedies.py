@@ -17,6 +17,7 @@ from torch import nn
 
 from ..clip import AGC, Centralize, Normalize
 from ..control import Stability
+from ..errors import UnknownNameError
 from ..guard import Guard
 from ..respond import Policy
 from ..scenarios import Scenario, Setup
@@ -264,5 +265,5 @@ REMEDIES: dict[str, Remedy] = {r.name: r for r in _LIST}
 def get(name: str) -> Remedy:
     """Look a remedy up by name, with the list of names in the error."""
     if name not in REMEDIES:
-        raise KeyError(f"unknown remedy {name!r}; choose from {', '.join(REMEDIES)}")
+        raise UnknownNameError(f"unknown remedy {name!r}; choose from {', '.join(REMEDIES)}")
     return REMEDIES[name]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import scenarios
+from ..errors import ConfigError
 from ..record import encode_float
 from ..scenarios.train import RunResult, train
 from . import remedies as R
@@ -208,13 +209,13 @@ def _validate(cfg: BenchConfig) -> None:
     for rem in cfg.remedies:
         R.get(rem)
     if not cfg.seeds:
-        raise ValueError("give at least one seed")
+        raise ConfigError("give at least one seed")
     if cfg.jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
+        raise ConfigError(f"jobs must be >= 1, got {cfg.jobs}")
     if cfg.lr_points < 1:
-        raise ValueError(f"lr_points must be >= 1, got {cfg.lr_points}")
+        raise ConfigError(f"lr_points must be >= 1, got {cfg.lr_points}")
     if cfg.lr_grid is not None and any(not (v > 0 and math.isfinite(v)) for v in cfg.lr_grid):
-        raise ValueError(f"learning rates must be positive and finite, got {list(cfg.lr_grid)}")
+        raise ConfigError(f"learning rates must be positive and finite, got {list(cfg.lr_grid)}")
 
 
 def run_bench(cfg: BenchConfig,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scenarios
+from ..errors import ConfigError, InputError, MissingFileError
 from ..fixes.init import reinit
 from ..scenarios.train import RunResult, train
 from .findings import Diagnosis
@@ -51,14 +52,14 @@ def load_run(target: str, seed: int = 0) -> Run:
         first = [next(stream) for _ in range(32)]
         return Run(target, setup.model, first, setup.loss_fn, opt)
     if ":" not in target:
-        raise ValueError(
+        raise ConfigError(
             f"{target!r} is neither a built-in scenario ({', '.join(scenarios.SCENARIOS)}) nor "
             "'path/to/file.py:make_run'"
         )
     path, func = target.rsplit(":", 1)
     file = Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"no such file: {file}")
+        raise MissingFileError(f"no such file: {file}")
     spec = importlib.util.spec_from_file_location(f"_gradguard_user_{file.stem}", file)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -71,11 +72,11 @@ def load_run(target: str, seed: int = 0) -> Run:
         raise AttributeError(f"{file} has no function {func!r}")
     out = getattr(mod, func)()
     if not (isinstance(out, tuple) and len(out) == 4):
-        raise TypeError(f"{func}() must return a 4-tuple (model, data, loss_fn, optimizer); "
+        raise InputError(f"{func}() must return a 4-tuple (model, data, loss_fn, optimizer); "
                         f"got {type(out).__name__}")
     model, data, loss_fn, opt = out
     if not isinstance(model, nn.Module) or not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"{func}() must return (nn.Module, data, loss_fn, torch.optim.Optimizer)")
+        raise InputError(f"{func}() must return (nn.Module, data, loss_fn, torch.optim.Optimizer)")
     return Run(target, model, data, loss_fn, opt)
 
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
+
 __all__ = ["CAUSES", "EVIDENCE", "SEVERITIES", "Diagnosis", "Finding"]
 
 SEVERITIES = ("critical", "warning", "info")
@@ -45,9 +47,9 @@ class Finding:
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+            raise ConfigError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
         if self.check not in CAUSES:
-            raise ValueError(f"check must be one of {CAUSES}, got {self.check!r}")
+            raise ConfigError(f"check must be one of {CAUSES}, got {self.check!r}")
 
     @property
     def rank_key(self) -> tuple[int, int, float]:

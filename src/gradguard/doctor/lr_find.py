@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 __all__ = ["LRFindResult", "clone_optimizer", "cycle_batches", "lr_find"]
 
 Batch = tuple[Tensor, Tensor]
@@ -96,7 +98,7 @@ def cycle_batches(data: Batch | Iterable[Batch]) -> Iterator[Batch]:
                 yielded = True
                 yield b
             if not yielded:
-                raise ValueError("the data iterable yielded no batches")
+                raise ConfigError("the data iterable yielded no batches")
     return gen()
 
 

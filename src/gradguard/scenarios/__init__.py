@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnknownNameError
 from ..guard import Guard
 from .train import BLOWUP, Batch, RunResult, train
 
@@ -99,7 +100,7 @@ def register(scn: Scenario) -> Scenario:
 def get(name: str) -> Scenario:
     """Look a scenario up by name, with the list of names in the error."""
     if name not in SCENARIOS:
-        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+        raise UnknownNameError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     return SCENARIOS[name]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..guard import Guard
 from ..respond import TrainingDivergedError
 from ..stats import collect_grads, compute_stats
@@ -128,7 +129,7 @@ def train(
     device = params[0].device
     use_scaler = scaler is not None and scaler.is_enabled()
     if guard is not None and use_scaler and guard.scaler is None:
-        raise ValueError("pass the scaler to the Guard too: Guard(..., scaler=scaler)")
+        raise ConfigError("pass the scaler to the Guard too: Guard(..., scaler=scaler)")
 
     def autocast() -> contextlib.AbstractContextManager[None]:
         if amp_dtype is None:
