@@ -374,3 +374,11 @@ def test_actions_that_need_the_controller_say_so():
         gg.Policy(on_spike="backoff", stability=None)
     with pytest.raises(gg.ConfigError, match="needs Policy\\(rollback="):
         gg.Policy(on_nonfinite="rollback", rollback=None)
+
+
+def test_actions_are_an_enum_and_strings_still_work():
+    p = gg.Policy(on_spike="skip", on_loss_spike=gg.Action.NONE)
+    assert p.on_spike is gg.Action.SKIP and p.on_loss_spike is gg.Action.NONE
+    assert p.describe()["on_spike"] == "skip"
+    with pytest.raises(gg.ConfigError, match="on_spike must be one of"):
+        gg.Policy(on_spike="sometimes")

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .guard import Guard, StepInfo
 from .record import read_jsonl
-from .respond import Policy, Rollback, TrainingDivergedError
+from .respond import Action, Policy, Rollback, TrainingDivergedError
 
 # Subpackages imported on first attribute access: they pull matplotlib, sklearn data
 # loaders, or framework integrations that a training loop does not need.
@@ -44,6 +44,7 @@ __all__ = [
     "GuardUsageWarning",
     "LossSpike",
     "NormSpike",
+    "Action",
     "Policy",
     "Rollback",
     "Stability",

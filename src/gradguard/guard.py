@@ -38,7 +38,7 @@ from .errors import ConfigError, GuardUsageError, check_int, config_diff
 from .lr import LRFactor
 from .params import ForwardOrder, InputWatch, resolve_params
 from .record import ConsoleSink, JsonlSink, Mailbox, Recorder, Sink, TensorBoardSink, pack_row
-from .respond import DeviceDecision, Policy, Rollback, TrainingDivergedError
+from .respond import Action, DeviceDecision, Policy, Rollback, TrainingDivergedError
 from .rollback import RollbackStore
 from .samples import SampleCounter
 from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
@@ -156,9 +156,9 @@ class Guard:
         clip: Transform | Sequence[Transform] | None = None,
         *,
         policy: Policy | None = None,
-        on_nonfinite: str | None = None,
-        on_spike: str | None = None,
-        on_loss_spike: str | None = None,
+        on_nonfinite: Action | str | None = None,
+        on_spike: Action | str | None = None,
+        on_loss_spike: Action | str | None = None,
         rollback: Any = None,
         scaler: torch.amp.GradScaler | None = None,
         log: str | os.PathLike[str] | None = None,
@@ -351,7 +351,7 @@ class Guard:
 
         ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
         self.clip(ctx)
-        if self.policy.on_spike in ("auto", "clip", "backoff"):
+        if self.policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF):
             # A detected spike is applied no larger than the norm the detector expects,
             # whatever the clip transforms let through (ZClip's "mean" response).
             ctx.scale(torch.where(grad_spike, torch.clamp(typical / (ctx.global_norm + 1e-6),
@@ -456,7 +456,7 @@ class Guard:
     def _stability(self, rec: dict[str, Any], flagged: bool) -> bool:
         """Escalation: feed the controller; lower the LR, roll back or give up."""
         p, c, k = self.policy, self.control, rec["step"]
-        if rec["nonfinite"] and p.on_nonfinite == "raise":
+        if rec["nonfinite"] and p.on_nonfinite == Action.RAISE:
             self._diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
         if self._skip_streak >= p.max_consecutive_skips:
             self._diverged(k, f"{self._skip_streak} consecutive steps skipped: the model "

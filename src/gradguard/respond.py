@@ -15,6 +15,7 @@ lower LR; OLMo-core skips steps whose loss or gradient norm is far above its rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -25,12 +26,26 @@ from .detect import LossSpike, NormSpike
 from .errors import ConfigError, GradGuardError, check_int, check_positive
 from .state import TensorState
 
-__all__ = ["Policy", "Rollback", "TrainingDivergedError"]
+__all__ = ["Action", "Policy", "Rollback", "TrainingDivergedError"]
+
+
+class Action(StrEnum):
+    """What the guard does about a flagged step (a plain string works as well)."""
+
+    NONE = "none"          # record only
+    AUTO = "auto"          # skip an isolated flag; apply clipped when the run is in trouble
+    CLIP = "clip"          # apply the step clipped to the typical norm
+    SKIP = "skip"          # skip the step
+    BACKOFF = "backoff"    # instability at once: lower the LR in place
+    ROLLBACK = "rollback"  # instability at once: roll back and lower the LR
+    RAISE = "raise"        # give up with TrainingDivergedError
+
 
 MEMORY = ("auto", "device", "cpu", "off")
-NONFINITE_ACTIONS = ("skip", "rollback", "raise")
-SPIKE_ACTIONS = ("none", "auto", "clip", "skip", "backoff", "rollback")
-LOSS_SPIKE_ACTIONS = ("none", "auto", "skip", "backoff", "rollback")
+A = Action
+NONFINITE_ACTIONS = (A.SKIP, A.ROLLBACK, A.RAISE)
+SPIKE_ACTIONS = (A.NONE, A.AUTO, A.CLIP, A.SKIP, A.BACKOFF, A.ROLLBACK)
+LOSS_SPIKE_ACTIONS = (A.NONE, A.AUTO, A.SKIP, A.BACKOFF, A.ROLLBACK)
 
 
 class TrainingDivergedError(GradGuardError, RuntimeError):
@@ -129,9 +144,9 @@ class Policy:
             silently spin on a broken model.
     """
 
-    on_nonfinite: str = "skip"
-    on_spike: str = "auto"
-    on_loss_spike: str = "auto"
+    on_nonfinite: Action | str = Action.SKIP
+    on_spike: Action | str = Action.AUTO
+    on_loss_spike: Action | str = Action.AUTO
     stability: Stability | None = field(default_factory=Stability)
     rollback: Rollback | None = field(default_factory=Rollback)
     grad_spike: NormSpike = field(default_factory=NormSpike)
@@ -143,7 +158,9 @@ class Policy:
                                      ("on_spike", self.on_spike, SPIKE_ACTIONS),
                                      ("on_loss_spike", self.on_loss_spike, LOSS_SPIKE_ACTIONS)):
             if value not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"{name} must be one of {[str(a) for a in allowed]}, "
+                                  f"got {value!r}")
+            object.__setattr__(self, name, Action(value))
         if self.stability is not None and not isinstance(self.stability, Stability):
             raise ConfigError(f"stability must be a gradguard.Stability or None, got "
                               f"{self.stability!r}")
@@ -151,30 +168,30 @@ class Policy:
             raise ConfigError(f"rollback must be a gradguard.Rollback or None, got "
                               f"{self.rollback!r}")
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
-        needs = "rollback" in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
+        needs = A.ROLLBACK in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
         if needs and self.rollback is None:
             raise ConfigError("a 'rollback' action needs Policy(rollback=gg.Rollback(...)); "
                               "it is None here")
-        if self.stability is None and needs | ("backoff" in (self.on_spike,
+        if self.stability is None and needs | (A.BACKOFF in (self.on_spike,
                                                                self.on_loss_spike)):
             raise ConfigError("the 'backoff' and 'rollback' actions act through the stability "
                               "controller: leave Policy(stability=...) set")
 
     def describe(self) -> dict[str, Any]:
-        return {"on_nonfinite": self.on_nonfinite, "on_spike": self.on_spike,
-                "on_loss_spike": self.on_loss_spike, "stability": repr(self.stability),
+        return {"on_nonfinite": str(self.on_nonfinite), "on_spike": str(self.on_spike),
+                "on_loss_spike": str(self.on_loss_spike), "stability": repr(self.stability),
                 "rollback": repr(self.rollback)}
 
     def immediate(self, nonfinite: bool, grad_spike: bool, loss_spike: bool
                   ) -> tuple[str, bool] | None:
         """``(reason, may roll back)`` when an action makes this one flagged step count as
         instability at once ("backoff" lowers the LR without rolling back)."""
-        if nonfinite and self.on_nonfinite == "rollback":
+        if nonfinite and self.on_nonfinite == A.ROLLBACK:
             return "NaN/Inf step (on_nonfinite='rollback')", True
         for flag, action, what in ((grad_spike, self.on_spike, "gradient-norm spike"),
                                    (loss_spike, self.on_loss_spike, "loss spike")):
-            if flag and action in ("backoff", "rollback"):
-                return f"{what} (on_*='{action}')", action == "rollback"
+            if flag and action in (A.BACKOFF, A.ROLLBACK):
+                return f"{what} (on_*='{action}')", action == A.ROLLBACK
         return None
 
 
@@ -195,10 +212,10 @@ class DeviceDecision(TensorState):
         p = self.policy
         prev = self.state["prev_flag"]
 
-        def skips(action: str, flag: Tensor) -> Tensor:
-            if action in ("skip", "rollback"):
+        def skips(action: Action | str, flag: Tensor) -> Tensor:
+            if action in (A.SKIP, A.ROLLBACK):
                 return flag
-            if action == "auto":
+            if action == A.AUTO:
                 return flag & ~prev
             return torch.zeros_like(flag)
 
