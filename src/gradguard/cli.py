@@ -100,6 +100,8 @@ def report(
                                   help="a JSONL run log written by Guard(log=...), or a "
                                   "results directory written by gradguard bench"),
     events: int = typer.Option(20, help="how many events of the timeline to show"),
+    run: int = typer.Option(-1, help="which run of a log several guards appended to: "
+                            "-1 the last, 0 the first"),
     html: str = typer.Option(None, "--html", metavar="OUT.html",
                              help="also write a self-contained HTML page with plots here "
                              "(a bench directory gets DIR/report.html without it)"),
@@ -117,8 +119,15 @@ def report(
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
         typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
-    s = summarize(run_log)
-    head = Table(title=f"gradguard run {run_log}", show_header=False)
+    from .errors import ConfigError
+
+    try:
+        s = summarize(run_log, run)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
+    head = Table(title=f"gradguard run {run_log}{which}", show_header=False)
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("steps", str(s.steps))
@@ -156,7 +165,7 @@ def report(
         if len(s.timeline) > events:
             console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")
     if html:
-        typer.echo(f"HTML report: {write_run_log_report(run_log, html)}")
+        typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
 
 
 _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 __all__ = [
     "COLUMNS",
     "ConsoleSink",
@@ -47,6 +49,7 @@ __all__ = [
     "Recorder",
     "Sink",
     "TensorBoardSink",
+    "count_runs",
     "encode_float",
     "pack_row",
     "read_jsonl",
@@ -333,8 +336,7 @@ class Recorder:
             s.close()
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Read a run log; a torn or corrupt line (e.g. from a crash mid-write) is skipped."""
+def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
@@ -348,3 +350,35 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 continue
             yield {k: (_unnum(v) if not isinstance(v, list) else [_unnum(x) for x in v])
                    for k, v in rec.items()}
+
+
+def count_runs(path: str | os.PathLike[str]) -> int:
+    """How many runs a log holds (each guard appends its own, starting with a meta line)."""
+    return max(1, sum(1 for r in _records(path) if r["type"] == "meta"))
+
+
+def read_jsonl(path: str | os.PathLike[str], run: int | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """Read a run log; a torn or corrupt line (e.g. from a crash mid-write) is skipped.
+
+    Args:
+        path: the JSONL file a ``Guard(log=...)`` wrote.
+        run: which run of a file that several guards appended to (each run starts with its
+            ``meta`` line): ``0`` the first, ``-1`` the last; None reads every record.
+    """
+    if run is None:
+        yield from _records(path)
+        return
+    n = count_runs(path)
+    index = run + n if run < 0 else run
+    if not 0 <= index < n:
+        raise ConfigError(f"{path} holds {n} run(s); run={run} is not one of them "
+                          f"(use 0..{n - 1}, or -1 for the last)")
+    seen = -1
+    for rec in _records(path):
+        if rec["type"] == "meta":
+            seen += 1
+        if max(seen, 0) == index:
+            yield rec
+        elif seen > index:
+            return

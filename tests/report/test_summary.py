@@ -39,3 +39,19 @@ def test_a_healthy_run_and_a_run_without_losses(tmp_path):
     assert math.isfinite(s.last_loss) and not s.ended_nonfinite and s.last_finite_step == 4
     s = summarize(run(tmp_path / "b.jsonl", 5, with_loss=False))
     assert s.first_loss is None and s.last_loss is None and not s.ended_nonfinite
+
+
+def test_each_guard_appending_to_one_log_is_its_own_run(tmp_path):
+    path = tmp_path / "r.jsonl"
+    run(path, 30, nan_from=28)  # the first run ends NaN
+    run(path, 12)  # a second, healthy one appends to the same file
+    last, first = summarize(path), summarize(path, run=0)
+    assert (last.runs, last.run, last.steps) == (2, 1, 12) and not last.ended_nonfinite
+    assert first.steps == 30 and first.ended_nonfinite
+    out = CliRunner().invoke(app, ["report", str(path)], terminal_width=200)
+    assert out.exit_code == 0 and "run 2 of 2" in out.output
+    bad = CliRunner().invoke(app, ["report", str(path), "--run", "5"], terminal_width=200)
+    assert bad.exit_code == 2 and "holds 2 run(s)" in bad.output
+    from gradguard.report.html import run_log_html
+
+    assert "run 1 of 2" in run_log_html(path, run=0)

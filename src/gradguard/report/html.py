@@ -250,11 +250,11 @@ class _Log:
     norms: list[list[float]] = field(default_factory=list)
 
 
-def _read_log(path: PathLike) -> _Log:
+def _read_log(path: PathLike, run: int | None = -1) -> _Log:
     log = _Log()
     rows: dict[int, dict[str, Any]] = {}
     rollbacks: list[int] = []
-    for rec in read_jsonl(path):
+    for rec in read_jsonl(path, run):
         if rec["type"] == "meta":
             log.names = [str(n) for n in rec.get("params", [])]
         elif rec["type"] == "step" and isinstance(rec.get("step"), int):
@@ -422,16 +422,18 @@ def _timeline(s: RunSummary, events: int) -> str:
     return _table(["step", "kind", "action", "origin layer", "message"], rows, 5) + tail
 
 
-def run_log_html(path: PathLike, *, events: int = 200) -> str:
+def run_log_html(path: PathLike, *, events: int = 200, run: int = -1) -> str:
     """The HTML page of one guard run log (``Guard(log=...)``).
 
     Args:
         path: the JSONL run log.
         events: how many events of the timeline to list.
+        run: which run of a file several guards appended to (-1: the last).
     """
-    s = summarize(path)
-    log = _read_log(path)
-    parts = [f"<h1>gradguard run report</h1><p class=\"note\">{escape(str(path))}</p>"]
+    s = summarize(path, run)
+    log = _read_log(path, run)
+    which = f" (run {s.run + 1} of {s.runs})" if s.runs > 1 else ""
+    parts = [f"<h1>gradguard run report</h1><p class=\"note\">{escape(str(path))}{which}</p>"]
     if s.meta:
         info = [["gradguard", escape(str(s.meta.get("gradguard", "")))],
                 ["tensors", str(len(s.meta.get("params", [])))]]
@@ -452,10 +454,10 @@ def run_log_html(path: PathLike, *, events: int = 200) -> str:
 
 
 def write_run_log_report(path: PathLike, out: PathLike | None = None, *,
-                         events: int = 200) -> Path:
+                         events: int = 200, run: int = -1) -> Path:
     """Write :func:`run_log_html` to ``out`` (default: the log's path with ``.html``)."""
     target = Path(out) if out is not None else Path(path).with_suffix(".html")
-    return _write(target, run_log_html(path, events=events))
+    return _write(target, run_log_html(path, events=events, run=run))
 
 
 def _write(target: Path, text: str) -> Path:

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..record import read_jsonl
+from ..record import count_runs, read_jsonl
 
 __all__ = ["RunSummary", "summarize"]
 
@@ -32,6 +32,8 @@ class RunSummary:
     lr_changes: list[tuple[int, float]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     bad_lines: int = 0
+    run: int = 0  # which run of the file (0-based)
+    runs: int = 1  # how many runs the file holds
 
     @property
     def verdict(self) -> str | None:
@@ -50,11 +52,18 @@ class RunSummary:
                      if e["kind"] in ("nonfinite", "grad_spike", "loss_spike")), None)
 
 
-def summarize(path: str | os.PathLike[str]) -> RunSummary:
-    """Read a run log (tolerating a torn last line) and summarise it."""
+def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
+    """Read a run log (tolerating a torn last line) and summarise one run of it.
+
+    Args:
+        path: the JSONL run log.
+        run: which run, when several guards appended to the file: -1 the last, 0 the first.
+    """
     s = RunSummary(str(path))
+    s.runs = count_runs(path)
+    s.run = run + s.runs if run < 0 else run
     last_scale = 1.0
-    for rec in read_jsonl(path):
+    for rec in read_jsonl(path, run):
         t = rec["type"]
         if t == "meta":
             s.meta = rec
