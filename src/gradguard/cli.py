@@ -124,7 +124,7 @@ def report(
     try:
         s = summarize(run_log, run)
     except ConfigError as e:
-        console.print(f"[red]{e}[/red]")
+        typer.echo(str(e))  # unwrapped: the message holds a path
         raise typer.Exit(2) from None
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
     head = Table(title=f"gradguard run {run_log}{which}", show_header=False)

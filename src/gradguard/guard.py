@@ -488,7 +488,7 @@ class Guard:
             lr = self._base_lrs.get(k) or self.optimizer.param_groups[0]["lr"]
             self._diverged(k, ev.give_up(reason, c.scale, lr, from_data))
         rb = p.rollback
-        if rb is not None and self.rollbacks >= rb.max_rollbacks:
+        if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
             self._diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
                               f"(max_rollbacks={rb.max_rollbacks})")
         if self.store is not None and self.store.good and may_roll:

@@ -75,7 +75,11 @@ class Rollback:
         keep: how many good snapshots to keep in memory.
         skip_batches: after a rollback, ``guard.should_skip_batch()`` is true this many
             times (PaLM skipped the batches around a spike); needs ``guard.batches``.
-        max_rollbacks: give up with :class:`TrainingDivergedError` after this many.
+        max_rollbacks: give up with :class:`TrainingDivergedError` after this many (None:
+            no cap; rollbacks cannot loop without progress anyway, since a retry needs a
+            snapshot verified clean since the last rollback and every other rollback lowers
+            the LR towards the floor where the guard gives up; faults a long run meets at
+            intervals each cost one).
         memory: where in-memory snapshots live: "auto" (on the parameters' device when
             ``keep`` snapshots take at most ``device_fraction`` of its memory, else in
             host memory when they take at most ``host_fraction`` of what is free there,
@@ -83,13 +87,14 @@ class Rollback:
         device_fraction, host_fraction: the budgets of ``memory="auto"``.
         dir: also write snapshots to this folder (atomic, checksummed).
         disk_every: write every this many steps (default: ``every``).
-        clean_window: a snapshot counts as good when this many steps before it were clean.
+        clean_window: a snapshot counts as good when this many steps after it (the first
+            computed with its weights) were clean and the loss level calm.
     """
 
     every: int = 50
     keep: int = 2
     skip_batches: int = 0
-    max_rollbacks: int = 20
+    max_rollbacks: int | None = None
     memory: str = "auto"
     device_fraction: float = 0.1
     host_fraction: float = 0.25
@@ -101,7 +106,8 @@ class Rollback:
         check_int("Rollback.every", self.every, 1)
         check_int("Rollback.keep", self.keep, 1)
         check_int("Rollback.skip_batches", self.skip_batches, 0)
-        check_int("Rollback.max_rollbacks", self.max_rollbacks, 0)
+        if self.max_rollbacks is not None:
+            check_int("Rollback.max_rollbacks", self.max_rollbacks, 0)
         check_int("Rollback.clean_window", self.clean_window, 0)
         if self.disk_every is not None:
             check_int("Rollback.disk_every", self.disk_every, 1)
