@@ -27,9 +27,9 @@ def test_doctor_names_input_scale_on_raw_regression():
     assert "x = (x - x_train.mean(0)) / x_train.std(0)" in res.output
 
 
-def test_doctor_runs_a_user_script(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent("""
+def _user_script(path, lr: float):
+    """A user's training script with a make_run() factory: a small MLP regression."""
+    path.write_text(textwrap.dedent(f"""
         import torch
         from torch import nn
 
@@ -40,8 +40,13 @@ def test_doctor_runs_a_user_script(tmp_path):
             y = x.sum(1, keepdim=True)
             loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
             return model, loader, nn.functional.mse_loss, torch.optim.SGD(model.parameters(),
-                                                                         lr=5.0)
+                                                                         lr={lr})
     """))
+    return path
+
+
+def test_doctor_runs_a_user_script(tmp_path):
+    script = _user_script(tmp_path / "train.py", 5.0)
     res = runner.invoke(app, ["doctor", f"{script}:make_run", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["root_cause"] == "learning_rate"
@@ -61,20 +66,7 @@ def test_lr_find_writes_a_png(tmp_path):
 
 
 def test_doctor_says_when_nothing_is_wrong(tmp_path):
-    script = tmp_path / "healthy.py"
-    script.write_text(textwrap.dedent("""
-        import torch
-        from torch import nn
-
-        def make_run():
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
-            x = torch.randn(256, 16)
-            y = x.sum(1, keepdim=True)
-            loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
-            return model, loader, nn.functional.mse_loss, torch.optim.SGD(model.parameters(),
-                                                                         lr=0.01)
-    """))
+    script = _user_script(tmp_path / "healthy.py", 0.01)
     res = runner.invoke(app, ["doctor", f"{script}:make_run"], env=WIDE)
     assert res.exit_code == 0, res.output
     assert "no problem found" in res.output and "root cause" not in res.output
