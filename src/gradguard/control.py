@@ -177,7 +177,6 @@ class Controller:
         self.cuts = 0
         self.retries = 0
         self.first_loss: float | None = None
-        self.last_unstable_row = 0  # the run's start counts as one
         self.was_calm = False
         # Set by the guard: whether a snapshot it has not retried from yet is there.
         self.can_retry = False
@@ -354,7 +353,6 @@ class Controller:
         # is the snapshot's to say (``can_retry``: one reached clean after the last
         # rollback): independent faults can strike a run at any spacing.
         settled = self.rows >= cfg.probe_after
-        self.last_unstable_row = self.rows
         if self.can_retry and sudden and healthy and settled:
             self.calm = 0
             self.retries += 1
@@ -408,7 +406,7 @@ class Controller:
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "cuts": self.cuts, "retries": self.retries,
-                "first_loss": self.first_loss, "last_unstable_row": self.last_unstable_row,
+                "first_loss": self.first_loss,
                 "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows)}
@@ -424,7 +422,6 @@ class Controller:
         self.instabilities = int(s["instabilities"])
         self.cuts, self.retries = int(s["cuts"]), int(s["retries"])
         self.first_loss = s["first_loss"]
-        self.last_unstable_row = int(s["last_unstable_row"])
         self.was_calm = bool(s["was_calm"])
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
