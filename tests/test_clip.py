@@ -276,3 +276,45 @@ def test_state_dict_roundtrip_and_mismatch():
 def test_bad_config_fails_at_construction(factory):
     with pytest.raises(ConfigError):
         factory()
+
+
+def _clamped(params, spike, typical):
+    names = [f"p{i}" for i in range(len(params))]
+    groups = collect_grads(params)
+    stats = compute_stats(groups, CPU)
+    ctx = ClipContext(groups, stats, names, ~stats.nonfinite, CPU)
+    ctx.spike, ctx.typical = torch.tensor(spike), torch.tensor(typical)
+    gg.clip.SpikeClamp()(ctx)
+    ctx.flush()
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(1e-3, 1e3), typical=st.floats(1e-3, 1e3), spike=st.booleans())
+def test_spike_clamp_scales_a_flagged_step_to_the_typical_norm(scale, typical, spike):
+    params = make_params([(3, 4), (5,)], scale)
+    before = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    after = _clamped(params, spike, typical)
+    if spike and before > typical:
+        # clip_grad_norm_'s 1e-6 in the denominator: off by at most 1e-6 absolute
+        assert after == pytest.approx(typical, rel=1e-4, abs=1e-6)
+    else:  # unflagged, or already below what the detector expected: untouched
+        assert after == pytest.approx(before, rel=1e-6)
+
+
+def test_spike_clamp_without_a_detector_is_a_no_op():
+    params = make_params([(3, 4)], 10.0)
+    before = [p.grad.clone() for p in params]
+    run(gg.clip.SpikeClamp(), params)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, params, strict=True))
+
+
+def test_the_guard_runs_the_spike_clamp_after_the_users_chain():
+    def guard(**kw):
+        model = torch.nn.Linear(4, 2)
+        return gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=None, **kw)
+
+    auto = guard(clip=gg.clip.GlobalNorm(5.0))
+    assert "SpikeClamp" in repr(auto._transforms) and "SpikeClamp" not in repr(auto.clip)
+    skip = guard(on_spike="skip")
+    assert "SpikeClamp" not in repr(skip._transforms)

@@ -51,7 +51,8 @@ def test_a_gradual_blowup_is_caught_while_it_is_still_small():
     first = next(i for i, v in enumerate(verdicts) if v.unstable)
     assert 60 < first < 60 + 60  # caught before the loss is 8× its calm level
     assert "rose above its best" in verdicts[first].unstable
-    assert verdicts[first].scale == pytest.approx(0.3)
+    # a climbing level: far past the edge, the scale falls a decade (decrease_far)
+    assert verdicts[first].scale == pytest.approx(0.1)
 
 
 def test_isolated_flags_are_transient_but_a_streak_is_instability():
@@ -76,7 +77,7 @@ def test_a_flag_streak_is_instability_only_before_a_loss_level_exists():
 
 
 def test_scale_falls_by_decrease_and_gives_up_below_floor():
-    ctrl = Controller(gg.Stability(decrease=0.5, floor=0.1))
+    ctrl = Controller(gg.Stability(decrease=0.5, decrease_far=0.5, floor=0.1))
     scales = []
     for k in range(4):
         v = ctrl.unstable(k, "test")
@@ -85,7 +86,7 @@ def test_scale_falls_by_decrease_and_gives_up_below_floor():
 
 
 def test_probe_after_long_calm_and_relapse_doubles_the_wait():
-    cfg = gg.Stability(decrease=0.25, probe_after=10)
+    cfg = gg.Stability(decrease=0.25, decrease_far=0.25, probe_after=10)
     ctrl = Controller(cfg)
     ctrl.unstable(0, "test")
     assert ctrl.scale == 0.25
@@ -142,7 +143,8 @@ def test_nonfinite_losses_do_not_enter_the_level_bad_batches_do():
 
 
 @pytest.mark.parametrize("bad", [dict(window=2), dict(min_losses=30), dict(rise=0),
-                                 dict(decrease=1.0), dict(floor=1.5), dict(bad_steps=0),
+                                 dict(decrease=1.0), dict(decrease_far=0), dict(floor=1.5),
+                                 dict(bad_steps=0),
                                  dict(warmup="sometimes"), dict(warmup=-1)])
 def test_stability_validation(bad):
     with pytest.raises(gg.ConfigError):
@@ -173,6 +175,7 @@ def test_a_sudden_failure_is_retried_at_the_same_lr_once_a_slow_climb_is_not():
     assert hit.retry and hit.scale == 1.0 and ctrl.cuts == 0
     ctrl.can_retry = False  # the guard: this snapshot was retried from already
     v = ctrl.unstable(80, "again, from the same snapshot")
+    # the LR's doing now; the run had trained well at it: near its edge, ×0.3
     assert not v.retry and v.scale == pytest.approx(0.3) and ctrl.cuts == 1
     # a slow climb (the LR) is cut at once, as is anything in the early phase
     slow = Controller(gg.Stability(probe_after=50))
@@ -183,3 +186,29 @@ def test_a_sudden_failure_is_retried_at_the_same_lr_once_a_slow_climb_is_not():
     early = Controller(gg.Stability(probe_after=50))
     early.can_retry = True
     assert not feed(early, [5.0, 9.0, 30.0], [1, 1, 1])[-1].retry
+
+
+def test_the_cut_is_graded_by_how_far_past_its_edge_the_run_is():
+    # Near the edge: a run that trained well (loss well under its first) breaks with a
+    # streak of spiking losses, before it is settled (no retry in the early phase):
+    # decrease (×0.3).
+    gen = np.random.default_rng(1)
+    near = Controller(gg.Stability(probe_after=500))
+    near.can_retry = True
+    feed(near, np.geomspace(3, 1, 80) * np.exp(gen.normal(0, 0.1, 80)))
+    v = [near.observe(80 + k, 40.0, True, True) for k in range(3)][-1]  # spiking losses
+    assert "in a row" in v.unstable and not v.retry and v.scale == pytest.approx(0.3)
+    # The same run whose level climbs instead: the LR pushes it uphill, ×0.1.
+    climbing = Controller(gg.Stability(probe_after=500))
+    feed(climbing, np.geomspace(3, 1, 80) * np.exp(gen.normal(0, 0.1, 80)))
+    v = next(x for x in feed(climbing, np.geomspace(1, 30, 100), start=80) if x.unstable)
+    assert "rose above its best" in v.unstable and v.scale == pytest.approx(0.1)
+    # Far past it: NaN from the first steps, before the run ever trained: a decade.
+    far = Controller(gg.Stability())
+    v = feed(far, [math.nan] * 3, [1, 1, 1])[-1]
+    assert v.unstable and v.scale == pytest.approx(0.1)
+    # A run that never got below its first loss and then blows up: far as well.
+    flat = Controller(gg.Stability(probe_after=500))
+    feed(flat, 2.0 * np.exp(gen.normal(0, 0.05, 60)))
+    v = [flat.observe(60 + k, 80.0, True, True) for k in range(3)][-1]
+    assert "in a row" in v.unstable and v.scale == pytest.approx(0.1)

@@ -169,7 +169,7 @@ def test_resume_from_state_dicts_reproduces_decisions_and_params(tmp_path, opt_n
     resumed = steps(model2, opt2, guard2, n, n + m)
 
     assert resumed == straight
-    assert "True" in straight[11] and "0.3" in straight[11]  # step 41: skipped, still ×0.3
+    assert "True" in straight[11] and "0.1" in straight[11]  # step 41: skipped, still ×0.1
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
     for sa, sb in zip(opt.state.values(), opt2.state.values(), strict=True):

@@ -158,3 +158,49 @@ def test_a_smaller_batch_widens_the_thresholds_by_its_noise_factor(det, spread, 
     assert last_flag(odd, 1.0)  # judged as a full batch: a spike
     assert not last_flag(odd, noise)  # as the 5-sample batch it is: sampling noise
     assert last_flag(50.0, noise)  # a real spike in a small batch is still one
+
+
+class _AboveLimit:
+    """A user's own detector: a fixed bound on the gradient norm."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def bind(self, device):
+        self.state = {}
+
+    def __call__(self, value, ok, noise=1.0):
+        spike = ok & (value > self.limit)
+        return gg.detect.Flag(spike, value / self.limit, torch.full_like(value, self.limit))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_detectors_return_a_typed_flag_and_satisfy_the_protocol():
+    for det in (gg.NormSpike(), gg.LossSpike()):
+        assert isinstance(det, gg.detect.Detector)
+        det.bind(CPU)
+        out = det(torch.tensor(2.0), OK)
+        assert isinstance(out, gg.detect.Flag)
+        assert out.typical.item() == pytest.approx(2.0)  # no history: the value itself
+
+
+def test_a_users_detector_plugs_into_the_policy():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    policy = gg.Policy(grad_spike=_AboveLimit(5.0), on_spike="clip", stability=None,
+                       rollback=None)
+    guard = gg.Guard(model, opt, policy=policy, log=None)
+    for scale in (1.0, 100.0):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4) * scale).pow(2).mean()
+        loss.backward()
+        info = guard.step(loss)
+    assert bool(info.grad_spike) and float(info.clipped_norm) == pytest.approx(5.0, rel=1e-4)
+    with pytest.raises(gg.ConfigError, match="grad_spike takes a detector"):
+        gg.Policy(grad_spike=lambda v, ok: v)

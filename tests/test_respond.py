@@ -68,6 +68,18 @@ def test_isolated_spike_is_skipped_and_the_lr_is_left_alone():
     assert float(info.lr_scale) == 1.0 and guard.control.instabilities == 0
 
 
+def test_a_clipped_spike_is_applied_at_the_norm_the_detector_expected():
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, on_spike="clip", on_loss_spike="none")
+    norms = [float(step(guard, model, opt, s).grad_norm) for s in range(30)]
+    info = step(guard, model, opt, 30, scale=1e4)
+    assert info.grad_spike and not info.skipped
+    typical = float(torch.tensor(norms).log().median().exp())
+    assert float(info.grad_norm) > 100 * typical
+    assert float(info.clipped_norm) == pytest.approx(typical, rel=0.3)
+
+
 def test_independent_bad_batches_close_in_time_do_not_lower_the_lr():
     # Mechanism 3 of the stability issue: faults a few steps apart are bad batches, each
     # skipped; none of them is evidence that the LR is too high.
@@ -144,12 +156,14 @@ def test_without_rollback_the_lr_is_lowered_in_place():
     # Without a snapshot the weights keep what the blow-up did to them (on this
     # ill-conditioned problem the small-curvature directions take thousands of steps to
     # come back), so the run ends finite and stable but not as good: rollback's value.
+    # (With one ×0.3 cut per failure it ended at 2269 against rollback's 17; failing
+    # before it ever trained, the run now falls a decade per cut and both end near 4.)
     final, guard = train_regression(3e-3, {"rollback": False})
     assert guard.rollbacks == 0 and guard.lr.scale < 1
     assert any(e["kind"] == "backoff" for e in guard.recorder.events)
-    assert final < 1e5
+    assert final < 10
     with_rollback, _ = train_regression(3e-3, {})
-    assert with_rollback < final / 100
+    assert with_rollback < final
 
 
 def test_scheduler_lr_is_scaled_for_the_step_not_overwritten():
@@ -210,7 +224,8 @@ def test_rollback_returns_to_the_latest_good_snapshot_and_steps_back_only_when_i
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, on_nonfinite="rollback",
-                     rollback=gg.Rollback(every=4, clean_window=1))
+                     rollback=gg.Rollback(every=4, clean_window=1),
+                     policy=gg.Policy(stability=gg.Stability(floor=1e-6)))
     for s in range(15):
         step(guard, model, opt, s, nan_grad=s in (10, 11, 12, 13))
     targets = [e["to_step"] for e in guard.recorder.events if e["kind"] == "rollback"]
@@ -253,7 +268,7 @@ def test_giving_up_names_the_cause_and_the_doctor():
         for s in range(40):
             step(guard, model, opt, s, nan_grad=True)
     assert "unstable at any LR" in str(err.value)
-    assert err.value.diagnosis["lr_scale"] < 0.1
+    assert err.value.diagnosis["lr_scale"] <= 0.1  # lowered before giving up
 
 
 def test_nan_inputs_on_every_step_point_at_the_data():

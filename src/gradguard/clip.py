@@ -40,6 +40,7 @@ __all__ = [
     "Normalize",
     "PerLayerNorm",
     "Quantile",
+    "SpikeClamp",
     "Transform",
     "Value",
     "ZScore",
@@ -60,6 +61,9 @@ class ClipContext:
         finite: 0-dim bool, False when the incoming gradients or loss are non-finite;
             stateful transforms do not learn from such steps.
         device: where the small statistics tensors live.
+        spike: 0-dim bool, the gradient-norm spike detector's flag for this step (None:
+            no detector ran).
+        typical: 0-dim, the norm that detector expects (its window's median).
     """
 
     def __init__(self, groups: GradGroups, stats: GradStats, names: Sequence[str],
@@ -71,6 +75,8 @@ class ClipContext:
         self.device = device
         self._norms: Tensor | None = stats.norms
         self._pending: Tensor | None = None
+        self.spike: Tensor | None = None
+        self.typical: Tensor | None = None
 
     @property
     def norms(self) -> Tensor:
@@ -193,6 +199,23 @@ class Chain(Transform):
 def chain(*transforms: Transform) -> Chain:
     """Compose transforms; they run left to right on the same gradients."""
     return Chain(*transforms)
+
+
+@final
+class SpikeClamp(Transform):
+    """Scale a step the gradient-norm spike detector flagged down to the norm it expected.
+
+    The guard puts it last in its chain under ``on_spike`` "auto", "clip" and "backoff": a
+    flagged step that is applied anyway is applied no larger than the typical norm,
+    whatever the transforms before let through (ZClip's "mean" response, Kumar et al.
+    2025, section 3.3); unflagged steps pass untouched.
+    """
+
+    def __call__(self, ctx: ClipContext) -> None:
+        if ctx.spike is None or ctx.typical is None:
+            return
+        coef = torch.clamp(ctx.typical / (ctx.global_norm + _TORCH_EPS), max=1.0)
+        ctx.scale(torch.where(ctx.spike, coef, 1.0))
 
 
 @final

@@ -19,9 +19,17 @@ late, which a trend measured over tens of steps does not mind). Three classes of
   flag streak alone is not enough: heavy-tailed but healthy gradient norms (an RNN's)
   flag runs of steps, and the loss level is the better witness.
 
-Response to instability: multiply the LR scale by ``decrease`` and (when the guard keeps
-snapshots) return to the last snapshot taken before the loss began to rise, so the damage
-of the unstable stretch is undone rather than trained on. The scale has memory: it is
+Response to instability: multiply the LR scale by a factor graded by the evidence of how
+far the LR is past its edge, and (when the guard keeps snapshots) return to the last
+snapshot taken before the loss began to rise, so the damage of the unstable stretch is
+undone rather than trained on. A run that had been training well (its loss level fell
+from the first loss by at least the factor a regression must rise, 1 + ``rise``) and then
+broke (a streak of bad steps) was near its edge: the scale falls by ``decrease``. A run
+that failed before it ever trained well, or whose loss level climbed, was far past it:
+the scale falls by ``decrease_far``, one decade, so the next
+attempt lands below the edge instead of spending another failure (and its lost steps)
+finding out. (Sudden failures of healthy runs past their early phase are first retried
+at the same scale, see :meth:`Controller.unstable`.) The scale has memory: it is
 raised again (by 1/√decrease) only after ``probe_after`` calm steps, and a relapse soon
 after a raise doubles that wait — TCP's multiplicative decrease with exponentially backed
 off probing (Jacobson 1988), so a run settles at a stable LR instead of cycling across
@@ -76,7 +84,12 @@ class Stability:
         bad_steps: this many steps in a row with a NaN/Inf or spiking loss (or, before a
             loss level exists, this many flagged steps in a row) are instability, not bad
             batches.
-        decrease: LR scale multiplier per instability (a backtracking factor).
+        decrease: LR scale multiplier when a run that had been training well (level
+            fallen to under 1/(1 + ``rise``) of the first loss) breaks with a streak of bad
+            steps: near its edge (a backtracking factor). The probe raises the scale by
+            1/√decrease.
+        decrease_far: LR scale multiplier for any other instability: a failure before the
+            run trained well, or a climbing loss level (far past the edge).
         probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
             each relapse (instability within ``probe_after`` steps of a raise).
         floor: give up (:class:`~gradguard.TrainingDivergedError`) when the scale would
@@ -95,6 +108,7 @@ class Stability:
     z: float = 3.0
     bad_steps: int = 3
     decrease: float = 0.3
+    decrease_far: float = 0.1
     probe_after: int = 250
     floor: float = 1e-3
     warmup: str | int | None = None
@@ -108,9 +122,10 @@ class Stability:
         check_positive("Stability.rise", self.rise)
         check_positive("Stability.z", self.z, allow_zero=True)
         check_int("Stability.bad_steps", self.bad_steps, 1)
-        check_positive("Stability.decrease", self.decrease)
-        if not self.decrease < 1:
-            raise ConfigError(f"Stability.decrease must be in (0, 1), got {self.decrease!r}")
+        for name in ("decrease", "decrease_far"):
+            v = check_positive(f"Stability.{name}", getattr(self, name))
+            if not v < 1:
+                raise ConfigError(f"Stability.{name} must be in (0, 1), got {v!r}")
         check_int("Stability.probe_after", self.probe_after, 1)
         check_positive("Stability.floor", self.floor)
         if self.floor >= 1:
@@ -296,6 +311,7 @@ class Controller:
             self.losses.append(float(loss))
         self._cache = None
         reason = None
+        climb = False
         lv = self.level()
         if self.nan_streak >= cfg.bad_steps:
             reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss"
@@ -309,12 +325,13 @@ class Controller:
                 level, se, self.sigma = lv
                 thr = self.threshold()
                 if level - cfg.z * se > thr:
+                    climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above its best "
                               f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
         if reason is not None:
-            verdict = self.unstable(step, reason)
+            verdict = self.unstable(step, reason, climb=climb)
             self.was_calm = False
             return verdict
         if not flagged:
@@ -328,7 +345,7 @@ class Controller:
             return Verdict(scale=self.scale, raised=True)
         return Verdict(scale=self.scale)
 
-    def unstable(self, step: int, reason: str) -> Verdict:
+    def unstable(self, step: int, reason: str, climb: bool = False) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
@@ -339,7 +356,11 @@ class Controller:
         fault (bad data, a corrupted step, a flipped bit) than the LR, and PaLM restarted
         at the same LR (Chowdhery et al. 2022, §5.1). A failure early in training (where
         warm-up exists for a reason), a slow climb, or failing again before the run has
-        recovered from its last rollback is the LR's doing, and the scale falls.
+        recovered from its last rollback is the LR's doing, and the scale falls: by
+        ``decrease`` when the run had been training well and broke (a streak of bad
+        steps, or an immediate action's single one), by ``decrease_far`` when it never
+        trained well at this LR or its loss level climbed (``climb``; see the module
+        docstring).
         """
         cfg = self.cfg
         self.instabilities += 1
@@ -363,7 +384,14 @@ class Controller:
             self.probe_wait *= 2  # a relapse: the raised LR was past the edge
         self.last_raise = None
         self.calm = 0
-        new = self.scale * cfg.decrease
+        # How far past its edge: a run that had trained well at this LR and then broke
+        # was near it; one that never trained well here, or whose loss level climbed
+        # (the LR is pushing it uphill step after step), was far past it. "Trained well"
+        # mirrors a regression: the best level fell by as much as a regression must rise
+        # (its regression threshold is still under the first loss), a margin one noisy
+        # first loss cannot fake.
+        trained = first is not None and self._shown(self.threshold()) < first
+        new = self.scale * (cfg.decrease if trained and not climb else cfg.decrease_far)
         if new < cfg.floor:
             return Verdict(unstable=reason, give_up=True, scale=self.scale)
         self.scale = new

@@ -18,7 +18,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -27,13 +27,53 @@ from torch import Tensor
 from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
 
-__all__ = ["DepthTrend", "Drift", "LayerAttribution", "LossSpike", "NormSpike"]
+__all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "LossSpike",
+           "NormSpike"]
 
 _TINY = 1e-30
 
 
 # MAD → σ for normal data (1.4826 = 1/Φ⁻¹(3/4)).
 _MAD_SIGMA = 1.4826
+
+
+class Flag(NamedTuple):
+    """A device detector's verdict on one step (0-dim device tensors).
+
+    Attributes:
+        spike: the step is flagged.
+        z: how far out it is, in robust standard deviations (0 before the detector is
+            ready); recorded in the step's row.
+        typical: the value the detector expected (its window's median; the value itself
+            before any history). The spike clamp scales a flagged gradient to it.
+    """
+
+    spike: Tensor
+    z: Tensor
+    typical: Tensor
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the guard needs of a per-step device detector (``Policy.grad_spike`` and
+    ``Policy.loss_spike`` take any object that has these; the guard works on a copy).
+
+    ``__call__`` must use tensor ops only (no host reads): it runs on every step.
+    """
+
+    def bind(self, device: torch.device) -> None:
+        """Allocate state on ``device``."""
+
+    def __call__(self, value: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
+        """Judge this step's ``value`` (the global gradient norm or the loss); learn from it
+        only where ``ok`` (0-dim bool: the step is finite). ``noise`` >= 1 widens the test
+        for a smaller batch than usual."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The detector's state, for checkpoints and rollback."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
 
 
 class _RobustWindow(TensorState):
@@ -92,9 +132,8 @@ class NormSpike(_RobustWindow):
         self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
         self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
 
-    def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(spike, z, typical)`` for this step's global norm (0-dim tensors).
+    def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
+        """Judge this step's global norm (a :class:`Flag` of 0-dim tensors).
 
         ``typical`` is the median norm of the window (the norm itself before any has been
         seen); the guard clips spikes down to it. ``noise`` >= 1 is how much larger
@@ -121,7 +160,7 @@ class NormSpike(_RobustWindow):
         cap = med + torch.where(ready, math.log(self.min_ratio),
                                 math.log(self.early_ratio) + spread)
         self.learn(torch.where(spike, cap, x), ok & torch.isfinite(x))
-        return spike, z, typical
+        return Flag(spike, z, typical)
 
 
 class LossSpike(_RobustWindow):
@@ -161,9 +200,9 @@ class LossSpike(_RobustWindow):
         super().bind(device)
         self.state["first"] = torch.full((), math.nan, device=device)
 
-    def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Return ``(spike, z)`` for this step's loss; ``noise`` >= 1 widens the thresholds
-        for a step whose batch is smaller than usual (its loss is noisier)."""
+    def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
+        """Judge this step's loss (``typical``: the window's median loss); ``noise`` >= 1
+        widens the thresholds for a step whose batch is smaller than usual."""
         s = self.state
         loss = loss.float().reshape(())
         med, sigma = self.stats()
@@ -202,7 +241,7 @@ class LossSpike(_RobustWindow):
         # the window with values that hide the next spike.
         self.learn(torch.where(early, early_bound, loss), good & ~late)
         s["first"].copy_(torch.where(good & ~seen, loss, s["first"]))
-        return spike, z
+        return Flag(spike, z, torch.where(seen, med, loss))
 
 
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from . import __version__, lifecycle
 from . import events as ev
 from . import snapshot as snap
-from .clip import ClipContext, Transform, chain
+from .clip import ClipContext, SpikeClamp, Transform, chain
 from .control import Controller
 from .detect import DepthTrend, Drift, LayerAttribution
 from .distributed import local_tensor, make_sync
@@ -187,6 +187,11 @@ class Guard:
         self.policy = policy = _policy(policy, on_nonfinite, on_spike, on_loss_spike, rollback)
         self.clip = _clip(clip)
         self.clip.bind(self.names, self.params, self.device)
+        # The transforms a step runs: the user's, then (under the spike actions that apply
+        # a flagged step) the clamp of a spike to the norm the detector expected.
+        self._transforms: Transform = (
+            chain(self.clip, SpikeClamp())
+            if policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF) else self.clip)
         self.after_step = _hooks(after_step)
 
         # Device parts: the detectors and the skip decision.
@@ -347,15 +352,11 @@ class Guard:
         noise = self._samples.noise()  # > 1 for a smaller batch (epoch end)
         grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
         if loss_d is not None and self.policy.on_loss_spike != "none":
-            loss_spike, loss_z = self.loss_spike(loss_d, ok, noise)
+            loss_spike, loss_z, _ = self.loss_spike(loss_d, ok, noise)
 
         ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
-        self.clip(ctx)
-        if self.policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF):
-            # A detected spike is applied no larger than the norm the detector expects,
-            # whatever the clip transforms let through (ZClip's "mean" response).
-            ctx.scale(torch.where(grad_spike, torch.clamp(typical / (ctx.global_norm + 1e-6),
-                                                          max=1.0), 1.0))
+        ctx.spike, ctx.typical = grad_spike, typical
+        self._transforms(ctx)
         clipped = ctx.global_norm
         ctx.flush()
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .control import Stability
-from .detect import LossSpike, NormSpike
+from .detect import Detector, LossSpike, NormSpike
 from .errors import ConfigError, GradGuardError, check_int, check_positive
 from .state import TensorState
 
@@ -144,8 +144,10 @@ class Policy:
             then never changed, and ``max_consecutive_skips`` is the only escalation).
         rollback: rollback settings (default: on where affordable, see
             :class:`Rollback`); None turns rollback off.
-        grad_spike: the gradient-norm spike detector.
-        loss_spike: the loss spike detector (needs ``guard.step(loss)``).
+        grad_spike: the gradient-norm spike detector (any
+            :class:`~gradguard.detect.Detector`; default :class:`~gradguard.NormSpike`).
+        loss_spike: the loss spike detector (needs ``guard.step(loss)``; default
+            :class:`~gradguard.LossSpike`).
         max_consecutive_skips: give up after this many skipped steps in a row rather than
             silently spin on a broken model.
     """
@@ -155,8 +157,8 @@ class Policy:
     on_loss_spike: Action | str = Action.AUTO
     stability: Stability | None = field(default_factory=Stability)
     rollback: Rollback | None = field(default_factory=Rollback)
-    grad_spike: NormSpike = field(default_factory=NormSpike)
-    loss_spike: LossSpike = field(default_factory=LossSpike)
+    grad_spike: Detector = field(default_factory=NormSpike)
+    loss_spike: Detector = field(default_factory=LossSpike)
     max_consecutive_skips: int = 200
 
     def __post_init__(self) -> None:
@@ -173,6 +175,13 @@ class Policy:
         if self.rollback is not None and not isinstance(self.rollback, Rollback):
             raise ConfigError(f"rollback must be a gradguard.Rollback or None, got "
                               f"{self.rollback!r}")
+        for name in ("grad_spike", "loss_spike"):
+            if not isinstance(getattr(self, name), Detector):
+                example = "NormSpike" if name == "grad_spike" else "LossSpike"
+                raise ConfigError(
+                    f"{name} takes a detector (e.g. gg.{example}(...)): an object with "
+                    f"bind, __call__, state_dict and load_state_dict; got "
+                    f"{getattr(self, name)!r}")
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         needs = A.ROLLBACK in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
         if needs and self.rollback is None:

@@ -96,8 +96,8 @@ def test_max_norm_in_the_guard_trains_the_bad_init_scenario(one_thread):
     # mlp-init (10 ReLU layers, weights 2.5× Kaiming) diverges at lr 0.01 unguarded (see
     # test_init). Rows projected to norm √2 (Kaiming's) at the start and after every step
     # train it; no clipping, only the non-finite skip the guard always does.
-    def guard(model, opt):
-        return gg.Guard(model, opt, clip=[], on_spike="none", on_loss_spike="none",
+    def guard(model, opt, scaler):
+        return gg.Guard(model, opt, scaler=scaler, clip=[], on_spike="none", on_loss_spike="none",
                         after_step=fixes.MaxNorm(model, 1.4))
 
     res = scenarios.run("mlp-init", steps=150, guard=guard)

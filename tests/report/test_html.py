@@ -66,8 +66,8 @@ def _write_bench(d: Path) -> None:
                 log = d / "logs" / f"{SCENARIO}__{remedy}.jsonl"
                 keep_log = remedy != "none" and lr == DEFAULT_LR and seed == 0
                 guard = None if remedy == "none" else (
-                    lambda m, o, log=log, keep=keep_log: gg.Guard(m, o, log=log if keep
-                                                                  else None))
+                    lambda m, o, s, log=log, keep=keep_log: gg.Guard(
+                        m, o, scaler=s, log=log if keep else None))
                 res = run(SCENARIO, lr=lr, seed=seed, steps=STEPS, guard=guard)
                 runs.append({
                     "scenario": SCENARIO, "remedy": remedy, "lr": lr, "seed": seed,

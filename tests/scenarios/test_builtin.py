@@ -13,7 +13,7 @@ def test_corrupted_batches_ruin_the_unguarded_run_but_not_the_default_guard():
     assert plain.first_nonfinite == min(scenarios.builtin.CORRUPT_NAN)
     assert plain.diverged and not math.isfinite(plain.final_loss)
 
-    guarded = scenarios.run("mlp-corrupt", guard=lambda m, o: gg.Guard(m, o))
+    guarded = scenarios.run("mlp-corrupt", guard=lambda m, o, s: gg.Guard(m, o, scaler=s))
     assert not guarded.diverged
     # every corrupted batch (NaN records and wrong-unit pixels) was skipped, nothing else;
     # a wrong-unit batch the saturated model gets exactly right (loss 0, gradient 0) is
@@ -28,12 +28,12 @@ def test_corrupted_batches_ruin_the_unguarded_run_but_not_the_default_guard():
 def test_raw_unit_regression_explodes_and_the_default_guard_backs_the_lr_off():
     plain = scenarios.run("linreg-raw")
     assert plain.diverged and plain.first_nonfinite is not None and plain.first_nonfinite < 50
-    guarded = scenarios.run("linreg-raw", guard=lambda m, o: gg.Guard(m, o))
+    guarded = scenarios.run("linreg-raw", guard=lambda m, o, s: gg.Guard(m, o, scaler=s))
     assert not guarded.diverged and guarded.first_nonfinite is None
     assert guarded.final_loss < 4500  # target variance ~5900; least squares ~2900
     # fixed-threshold clipping (clip-by-norm) contains it too, less well
     clipped = scenarios.run(
-        "linreg-raw", guard=lambda m, o: gg.Guard(m, o, clip=gg.clip.GlobalNorm(10))
+        "linreg-raw", guard=lambda m, o, s: gg.Guard(m, o, scaler=s, clip=gg.clip.GlobalNorm(10))
     )
     assert not clipped.diverged
     # below the variance of the target (~5900): the model explains part of it

@@ -46,6 +46,6 @@ def test_amp_fp16_runs_real_fp16_autocast_with_a_grad_scaler():
 def test_the_default_guard_leaves_a_healthy_cnn_run_alone():
     # At a stable LR the guard must not cost accuracy (0.98 unguarded, seed 0). At the
     # scenario's LR it does not yet rescue these runs, so that is not pinned here.
-    res = scenarios.run("cnn-digits", lr=0.03, guard=lambda m, o: gg.Guard(m, o))
+    res = scenarios.run("cnn-digits", lr=0.03, guard=lambda m, o, s: gg.Guard(m, o, scaler=s))
     assert not res.diverged and res.skipped == 0
     assert res.final_metric > 0.93

@@ -33,7 +33,7 @@ import torch
 from .. import scenarios
 from ..errors import ConfigError
 from ..record import encode_float
-from ..scenarios.train import RunResult, train
+from ..scenarios.train import RunResult
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
 
@@ -145,30 +145,17 @@ def run_one(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _train(scn: scenarios.Scenario, rem: R.Remedy, job: Job) -> RunResult:
-    torch.manual_seed(job.seed)
-    setup = scn.build(job.seed)
-    if rem.fix_setup is not None:
-        rem.fix_setup(scn, setup)
-    model = setup.model
-    if rem.fix_model is not None:
-        rem.fix_model(model)
-    params = model.parameters()
-    opt = (rem.optimizer(scn, setup, params, job.lr) if rem.optimizer is not None
-           else setup.make_optimizer(params, job.lr))
-    scaler = scenarios.make_scaler(setup)
-    sched = rem.schedule(opt, job.steps) if rem.schedule is not None else None
-    hook = rem.clipper(model, opt) if rem.clipper is not None else None
-    guard = (rem.guard(model, opt, scaler, Path(job.log) if job.log else None)
-             if rem.guard is not None else None)
-    try:
-        return train(model, opt, setup.data(setup.batch_size * rem.batch_scale), setup.loss_fn,
-                     job.steps, guard=guard, evaluate=setup.evaluate, corrupt=setup.corrupt,
-                     scheduler=sched, accum=rem.accum, before_step=hook,
-                     amp_dtype=setup.amp_dtype, scaler=scaler, blowup=scn.blowup,
-                     reference_loss=scn.reference_loss)
-    finally:
-        if guard is not None:
-            guard.close()
+    log = Path(job.log) if job.log else None
+    make = rem.guard
+    run = scenarios.prepare(
+        scn, lr=job.lr, seed=job.seed, fix_setup=rem.fix_setup, fix_model=rem.fix_model,
+        optimizer=rem.optimizer,
+        guard=None if make is None else lambda m, o, s: make(m, o, s, log))
+    opt = run.optimizer
+    return run.train(job.steps, batch_scale=rem.batch_scale,
+                     scheduler=rem.schedule(opt, job.steps) if rem.schedule else None,
+                     accum=rem.accum,
+                     before_step=rem.clipper(run.setup.model, opt) if rem.clipper else None)
 
 
 def _json_floats(xs: Sequence[float]) -> list[float | None]:

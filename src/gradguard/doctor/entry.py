@@ -44,13 +44,11 @@ class Run:
 def load_run(target: str, seed: int = 0) -> Run:
     """A built-in scenario name, or ``file.py:function`` returning the 4-tuple above."""
     if target in scenarios.SCENARIOS:
-        scn = scenarios.get(target)
-        torch.manual_seed(seed)
-        setup = scn.build(seed)
-        opt = setup.make_optimizer(setup.model.parameters(), scn.lr)
+        run = scenarios.prepare(target, seed=seed)
+        setup = run.setup
         stream = setup.data(setup.batch_size)
         first = [next(stream) for _ in range(32)]
-        return Run(target, setup.model, first, setup.loss_fn, opt)
+        return Run(target, setup.model, first, setup.loss_fn, run.optimizer)
     if ":" not in target:
         raise ConfigError(
             f"{target!r} is neither a built-in scenario ({', '.join(scenarios.SCENARIOS)}) nor "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,8 @@ from ..errors import UnknownNameError
 from ..guard import Guard
 from .train import BLOWUP, Batch, RunResult, train
 
-__all__ = ["SCENARIOS", "RunResult", "Scenario", "Setup", "get", "make_scaler", "run"]
+__all__ = ["SCENARIOS", "GuardFactory", "Prepared", "RunResult", "Scenario", "Setup", "get",
+           "make_scaler", "prepare", "run"]
 
 
 @dataclass
@@ -104,13 +106,99 @@ def get(name: str) -> Scenario:
     return SCENARIOS[name]
 
 
+GuardFactory = Callable[[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None], Guard]
+"""``(model, optimizer, scaler) -> Guard``: ``scaler`` is the run's GradScaler (fp16
+scenarios) or None; pass it on, ``Guard(model, optimizer, scaler=scaler)``."""
+
+
+@dataclass
+class Prepared:
+    """One run, set up and ready to train: what :func:`prepare` returns.
+
+    Attributes:
+        scenario: the scenario.
+        setup: its freshly built parts (model, data, loss, evaluation).
+        optimizer: built with the run's LR.
+        scaler: the fp16 GradScaler, or None.
+        guard: the guard replacing ``optimizer.step()``, or None.
+    """
+
+    scenario: Scenario
+    setup: Setup
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    guard: Guard | None
+
+    def train(self, steps: int | None = None, *, batch_scale: int = 1,
+              **kwargs: Any) -> RunResult:
+        """Train ``steps`` optimizer steps (default: the scenario's) and close the guard.
+
+        Args:
+            steps: optimizer steps.
+            batch_scale: batches this many times the scenario's size.
+            kwargs: passed to :func:`~gradguard.scenarios.train.train` (scheduler, accum,
+                before_step).
+        """
+        s, scn = self.setup, self.scenario
+        try:
+            return train(s.model, self.optimizer, s.data(s.batch_size * batch_scale),
+                         s.loss_fn, steps or scn.steps, guard=self.guard,
+                         evaluate=s.evaluate, corrupt=s.corrupt, amp_dtype=s.amp_dtype,
+                         scaler=self.scaler, blowup=scn.blowup,
+                         reference_loss=scn.reference_loss, **kwargs)
+        finally:
+            if self.guard is not None:
+                self.guard.close()
+
+
+def prepare(
+    scn: Scenario | str,
+    *,
+    lr: float | None = None,
+    seed: int = 0,
+    guard: GuardFactory | None = None,
+    fix_setup: Callable[[Scenario, Setup], None] | None = None,
+    fix_model: Callable[[nn.Module], object] | None = None,
+    optimizer: Callable[[Scenario, Setup, Iterable[nn.Parameter], float],
+                        torch.optim.Optimizer] | None = None,
+) -> Prepared:
+    """Set one run up: seed, build, (remedy hooks), optimizer, scaler, guard.
+
+    The one place a run is assembled: :func:`run`, the bench and the doctor all start here,
+    so a seed means the same model, batches and optimizer everywhere.
+
+    Args:
+        scn: the scenario or its name.
+        lr: learning rate (default: the scenario's exploding one).
+        seed: seeds the model init and the batch order.
+        guard: a :data:`GuardFactory`; None trains unguarded.
+        fix_setup: ``(scenario, setup) -> None`` changes the setup in place (inputs, loss).
+        fix_model: ``model -> anything`` changes the model in place (init, norms).
+        optimizer: ``(scenario, setup, params, lr) -> optimizer`` replaces the scenario's.
+    """
+    scn = get(scn) if isinstance(scn, str) else scn
+    lr = scn.lr if lr is None else lr
+    torch.manual_seed(seed)
+    setup = scn.build(seed)
+    if fix_setup is not None:
+        fix_setup(scn, setup)
+    if fix_model is not None:
+        fix_model(setup.model)
+    params = setup.model.parameters()
+    opt = (optimizer(scn, setup, params, lr) if optimizer is not None
+           else setup.make_optimizer(params, lr))
+    scaler = make_scaler(setup)
+    g = guard(setup.model, opt, scaler) if guard is not None else None
+    return Prepared(scn, setup, opt, scaler, g)
+
+
 def run(
     scn: Scenario | str,
     *,
     lr: float | None = None,
     seed: int = 0,
     steps: int | None = None,
-    guard: Callable[[nn.Module, torch.optim.Optimizer], Guard] | None = None,
+    guard: GuardFactory | None = None,
 ) -> RunResult:
     """Train one scenario once.
 
@@ -119,24 +207,10 @@ def run(
         lr: learning rate (default: the scenario's exploding one).
         seed: seeds the model init and the batch order.
         steps: optimizer steps (default: the scenario's).
-        guard: ``(model, optimizer) -> Guard``; None trains unguarded.
+        guard: ``(model, optimizer, scaler) -> Guard``, e.g.
+            ``lambda m, o, s: gg.Guard(m, o, scaler=s)``; None trains unguarded.
     """
-    scn = get(scn) if isinstance(scn, str) else scn
-    torch.manual_seed(seed)
-    setup = scn.build(seed)
-    opt = setup.make_optimizer(setup.model.parameters(), scn.lr if lr is None else lr)
-    scaler = make_scaler(setup)
-    g = guard(setup.model, opt) if guard is not None else None
-    if g is not None and scaler is not None and g.scaler is None:
-        g.scaler = scaler
-    try:
-        return train(setup.model, opt, setup.data(setup.batch_size), setup.loss_fn,
-                     steps or scn.steps, guard=g, evaluate=setup.evaluate,
-                     corrupt=setup.corrupt, amp_dtype=setup.amp_dtype, scaler=scaler,
-                     blowup=scn.blowup, reference_loss=scn.reference_loss)
-    finally:
-        if g is not None:
-            g.close()
+    return prepare(scn, lr=lr, seed=seed, guard=guard).train(steps)
 
 
 def make_scaler(setup: Setup) -> torch.amp.GradScaler | None:
