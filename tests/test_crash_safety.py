@@ -28,6 +28,7 @@ WRITER = textwrap.dedent("""
     import os
     import sys
     import time
+    from pathlib import Path
     import torch
     import gradguard as gg
     from gradguard import snapshot as snap
@@ -53,10 +54,14 @@ WRITER = textwrap.dedent("""
     guard = gg.Guard(model, opt, log=f"{root}/run.jsonl", flush_every=1,
                      rollback=gg.Rollback(every=1, keep=3, dir=f"{root}/run{run}",
                                           clean_window=0))
+    ready = False
     for k in range(start, 10**9):
         opt.zero_grad()
         guard.step(backward(model, seed=k))
-        if k == start + 1:
+        # Ready once a snapshot is on disk (on a loaded machine the first write can take
+        # longer than the parent's shortest wait before the kill).
+        if not ready and k > start and any(Path(f"{root}/run{run}").glob("snapshot-*.pt")):
+            ready = True
             print("ready", flush=True)
 """)
 

@@ -44,6 +44,7 @@ __all__ = [
     "Transform",
     "Value",
     "ZScore",
+    "as_transform",
     "chain",
 ]
 
@@ -532,3 +533,13 @@ class Normalize(Transform):
 
     def bound(self) -> float | None:
         return None if self.per_tensor else self.norm
+
+
+def as_transform(clip: Transform | Sequence[Transform] | None) -> Transform:
+    """The ``Guard(clip=...)`` argument as one transform (None: the empty chain)."""
+    if clip is None:
+        return chain()
+    if isinstance(clip, str) or not isinstance(clip, Transform | Sequence):
+        raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
+                          f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
+    return clip if isinstance(clip, Transform) else chain(*clip)

@@ -31,7 +31,8 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,9 +49,11 @@ __all__ = [
     "Mailbox",
     "Recorder",
     "Sink",
+    "StepInfo",
     "TensorBoardSink",
     "count_runs",
     "encode_float",
+    "make_sinks",
     "pack_row",
     "read_jsonl",
 ]
@@ -382,3 +385,65 @@ def read_jsonl(path: str | os.PathLike[str], run: int | None = None
             yield rec
         elif seen > index:
             return
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one ``guard.step`` saw and did. Tensors stay on the device; read them lazily.
+
+    Attributes:
+        step: index of this call (0-based, counts skipped steps too).
+        loss: the loss passed to ``step`` (detached), or None.
+        grad_norm: global gradient norm before any transform.
+        clipped_norm: global gradient norm after the transforms.
+        skipped: 0-dim bool, True when the optimizer step was not applied.
+        nonfinite: 0-dim bool, True when the gradients or the loss had NaN/Inf.
+        grad_spike: 0-dim bool, the gradient-norm spike detector fired.
+        loss_spike: 0-dim bool, the loss spike detector fired.
+        lr_scale: 0-dim, the factor the guard applied to every group's LR this step.
+        norms: per-parameter-tensor gradient norms before the transforms.
+        rolled_back: the guard restored a snapshot during this call (a host bool).
+    """
+
+    step: int
+    loss: Tensor | None
+    grad_norm: Tensor
+    clipped_norm: Tensor
+    skipped: Tensor
+    nonfinite: Tensor
+    grad_spike: Tensor
+    loss_spike: Tensor
+    lr_scale: Tensor
+    norms: Tensor
+    rolled_back: bool = False
+
+    @property
+    def clip_coef(self) -> Tensor:
+        """clipped_norm / grad_norm (1 when nothing was clipped)."""
+        return torch.where(self.grad_norm > 0, self.clipped_norm / self.grad_norm, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Host copy of the scalars (this synchronises; call it off the hot path)."""
+        # Host sync, deliberate: the caller asked for host numbers.
+        out: dict[str, Any] = {"step": self.step}
+        for k in ("loss", "grad_norm", "clipped_norm", "lr_scale"):
+            v = getattr(self, k)
+            out[k] = None if v is None else float(v.detach().float().cpu())
+        out["clip_coef"] = float(self.clip_coef.cpu())
+        for k in ("skipped", "nonfinite", "grad_spike", "loss_spike"):
+            out[k] = bool(getattr(self, k).cpu())
+        out["rolled_back"] = self.rolled_back
+        return out
+
+
+def make_sinks(log: str | os.PathLike[str] | None, tensorboard: str | os.PathLike[str] | None,
+               console: bool, sinks: Sequence[Sink] = ()) -> list[Sink]:
+    """The sinks ``Guard(log=..., tensorboard=..., console=..., sinks=...)`` asks for."""
+    out: list[Sink] = list(sinks)
+    if log is not None:
+        out.append(JsonlSink(log))
+    if tensorboard is not None:
+        out.append(TensorBoardSink(tensorboard))
+    if console:
+        out.append(ConsoleSink())
+    return out

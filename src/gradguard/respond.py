@@ -26,7 +26,7 @@ from .detect import Detector, LossSpike, NormSpike
 from .errors import ConfigError, GradGuardError, check_int, check_positive
 from .state import TensorState
 
-__all__ = ["Action", "Policy", "Rollback", "TrainingDivergedError"]
+__all__ = ["Action", "Policy", "Rollback", "TrainingDivergedError", "resolve_policy"]
 
 
 class Action(StrEnum):
@@ -237,3 +237,24 @@ class DeviceDecision(TensorState):
         skip = nonfinite | skips(p.on_spike, grad_spike) | skips(p.on_loss_spike, loss_spike)
         prev.copy_(nonfinite | grad_spike | loss_spike)
         return skip
+
+
+def resolve_policy(policy: Policy | None, on_nonfinite: str | None, on_spike: str | None,
+            on_loss_spike: str | None, rollback: Any) -> Policy:
+    """The policy with the ``Guard(on_*=..., rollback=...)`` shortcuts applied."""
+    policy = policy if policy is not None else Policy()
+    if not isinstance(policy, Policy):
+        raise ConfigError(f"policy must be a gradguard.Policy, got {policy!r}; use "
+                          "Policy(on_spike=...) or the on_* shortcuts")
+    if rollback is not None and rollback is not False and not isinstance(rollback, Rollback):
+        raise ConfigError(f"rollback takes a gradguard.Rollback, or False to turn rollback "
+                          f"off, got {rollback!r}")
+    overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike),
+                                   ("on_loss_spike", on_loss_spike), ("rollback", rollback))
+                 if v is not None}
+    if overrides.get("rollback") is False:
+        overrides["rollback"] = None
+    if not overrides:
+        return policy
+    return Policy(**{**{f: getattr(policy, f) for f in policy.__dataclass_fields__},
+                     **overrides})

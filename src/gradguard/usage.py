@@ -18,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ConfigError, GuardUsageError, GuardUsageWarning
 
-__all__ = ["Usage", "check_optimizer"]
+__all__ = ["Usage", "after_step_hooks", "check_fresh_grads", "check_optimizer", "run_closure",
+           "unscale_once"]
 
 OUTSIDE_STEP = (
     "optimizer.step() was called outside guard.step() (scaler.step(optimizer) calls it "
@@ -144,3 +145,41 @@ class Usage:
 def _refuse_outside_steps(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
     if id(optimizer) not in _stepping:
         raise GuardUsageError(OUTSIDE_STEP)
+
+
+def after_step_hooks(after_step: Any) -> tuple[Callable[[], object], ...]:
+    """The ``Guard(after_step=...)`` argument as a tuple of callables."""
+    hooks = (tuple(after_step) if isinstance(after_step, Sequence)
+             else () if after_step is None else (after_step,))
+    if not all(callable(h) for h in hooks):
+        raise ConfigError(f"after_step takes a callable or a list of them, got {after_step!r}")
+    return hooks
+
+
+def check_fresh_grads(grads: Sequence[Tensor]) -> None:
+    # A gradient the guard already stepped carries the version it had then; backward()
+    # either makes a new tensor or bumps the version by accumulating into it.
+    if all(getattr(g, "_gradguard_version", None) == g._version for g in grads):
+        raise GuardUsageError(
+            "guard.step() was called twice on the same gradients: call loss.backward() "
+            "(and optimizer.zero_grad()) between steps"
+        )
+
+
+def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Unscale AMP gradients once, before anything measures them."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
+def run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
+    """Call torch's step closure once (grad enabled) and return its loss."""
+    if loss is not None:
+        raise GuardUsageError("guard.step() takes the loss or a closure, not both: the "
+                              "closure computes the loss and calls backward() itself")
+    if not callable(closure):
+        raise GuardUsageError(f"closure must be callable, got {type(closure).__name__}")
+    with torch.enable_grad():
+        return closure()

@@ -1,0 +1,125 @@
+"""The guard's ``state_dict``: the dict of its parts' states, versioned, for checkpoints.
+
+Everything a resumed run needs to decide exactly as the uninterrupted one would: the
+trajectory (clip statistics, detector windows, the skip decision, the controller's recent
+losses), the controller's memory, the LR factor, the rollback store (snapshots optional),
+the layer attribution and the host-side streaks. ``load`` refuses a state saved with other
+settings unless asked to load the parts those settings leave valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import __version__
+from . import snapshot as snap
+from .errors import ConfigError, config_diff
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["STATE_VERSION", "load", "save"]
+
+log = logging.getLogger("gradguard")
+STATE_VERSION = 5
+
+
+def config(g: Guard) -> dict[str, Any]:
+    """The settings a saved state must match."""
+    return {"clip": repr(g.clip), "n_params": len(g.params), "policy": g.policy.describe()}
+
+
+def save(g: Guard, snapshots: bool = False) -> dict[str, Any]:
+    """See :meth:`gradguard.Guard.state_dict`."""
+    g._host.drain()
+    h = g._host
+    return {
+        "format": STATE_VERSION, "gradguard": __version__, "config": config(g),
+        "steps": g.steps, "skipped": g.skipped.detach().clone(),
+        "rollbacks": h.rollbacks,
+        "controller": None if g.control is None else g.control.state_dict(),
+        "lr": g.lr.state_dict(),
+        "rollback": None if g.store is None else g.store.state_dict(snapshots),
+        "attribution": {k: torch.as_tensor(v) for k, v in h.attribution.state_dict().items()},
+        "host": h.state_dict(),
+        **g._trajectory(),
+    }
+
+
+def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
+    """See :meth:`gradguard.Guard.load_state_dict`."""
+    if not isinstance(state, dict) or "format" not in state:
+        raise ConfigError("not a gradguard state dict (no 'format' key)")
+    if state["format"] != STATE_VERSION:
+        raise ConfigError(
+            f"guard state format {state['format']} (gradguard {state.get('gradguard')}) "
+            f"cannot be read by format {STATE_VERSION} (gradguard {__version__}); resume "
+            "with the gradguard version that saved it, or leave the guard state out (the "
+            "guard relearns its statistics within its warm-up)"
+        )
+    diff = config_diff(state["config"], config(g))
+    if diff and strict:
+        raise ConfigError(
+            "guard state was saved with other settings (saved → this guard):\n  "
+            + "\n  ".join(diff) + "\nbuild the guard with the same clip settings, policy "
+            "and parameters, or load_state_dict(state, strict=False) to load only the "
+            "parts those settings leave valid"
+        )
+    skipped = _load_parts(g, state) if diff else []
+    if not diff:
+        g._load_trajectory(state)
+    if skipped:
+        log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
+                    ", ".join(skipped), "; ".join(diff))
+    h = g._host
+    g.steps = int(state["steps"])
+    g.skipped.copy_(state["skipped"])
+    h.rollbacks = int(state["rollbacks"])
+    h.load_state_dict(state["host"])
+    g.lr.load_state_dict(state["lr"])
+    if g.store is not None and state["rollback"] is not None:
+        g.store.load_state_dict(state["rollback"])
+    if g.control is not None and state["controller"] is not None \
+            and "controller" not in skipped:
+        g.control.load_state_dict(state["controller"])
+    if "attribution" not in skipped:
+        a = state["attribution"]
+        h.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
+                                       "count": int(a["count"])})
+    return skipped
+
+
+def _load_parts(g: Guard, state: dict[str, Any]) -> list[str]:
+    """Non-strict load: each part whose settings (or tensor shapes) match; the rest is
+    named in the returned list."""
+    saved, mine = state["config"], config(g)
+
+    def same(*keys: str) -> bool:
+        return all(saved.get(k) == mine.get(k) for k in keys)
+
+    def fits(obj: Any, st: dict[str, Any]) -> bool:
+        cur = getattr(obj, "state", {})
+        return set(st) == set(cur) and all(tuple(v.shape) == tuple(cur[k].shape)
+                                           for k, v in st.items())
+
+    skipped: list[str] = []
+    if same("clip", "n_params"):
+        g.clip.load_state_dict(snap.clone_tree(state["clip"]))
+    else:
+        skipped.append("clip")
+    for name in ("grad_spike", "loss_spike"):
+        det = getattr(g, name)
+        if fits(det, state[name]):
+            det.load_state_dict(state[name])
+        else:
+            skipped.append(name)
+    if same("policy") and fits(g.decision, state["decision"]):
+        g.decision.load_state_dict(state["decision"])
+    else:
+        skipped += ["decision", "controller"]
+    if not same("n_params"):
+        skipped.append("attribution")
+    return skipped

@@ -1,0 +1,234 @@
+"""The guard's host half: what happens when a step's row reaches the host.
+
+The device half (:meth:`gradguard.Guard.step`) posts each step's row without waiting; the
+rows arrive here a step or two later on a GPU (at once on a CPU). For each row this part:
+
+1. turns flags into events, naming the layer where the trouble starts
+   (:class:`~gradguard.detect.LayerAttribution`) and warning of slow trends
+   (:class:`~gradguard.detect.DepthTrend`, :class:`~gradguard.detect.Drift`);
+2. escalates: feeds the stability controller (:mod:`gradguard.control`), sets the LR scale
+   it asks for, rolls back to the last good snapshot (:mod:`gradguard.rollback`), or gives
+   up with :class:`~gradguard.TrainingDivergedError`;
+3. judges rollback candidates by the rows after them and takes new ones.
+
+It reads the guard's device parts (detectors, clip state, decision) only through the
+guard's trajectory, the state that is rolled back with the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import events as ev
+from . import snapshot as snap
+from .detect import DepthTrend, Drift, LayerAttribution
+from .params import InputWatch
+from .respond import Action, TrainingDivergedError
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["HostSide"]
+
+
+class HostSide:
+    """Rows → events, escalation and rollback for one guard (see the module docstring)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.g = guard
+        names, order = guard.names, list(range(len(guard.params)))
+        self.order = order
+        self.attribution = LayerAttribution(names, order)
+        self.depth = DepthTrend(names, order, [p.dim() >= 2 for p in guard.params])
+        self.drift = Drift()
+        self.first_module: Any = None
+        self.inputs: InputWatch | None = None  # armed by the first NaN/Inf step
+        self.rollbacks = 0
+        self.skip_batches = 0
+        self.batches_used = False
+        self.skip_streak = 0
+        self.clean_streak = 0
+        self.ignore_rows_before = 0
+        self.base_lrs: dict[int, float] = {}
+
+    def set_order(self, order: list[int], first_module: Any) -> None:
+        """The forward order the first step measured (input side first)."""
+        g = self.g
+        self.order, self.first_module = order, first_module
+        self.attribution.order = order
+        old = self.depth
+        self.depth = DepthTrend(g.names, order, [p.dim() >= 2 for p in g.params])
+        self.depth.load_state_dict(old.state_dict())  # a resumed run keeps its streak
+
+    # -- rows ----------------------------------------------------------------------------
+    def after_step(self, step: int) -> bool:
+        """Process the rows that reached the host; maybe roll back; take snapshots."""
+        g = self.g
+        rolled = False
+        for k, values in g.mailbox.poll():
+            rolled = self.on_row(k, values) or rolled
+        if g.store is not None and not rolled:
+            g.store.maybe_take(step, g._trajectory)
+        g.recorder.maybe_flush(step)
+        return rolled
+
+    def drain(self) -> None:
+        """Wait for and process every row still in flight (a host sync, on purpose)."""
+        for k, values in self.g.mailbox.poll(wait=True):
+            self.on_row(k, values)
+
+    def on_row(self, k: int, values: np.ndarray) -> bool:
+        g = self.g
+        rec = g.recorder.row(k, values, len(g.params))
+        rec["lr"] = self.base_lrs.pop(k, None)
+        norms = rec["_norms"]
+        flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
+        self.clean_streak = 0 if flagged else self.clean_streak + 1
+        self.skip_streak = self.skip_streak + 1 if rec["skipped"] else 0
+        if rec["nonfinite"] and self.inputs is None and self.first_module is not None \
+                and g._sync is None:
+            # Inputs differ per rank, so under torch.distributed the data is not blamed.
+            self.inputs = InputWatch(self.first_module, lambda: g.steps)
+        if flagged:
+            ev.describe_flags(g.recorder, self.attribution, rec, norms)
+        else:
+            self.attribution.learn(norms)
+        for kind, msg in (("depth_trend", self.depth.update(norms)),
+                          ("drift", self.drift.update(rec["grad_norm"]))):
+            if msg:
+                g.recorder.event(k, kind, msg, action="warn")
+        if k < self.ignore_rows_before:
+            return False  # a step taken before the last rollback took effect
+        rolled = self.escalate(rec, bool(flagged))
+        # A snapshot taken after step s is judged by rows s+1 … s+clean_window: their
+        # losses are the first ones computed with its weights and their descendants.
+        store = g.store
+        due = k - max(1, store.cfg.clean_window) if store is not None else None
+        if not rolled and store is not None and due in store.candidates:
+            self.judge(store.candidates.pop(due))
+        return rolled
+
+    def judge(self, cand: snap.Snapshot) -> None:
+        """Keep a snapshot when the steps before it were clean and the loss was calm."""
+        store, c = self.g.store, self.g.control
+        assert store is not None
+        cw = store.cfg.clean_window
+        calm = c is None or (c.calm_now() and c.held_since(cand.guard.get("control", {}), cw))
+        if self.clean_streak >= cw and calm:
+            store.keep(cand)
+
+    # -- escalation ----------------------------------------------------------------------
+    def escalate(self, rec: dict[str, Any], flagged: bool) -> bool:
+        """Feed the controller; lower the LR, roll back or give up. True: rolled back."""
+        g = self.g
+        p, c, k = g.policy, g.control, rec["step"]
+        if rec["nonfinite"] and p.on_nonfinite == Action.RAISE:
+            self.diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
+        if self.skip_streak >= p.max_consecutive_skips:
+            self.diverged(k, f"{self.skip_streak} consecutive steps skipped: the model "
+                             "cannot recover by skipping")
+        if c is None:
+            return False
+        c.can_retry = g.store is not None and g.store.can_retry()
+        loss = rec["loss"]
+        verdict = c.observe(k, None if loss is None else float(loss), flagged,
+                            bool(rec["nonfinite"] or rec["loss_spike"]))
+        may_roll = True
+        if verdict.unstable is None:
+            forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])
+            if forced is not None:
+                verdict = c.unstable(k, forced[0])
+                may_roll = forced[1]
+        g.lr.scale = verdict.scale
+        if verdict.raised:
+            g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
+                             f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)
+        reason = verdict.unstable
+        if reason is None:
+            return False
+        from_data = None
+        if self.rollbacks >= 2 and self.inputs is not None and self.order \
+                and ev.data_origin(g.recorder, self.inputs):
+            from_data = g.names[self.order[0]]
+        if verdict.give_up or from_data:
+            lr = self.base_lrs.get(k) or g.optimizer.param_groups[0]["lr"]
+            self.diverged(k, ev.give_up(reason, c.scale, lr, from_data))
+        rb = p.rollback
+        if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
+            self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
+                             f"(max_rollbacks={rb.max_rollbacks})")
+        store = g.store
+        if store is not None and store.good and may_roll:
+            loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
+            # A snapshot is kept when the clean_window rows after it were clean; failing
+            # that same test right after being restored (a streak that began within
+            # clean_window rows), it holds the damage, not the LR: go one further back
+            # at the LR the run had.
+            since = k - self.ignore_rows_before
+            if since < store.cfg.clean_window + c.cfg.bad_steps and self.rollbacks \
+                    and loss_bad and store.discard_latest():
+                verdict = c.not_the_lr()
+                g.lr.scale = verdict.scale
+            self.rollback(k, reason, verdict.retry)
+            return True
+        # No snapshot undid the damage: the weights are elsewhere now, and so is what is
+        # normal for their loss and gradients. Judge what follows from here.
+        c.rebaseline()
+        g.grad_spike.bind(g.device)
+        g.loss_spike.bind(g.device)
+        g.recorder.event(k, "backoff", f"unstable: {reason}; LR scale ×{verdict.scale:.3g}"
+                         " (no snapshot to roll back to)", action="backoff",
+                         lr_scale=verdict.scale, reason=reason)
+        return False
+
+    def rollback(self, step: int, reason: str, retry: bool) -> None:
+        """Restore the latest good snapshot; the controller has already set the LR."""
+        g = self.g
+        assert g.store is not None
+        target = g.store.restore(retry)
+        g._load_trajectory(target.guard)
+        g.lr.progress = target.step + 1
+        self.rollbacks += 1
+        skip_n = g.store.cfg.skip_batches
+        self.skip_batches = skip_n
+        self.skip_streak = self.clean_streak = 0
+        self.ignore_rows_before = g.steps
+        skip = ""
+        if skip_n:
+            skip = (f"; skipping the next {skip_n} batches" if self.batches_used else
+                    f"; NOT skipping the next {skip_n} batches: iterate with "
+                    "guard.batches(loader) (or ask guard.should_skip_batch()) for that")
+        lr = (f"retrying at the same LR scale ×{g.lr.scale:.3g} (a sudden failure of a "
+              "healthy run: a transient fault is likelier than the LR)" if retry
+              else f"LR scale ×{g.lr.scale:.3g}")
+        g.recorder.event(
+            step, "rollback", f"unstable: {reason}; rolled back to the state after step "
+            f"{target.step}, {lr}{skip}",
+            action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale)
+
+    def diverged(self, step: int, why: str) -> None:
+        g = self.g
+        diagnosis = g.diagnosis()
+        g.recorder.event(step, "diverged", f"gave up: {why}", action="raise")
+        g.recorder.flush()
+        raise TrainingDivergedError(
+            f"gradguard gave up at step {step}: {why}. Last events: "
+            + "; ".join(e["message"] for e in g.recorder.events[-4:]),
+            diagnosis,
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
+        return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
+                "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
+                "drift": self.drift.state_dict()}
+
+    def load_state_dict(self, h: dict[str, Any]) -> None:
+        self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
+        self.skip_batches = int(h["skip_batches"])
+        self.depth.load_state_dict(h["depth"])
+        self.drift.load_state_dict(h["drift"])
