@@ -113,6 +113,27 @@ def test_weight_corruptions_far_apart_are_each_undone_at_the_same_lr():
     assert guard.lr.scale == 1.0 and float(model[0].weight.detach().abs().max()) < 10
 
 
+def test_a_fault_soon_after_a_retry_is_retried_again_once_the_restore_held():
+    # Soak finding 1: independent faults can strike again before the next snapshot is
+    # verified. A restore that held (the run got past the rows in which a damaged snapshot
+    # fails) is retried from once more at the same LR; a third failure from the same
+    # place is the LR's: cut, and go one snapshot further back.
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=50))
+    corrupt = {300, 315, 330}
+    for s in range(420):
+        if s in corrupt:
+            with torch.no_grad():
+                model[0].weight.mul_(1e3)
+        step(guard, model, opt, s)
+    rb = [e for e in guard.recorder.events if e["kind"] == "rollback"]
+    assert [e["to_step"] for e in rb] == [250, 250, 200]
+    assert ["retrying" in e["message"] for e in rb] == [True, True, False]
+    assert guard.control.retries == 2 and guard.control.cuts == 1
+    assert guard.lr.scale == pytest.approx(0.3)  # it had trained well: near its edge
+
+
 def test_a_restored_snapshot_that_fails_at_once_is_dropped_without_a_second_cut():
     model = relu_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -132,7 +132,12 @@ class HostSide:
                              "cannot recover by skipping")
         if c is None:
             return False
-        c.can_retry = g.store is not None and g.store.can_retry()
+        store = g.store
+        # The last restore held: the run got past the rows in which a snapshot holding
+        # damage fails at once (the same window as discard_latest's, below).
+        held = self.rollbacks > 0 and store is not None and \
+            k - self.ignore_rows_before >= store.cfg.clean_window + c.cfg.bad_steps
+        c.can_retry = store is not None and store.can_retry(held)
         loss = rec["loss"]
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]))
@@ -160,7 +165,6 @@ class HostSide:
         if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
             self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
                              f"(max_rollbacks={rb.max_rollbacks})")
-        store = g.store
         if store is not None and store.good and may_roll:
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing

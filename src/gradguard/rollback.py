@@ -64,12 +64,23 @@ class RollbackStore:
     def latest(self) -> snap.Snapshot | None:
         return self.good[-1] if self.good else None
 
-    def can_retry(self) -> bool:
-        """A retry at the same LR needs a snapshot never restored from: one the run
-        reached and passed clean *after* its last rollback. Failing again from a place
-        already restored is the LR's doing."""
-        return bool(self.good) and self.good[-1].step != self.retried_from \
-            and not self.fails.get(self.good[-1].step)
+    def can_retry(self, held: bool = False) -> bool:
+        """Whether a failure now may be retried at the same LR.
+
+        It needs a snapshot never restored from (one the run reached and passed clean
+        *after* its last rollback), or, once, the snapshot a retry restored when that
+        restore ``held`` (the run got through the rows in which a restored snapshot that
+        holds damage fails): an independent fault may strike again before the next
+        snapshot is verified, while an LR-driven failure repeats and gets its cut on the
+        next try.
+        """
+        if not self.good:
+            return False
+        step = self.good[-1].step
+        restores = self.fails.get(step, 0)
+        if restores == 0:
+            return step != self.retried_from
+        return held and restores == 1 and step == self.retried_from
 
     def start(self, guard_state: dict[str, Any]) -> None:
         """At the first step: settle where snapshots live and keep the starting state."""
