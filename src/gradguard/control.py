@@ -351,12 +351,14 @@ class Controller:
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
         still in the lower half of its margin, its best was below the run's first loss, and
         the run is past its first ``probe_after`` steps — is retried at the same scale when
-        the guard has a snapshot it has never restored from (``can_retry``: the run got
-        past its last rollback and was verified clean again): it is likelier a transient
+        the guard has a snapshot to retry from (``can_retry``: one never restored from,
+        reached and verified clean after the last rollback, or the one a retry restored
+        when that restore held, see :meth:`gradguard.rollback.RollbackStore.can_retry`):
+        it is likelier a transient
         fault (bad data, a corrupted step, a flipped bit) than the LR, and PaLM restarted
         at the same LR (Chowdhery et al. 2022, §5.1). A failure early in training (where
-        warm-up exists for a reason), a slow climb, or failing again before the run has
-        recovered from its last rollback is the LR's doing, and the scale falls: by
+        warm-up exists for a reason), a slow climb, or failing again at once after a
+        restore is the LR's doing, and the scale falls: by
         ``decrease`` when the run had been training well and broke (a streak of bad
         steps, or an immediate action's single one), by ``decrease_far`` when it never
         trained well at this LR or its loss level climbed (``climb``; see the module
