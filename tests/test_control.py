@@ -212,3 +212,25 @@ def test_the_cut_is_graded_by_how_far_past_its_edge_the_run_is():
     feed(flat, 2.0 * np.exp(gen.normal(0, 0.05, 60)))
     v = [flat.observe(60 + k, 80.0, True, True) for k in range(3)][-1]
     assert "in a row" in v.unstable and v.scale == pytest.approx(0.1)
+
+
+def test_at_the_floor_a_run_that_trained_and_progressed_is_rolled_back_not_given_up():
+    gen = np.random.default_rng(2)
+    cfg = gg.Stability(floor=0.05, probe_after=10_000)
+    ctrl = Controller(cfg)
+    feed(ctrl, np.geomspace(3, 1, 80) * np.exp(gen.normal(0, 0.1, 80)))  # trained well
+    ctrl.scale = 0.1  # two cuts already: the next ×0.3 would be under the floor
+
+    def burst(start):
+        return [ctrl.observe(start + k, 40.0, True, True) for k in range(3)][-1]
+
+    v = burst(80)  # progress since the last rollback (the guard's flag): roll back
+    assert v.unstable and not v.give_up and v.scale == pytest.approx(0.1)
+    ctrl.progressed = False  # failing again without progress: a loop, give up
+    v = burst(83)
+    assert v.give_up
+    # a run that never trained well gives up at the floor whatever its progress
+    flat = Controller(cfg)
+    feed(flat, 2.0 * np.exp(gen.normal(0, 0.05, 60)))
+    flat.scale = 0.1
+    assert [flat.observe(60 + k, 80.0, True, True) for k in range(3)][-1].give_up

@@ -93,7 +93,9 @@ class Stability:
         probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
             each relapse (instability within ``probe_after`` steps of a raise).
         floor: give up (:class:`~gradguard.TrainingDivergedError`) when the scale would
-            fall below this.
+            fall below this; except for a run that had trained well and broke after
+            making progress since its last rollback, which is rolled back at the floor
+            (at a thousandth of the LR, the LR is not what breaks it).
         warmup: an automatic linear LR warm-up: "auto" ramps Adam-family optimizers (those
             with ``betas``) over 2/(1 − β2) steps, the untuned warm-up of Ma & Yarats 2021
             (§4; about the time Adam's second-moment estimate needs to become reliable,
@@ -193,8 +195,10 @@ class Controller:
         self.retries = 0
         self.first_loss: float | None = None
         self.was_calm = False
-        # Set by the guard: whether a snapshot it has not retried from yet is there.
+        # Set by the guard: whether a snapshot it has not retried from yet is there, and
+        # whether the run made progress since its last rollback (the restore held).
         self.can_retry = False
+        self.progressed = True
         self._before_cut: tuple[float, int, int | None] | None = None
         self.rows = 0
         self.scaled_rows = 0
@@ -393,8 +397,16 @@ class Controller:
         # (its regression threshold is still under the first loss), a margin one noisy
         # first loss cannot fake.
         trained = first is not None and self._shown(self.threshold()) < first
-        new = self.scale * (cfg.decrease if trained and not climb else cfg.decrease_far)
+        near = trained and not climb
+        new = self.scale * (cfg.decrease if near else cfg.decrease_far)
         if new < cfg.floor:
+            if near and self.progressed:
+                # At the floor the LR is a thousandth of the user's: a run that had trained
+                # well and broke after making progress since its last rollback is not
+                # failing because of it. Roll back and keep the scale; a failure without
+                # progress in between (a loop) still gives up.
+                self.cuts -= 1
+                return Verdict(unstable=reason, scale=self.scale)
             return Verdict(unstable=reason, give_up=True, scale=self.scale)
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)

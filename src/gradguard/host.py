@@ -138,6 +138,7 @@ class HostSide:
         held = self.rollbacks > 0 and store is not None and \
             k - self.ignore_rows_before >= store.cfg.clean_window + c.cfg.bad_steps
         c.can_retry = store is not None and store.can_retry(held)
+        c.progressed = held or self.rollbacks == 0
         loss = rec["loss"]
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]))
