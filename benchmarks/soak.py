@@ -69,13 +69,13 @@ STATE_SHARE = 0.12
 NOTES = """
 ## Verdict
 
-At both LRs the `default` and `rollback` runs meet the criterion: 0 poisoned steps over
-558 / 561 injected faults, test accuracy within 0.1–0.9 % of the clean run (the previous
-guard's `rollback` run ended 3.2 % below its clean run at lr 1e-4, not met). On a healthy
-run the guard changes nothing: `guarded-clean` flags no step and ends with the clean run's
-accuracy to the last digit at both LRs. `default-all` (every fault kind, including weight
-corruptions and LR spikes, under `gg.Guard(model, opt)`) is **not met**: it gives up at
-step 4721 (finding 2).
+Every run meets the criterion: 0 poisoned steps over 558 / 561 injected faults and test
+accuracy within 2 % of the clean run at its LR; within 1 % on all but `rollback` at lr 1e-3
+(1.05 %: 10 of the 1000 test images). `default-all` (every fault kind, including weight
+corruptions and LR spikes, under `gg.Guard(model, opt)`) meets it for the first time: the
+previous guard gave up at step 4721 with the model at chance (findings 1 and 2). On a
+healthy run the guard changes nothing: `guarded-clean` flags no step and ends with the
+clean run's accuracy to the last digit at both LRs.
 
 ## What stops each fault
 
@@ -105,33 +105,31 @@ damaged. `default-all` is the same fault stream under `gg.Guard(model, opt)`.
 
 ## Findings for the guard
 
-1. **Retries need an unused snapshot, and state faults cluster.** A sudden failure of a
-   settled, healthy run is retried at the same LR when the guard holds a snapshot it has
-   never restored from (one verified clean after the last rollback). Before this rule the
-   guard also required 250 quiet steps since the last instability, and weight faults
-   ~200 steps apart ratcheted the LR to its floor until the guard gave up (the previous
-   `rollback` run at lr 1e-4: 7 rollbacks, gave up at step ~1640, accuracy 0.097). Now
-   most rollbacks retry; but by the schedule's odds (12 % of faults, one every 11–17
-   steps) about 40 % of state faults come within 55 steps (a snapshot interval and its
-   clean window) of the previous one, before a new snapshot is verified, and those cut
-   the LR ×0.3. Over 8000 steps the `rollback` runs' LR scale sinks to 0.0044 (below 1 on 7976
-   of 8000 steps at lr 1e-3). Accuracy holds because this model fits its 4000 images
-   early; a task whose late steps matter would pay for it. A next step: allow a second
-   retry from a snapshot whose restore held through its clean window (at most two
-   restores per snapshot at one LR, so an LR-driven failure still gets its cut).
-2. **`default-all`: dormant damage under `on_spike="auto"`.** Under the default policy a
-   flagged step that follows a flagged step is applied (clipped to the typical norm),
-   not skipped, so a run carrying a corrupted weight keeps training on it, and a
-   snapshot taken while the damage is dormant can pass its 5-step check. Restores then
-   fail again at once, each such failure cuts the LR, and the guard gives up at step
-   4721 (24 rollbacks) with the model at chance. It does escalate now (the previous guard
-   carried the destroyed model to the end silently), but its message blames the LR, and
-   the `rollback` configuration (skip every flagged step) handles the same stream. Weight
-   corruption every ~120 steps is far beyond what real runs see; it is the stress case.
+1. **State faults cluster, so a retry may be needed twice.** A sudden failure of a
+   settled run that had trained well is retried at the same LR from a snapshot never
+   restored from. By the schedule's odds (12 % of faults, one every 11–17 steps) about
+   40 % of state faults strike again before the next snapshot is verified; those used to
+   cut the LR. Now the snapshot a retry restored is retried from once more when that
+   restore held (the run got past the 8 rows in which a snapshot holding damage fails),
+   and only a third failure from there cuts. This is what turned `default-all` from
+   "gave up at step 4721" into met.
+2. **The LR still drifts down under a fault every ~14 steps.** Not every fault finds a
+   snapshot to retry from, each of the others cuts, and a relapse soon after a probe
+   doubles the wait for the next: the `rollback` runs end at ×0.0027 (lr 1e-3) and ×0.01
+   (lr 1e-4) and spend 7976 / 5599 of 8000 steps below ×1. At lr 1e-3 the next cut would
+   have crossed the floor at step 6926, and the guard gave up (accuracy 0.097) until the
+   floor rule changed: a run that had trained well and broke after making progress since
+   its last rollback is rolled back at the floor instead (at a thousandth of its LR the LR
+   is not what breaks it); a failure without progress in between still gives up.
+   Accuracy holds because this model fits its 4000 images early; a task whose late steps
+   matter would pay for the lower LR. Weight corruption every ~120 steps is far beyond
+   what real runs see; it is the stress case.
 3. **Early faults cost an LR cut by design.** The first faults strike at step 20, inside
    the first 250 steps, where a failure is taken as the LR's (that is what warm-up is
-   for): `default` at lr 1e-3 rolls back once there, to ×0.3, and probes back to ×1 by
-   step ~520 (500 steps below 1).
+   for), and before the run has trained well, so the cut is the far one: `default` at lr
+   1e-3 rolls back once there, to ×0.1, and probes back to ×1 by step ~1020 (1000 steps
+   below 1; ×0.3 and 500 steps with the previous single cut factor), ending 0.42 % below
+   its clean run as before.
 
 Faults are at least 11 steps apart: each is an isolated incident, as real ones are.
 Faults closer together are a different test (three flagged steps in a row read as an
