@@ -62,6 +62,28 @@ def test_worker_processes_give_the_same_results(small_bench, tmp_path):
             {k: v for k, v in b.items() if k != "seconds"}
 
 
+def test_one_job_runs_single_threaded_like_a_worker(tmp_path, monkeypatch):
+    # A run's numbers must not depend on --jobs: the workers are single-threaded, so the
+    # in-process path is too (a CNN's kernels reduce in another order with 2 threads,
+    # and a chaotic run then ends elsewhere), and the caller's setting comes back.
+    import torch
+
+    from gradguard.bench import runner
+
+    seen = []
+    real = runner.run_one
+    monkeypatch.setattr(runner, "run_one",
+                        lambda job: (seen.append(torch.get_num_threads()), real(job))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none"], seeds=(0,),
+                              lr_grid=[1e-5], steps=5, jobs=1, out=tmp_path))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("remedy", [r for r in REMEDIES if r != "none"])
 def test_every_remedy_trains_a_real_model(remedy):
     row, curve = run_one(Job("mlp-corrupt", remedy, 0.01, 0, 25))

@@ -221,10 +221,17 @@ def run_bench(cfg: BenchConfig,
         old.unlink()
     results: dict[Job, tuple[dict[str, Any], dict[str, Any]]] = {}
     if cfg.jobs == 1:
-        for job in jobs:
-            results[job] = run_one(job)
-            if progress is not None:
-                progress(job, results[job][0], len(results), len(jobs))
+        # Single-threaded like a worker: a run's numbers must not depend on --jobs (the
+        # kernels' reduction order changes with the thread count, and chaotic runs follow).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job in jobs:
+                results[job] = run_one(job)
+                if progress is not None:
+                    progress(job, results[job][0], len(results), len(jobs))
+        finally:
+            torch.set_num_threads(threads)
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_init) as pool:
