@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import gradguard as gg
 from gradguard.stats import collect_grads, compute_stats
 from tests.conftest import backward, small_mlp
 
@@ -58,3 +59,21 @@ def test_sparse_grad_is_type_error():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="sparse gradient"):
         collect_grads(list(emb.parameters()))
+
+
+def test_a_finite_gradient_whose_square_overflows_is_unusable():
+    # torch's norm kernels rescale, so a 3e38 gradient has a finite norm; Adam would still
+    # square it into an inf second moment. Found by tests/test_fuzz.py.
+    from gradguard.stats import MAX_NORM, unusable
+
+    assert not bool(unusable(torch.tensor(1e19)))
+    assert bool(unusable(torch.tensor(2e19))) and bool(unusable(torch.tensor(float("nan"))))
+    assert bool(unusable(torch.tensor(float("inf")))) and MAX_NORM > 1.8e19
+    model = torch.nn.Linear(1, 1, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    guard = gg.Guard(model, opt, log=None)
+    model.weight.grad = torch.tensor([[3e38]])
+    info = guard.step(torch.tensor(1.0))
+    assert bool(info.skipped) and bool(info.nonfinite)
+    assert not opt.state.get(model.weight)  # no inf second moment left behind
+    guard.close()

@@ -38,7 +38,7 @@ from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks, pack_row
 from .respond import Action, DeviceDecision, Policy, resolve_policy
 from .rollback import RollbackStore
 from .samples import SampleCounter
-from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms
+from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms, unusable
 from .stepper import Stepper
 from .usage import (
     Usage,
@@ -340,7 +340,7 @@ class Guard:
         if self._sync.sharded:
             groups = dataclasses.replace(groups, sum_squares=self._sync.sum_squares)
         local = local_norms(groups, groups.grads, self.device)
-        bad = ~torch.isfinite(global_from_norms(local))
+        bad = unusable(global_from_norms(local))
         if loss_d is not None:
             bad = bad | ~torch.isfinite(loss_d)
         norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)

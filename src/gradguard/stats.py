@@ -8,6 +8,7 @@ vector, so the guard reads each gradient byte once to measure it (the same singl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -159,6 +160,17 @@ def global_from_norms(norms: Tensor) -> Tensor:
     return torch.linalg.vector_norm(norms, 2)
 
 
+# The largest gradient norm whose square fp32 holds. Above it Adam's, RMSprop's and
+# Adagrad's second moments overflow to inf even though every element is finite (torch's
+# norm kernels rescale, so the norm itself stays finite up to fp32's max).
+MAX_NORM = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def unusable(global_norm: Tensor) -> Tensor:
+    """True (0-dim bool) for a NaN/Inf norm or one whose square overflows fp32."""
+    return ~(global_norm <= MAX_NORM)  # NaN compares False: flagged too
+
+
 def compute_stats(groups: GradGroups, device: torch.device, norms: Tensor | None = None
                   ) -> GradStats:
     """One fused pass over ``groups`` giving per-tensor norms, global norm and non-finite flag.
@@ -176,4 +188,4 @@ def compute_stats(groups: GradGroups, device: torch.device, norms: Tensor | None
     if norms is None:
         norms = foreach_norms(groups, groups.grads, device)
     gnorm = global_from_norms(norms)
-    return GradStats(norms, groups.index, gnorm, ~torch.isfinite(gnorm), groups)
+    return GradStats(norms, groups.index, gnorm, unusable(gnorm), groups)
