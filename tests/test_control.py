@@ -226,6 +226,7 @@ def test_at_the_floor_a_run_that_trained_and_progressed_is_rolled_back_not_given
 
     v = burst(80)  # progress since the last rollback (the guard's flag): roll back
     assert v.unstable and not v.give_up and v.scale == pytest.approx(0.1)
+    assert ctrl.cuts == 0  # held at the floor: no cut counted
     ctrl.progressed = False  # failing again without progress: a loop, give up
     v = burst(83)
     assert v.give_up

@@ -215,7 +215,7 @@ class SpikeClamp(Transform):
     def __call__(self, ctx: ClipContext) -> None:
         if ctx.spike is None or ctx.typical is None:
             return
-        coef = torch.clamp(ctx.typical / (ctx.global_norm + _TORCH_EPS), max=1.0)
+        coef = _norm_clip_coef(ctx.global_norm, ctx.typical)
         ctx.scale(torch.where(ctx.spike, coef, 1.0))
 
 

@@ -358,15 +358,15 @@ class Controller:
         the guard has a snapshot to retry from (``can_retry``: one never restored from,
         reached and verified clean after the last rollback, or the one a retry restored
         when that restore held, see :meth:`gradguard.rollback.RollbackStore.can_retry`):
-        it is likelier a transient
-        fault (bad data, a corrupted step, a flipped bit) than the LR, and PaLM restarted
-        at the same LR (Chowdhery et al. 2022, §5.1). A failure early in training (where
-        warm-up exists for a reason), a slow climb, or failing again at once after a
-        restore is the LR's doing, and the scale falls: by
-        ``decrease`` when the run had been training well and broke (a streak of bad
-        steps, or an immediate action's single one), by ``decrease_far`` when it never
-        trained well at this LR or its loss level climbed (``climb``; see the module
-        docstring).
+        it is likelier a transient fault (bad data, a corrupted step, a flipped bit) than
+        the LR, and PaLM restarted at the same LR (Chowdhery et al. 2022, §5.1). A failure
+        early in training (where warm-up exists for a reason), a slow climb, or failing
+        again at once after a restore is the LR's doing, and the scale falls: by
+        ``decrease`` when the run had been training well and broke (a streak of bad steps,
+        or an immediate action's single one), by ``decrease_far`` when it never trained
+        well at this LR or its loss level climbed (``climb``; see the module docstring).
+        At the floor, a run that had trained well and made progress since its last
+        rollback (``progressed``) is rolled back at the same scale instead.
         """
         cfg = self.cfg
         self.instabilities += 1
@@ -384,12 +384,6 @@ class Controller:
             self.calm = 0
             self.retries += 1
             return Verdict(unstable=reason, scale=self.scale, retry=True)
-        self.cuts += 1
-        self._before_cut = (self.scale, self.probe_wait, self.last_raise)
-        if self.last_raise is not None and step - self.last_raise <= self.probe_wait:
-            self.probe_wait *= 2  # a relapse: the raised LR was past the edge
-        self.last_raise = None
-        self.calm = 0
         # How far past its edge: a run that had trained well at this LR and then broke
         # was near it; one that never trained well here, or whose loss level climbed
         # (the LR is pushing it uphill step after step), was far past it. "Trained well"
@@ -399,14 +393,23 @@ class Controller:
         trained = first is not None and self._shown(self.threshold()) < first
         near = trained and not climb
         new = self.scale * (cfg.decrease if near else cfg.decrease_far)
+        # At the floor the LR is a thousandth of the user's: a run that had trained well
+        # and broke after making progress since its last rollback is not failing because
+        # of it. Roll back and keep the scale (no cut to take back); a failure without
+        # progress in between (a loop) still gives up.
+        hold = new < cfg.floor and near and self.progressed
+        if hold:
+            self._before_cut = None
+        else:
+            self.cuts += 1
+            self._before_cut = (self.scale, self.probe_wait, self.last_raise)
+        if self.last_raise is not None and step - self.last_raise <= self.probe_wait:
+            self.probe_wait *= 2  # a relapse: the raised LR was past the edge
+        self.last_raise = None
+        self.calm = 0
+        if hold:
+            return Verdict(unstable=reason, scale=self.scale)
         if new < cfg.floor:
-            if near and self.progressed:
-                # At the floor the LR is a thousandth of the user's: a run that had trained
-                # well and broke after making progress since its last rollback is not
-                # failing because of it. Roll back and keep the scale; a failure without
-                # progress in between (a loop) still gives up.
-                self.cuts -= 1
-                return Verdict(unstable=reason, scale=self.scale)
             return Verdict(unstable=reason, give_up=True, scale=self.scale)
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)

@@ -397,7 +397,8 @@ class StepInfo:
         grad_norm: global gradient norm before any transform.
         clipped_norm: global gradient norm after the transforms.
         skipped: 0-dim bool, True when the optimizer step was not applied.
-        nonfinite: 0-dim bool, True when the gradients or the loss had NaN/Inf.
+        nonfinite: 0-dim bool, True when the gradients or the loss had NaN/Inf (or the
+            gradient norm is too large for its square to fit in fp32).
         grad_spike: 0-dim bool, the gradient-norm spike detector fired.
         loss_spike: 0-dim bool, the loss spike detector fired.
         lr_scale: 0-dim, the factor the guard applied to every group's LR this step.

@@ -240,7 +240,7 @@ class DeviceDecision(TensorState):
 
 
 def resolve_policy(policy: Policy | None, on_nonfinite: str | None, on_spike: str | None,
-            on_loss_spike: str | None, rollback: Any) -> Policy:
+                   on_loss_spike: str | None, rollback: Any) -> Policy:
     """The policy with the ``Guard(on_*=..., rollback=...)`` shortcuts applied."""
     policy = policy if policy is not None else Policy()
     if not isinstance(policy, Policy):
