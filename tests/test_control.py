@@ -19,7 +19,9 @@ def feed(ctrl, losses, flags=None, start=0):
     return out
 
 
-@settings(max_examples=25, deadline=None)
+# Derandomized: a z = 3 test has a false-alarm rate of ~1e-3 per run at the heaviest noise
+# here, which a random search over seeds would find sooner or later in CI.
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), level=st.floats(1e-4, 1e4),
        spread=st.floats(0.0, 0.8))
 def test_stationary_noisy_loss_is_never_instability(seed, level, spread):
@@ -235,3 +237,21 @@ def test_at_the_floor_a_run_that_trained_and_progressed_is_rolled_back_not_given
     feed(flat, 2.0 * np.exp(gen.normal(0, 0.05, 60)))
     flat.scale = 0.1
     assert [flat.observe(60 + k, 80.0, True, True) for k in range(3)][-1].give_up
+
+
+def test_a_run_that_climbs_past_its_first_loss_before_it_has_a_best_is_unstable():
+    # Mechanism 6 of the stability issue: Adam at 100x its LR takes a transformer from
+    # 4.4 to ~15 in two steps and sits there; the first window's level is the wrecked
+    # one, so "above its best" never fires. Above the first loss (plus its noise and
+    # the regression margin) does, at the first level, as a climb: a decade.
+    gen = np.random.default_rng(3)
+    wrecked = [4.4, 15.8, 16.3, *(12 * np.exp(gen.normal(0, 0.05, 20)))]
+    v = next(x for x in feed(Controller(gg.Stability()), wrecked) if x.unstable)
+    assert "above the first loss" in v.unstable and v.scale == pytest.approx(0.1)
+    # The same brief early bump that comes back down is not: the level is the median.
+    bump = [4.4, 15.8, 16.3, *(4.0 * np.exp(gen.normal(0, 0.05, 60)))]
+    assert not any(x.unstable for x in feed(Controller(gg.Stability()), bump))
+    # Nor a noisy run whose first loss happened to be a low draw (its noise is σ, not
+    # σ/√n): 2.5 σ under a level that then stays flat.
+    noisy = [math.exp(-2.5 * 0.5), *np.exp(gen.normal(0, 0.5, 300))]
+    assert not any(x.unstable for x in feed(Controller(gg.Stability()), noisy))

@@ -12,7 +12,9 @@ late, which a trend measured over tens of steps does not mind). Three classes of
   spiked, or the loss *level*
   (the median of recent losses, robust to single bad batches) rising to more than
   (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
-  errors wide): the run itself is diverging, slowly or fast.
+  errors wide), or above (1 + ``rise``) × the first loss (plus ``z`` σ of one sample's
+  noise): the run itself is diverging, slowly or fast, or was wrecked in its first steps
+  (Adam at a far too high LR) so that even its first level is the wrecked one.
 * **early phase** — before ``min_losses`` losses exist there is no level; then
   ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
   early checks (a norm or loss far above the first ones) supplying the flags. Later a
@@ -183,6 +185,7 @@ class Controller:
         self.log_scale: bool | None = None
         self.sigma: float | None = None
         self._cache: tuple[float, float, float] | None = None
+        self.start: float | None = None  # the first loss of this trajectory
         self.streak = 0
         self.nan_streak = 0
         # memory
@@ -253,11 +256,43 @@ class Controller:
         noisy medians is biased low, and this keeps a lucky window from becoming a bar
         that ordinary noise later clears.
         """
-        if not math.isfinite(self.best):
+        return self._limit(self.best)
+
+    def _limit(self, ref: float) -> float:
+        """The regression limit above a reference level (in the level's units)."""
+        if not math.isfinite(ref):
             return math.inf
         if self.log_scale:
-            return self.best + math.log1p(self.cfg.rise)
-        return self.best + self.cfg.rise * abs(self.best)
+            return ref + math.log1p(self.cfg.rise)
+        return ref + self.cfg.rise * abs(ref)
+
+    def start_threshold(self) -> float:
+        """The level above which the run has climbed past its *first* loss (inf if unknown).
+
+        The first loss of the trajectory: the run's, or the first one after an in-place LR
+        cut re-based it (the weights it was computed with are the ones judged from then
+        on; a run recovering from damage it could not roll back must not be judged
+        against a loss its weights left behind). It is one sample, so its upper bound is
+        ``z`` per-step noise σ above it (not σ/√n); the regression margin is added on top,
+        as for the best level. This is the test for a run that blows up before it ever has
+        a best: Adam wrecking a network in its first steps, whose first level is already
+        the wrecked one. One sample against a noise estimate from a few losses is fragile,
+        so σ is the larger of the two estimates the window gives (successive differences,
+        and the spread around its median): on a stationary loss with ×1.6–3 batch noise
+        it adds about one false alarm per 1000 runs to the best-level test's own rate.
+        """
+        first, sigma = self.start, self.sigma
+        if first is None or sigma is None or self.log_scale is None \
+                or len(self.losses) < self.cfg.min_losses:
+            return math.inf
+        if self.log_scale:
+            if first <= 0:
+                return math.inf
+            first = math.log(first)
+        x = self._scaled(list(self.losses))
+        med = _median(x)
+        spread = _MAD_SIGMA * _median([abs(v - med) for v in x])
+        return self._limit(first + self.cfg.z * max(sigma, spread))
 
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment
@@ -310,6 +345,8 @@ class Controller:
         if loss is not None and math.isfinite(loss):
             if self.first_loss is None:
                 self.first_loss = float(loss)
+            if self.start is None:
+                self.start = float(loss)
             # Bad batches enter too: one is an outlier the median ignores, a run of them
             # is a loss that really is higher now.
             self.losses.append(float(loss))
@@ -328,10 +365,15 @@ class Controller:
             if lv is not None:
                 level, se, self.sigma = lv
                 thr = self.threshold()
+                start = self.start_threshold()
                 if level - cfg.z * se > thr:
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above its best "
                               f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
+                elif level - cfg.z * se > start:
+                    climb = True
+                    reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
+                              f"{self.start:.4g} (limit {self._shown(start):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
         if reason is not None:
@@ -429,13 +471,14 @@ class Controller:
         self.losses.clear()
         self._cache = None
         self.best, self.best_se = math.inf, 0.0
+        self.start = None
         self.streak = self.nan_streak = 0
 
     # -- state ---------------------------------------------------------------------------
     def trajectory(self) -> dict[str, Any]:
         """The part rolled back with the model."""
         return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se,
-                "log_scale": self.log_scale, "sigma": self.sigma}
+                "log_scale": self.log_scale, "sigma": self.sigma, "start": self.start}
 
     def load_trajectory(self, s: dict[str, Any]) -> None:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
@@ -443,6 +486,8 @@ class Controller:
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
         self.log_scale = s["log_scale"]
         self.sigma = s["sigma"]
+        # (a state from before the start reference: the run's first loss was it)
+        self.start = s.get("start", s.get("first_loss"))
         self.streak = self.nan_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
