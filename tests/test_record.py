@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradguard as gg
-from gradguard.record import JsonlSink, Mailbox, Recorder, read_jsonl
+from gradguard.record import COLUMNS, JsonlSink, Mailbox, Recorder, read_jsonl
 
 
 def test_mailbox_on_cpu_delivers_in_order():
@@ -22,7 +22,10 @@ def test_jsonl_roundtrip_nonfinite_and_torn_last_line(tmp_path):
     path = tmp_path / "run.jsonl"
     rec = Recorder(["a", "b"], [JsonlSink(path)], flush_every=1)
     rec.start({"params": ["a", "b"]})
-    vals = np.array([math.nan, 3.0, 1.0, 1, 1, 0, 0, 0.5, 0.0, 0.0, math.inf, 2.0])
+    head = {"loss": math.nan, "grad_norm": 3.0, "clipped_norm": 1.0, "skipped": 1,
+            "nonfinite": 1, "grad_spike": 0, "loss_spike": 0, "lr_scale": 0.5,
+            "grad_z": 0.0, "loss_z": 0.0}
+    vals = np.array([*(head[c] for c in COLUMNS), math.inf, 2.0])  # then the norms
     rec.row(0, vals, 2)
     rec.event(0, "nonfinite", "boom", action="skip")
     rec.close()

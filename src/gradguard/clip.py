@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
-from .stats import GradGroups, GradStats, foreach_norms, global_from_norms
+from .stats import GradGroups, GradStats, finite, foreach_norms, global_from_norms
 
 __all__ = [
     "AGC",
@@ -75,6 +75,9 @@ class ClipContext:
         self.finite = finite
         self.device = device
         self._norms: Tensor | None = stats.norms
+        # The global norm of the current norms, kept until a transform changes them (the
+        # stats pass has computed it for the incoming ones already).
+        self._global: Tensor | None = stats.global_norm
         self._pending: Tensor | None = None
         self.spike: Tensor | None = None
         self.typical: Tensor | None = None
@@ -90,12 +93,15 @@ class ClipContext:
     @property
     def global_norm(self) -> Tensor:
         """Current global L2 norm (0-dim fp32)."""
-        return global_from_norms(self.norms)
+        if self._global is None:
+            self._global = global_from_norms(self.norms)
+        return self._global
 
     def scale(self, factor: Tensor) -> None:
         """Scale gradients by ``factor`` (0-dim, or one entry per tensor), lazily."""
         norms = self.norms
         self._norms = norms * factor
+        self._global = None
         self._pending = factor if self._pending is None else self._pending * factor
 
     def grads(self) -> list[Tensor]:
@@ -106,6 +112,7 @@ class ClipContext:
     def modified(self) -> None:
         """Declare that the gradients were edited in place; norms get recomputed on demand."""
         self._norms = None
+        self._global = None
 
     def flush(self) -> None:
         """Apply the pending scale with one foreach multiply per bucket."""
@@ -389,7 +396,7 @@ class Quantile(Transform):
         s = self.state
         norm = ctx.global_norm
         ctx.scale(_norm_clip_coef(norm, self.threshold()))
-        ok = ctx.finite & torch.isfinite(norm)
+        ok = ctx.finite & finite(norm)
         slot = torch.remainder(s["count"], self.history).reshape(1)
         s["norms"].index_copy_(0, slot, torch.where(ok, norm, s["norms"][slot]).reshape(1))
         s["count"].add_(ok.long())
@@ -445,7 +452,7 @@ class ZScore(Transform):
     def __call__(self, ctx: ClipContext) -> None:
         s = self.state
         norm = ctx.global_norm
-        ok = ctx.finite & torch.isfinite(norm)
+        ok = ctx.finite & finite(norm)
         ready = s["count"] >= self.warmup  # statistics initialised before this step
 
         mean, var = s["mean"], s["var"]

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
+from .stats import finite
 
 __all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "LossSpike",
            "NormSpike"]
@@ -89,6 +90,8 @@ class _RobustWindow(TensorState):
     def bind(self, device: torch.device) -> None:
         self.state = {"buf": torch.full((self.window,), math.nan, device=device),
                       "count": torch.zeros((), dtype=torch.long, device=device)}
+        # Constants as device tensors: a Python number in torch.where costs a kernel.
+        self._zero = torch.zeros((), device=device)
 
     def stats(self) -> tuple[Tensor, Tensor]:
         """(median, robust σ) of the window (NaN while it is empty)."""
@@ -99,9 +102,10 @@ class _RobustWindow(TensorState):
     def learn(self, value: Tensor, when: Tensor) -> None:
         """Append ``value`` to the window where ``when`` holds (a 0-dim bool tensor)."""
         s = self.state
+        # A one-element index tensor: indexing with a 0-dim one reads it on the host.
         slot = torch.remainder(s["count"], self.window).reshape(1)
-        s["buf"].index_copy_(0, slot, torch.where(when, value, s["buf"][slot]).reshape(1))
-        s["count"].add_(when.long())
+        s["buf"].index_copy_(0, slot, torch.where(when, value, s["buf"][slot]))
+        s["count"].add_(when)
 
 
 class NormSpike(_RobustWindow):
@@ -132,6 +136,10 @@ class NormSpike(_RobustWindow):
         self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
         self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
 
+    def bind(self, device: torch.device) -> None:
+        super().bind(device)
+        self._log_min_ratio = torch.tensor(math.log(self.min_ratio), device=device)
+
     def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
         """Judge this step's global norm (a :class:`Flag` of 0-dim tensors).
 
@@ -147,9 +155,9 @@ class NormSpike(_RobustWindow):
         med, sigma = self.stats()
         ready = count >= self.warmup
         seen = count > 0
-        dev = torch.where(seen, x - med, torch.zeros_like(x))
-        spread = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
-        z = torch.where(ready, dev / (sigma + 1e-12), torch.zeros_like(x))
+        dev = torch.where(seen, x - med, self._zero)
+        spread = torch.where(count >= 3, self.z_thresh * sigma, self._zero)
+        z = torch.where(ready, dev / (sigma + 1e-12), self._zero)
         late = ready & (dev > self.z_thresh * sigma) & (dev > math.log(self.min_ratio))
         early = seen & ~ready & (dev > math.log(self.early_ratio) + spread)
         spike = ok & (late | early)
@@ -157,9 +165,9 @@ class NormSpike(_RobustWindow):
         # A spike enters at min_ratio × the median (not at the z threshold, which would
         # widen the MAD it is measured by): a level shift is learned within a window or
         # two, while a steady exponential blow-up outruns the median and stays flagged.
-        cap = med + torch.where(ready, math.log(self.min_ratio),
+        cap = med + torch.where(ready, self._log_min_ratio,
                                 math.log(self.early_ratio) + spread)
-        self.learn(torch.where(spike, cap, x), ok & torch.isfinite(x))
+        self.learn(torch.where(spike, cap, x), ok & finite(x))
         return Flag(spike, z, typical)
 
 
@@ -199,6 +207,8 @@ class LossSpike(_RobustWindow):
     def bind(self, device: torch.device) -> None:
         super().bind(device)
         self.state["first"] = torch.full((), math.nan, device=device)
+        self._early = torch.tensor(self.early_ratio, device=device)
+        self._early_sq = torch.tensor(self.early_ratio ** 2, device=device)
 
     def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
         """Judge this step's loss (``typical``: the window's median loss); ``noise`` >= 1
@@ -211,7 +221,7 @@ class LossSpike(_RobustWindow):
         count = s["count"]
         ready = count >= self.min_count
         seen = count > 0
-        dev = torch.where(seen, loss - med, torch.zeros_like(loss))
+        dev = torch.where(seen, loss - med, self._zero)
         floor = self.floor * torch.nan_to_num(s["first"].abs(), nan=0.0)
         # Positive losses are compared on a log scale: late in training a batch's loss is
         # skewed to the right (a few hard examples), and a harder batch at 3× the median
@@ -226,17 +236,16 @@ class LossSpike(_RobustWindow):
         pos = (med > 0) & (loss > 0)
         z = torch.where(pos, (torch.log(loss.clamp_min(_TINY)) - lmed) / (lsig + 1e-12),
                         dev / (sigma + 1e-12))
-        z = torch.where(ready, z, torch.zeros_like(loss))
+        z = torch.where(ready, z, self._zero)
         ratio_ok = (med <= 0) | (loss > self.ratio * med)
         late = ready & (z > self.z_thresh) & (dev > floor) & ratio_ok
-        spread = torch.where(count >= 3, self.z_thresh * sigma, torch.zeros_like(sigma))
+        spread = torch.where(count >= 3, self.z_thresh * sigma, self._zero)
         # With fewer than three losses there is no noise estimate: only a gross jump
         # (early_ratio squared) counts, since two batches can differ by early_ratio alone.
-        early_bound = torch.where(count >= 3, self.early_ratio, self.early_ratio ** 2) \
-            * noise * med
+        early_bound = torch.where(count >= 3, self._early, self._early_sq) * noise * med
         early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > spread)
         spike = ok & (late | early)
-        good = ok & torch.isfinite(loss)
+        good = ok & finite(loss)
         # Early spikes enter clipped to the early bound: a wrecked first step must not fill
         # the window with values that hide the next spike.
         self.learn(torch.where(early, early_bound, loss), good & ~late)

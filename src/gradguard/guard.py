@@ -38,7 +38,15 @@ from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks, pack_row
 from .respond import Action, DeviceDecision, Policy, resolve_policy
 from .rollback import RollbackStore
 from .samples import SampleCounter
-from .stats import GradStats, collect_grads, compute_stats, global_from_norms, local_norms, unusable
+from .stats import (
+    GradStats,
+    collect_grads,
+    compute_stats,
+    global_from_norms,
+    local_norms,
+    not_finite,
+    unusable,
+)
 from .stepper import Stepper
 from .usage import (
     Usage,
@@ -286,11 +294,14 @@ class Guard:
                     f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
                     "the tensor you called backward() on (no .item())"
                 )
-            loss_d = local_tensor(loss.detach()).float().mean().to(self.device)
+            loss_d = local_tensor(loss.detach()).float()
+            if loss_d.dim():  # (a shape is host metadata: no sync)
+                loss_d = loss_d.mean()
+            loss_d = loss_d.to(self.device)
         stats, loss_d, groups = self._measure(groups, loss_d)
         nonfinite = stats.nonfinite
         if loss_d is not None:
-            nonfinite = nonfinite | ~torch.isfinite(loss_d)
+            nonfinite = nonfinite | not_finite(loss_d)
         ok = ~nonfinite
         noise = self._samples.noise()  # > 1 for a smaller batch (epoch end)
         grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
@@ -314,7 +325,7 @@ class Guard:
             hook()
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.update()
-        self.skipped.add_(skip.long())
+        self.skipped.add_(skip)
         for g in groups.grads:
             g._gradguard_version = g._version  # type: ignore[attr-defined]
 
@@ -342,7 +353,7 @@ class Guard:
         local = local_norms(groups, groups.grads, self.device)
         bad = unusable(global_from_norms(local))
         if loss_d is not None:
-            bad = bad | ~torch.isfinite(loss_d)
+            bad = bad | not_finite(loss_d)
         norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)
         stats = compute_stats(groups, self.device, norms=norms)
         stats.nonfinite = stats.nonfinite | any_bad

@@ -60,9 +60,13 @@ __all__ = [
 
 FORMAT = 1
 # Scalar columns at the head of every packed row; per-tensor norms follow.
-COLUMNS = ("loss", "grad_norm", "clipped_norm", "skipped", "nonfinite", "grad_spike",
-           "loss_spike", "lr_scale", "grad_z", "loss_z")
+# The flags come last, so that they are packed with one stack and one cast.
+COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale", "grad_z", "loss_z",
+           "skipped", "nonfinite", "grad_spike", "loss_spike")
 _BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike"}
+_FLOATS = tuple(c for c in COLUMNS if c not in _BOOL_COLUMNS)
+_FLAGS = COLUMNS[len(_FLOATS):]
+assert set(_FLAGS) == _BOOL_COLUMNS  # the flags are the tail of COLUMNS
 
 
 def pack_row(norms: Tensor, **columns: Tensor) -> Tensor:
@@ -75,8 +79,8 @@ def pack_row(norms: Tensor, **columns: Tensor) -> Tensor:
     if set(columns) != set(COLUMNS):
         missing, extra = set(COLUMNS) - set(columns), set(columns) - set(COLUMNS)
         raise ValueError(f"pack_row: missing columns {sorted(missing)}, unknown {sorted(extra)}")
-    head = torch.stack([columns[c].float() for c in COLUMNS])
-    return torch.cat([head, norms.float()])
+    return torch.cat([torch.stack([columns[c].float() for c in _FLOATS]),
+                      torch.stack([columns[c] for c in _FLAGS]).float(), norms.float()])
 
 
 def encode_float(v: float) -> float | str:
