@@ -28,6 +28,7 @@ from .errors import (
 from .guard import Guard, StepInfo
 from .record import read_jsonl
 from .respond import Action, Policy, Rollback, TrainingDivergedError
+from .runlog import Event, Meta, StepRecord
 
 # Subpackages imported on first attribute access: they pull matplotlib, sklearn data
 # loaders, or framework integrations that a training loop does not need.
@@ -35,6 +36,7 @@ _LAZY = ("bench", "doctor", "fixes", "integrations", "report", "scenarios", "tes
 
 __all__ = [
     "ConfigError",
+    "Event",
     "InputError",
     "MissingFileError",
     "UnknownNameError",
@@ -43,12 +45,14 @@ __all__ = [
     "GuardUsageError",
     "GuardUsageWarning",
     "LossSpike",
+    "Meta",
     "NormSpike",
     "Action",
     "Policy",
     "Rollback",
     "Stability",
     "StepInfo",
+    "StepRecord",
     "TrainingDivergedError",
     "__version__",
     "clip",

@@ -22,6 +22,8 @@ Record schema (one JSON object per line in the JSONL sink):
   "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,
   ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``rollback``, ``snapshot``,
   ``drift``, ``depth_trend``, ``diverged``.
+
+:func:`read_jsonl` reads a log back as typed records (:mod:`gradguard.runlog`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .runlog import Event, Meta, StepRecord, typed
 
 __all__ = [
     "COLUMNS",
@@ -365,14 +368,24 @@ def count_runs(path: str | os.PathLike[str]) -> int:
 
 
 def read_jsonl(path: str | os.PathLike[str], run: int | None = None
-               ) -> Iterator[dict[str, Any]]:
+               ) -> Iterator[Meta | StepRecord | Event]:
     """Read a run log; a torn or corrupt line (e.g. from a crash mid-write) is skipped.
 
     Args:
         path: the JSONL file a ``Guard(log=...)`` wrote.
         run: which run of a file that several guards appended to (each run starts with its
             ``meta`` line): ``0`` the first, ``-1`` the last; None reads every record.
+
+    Returns:
+        Typed records (:class:`~gradguard.runlog.Meta`, :class:`~gradguard.runlog.StepRecord`,
+        :class:`~gradguard.runlog.Event`), which are also read-only mappings of the line's
+        keys (``rec["loss"]`` works as it did on the plain dicts).
     """
+    for rec in _select(path, run):
+        yield typed(rec)
+
+
+def _select(path: str | os.PathLike[str], run: int | None) -> Iterator[dict[str, Any]]:
     if run is None:
         yield from _records(path)
         return

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..fixes.init import reinit, spectral_radius
 from ..record import read_jsonl
+from ..runlog import Event, StepRecord
 from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
 from .lr_find import Batch, cycle_batches, lr_find
@@ -383,24 +384,20 @@ def diagnose(
 
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
-    steps: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    for rec in read_jsonl(path):
-        if rec["type"] == "step":
-            steps.append(rec)
-        elif rec["type"] == "event":
-            events.append(rec)
-    trouble = [e for e in events if e["kind"] in ("nonfinite", "grad_spike", "loss_spike")]
+    records = list(read_jsonl(path))
+    steps = [r for r in records if isinstance(r, StepRecord)]
+    trouble = [e for e in records if isinstance(e, Event)
+               and e.kind in ("nonfinite", "grad_spike", "loss_spike")]
     out: list[Finding] = []
     if not trouble:
         return Diagnosis([Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
                                   "or non-finite steps")], {"steps": len(steps)})
     first = trouble[0]
-    k = first["step"]
-    lrs = [(r["step"], r.get("lr")) for r in steps if isinstance(r.get("lr"), float)]
+    k = first.step
+    lrs = [(r.step, r.lr) for r in steps if isinstance(r.lr, float)]
     before = [lr for s, lr in lrs if s < k]
     lr_note = ""
-    ev: dict[str, Any] = {"first_step": k, "kind": first["kind"], "count": len(trouble)}
+    ev: dict[str, Any] = {"first_step": k, "kind": first.kind, "count": len(trouble)}
     if len(before) >= 2:
         window = before[-50:]
         if window[-1] > 1.5 * min(window):
@@ -416,7 +413,7 @@ def diagnose_run(path: str) -> Diagnosis:
             dom = f"; {n} of {len(trouble)} flagged steps start at {layer}"
     out.append(Finding(
         "run_log", "warning" if len(trouble) < 10 else "critical",
-        f"first trouble at step {k} ({first['kind']}, {first.get('message', '')}){lr_note}{dom}",
+        f"first trouble at step {k} ({first.kind}, {first.message}){lr_note}{dom}",
         evidence=ev, layers=[first["origin_layer"]] if first.get("origin_layer") else [],
         fix="if it follows an LR rise, lengthen warm-up (gg.fixes.warmup_cosine) or lower the "
             "peak LR; if one layer dominates, inspect its init and inputs",

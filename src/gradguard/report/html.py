@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..record import read_jsonl
+from ..runlog import Event, Meta, StepRecord
 from .summary import RunSummary, summarize
 
 __all__ = ["bench_html", "run_log_html", "write_bench_report", "write_run_log_report"]
@@ -252,15 +253,15 @@ class _Log:
 
 def _read_log(path: PathLike, run: int | None = -1) -> _Log:
     log = _Log()
-    rows: dict[int, dict[str, Any]] = {}
+    rows: dict[int, StepRecord] = {}
     rollbacks: list[int] = []
     for rec in read_jsonl(path, run):
-        if rec["type"] == "meta":
-            log.names = [str(n) for n in rec.get("params", [])]
-        elif rec["type"] == "step" and isinstance(rec.get("step"), int):
-            rows[rec["step"]] = rec  # a step logged twice keeps its last record
-        elif rec["type"] == "event" and rec.get("kind") == "rollback":
-            rollbacks.append(int(rec.get("step", 0)))
+        if isinstance(rec, Meta):
+            log.names = [str(n) for n in rec.params]
+        elif isinstance(rec, StepRecord) and rec.step >= 0:
+            rows[rec.step] = rec  # a step logged twice keeps its last record
+        elif isinstance(rec, Event) and rec.kind == "rollback":
+            rollbacks.append(max(rec.step, 0))
     ordered = [rows[k] for k in sorted(rows)]
     log.steps = np.array([r["step"] for r in ordered], dtype=float)
     for col, attr in (("loss", "loss"), ("grad_norm", "grad"), ("clipped_norm", "clipped")):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..record import count_runs, read_jsonl
+from ..runlog import Event, Meta, StepRecord
 
 __all__ = ["RunSummary", "summarize"]
 
@@ -28,9 +30,9 @@ class RunSummary:
     max_grad_norm: float | None = None
     events: Counter[str] = field(default_factory=Counter)
     origins: Counter[str] = field(default_factory=Counter)
-    timeline: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Event] = field(default_factory=list)
     lr_changes: list[tuple[int, float]] = field(default_factory=list)
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)  # the run's Meta
     bad_lines: int = 0
     run: int = 0  # which run of the file (0-based)
     runs: int = 1  # how many runs the file holds
@@ -64,34 +66,32 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
     s.run = run + s.runs if run < 0 else run
     last_scale = 1.0
     for rec in read_jsonl(path, run):
-        t = rec["type"]
-        if t == "meta":
+        if isinstance(rec, Meta):
             s.meta = rec
-        elif t == "step":
-            s.steps = max(s.steps, rec["step"] + 1)
-            s.skipped += bool(rec.get("skipped"))
-            coef = rec.get("clip_coef", 1.0)
-            s.clipped += isinstance(coef, float) and coef < 1 - 1e-6 and not rec.get("skipped")
-            loss = rec.get("loss")
+        elif isinstance(rec, StepRecord):
+            s.steps = max(s.steps, rec.step + 1)
+            s.skipped += rec.skipped
+            s.clipped += rec.clip_coef < 1 - 1e-6 and not rec.skipped
+            loss = rec.loss
             # A NaN loss on a step the guard did not flag non-finite is a step without a
             # loss (guard.step() called without one), not a NaN loss.
-            if isinstance(loss, float) and (math.isfinite(loss) or rec.get("nonfinite")):
+            if math.isfinite(loss) or rec.nonfinite:
                 if s.first_loss is None:
                     s.first_loss = loss
                 s.last_loss = loss
                 if math.isfinite(loss):
-                    s.last_finite_loss, s.last_finite_step = loss, rec["step"]
-            g = rec.get("grad_norm")
-            if isinstance(g, float) and math.isfinite(g):
+                    s.last_finite_loss, s.last_finite_step = loss, rec.step
+            g = rec.grad_norm
+            if math.isfinite(g):
                 s.max_grad_norm = g if s.max_grad_norm is None else max(s.max_grad_norm, g)
-        elif t == "event":
+        elif isinstance(rec, Event):
             scale = rec.get("lr_scale")
             # The controller's decisions, not the automatic warm-up's per-step ramp.
-            if rec["kind"] in ("backoff", "rollback", "recover") and isinstance(scale, float) \
+            if rec.kind in ("backoff", "rollback", "recover") and isinstance(scale, float) \
                     and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
-                s.lr_changes.append((rec["step"], scale))
+                s.lr_changes.append((rec.step, scale))
                 last_scale = scale
-            s.events[rec["kind"]] += 1
+            s.events[rec.kind] += 1
             if rec.get("origin_layer"):
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
