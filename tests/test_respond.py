@@ -418,3 +418,25 @@ def test_actions_are_an_enum_and_strings_still_work():
     assert p.describe()["on_spike"] == "skip"
     with pytest.raises(gg.ConfigError, match="on_spike must be one of"):
         gg.Policy(on_spike="sometimes")
+
+
+@pytest.mark.parametrize("on_spike", ["auto", "clip", "skip", "backoff", "rollback", "none"])
+@pytest.mark.parametrize("on_loss_spike", ["auto", "skip", "backoff", "rollback", "none"])
+def test_the_device_skip_decision_follows_each_action(on_spike, on_loss_spike):
+    # The rule, spelled out per flag: NaN/Inf always skips; "skip"/"rollback" skip a
+    # flagged step; "auto" skips it unless the step before was flagged; others apply it.
+    from gradguard.respond import DeviceDecision
+    policy = gg.Policy(on_spike=on_spike, on_loss_spike=on_loss_spike)
+    decide = DeviceDecision(policy, torch.device("cpu"))
+
+    def rule(action, flag, prev):
+        return flag and (action in ("skip", "rollback") or (action == "auto" and not prev))
+
+    t = torch.tensor
+    prev = False
+    combos = [(n, g, lo) for n in (0, 1) for g in (0, 1) for lo in (0, 1)] * 2
+    for n, g, lo in combos + combos[::-1]:
+        want = bool(n) or rule(on_spike, g, prev) or rule(on_loss_spike, lo, prev)
+        got = decide(t(bool(n)), t(bool(g)), t(bool(lo)))
+        assert bool(got) == want, (n, g, lo, prev)
+        prev = bool(n or g or lo)

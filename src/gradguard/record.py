@@ -113,7 +113,7 @@ class Mailbox:
     def post(self, step: int, row: Tensor) -> None:
         """Queue ``row`` (a 1-D device tensor) of ``step`` for the host."""
         if not self.cuda:
-            self._queue.append((step, row.detach(), None))
+            self._queue.append((step, row.detach() if row.requires_grad else row, None))
             return
         host = self._pool.pop() if self._pool and self._pool[-1].numel() == row.numel() else \
             torch.empty(row.numel(), dtype=row.dtype, pin_memory=True)

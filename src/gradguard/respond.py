@@ -226,16 +226,19 @@ class DeviceDecision(TensorState):
         """Return ``skip`` for this step (a 0-dim bool tensor)."""
         p = self.policy
         prev = self.state["prev_flag"]
-
-        def skips(action: Action | str, flag: Tensor) -> Tensor:
+        spikes = grad_spike | loss_spike
+        pairs = ((p.on_spike, grad_spike), (p.on_loss_spike, loss_spike))
+        skip = nonfinite
+        for action, flag in pairs:
             if action in (A.SKIP, A.ROLLBACK):
-                return flag
-            if action == A.AUTO:
-                return flag & ~prev
-            return torch.zeros_like(flag)
-
-        skip = nonfinite | skips(p.on_spike, grad_spike) | skips(p.on_loss_spike, loss_spike)
-        prev.copy_(nonfinite | grad_spike | loss_spike)
+                skip = skip | flag
+        auto = [flag for action, flag in pairs if action == A.AUTO]
+        if auto:
+            # "auto" skips a spike unless the step before was flagged too; with both
+            # detectors on "auto" (the default) that is one test on either flag.
+            either = spikes if len(auto) == 2 else auto[0]
+            skip = skip | (either & ~prev)
+        prev.copy_(nonfinite | spikes)
         return skip
 
 
