@@ -1,11 +1,12 @@
 """Guard: the drop-in for ``optimizer.step()``: stats → clip → detect → decide → step → record.
 
-Per step, on the device: one fused norm pass, the clip transforms, the spike detectors,
-the skip decision and the (possibly skipped) optimizer step. The step's row of statistics
-is then posted to the host without waiting (:mod:`gradguard.record`); the host side turns
-rows into events and feeds the stability controller (:mod:`gradguard.control`), which
-sets the LR factor (:mod:`gradguard.lr`) and asks for rollbacks (:mod:`gradguard.rollback`).
-The guard is the facade that wires these parts; each holds its own state.
+Per step, on the device (:mod:`gradguard.device`): one fused norm pass, the spike
+detectors, the clip transforms, the skip decision and the (possibly skipped) optimizer
+step. The step's row of statistics is then posted to the host without waiting
+(:mod:`gradguard.record`); the host side (:mod:`gradguard.host`) turns rows into events
+and feeds the stability controller (:mod:`gradguard.control`), which sets the LR factor
+(:mod:`gradguard.lr`) and asks for rollbacks (:mod:`gradguard.rollback`). The guard is
+the facade that wires these parts; each holds its own state.
 
 Host syncs, all deliberate: a state-creating first step (:mod:`gradguard.stepper`),
 snapshot writes to disk, and ``close()``/``state_dict()``, which wait for the rows still
@@ -15,7 +16,6 @@ in flight.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,25 +27,20 @@ from torch import Tensor, nn
 from . import __version__, checkpoint, lifecycle
 from . import events as ev
 from . import snapshot as snap
-from .clip import ClipContext, SpikeClamp, Transform, as_transform, chain
+from .clip import SpikeClamp, Transform, as_transform, chain
 from .control import Controller
-from .distributed import local_tensor, make_sync
+from .device import DeviceSide
+from .distributed import make_sync
 from .errors import ConfigError, GuardUsageError, check_int
 from .host import HostSide
 from .lr import LRFactor
 from .params import ForwardOrder, resolve_params
-from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks, pack_row
+from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks
 from .respond import Action, DeviceDecision, Policy, resolve_policy
 from .rollback import RollbackStore
 from .samples import SampleCounter
 from .stats import (
-    GradStats,
     collect_grads,
-    compute_stats,
-    global_from_norms,
-    local_norms,
-    not_finite,
-    unusable,
 )
 from .stepper import Stepper
 from .usage import (
@@ -188,6 +183,7 @@ class Guard:
                                     self._tracked, self.recorder,
                                     self._sync.rank if self._sync is not None else None)
                       if policy.rollback is not None else None)
+        self._device = DeviceSide(self)
         self._host = HostSide(self)
         self._started = False
         self._closed = False
@@ -286,78 +282,17 @@ class Guard:
         if not self._started:
             self._start()
 
-        loss_d: Tensor | None = None
-        loss_spike, loss_z = self._false, self._nan
-        if loss is not None:
-            if not isinstance(loss, Tensor):
-                raise GuardUsageError(
-                    f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
-                    "the tensor you called backward() on (no .item())"
-                )
-            loss_d = local_tensor(loss.detach()).float()
-            if loss_d.dim():  # (a shape is host metadata: no sync)
-                loss_d = loss_d.mean()
-            loss_d = loss_d.to(self.device)
-        stats, loss_d, groups = self._measure(groups, loss_d)
-        nonfinite = stats.nonfinite
-        if loss_d is not None:
-            nonfinite = nonfinite | not_finite(loss_d)
-        ok = ~nonfinite
-        noise = self._samples.noise()  # > 1 for a smaller batch (epoch end)
-        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
-        if loss_d is not None and self.policy.on_loss_spike != "none":
-            loss_spike, loss_z, _ = self.loss_spike(loss_d, ok, noise)
-
-        ctx = ClipContext(groups, stats, [self.names[i] for i in groups.index], ok, self.device)
-        ctx.spike, ctx.typical = grad_spike, typical
-        self._transforms(ctx)
-        clipped = ctx.global_norm
-        ctx.flush()
-
-        skip = self.decision(nonfinite, grad_spike, loss_spike)
-        base_lr = self.optimizer.param_groups[0]["lr"]
-        if isinstance(base_lr, float | int):  # a host number: free to record
-            self._host.base_lrs[self.steps] = float(base_lr)
-        self.lr.prepare(base_lr)
-        with self.lr.applied(), self._usage.stepping():
-            self.stepper.step(groups.params, skip)
-        for hook in self.after_step:
-            hook()
-        if self.scaler is not None and self.scaler.is_enabled():
-            self.scaler.update()
-        self.skipped.add_(skip)
-        for g in groups.grads:
-            g._gradguard_version = g._version  # type: ignore[attr-defined]
-
-        row = pack_row(stats.full_norms(len(self.params)),
-                       loss=loss_d if loss_d is not None else self._nan,
-                       grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
-                       nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
-                       lr_scale=self.lr.tensor, grad_z=grad_z, loss_z=loss_z)
+        if loss is not None and not isinstance(loss, Tensor):
+            raise GuardUsageError(
+                f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
+                "the tensor you called backward() on (no .item())"
+            )
+        row, info = self._device.step(self.steps, groups, loss)
         self.mailbox.post(self.steps, row)
         step = self.steps
         self.steps += 1
         rolled = self._host.after_step(step)
-        return StepInfo(step, loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
-                        loss_spike, self.lr.tensor, stats.norms, rolled)
-
-    def _measure(self, groups: Any, loss_d: Tensor | None
-                 ) -> tuple[GradStats, Tensor | None, Any]:
-        """The fused norm pass; under torch.distributed, agreed across ranks."""
-        if self._sync is None:
-            return compute_stats(groups, self.device), loss_d, groups
-        # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
-        # after this point is computed from identical inputs on every rank.
-        if self._sync.sharded:
-            groups = dataclasses.replace(groups, sum_squares=self._sync.sum_squares)
-        local = local_norms(groups, groups.grads, self.device)
-        bad = unusable(global_from_norms(local))
-        if loss_d is not None:
-            bad = bad | not_finite(loss_d)
-        norms, loss_d, any_bad = self._sync.step(local, loss_d, bad)
-        stats = compute_stats(groups, self.device, norms=norms)
-        stats.nonfinite = stats.nonfinite | any_bad
-        return stats, loss_d, groups
+        return StepInfo(step, *info, rolled)
 
     def diagnosis(self) -> dict[str, Any]:
         """What the guard has seen so far: event counts, origins, LR scale, rollbacks."""

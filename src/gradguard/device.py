@@ -1,0 +1,111 @@
+"""The guard's device half: one step's pipeline, in tensor ops only.
+
+For each ``guard.step``: the fused norm pass (:mod:`gradguard.stats`; under
+torch.distributed agreed across ranks in one all-reduce) → the spike detectors
+(:mod:`gradguard.detect`) → the clip transforms, the user's chain and then the spike
+clamp (:mod:`gradguard.clip`) → the skip decision (:class:`~gradguard.respond.DeviceDecision`)
+→ the LR factor (:mod:`gradguard.lr`) and the optimizer step, skipped on the device when
+the decision says so (:mod:`gradguard.stepper`) → the step's row for the host
+(:func:`~gradguard.record.pack_row`). Nothing here reads a device value on the host, so
+the training loop never waits; :mod:`gradguard.host` handles the rows when they arrive.
+
+It uses the guard's device parts (detectors, transforms, decision, stepper, LR factor),
+whose state the guard saves and rolls back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from .clip import ClipContext
+from .distributed import local_tensor
+from .record import pack_row
+from .stats import GradStats, compute_stats, global_from_norms, local_norms, not_finite, unusable
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["DeviceSide"]
+
+
+class DeviceSide:
+    """One step's device pipeline for one guard (see the module docstring)."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.g = guard
+
+    def step(self, k: int, groups: Any, loss: Tensor | None) -> tuple[Tensor, tuple[Any, ...]]:
+        """Run step ``k`` on ``groups`` (the collected gradients).
+
+        Returns:
+            The step's row for the host, and the fields of its
+            :class:`~gradguard.record.StepInfo` after ``step`` and before ``rolled_back``.
+        """
+        g = self.g
+        loss_d: Tensor | None = None
+        loss_spike, loss_z = g._false, g._nan
+        if loss is not None:
+            loss_d = local_tensor(loss.detach()).float()
+            if loss_d.dim():  # (a shape is host metadata: no sync)
+                loss_d = loss_d.mean()
+            loss_d = loss_d.to(g.device)
+        stats, loss_d, groups = self.measure(groups, loss_d)
+        nonfinite = stats.nonfinite
+        if loss_d is not None:
+            nonfinite = nonfinite | not_finite(loss_d)
+        ok = ~nonfinite
+        noise = g._samples.noise()  # > 1 for a smaller batch (epoch end)
+        grad_spike, grad_z, typical = g.grad_spike(stats.global_norm, ok, noise)
+        if loss_d is not None and g.policy.on_loss_spike != "none":
+            loss_spike, loss_z, _ = g.loss_spike(loss_d, ok, noise)
+
+        ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
+        ctx.spike, ctx.typical = grad_spike, typical
+        g._transforms(ctx)
+        clipped = ctx.global_norm
+        ctx.flush()
+
+        skip = g.decision(nonfinite, grad_spike, loss_spike)
+        base_lr = g.optimizer.param_groups[0]["lr"]
+        if isinstance(base_lr, float | int):  # a host number: free to record
+            g._host.base_lrs[k] = float(base_lr)
+        g.lr.prepare(base_lr)
+        with g.lr.applied(), g._usage.stepping():
+            g.stepper.step(groups.params, skip)
+        for hook in g.after_step:
+            hook()
+        if g.scaler is not None and g.scaler.is_enabled():
+            g.scaler.update()
+        g.skipped.add_(skip)
+        for grad in groups.grads:
+            grad._gradguard_version = grad._version  # type: ignore[attr-defined]
+
+        row = pack_row(stats.full_norms(len(g.params)),
+                       loss=loss_d if loss_d is not None else g._nan,
+                       grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
+                       nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
+                       lr_scale=g.lr.tensor, grad_z=grad_z, loss_z=loss_z)
+        return row, (loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
+                     loss_spike, g.lr.tensor, stats.norms)
+
+    def measure(self, groups: Any, loss_d: Tensor | None
+                ) -> tuple[GradStats, Tensor | None, Any]:
+        """The fused norm pass; under torch.distributed, agreed across ranks."""
+        g = self.g
+        if g._sync is None:
+            return compute_stats(groups, g.device), loss_d, groups
+        # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
+        # after this point is computed from identical inputs on every rank.
+        if g._sync.sharded:
+            groups = dataclasses.replace(groups, sum_squares=g._sync.sum_squares)
+        local = local_norms(groups, groups.grads, g.device)
+        bad = unusable(global_from_norms(local))
+        if loss_d is not None:
+            bad = bad | not_finite(loss_d)
+        norms, loss_d, any_bad = g._sync.step(local, loss_d, bad)
+        stats = compute_stats(groups, g.device, norms=norms)
+        stats.nonfinite = stats.nonfinite | any_bad
+        return stats, loss_d, groups
