@@ -204,3 +204,32 @@ def test_a_users_detector_plugs_into_the_policy():
     assert bool(info.grad_spike) and float(info.clipped_norm) == pytest.approx(5.0, rel=1e-4)
     with pytest.raises(gg.ConfigError, match="grad_spike takes a detector"):
         gg.Policy(grad_spike=lambda v, ok: v)
+
+
+def test_detectors_by_registered_name():
+    # The built-ins are there under their names; a user's detector joins them; a name
+    # builds a fresh detector for each policy (no state shared between guards).
+    p = gg.Policy(grad_spike="norm_spike", loss_spike="loss_spike")
+    assert isinstance(p.grad_spike, gg.NormSpike) and isinstance(p.loss_spike, gg.LossSpike)
+    gg.detect.register("above_5", lambda: _AboveLimit(5.0))
+    try:
+        a, b = gg.Policy(grad_spike="above_5"), gg.Policy(grad_spike="above_5")
+        assert isinstance(a.grad_spike, _AboveLimit) and a.grad_spike is not b.grad_spike
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gg.Guard(model, opt, policy=gg.Policy(grad_spike="above_5", on_spike="clip",
+                                                      stability=None, rollback=None), log=None)
+        opt.zero_grad()
+        model(torch.randn(8, 4) * 100).pow(2).mean().backward()
+        assert bool(guard.step().grad_spike)
+        gg.detect.register("not_a_detector", lambda: 42)
+        with pytest.raises(gg.ConfigError, match="not a detector"):
+            gg.Policy(grad_spike="not_a_detector")
+    finally:
+        gg.detect._REGISTRY.pop("above_5", None)
+        gg.detect._REGISTRY.pop("not_a_detector", None)
+    with pytest.raises(gg.UnknownNameError, match=r"registered: .*norm_spike"):
+        gg.Policy(grad_spike="norm-spike")
+    with pytest.raises(gg.ConfigError, match="name"):
+        gg.detect.register("", gg.NormSpike)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, check_int, check_positive
+from .errors import ConfigError, UnknownNameError, check_int, check_positive
 from .state import TensorState
 from .stats import finite
 
 __all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "LossSpike",
-           "NormSpike"]
+           "NormSpike", "make", "register"]
 
 _TINY = 1e-30
 
@@ -251,6 +251,37 @@ class LossSpike(_RobustWindow):
         self.learn(torch.where(early, early_bound, loss), good & ~late)
         s["first"].copy_(torch.where(good & ~seen, loss, s["first"]))
         return Flag(spike, z, torch.where(seen, med, loss))
+
+
+# --------------------------------------------------------------------------------------
+# Detectors by name, for settings that come from a config file or a command line.
+
+_REGISTRY: dict[str, Callable[[], Detector]] = {"norm_spike": NormSpike,
+                                                "loss_spike": LossSpike}
+
+
+def register(name: str, factory: Callable[[], Detector]) -> None:
+    """Make ``factory`` (a class or function returning a :class:`Detector`) available by
+    ``name``, so that ``Policy(grad_spike=name)`` builds one; a name registered again is
+    replaced."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a detector's name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise ConfigError(f"register({name!r}, ...) needs a class or function that builds "
+                          f"a detector, got {factory!r}")
+    _REGISTRY[name] = factory
+
+
+def make(name: str) -> Detector:
+    """A fresh detector of the registered ``name`` (see :func:`register`)."""
+    if name not in _REGISTRY:
+        raise UnknownNameError(f"no detector named {name!r}; registered: "
+                               f"{sorted(_REGISTRY)} (gg.detect.register adds one)")
+    det = _REGISTRY[name]()
+    if not isinstance(det, Detector):
+        raise ConfigError(f"the factory registered as {name!r} returned {det!r}, which is "
+                          "not a detector (bind, __call__, state_dict, load_state_dict)")
+    return det
 
 
 # --------------------------------------------------------------------------------------

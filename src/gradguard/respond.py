@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .control import Stability
 from .detect import Detector, LossSpike, NormSpike
+from .detect import make as make_detector
 from .errors import ConfigError, GradGuardError, check_int, check_positive
 from .state import TensorState
 
@@ -145,9 +146,11 @@ class Policy:
         rollback: rollback settings (default: on where affordable, see
             :class:`Rollback`); None turns rollback off.
         grad_spike: the gradient-norm spike detector (any
-            :class:`~gradguard.detect.Detector`; default :class:`~gradguard.NormSpike`).
-        loss_spike: the loss spike detector (needs ``guard.step(loss)``; default
-            :class:`~gradguard.LossSpike`).
+            :class:`~gradguard.detect.Detector`, or the name it was registered under with
+            :func:`gradguard.detect.register`; default :class:`~gradguard.NormSpike`,
+            registered as "norm_spike").
+        loss_spike: the loss spike detector (needs ``guard.step(loss)``; a detector or a
+            registered name; default :class:`~gradguard.LossSpike`, "loss_spike").
         max_consecutive_skips: give up after this many skipped steps in a row rather than
             silently spin on a broken model.
     """
@@ -157,8 +160,8 @@ class Policy:
     on_loss_spike: Action | str = Action.AUTO
     stability: Stability | None = field(default_factory=Stability)
     rollback: Rollback | None = field(default_factory=Rollback)
-    grad_spike: Detector = field(default_factory=NormSpike)
-    loss_spike: Detector = field(default_factory=LossSpike)
+    grad_spike: Detector | str = field(default_factory=NormSpike)
+    loss_spike: Detector | str = field(default_factory=LossSpike)
     max_consecutive_skips: int = 200
 
     def __post_init__(self) -> None:
@@ -176,6 +179,8 @@ class Policy:
             raise ConfigError(f"rollback must be a gradguard.Rollback or None, got "
                               f"{self.rollback!r}")
         for name in ("grad_spike", "loss_spike"):
+            if isinstance(getattr(self, name), str):  # a registered name
+                object.__setattr__(self, name, make_detector(getattr(self, name)))
             if not isinstance(getattr(self, name), Detector):
                 example = "NormSpike" if name == "grad_spike" else "LossSpike"
                 raise ConfigError(
