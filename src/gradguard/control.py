@@ -282,16 +282,15 @@ class Controller:
         lognormal batch noise (σ 0.5–1.2), it adds 1–3 false alarms per 1000 runs of 200
         steps to the best-level test's own 0–2.
         """
-        first, sigma = self.start, self.sigma
-        if first is None or sigma is None or self.log_scale is None \
-                or len(self.losses) < self.cfg.min_losses:
+        first, lv = self.start, self.level()
+        if first is None or lv is None or self.log_scale is None:
             return math.inf
         if self.log_scale:
             if first <= 0:
                 return math.inf
             first = math.log(first)
+        med, _, sigma = lv
         x = self._scaled(list(self.losses))
-        med = _median(x)
         spread = _MAD_SIGMA * _median([abs(v - med) for v in x])
         return self._limit(first + self.cfg.z * max(sigma, spread))
 
@@ -366,12 +365,11 @@ class Controller:
             if lv is not None:
                 level, se, self.sigma = lv
                 thr = self.threshold()
-                start = self.start_threshold()
                 if level - cfg.z * se > thr:
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above its best "
                               f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
-                elif level - cfg.z * se > start:
+                elif level - cfg.z * se > (start := self.start_threshold()):
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
                               f"{self.start:.4g} (limit {self._shown(start):.4g})")

@@ -39,9 +39,7 @@ from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks
 from .respond import Action, DeviceDecision, Policy, resolve_policy
 from .rollback import RollbackStore
 from .samples import SampleCounter
-from .stats import (
-    collect_grads,
-)
+from .stats import collect_grads
 from .stepper import Stepper
 from .usage import (
     Usage,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 __all__ = ["Event", "Meta", "StepRecord", "typed"]
 
-_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELDS: dict[type, dict[str, Any]] = {}  # per record class: field name -> default
 
 
 class _Record(Mapping[str, Any]):
@@ -30,11 +30,13 @@ class _Record(Mapping[str, Any]):
     extra: dict[str, Any]
 
     @classmethod
-    def _field_names(cls) -> tuple[str, ...]:
-        names = _NAMES.get(cls)
+    def _field_names(cls) -> dict[str, Any]:
+        """The typed fields (not ``extra``) and their defaults, computed once per class."""
+        names = _FIELDS.get(cls)
         if names is None:
-            names = _NAMES[cls] = tuple(f.name for f in fields(cls)  # type: ignore[arg-type]
-                                        if f.name != "extra")
+            names = _FIELDS[cls] = {f.name: f.default
+                                    for f in fields(cls)  # type: ignore[arg-type]
+                                    if f.name != "extra"}
         return names
 
     def __getitem__(self, key: str) -> Any:
@@ -65,9 +67,8 @@ class _Record(Mapping[str, Any]):
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
         """Build from a decoded JSON line; a missing field, or one of the wrong type (a
         hand-edited or foreign log), takes its default."""
-        defaults = {f.name: f.default for f in fields(cls)}  # type: ignore[arg-type]
-        names = set(cls._field_names())
-        known = {k: _coerce(v, defaults[k]) for k, v in d.items() if k in names}
+        names = cls._field_names()
+        known = {k: _coerce(v, names[k]) for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k != "type"}
         return cls(**known, extra=extra)
 

@@ -263,19 +263,19 @@ def _read_log(path: PathLike, run: int | None = -1) -> _Log:
         elif isinstance(rec, Event) and rec.kind == "rollback":
             rollbacks.append(max(rec.step, 0))
     ordered = [rows[k] for k in sorted(rows)]
-    log.steps = np.array([r["step"] for r in ordered], dtype=float)
+    log.steps = np.array([r.step for r in ordered], dtype=float)
     for col, attr in (("loss", "loss"), ("grad_norm", "grad"), ("clipped_norm", "clipped")):
-        setattr(log, attr, np.array([_num(r.get(col)) for r in ordered], dtype=float))
+        setattr(log, attr, np.array([_num(getattr(r, col)) for r in ordered], dtype=float))
     log.flags = {
-        "nonfinite": [r["step"] for r in ordered if r.get("nonfinite")],
-        "skip": [r["step"] for r in ordered if r.get("skipped")],
-        "spike": [r["step"] for r in ordered if r.get("grad_spike") or r.get("loss_spike")],
+        "nonfinite": [r.step for r in ordered if r.nonfinite],
+        "skip": [r.step for r in ordered if r.skipped],
+        "spike": [r.step for r in ordered if r.grad_spike or r.loss_spike],
         "rollback": sorted(set(rollbacks)),
     }
     for r in ordered:
-        if isinstance(r.get("norms"), list):
-            log.norm_steps.append(r["step"])
-            log.norms.append([_num(v) for v in r["norms"]])
+        if isinstance(r.norms, list):
+            log.norm_steps.append(r.step)
+            log.norms.append([_num(v) for v in r.norms])
     if log.norms and len(log.names) < max(map(len, log.norms)):
         # A log without names still gets a heatmap, with tensors numbered.
         log.names += [f"#{i}" for i in range(len(log.names), max(map(len, log.norms)))]
