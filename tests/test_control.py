@@ -255,3 +255,41 @@ def test_a_run_that_climbs_past_its_first_loss_before_it_has_a_best_is_unstable(
     # σ/√n): 2.5 σ under a level that then stays flat.
     noisy = [math.exp(-2.5 * 0.5), *np.exp(gen.normal(0, 0.5, 300))]
     assert not any(x.unstable for x in feed(Controller(gg.Stability()), noisy))
+
+
+def test_a_run_that_gives_back_most_of_a_small_progress_is_unstable():
+    # rnn-long at its exploding LR: a tanh RNN's loss falls from chance (ln 4) to ~1.15,
+    # then its hidden units saturate and it drifts back to chance for good. Chance is a
+    # ceiling for this loss, so it can never rise to 1.5x its best; having given back
+    # more than half its progress is the evidence. A climb: the scale falls a decade.
+    gen = np.random.default_rng(0)
+    noise = lambda n: np.exp(gen.normal(0, 0.02, n))  # noqa: E731
+    fall = np.geomspace(math.log(4), 1.15, 40) * noise(40)
+    back = np.geomspace(1.15, 1.42, 40) * noise(40)
+    verdicts = feed(Controller(gg.Stability()), [math.log(4), *fall, *back])
+    first = next(i for i, v in enumerate(verdicts) if v.unstable)
+    assert 41 < first <= 81
+    assert "gave back most of its progress" in verdicts[first].unstable
+    assert verdicts[first].scale == pytest.approx(0.1)
+    # The same fall that stays at its plateau is healthy, as is giving back less than half.
+    flat = [math.log(4), *fall, *(1.15 * noise(400))]
+    assert not any(v.unstable for v in feed(Controller(gg.Stability()), flat))
+    part = [math.log(4), *fall, *(np.geomspace(1.15, 1.21, 40) * noise(40)),
+            *(1.21 * noise(300))]
+    assert not any(v.unstable for v in feed(Controller(gg.Stability()), part))
+    # A looser setting lets it give back more before it counts.
+    assert not any(v.unstable for v in feed(Controller(gg.Stability(giveback=1.0)),
+                                            [math.log(4), *fall, *back]))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), drop=st.floats(0.02, 0.6),
+       spread=st.floats(0.0, 0.8))
+def test_a_small_progress_then_a_noisy_plateau_is_never_instability(seed, drop, spread):
+    # The give-back test acts where progress is small, so it meets the noise most there:
+    # a loss that falls a little and then sits at its plateau with batch noise (up to
+    # x2.2 per σ) for 1000 steps is never flagged.
+    gen = np.random.default_rng(seed)
+    curve = np.concatenate([np.geomspace(1.0, 1.0 - drop, 100), np.full(900, 1.0 - drop)])
+    losses = curve * np.exp(gen.normal(0, spread, 1000))
+    assert not any(v.unstable for v in feed(Controller(gg.Stability()), losses))

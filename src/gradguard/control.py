@@ -104,6 +104,9 @@ class Stability:
             cf. RAdam, Liu et al. 2020) and leaves others alone; an int ramps any optimizer
             over that many steps; None or 0 turns it off. It is switched off as soon as
             the user's own LR rises during the ramp (their schedule warms up already).
+        giveback: the level also regresses when it has given back more than this
+            fraction of the run's progress, from its first loss down to its best (see
+            :meth:`Controller.progress_threshold`).
     """
 
     window: int = 20
@@ -116,6 +119,7 @@ class Stability:
     probe_after: int = 250
     floor: float = 1e-3
     warmup: str | int | None = None
+    giveback: float = 0.5
 
     def __post_init__(self) -> None:
         check_int("Stability.window", self.window, 3)
@@ -126,6 +130,8 @@ class Stability:
         check_positive("Stability.rise", self.rise)
         check_positive("Stability.z", self.z, allow_zero=True)
         check_int("Stability.bad_steps", self.bad_steps, 1)
+        if not 0 < self.giveback <= 1:
+            raise ConfigError(f"Stability.giveback must be in (0, 1], got {self.giveback!r}")
         for name in ("decrease", "decrease_far"):
             v = check_positive(f"Stability.{name}", getattr(self, name))
             if not v < 1:
@@ -276,23 +282,68 @@ class Controller:
         ``z`` per-step noise σ above it (not σ/√n); the regression margin is added on top,
         as for the best level. This is the test for a run that blows up before it ever has
         a best: Adam wrecking a network in its first steps, whose first level is already
-        the wrecked one. One sample against a noise estimate from a few losses is fragile,
-        so σ is the larger of the two estimates the window gives (successive differences,
-        and the spread around its median). Simulated on a falling loss with ×1.6–3.3
+        the wrecked one. σ is :meth:`_sample_sigma`. Simulated on a falling loss with ×1.6–3.3
         lognormal batch noise (σ 0.5–1.2), it adds 1–3 false alarms per 1000 runs of 200
         steps to the best-level test's own 0–2.
         """
-        first, lv = self.start, self.level()
-        if first is None or lv is None or self.log_scale is None:
+        first = self._start_scaled()
+        if first is None:
             return math.inf
+        return self._limit(first + self.cfg.z * self._sample_sigma())
+
+    def progress_threshold(self) -> float:
+        """The level above which the run has given back most of what it learned (inf
+        while it has learned nothing beyond the noise).
+
+        The progress is the way from the first loss down to the best level; the level
+        regresses when it is back above ``best + giveback × progress`` — with the default
+        0.5, when it sits nearer where the run started than its best. This is the test
+        for a run that made only a little progress before the LR undid it: a net that
+        saturates and drifts back to chance (a tanh RNN whose loss falls from ln 4 to 0.85
+        × that and returns) can never rise to (1 + ``rise``) × its best, because chance is
+        a ceiling for its loss. For a run that has learned a factor (1 + ``rise``)² or
+        more the best-level test is the tighter one, so this test only acts where
+        progress is small. Progress counts only when the best level's upper bound is
+        below the first loss by ``z`` σ of one sample's noise (the first loss is one
+        draw); with less, there is nothing to give back. σ here is the pooled
+        successive-difference estimate alone: the window's spread also measures the
+        climb this test is for (a window that holds both the best losses and the
+        returning ones is wide), which would hide the progress exactly while it is being
+        given back.
+        """
+        first, lv = self._start_scaled(), self.level()
+        if first is None or lv is None:
+            return math.inf
+        return self._giveback_limit(self.best, first, lv[2])
+
+    def _giveback_limit(self, best: float, first: float, sigma: float) -> float:
+        if not math.isfinite(best) or best >= first - self.cfg.z * sigma:
+            return math.inf
+        return best + self.cfg.giveback * (first - best)
+
+    def _start_scaled(self) -> float | None:
+        """The trajectory's first loss in the level's units (None when unknown or there is
+        no level yet)."""
+        if self.level() is None:
+            return None
+        return self._in_units(self.start)
+
+    def _in_units(self, v: float | None) -> float | None:
+        if v is None or self.log_scale is None:
+            return None
         if self.log_scale:
-            if first <= 0:
-                return math.inf
-            first = math.log(first)
+            return math.log(v) if v > 0 else None
+        return v
+
+    def _sample_sigma(self) -> float:
+        """One sample's noise σ: one sample against a noise estimate from a few losses is
+        fragile, so the larger of the window's two estimates (successive differences, and
+        the spread around its median)."""
+        lv = self.level()
+        assert lv is not None
         med, _, sigma = lv
         x = self._scaled(list(self.losses))
-        spread = _MAD_SIGMA * _median([abs(v - med) for v in x])
-        return self._limit(first + self.cfg.z * max(sigma, spread))
+        return max(sigma, _MAD_SIGMA * _median([abs(v - med) for v in x]))
 
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment
@@ -301,15 +352,17 @@ class Controller:
 
     def _level_calm(self) -> bool:
         lv = self.level()
-        thr = self.threshold()
+        thr = min(self.threshold(), self.progress_threshold())
         return lv is None or not math.isfinite(thr) or \
             lv[0] <= self.best + 0.5 * (thr - self.best)
 
     def held_since(self, before: dict[str, Any], n: int) -> bool:
         """The last ``n`` losses (the first ones computed with a snapshot's weights) are not
         regressing against the level in ``before`` (the trajectory when it was taken):
-        their median is under (1 + ``rise``) × that level. A snapshot that holds damage (a
-        corrupted weight, an LR spike's update) fails this before it is ever kept."""
+        their median is under (1 + ``rise``) × that level, and they have not given back
+        most of the progress the trajectory had then made (:meth:`progress_threshold`).
+        A snapshot that holds damage (a corrupted weight, an LR spike's update, hidden
+        units already saturating) fails this before it is ever kept."""
         past = list(before["losses"])
         if n <= 0 or len(self.losses) < n or len(past) < self.cfg.min_losses \
                 or self.log_scale is None:
@@ -318,9 +371,12 @@ class Controller:
         if self.log_scale and (min(now) <= 0 or min(past) <= 0):
             return True
         f = (lambda v: [math.log(x) for x in v]) if self.log_scale else (lambda v: v)
-        ref = _median(f(past))
-        lim = ref + math.log1p(self.cfg.rise) if self.log_scale \
-            else ref + self.cfg.rise * abs(ref)
+        past_u = f(past)
+        lim = self._limit(_median(past_u))
+        first = self._in_units(before.get("start"))
+        if first is not None and before.get("log_scale") == self.log_scale:
+            lim = min(lim, self._giveback_limit(float(before["best"]), first,
+                                                before["sigma"] or 0.0))
         return _median(f(now)) <= lim
 
     # -- one row -------------------------------------------------------------------------
@@ -373,6 +429,11 @@ class Controller:
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
                               f"{self.start:.4g} (limit {self._shown(start):.4g})")
+                elif level - cfg.z * se > (back := self.progress_threshold()):
+                    climb = True
+                    reason = (f"loss level {self._shown(level):.4g} gave back most of its "
+                              f"progress from the first loss {self.start:.4g} to its best "
+                              f"{self._shown(self.best):.4g} (limit {self._shown(back):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
         if reason is not None:
