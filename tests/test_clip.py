@@ -315,6 +315,6 @@ def test_the_guard_runs_the_spike_clamp_after_the_users_chain():
         return gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=None, **kw)
 
     auto = guard(clip=gg.clip.GlobalNorm(5.0))
-    assert "SpikeClamp" in repr(auto._transforms) and "SpikeClamp" not in repr(auto.clip)
+    assert "SpikeClamp" in repr(auto._device.transforms) and "SpikeClamp" not in repr(auto.clip)
     skip = guard(on_spike="skip")
-    assert "SpikeClamp" not in repr(skip._transforms)
+    assert "SpikeClamp" not in repr(skip._device.transforms)

@@ -21,7 +21,7 @@ from .errors import ConfigError, config_diff
 if TYPE_CHECKING:
     from .guard import Guard
 
-__all__ = ["STATE_VERSION", "load", "save"]
+__all__ = ["STATE_VERSION", "load", "load_trajectory", "save", "trajectory"]
 
 log = logging.getLogger("gradguard")
 STATE_VERSION = 5
@@ -30,6 +30,24 @@ STATE_VERSION = 5
 def config(g: Guard) -> dict[str, Any]:
     """The settings a saved state must match."""
     return {"clip": repr(g.clip), "n_params": len(g.params), "policy": g.policy.describe()}
+
+
+def trajectory(g: Guard) -> dict[str, Any]:
+    """The guard state that describes the current weights (rolled back with them)."""
+    out = {"clip": g.clip.state_dict(), "grad_spike": g.grad_spike.state_dict(),
+           "loss_spike": g.loss_spike.state_dict(), "decision": g.decision.state_dict()}
+    if g.control is not None:
+        out["control"] = g.control.trajectory()
+    return out
+
+
+def load_trajectory(g: Guard, s: dict[str, Any]) -> None:
+    g.clip.load_state_dict(snap.clone_tree(s["clip"]))
+    g.grad_spike.load_state_dict(s["grad_spike"])
+    g.loss_spike.load_state_dict(s["loss_spike"])
+    g.decision.load_state_dict(s["decision"])
+    if g.control is not None and "control" in s:
+        g.control.load_trajectory(s["control"])
 
 
 def save(g: Guard, snapshots: bool = False) -> dict[str, Any]:
@@ -45,7 +63,7 @@ def save(g: Guard, snapshots: bool = False) -> dict[str, Any]:
         "rollback": None if g.store is None else g.store.state_dict(snapshots),
         "attribution": {k: torch.as_tensor(v) for k, v in h.attribution.state_dict().items()},
         "host": h.state_dict(),
-        **g._trajectory(),
+        **trajectory(g),
     }
 
 
@@ -70,7 +88,7 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         )
     skipped = _load_parts(g, state) if diff else []
     if not diff:
-        g._load_trajectory(state)
+        load_trajectory(g, state)
     if skipped:
         log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
                     ", ".join(skipped), "; ".join(diff))

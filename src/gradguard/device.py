@@ -15,15 +15,20 @@ whose state the guard saves and rolls back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
-from .clip import ClipContext
+from .clip import ClipContext, SpikeClamp, Transform, chain
 from .distributed import local_tensor
 from .record import pack_row
+from .respond import Action, DeviceDecision
 from .stats import GradStats, compute_stats, global_from_norms, local_norms, not_finite, unusable
+from .stepper import Stepper
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -34,8 +39,22 @@ __all__ = ["DeviceSide"]
 class DeviceSide:
     """One step's device pipeline for one guard (see the module docstring)."""
 
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, skip_strategy: str) -> None:
         self.g = guard
+        policy, device = guard.policy, guard.device
+        # The transforms a step runs: the user's, then (under the spike actions that apply
+        # a flagged step) the clamp of a spike to the norm the detector expected.
+        self.transforms: Transform = (
+            chain(guard.clip, SpikeClamp())
+            if policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF) else guard.clip)
+        self.grad_spike = copy.deepcopy(policy.grad_spike)
+        self.loss_spike = copy.deepcopy(policy.loss_spike)
+        self.grad_spike.bind(device)
+        self.loss_spike.bind(device)
+        self.decision = DeviceDecision(policy, device)
+        self.stepper = Stepper(guard.optimizer, skip_strategy)
+        self._nan = torch.full((), math.nan, device=device)
+        self._false = torch.zeros((), dtype=torch.bool, device=device)
 
     def step(self, k: int, groups: Any, loss: Tensor | None) -> tuple[Tensor, tuple[Any, ...]]:
         """Run step ``k`` on ``groups`` (the collected gradients).
@@ -46,7 +65,7 @@ class DeviceSide:
         """
         g = self.g
         loss_d: Tensor | None = None
-        loss_spike, loss_z = g._false, g._nan
+        loss_spike, loss_z = self._false, self._nan
         if loss is not None:
             loss_d = local_tensor(loss.detach()).float()
             if loss_d.dim():  # (a shape is host metadata: no sync)
@@ -58,23 +77,23 @@ class DeviceSide:
             nonfinite = nonfinite | not_finite(loss_d)
         ok = ~nonfinite
         noise = g._samples.noise()  # > 1 for a smaller batch (epoch end)
-        grad_spike, grad_z, typical = g.grad_spike(stats.global_norm, ok, noise)
+        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
         if loss_d is not None and g.policy.on_loss_spike != "none":
-            loss_spike, loss_z, _ = g.loss_spike(loss_d, ok, noise)
+            loss_spike, loss_z, _ = self.loss_spike(loss_d, ok, noise)
 
         ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
         ctx.spike, ctx.typical = grad_spike, typical
-        g._transforms(ctx)
+        self.transforms(ctx)
         clipped = ctx.global_norm
         ctx.flush()
 
-        skip = g.decision(nonfinite, grad_spike, loss_spike)
+        skip = self.decision(nonfinite, grad_spike, loss_spike)
         base_lr = g.optimizer.param_groups[0]["lr"]
         if isinstance(base_lr, float | int):  # a host number: free to record
             g._host.base_lrs[k] = float(base_lr)
         g.lr.prepare(base_lr)
         with g.lr.applied(), g._usage.stepping():
-            g.stepper.step(groups.params, skip)
+            self.stepper.step(groups.params, skip)
         for hook in g.after_step:
             hook()
         if g.scaler is not None and g.scaler.is_enabled():
@@ -84,7 +103,7 @@ class DeviceSide:
             grad._gradguard_version = grad._version  # type: ignore[attr-defined]
 
         row = pack_row(stats.full_norms(len(g.params)),
-                       loss=loss_d if loss_d is not None else g._nan,
+                       loss=loss_d if loss_d is not None else self._nan,
                        grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
                        nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
                        lr_scale=g.lr.tensor, grad_z=grad_z, loss_z=loss_z)

@@ -15,8 +15,6 @@ in flight.
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -24,31 +22,21 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import __version__, checkpoint, lifecycle
+from . import checkpoint, lifecycle
 from . import events as ev
-from . import snapshot as snap
-from .clip import SpikeClamp, Transform, as_transform, chain
+from .clip import Transform, as_transform
 from .control import Controller
 from .device import DeviceSide
 from .distributed import make_sync
-from .errors import ConfigError, GuardUsageError, check_int
+from .errors import ConfigError, GuardUsageError
 from .host import HostSide
 from .lr import LRFactor
 from .params import ForwardOrder, resolve_params
 from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks
-from .respond import Action, DeviceDecision, Policy, resolve_policy
+from .respond import Action, Policy, resolve_policy
 from .rollback import RollbackStore
 from .samples import SampleCounter
-from .stats import collect_grads
-from .stepper import Stepper
-from .usage import (
-    Usage,
-    after_step_hooks,
-    check_fresh_grads,
-    check_optimizer,
-    run_closure,
-    unscale_once,
-)
+from .usage import Usage, after_step_hooks, begin_step, check_args
 
 __all__ = ["Guard", "StepInfo"]
 
@@ -126,15 +114,7 @@ class Guard:
         after_step: Callable[[], object] | Sequence[Callable[[], object]] | None = None,
         distributed: Any = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        if model is not None and not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        check_optimizer(optimizer)
-        check_int("flush_every", flush_every, 1)
-        check_int("layers_every", layers_every, 1)
+        check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.names, self.params = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
@@ -142,29 +122,17 @@ class Guard:
                                              rollback)
         self.clip = as_transform(clip)
         self.clip.bind(self.names, self.params, self.device)
-        # The transforms a step runs: the user's, then (under the spike actions that apply
-        # a flagged step) the clamp of a spike to the norm the detector expected.
-        self._transforms: Transform = (
-            chain(self.clip, SpikeClamp())
-            if policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF) else self.clip)
         self.after_step = after_step_hooks(after_step)
-
-        # Device parts: the detectors and the skip decision.
-        self.grad_spike = copy.deepcopy(policy.grad_spike)
-        self.loss_spike = copy.deepcopy(policy.loss_spike)
-        self.grad_spike.bind(self.device)
-        self.loss_spike.bind(self.device)
-        self.decision = DeviceDecision(policy, self.device)
-        self.stepper = Stepper(optimizer, skip_strategy)
+        # Device parts: detectors, transforms, skip decision, optimizer stepper.
+        self._device = d = DeviceSide(self, skip_strategy)
+        self.grad_spike, self.loss_spike, self.decision = d.grad_spike, d.loss_spike, d.decision
+        self.stepper = d.stepper
         # Host parts: the stability controller and the LR factor it sets.
         self.control = Controller(policy.stability) if policy.stability is not None else None
         self.lr = LRFactor(optimizer, policy.stability.warmup_steps(optimizer)
                            if policy.stability is not None else 0, self.device)
-
         self.steps = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
-        self._nan = torch.full((), math.nan, device=self.device)
-        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
 
         self._sync = make_sync(distributed, self.params)
         if self._sync is not None and self._sync.rank != 0:
@@ -181,7 +149,6 @@ class Guard:
                                     self._tracked, self.recorder,
                                     self._sync.rank if self._sync is not None else None)
                       if policy.rollback is not None else None)
-        self._device = DeviceSide(self)
         self._host = HostSide(self)
         self._started = False
         self._closed = False
@@ -215,12 +182,7 @@ class Guard:
 
     def should_skip_batch(self) -> bool:
         """True for the next ``Rollback.skip_batches`` calls after a rollback."""
-        h = self._host
-        h.batches_used = True
-        if h.skip_batches > 0:
-            h.skip_batches -= 1
-            return True
-        return False
+        return self._host.should_skip_batch()
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable``, dropping the batches a rollback asks to skip."""
@@ -230,24 +192,6 @@ class Guard:
             yield item
 
     # -- the step ----------------------------------------------------------------------
-    def _start(self) -> None:
-        self._started = True
-        self._usage.first_step()
-        if self._order_probe is not None:
-            first = self._order_probe.first
-            self._host.set_order(self._order_probe.finish(), first)
-            self._order_probe = None
-        self.recorder.start({
-            "gradguard": __version__, "params": self.names,
-            "forward_order": [self.names[i] for i in self._host.order],
-            "shapes": [list(p.shape) for p in self.params],
-            "config": {"clip": repr(self.clip), **self.policy.describe(),
-                       "optimizer": type(self.optimizer).__name__,
-                       "skip_strategy": self.stepper.strategy},
-        })
-        if self.store is not None:
-            self.store.start(self._trajectory())
-
     def step(self, loss: Tensor | None = None,
              closure: Callable[[], Tensor] | None = None) -> StepInfo:
         """Measure, transform and apply (or skip) this step's gradients.
@@ -264,27 +208,10 @@ class Guard:
         Raises:
             TrainingDivergedError: the policy has run out of remedies.
         """
-        if self._closed:
-            raise GuardUsageError("this guard was closed; build a new one to keep training")
-        if closure is not None:
-            loss = run_closure(loss, closure)
-        if self.scaler is not None and self.scaler.is_enabled():
-            unscale_once(self.scaler, self.optimizer)
-        groups = collect_grads(self.params)
-        if not groups.grads:
-            raise GuardUsageError(
-                "no guarded parameter has a gradient: call loss.backward() before "
-                "guard.step(), and check the loss depends on the model's parameters"
-            )
-        check_fresh_grads(groups.grads)
+        groups, loss = begin_step(self, loss, closure)
         if not self._started:
-            self._start()
-
-        if loss is not None and not isinstance(loss, Tensor):
-            raise GuardUsageError(
-                f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
-                "the tensor you called backward() on (no .item())"
-            )
+            self._started = True
+            self._host.start()
         row, info = self._device.step(self.steps, groups, loss)
         self.mailbox.post(self.steps, row)
         step = self.steps
@@ -304,23 +231,6 @@ class Guard:
                           self.optimizer.param_groups[0]["lr"])
 
     # -- state -------------------------------------------------------------------------
-    def _trajectory(self) -> dict[str, Any]:
-        """The guard state that describes the current weights (rolled back with them)."""
-        out = {"clip": self.clip.state_dict(), "grad_spike": self.grad_spike.state_dict(),
-               "loss_spike": self.loss_spike.state_dict(),
-               "decision": self.decision.state_dict()}
-        if self.control is not None:
-            out["control"] = self.control.trajectory()
-        return out
-
-    def _load_trajectory(self, s: dict[str, Any]) -> None:
-        self.clip.load_state_dict(snap.clone_tree(s["clip"]))
-        self.grad_spike.load_state_dict(s["grad_spike"])
-        self.loss_spike.load_state_dict(s["loss_spike"])
-        self.decision.load_state_dict(s["decision"])
-        if self.control is not None and "control" in s:
-            self.control.load_trajectory(s["control"])
-
     def close(self) -> None:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
         if self._closed:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
 from .detect import DepthTrend, Drift, LayerAttribution
@@ -54,6 +55,34 @@ class HostSide:
         self.ignore_rows_before = 0
         self.base_lrs: dict[int, float] = {}
 
+    def start(self) -> None:
+        """At the first step: the forward order its forward pass showed, the run log's
+        meta line, the rollback store's first snapshot."""
+        g = self.g
+        g._usage.first_step()
+        if g._order_probe is not None:
+            first = g._order_probe.first
+            self.set_order(g._order_probe.finish(), first)
+            g._order_probe = None
+        g.recorder.start({
+            "gradguard": __version__, "params": g.names,
+            "forward_order": [g.names[i] for i in self.order],
+            "shapes": [list(p.shape) for p in g.params],
+            "config": {"clip": repr(g.clip), **g.policy.describe(),
+                       "optimizer": type(g.optimizer).__name__,
+                       "skip_strategy": g.stepper.strategy},
+        })
+        if g.store is not None:
+            g.store.start(checkpoint.trajectory(g))
+
+    def should_skip_batch(self) -> bool:
+        """See :meth:`gradguard.Guard.should_skip_batch`."""
+        self.batches_used = True
+        if self.skip_batches > 0:
+            self.skip_batches -= 1
+            return True
+        return False
+
     def set_order(self, order: list[int], first_module: Any) -> None:
         """The forward order the first step measured (input side first)."""
         g = self.g
@@ -71,7 +100,7 @@ class HostSide:
         for k, values in g.mailbox.poll():
             rolled = self.on_row(k, values) or rolled
         if g.store is not None and not rolled:
-            g.store.maybe_take(step, g._trajectory)
+            g.store.maybe_take(step, lambda: checkpoint.trajectory(g))
         g.recorder.maybe_flush(step)
         return rolled
 
@@ -194,7 +223,7 @@ class HostSide:
         g = self.g
         assert g.store is not None
         target = g.store.restore(retry)
-        g._load_trajectory(target.guard)
+        checkpoint.load_trajectory(g, target.guard)
         g.lr.progress = target.step + 1
         self.rollbacks += 1
         skip_n = g.store.cfg.skip_batches

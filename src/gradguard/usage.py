@@ -19,15 +19,19 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, GuardUsageError, GuardUsageWarning
+from .errors import ConfigError, GuardUsageError, GuardUsageWarning, check_int
+from .stats import GradGroups, collect_grads
 
-__all__ = ["Usage", "after_step_hooks", "check_fresh_grads", "check_optimizer", "run_closure",
-           "unscale_once"]
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["Usage", "after_step_hooks", "begin_step", "check_args", "check_fresh_grads",
+           "check_optimizer", "run_closure", "unscale_once"]
 
 OUTSIDE_STEP = (
     "optimizer.step() was called outside guard.step() (scaler.step(optimizer) calls it "
@@ -183,3 +187,42 @@ def run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
         raise GuardUsageError(f"closure must be callable, got {type(closure).__name__}")
     with torch.enable_grad():
         return closure()
+
+
+def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
+    """The ``Guard`` constructor's own arguments: types, the optimizer, counts >= 1."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module or None, got {type(model).__name__}")
+    check_optimizer(optimizer)
+    for name, v in positive_ints.items():
+        check_int(name, v, 1)
+
+
+def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | None
+               ) -> tuple[GradGroups, Tensor | None]:
+    """What ``guard.step`` checks and prepares before its device half: the closure run,
+    AMP gradients unscaled, the gradients collected; misuse refused before anything is
+    measured or stepped."""
+    if g._closed:
+        raise GuardUsageError("this guard was closed; build a new one to keep training")
+    if closure is not None:
+        loss = run_closure(loss, closure)
+    if loss is not None and not isinstance(loss, Tensor):
+        raise GuardUsageError(
+            f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
+            "the tensor you called backward() on (no .item())"
+        )
+    if g.scaler is not None and g.scaler.is_enabled():
+        unscale_once(g.scaler, g.optimizer)
+    groups = collect_grads(g.params)
+    if not groups.grads:
+        raise GuardUsageError(
+            "no guarded parameter has a gradient: call loss.backward() before "
+            "guard.step(), and check the loss depends on the model's parameters"
+        )
+    check_fresh_grads(groups.grads)
+    return groups, loss
