@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 import gradguard as gg
+from gradguard import checkpoint
 
 LR = 1e-5  # small: parameters barely move over thousands of identical-gradient steps
 
@@ -579,8 +580,8 @@ def run_model(name: str, reps: int, warmup: int, device: torch.device, grad_sets
     full = next((v for v in variants if v.name == "gradguard full"), None)
     if full is not None and full.guard is not None and full.guard.policy.rollback is not None:
         every = full.guard.policy.rollback.every
-        st = [_timed(lambda g=full.guard: g.store._take(g.steps, g._trajectory()), device) * ms
-              for _ in range(snapshot_reps)]
+        take = lambda g=full.guard: g.store._take(g.steps, checkpoint.trajectory(g))  # noqa: E731
+        st = [_timed(take, device) * ms for _ in range(snapshot_reps)]
         snap_med = statistics.median(st)
         full_med = next(r for r in rows if r["variant"] == "gradguard full")["median_ms"]
         snapshot = {"every": every, "median_ms": snap_med, "amortised_ms": snap_med / every,

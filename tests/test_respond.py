@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard import checkpoint
 from tests.conftest import backward, no_host_sync, small_mlp
 
 
@@ -215,7 +216,7 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
         info = step(guard, model, opt, s, nan=s == 8)
         if s == 5:
             saved = ([p.detach().clone() for p in model.parameters()],
-                     copy.deepcopy(opt.state_dict()), copy.deepcopy(guard._trajectory()))
+                     copy.deepcopy(opt.state_dict()), copy.deepcopy(checkpoint.trajectory(guard)))
         if s == 8:
             assert info.rolled_back
             params, ostate, gstate = saved
@@ -227,7 +228,7 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
                     assert torch.equal(v, now["state"][k][n])
             for part in ("clip", "grad_spike", "loss_spike"):
                 for k, v in gstate[part].items():
-                    w = guard._trajectory()[part][k]
+                    w = checkpoint.trajectory(guard)[part][k]
                     assert torch.equal(v.isnan(), w.isnan())
                     assert torch.equal(v.nan_to_num(), w.nan_to_num())
             assert all(p.grad is None for p in model.parameters())

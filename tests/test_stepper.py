@@ -160,3 +160,38 @@ def test_every_torch_optimizer_skips_a_nan_step_exactly_or_is_refused(name):
     opt.zero_grad()
     assert bool(guard.step(backward(model, seed=3, nan=True)).skipped)
     assert_identical(before, model, opt)
+
+
+@pytest.mark.cpu_host
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_on_a_cpu_the_users_optimizer_runs_as_built_and_unskipped_steps_are_the_plain_ones(
+        name):
+    # On a CPU reading the skip flag costs nothing, so the guard does not switch kernels:
+    # a fused kernel rounds differently, and a chaotic run would then differ from the
+    # unguarded one although no decision was taken.
+    a, b = small_mlp(), small_mlp()
+    oa, ob = OPTIMIZERS[name](a.parameters()), OPTIMIZERS[name](b.parameters())
+    guard = gg.Guard(a, oa, clip=[])
+    assert guard.stepper.strategy == "host"
+    assert all(g.get("fused") is None for g in oa.param_groups)
+    for s in range(6):
+        oa.zero_grad()
+        ob.zero_grad()
+        if s == 3:  # a NaN step: skipped, nothing changes
+            before = snapshot(a, oa)
+            assert guard.step(backward(a, nan=True)).skipped
+            assert_identical(before, a, oa)
+            continue
+        guard.step(backward(a, seed=s))
+        backward(b, seed=s)
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # The user's own fused kernel is theirs: it takes the flag on the device.
+    m = small_mlp()
+    assert gg.Guard(m, torch.optim.Adam(m.parameters(), fused=True)).stepper.strategy \
+        == "found_inf"
+    # Asking for the accelerator strategies on a CPU still gets them.
+    m2 = small_mlp()
+    assert gg.Guard(m2, torch.optim.SGD(m2.parameters()), skip_strategy="found_inf") \
+        .stepper.strategy == "found_inf"

@@ -64,9 +64,10 @@ class Guard:
         model: the module being trained (names parameters, gives forward order, and is
             what a rollback restores); may be None when ``params`` or the optimizer's own
             parameters are enough.
-        optimizer: the user's optimizer. torch's Adam/AdamW/SGD/Adagrad left at their
-            default implementation are switched to ``fused=True`` so a skipped step needs
-            no host sync (see :mod:`gradguard.stepper`; ``skip_strategy="masked"`` opts out).
+        optimizer: the user's optimizer. On an accelerator, torch's Adam/AdamW/SGD/Adagrad
+            left at their default implementation are switched to ``fused=True`` so a
+            skipped step needs no host sync (see :mod:`gradguard.stepper`;
+            ``skip_strategy="masked"`` opts out); on a CPU it runs as built.
         clip: a transform or a list of transforms (chained). None (the default) clips
             nothing but the spikes the detector flags (to the typical norm): blanket
             clipping of a healthy run's heavy-tailed norms slows it, and real instability
@@ -84,7 +85,8 @@ class Guard:
         sinks: further sinks (objects with meta/steps/event/close).
         flush_every: hand rows to the sinks every this many steps (and at every event).
         layers_every: write per-layer norms every this many steps (and at flagged steps).
-        skip_strategy: "auto", "found_inf" or "masked" (see :mod:`gradguard.stepper`).
+        skip_strategy: "auto", "found_inf", "masked" or "host" (see
+            :mod:`gradguard.stepper`).
         params: guard only these parameters (default: all trainable ones).
         after_step: a callable (or a sequence of them) the guard calls right after each
             optimizer step, skipped or not: a weight constraint such as

@@ -1,6 +1,14 @@
 """Run ``optimizer.step()`` under a device-side skip flag, without a host sync.
 
-Two strategies, picked per optimizer:
+Three strategies, picked per optimizer and device:
+
+``host``
+    Parameters on the CPU: the flag is read on the host and ``optimizer.step()`` is
+    called or not. On a CPU that read is free (there is no device to wait for), and the
+    user's optimizer runs exactly as they built it, so a step the guard does not skip is
+    bit-for-bit the unguarded step. (Switching to a fused kernel changes the rounding, and
+    in a chaotic run — a BN network at a high LR, an RNN — that alone sends the run down
+    another path.)
 
 ``found_inf``
     Optimizers that implement PyTorch's AMP contract (``_step_supports_amp_scaling``,
@@ -11,9 +19,10 @@ Two strategies, picked per optimizer:
     ``fused`` and ``foreach`` unset and the parameters allow it.
 
 ``masked``
-    Any other optimizer: parameters and tensor state are copied before the step and put
-    back with ``torch.where(skip, saved, new)`` after it. Exact for every optimizer whose
-    state is tensors; one extra read and write of parameters and state per step.
+    Any other optimizer on an accelerator: parameters and tensor state are copied before
+    the step and put back with ``torch.where(skip, saved, new)`` after it. Exact for every
+    optimizer whose state is tensors; one extra read and write of parameters and state per
+    step.
 
 A step that creates optimizer state lazily (usually the first) ends with one host read
 of the flag: a skipped first step must leave no state behind, and the fused SGD kernel
@@ -35,8 +44,13 @@ __all__ = ["Stepper"]
 
 log = logging.getLogger("gradguard")
 
+# "auto" takes the host strategy when every parameter is on the CPU. The test suite sets
+# this False so that the accelerator strategies, which CI has no accelerator to run, are
+# exercised on the CPU (tests of the CPU behaviour set it back).
+HOST_ON_CPU = True
+
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
-STRATEGIES = ("auto", "found_inf", "masked")
+STRATEGIES = ("auto", "found_inf", "masked", "host")
 
 
 def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
@@ -79,16 +93,33 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-class Stepper:
-    """Steps an optimizer, or leaves it exactly as it was when ``skip`` is true."""
+def _on_cpu(optimizer: torch.optim.Optimizer) -> bool:
+    return all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto") -> None:
+
+class Stepper:
+    """Steps an optimizer, or leaves it exactly as it was when ``skip`` is true.
+
+    Args:
+        optimizer: the user's optimizer.
+        strategy: "auto" (see the module docstring), "found_inf", "masked" or "host".
+        cpu: whether "auto" takes the host strategy; None (default): when every
+            parameter is on the CPU (and ``HOST_ON_CPU``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto",
+                 cpu: bool | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.optimizer = optimizer
         supports = getattr(optimizer, "_step_supports_amp_scaling", False)
         if strategy == "auto":
-            strategy = "found_inf" if supports or _try_fuse(optimizer) else "masked"
+            if supports:  # the user's own fused kernel: nothing is switched
+                strategy = "found_inf"
+            elif (HOST_ON_CPU and _on_cpu(optimizer)) if cpu is None else cpu:
+                strategy = "host"
+            else:
+                strategy = "found_inf" if _try_fuse(optimizer) else "masked"
         elif strategy == "found_inf" and not supports and not _try_fuse(optimizer):
             raise ConfigError(
                 f"skip_strategy='found_inf' needs an optimizer that reads `found_inf` (torch's "
@@ -131,6 +162,8 @@ class Stepper:
             if fresh:
                 self._complete_momentum()
             self._step_found_inf(skip)
+        elif self.strategy == "host":
+            self._step_host_decided(skip)
         else:
             self._step_masked(params, skip)
         if fresh:
@@ -212,6 +245,8 @@ class Stepper:
                 torch.where(skip, s, t, out=t)
 
     def _step_host_decided(self, skip: Tensor) -> None:
+        # A host read: free on a CPU; on an accelerator only for state the device cannot
+        # restore (see _step_masked).
         if not bool(skip):
             self.optimizer.step()
 
