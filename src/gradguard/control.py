@@ -375,8 +375,9 @@ class Controller:
         lim = self._limit(_median(past_u))
         first = self._in_units(before.get("start"))
         if first is not None and before.get("log_scale") == self.log_scale:
-            lim = min(lim, self._giveback_limit(float(before["best"]), first,
-                                                before["sigma"] or 0.0))
+            sigma = before.get("sigma")  # (None: no noise estimate, no progress judged)
+            lim = min(lim, self._giveback_limit(
+                float(before["best"]), first, math.inf if sigma is None else float(sigma)))
         return _median(f(now)) <= lim
 
     # -- one row -------------------------------------------------------------------------
