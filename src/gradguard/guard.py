@@ -235,20 +235,8 @@ class Guard:
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
-        if self._closed:
-            return
-        self._usage.remove()
-        self._samples.remove()
-        if self._host.inputs is not None:
-            self._host.inputs.remove()
-        lifecycle.unregister(self, self._finalizer)
-        try:
-            self._host.drain()
-            if self._started:
-                self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
-        finally:
-            self.recorder.close()
-            self._closed = True
+        if not self._closed:
+            self._host.close()
 
     def __enter__(self) -> Guard:
         return self
