@@ -235,8 +235,20 @@ class Guard:
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
-        if not self._closed:
-            self._host.close()
+        if self._closed:
+            return
+        self._usage.remove()
+        self._samples.remove()
+        if self._host.inputs is not None:
+            self._host.inputs.remove()
+        lifecycle.unregister(self, self._finalizer)
+        try:
+            self._host.drain()
+            if self._started:
+                self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
+        finally:
+            self.recorder.close()
+            self._closed = True
 
     def __enter__(self) -> Guard:
         return self

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__, checkpoint, lifecycle
+from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
 from .detect import DepthTrend, Drift, LayerAttribution
@@ -103,23 +103,6 @@ class HostSide:
             g.store.maybe_take(step, lambda: checkpoint.trajectory(g))
         g.recorder.maybe_flush(step)
         return rolled
-
-    def close(self) -> None:
-        """End the run (:meth:`gradguard.Guard.close`): hooks off, rows in flight
-        processed, the verdict logged, the sinks closed."""
-        g = self.g
-        g._usage.remove()
-        g._samples.remove()
-        if self.inputs is not None:
-            self.inputs.remove()
-        lifecycle.unregister(g, g._finalizer)
-        try:
-            self.drain()
-            if g._started:
-                g.recorder.event(g.steps, "verdict", g.verdict(), action="info")
-        finally:
-            g.recorder.close()
-            g._closed = True
 
     def drain(self) -> None:
         """Wait for and process every row still in flight (a host sync, on purpose)."""

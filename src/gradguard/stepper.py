@@ -103,12 +103,9 @@ class Stepper:
     Args:
         optimizer: the user's optimizer.
         strategy: "auto" (see the module docstring), "found_inf", "masked" or "host".
-        cpu: whether "auto" takes the host strategy; None (default): when every
-            parameter is on the CPU (and ``HOST_ON_CPU``).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto",
-                 cpu: bool | None = None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto") -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.optimizer = optimizer
@@ -116,7 +113,7 @@ class Stepper:
         if strategy == "auto":
             if supports:  # the user's own fused kernel: nothing is switched
                 strategy = "found_inf"
-            elif (HOST_ON_CPU and _on_cpu(optimizer)) if cpu is None else cpu:
+            elif HOST_ON_CPU and _on_cpu(optimizer):
                 strategy = "host"
             else:
                 strategy = "found_inf" if _try_fuse(optimizer) else "masked"
