@@ -65,6 +65,8 @@ class ClipContext:
         spike: 0-dim bool, the gradient-norm spike detector's flag for this step (None:
             no detector ran).
         typical: 0-dim, the norm that detector expects (its window's median).
+        clip_all: clip every step to ``typical``, not only spikes (a host bool: the
+            stability controller's answer to a run that gave back its progress).
     """
 
     def __init__(self, groups: GradGroups, stats: GradStats, names: Sequence[str],
@@ -81,6 +83,7 @@ class ClipContext:
         self._pending: Tensor | None = None
         self.spike: Tensor | None = None
         self.typical: Tensor | None = None
+        self.clip_all = False
 
     @property
     def norms(self) -> Tensor:
@@ -216,14 +219,17 @@ class SpikeClamp(Transform):
     The guard puts it last in its chain under ``on_spike`` "auto", "clip" and "backoff": a
     flagged step that is applied anyway is applied no larger than the typical norm,
     whatever the transforms before let through (ZClip's "mean" response, Kumar et al.
-    2025, section 3.3); unflagged steps pass untouched.
+    2025, section 3.3); unflagged steps pass untouched. Under ``ctx.clip_all`` every step
+    is clipped to that norm (Pascanu et al. 2013, §3.2, with the threshold the detector's
+    window median, as AutoClip takes a percentile of past norms: Seetharaman et al. 2020).
     """
 
     def __call__(self, ctx: ClipContext) -> None:
         if ctx.spike is None or ctx.typical is None:
             return
         coef = _norm_clip_coef(ctx.global_norm, ctx.typical)
-        ctx.scale(torch.where(ctx.spike, coef, 1.0))
+        # (clip_all is a host bool: choosing the branch costs no sync)
+        ctx.scale(coef if ctx.clip_all else torch.where(ctx.spike, coef, 1.0))
 
 
 @final

@@ -30,8 +30,11 @@ broke (a streak of bad steps) was near its edge: the scale falls by ``decrease``
 that failed before it ever trained well, or whose loss level climbed, was far past it:
 the scale falls by ``decrease_far``, one decade, so the next
 attempt lands below the edge instead of spending another failure (and its lost steps)
-finding out. (Sudden failures of healthy runs past their early phase are first retried
-at the same scale, see :meth:`Controller.unstable`.) The scale has memory: it is
+finding out. A run whose loss level sank back towards its first loss (the give-back
+test) is first answered by clipping every later step to the typical gradient norm at the
+same LR (``clip_on_giveback``), and sudden failures of healthy runs past their early
+phase are first retried at the same scale (see :meth:`Controller.unstable`). The scale
+has memory: it is
 raised again (by 1/√decrease) only after ``probe_after`` calm steps, and a relapse soon
 after a raise doubles that wait — TCP's multiplicative decrease with exponentially backed
 off probing (Jacobson 1988), so a run settles at a stable LR instead of cycling across
@@ -107,6 +110,11 @@ class Stability:
         giveback: the level also regresses when it has given back more than this
             fraction of the run's progress, from its first loss down to its best (see
             :meth:`Controller.progress_threshold`).
+        clip_on_giveback: the first time that give-back test finds a run unstable, roll
+            back and clip every later step to the typical gradient norm (the norm
+            detector's window median) instead of lowering the LR; later instability
+            lowers it as usual (see :meth:`Controller.unstable`). Needs the spike clamp
+            (``on_spike`` "auto", "clip" or "backoff"); without it the LR is lowered.
     """
 
     window: int = 20
@@ -120,6 +128,7 @@ class Stability:
     floor: float = 1e-3
     warmup: str | int | None = None
     giveback: float = 0.5
+    clip_on_giveback: bool = True
 
     def __post_init__(self) -> None:
         check_int("Stability.window", self.window, 3)
@@ -165,6 +174,8 @@ class Verdict:
         scale: the LR scale to apply from now on.
         raised: the scale was raised (a probe) at this row.
         retry: roll back and retry at the same scale (see :meth:`Controller.unstable`).
+        clip: roll back at the same scale and clip every step from now on (see
+            :meth:`Controller.unstable`).
     """
 
     unstable: str | None = None
@@ -172,6 +183,7 @@ class Verdict:
     scale: float = 1.0
     raised: bool = False
     retry: bool = False
+    clip: bool = False
 
 
 class Controller:
@@ -182,7 +194,7 @@ class Controller:
     wait, counts) is what the run has learned about its LR and survives rollbacks.
     """
 
-    def __init__(self, cfg: Stability) -> None:
+    def __init__(self, cfg: Stability, can_clip: bool = False) -> None:
         self.cfg = cfg
         # trajectory
         self.losses: deque[float] = deque(maxlen=cfg.window)
@@ -212,6 +224,9 @@ class Controller:
         self.rows = 0
         self.scaled_rows = 0
         self.scale_rows: dict[float, int] = {}
+        # Whether the guard's chain clamps steps to the typical norm (its spike clamp).
+        self.can_clip = can_clip
+        self.clip_since: int | None = None  # the row from which every step is clipped
 
     # -- the loss level ------------------------------------------------------------------
     def level(self) -> tuple[float, float, float] | None:
@@ -409,7 +424,7 @@ class Controller:
             self.losses.append(float(loss))
         self._cache = None
         reason = None
-        climb = False
+        climb = giveback = False
         lv = self.level()
         if self.nan_streak >= cfg.bad_steps:
             reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss"
@@ -431,14 +446,14 @@ class Controller:
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
                               f"{self.start:.4g} (limit {self._shown(start):.4g})")
                 elif level - cfg.z * se > (back := self.progress_threshold()):
-                    climb = True
+                    climb = giveback = True
                     reason = (f"loss level {self._shown(level):.4g} gave back most of its "
                               f"progress from the first loss {self.start:.4g} to its best "
                               f"{self._shown(self.best):.4g} (limit {self._shown(back):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
         if reason is not None:
-            verdict = self.unstable(step, reason, climb=climb)
+            verdict = self.unstable(step, reason, climb=climb, giveback=giveback)
             self.was_calm = False
             return verdict
         if not flagged:
@@ -452,7 +467,8 @@ class Controller:
             return Verdict(scale=self.scale, raised=True)
         return Verdict(scale=self.scale)
 
-    def unstable(self, step: int, reason: str, climb: bool = False) -> Verdict:
+    def unstable(self, step: int, reason: str, climb: bool = False,
+                 giveback: bool = False) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
@@ -470,6 +486,18 @@ class Controller:
         well at this LR or its loss level climbed (``climb``; see the module docstring).
         At the floor, a run that had trained well and made progress since its last
         rollback (``progressed``) is rolled back at the same scale instead.
+
+        The first instability found by the give-back test (``giveback``: the level drifted
+        back towards the first loss without overshooting it) is answered by clipping
+        instead (``clip_on_giveback``): roll back, keep the LR, and from then on clip
+        every step to the typical gradient norm (``clip`` in the verdict). A loss that
+        overshoots its start is being pushed uphill by every step, which only a smaller
+        LR fixes; a run that loses a little progress and sinks back to chance has had its
+        weights thrown into saturation by a few oversized steps — the cliffs of a
+        recurrent net's loss surface, for which Pascanu, Mikolov & Bengio (2013, §3.2)
+        clip the norm, leaving the ordinary steps at the full LR. Measured on rnn-long at
+        its exploding LR: 4 of 5 seeds end below the best unguarded loss at any LR, where
+        the ×0.1 cut left them at a tenth of the LR, too slow (benchmarks/RESULTS.md).
         """
         cfg = self.cfg
         self.instabilities += 1
@@ -494,6 +522,11 @@ class Controller:
         # (its regression threshold is still under the first loss), a margin one noisy
         # first loss cannot fake.
         trained = first is not None and self._shown(self.threshold()) < first
+        if giveback and cfg.clip_on_giveback and self.can_clip and self.clip_since is None:
+            self.clip_since = step
+            self._before_cut = None
+            self.calm = 0
+            return Verdict(unstable=reason, scale=self.scale, clip=True)
         near = trained and not climb
         new = self.scale * (cfg.decrease if near else cfg.decrease_far)
         # At the floor the LR is a thousandth of the user's: a run that had trained well
@@ -560,7 +593,7 @@ class Controller:
                 "first_loss": self.first_loss,
                 "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
-                "scale_rows": dict(self.scale_rows)}
+                "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.load_trajectory(s)
@@ -577,3 +610,5 @@ class Controller:
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}
+        since = s.get("clip_since")  # (absent from a state saved before it existed)
+        self.clip_since = None if since is None else int(since)

@@ -44,9 +44,9 @@ class DeviceSide:
         policy, device = guard.policy, guard.device
         # The transforms a step runs: the user's, then (under the spike actions that apply
         # a flagged step) the clamp of a spike to the norm the detector expected.
-        self.transforms: Transform = (
-            chain(guard.clip, SpikeClamp())
-            if policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF) else guard.clip)
+        self.clamps = policy.on_spike in (Action.AUTO, Action.CLIP, Action.BACKOFF)
+        self.transforms: Transform = chain(guard.clip, SpikeClamp()) if self.clamps \
+            else guard.clip
         self.grad_spike = copy.deepcopy(policy.grad_spike)
         self.loss_spike = copy.deepcopy(policy.loss_spike)
         self.grad_spike.bind(device)
@@ -83,6 +83,7 @@ class DeviceSide:
 
         ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
         ctx.spike, ctx.typical = grad_spike, typical
+        ctx.clip_all = g.control is not None and g.control.clip_since is not None
         self.transforms(ctx)
         clipped = ctx.global_norm
         ctx.flush()

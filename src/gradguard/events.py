@@ -104,10 +104,15 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
+    clipped = "" if c is None or c.clip_since is None else (
+        f"; from step {c.clip_since} every step was clipped to the typical gradient norm "
+        "(the run had given back its progress: clip_grad_norm_ at about that norm is what "
+        "this LR needs)")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")
-        return f"stable: {bad}, the LR was never changed{retried}"
+        state = "stable" if not clipped else "unstable at your LR without clipping"
+        return f"{state}: {bad}, the LR was never changed{retried}{clipped}"
     share = c.scaled_rows / max(c.rows, 1)
     try:
         at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
@@ -115,5 +120,5 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         at = f"×{c.scale:.3g} of your LR"
     return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) ({rollbacks} "
             f"rollback(s)), it was scaled down on {share:.0%} of steps, and the run ended "
-            f"stable at {at}; {bad}. Set that LR (or warm up to it) to train without the "
-            "guard's help")
+            f"stable at {at}; {bad}{clipped}. Set that LR (or warm up to it) to train without "
+            "the guard's help")

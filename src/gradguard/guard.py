@@ -130,7 +130,8 @@ class Guard:
         self.grad_spike, self.loss_spike, self.decision = d.grad_spike, d.loss_spike, d.decision
         self.stepper = d.stepper
         # Host parts: the stability controller and the LR factor it sets.
-        self.control = Controller(policy.stability) if policy.stability is not None else None
+        self.control = Controller(policy.stability, can_clip=d.clamps) \
+            if policy.stability is not None else None
         self.lr = LRFactor(optimizer, policy.stability.warmup_steps(optimizer)
                            if policy.stability is not None else 0, self.device)
         self.steps = 0

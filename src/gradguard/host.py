@@ -29,6 +29,9 @@ from .detect import DepthTrend, Drift, LayerAttribution
 from .params import InputWatch
 from .respond import Action, TrainingDivergedError
 
+_CLIPPING = ("LR unchanged, every step clipped to the typical gradient norm from now on (the "
+             "run gave back its progress: a few oversized steps, not the LR)")
+
 if TYPE_CHECKING:
     from .guard import Guard
 
@@ -184,6 +187,7 @@ class HostSide:
         reason = verdict.unstable
         if reason is None:
             return False
+        clip = verdict.clip
         from_data = None
         if self.rollbacks >= 2 and self.inputs is not None and self.order \
                 and ev.data_origin(g.recorder, self.inputs):
@@ -206,19 +210,20 @@ class HostSide:
                     and loss_bad and store.discard_latest():
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
-            self.rollback(k, reason, verdict.retry)
+            self.rollback(k, reason, verdict.retry, clip)
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
         c.rebaseline()
         g.grad_spike.bind(g.device)
         g.loss_spike.bind(g.device)
-        g.recorder.event(k, "backoff", f"unstable: {reason}; LR scale ×{verdict.scale:.3g}"
+        what = _CLIPPING if clip else f"LR scale ×{verdict.scale:.3g}"
+        g.recorder.event(k, "backoff", f"unstable: {reason}; {what}"
                          " (no snapshot to roll back to)", action="backoff",
-                         lr_scale=verdict.scale, reason=reason)
+                         lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
-    def rollback(self, step: int, reason: str, retry: bool) -> None:
+    def rollback(self, step: int, reason: str, retry: bool, clip: bool = False) -> None:
         """Restore the latest good snapshot; the controller has already set the LR."""
         g = self.g
         assert g.store is not None
@@ -237,11 +242,12 @@ class HostSide:
                     "guard.batches(loader) (or ask guard.should_skip_batch()) for that")
         lr = (f"retrying at the same LR scale ×{g.lr.scale:.3g} (a sudden failure of a "
               "healthy run: a transient fault is likelier than the LR)" if retry
-              else f"LR scale ×{g.lr.scale:.3g}")
+              else _CLIPPING if clip else f"LR scale ×{g.lr.scale:.3g}")
         g.recorder.event(
             step, "rollback", f"unstable: {reason}; rolled back to the state after step "
             f"{target.step}, {lr}{skip}",
-            action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale)
+            action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale,
+            clip_all=clip)
 
     def diverged(self, step: int, why: str) -> None:
         g = self.g
