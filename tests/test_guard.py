@@ -281,3 +281,28 @@ def test_hot_path_ops_do_not_grow_with_the_number_of_tensors():
     added = {n: g - o for n, (g, o) in counts.items()}
     assert max(added.values()) - min(added.values()) <= 2, added
     assert max(added.values()) <= 160, added
+
+
+def test_once_the_controller_clips_every_step_is_clipped_to_the_typical_norm(mlp):
+    # Before: only flagged spikes are clamped. After the controller's give-back answer
+    # (clip_since set), every step is clipped to the norm detector's window median, and
+    # a step already under it passes untouched.
+    guard = gg.Guard(mlp, torch.optim.SGD(mlp.parameters(), lr=1e-3))
+    for seed in range(20):
+        guard.optimizer.zero_grad()
+        info = guard.step(backward(mlp, seed=seed))
+        assert info.to_dict()["clipped_norm"] == info.to_dict()["grad_norm"]
+    guard.control.clip_since = guard.steps
+    clipped = []
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(20))
+    for k in (2.0, 0.3, 2.5):  # the gradient k times a typical batch's
+        typical = torch.exp(guard.grad_spike.stats()[0]).item()
+        guard.optimizer.zero_grad()
+        loss = mlp(x).pow(2).mean() * k
+        loss.backward()
+        d = guard.step(loss).to_dict()
+        assert not d["grad_spike"] and not d["skipped"]
+        assert d["clipped_norm"] == pytest.approx(min(d["grad_norm"], typical), rel=1e-5)
+        clipped.append(d["grad_norm"] > typical)
+    assert clipped == [True, False, True]
+    assert "clipped to the typical gradient norm" in guard.verdict()
