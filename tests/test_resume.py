@@ -1,5 +1,7 @@
 """Resume mid-run: a guard restored from ``state_dict`` decides as the uninterrupted one."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -68,3 +70,32 @@ def test_resume_decides_and_trains_identically_for_300_steps(tmp_path):
     guard.close()
     guard2.close()
     assert guard.verdict().split(";")[0] == guard2.verdict().split(";")[0]
+
+
+def test_a_resumed_guard_keeps_clipping_every_step(tmp_path):
+    # The controller's answer to a give-back (clip every step to the typical norm) is
+    # memory a resumed run must keep: the same clipped norms after the load.
+    def clipped(model, opt, guard, first, last):
+        out = []
+        for k in range(first, last):
+            x, y = batch(k)
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            d = guard.step(loss).to_dict()
+            out.append((d["skipped"], repr(d["grad_norm"]), repr(d["clipped_norm"])))
+        return out
+
+    model, opt, guard = make(0)
+    run(model, opt, guard, 0, 30)
+    guard.control.clip_since = 30  # as Controller.unstable sets it on a give-back
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "guard": guard.state_dict()})
+    straight = clipped(model, opt, guard, 30, 80)
+    assert sum(float(c) < float(n) for _, n, c in straight) >= 2  # it does clip
+    model2, opt2, guard2 = make(123)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    guard2.load_state_dict(state["guard"])
+    assert guard2.control.clip_since == 30
+    assert clipped(model2, opt2, guard2, 30, 80) == straight

@@ -73,8 +73,8 @@ class Guard:
             clipping of a healthy run's heavy-tailed norms slows it, and real instability
             is the stability controller's job.
         policy: a :class:`~gradguard.respond.Policy`; default ``Policy()`` (skip NaN/Inf
-            steps and isolated spikes; the stability controller lowers the LR and rolls
-            back on persistent instability). ``on_nonfinite``,
+            steps and isolated spikes; the stability controller rolls back on persistent
+            instability and lowers the LR, or clips every later step). ``on_nonfinite``,
             ``on_spike``, ``on_loss_spike`` and ``rollback`` are shortcuts that replace
             the policy's fields.
         scaler: a ``torch.amp.GradScaler``; the guard then unscales before measuring and
