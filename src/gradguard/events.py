@@ -104,10 +104,13 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
+    # (No threshold is advised: the typical norm falls as the loss does, so its value at
+    # the end would cripple the start of a run clipped to it.)
     clipped = "" if c is None or c.clip_since is None else (
         f"; from step {c.clip_since} every step was clipped to the typical gradient norm "
-        "(the run had given back its progress: clip_grad_norm_ at about that norm is what "
-        "this LR needs)")
+        "(the run had given back its progress: at this LR it trains only with its gradient "
+        "norm clipped; without the guard, clip with gg.clip.Quantile(0.5) or "
+        "clip_grad_norm_)")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")
