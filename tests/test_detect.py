@@ -8,16 +8,11 @@ import gradguard as gg
 from gradguard.detect import DepthTrend, Drift, LayerAttribution
 
 CPU = torch.device("cpu")
-OK = torch.tensor(True)
 
 
 def feed(det, values):
     det.bind(CPU)
-    out = []
-    for v in values:
-        spike, *_ = det(torch.tensor(float(v)), OK)
-        out.append(bool(spike))
-    return out
+    return [gg.detect.judge(det, float(v)).spike for v in values]
 
 
 def test_norm_spike_flags_a_sudden_jump_not_noise():
@@ -42,12 +37,11 @@ def test_norm_spike_ignores_nonfinite_and_learns_level_shifts():
     det = gg.NormSpike(warmup=5)
     det.bind(CPU)
     for _ in range(20):
-        det(torch.tensor(1.0), OK)
-    spike, *_ = det(torch.tensor(math.nan), torch.tensor(False))
-    assert not spike and int(det.state["count"]) == 20
-    assert bool(torch.isfinite(det.state["buf"][:20]).all())
+        gg.detect.judge(det, 1.0)
+    assert not gg.detect.judge(det, math.nan, ok=False).spike and det.count == 20
+    assert all(math.isfinite(v) for v in det.buf[:20])
     # a lasting 10x shift is flagged at first, then learned within a window or two
-    flags = [bool(det(torch.tensor(10.0), OK)[0]) for _ in range(300)]
+    flags = [gg.detect.judge(det, 10.0).spike for _ in range(300)]
     assert flags[0] and not any(flags[2 * det.window:])
 
 
@@ -152,8 +146,8 @@ def test_a_smaller_batch_widens_the_thresholds_by_its_noise_factor(det, spread, 
     def last_flag(value, factor):
         det.bind(CPU)
         for v in steady:
-            det(torch.tensor(v), OK)
-        return bool(det(torch.tensor(value), OK, factor)[0])
+            gg.detect.judge(det, v)
+        return gg.detect.judge(det, value, noise=factor).spike
 
     assert last_flag(odd, 1.0)  # judged as a full batch: a spike
     assert not last_flag(odd, noise)  # as the 5-sample batch it is: sampling noise
@@ -167,11 +161,13 @@ class _AboveLimit:
         self.limit = limit
 
     def bind(self, device):
-        self.state = {}
+        pass
 
-    def __call__(self, value, ok, noise=1.0):
-        spike = ok & (value > self.limit)
-        return gg.detect.Flag(spike, value / self.limit, torch.full_like(value, self.limit))
+    def limits(self, noise=1.0):
+        return gg.detect.Limits(above=self.limit, typical=self.limit)
+
+    def observe(self, value, ok, spike, noise=1.0):
+        return value / self.limit
 
     def state_dict(self):
         return {}
@@ -184,9 +180,29 @@ def test_detectors_return_a_typed_flag_and_satisfy_the_protocol():
     for det in (gg.NormSpike(), gg.LossSpike()):
         assert isinstance(det, gg.detect.Detector)
         det.bind(CPU)
-        out = det(torch.tensor(2.0), OK)
-        assert isinstance(out, gg.detect.Flag)
-        assert out.typical.item() == pytest.approx(2.0)  # no history: the value itself
+        assert det.limits() == (math.inf, math.inf)  # no history: no test, nothing to clamp to
+        out = gg.detect.judge(det, 2.0)
+        assert isinstance(out, gg.detect.Flag) and not out.spike and out.z == 0.0
+        assert det.limits().typical == pytest.approx(2.0)
+
+
+def test_detector_state_round_trips_and_refuses_a_state_that_does_not_fit():
+    gen = np.random.default_rng(0)
+    for make in (gg.NormSpike, gg.LossSpike):
+        det = make()
+        for v in np.exp(gen.normal(0, 0.3, 100)):
+            gg.detect.judge(det, float(v))
+        twin = make()
+        twin.load_state_dict(det.state_dict())
+        for v in [*np.exp(gen.normal(0, 0.3, 50)), 40.0, 1.0]:
+            assert gg.detect.judge(twin, float(v)) == gg.detect.judge(det, float(v))
+        before = twin.state_dict()
+        with pytest.raises(gg.ConfigError, match="window"):
+            twin.load_state_dict(make(window=32).state_dict())
+        with pytest.raises(gg.ConfigError, match="keys"):
+            twin.load_state_dict({"buf": before["buf"]})
+        after = twin.state_dict()
+        assert before == after  # nothing half-loaded
 
 
 def test_a_users_detector_plugs_into_the_policy():

@@ -90,6 +90,49 @@ def test_pack_row_follows_the_declared_schema_and_names_a_missing_column():
     assert row.tolist()[: len(COLUMNS)] == [1.0 if c == "skipped" else float(i)
                                             for i, c in enumerate(COLUMNS)]
     assert row.tolist()[len(COLUMNS):] == [7.0, 8.0]
-    del cols["loss_z"]
-    with pytest.raises(ValueError, match="missing columns \\['loss_z'\\]"):
+    del cols["lr_scale"]
+    with pytest.raises(ValueError, match="missing columns \\['lr_scale'\\]"):
         pack_row(torch.tensor([1.0]), **cols)
+
+
+def test_mailbox_hands_over_rows_up_to_a_step_and_no_further():
+    from gradguard.record import Mailbox
+
+    box = Mailbox(torch.device("cpu"))
+    for k in range(5):
+        box.post(k, torch.tensor([float(k)]))
+    assert [k for k, _ in box.poll(upto=2)] == [0, 1, 2]
+    assert box.poll(upto=2) == []
+    assert [k for k, _ in box.poll(wait=True)] == [3, 4]
+
+
+def test_a_guard_whose_rows_arrive_late_still_catches_spikes_and_decides_alike():
+    # On an accelerator the host takes each row ROW_LAG steps late, so the detectors'
+    # windows lag their flags; on the CPU the mailbox can be made to hold rows as long.
+    from tests.conftest import small_mlp
+
+    def run(lag):
+        torch.manual_seed(0)
+        model = small_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        guard = gg.Guard(model, opt)
+        guard.mailbox.lag = lag
+        flags = []
+        for k in range(60):
+            opt.zero_grad()
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(k))
+            loss = model(x).pow(2).mean() * (1000.0 if k in (40, 41) else 1.0)
+            loss.backward()
+            info = guard.step(loss)
+            flags.append((bool(info.grad_spike | info.loss_spike), bool(info.skipped)))
+            if k == 30:
+                assert guard.grad_spike.count == 31 - lag  # rows 0 … 30 - lag learned
+        guard.close()
+        return flags, [p.detach().clone() for p in model.parameters()]
+
+    flags, params = run(2)
+    assert flags[40] == (True, True)  # a bad batch: flagged and skipped
+    assert flags[41][0] and not any(f[0] for f in flags[:40] + flags[42:])
+    again, params2 = run(2)
+    assert again == flags and all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
+    assert run(0)[0] == flags  # here the lag changes no decision

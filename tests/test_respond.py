@@ -226,11 +226,13 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
             for k, st in ostate["state"].items():
                 for n, v in st.items():
                     assert torch.equal(v, now["state"][k][n])
-            for part in ("clip", "grad_spike", "loss_spike"):
-                for k, v in gstate[part].items():
-                    w = checkpoint.trajectory(guard)[part][k]
-                    assert torch.equal(v.isnan(), w.isnan())
-                    assert torch.equal(v.nan_to_num(), w.nan_to_num())
+            for k, v in gstate["clip"].items():
+                w = checkpoint.trajectory(guard)["clip"][k]
+                assert torch.equal(v.isnan(), w.isnan())
+                assert torch.equal(v.nan_to_num(), w.nan_to_num())
+            for part in ("grad_spike", "loss_spike"):  # host numbers, NaN in empty slots
+                now_det = checkpoint.trajectory(guard)[part]
+                assert repr(gstate[part]) == repr(now_det)
             assert all(p.grad is None for p in model.parameters())
     ev = [e for e in guard.recorder.events if e["kind"] == "rollback"]
     assert len(ev) == 1 and ev[0]["to_step"] == 5 and ev[0]["step"] == 8

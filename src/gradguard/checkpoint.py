@@ -129,10 +129,9 @@ def _load_parts(g: Guard, state: dict[str, Any]) -> list[str]:
     else:
         skipped.append("clip")
     for name in ("grad_spike", "loss_spike"):
-        det = getattr(g, name)
-        if fits(det, state[name]):
-            det.load_state_dict(state[name])
-        else:
+        try:  # a detector checks its state before taking any of it
+            getattr(g, name).load_state_dict(state[name])
+        except ConfigError:
             skipped.append(name)
     if same("policy") and fits(g.decision, state["decision"]):
         g.decision.load_state_dict(state["decision"])

@@ -64,7 +64,8 @@ class ClipContext:
         device: where the small statistics tensors live.
         spike: 0-dim bool, the gradient-norm spike detector's flag for this step (None:
             no detector ran).
-        typical: 0-dim, the norm that detector expects (its window's median).
+        typical: the norm that detector expects (its window's median; a host number,
+            ``math.inf`` before it has any history).
         clip_all: clip every step to ``typical``, not only spikes (a host bool: the
             stability controller's answer to a run that gave back its progress).
     """
@@ -82,7 +83,7 @@ class ClipContext:
         self._global: Tensor | None = stats.global_norm
         self._pending: Tensor | None = None
         self.spike: Tensor | None = None
-        self.typical: Tensor | None = None
+        self.typical: float | None = None
         self.clip_all = False
 
     @property

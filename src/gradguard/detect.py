@@ -2,9 +2,13 @@
 
 Two kinds, by where they run:
 
-* **Device detectors** (:class:`NormSpike`, :class:`LossSpike`) decide *this* step: their
-  flags feed the skip and LR-backoff decisions on the device, so they are written with
-  tensor ops only and keep their statistics in device tensors.
+* **Spike detectors** (:class:`NormSpike`, :class:`LossSpike`) decide *this* step. They
+  keep their statistics on the host and hand the device a limit per step (a host
+  number); the device flags a step whose value is above it, with one comparison, and
+  the flags feed the skip and clip decisions there. Each step's row then comes back to
+  the host, where the detector learns from it. The decisions need no host sync, and
+  the robust statistics (medians of windows) cost the device nothing: done as tensor
+  ops they were ~115 tiny kernels per step, three quarters of the guard's (issue 14).
 * **Host analyzers** (:class:`LayerAttribution`, :class:`DepthTrend`, :class:`Drift`)
   explain and warn: they read the per-step rows the recorder brings to the host and
   produce events. They never hold up a step.
@@ -22,14 +26,11 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from .errors import ConfigError, UnknownNameError, check_int, check_positive
-from .state import TensorState
-from .stats import finite
 
-__all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "LossSpike",
-           "NormSpike", "make", "register"]
+__all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "Limits", "LossSpike",
+           "NormSpike", "judge", "make", "register"]
 
 _TINY = 1e-30
 
@@ -38,74 +39,146 @@ _TINY = 1e-30
 _MAD_SIGMA = 1.4826
 
 
-class Flag(NamedTuple):
-    """A device detector's verdict on one step (0-dim device tensors).
+class Limits(NamedTuple):
+    """What a detector expects of the next step, as host numbers.
 
     Attributes:
-        spike: the step is flagged.
-        z: how far out it is, in robust standard deviations (0 before the detector is
-            ready); recorded in the step's row.
-        typical: the value the detector expected (its window's median; the value itself
+        above: a finite step whose value is above this is a spike (``math.inf``: no test
+            yet). The device compares the step's value with it: one kernel, no sync.
+        typical: the value the detector expects (its window's median; ``math.inf``
             before any history). The spike clamp scales a flagged gradient to it.
     """
 
-    spike: Tensor
-    z: Tensor
-    typical: Tensor
+    above: float
+    typical: float
+
+
+class Flag(NamedTuple):
+    """A detector's verdict on one value (host numbers; see :func:`judge`).
+
+    Attributes:
+        spike: the value is flagged.
+        z: how far out it is, in robust standard deviations (0 before the detector is
+            ready); recorded in the step's row.
+        typical: the value the detector expected.
+    """
+
+    spike: bool
+    z: float
+    typical: float
 
 
 @runtime_checkable
 class Detector(Protocol):
-    """What the guard needs of a per-step device detector (``Policy.grad_spike`` and
+    """What the guard needs of a spike detector (``Policy.grad_spike`` and
     ``Policy.loss_spike`` take any object that has these; the guard works on a copy).
 
-    ``__call__`` must use tensor ops only (no host reads): it runs on every step.
+    A detector lives on the host. Before each step the guard asks for its
+    :meth:`limits`; the device flags the step when its value (the global gradient norm,
+    or the loss) is above ``limits().above`` — a comparison with a host number, which
+    needs no sync. When the step's row reaches the host (at once on a CPU, a step or two
+    later on a GPU), :meth:`observe` learns from it. So a detector's statistics may lag
+    its flags by the rows still in flight, never the other way round.
     """
 
     def bind(self, device: torch.device) -> None:
-        """Allocate state on ``device``."""
+        """Start afresh (no history)."""
 
-    def __call__(self, value: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
-        """Judge this step's ``value`` (the global gradient norm or the loss); learn from it
-        only where ``ok`` (0-dim bool: the step is finite). ``noise`` >= 1 widens the test
-        for a smaller batch than usual."""
+    def limits(self, noise: float = 1.0) -> Limits:
+        """The limits for the next step; ``noise`` >= 1 widens them for a smaller batch
+        than usual."""
+
+    def observe(self, value: float, ok: bool, spike: bool, noise: float = 1.0) -> float:
+        """Learn from one step's ``value`` (only where ``ok``: the step is finite);
+        ``spike`` is the device's flag for it. Returns the value's z-score for the
+        record."""
 
     def state_dict(self) -> dict[str, Any]:
         """The detector's state, for checkpoints and rollback."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output (:class:`ConfigError` if it does not fit)."""
 
 
-class _RobustWindow(TensorState):
-    """A rolling window of recent values on the device, summarised by median and MAD.
+def judge(det: Detector, value: float, ok: bool = True, noise: float = 1.0) -> Flag:
+    """Flag one value and learn from it, as the guard does over a step (on the host).
+
+    For using a detector on its own, e.g. on a series of losses from a log.
+    """
+    lim = det.limits(noise)
+    spike = bool(ok and value > lim.above)
+    return Flag(spike, det.observe(value, ok, spike, noise), lim.typical)
+
+
+def _nanmedian(values: Sequence[float]) -> float:
+    """``torch.nanmedian``: the lower middle of the non-NaN values (NaN when none)."""
+    s = sorted(v for v in values if v == v)
+    return s[(len(s) - 1) // 2] if s else math.nan
+
+
+def _log(v: float) -> float:
+    """``log(max(v, _TINY))``, NaN for NaN."""
+    return math.log(v) if v > _TINY else (math.log(_TINY) if v == v else math.nan)
+
+
+def _exp(v: float) -> float:
+    return math.exp(v) if v < 709.0 else math.inf
+
+
+class _RobustWindow:
+    """A rolling window of recent values on the host, summarised by median and MAD.
 
     Median and MAD ignore the odd outlier that would inflate a mean and a variance (or an
     EMA of them), so the detectors built on them neither miss the second spike after a
-    first one nor learn a steady blow-up as normal.
+    first one nor learn a steady blow-up as normal. Empty slots hold NaN; the summary is
+    cached until the window changes (a step asks for it twice: limits, then observe).
     """
 
     window: int
+    _KEYS: tuple[str, ...] = ("buf", "count")
 
-    def bind(self, device: torch.device) -> None:
-        self.state = {"buf": torch.full((self.window,), math.nan, device=device),
-                      "count": torch.zeros((), dtype=torch.long, device=device)}
-        # Constants as device tensors: a Python number in torch.where costs a kernel.
-        self._zero = torch.zeros((), device=device)
+    def bind(self, device: torch.device | None = None) -> None:
+        self.buf = [math.nan] * self.window
+        self.count = 0
+        self._summary: tuple[float, ...] | None = None
 
-    def stats(self) -> tuple[Tensor, Tensor]:
+    def stats(self) -> tuple[float, float]:
         """(median, robust σ) of the window (NaN while it is empty)."""
-        buf = self.state["buf"]
-        med = torch.nanmedian(buf)
-        return med, _MAD_SIGMA * torch.nanmedian((buf - med).abs())
+        return self.summary()[:2]
 
-    def learn(self, value: Tensor, when: Tensor) -> None:
-        """Append ``value`` to the window where ``when`` holds (a 0-dim bool tensor)."""
-        s = self.state
-        # A one-element index tensor: indexing with a 0-dim one reads it on the host.
-        slot = torch.remainder(s["count"], self.window).reshape(1)
-        s["buf"].index_copy_(0, slot, torch.where(when, value, s["buf"][slot]))
-        s["count"].add_(when)
+    def summary(self) -> tuple[float, ...]:
+        if self._summary is None:
+            med = _nanmedian(self.buf)
+            self._summary = (med, _MAD_SIGMA * _nanmedian([abs(v - med) for v in self.buf]),
+                             *self._more())
+        return self._summary
+
+    def _more(self) -> tuple[float, ...]:
+        return ()
+
+    def learn(self, value: float) -> None:
+        self.buf[self.count % self.window] = value
+        self.count += 1
+        self._summary = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Host numbers (a copy): restoring a snapshot reads no tensor.
+        return {"buf": list(self.buf), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if set(state) != set(self._KEYS):
+            raise ConfigError(f"{name}: state has keys {sorted(state)}, expected "
+                              f"{sorted(self._KEYS)}; it was saved by another detector")
+        buf = state["buf"]
+        if isinstance(buf, torch.Tensor):  # saved by gradguard <= 0.1's device detectors
+            buf = buf.detach().cpu().reshape(-1).tolist()
+        buf = [float(v) for v in buf]
+        if len(buf) != self.window:
+            raise ConfigError(f"{name}: state holds a window of {len(buf)} values, this "
+                              f"detector has window={self.window}")
+        self.buf, self.count = buf, int(state["count"])
+        self._summary = None
 
 
 class NormSpike(_RobustWindow):
@@ -135,40 +208,38 @@ class NormSpike(_RobustWindow):
             raise ConfigError(f"NormSpike.warmup ({warmup}) must be <= window ({window})")
         self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
         self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
+        self.bind()
 
-    def bind(self, device: torch.device) -> None:
-        super().bind(device)
-        self._log_min_ratio = torch.tensor(math.log(self.min_ratio), device=device)
+    def _bound(self, med: float, sigma: float) -> float:
+        """The log norm above which a norm is a spike; also where a spike enters."""
+        if self.count >= self.warmup:
+            return med + max(self.z_thresh * sigma, math.log(self.min_ratio))
+        spread = self.z_thresh * sigma if self.count >= 3 else 0.0
+        return med + math.log(self.early_ratio) + spread
 
-    def __call__(self, norm: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
-        """Judge this step's global norm (a :class:`Flag` of 0-dim tensors).
-
-        ``typical`` is the median norm of the window (the norm itself before any has been
-        seen); the guard clips spikes down to it. ``noise`` >= 1 is how much larger
-        sampling noise alone can make this step's norm (a smaller batch at an epoch's
-        end): the norm is judged divided by it.
-        """
-        count = self.state["count"]
-        x = torch.log(norm.float().clamp_min(_TINY))
-        if noise != 1.0:
-            x = x - math.log(noise)
+    def limits(self, noise: float = 1.0) -> Limits:
+        """A norm above ``above`` is a spike. ``noise`` >= 1 is how much larger sampling
+        noise alone can make this step's norm (a smaller batch at an epoch's end): the
+        norm is judged divided by it."""
+        if self.count == 0:
+            return Limits(math.inf, math.inf)
         med, sigma = self.stats()
-        ready = count >= self.warmup
-        seen = count > 0
-        dev = torch.where(seen, x - med, self._zero)
-        spread = torch.where(count >= 3, self.z_thresh * sigma, self._zero)
-        z = torch.where(ready, dev / (sigma + 1e-12), self._zero)
-        late = ready & (dev > self.z_thresh * sigma) & (dev > math.log(self.min_ratio))
-        early = seen & ~ready & (dev > math.log(self.early_ratio) + spread)
-        spike = ok & (late | early)
-        typical = torch.where(seen, torch.exp(med), norm.float())
-        # A spike enters at min_ratio × the median (not at the z threshold, which would
-        # widen the MAD it is measured by): a level shift is learned within a window or
-        # two, while a steady exponential blow-up outruns the median and stays flagged.
-        cap = med + torch.where(ready, self._log_min_ratio,
-                                math.log(self.early_ratio) + spread)
-        self.learn(torch.where(spike, cap, x), ok & finite(x))
-        return Flag(spike, z, typical)
+        return Limits(_exp(self._bound(med, sigma)) * noise, _exp(med))
+
+    def observe(self, value: float, ok: bool, spike: bool, noise: float = 1.0) -> float:
+        x = _log(value) - (math.log(noise) if noise != 1.0 else 0.0)
+        med, sigma = self.stats()
+        z = (x - med) / (sigma + 1e-12) if self.count >= self.warmup else 0.0
+        if ok and math.isfinite(x):
+            # A spike enters at min_ratio × the median (not at the z threshold, which
+            # would widen the MAD it is measured by): a level shift is learned within a
+            # window or two, while a steady exponential blow-up outruns the median and
+            # stays flagged.
+            cap = med + (math.log(self.min_ratio) if self.count >= self.warmup else
+                         math.log(self.early_ratio) +
+                         (self.z_thresh * sigma if self.count >= 3 else 0.0))
+            self.learn(min(x, cap) if spike else x)
+        return z
 
 
 class LossSpike(_RobustWindow):
@@ -193,6 +264,8 @@ class LossSpike(_RobustWindow):
     (``olmo_core/optim/skip_step_optimizer.py``); here with median/MAD (Hampel 1974).
     """
 
+    _KEYS = ("buf", "count", "first")
+
     def __init__(self, window: int = 64, z_thresh: float = 6.0, ratio: float = 1.5,
                  min_count: int = 10, early_ratio: float = 2.5, floor: float = 0.05) -> None:
         self.window = check_int("LossSpike.window", window, 4)
@@ -203,54 +276,75 @@ class LossSpike(_RobustWindow):
             raise ConfigError(f"LossSpike.min_count ({min_count}) must be <= window ({window})")
         self.early_ratio = check_positive("LossSpike.early_ratio", early_ratio)
         self.floor = check_positive("LossSpike.floor", floor, allow_zero=True)
+        self.bind()
 
-    def bind(self, device: torch.device) -> None:
+    def bind(self, device: torch.device | None = None) -> None:
         super().bind(device)
-        self.state["first"] = torch.full((), math.nan, device=device)
-        self._early = torch.tensor(self.early_ratio, device=device)
-        self._early_sq = torch.tensor(self.early_ratio ** 2, device=device)
+        self.first = math.nan
 
-    def __call__(self, loss: Tensor, ok: Tensor, noise: float = 1.0) -> Flag:
-        """Judge this step's loss (``typical``: the window's median loss); ``noise`` >= 1
-        widens the thresholds for a step whose batch is smaller than usual."""
-        s = self.state
-        loss = loss.float().reshape(())
-        med, sigma = self.stats()
-        if noise != 1.0:
-            sigma = sigma * noise
-        count = s["count"]
-        ready = count >= self.min_count
-        seen = count > 0
-        dev = torch.where(seen, loss - med, self._zero)
-        floor = self.floor * torch.nan_to_num(s["first"].abs(), nan=0.0)
+    def _more(self) -> tuple[float, ...]:
         # Positive losses are compared on a log scale: late in training a batch's loss is
         # skewed to the right (a few hard examples), and a harder batch at 3× the median
-        # is ordinary there, not 7 linear σ. Losses that can be <= 0 stay linear.
-        logs = torch.log(self.state["buf"].clamp_min(_TINY))
-        lmed = torch.nanmedian(logs)
-        # The noise comes from successive differences (neighbours in the ring are
-        # neighbours in time, but for the one pair across the write slot): a falling loss
-        # spreads the window around its median, which would pass a trend off as noise.
-        steps = logs - torch.roll(logs, 1)
-        lsig = _MAD_SIGMA / math.sqrt(2) * torch.nanmedian(steps.abs()) * noise
-        pos = (med > 0) & (loss > 0)
-        z = torch.where(pos, (torch.log(loss.clamp_min(_TINY)) - lmed) / (lsig + 1e-12),
-                        dev / (sigma + 1e-12))
-        z = torch.where(ready, z, self._zero)
-        ratio_ok = (med <= 0) | (loss > self.ratio * med)
-        late = ready & (z > self.z_thresh) & (dev > floor) & ratio_ok
-        spread = torch.where(count >= 3, self.z_thresh * sigma, self._zero)
-        # With fewer than three losses there is no noise estimate: only a gross jump
-        # (early_ratio squared) counts, since two batches can differ by early_ratio alone.
-        early_bound = torch.where(count >= 3, self._early, self._early_sq) * noise * med
-        early = seen & ~ready & (med > 0) & (loss > early_bound) & (dev > spread)
-        spike = ok & (late | early)
-        good = ok & finite(loss)
-        # Early spikes enter clipped to the early bound: a wrecked first step must not fill
-        # the window with values that hide the next spike.
-        self.learn(torch.where(early, early_bound, loss), good & ~late)
-        s["first"].copy_(torch.where(good & ~seen, loss, s["first"]))
-        return Flag(spike, z, torch.where(seen, med, loss))
+        # is ordinary there, not 7 linear σ. The noise comes from successive differences
+        # (neighbours in the ring are neighbours in time, but for the one pair across the
+        # write slot): a falling loss spreads the window around its median, which would
+        # pass a trend off as noise.
+        logs = [_log(v) for v in self.buf]
+        steps = [abs(a - b) for a, b in zip(logs, logs[-1:] + logs[:-1], strict=True)]
+        return _nanmedian(logs), _MAD_SIGMA / math.sqrt(2) * _nanmedian(steps)
+
+    def _tests(self, noise: float) -> tuple[float, float, float, float, float, float]:
+        """(median, σ, log median, log σ, noise floor, early bound) for this noise."""
+        med, sigma, lmed, lsig = self.summary()
+        first = 0.0 if math.isnan(self.first) else abs(self.first)
+        early = (self.early_ratio if self.count >= 3 else self.early_ratio ** 2) * noise * med
+        return med, sigma * noise, lmed, lsig * noise, self.floor * first, early
+
+    def limits(self, noise: float = 1.0) -> Limits:
+        """A loss above ``above`` is a spike (``noise`` >= 1 widens the thresholds for a
+        step whose batch is smaller than usual); ``typical`` is the window's median."""
+        if self.count == 0:
+            return Limits(math.inf, math.inf)
+        med, sigma, lmed, lsig, floor, early = self._tests(noise)
+        if self.count >= self.min_count:
+            if med > 0:
+                above = max(_exp(lmed + self.z_thresh * (lsig + 1e-12)), med + floor,
+                            self.ratio * med)
+            else:  # losses that can be <= 0 stay linear
+                above = max(med + self.z_thresh * (sigma + 1e-12), med + floor)
+        else:
+            spread = self.z_thresh * sigma if self.count >= 3 else 0.0
+            above = max(early, med + spread) if med > 0 else math.inf
+        return Limits(above, med)
+
+    def observe(self, value: float, ok: bool, spike: bool, noise: float = 1.0) -> float:
+        med, sigma, lmed, lsig, floor, early_bound = self._tests(noise)
+        seen, ready = self.count > 0, self.count >= self.min_count
+        dev = value - med if seen else 0.0
+        if med > 0 and value > 0:
+            z = (_log(value) - lmed) / (lsig + 1e-12)
+        else:
+            z = dev / (sigma + 1e-12)
+        z = z if ready else 0.0
+        late = ready and z > self.z_thresh and dev > floor and \
+            (med <= 0 or value > self.ratio * med)
+        spread = self.z_thresh * sigma if self.count >= 3 else 0.0
+        early = seen and not ready and med > 0 and value > early_bound and dev > spread
+        if ok and math.isfinite(value):
+            if not seen:
+                self.first = value
+            if not late:
+                # Early spikes enter clipped to the early bound: a wrecked first step must
+                # not fill the window with values that hide the next spike.
+                self.learn(early_bound if early else value)
+        return z
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "first": self.first}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.first = float(state["first"])
 
 
 # --------------------------------------------------------------------------------------
@@ -280,7 +374,7 @@ def make(name: str) -> Detector:
     det = _REGISTRY[name]()
     if not isinstance(det, Detector):
         raise ConfigError(f"the factory registered as {name!r} returned {det!r}, which is "
-                          "not a detector (bind, __call__, state_dict, load_state_dict)")
+                          "not a detector (bind, limits, observe, state_dict, load_state_dict)")
     return det
 
 

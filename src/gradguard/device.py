@@ -1,16 +1,17 @@
 """The guard's device half: one step's pipeline, in tensor ops only.
 
 For each ``guard.step``: the fused norm pass (:mod:`gradguard.stats`; under
-torch.distributed agreed across ranks in one all-reduce) → the spike detectors
-(:mod:`gradguard.detect`) → the clip transforms, the user's chain and then the spike
+torch.distributed agreed across ranks in one all-reduce) → the spike tests, a comparison
+of the norm and the loss with the limits the host-side detectors set (:mod:`gradguard.detect`)
+→ the clip transforms, the user's chain and then the spike
 clamp (:mod:`gradguard.clip`) → the skip decision (:class:`~gradguard.respond.DeviceDecision`)
 → the LR factor (:mod:`gradguard.lr`) and the optimizer step, skipped on the device when
 the decision says so (:mod:`gradguard.stepper`) → the step's row for the host
 (:func:`~gradguard.record.pack_row`). Nothing here reads a device value on the host, so
 the training loop never waits; :mod:`gradguard.host` handles the rows when they arrive.
 
-It uses the guard's device parts (detectors, transforms, decision, stepper, LR factor),
-whose state the guard saves and rolls back.
+It uses the guard's step parts (detectors' limits, transforms, decision, stepper, LR
+factor), whose state the guard saves and rolls back.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class DeviceSide:
             else guard.clip
         self.grad_spike = copy.deepcopy(policy.grad_spike)
         self.loss_spike = copy.deepcopy(policy.loss_spike)
-        self.grad_spike.bind(device)
+        self.grad_spike.bind(device)  # (host objects: the device only sees their limits)
         self.loss_spike.bind(device)
         self.decision = DeviceDecision(policy, device)
         self.stepper = Stepper(guard.optimizer, skip_strategy)
@@ -65,7 +66,7 @@ class DeviceSide:
         """
         g = self.g
         loss_d: Tensor | None = None
-        loss_spike, loss_z = self._false, self._nan
+        loss_spike = self._false
         if loss is not None:
             loss_d = local_tensor(loss.detach()).float()
             if loss_d.dim():  # (a shape is host metadata: no sync)
@@ -77,12 +78,16 @@ class DeviceSide:
             nonfinite = nonfinite | not_finite(loss_d)
         ok = ~nonfinite
         noise = g._samples.noise()  # > 1 for a smaller batch (epoch end)
-        grad_spike, grad_z, typical = self.grad_spike(stats.global_norm, ok, noise)
-        if loss_d is not None and g.policy.on_loss_spike != "none":
-            loss_spike, loss_z, _ = self.loss_spike(loss_d, ok, noise)
+        # The detectors' limits are host numbers: each test is one comparison kernel.
+        lim = self.grad_spike.limits(noise)
+        grad_spike = self.flag(stats.global_norm, lim.above, ok)
+        checked = loss_d is not None and g.policy.on_loss_spike != "none"
+        if checked:
+            loss_spike = self.flag(loss_d, self.loss_spike.limits(noise).above, ok)
+        g._host.judged[k] = (noise, checked)  # what the detectors learn this row with
 
         ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
-        ctx.spike, ctx.typical = grad_spike, typical
+        ctx.spike, ctx.typical = grad_spike, lim.typical
         ctx.clip_all = g.control is not None and g.control.clip_since is not None
         self.transforms(ctx)
         clipped = ctx.global_norm
@@ -107,9 +112,13 @@ class DeviceSide:
                        loss=loss_d if loss_d is not None else self._nan,
                        grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
                        nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
-                       lr_scale=g.lr.tensor, grad_z=grad_z, loss_z=loss_z)
+                       lr_scale=g.lr.tensor)
         return row, (loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
                      loss_spike, g.lr.tensor, stats.norms)
+
+    def flag(self, value: Tensor, above: float, ok: Tensor) -> Tensor:
+        """``ok & (value > above)``; no kernel while a detector has no limit yet."""
+        return ok & (value > above) if above < math.inf else self._false
 
     def measure(self, groups: Any, loss_d: Tensor | None
                 ) -> tuple[GradStats, Tensor | None, Any]:

@@ -1,7 +1,10 @@
 """The guard's host half: what happens when a step's row reaches the host.
 
 The device half (:meth:`gradguard.Guard.step`) posts each step's row without waiting; the
-rows arrive here a step or two later on a GPU (at once on a CPU). For each row this part:
+rows are taken here a fixed number of steps later (:data:`gradguard.record.ROW_LAG` on a
+GPU, at once on a CPU). For each row this part:
+
+0. lets the spike detectors learn from it (they set the next steps' limits);
 
 1. turns flags into events, naming the layer where the trouble starts
    (:class:`~gradguard.detect.LayerAttribution`) and warning of slow trends
@@ -57,6 +60,8 @@ class HostSide:
         self.clean_streak = 0
         self.ignore_rows_before = 0
         self.base_lrs: dict[int, float] = {}
+        # Per step in flight: (batch noise factor, whether the loss detector judged it).
+        self.judged: dict[int, tuple[float, bool]] = {}
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -100,7 +105,7 @@ class HostSide:
         """Process the rows that reached the host; maybe roll back; take snapshots."""
         g = self.g
         rolled = False
-        for k, values in g.mailbox.poll():
+        for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
         if g.store is not None and not rolled:
             g.store.maybe_take(step, lambda: checkpoint.trajectory(g))
@@ -116,6 +121,7 @@ class HostSide:
         g = self.g
         rec = g.recorder.row(k, values, len(g.params))
         rec["lr"] = self.base_lrs.pop(k, None)
+        self.learn(k, rec)
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self.clean_streak = 0 if flagged else self.clean_streak + 1
@@ -142,6 +148,20 @@ class HostSide:
         if not rolled and store is not None and due in store.candidates:
             self.judge(store.candidates.pop(due))
         return rolled
+
+    def learn(self, k: int, rec: dict[str, Any]) -> None:
+        """The spike detectors learn from row ``k``; its z-scores go into the record."""
+        g = self.g
+        noise, checked = self.judged.pop(k, (1.0, False))
+        if k < self.ignore_rows_before:
+            # A step taken before the last rollback took effect: the detectors were
+            # restored to a state from before it.
+            rec["grad_z"] = rec["loss_z"] = math.nan
+            return
+        ok = not rec["nonfinite"]
+        rec["grad_z"] = g.grad_spike.observe(rec["grad_norm"], ok, rec["grad_spike"], noise)
+        rec["loss_z"] = g.loss_spike.observe(rec["loss"], ok, rec["loss_spike"], noise) \
+            if checked else math.nan
 
     def judge(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot when the steps before it were clean and the loss was calm."""

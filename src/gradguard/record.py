@@ -62,9 +62,11 @@ __all__ = [
 ]
 
 FORMAT = 1
-# Scalar columns at the head of every packed row; per-tensor norms follow.
+# Scalar columns at the head of every packed row; per-tensor norms follow. (The
+# detectors' z-scores, ``grad_z`` and ``loss_z``, are added on the host, where the
+# detectors live.)
 # The flags come last, so that they are packed with one stack and one cast.
-COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale", "grad_z", "loss_z",
+COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale",
            "skipped", "nonfinite", "grad_spike", "loss_spike")
 _BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike"}
 _FLOATS = tuple(c for c in COLUMNS if c not in _BOOL_COLUMNS)
@@ -100,12 +102,25 @@ def _unnum(v: Any) -> Any:
     return v
 
 
+# Steps a row may take to reach the host on an accelerator: the loop runs at most this far
+# ahead of the device, which keeps the device's queue full.
+ROW_LAG = 2
+
+
 class Mailbox:
-    """Moves small per-step tensors to the host without blocking the training loop."""
+    """Moves small per-step tensors to the host without blocking the training loop.
+
+    The host takes row ``k`` at step ``k + lag`` exactly (0 on a CPU, where a row is
+    there at once; :data:`ROW_LAG` on an accelerator), waiting for it if the device is
+    that far behind. A fixed lag makes the host's decisions (the spike detectors'
+    limits, the controller's) the same from run to run and on every rank of a
+    distributed job; without it they would depend on how far the device happened to be.
+    """
 
     def __init__(self, device: torch.device, slots: int = 64) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.lag = ROW_LAG if self.cuda else 0
         self._queue: deque[tuple[int, Tensor, Any]] = deque()
         self._slots = slots
         self._pool: list[Tensor] = []
@@ -126,15 +141,21 @@ class Mailbox:
             # oldest row bounds the pinned memory instead of growing the queue.
             self._queue[0][2].synchronize()
 
-    def poll(self, wait: bool = False) -> list[tuple[int, np.ndarray]]:
-        """Rows whose copies have completed, oldest first (all of them when ``wait``)."""
+    def poll(self, wait: bool = False, upto: int | None = None) -> list[tuple[int, np.ndarray]]:
+        """The rows of steps up to ``upto`` (waiting for them), oldest first; with
+        ``wait``, every row; with neither, the rows whose copies have completed."""
         out: list[tuple[int, np.ndarray]] = []
         while self._queue:
             step, host, event = self._queue[0]
+            if upto is not None and step > upto:
+                break
             if event is not None and not event.query():
-                if not wait:
+                if not wait and upto is None:
                     break
-                event.synchronize()  # host sync, deliberate: close()/drain asked for all
+                # Host sync, deliberate: close()/drain asked for every row, or the
+                # device is more than `lag` steps behind the loop (it then stalls the
+                # loop until the device is within `lag` steps, not until it is idle).
+                event.synchronize()
             self._queue.popleft()
             # A CPU tensor: reading it is a memory access, not a device synchronisation.
             out.append((step, host.numpy().copy()))

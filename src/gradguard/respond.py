@@ -185,7 +185,7 @@ class Policy:
                 example = "NormSpike" if name == "grad_spike" else "LossSpike"
                 raise ConfigError(
                     f"{name} takes a detector (e.g. gg.{example}(...)): an object with "
-                    f"bind, __call__, state_dict and load_state_dict; got "
+                    f"bind, limits, observe, state_dict and load_state_dict; got "
                     f"{getattr(self, name)!r}")
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
         needs = A.ROLLBACK in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
