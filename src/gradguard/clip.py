@@ -68,6 +68,10 @@ class ClipContext:
             ``math.inf`` before it has any history).
         clip_all: clip every step to ``typical``, not only spikes (a host bool: the
             stability controller's answer to a run that gave back its progress).
+        host_reads: reading a device flag on the host costs nothing here (the guard's
+            "host" skip strategy: a CPU, where there is no device to wait for, or a user
+            who chose it): a transform may branch on a flag instead of scaling every
+            step by a factor that is 1 on most of them.
     """
 
     def __init__(self, groups: GradGroups, stats: GradStats, names: Sequence[str],
@@ -85,6 +89,7 @@ class ClipContext:
         self.spike: Tensor | None = None
         self.typical: float | None = None
         self.clip_all = False
+        self.host_reads = False
 
     @property
     def norms(self) -> Tensor:
@@ -228,9 +233,17 @@ class SpikeClamp(Transform):
     def __call__(self, ctx: ClipContext) -> None:
         if ctx.spike is None or ctx.typical is None:
             return
-        coef = _norm_clip_coef(ctx.global_norm, ctx.typical)
         # (clip_all is a host bool: choosing the branch costs no sync)
-        ctx.scale(coef if ctx.clip_all else torch.where(ctx.spike, coef, 1.0))
+        if ctx.clip_all:
+            ctx.scale(_norm_clip_coef(ctx.global_norm, ctx.typical))
+        elif ctx.host_reads:
+            # A read of a CPU flag, not a sync: most steps are not spikes, and skipping
+            # their ×1 saves a pass over every gradient (bit-identical: x·1 = x).
+            if bool(ctx.spike):
+                ctx.scale(_norm_clip_coef(ctx.global_norm, ctx.typical))
+        else:
+            ctx.scale(torch.where(ctx.spike, _norm_clip_coef(ctx.global_norm, ctx.typical),
+                                  1.0))
 
 
 @final

@@ -110,9 +110,10 @@ def judge(det: Detector, value: float, ok: bool = True, noise: float = 1.0) -> F
     return Flag(spike, det.observe(value, ok, spike, noise), lim.typical)
 
 
-def _nanmedian(values: Sequence[float]) -> float:
-    """``torch.nanmedian``: the lower middle of the non-NaN values (NaN when none)."""
-    s = sorted(v for v in values if v == v)
+def _nanmedian(values: Sequence[float], full: bool = False) -> float:
+    """``torch.nanmedian``: the lower middle of the non-NaN values (NaN when none);
+    ``full``: there is no NaN among them (a filled window), so none is looked for."""
+    s = sorted(values) if full else sorted(v for v in values if v == v)
     return s[(len(s) - 1) // 2] if s else math.nan
 
 
@@ -148,12 +149,14 @@ class _RobustWindow:
 
     def summary(self) -> tuple[float, ...]:
         if self._summary is None:
-            med = _nanmedian(self.buf)
-            self._summary = (med, _MAD_SIGMA * _nanmedian([abs(v - med) for v in self.buf]),
-                             *self._more())
+            # Only finite values are learned: once the window is full it holds no NaN.
+            full = self.count >= self.window
+            med = _nanmedian(self.buf, full)
+            self._summary = (med, _MAD_SIGMA * _nanmedian([abs(v - med) for v in self.buf],
+                                                          full), *self._more(full))
         return self._summary
 
-    def _more(self) -> tuple[float, ...]:
+    def _more(self, full: bool) -> tuple[float, ...]:
         return ()
 
     def learn(self, value: float) -> None:
@@ -280,18 +283,23 @@ class LossSpike(_RobustWindow):
 
     def bind(self, device: torch.device | None = None) -> None:
         super().bind(device)
+        self.logs = [math.nan] * self.window  # the window's log losses, kept alongside
         self.first = math.nan
 
-    def _more(self) -> tuple[float, ...]:
+    def learn(self, value: float) -> None:
+        self.logs[self.count % self.window] = _log(value)
+        super().learn(value)
+
+    def _more(self, full: bool) -> tuple[float, ...]:
         # Positive losses are compared on a log scale: late in training a batch's loss is
         # skewed to the right (a few hard examples), and a harder batch at 3× the median
         # is ordinary there, not 7 linear σ. The noise comes from successive differences
         # (neighbours in the ring are neighbours in time, but for the one pair across the
         # write slot): a falling loss spreads the window around its median, which would
         # pass a trend off as noise.
-        logs = [_log(v) for v in self.buf]
+        logs = self.logs
         steps = [abs(a - b) for a, b in zip(logs, logs[-1:] + logs[:-1], strict=True)]
-        return _nanmedian(logs), _MAD_SIGMA / math.sqrt(2) * _nanmedian(steps)
+        return _nanmedian(logs, full), _MAD_SIGMA / math.sqrt(2) * _nanmedian(steps, full)
 
     def _tests(self, noise: float) -> tuple[float, float, float, float, float, float]:
         """(median, σ, log median, log σ, noise floor, early bound) for this noise."""
@@ -344,6 +352,7 @@ class LossSpike(_RobustWindow):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.logs = [_log(v) for v in self.buf]
         self.first = float(state["first"])
 
 

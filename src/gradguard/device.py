@@ -89,6 +89,7 @@ class DeviceSide:
         ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
         ctx.spike, ctx.typical = grad_spike, lim.typical
         ctx.clip_all = g.control is not None and g.control.clip_since is not None
+        ctx.host_reads = self.stepper.strategy == "host"
         self.transforms(ctx)
         clipped = ctx.global_norm
         ctx.flush()
