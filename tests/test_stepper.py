@@ -195,3 +195,26 @@ def test_on_a_cpu_the_users_optimizer_runs_as_built_and_unskipped_steps_are_the_
     m2 = small_mlp()
     assert gg.Guard(m2, torch.optim.SGD(m2.parameters()), skip_strategy="found_inf") \
         .stepper.strategy == "found_inf"
+
+
+def test_a_fused_optimizer_applies_the_spike_clamp_in_its_own_kernel():
+    # Under "found_inf" the clamp's factor rides in as grad_scale (no separate multiply):
+    # the update and the stored gradients are the clamped ones all the same.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, on_spike="clip", on_loss_spike="none")
+    assert guard.stepper.strategy == "found_inf"
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    for k in range(21):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean() * (1000.0 if k == 20 else 1.0)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        before = [p.detach().clone() for p in model.parameters()]
+        info = guard.step(loss)
+    d = info.to_dict()
+    assert d["grad_spike"] and not d["skipped"] and d["clip_coef"] < 0.01
+    for p, g, w in zip(model.parameters(), grads, before, strict=True):
+        torch.testing.assert_close(p.grad, g * d["clip_coef"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(p.detach(), w - 0.1 * g * d["clip_coef"], rtol=1e-5,
+                                   atol=1e-7)

@@ -123,6 +123,17 @@ class ClipContext:
         self._norms = None
         self._global = None
 
+    def take_scale(self) -> Tensor | None:
+        """The pending scale when it is one 0-dim factor for every gradient, handed over
+        instead of applied (for a fused optimizer's ``grad_scale``, which divides by it:
+        pass its reciprocal); otherwise flushed here, and None."""
+        factor = self._pending
+        if factor is None or factor.dim() != 0:
+            self.flush()
+            return None
+        self._pending = None
+        return factor
+
     def flush(self) -> None:
         """Apply the pending scale with one foreach multiply per bucket."""
         factor = self._pending

@@ -92,7 +92,10 @@ class DeviceSide:
         ctx.host_reads = self.stepper.strategy == "host"
         self.transforms(ctx)
         clipped = ctx.global_norm
-        ctx.flush()
+        # A fused optimizer applies one pending factor itself, as it unscales for
+        # GradScaler (and writes the scaled gradients back): one pass over the gradients
+        # fewer than a separate multiply.
+        scale = ctx.take_scale() if self.stepper.strategy == "found_inf" else ctx.flush()
 
         skip = self.decision(nonfinite, grad_spike, loss_spike)
         base_lr = g.optimizer.param_groups[0]["lr"]
@@ -100,7 +103,7 @@ class DeviceSide:
             g._host.base_lrs[k] = float(base_lr)
         g.lr.prepare(base_lr)
         with g.lr.applied(), g._usage.stepping():
-            self.stepper.step(groups.params, skip)
+            self.stepper.step(groups.params, skip, scale)
         for hook in g.after_step:
             hook()
         if g.scaler is not None and g.scaler.is_enabled():

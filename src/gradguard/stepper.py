@@ -145,20 +145,23 @@ class Stepper:
                 del state[p]
 
     # -- the step ----------------------------------------------------------------------
-    def step(self, params: Sequence[Tensor], skip: Tensor) -> None:
+    def step(self, params: Sequence[Tensor], skip: Tensor, scale: Tensor | None = None
+             ) -> None:
         """``optimizer.step()`` unless ``skip`` (0-dim bool tensor) is true.
 
         Args:
             params: the parameters that have gradients this step.
             skip: the decision; read on the device, never on the host (except on a
                 state-creating step, see module docs).
+            scale: a 0-dim factor for every gradient, not yet applied; only the
+                "found_inf" strategy takes one (the fused kernel applies it).
         """
         key = (tuple(map(id, params)), len(self.optimizer.state))
         fresh = [] if key == self._settled else self._stateless(params)
         if self.strategy == "found_inf":
             if fresh:
                 self._complete_momentum()
-            self._step_found_inf(skip)
+            self._step_found_inf(skip, scale)
         elif self.strategy == "host":
             self._step_host_decided(skip)
         else:
@@ -196,9 +199,12 @@ class Stepper:
                     buf = torch.zeros_like(g)
                 opt.state[p]["momentum_buffer"] = buf
 
-    def _step_found_inf(self, skip: Tensor) -> None:
+    def _step_found_inf(self, skip: Tensor, scale: Tensor | None = None) -> None:
         opt = self.optimizer
-        opt.grad_scale = None  # type: ignore[attr-defined]
+        # The kernel divides every gradient by grad_scale (GradScaler's unscale), before
+        # using it and in the stored .grad: a pending clip factor rides along.
+        opt.grad_scale = None if scale is None else torch.reciprocal(  # type: ignore[attr-defined]
+            scale.float())
         opt.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
         try:
             opt.step()
