@@ -202,6 +202,7 @@ class Controller:
         self.log_scale: bool | None = None
         self.sigma: float | None = None
         self._cache: tuple[float, float, float] | None = None
+        self._x: list[float] = []  # the window level() summarised, in its units
         self.start: float | None = None  # the first loss of this trajectory
         self.streak = 0
         self.nan_streak = 0
@@ -242,7 +243,7 @@ class Controller:
             return None
         if self._cache is not None:
             return self._cache
-        x = self._scaled(list(self.losses))
+        self._x = x = self._scaled(list(self.losses))
         med = _median(x)
         d = [b - a for a, b in itertools.pairwise(x)]
         md = _median(d)
@@ -356,8 +357,8 @@ class Controller:
         lv = self.level()
         assert lv is not None
         med, _, sigma = lv
-        x = self._scaled(list(self.losses))
-        return max(sigma, _MAD_SIGMA * _median([abs(v - med) for v in x]))
+        # (level() scaled this window's losses: the cache holds while it holds)
+        return max(sigma, _MAD_SIGMA * _median([abs(v - med) for v in self._x]))
 
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment

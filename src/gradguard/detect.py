@@ -18,6 +18,7 @@ Non-finite detection needs no detector of its own: it is the stats pass's flag.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -429,7 +430,7 @@ class LayerAttribution:
 
     def learn(self, norms: np.ndarray) -> None:
         """Update the per-tensor statistics with a clean step's norms."""
-        if not np.all(np.isfinite(norms)):
+        if not np.isfinite(norms).all():
             return
         x = np.log(np.maximum(norms, _TINY))
         self.count += 1
@@ -455,6 +456,15 @@ class LayerAttribution:
         self.mean, self.var, self.count = np.asarray(s["mean"]), np.asarray(s["var"]), s["count"]
 
 
+@functools.lru_cache(maxsize=8)
+def _centred(n: int) -> tuple[np.ndarray, float]:
+    """0, 1, …, n−1 minus their mean, and its sum of squares (read-only, shared)."""
+    xc = np.arange(n, dtype=np.float64)
+    xc -= xc.mean()
+    xc.setflags(write=False)
+    return xc, float(xc @ xc)
+
+
 def _line_fit(y: np.ndarray) -> tuple[float, float]:
     """Least-squares slope of ``y`` against 0, 1, 2, … and the Pearson correlation.
 
@@ -462,10 +472,9 @@ def _line_fit(y: np.ndarray) -> tuple[float, float]:
     closed form: a few dot products instead of an SVD, since the analyzers run every step.
     The correlation is NaN when ``y`` is constant.
     """
-    xc = np.arange(len(y), dtype=np.float64)
-    xc -= xc.mean()
+    xc, sxx = _centred(len(y))
     yc = y - y.mean()
-    sxy, sxx, syy = float(xc @ yc), float(xc @ xc), float(yc @ yc)
+    sxy, syy = float(xc @ yc), float(yc @ yc)
     slope = sxy / sxx
     corr = sxy / math.sqrt(sxx * syy) if syy > 0 else math.nan
     return slope, corr
@@ -486,6 +495,7 @@ class DepthTrend:
     def __init__(self, names: Sequence[str], order: Sequence[int], is_weight: Sequence[bool],
                  threshold: float = 100.0, patience: int = 20) -> None:
         self.idx = [i for i in order if is_weight[i]]
+        self._take = np.asarray(self.idx, dtype=np.intp)
         self.names = list(names)
         self.threshold = threshold
         self.patience = patience
@@ -495,8 +505,8 @@ class DepthTrend:
     def ratio(self, norms: np.ndarray) -> float | None:
         if len(self.idx) < 3:
             return None
-        v = norms[self.idx]
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
+        v = norms[self._take]
+        if not (v > 0).all() or not np.isfinite(v).all():  # (NaN > 0 is False)
             return None
         y = np.log(v)
         slope, _ = _line_fit(y)
