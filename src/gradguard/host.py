@@ -108,7 +108,8 @@ class HostSide:
         for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
         if g.store is not None and not rolled:
-            g.store.maybe_take(step, lambda: checkpoint.trajectory(g))
+            g.store.maybe_take(step, lambda: checkpoint.trajectory(g),
+                               None if g.control is None else g.control.cfg.min_losses)
         g.recorder.maybe_flush(step)
         return rolled
 

@@ -116,11 +116,30 @@ class RollbackStore:
         return snap.take(step, self.model, self.params, self.optimizer, guard_state,
                          self.tracked, to_cpu=self.place == "cpu")
 
-    def maybe_take(self, step: int, guard_state: Callable[[], dict[str, Any]]) -> None:
-        """Take this step's snapshot when one is due, as a candidate."""
-        if not self.active or step <= 0 or step % self.cfg.every:
+    def maybe_take(self, step: int, guard_state: Callable[[], dict[str, Any]],
+                   judged_from: int | None = None) -> None:
+        """Take this step's snapshot when one is due (see :meth:`due`), as a candidate."""
+        if not self.active or step <= 0 or not self.due(step, judged_from):
             return
         self.candidates[step] = self._take(step, guard_state())
+
+    def due(self, step: int, judged_from: int | None = None) -> bool:
+        """Whether a snapshot is due after ``step``: every ``every`` steps, and before the
+        first of those at the powers of two from ``judged_from`` on (8, 16, 32 with the
+        stability controller's default: its loss level, which judges a snapshot before it
+        is kept, needs that many losses).
+
+        Early on the weights change fastest and instability is likeliest (the reason
+        warm-up exists), so the interval grows with the run's age instead of putting
+        ``every`` steps of progress at stake from the start; Pythia's checkpoints are
+        spaced the same way (steps 1, 2, 4, …, 512, then every 1000; Biderman et al.
+        2023). Earlier snapshots could not be checked for damage before being kept.
+        """
+        every = self.cfg.every
+        if step % every == 0:
+            return True
+        return judged_from is not None and judged_from <= step < every and \
+            step & (step - 1) == 0
 
     def discard_latest(self) -> bool:
         """The latest snapshot failed at once when restored: it holds damage, not a calm
