@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 import gradguard as gg
+from gradguard.bench.runner import cpu_model
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("none", "clip 1.0", "gradguard")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Held-out cases: the defaults on problems the bench does not contain", "",
         "Produced by `python benchmarks/heldout.py` "
         f"(torch {torch.__version__}, gradguard {gg.__version__}, "
-        f"{platform.machine()} CPU, 1 thread; {args.seeds} seeds, {args.steps} steps, "
+        f"{platform.machine()} {cpu_model()}, 1 thread; {args.seeds} seeds, {args.steps} steps, "
         "batch 32). Median held-out loss over seeds (`inf`: most seeds diverged); "
         "**bold**: the best arm of the row when it beats the others by more than 10 %. "
         "See the module docstring for the cases.", ""]

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 import gradguard as gg
 from gradguard import checkpoint
+from gradguard.bench.runner import cpu_model
 
 LR = 1e-5  # small: parameters barely move over thousands of identical-gradient steps
 
@@ -712,14 +713,8 @@ def targets(results: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "threads": str(torch.get_num_threads()), "cpu": cpu,
+           "threads": str(torch.get_num_threads()), "cpu": cpu_model(),
            "cores": str(os.cpu_count()), "gradguard": gg.__version__,
            "command": " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])}
     if device.type == "cuda":

@@ -12,6 +12,7 @@ The directory (read by ``gradguard report DIR``):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -37,8 +38,8 @@ from ..scenarios.train import RunResult
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
 
-__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "plan_jobs", "resummarize",
-           "run_bench", "run_one"]
+__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "cpu_model", "plan_jobs",
+           "resummarize", "run_bench", "run_one"]
 
 RUN_COLUMNS = ("scenario", "remedy", "lr", "seed", "steps", "diverged", "diverged_at",
                "first_nonfinite", "gave_up", "initial_loss", "final_train_loss",
@@ -270,6 +271,17 @@ def resummarize(out: str | os.PathLike[str], tol: float | None = None) -> list[S
     return summary
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the architecture. Results are
+    machine-specific: a chaotic run takes another path on a CPU whose kernels round
+    differently (benchmarks/RESULTS.md), so every results file names it."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
     scns = {}
     for name in cfg.scenarios:
@@ -280,8 +292,8 @@ def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
         "command": cfg.command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"{os.cpu_count()} CPUs, {cfg.jobs} single-threaded worker(s)".strip(),
+        "machine": f"{platform.machine()} {cpu_model()}, "
+                   f"{os.cpu_count()} CPUs, {cfg.jobs} single-threaded worker(s)",
         "scenarios": scns,
         "remedies": {r: R.get(r).summary for r in cfg.remedies if r not in skipped},
         "skipped_remedies": skipped,
