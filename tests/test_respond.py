@@ -257,13 +257,15 @@ def test_rollback_returns_to_the_latest_good_snapshot_and_steps_back_only_when_i
 
 
 def test_snapshots_are_log_spaced_before_the_first_interval():
-    # Before its first `every` steps the store also snapshots at 8, 16, 32: a blow-up at
-    # step 40 goes back to step 32, not to the initial weights (40 steps of progress).
+    # Before its first `every` steps the store also snapshots at the powers of two, once
+    # the controller has a loss level to judge them by (8 losses: from step 8 here): a
+    # blow-up at step 40 goes back to step 32, not to the initial weights.
     model = relu_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, rollback=gg.Rollback(every=50))
-    assert [s for s in range(1, 201) if guard.store.due(s, 8)] == [8, 16, 32, 50, 100, 150, 200]
-    assert [s for s in range(1, 120) if guard.store.due(s)] == [50, 100]  # no controller
+    due = [s for s in range(201) if guard.store.due(s, early=True)]
+    assert due == [1, 2, 4, 8, 16, 32, 50, 100, 150, 200]
+    assert [s for s in range(120) if guard.store.due(s)] == [50, 100]
     for s in range(60):
         if s in (40, 41, 42):
             with torch.no_grad():
@@ -271,8 +273,7 @@ def test_snapshots_are_log_spaced_before_the_first_interval():
         step(guard, model, opt, s)
     rb = [e for e in guard.recorder.events if e["kind"] == "rollback"]
     assert [e["to_step"] for e in rb] == [32]
-    kept = [snap.step for snap in guard.store.good]
-    assert 16 in kept or 32 in kept
+    assert [snap.step for snap in guard.store.good] == [32, 50]
 
 
 def test_rollback_skips_batches_and_escalates():

@@ -108,8 +108,10 @@ class HostSide:
         for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
         if g.store is not None and not rolled:
-            g.store.maybe_take(step, lambda: checkpoint.trajectory(g),
-                               None if g.control is None else g.control.cfg.min_losses)
+            # Early snapshots only once the controller can judge them (see RollbackStore.due).
+            c = g.control
+            early = c is not None and len(c.losses) >= c.cfg.min_losses
+            g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early)
         g.recorder.maybe_flush(step)
         return rolled
 

@@ -74,7 +74,8 @@ class Rollback:
     Args:
         every: take a snapshot every this many steps (kept when the run was calm then);
             with the stability controller also at steps 8, 16, 32, … before the first
-            (see :meth:`gradguard.rollback.RollbackStore.due`).
+            (see :meth:`gradguard.rollback.RollbackStore.due`; those are not written to
+            ``dir``).
         keep: how many good snapshots to keep in memory.
         skip_batches: after a rollback, ``guard.should_skip_batch()`` is true this many
             times (PaLM skipped the batches around a spike); needs ``guard.batches``.

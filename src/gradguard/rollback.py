@@ -117,29 +117,32 @@ class RollbackStore:
                          self.tracked, to_cpu=self.place == "cpu")
 
     def maybe_take(self, step: int, guard_state: Callable[[], dict[str, Any]],
-                   judged_from: int | None = None) -> None:
+                   early: bool = False) -> None:
         """Take this step's snapshot when one is due (see :meth:`due`), as a candidate."""
-        if not self.active or step <= 0 or not self.due(step, judged_from):
+        if not self.active or not self.due(step, early):
             return
         self.candidates[step] = self._take(step, guard_state())
 
-    def due(self, step: int, judged_from: int | None = None) -> bool:
-        """Whether a snapshot is due after ``step``: every ``every`` steps, and before the
-        first of those at the powers of two from ``judged_from`` on (8, 16, 32 with the
-        stability controller's default: its loss level, which judges a snapshot before it
-        is kept, needs that many losses).
+    def due(self, step: int, early: bool = False) -> bool:
+        """Whether a snapshot is due after ``step`` (> 0): every ``every`` steps, and, with
+        ``early``, before the first of those at the powers of two.
 
         Early on the weights change fastest and instability is likeliest (the reason
         warm-up exists), so the interval grows with the run's age instead of putting
         ``every`` steps of progress at stake from the start; Pythia's checkpoints are
         spaced the same way (steps 1, 2, 4, …, 512, then every 1000; Biderman et al.
-        2023). Earlier snapshots could not be checked for damage before being kept.
+        2023). The guard asks for them (``early``) only once the stability controller
+        holds a loss level to judge a snapshot by before keeping it (8 losses by default:
+        steps 8, 16, 32 on a CPU; 16, 32 where rows reach the host two steps late).
+        With ``keep=2`` the initial weights are then no longer among the kept snapshots
+        after step 16, where before they stayed until step 100.
         """
         every = self.cfg.every
+        if step <= 0:
+            return False
         if step % every == 0:
             return True
-        return judged_from is not None and judged_from <= step < every and \
-            step & (step - 1) == 0
+        return early and step < every and step & (step - 1) == 0
 
     def discard_latest(self) -> bool:
         """The latest snapshot failed at once when restored: it holds damage, not a calm
