@@ -229,6 +229,10 @@ class Controller:
         self.clip_since: int | None = None  # the row from which every step is clipped
 
     # -- the loss level ------------------------------------------------------------------
+    def has_level(self) -> bool:
+        """Past the early phase: enough losses (``min_losses``) to judge a level by."""
+        return len(self.losses) >= self.cfg.min_losses
+
     def level(self) -> tuple[float, float, float] | None:
         """(median of recent losses, its standard error, the pooled noise σ), or None in
         the early phase.
@@ -239,7 +243,7 @@ class Controller:
         the window's values far more than its noise does, and a spread-based error bar
         would hide exactly the steady blow-up this test is for.
         """
-        if len(self.losses) < self.cfg.min_losses:
+        if not self.has_level():
             return None
         if self._cache is not None:
             return self._cache
@@ -502,7 +506,7 @@ class Controller:
         """
         cfg = self.cfg
         self.instabilities += 1
-        sudden = self.was_calm and len(self.losses) >= cfg.min_losses
+        sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run
         # that never got below where it started is failing at its LR, not by accident.
         first = self.first_loss

@@ -109,8 +109,7 @@ class HostSide:
             rolled = self.on_row(k, values) or rolled
         if g.store is not None and not rolled:
             # Early snapshots only once the controller can judge them (see RollbackStore.due).
-            c = g.control
-            early = c is not None and len(c.losses) >= c.cfg.min_losses
+            early = g.control is not None and g.control.has_level()
             g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early)
         g.recorder.maybe_flush(step)
         return rolled
