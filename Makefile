@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+
+# On a machine with a CUDA GPU (CI has none): the CUDA tests, then the overhead benchmark
+# with its no-host-sync check on the GPU.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -m cuda tests/test_cuda.py
+	$(BIN)/python benchmarks/overhead.py --device cuda --reps 100
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

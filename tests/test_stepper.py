@@ -218,3 +218,29 @@ def test_a_fused_optimizer_applies_the_spike_clamp_in_its_own_kernel():
         torch.testing.assert_close(p.grad, g * d["clip_coef"], rtol=1e-5, atol=1e-9)
         torch.testing.assert_close(p.detach(), w - 0.1 * g * d["clip_coef"], rtol=1e-5,
                                    atol=1e-7)
+
+
+def test_masked_torch_optimizers_move_their_step_counters_to_the_accelerator(monkeypatch, caplog):
+    # On CUDA a CPU step counter cannot be put back on the device, so the guard builds
+    # torch's optimizers capturable (tests/test_cuda.py runs them there); here the CPU
+    # stands in for a capturable device.
+    import torch.optim.optimizer as topt
+
+    monkeypatch.setattr(topt, "_get_capturable_supported_devices", lambda: ["cpu"])
+    m = small_mlp()
+    opt = torch.optim.RMSprop(m.parameters(), lr=0.01)
+    opt.state[next(m.parameters())]["step"] = torch.tensor(3.0)
+    with caplog.at_level("INFO", logger="gradguard"):
+        guard = gg.Guard(m, opt)
+    assert guard.stepper.strategy == "masked"
+    assert all(g["capturable"] for g in opt.param_groups)
+    assert "capturable=True" in caplog.text
+    # Not for optimizers without the mode, nor where the flag is read on the host anyway.
+    m2 = small_mlp()
+    opt2 = torch.optim.Adafactor(m2.parameters(), lr=0.01)
+    gg.Guard(m2, opt2)
+    assert "capturable" not in opt2.param_groups[0]
+    m3 = small_mlp()
+    opt3 = torch.optim.NAdam(m3.parameters(), lr=0.01)
+    gg.Guard(m3, opt3, skip_strategy="host")
+    assert not opt3.param_groups[0]["capturable"]

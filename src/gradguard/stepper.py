@@ -22,7 +22,12 @@ Three strategies, picked per optimizer and device:
     Any other optimizer on an accelerator: parameters and tensor state are copied before
     the step and put back with ``torch.where(skip, saved, new)`` after it. Exact for every
     optimizer whose state is tensors; one extra read and write of parameters and state per
-    step.
+    step. torch's optimizers keep their step counters on the CPU beside accelerator
+    parameters unless built ``capturable=True``; gradguard switches that on (the same
+    update with those scalars on the device), since a CPU counter can only be put back by
+    reading the flag on the host. An optimizer with such state and no capturable mode
+    (Adagrad and Adafactor on CUDA, or Python numbers in a third-party optimizer's state)
+    is stepped on a host read of the flag, a device sync each step, with one warning.
 
 A step that creates optimizer state lazily (usually the first) ends with one host read
 of the flag: a skipped first step must leave no state behind, and the fused SGD kernel
@@ -85,6 +90,42 @@ def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def _try_capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Keep a masked optimizer's step counters on its parameters' device.
+
+    torch's non-fused optimizers keep ``step`` (and NAdam's ``mu_product``, ASGD's
+    ``eta``/``mu``) as CPU scalars beside accelerator parameters unless built with
+    ``capturable=True``; a CPU tensor cannot be put back with a device-side
+    ``torch.where``, so each masked step would read the skip flag on the host (a device
+    sync). ``capturable=True`` (the CUDA-graph mode) is the same update with those scalars
+    on the device.
+    """
+    from torch.optim.optimizer import _get_capturable_supported_devices
+
+    devices = set(_get_capturable_supported_devices())
+    groups = optimizer.param_groups
+    if not groups or any("capturable" not in g for g in groups):
+        return False  # not one of torch's capturable optimizers
+    if all(g["capturable"] for g in groups):
+        return False
+    for group in groups:
+        if group.get("differentiable"):
+            return False
+        for p in group["params"]:
+            if p.device.type not in devices or _is_dtensor(p):
+                return False
+    for group in groups:
+        group["capturable"] = True
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if isinstance(v, Tensor) and v.device != p.device:
+                    st[k] = v.to(p.device)
+    log.info("gradguard: switched %s to capturable=True so skipped steps need no host sync",
+             type(optimizer).__name__)
+    return True
+
+
 def _is_dtensor(t: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -123,7 +164,10 @@ class Stepper:
                 f"fused Adam/AdamW/SGD/Adagrad); {type(optimizer).__name__} does not. Use "
                 "skip_strategy='masked' or 'auto'."
             )
+        if strategy == "masked":
+            _try_capturable(optimizer)
         self.strategy = strategy
+        self._warned_host = False
         self._saved: list[Tensor] | None = None
         self._saved_keys: list[tuple[int, str]] = []
         # The parameters (ids) of the last step that found every one of them with state,
@@ -234,7 +278,15 @@ class Stepper:
         host_state = any(i == -1 for i, _ in keys)
         if host_state or any(t.device != skip.device for t in tensors[len(params):]):
             # State the device cannot restore (Python numbers, or tensors on another device,
-            # e.g. Adam's CPU step counter beside CUDA params): decide on the host.
+            # e.g. Adagrad's CPU step counter beside CUDA params): decide on the host.
+            if skip.device.type != "cpu" and not self._warned_host:
+                self._warned_host = True
+                log.warning(
+                    "gradguard: %s keeps optimizer state the device cannot put back (%s), "
+                    "so every guarded step waits for the device to read the skip flag. "
+                    "Build it with capturable=True if it has that option, or use "
+                    "Adam/AdamW/SGD, whose fused kernels skip on the device.",
+                    type(self.optimizer).__name__, self._host_keys(params, skip.device))
             self._step_host_decided(skip)
             return
         if self._saved is None or keys != self._saved_keys:
@@ -246,6 +298,11 @@ class Stepper:
         with torch.no_grad():
             for t, s in zip(tensors, self._saved, strict=True):
                 torch.where(skip, s, t, out=t)
+
+    def _host_keys(self, params: Sequence[Tensor], device: torch.device) -> str:
+        keys = {k for p in params for k, v in self.optimizer.state.get(p, {}).items()
+                if v is not None and not (isinstance(v, Tensor) and v.device == device)}
+        return ", ".join(sorted(keys))
 
     def _step_host_decided(self, skip: Tensor) -> None:
         # A host read: free on a CPU; on an accelerator only for state the device cannot
