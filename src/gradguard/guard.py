@@ -28,13 +28,12 @@ from .clip import Transform, as_transform
 from .control import Controller
 from .device import DeviceSide
 from .distributed import make_sync
-from .errors import ConfigError, GuardUsageError
 from .host import HostSide
 from .lr import LRFactor
 from .params import ForwardOrder, resolve_params
 from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks
 from .respond import Action, Policy, resolve_policy
-from .rollback import RollbackStore
+from .rollback import RollbackStore, trackable
 from .samples import SampleCounter
 from .usage import Usage, after_step_hooks, begin_step, check_args
 
@@ -130,28 +129,21 @@ class Guard:
         self.grad_spike, self.loss_spike, self.decision = d.grad_spike, d.loss_spike, d.decision
         self.stepper = d.stepper
         # Host parts: the stability controller and the LR factor it sets.
-        self.control = Controller(policy.stability, can_clip=d.clamps) \
-            if policy.stability is not None else None
-        self.lr = LRFactor(optimizer, policy.stability.warmup_steps(optimizer)
-                           if policy.stability is not None else 0, self.device)
+        stab = policy.stability
+        self.control = Controller(stab, can_clip=d.clamps) if stab is not None else None
+        self.lr = LRFactor(optimizer, stab.warmup_steps(optimizer) if stab else 0, self.device)
         self.steps = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
 
         self._sync = make_sync(distributed, self.params)
-        if self._sync is not None and self._sync.rank != 0:
-            # Every rank makes the same decisions; one copy of the record is enough, and
-            # several ranks appending to one file would interleave it.
-            sinks, log, tensorboard, console = (), None, None, False
-        self.recorder = Recorder(self.names, make_sinks(log, tensorboard, console, sinks),
+        rank = self._sync.rank if self._sync is not None else None
+        self.recorder = Recorder(self.names, make_sinks(log, tensorboard, console, sinks, rank),
                                  flush_every, layers_every)
         self.mailbox = Mailbox(self.device)
         self._order_probe: ForwardOrder | None = ForwardOrder(model, self.params)
-
         self._tracked: list[Any] = []
-        self.store = (RollbackStore(policy.rollback, model, self.params, optimizer,
-                                    self._tracked, self.recorder,
-                                    self._sync.rank if self._sync is not None else None)
-                      if policy.rollback is not None else None)
+        self.store = None if policy.rollback is None else RollbackStore(
+            policy.rollback, model, self.params, optimizer, self._tracked, self.recorder, rank)
         self._host = HostSide(self)
         self._started = False
         self._closed = False
@@ -165,12 +157,7 @@ class Guard:
     def track(self, obj: Any) -> Any:
         """Include ``obj`` (anything with state_dict/load_state_dict, e.g. an LR scheduler
         or a GradScaler) in rollback snapshots. Returns ``obj``."""
-        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise ConfigError(f"track() needs state_dict/load_state_dict, {type(obj).__name__} "
-                              "has neither")
-        if self._started:
-            raise GuardUsageError("track() objects before the first guard.step()")
-        self._tracked.append(obj)
+        self._tracked.append(trackable(obj, self._started))
         return obj
 
     @property
@@ -189,10 +176,7 @@ class Guard:
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable``, dropping the batches a rollback asks to skip."""
-        for item in iterable:
-            if self.should_skip_batch():
-                continue
-            yield item
+        return (item for item in iterable if not self.should_skip_batch())
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: Tensor | None = None,
@@ -238,11 +222,9 @@ class Guard:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
         if self._closed:
             return
-        self._usage.remove()
-        self._samples.remove()
+        lifecycle.unregister(self, self._finalizer)  # takes the optimizer/model hooks off
         if self._host.inputs is not None:
             self._host.inputs.remove()
-        lifecycle.unregister(self, self._finalizer)
         try:
             self._host.drain()
             if self._started:

@@ -38,8 +38,12 @@ def register(guard: Any, recorder: Any, *hooks: Any) -> weakref.finalize:
 
 
 def unregister(guard: Any, fin: weakref.finalize) -> None:
-    """The guard was closed: nothing left to do for it."""
-    fin.detach()
+    """The guard is closing: take off the hooks given to :func:`register` and stop
+    watching it (its recorder is the guard's to close)."""
+    detached = fin.detach()
+    if detached is not None:
+        for h in detached[2][1]:
+            h.remove()
     _open.discard(guard)
 
 

@@ -476,8 +476,14 @@ class StepInfo:
 
 
 def make_sinks(log: str | os.PathLike[str] | None, tensorboard: str | os.PathLike[str] | None,
-               console: bool, sinks: Sequence[Sink] = ()) -> list[Sink]:
-    """The sinks ``Guard(log=..., tensorboard=..., console=..., sinks=...)`` asks for."""
+               console: bool, sinks: Sequence[Sink] = (), rank: int | None = None
+               ) -> list[Sink]:
+    """The sinks ``Guard(log=..., tensorboard=..., console=..., sinks=...)`` asks for; none
+    on a torch.distributed rank other than 0 (``rank``): every rank makes the same
+    decisions, one copy of the record is enough, and several ranks appending to one file
+    would interleave it."""
+    if rank is not None and rank != 0:
+        return []
     out: list[Sink] = list(sinks)
     if log is not None:
         out.append(JsonlSink(log))

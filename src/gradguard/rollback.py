@@ -21,10 +21,22 @@ import torch
 from torch import Tensor, nn
 
 from . import snapshot as snap
+from .errors import ConfigError, GuardUsageError
 from .record import Recorder
 from .respond import Rollback
 
-__all__ = ["RollbackStore"]
+__all__ = ["RollbackStore", "trackable"]
+
+
+def trackable(obj: Any, started: bool) -> Any:
+    """``obj``, checked for ``Guard.track``: it must have state_dict/load_state_dict and
+    come before the first step (the first snapshot must already hold it)."""
+    if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+        raise ConfigError(f"track() needs state_dict/load_state_dict, {type(obj).__name__} "
+                          "has neither")
+    if started:
+        raise GuardUsageError("track() objects before the first guard.step()")
+    return obj
 
 
 class RollbackStore:
