@@ -8,6 +8,7 @@ the loop, with the real fused optimizer kernels, pinned-memory rows and GradScal
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -164,6 +165,73 @@ def test_the_capturable_switch_trains_as_the_users_optimizer(name):
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     guard.close()
+
+
+def test_an_optimizer_state_loaded_after_the_guard_is_made_capturable_again():
+    # Resuming from an unguarded run's checkpoint brings capturable=False and CPU step
+    # counters back; the next masked step switches again instead of syncing every step.
+    plain_model = mlp()
+    plain = torch.optim.RMSprop(plain_model.parameters(), lr=1e-3)
+    data = batches(4, nan={3}, spike=set())
+    x, y = data[0]
+    nn.functional.cross_entropy(plain_model(x), y).backward()
+    plain.step()
+    assert plain.state[next(plain_model.parameters())]["step"].device.type == "cpu"
+
+    model = mlp()
+    model.load_state_dict(plain_model.state_dict())
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt)
+    opt.load_state_dict(plain.state_dict())
+    assert not opt.param_groups[0]["capturable"]
+    for k in (1, 2, 3):
+        opt.zero_grad(set_to_none=True)
+        x, y = data[k]
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        with syncs_are_errors() if k > 1 else contextlib.nullcontext():
+            info = guard.step(loss)
+    assert bool(info.skipped) and opt.param_groups[0]["capturable"]
+    assert all(s["step"].device.type == "cuda" for s in opt.state.values())
+    guard.close()
+
+
+def test_lightning_16_mixed_on_cuda_skips_the_bad_batches():
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+
+        def training_step(self, batch, _idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 16, generator=gen)
+    y = x[:, :4].argmax(1)
+    for b in (10, 30):  # a few broken records in two batches
+        x[b * 64:b * 64 + 4] = math.nan
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    module, cb = Module(), GradGuardCallback()
+    pl.Trainer(callbacks=[cb], accelerator="gpu", devices=1, precision="16-mixed",
+               max_epochs=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    guard = cb.guard
+    assert guard.steps == 32
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    skipped = {e["step"] for e in guard.recorder.events if e["action"] == "skip"}
+    assert {10, 30} <= skipped
+    net = module.net.cpu()  # (Lightning's teardown has already moved it back)
+    with torch.no_grad():
+        acc = (net(x[2048 - 512:]).argmax(1) == y[2048 - 512:]).float()
+    assert acc.mean() > 0.4  # chance is 0.25
 
 
 def test_fp16_autocast_with_grad_scaler_on_cuda():

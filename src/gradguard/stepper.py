@@ -279,6 +279,11 @@ class Stepper:
         if host_state or any(t.device != skip.device for t in tensors[len(params):]):
             # State the device cannot restore (Python numbers, or tensors on another device,
             # e.g. Adagrad's CPU step counter beside CUDA params): decide on the host.
+            if skip.device.type != "cpu" and _try_capturable(self.optimizer):
+                # A state loaded after the guard was built (a resume from an unguarded
+                # run's checkpoint) brought capturable=False and CPU counters back.
+                self._step_masked(params, skip)
+                return
             if skip.device.type != "cpu" and not self._warned_host:
                 self._warned_host = True
                 log.warning(
