@@ -63,10 +63,10 @@ class Guard:
         model: the module being trained (names parameters, gives forward order, and is
             what a rollback restores); may be None when ``params`` or the optimizer's own
             parameters are enough.
-        optimizer: the user's optimizer. On an accelerator, torch's Adam/AdamW/SGD/Adagrad
-            left at their default implementation are switched to ``fused=True`` so a
-            skipped step needs no host sync (see :mod:`gradguard.stepper`;
-            ``skip_strategy="masked"`` opts out); on a CPU it runs as built.
+        optimizer: the user's optimizer. On an accelerator, torch's Adam/AdamW/SGD left
+            at their default implementation are switched to ``fused=True`` and its other
+            optimizers to ``capturable=True``, so a skipped step needs no host sync (see
+            :mod:`gradguard.stepper`); on a CPU it runs as built.
         clip: a transform or a list of transforms (chained). None (the default) clips
             nothing but the spikes the detector flags (to the typical norm): blanket
             clipping of a healthy run's heavy-tailed norms slows it, and real instability
