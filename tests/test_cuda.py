@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from tests import test_resume
+from tests import test_resume, test_stepper
 
 pytestmark = [
     pytest.mark.cuda,
@@ -88,11 +88,8 @@ def test_a_faulty_training_loop_on_cuda_never_blocks_on_the_device(name):
 
 
 # torch's optimizers, except the two the guard refuses (LBFGS, SparseAdam).
-TORCH_OPTIMIZERS = sorted(
-    n for n in dir(torch.optim)
-    if isinstance(getattr(torch.optim, n), type)
-    and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
-    and n not in ("Optimizer", "LBFGS", "SparseAdam"))
+TORCH_OPTIMIZERS = [n for n in test_stepper.TORCH_OPTIMIZERS
+                    if test_stepper.TABLE.get(n) != "refused"]
 # A CPU step counter and no capturable mode (Adagrad's own update reads it on the host):
 # each step reads the skip flag on the host, and the guard says so once.
 HOST_DECIDED = {"Adagrad", "Adafactor"}
@@ -102,12 +99,7 @@ HOST_DECIDED = {"Adagrad", "Adafactor"}
 def test_every_torch_optimizer_on_cuda_skips_exactly_and_without_a_sync_where_it_can(
         name, caplog):
     model = mlp()
-    params = list(model.parameters())
-    if name == "Muon":  # matrices only
-        for p in params:
-            p.requires_grad_(p.dim() == 2)
-        params = [p for p in params if p.dim() == 2]
-    opt = getattr(torch.optim, name)(params, lr=1e-2)
+    opt = getattr(torch.optim, name)(test_stepper.params_for(name, model), lr=1e-2)
     guard = gg.Guard(model, opt)
     data = batches(4, nan={2}, spike=set())
 

@@ -137,14 +137,20 @@ def test_the_table_covers_every_torch_optimizer_and_the_readme_lists_them():
         assert f"`{name}`" in section, name
 
 
-@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
-def test_every_torch_optimizer_skips_a_nan_step_exactly_or_is_refused(name):
-    model = small_mlp()
+def params_for(name, model):
+    """The parameters optimizer ``name`` can take (Muon: matrices only; the rest frozen)."""
     params = list(model.parameters())
-    if name == "Muon":  # matrices only
+    if name == "Muon":
         for p in params:
             p.requires_grad_(p.dim() == 2)
         params = [p for p in params if p.dim() == 2]
+    return params
+
+
+@pytest.mark.parametrize("name", TORCH_OPTIMIZERS)
+def test_every_torch_optimizer_skips_a_nan_step_exactly_or_is_refused(name):
+    model = small_mlp()
+    params = params_for(name, model)
     cls = getattr(torch.optim, name)
     if TABLE[name] == "refused":
         with pytest.raises(gg.ConfigError, match=r"closure|sparse gradients"):
