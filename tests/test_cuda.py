@@ -17,10 +17,10 @@ from torch import nn
 import gradguard as gg
 from tests import test_resume, test_stepper
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (make gpu-check on a machine with one)",
+                allow_module_level=True)
+pytestmark = pytest.mark.cuda
 DEV = torch.device("cuda")
 
 
