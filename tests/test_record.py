@@ -136,3 +136,27 @@ def test_a_guard_whose_rows_arrive_late_still_catches_spikes_and_decides_alike()
     again, params2 = run(2)
     assert again == flags and all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
     assert run(0)[0] == flags  # here the lag changes no decision
+
+
+def test_rows_of_an_accelerator_without_the_cuda_pipeline_reach_the_host_as_arrays():
+    # MPS/XPU rows are read at once (the pinned-memory and event pipeline is CUDA's); a
+    # row left on such a device would fail at .numpy() when the host takes it.
+    class Row:  # stands in for an MPS tensor: .numpy() refuses, .cpu() has the values
+        device = torch.device("mps")
+
+        def __init__(self, t):
+            self.t = t
+
+        def detach(self):
+            return self
+
+        def cpu(self):
+            return self.t
+
+        def numpy(self):
+            raise TypeError("can't convert mps:0 device type tensor to numpy")
+
+    box = Mailbox(torch.device("mps"))
+    box.post(0, Row(torch.tensor([1.0, 2.0])))
+    [(step, arr)] = box.poll()
+    assert step == 0 and arr.tolist() == [1.0, 2.0] and box.lag == 0

@@ -110,9 +110,10 @@ ROW_LAG = 2
 class Mailbox:
     """Moves small per-step tensors to the host without blocking the training loop.
 
-    The host takes row ``k`` at step ``k + lag`` exactly (0 on a CPU, where a row is
-    there at once; :data:`ROW_LAG` on an accelerator), waiting for it if the device is
-    that far behind. A fixed lag makes the host's decisions (the spike detectors'
+    The host takes row ``k`` at step ``k + lag`` exactly (:data:`ROW_LAG` on CUDA; 0 on a
+    CPU, where a row is there at once, and on other accelerators, whose rows are copied
+    to the host at once, a sync per step), waiting for it if the device is that far
+    behind. A fixed lag makes the host's decisions (the spike detectors'
     limits, the controller's) the same from run to run and on every rank of a
     distributed job; without it they would depend on how far the device happened to be.
     """
@@ -128,7 +129,12 @@ class Mailbox:
     def post(self, step: int, row: Tensor) -> None:
         """Queue ``row`` (a 1-D device tensor) of ``step`` for the host."""
         if not self.cuda:
-            self._queue.append((step, row.detach() if row.requires_grad else row, None))
+            row = row.detach()
+            if row.device.type != "cpu":
+                # Host sync, deliberate: an accelerator other than CUDA (MPS, XPU, ...)
+                # gets no pinned-memory and event pipeline here; its row is read at once.
+                row = row.cpu()
+            self._queue.append((step, row, None))
             return
         host = self._pool.pop() if self._pool and self._pool[-1].numel() == row.numel() else \
             torch.empty(row.numel(), dtype=row.dtype, pin_memory=True)
