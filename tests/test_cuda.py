@@ -148,6 +148,8 @@ def test_the_capturable_switch_trains_as_the_users_optimizer(name):
     oa = getattr(torch.optim, name)(a.parameters(), lr=1e-3)
     ob = getattr(torch.optim, name)(b.parameters(), lr=1e-3)
     guard = gg.Guard(a, oa, clip=[])
+    assert all(g["capturable"] for g in oa.param_groups)
+    assert not any(g["capturable"] for g in ob.param_groups)
     for x, y in batches(30, nan=set(), spike=set()):
         for m, o in ((a, oa), (b, ob)):
             o.zero_grad(set_to_none=True)
@@ -181,9 +183,11 @@ def test_an_optimizer_state_loaded_after_the_guard_is_made_capturable_again():
         x, y = data[k]
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        before = [p.detach().clone() for p in model.parameters()]
         with syncs_are_errors() if k > 1 else contextlib.nullcontext():
             info = guard.step(loss)
     assert bool(info.skipped) and opt.param_groups[0]["capturable"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert all(s["step"].device.type == "cuda" for s in opt.state.values())
     guard.close()
 

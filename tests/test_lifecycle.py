@@ -68,3 +68,23 @@ def test_closing_twice_and_collecting_a_closed_guard_are_harmless(tmp_path):
     del guard
     gc.collect()
     assert steps_in(tmp_path / "run.jsonl") == [0]
+
+
+def test_a_guard_closed_or_collected_before_its_first_step_leaves_no_forward_hooks():
+    # The forward-order probe hooks every module with parameters until the first step;
+    # a guard that never steps must still take them off (they would record every call).
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert hooks() >= 2  # (the batch-size counter hooks the model too)
+    guard.close()
+    assert hooks() == 0
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert hooks() >= 2  # (the batch-size counter hooks the model too)
+    del guard
+    gc.collect()
+    assert hooks() == 0

@@ -241,11 +241,21 @@ def test_masked_torch_optimizers_move_their_step_counters_to_the_accelerator(mon
     assert guard.stepper.strategy == "masked"
     assert all(g["capturable"] for g in opt.param_groups)
     assert "capturable=True" in caplog.text
-    # Not for optimizers without the mode, nor where the flag is read on the host anyway.
+    # Not for optimizers without the mode, nor another package's (a subclass may keep
+    # state on the CPU on purpose), nor fused kernels (they take the flag themselves),
+    # nor where the flag is read on the host anyway.
+    class Mine(torch.optim.RMSprop):
+        pass
+
+    Mine.__module__ = "mypackage.optim"
     m2 = small_mlp()
-    opt2 = torch.optim.Adafactor(m2.parameters(), lr=0.01)
-    gg.Guard(m2, opt2)
-    assert "capturable" not in opt2.param_groups[0]
+    opt2 = Mine(m2.parameters(), lr=0.01)
+    assert gg.Guard(m2, opt2).stepper.strategy == "masked"
+    assert not opt2.param_groups[0]["capturable"]
+    m4 = small_mlp()
+    opt4 = torch.optim.Adam(m4.parameters(), lr=0.01, fused=True)
+    gg.Guard(m4, opt4, skip_strategy="masked")
+    assert not opt4.param_groups[0]["capturable"]
     m3 = small_mlp()
     opt3 = torch.optim.NAdam(m3.parameters(), lr=0.01)
     gg.Guard(m3, opt3, skip_strategy="host")

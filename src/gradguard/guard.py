@@ -63,10 +63,11 @@ class Guard:
         model: the module being trained (names parameters, gives forward order, and is
             what a rollback restores); may be None when ``params`` or the optimizer's own
             parameters are enough.
-        optimizer: the user's optimizer. On an accelerator, torch's Adam/AdamW/SGD left
-            at their default implementation are switched to ``fused=True`` and its other
-            optimizers to ``capturable=True``, so a skipped step needs no host sync (see
-            :mod:`gradguard.stepper`); on a CPU it runs as built.
+        optimizer: the user's optimizer. On CUDA, torch's Adam/AdamW/SGD left at their
+            default implementation are switched to ``fused=True``, and torch's optimizers
+            that have a ``capturable`` mode otherwise to ``capturable=True``, so a skipped
+            step needs no host sync (see :mod:`gradguard.stepper`); on a CPU it runs as
+            built.
         clip: a transform or a list of transforms (chained). None (the default) clips
             nothing but the spikes the detector flags (to the typical norm): blanket
             clipping of a healthy run's heavy-tailed norms slows it, and real instability
@@ -140,7 +141,6 @@ class Guard:
         self.recorder = Recorder(self.names, make_sinks(log, tensorboard, console, sinks, rank),
                                  flush_every, layers_every)
         self.mailbox = Mailbox(self.device)
-        self._order_probe: ForwardOrder | None = ForwardOrder(model, self.params)
         self._tracked: list[Any] = []
         self.store = None if policy.rollback is None else RollbackStore(
             policy.rollback, model, self.params, optimizer, self._tracked, self.recorder, rank)
@@ -151,7 +151,10 @@ class Guard:
         self._usage = Usage(model, optimizer, scaler is not None, self.device)
         # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
         self._samples = SampleCounter(model if self._sync is None else None)
-        self._finalizer = lifecycle.register(self, self.recorder, self._usage, self._samples)
+        probe = ForwardOrder(model, self.params)
+        self._order_probe: ForwardOrder | None = probe
+        self._finalizer = lifecycle.register(self, self.recorder, self._usage, self._samples,
+                                             probe)
 
     # -- public helpers ----------------------------------------------------------------
     def track(self, obj: Any) -> Any:
@@ -176,7 +179,9 @@ class Guard:
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable``, dropping the batches a rollback asks to skip."""
-        return (item for item in iterable if not self.should_skip_batch())
+        for item in iterable:
+            if not self.should_skip_batch():
+                yield item
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: Tensor | None = None,

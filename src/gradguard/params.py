@@ -88,11 +88,15 @@ class ForwardOrder:
         """The first module with parameters that the forward pass ran."""
         return self.calls[0] if self.calls else None
 
-    def finish(self) -> list[int]:
-        """Positions of the guarded params in forward order (unused ones at the end)."""
+    def remove(self) -> None:
+        """Take the hooks off (also when the guard closes before any forward pass)."""
         for h in self.handles:
             h.remove()
         self.handles = []
+
+    def finish(self) -> list[int]:
+        """Positions of the guarded params in forward order (unused ones at the end)."""
+        self.remove()
         pos = {id(p): i for i, p in enumerate(self.params)}
         order: list[int] = []
         seen: set[int] = set()

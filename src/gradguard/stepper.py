@@ -23,7 +23,8 @@ Three strategies, picked per optimizer and device:
     the step and put back with ``torch.where(skip, saved, new)`` after it. Exact for every
     optimizer whose state is tensors; one extra read and write of parameters and state per
     step. torch's optimizers keep their step counters on the CPU beside accelerator
-    parameters unless built ``capturable=True``; gradguard switches that on (the same
+    parameters unless built ``capturable=True``; gradguard switches that on where torch
+    supports it (CUDA, XPU, HPU, XLA; not MPS) for torch's own optimizers (the same
     update with those scalars on the device), since a CPU counter can only be put back by
     reading the flag on the host. An optimizer with such state and no capturable mode
     (Adagrad and Adafactor on CUDA, or Python numbers in a third-party optimizer's state)
@@ -90,26 +91,36 @@ def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def _capturable_devices() -> set[str]:
+    try:
+        from torch.optim.optimizer import _get_capturable_supported_devices
+    except ImportError:  # torch < 2.4 hard-coded the list
+        return {"cuda", "xla"}
+    return set(_get_capturable_supported_devices())
+
+
 def _try_capturable(optimizer: torch.optim.Optimizer) -> bool:
-    """Keep a masked optimizer's step counters on its parameters' device.
+    """Keep a masked torch optimizer's step counters on its parameters' device.
 
-    torch's non-fused optimizers keep ``step`` (and NAdam's ``mu_product``, ASGD's
-    ``eta``/``mu``) as CPU scalars beside accelerator parameters unless built with
-    ``capturable=True``; a CPU tensor cannot be put back with a device-side
-    ``torch.where``, so each masked step would read the skip flag on the host (a device
-    sync). ``capturable=True`` (the CUDA-graph mode) is the same update with those scalars
-    on the device.
+    torch's non-fused optimizers keep ``step`` (and NAdam's ``mu_product``) as CPU scalars
+    beside accelerator parameters unless built with ``capturable=True``, and some read
+    their state on the host inside the step (ASGD's ``.item()`` calls); a CPU tensor
+    cannot be put back with a device-side ``torch.where``, so each masked step would read
+    the skip flag on the host (a device sync). ``capturable=True`` (the CUDA-graph mode)
+    is the same update with those scalars on the device. Only torch's own optimizers
+    (their subclasses and third-party look-alikes may keep state on the CPU on purpose),
+    and not fused ones (their kernels take the flag themselves).
     """
-    from torch.optim.optimizer import _get_capturable_supported_devices
-
-    devices = set(_get_capturable_supported_devices())
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        return False
     groups = optimizer.param_groups
     if not groups or any("capturable" not in g for g in groups):
         return False  # not one of torch's capturable optimizers
     if all(g["capturable"] for g in groups):
         return False
+    devices = _capturable_devices()
     for group in groups:
-        if group.get("differentiable"):
+        if group.get("differentiable") or group.get("fused"):
             return False
         for p in group["params"]:
             if p.device.type not in devices or _is_dtensor(p):
@@ -120,7 +131,8 @@ def _try_capturable(optimizer: torch.optim.Optimizer) -> bool:
             st = optimizer.state.get(p, {})
             for k, v in st.items():
                 if isinstance(v, Tensor) and v.device != p.device:
-                    st[k] = v.to(p.device)
+                    # As torch's own load_state_dict places state for capturable groups.
+                    st[k] = v.to(p.device, torch.float32) if k == "step" else v.to(p.device)
     log.info("gradguard: switched %s to capturable=True so skipped steps need no host sync",
              type(optimizer).__name__)
     return True
@@ -287,11 +299,12 @@ class Stepper:
             if skip.device.type != "cpu" and not self._warned_host:
                 self._warned_host = True
                 log.warning(
-                    "gradguard: %s keeps optimizer state the device cannot put back (%s), "
-                    "so every guarded step waits for the device to read the skip flag. "
-                    "Build it with capturable=True if it has that option, or use "
-                    "Adam/AdamW/SGD, whose fused kernels skip on the device.",
-                    type(self.optimizer).__name__, self._host_keys(params, skip.device))
+                    "gradguard: %s keeps optimizer state the device cannot put back (%s: "
+                    "Python numbers, or tensors on another device than %s), so every "
+                    "guarded step waits for the device to read the skip flag. torch's "
+                    "Adam/AdamW/SGD with fused kernels skip on the device.",
+                    type(self.optimizer).__name__, self._host_keys(params, skip.device),
+                    skip.device)
             self._step_host_decided(skip)
             return
         if self._saved is None or keys != self._saved_keys:
