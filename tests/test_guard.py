@@ -307,3 +307,26 @@ def test_once_the_controller_clips_every_step_is_clipped_to_the_typical_norm(mlp
         clipped.append(d["grad_norm"] > typical)
     assert clipped == [True, False, True]
     assert "clipped to the typical gradient norm" in guard.verdict()
+
+
+def test_a_guard_that_fails_to_build_leaves_the_optimizer_and_model_as_they_were(tmp_path):
+    # The stepper switches the optimizer (fused kernel, state on the device) before the
+    # sinks open; a log path that cannot be created must not leave it switched or hooked.
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    backward(model)
+    opt.step()  # state exists: a switch would move its step counters
+    steps = {id(p): st["step"] for p, st in opt.state.items()}
+    hooks = len(opt._optimizer_step_pre_hooks)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        gg.Guard(model, opt, log=blocker / "run.jsonl")
+    assert opt.param_groups[0]["fused"] is None
+    assert "_step_supports_amp_scaling" not in vars(opt)
+    assert all(st["step"] is steps[id(p)] for p, st in opt.state.items())
+    assert len(opt._optimizer_step_pre_hooks) == hooks
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0
+    guard = gg.Guard(model, opt)  # and a guard built afterwards switches it as usual
+    assert guard.stepper.strategy == "found_inf" and opt.param_groups[0]["fused"] is True
+    guard.close()

@@ -127,6 +127,24 @@ class Guard:
         self.after_step = after_step_hooks(after_step)
         # Device parts: detectors, transforms, skip decision, optimizer stepper.
         self._device = d = DeviceSide(self, skip_strategy)
+        try:
+            self._assemble(model, optimizer, scaler, log, tensorboard, console, sinks,
+                           flush_every, layers_every, distributed)
+        except BaseException:
+            # A failed construction leaves the user's optimizer and model as they were.
+            d.stepper.undo()
+            for hooks in (self.__dict__.get("_usage"), self.__dict__.get("_samples")):
+                if hooks is not None:
+                    hooks.remove()
+            if "recorder" in self.__dict__:
+                self.recorder.close()
+            raise
+
+    def _assemble(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
+                  scaler: Any, log: Any, tensorboard: Any, console: bool,
+                  sinks: Sequence[Sink], flush_every: int, layers_every: int,
+                  distributed: Any) -> None:
+        d, policy = self._device, self.policy
         self.grad_spike, self.loss_spike, self.decision = d.grad_spike, d.loss_spike, d.decision
         self.stepper = d.stepper
         # Host parts: the stability controller and the LR factor it sets.

@@ -150,6 +150,33 @@ def _on_cpu(optimizer: torch.optim.Optimizer) -> bool:
     return all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
 
 
+class _Switches:
+    """What choosing a strategy may change in the user's optimizer (the fused and
+    capturable flags, where its state lives, the AMP-scaling marker), to put back."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.groups = [{k: g[k] for k in ("fused", "capturable") if k in g}
+                       for g in optimizer.param_groups]
+        # Shallow copies: a switch replaces state tensors, it does not write into them.
+        self.state = {p: dict(st) for p, st in optimizer.state.items()}
+        self.marked = "_step_supports_amp_scaling" in vars(optimizer)
+
+    def undo(self) -> None:
+        opt = self.optimizer
+        for group, saved in zip(opt.param_groups, self.groups, strict=False):
+            for k in ("fused", "capturable"):
+                if k in saved:
+                    group[k] = saved[k]
+                else:
+                    group.pop(k, None)
+        for p, st in self.state.items():
+            opt.state[p].clear()
+            opt.state[p].update(st)
+        if not self.marked:
+            vars(opt).pop("_step_supports_amp_scaling", None)
+
+
 class Stepper:
     """Steps an optimizer, or leaves it exactly as it was when ``skip`` is true.
 
@@ -162,6 +189,7 @@ class Stepper:
         if strategy not in STRATEGIES:
             raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.optimizer = optimizer
+        self._switches = _Switches(optimizer)
         supports = getattr(optimizer, "_step_supports_amp_scaling", False)
         if strategy == "auto":
             if supports:  # the user's own fused kernel: nothing is switched
@@ -186,6 +214,11 @@ class Stepper:
         # and the state's size then: while both repeat, lazy creation is over. (A count
         # alone is not enough: another subset of the same size may have no state yet.)
         self._settled: tuple[tuple[int, ...], int] | None = None
+
+    def undo(self) -> None:
+        """Put back what choosing the strategy changed in the optimizer (a guard whose
+        construction failed must leave it as the user built it)."""
+        self._switches.undo()
 
     # -- state bookkeeping -------------------------------------------------------------
     def _stateless(self, params: Sequence[Tensor]) -> list[Tensor]:
