@@ -70,3 +70,15 @@ def test_counter_sums_micro_batches_and_ignores_evaluation():
     c.remove()
     model(torch.randn(8, 4))
     assert c.pending == 0
+
+
+def test_a_counter_removed_during_a_forward_pass_does_not_break_that_pass():
+    # A guard garbage-collected while its model runs forward (an old guard dropped in a
+    # notebook, say) takes its hooks off from inside the pass; torch still calls the
+    # snapshot it took, without the kwargs its with_kwargs marker promised.
+    model = torch.nn.Linear(4, 2)
+    counter: list[SampleCounter] = []
+    model.register_forward_pre_hook(lambda _m, _a: counter[0].remove())
+    counter.append(SampleCounter(model))
+    model(torch.randn(3, 4))
+    model(torch.randn(3, 4))

@@ -15,6 +15,7 @@ in flight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -131,14 +132,19 @@ class Guard:
             self._assemble(model, optimizer, scaler, log, tensorboard, console, sinks,
                            flush_every, layers_every, distributed)
         except BaseException:
-            # A failed construction leaves the user's optimizer and model as they were.
-            d.stepper.undo()
-            for hooks in (self.__dict__.get("_usage"), self.__dict__.get("_samples")):
-                if hooks is not None:
-                    hooks.remove()
+            # A failed construction leaves the user's optimizer and model as they were,
+            # and closes the sinks it opened (the user's own are theirs).
+            undo = [d.stepper.undo] + [
+                part.remove for part in (self.__dict__.get(k) for k in
+                                         ("_usage", "_samples", "_order_probe"))
+                if part is not None]
             if "recorder" in self.__dict__:
-                self.recorder.close()
+                undo += [s.close for s in self.recorder.sinks if s not in sinks]
+            for step in undo:
+                with contextlib.suppress(Exception):  # the original error is the news
+                    step()
             raise
+        d.stepper.commit()
 
     def _assemble(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
                   scaler: Any, log: Any, tensorboard: Any, console: bool,

@@ -75,9 +75,13 @@ class ForwardOrder:
         self.calls: list[nn.Module] = []
         self.handles = []
         if model is not None:
-            for m in model.modules():
-                if any(True for _ in m.parameters(recurse=False)):
-                    self.handles.append(m.register_forward_pre_hook(self._hook))
+            try:
+                for m in model.modules():
+                    if any(True for _ in m.parameters(recurse=False)):
+                        self.handles.append(m.register_forward_pre_hook(self._hook))
+            except BaseException:  # e.g. a TorchScript submodule refuses hooks
+                self.remove()
+                raise
 
     def _hook(self, module: nn.Module, _args: Any) -> None:
         if not self.calls or self.calls[-1] is not module:

@@ -28,6 +28,7 @@ Record schema (one JSON object per line in the JSONL sink):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -491,10 +492,17 @@ def make_sinks(log: str | os.PathLike[str] | None, tensorboard: str | os.PathLik
     if rank is not None and rank != 0:
         return []
     out: list[Sink] = list(sinks)
-    if log is not None:
-        out.append(JsonlSink(log))
-    if tensorboard is not None:
-        out.append(TensorBoardSink(tensorboard))
-    if console:
-        out.append(ConsoleSink())
-    return out
+    made: list[Sink] = []
+    try:
+        if log is not None:
+            made.append(JsonlSink(log))
+        if tensorboard is not None:
+            made.append(TensorBoardSink(tensorboard))
+        if console:
+            made.append(ConsoleSink())
+    except BaseException:  # close what was opened before the one that failed
+        for s in made:
+            with contextlib.suppress(Exception):
+                s.close()
+        raise
+    return out + made

@@ -40,8 +40,11 @@ class SampleCounter:
         self._handle = (model.register_forward_pre_hook(self._count, with_kwargs=True)
                         if model is not None else None)
 
-    def _count(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+    def _count(self, module: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any] | None = None) -> None:
+        # (kwargs=None: a guard collected during a forward pass removed this hook while
+        # torch was calling its snapshot of the hooks, without the kwargs marker)
+        if kwargs is None or not (module.training and torch.is_grad_enabled()):
             return  # evaluation passes add nothing to the gradient
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if first is not None:

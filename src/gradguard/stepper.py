@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,7 +60,14 @@ _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Ad
 STRATEGIES = ("auto", "found_inf", "masked", "host")
 
 
-def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
+def _set(st: dict[str, Any], key: str, value: Any, switches: _Switches | None) -> None:
+    if switches is None:
+        st[key] = value
+    else:
+        switches.replace(st, key, value)
+
+
+def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = None) -> bool:
     """Switch a torch Adam/AdamW/SGD/Adagrad to its fused kernel when the user left it open."""
     if type(optimizer) not in _FUSABLE:
         return False
@@ -84,7 +92,7 @@ def _try_fuse(optimizer: torch.optim.Optimizer) -> bool:
             st = optimizer.state.get(p)
             if st and isinstance(st.get("step"), Tensor):
                 # Fused kernels keep the step counter on the parameter's device in fp32.
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+                _set(st, "step", st["step"].to(device=p.device, dtype=torch.float32), switches)
     optimizer._step_supports_amp_scaling = True  # type: ignore[attr-defined]
     log.info("gradguard: switched %s to fused=True so skipped steps need no host sync",
              type(optimizer).__name__)
@@ -99,7 +107,8 @@ def _capturable_devices() -> set[str]:
     return set(_get_capturable_supported_devices())
 
 
-def _try_capturable(optimizer: torch.optim.Optimizer) -> bool:
+def _try_capturable(optimizer: torch.optim.Optimizer,
+                    switches: _Switches | None = None) -> bool:
     """Keep a masked torch optimizer's step counters on its parameters' device.
 
     torch's non-fused optimizers keep ``step`` (and NAdam's ``mu_product``) as CPU scalars
@@ -132,7 +141,8 @@ def _try_capturable(optimizer: torch.optim.Optimizer) -> bool:
             for k, v in st.items():
                 if isinstance(v, Tensor) and v.device != p.device:
                     # As torch's own load_state_dict places state for capturable groups.
-                    st[k] = v.to(p.device, torch.float32) if k == "step" else v.to(p.device)
+                    _set(st, k, v.to(p.device, torch.float32) if k == "step"
+                         else v.to(p.device), switches)
     log.info("gradguard: switched %s to capturable=True so skipped steps need no host sync",
              type(optimizer).__name__)
     return True
@@ -151,16 +161,20 @@ def _on_cpu(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class _Switches:
-    """What choosing a strategy may change in the user's optimizer (the fused and
-    capturable flags, where its state lives, the AMP-scaling marker), to put back."""
+    """What choosing a strategy changed in the user's optimizer (the fused and capturable
+    flags, state entries it replaced, the AMP-scaling marker), to put back."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.groups = [{k: g[k] for k in ("fused", "capturable") if k in g}
                        for g in optimizer.param_groups]
-        # Shallow copies: a switch replaces state tensors, it does not write into them.
-        self.state = {p: dict(st) for p, st in optimizer.state.items()}
         self.marked = "_step_supports_amp_scaling" in vars(optimizer)
+        # (state dict, key, the value it held): only the entries a switch replaced.
+        self.replaced: list[tuple[dict[str, Any], str, Any]] = []
+
+    def replace(self, st: dict[str, Any], key: str, value: Any) -> None:
+        self.replaced.append((st, key, st[key]))
+        st[key] = value
 
     def undo(self) -> None:
         opt = self.optimizer
@@ -170,9 +184,8 @@ class _Switches:
                     group[k] = saved[k]
                 else:
                     group.pop(k, None)
-        for p, st in self.state.items():
-            opt.state[p].clear()
-            opt.state[p].update(st)
+        for st, key, old in reversed(self.replaced):
+            st[key] = old
         if not self.marked:
             vars(opt).pop("_step_supports_amp_scaling", None)
 
@@ -189,7 +202,7 @@ class Stepper:
         if strategy not in STRATEGIES:
             raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.optimizer = optimizer
-        self._switches = _Switches(optimizer)
+        self._switches: _Switches | None = _Switches(optimizer)
         supports = getattr(optimizer, "_step_supports_amp_scaling", False)
         if strategy == "auto":
             if supports:  # the user's own fused kernel: nothing is switched
@@ -197,15 +210,16 @@ class Stepper:
             elif HOST_ON_CPU and _on_cpu(optimizer):
                 strategy = "host"
             else:
-                strategy = "found_inf" if _try_fuse(optimizer) else "masked"
-        elif strategy == "found_inf" and not supports and not _try_fuse(optimizer):
+                strategy = "found_inf" if _try_fuse(optimizer, self._switches) else "masked"
+        elif strategy == "found_inf" and not supports and not _try_fuse(optimizer,
+                                                                        self._switches):
             raise ConfigError(
                 f"skip_strategy='found_inf' needs an optimizer that reads `found_inf` (torch's "
                 f"fused Adam/AdamW/SGD/Adagrad); {type(optimizer).__name__} does not. Use "
                 "skip_strategy='masked' or 'auto'."
             )
         if strategy == "masked":
-            _try_capturable(optimizer)
+            _try_capturable(optimizer, self._switches)
         self.strategy = strategy
         self._warned_host = False
         self._saved: list[Tensor] | None = None
@@ -218,7 +232,14 @@ class Stepper:
     def undo(self) -> None:
         """Put back what choosing the strategy changed in the optimizer (a guard whose
         construction failed must leave it as the user built it)."""
-        self._switches.undo()
+        if self._switches is not None:
+            self._switches.undo()
+            self._switches = None
+
+    def commit(self) -> None:
+        """The guard is built: forget the old values (they would keep replaced state
+        tensors alive)."""
+        self._switches = None
 
     # -- state bookkeeping -------------------------------------------------------------
     def _stateless(self, params: Sequence[Tensor]) -> list[Tensor]:

@@ -106,9 +106,13 @@ class Usage:
         if model is not None and not has_scaler:
             # Every module with weights: frameworks call submodules, not always the root
             # (Lightning's training_step). Removed at the first guard.step.
-            self._fwd_hooks = [m.register_forward_pre_hook(self._see_forward)
-                               for m in model.modules()
-                               if any(True for _ in m.parameters(recurse=False))]
+            try:
+                for m in model.modules():
+                    if any(True for _ in m.parameters(recurse=False)):
+                        self._fwd_hooks.append(m.register_forward_pre_hook(self._see_forward))
+            except BaseException:  # e.g. a TorchScript submodule refuses hooks
+                self.remove()
+                raise
 
     def _see_forward(self, _module: nn.Module, _args: Any) -> None:
         if self.fp16_forward:
