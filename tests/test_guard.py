@@ -376,3 +376,17 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
     assert opt.param_groups[0].get("fused") is None and not sink.closed
     backward(model)
     opt.step()  # the user's optimizer works as before
+
+
+def test_a_model_refusing_hooks_leaves_no_hooks_behind():
+    # TorchScript modules refuse forward hooks: the construction fails, and the hooks
+    # registered on the modules before it come off again (the optimizer's step hook too,
+    # or the user's own optimizer.step() would raise GuardUsageError from then on).
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.jit.script(nn.Linear(16, 1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="ScriptModule"):
+        gg.Guard(model, opt)
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    assert len(model[0]._forward_pre_hooks) == 0 and len(model._forward_pre_hooks) == 0
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()

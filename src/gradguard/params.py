@@ -67,21 +67,30 @@ def resolve_params(
     return names, chosen
 
 
+def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[Any]:
+    """Register ``hook`` as a forward pre-hook on every module that owns parameters;
+    the handles. Frameworks call submodules, not always the root (Lightning's
+    training_step). All or none: a module refusing hooks (TorchScript) takes the ones
+    already registered off again."""
+    handles: list[Any] = []
+    try:
+        for m in model.modules():
+            if any(True for _ in m.parameters(recurse=False)):
+                handles.append(m.register_forward_pre_hook(hook))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    return handles
+
+
 class ForwardOrder:
     """Learns the order in which modules run in the first forward pass, then unhooks."""
 
     def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
         self.params = params
         self.calls: list[nn.Module] = []
-        self.handles = []
-        if model is not None:
-            try:
-                for m in model.modules():
-                    if any(True for _ in m.parameters(recurse=False)):
-                        self.handles.append(m.register_forward_pre_hook(self._hook))
-            except BaseException:  # e.g. a TorchScript submodule refuses hooks
-                self.remove()
-                raise
+        self.handles = [] if model is None else hook_weighted_modules(model, self._hook)
 
     def _hook(self, module: nn.Module, _args: Any) -> None:
         if not self.calls or self.calls[-1] is not module:

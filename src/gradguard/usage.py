@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, GuardUsageError, GuardUsageWarning, check_int
+from .params import hook_weighted_modules
 from .stats import GradGroups, collect_grads
 
 if TYPE_CHECKING:
@@ -101,18 +102,10 @@ class Usage:
         # Set by integrations whose framework unscales and updates its own GradScaler.
         self.scaler_elsewhere = False
         self.fp16_forward = False
-        self._step_hook = optimizer.register_step_pre_hook(_refuse_outside_steps)
         self._fwd_hooks: list[Any] = []
-        if model is not None and not has_scaler:
-            # Every module with weights: frameworks call submodules, not always the root
-            # (Lightning's training_step). Removed at the first guard.step.
-            try:
-                for m in model.modules():
-                    if any(True for _ in m.parameters(recurse=False)):
-                        self._fwd_hooks.append(m.register_forward_pre_hook(self._see_forward))
-            except BaseException:  # e.g. a TorchScript submodule refuses hooks
-                self.remove()
-                raise
+        if model is not None and not has_scaler:  # (removed at the first guard.step)
+            self._fwd_hooks = hook_weighted_modules(model, self._see_forward)
+        self._step_hook = optimizer.register_step_pre_hook(_refuse_outside_steps)
 
     def _see_forward(self, _module: nn.Module, _args: Any) -> None:
         if self.fp16_forward:
