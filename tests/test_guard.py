@@ -378,15 +378,23 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
     opt.step()  # the user's optimizer works as before
 
 
-def test_a_model_refusing_hooks_leaves_no_hooks_behind():
-    # TorchScript modules refuse forward hooks: the construction fails, and the hooks
-    # registered on the modules before it come off again (the optimizer's step hook too,
-    # or the user's own optimizer.step() would raise GuardUsageError from then on).
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.jit.script(nn.Linear(16, 1)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match="ScriptModule"):
-        gg.Guard(model, opt)
-    assert len(opt._optimizer_step_pre_hooks) == 0
-    assert len(model[0]._forward_pre_hooks) == 0 and len(model._forward_pre_hooks) == 0
-    model(torch.randn(2, 8)).sum().backward()
-    opt.step()
+def test_torchscript_modules_are_guarded_without_hooks_on_them():
+    # TorchScript modules refuse forward hooks: the guard leaves them unhooked (forward
+    # order and the fp16 watch do not see through them) and guards their parameters.
+    for model in (nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.jit.script(nn.Linear(16, 1))),
+                  torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.Tanh(),
+                                                 nn.Linear(16, 1)))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = gg.Guard(model, opt)
+        for k in range(4):
+            opt.zero_grad()
+            x = torch.randn(4, 8)
+            if k == 2:
+                x[0, 0] = float("nan")
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            assert bool(guard.step(loss).skipped) == (k == 2)
+        guard.close()
+        assert len(opt._optimizer_step_pre_hooks) == 0
+        model(torch.randn(2, 8)).sum().backward()
+        opt.step()  # the user's optimizer is theirs again
