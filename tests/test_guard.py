@@ -379,13 +379,25 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
 
 
 def test_torchscript_modules_are_guarded_without_hooks_on_them():
-    # TorchScript modules refuse forward hooks: the guard leaves them unhooked (forward
+    # Scripted modules refuse forward hooks: the guard leaves them unhooked (forward
     # order and the fp16 watch do not see through them) and guards their parameters.
-    for model in (nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.jit.script(nn.Linear(16, 1))),
-                  torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.Tanh(),
-                                                 nn.Linear(16, 1)))):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    # Traced modules take hooks and keep them; eager ones too.
+    def hooked(m):
+        return len(m._forward_pre_hooks) > 0
+
+    scripted_sub = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.jit.script(nn.Linear(16, 1)))
+    traced_sub = nn.Sequential(torch.jit.trace(nn.Linear(8, 16), torch.randn(1, 8)), nn.Tanh(),
+                               nn.Linear(16, 1))
+    scripted_root = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.Tanh(),
+                                                   nn.Linear(16, 1)))
+    for model in (scripted_sub, traced_sub, scripted_root):
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
         guard = gg.Guard(model, opt)
+        if model is scripted_sub:
+            assert hooked(model[0]) and not hooked(model[2])
+        if model is traced_sub:
+            assert hooked(model[0]) and hooked(model[2])
         for k in range(4):
             opt.zero_grad()
             x = torch.randn(4, 8)
@@ -393,8 +405,48 @@ def test_torchscript_modules_are_guarded_without_hooks_on_them():
                 x[0, 0] = float("nan")
             loss = model(x).pow(2).mean()
             loss.backward()
-            assert bool(guard.step(loss).skipped) == (k == 2)
+            info = guard.step(loss)
+            assert bool(info.nonfinite) == (k == 2)
+            assert bool(info.skipped) or k != 2
+        if model is traced_sub:  # the forward order was seen through the traced layer
+            assert guard.order == [0, 1, 2, 3]
         guard.close()
         assert len(opt._optimizer_step_pre_hooks) == 0
         model(torch.randn(2, 8)).sum().backward()
         opt.step()  # the user's optimizer is theirs again
+
+
+def test_a_module_refusing_a_hook_leaves_no_hooks_behind(monkeypatch):
+    # All or none: hooks already registered on other modules come off again, and the
+    # optimizer's step hook is not registered (the user's own optimizer.step() would
+    # raise GuardUsageError from then on).
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("hooks are not supported here")
+
+    monkeypatch.setattr(model[2], "register_forward_pre_hook", refuse)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="not supported"):
+        gg.Guard(model, opt)
+    assert len(opt._optimizer_step_pre_hooks) == 0
+    assert not model[0]._forward_pre_hooks and not model._forward_pre_hooks
+
+
+def test_sinks_opened_before_one_that_fails_are_closed(tmp_path):
+    from gradguard.record import JsonlSink, make_sinks
+
+    opened = []
+    real_init = JsonlSink.__init__
+
+    def spy(self, path):
+        real_init(self, path)
+        opened.append(self)
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    import unittest.mock as mock
+
+    with mock.patch.object(JsonlSink, "__init__", spy), pytest.raises(OSError):
+        make_sinks(tmp_path / "run.jsonl", blocker / "tb", False)
+    assert len(opened) == 1 and opened[0]._f.closed

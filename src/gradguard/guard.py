@@ -118,6 +118,7 @@ class Guard:
         distributed: Any = None,
     ) -> None:
         check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
+        sinks = list(sinks)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.names, self.params = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
@@ -138,8 +139,8 @@ class Guard:
                 part.remove for part in (self.__dict__.get(k) for k in
                                          ("_usage", "_samples", "_order_probe"))
                 if part is not None]
-            if "recorder" in self.__dict__:
-                undo += [s.close for s in self.recorder.sinks if s not in sinks]
+            if "recorder" in self.__dict__:  # (make_sinks puts the user's first)
+                undo += [s.close for s in self.recorder.sinks[len(sinks):]]
             for step in undo:
                 with contextlib.suppress(Exception):  # the original error is the news
                     step()

@@ -70,13 +70,13 @@ def resolve_params(
 def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[Any]:
     """Register ``hook`` as a forward pre-hook on every module that owns parameters;
     the handles. Frameworks call submodules, not always the root (Lightning's
-    training_step). TorchScript modules refuse hooks and are left out (what the hooks
-    watch is then not seen through them). All or none: a module refusing a hook takes
-    the ones already registered off again."""
+    training_step). Scripted modules (torch.jit.script) refuse hooks and are left out
+    (what the hooks watch is then not seen through them). All or none: a module refusing
+    a hook takes the ones already registered off again."""
     handles: list[Any] = []
     try:
         for m in model.modules():
-            if isinstance(m, torch.jit.ScriptModule):
+            if isinstance(m, torch.jit.RecursiveScriptModule):  # (traced ones take hooks)
                 continue
             if any(True for _ in m.parameters(recurse=False)):
                 handles.append(m.register_forward_pre_hook(hook))

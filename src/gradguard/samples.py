@@ -37,10 +37,10 @@ class SampleCounter:
     def __init__(self, model: nn.Module | None) -> None:
         self.pending = 0
         self.full = 0
-        # (A TorchScript model refuses hooks: nothing is counted, the factor stays 1.)
+        # (A scripted model refuses hooks: nothing is counted, the factor stays 1.)
+        scripted = isinstance(model, torch.jit.RecursiveScriptModule)
         self._handle = (model.register_forward_pre_hook(self._count, with_kwargs=True)
-                        if model is not None and not isinstance(model, torch.jit.ScriptModule)
-                        else None)
+                        if model is not None and not scripted else None)
 
     def _count(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any] | None = None) -> None:
