@@ -40,9 +40,10 @@ def register(guard: Any, recorder: Any, *hooks: Any) -> weakref.finalize:
 def unregister(guard: Any, fin: weakref.finalize) -> None:
     """The guard is closing: take off the hooks given to :func:`register` and stop
     watching it (its recorder is the guard's to close)."""
-    detached = fin.detach()
+    detached = fin.detach()  # (guard, _release, (recorder, hooks), {}) while alive
     if detached is not None:
-        for h in detached[2][1]:
+        _recorder, hooks = detached[2]
+        for h in hooks:
             h.remove()
     _open.discard(guard)
 

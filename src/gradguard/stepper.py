@@ -341,8 +341,12 @@ class Stepper:
         # Save and restore this rank's shards: DTensor has no sharding rule for the foreach
         # copy, and the local tensors share storage with the DTensors the optimizer updates.
         tensors = [local_tensor(t) for t in tensors]
-        host_state = any(i == -1 for i, _ in keys)
-        if host_state or any(t.device != skip.device for t in tensors[len(params):]):
+        n = len(params)
+        # The state entries the device cannot put back: Python numbers, and tensors on
+        # another device (keys[n:len(tensors)] name tensors[n:]; host keys come after).
+        stuck = [k for (_, k), t in zip(keys[n:len(tensors)], tensors[n:], strict=True)
+                 if t.device != skip.device] + [k[5:] for i, k in keys if i == -1]
+        if stuck:
             # State the device cannot restore (Python numbers, or tensors on another device,
             # e.g. Adagrad's CPU step counter beside CUDA params): decide on the host.
             if skip.device.type != "cpu" and _try_capturable(self.optimizer):
@@ -357,7 +361,7 @@ class Stepper:
                     "Python numbers, or tensors on another device than %s), so every "
                     "guarded step waits for the device to read the skip flag. torch's "
                     "Adam/AdamW/SGD with fused kernels skip on the device.",
-                    type(self.optimizer).__name__, self._host_keys(params, skip.device),
+                    type(self.optimizer).__name__, ", ".join(sorted(set(stuck))),
                     skip.device)
             self._step_host_decided(skip)
             return
@@ -370,11 +374,6 @@ class Stepper:
         with torch.no_grad():
             for t, s in zip(tensors, self._saved, strict=True):
                 torch.where(skip, s, t, out=t)
-
-    def _host_keys(self, params: Sequence[Tensor], device: torch.device) -> str:
-        keys = {k for p in params for k, v in self.optimizer.state.get(p, {}).items()
-                if v is not None and not (isinstance(v, Tensor) and v.device == device)}
-        return ", ".join(sorted(keys))
 
     def _step_host_decided(self, skip: Tensor) -> None:
         # A host read: free on a CPU; on an accelerator only for state the device cannot
