@@ -15,7 +15,6 @@ in flight.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -23,20 +22,15 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, lifecycle
+from . import assembly, checkpoint, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform
-from .control import Controller
 from .device import DeviceSide
-from .distributed import make_sync
-from .host import HostSide
-from .lr import LRFactor
-from .params import ForwardOrder, resolve_params
-from .record import Mailbox, Recorder, Sink, StepInfo, make_sinks
+from .params import resolve_params
+from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
-from .rollback import RollbackStore, trackable
-from .samples import SampleCounter
-from .usage import Usage, after_step_hooks, begin_step, check_args
+from .rollback import trackable
+from .usage import after_step_hooks, begin_step, check_args
 
 __all__ = ["Guard", "StepInfo"]
 
@@ -122,64 +116,21 @@ class Guard:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.names, self.params = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
-        self.policy = policy = resolve_policy(policy, on_nonfinite, on_spike, on_loss_spike,
-                                             rollback)
+        self.policy = resolve_policy(policy, on_nonfinite, on_spike, on_loss_spike, rollback)
         self.clip = as_transform(clip)
         self.clip.bind(self.names, self.params, self.device)
         self.after_step = after_step_hooks(after_step)
-        # Device parts: detectors, transforms, skip decision, optimizer stepper.
+        # Device parts: detectors, transforms, skip decision, optimizer stepper; then the
+        # host parts (controller, LR factor, rollback store), sinks and hooks.
         self._device = d = DeviceSide(self, skip_strategy)
         try:
-            self._assemble(model, optimizer, scaler, log, tensorboard, console, sinks,
-                           flush_every, layers_every, distributed)
+            assembly.assemble(self, scaler, log, tensorboard, console, sinks, flush_every,
+                              layers_every, distributed)
         except BaseException:
-            # A failed construction leaves the user's optimizer and model as they were,
-            # and closes the sinks it opened (the user's own are theirs).
-            undo = [d.stepper.undo] + [
-                part.remove for part in (self.__dict__.get(k) for k in
-                                         ("_usage", "_samples", "_order_probe"))
-                if part is not None]
-            if "recorder" in self.__dict__:  # (make_sinks puts the user's first)
-                undo += [s.close for s in self.recorder.sinks[len(sinks):]]
-            for step in undo:
-                with contextlib.suppress(Exception):  # the original error is the news
-                    step()
+            # A failed construction leaves the user's optimizer, model and sinks as they were.
+            assembly.undo(self, len(sinks))
             raise
         d.stepper.commit()
-
-    def _assemble(self, model: nn.Module | None, optimizer: torch.optim.Optimizer,
-                  scaler: Any, log: Any, tensorboard: Any, console: bool,
-                  sinks: Sequence[Sink], flush_every: int, layers_every: int,
-                  distributed: Any) -> None:
-        d, policy = self._device, self.policy
-        self.grad_spike, self.loss_spike, self.decision = d.grad_spike, d.loss_spike, d.decision
-        self.stepper = d.stepper
-        # Host parts: the stability controller and the LR factor it sets.
-        stab = policy.stability
-        self.control = Controller(stab, can_clip=d.clamps) if stab is not None else None
-        self.lr = LRFactor(optimizer, stab.warmup_steps(optimizer) if stab else 0, self.device)
-        self.steps = 0
-        self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
-
-        self._sync = make_sync(distributed, self.params)
-        rank = self._sync.rank if self._sync is not None else None
-        self.recorder = Recorder(self.names, make_sinks(log, tensorboard, console, sinks, rank),
-                                 flush_every, layers_every)
-        self.mailbox = Mailbox(self.device)
-        self._tracked: list[Any] = []
-        self.store = None if policy.rollback is None else RollbackStore(
-            policy.rollback, model, self.params, optimizer, self._tracked, self.recorder, rank)
-        self._host = HostSide(self)
-        self._started = False
-        self._closed = False
-        # Last, so a failed construction leaves no hooks behind (see gradguard.usage).
-        self._usage = Usage(model, optimizer, scaler is not None, self.device)
-        # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
-        self._samples = SampleCounter(model if self._sync is None else None)
-        probe = ForwardOrder(model, self.params)
-        self._order_probe: ForwardOrder | None = probe
-        self._finalizer = lifecycle.register(self, self.recorder, self._usage, self._samples,
-                                             probe)
 
     # -- public helpers ----------------------------------------------------------------
     def track(self, obj: Any) -> Any:

@@ -1,0 +1,81 @@
+"""How a :class:`~gradguard.Guard` is put together from its parts, and taken apart again
+when that fails part-way (a log path that cannot be created, a module refusing a hook).
+
+The guard builds its device parts first (:class:`~gradguard.device.DeviceSide`: the
+detectors, the transforms, the skip decision and the stepper, which may switch the
+optimizer to a fused or capturable kernel); :func:`assemble` adds the host parts, the
+sinks and, last, the hooks on the user's model and optimizer; :func:`undo` leaves the
+user's optimizer, model and sinks as they were before ``Guard(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import lifecycle
+from .control import Controller
+from .distributed import make_sync
+from .host import HostSide
+from .lr import LRFactor
+from .params import ForwardOrder
+from .record import Mailbox, Recorder, Sink, make_sinks
+from .rollback import RollbackStore
+from .samples import SampleCounter
+from .usage import Usage
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["assemble", "undo"]
+
+
+def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
+             sinks: Sequence[Sink], flush_every: int, layers_every: int,
+             distributed: Any) -> None:
+    """Build ``g``'s host parts, sinks and hooks on top of its device parts."""
+    d, policy, model, optimizer = g._device, g.policy, g.model, g.optimizer
+    g.grad_spike, g.loss_spike, g.decision = d.grad_spike, d.loss_spike, d.decision
+    g.stepper = d.stepper
+    # Host parts: the stability controller and the LR factor it sets.
+    stab = policy.stability
+    g.control = Controller(stab, can_clip=d.clamps) if stab is not None else None
+    g.lr = LRFactor(optimizer, stab.warmup_steps(optimizer) if stab else 0, g.device)
+    g.steps = 0
+    g.skipped = torch.zeros((), dtype=torch.long, device=g.device)
+
+    g._sync = make_sync(distributed, g.params)
+    rank = g._sync.rank if g._sync is not None else None
+    g.recorder = Recorder(g.names, make_sinks(log, tensorboard, console, sinks, rank),
+                          flush_every, layers_every)
+    g.mailbox = Mailbox(g.device)
+    g._tracked = []
+    g.store = None if policy.rollback is None else RollbackStore(
+        policy.rollback, model, g.params, optimizer, g._tracked, g.recorder, rank)
+    g._host = HostSide(g)
+    g._started = False
+    g._closed = False
+    # Last, so a failed construction leaves no hooks behind (see gradguard.usage).
+    g._usage = Usage(model, optimizer, scaler is not None, g.device)
+    # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
+    g._samples = SampleCounter(model if g._sync is None else None)
+    probe = ForwardOrder(model, g.params)
+    g._order_probe = probe
+    g._finalizer = lifecycle.register(g, g.recorder, g._usage, g._samples, probe)
+
+
+def undo(g: Guard, user_sinks: int) -> None:
+    """After a failed construction: put the optimizer's switches back, take the hooks off
+    and close the sinks the guard opened (the first ``user_sinks`` are the user's own)."""
+    steps = [g._device.stepper.undo] + [
+        part.remove for part in (g.__dict__.get(k) for k in
+                                 ("_usage", "_samples", "_order_probe"))
+        if part is not None]
+    if "recorder" in g.__dict__:  # (make_sinks puts the user's first)
+        steps += [s.close for s in g.recorder.sinks[user_sinks:]]
+    for step in steps:
+        with contextlib.suppress(Exception):  # the original error is the news
+            step()
