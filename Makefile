@@ -48,6 +48,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python -m pytest -q -m cuda tests/test_cuda.py
 	$(BIN)/python benchmarks/overhead.py --device cuda --reps 100
+	$(BIN)/python benchmarks/skip_cost.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
