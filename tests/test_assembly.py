@@ -73,3 +73,61 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
     assert opt.param_groups[0].get("fused") is None and not sink.closed
     backward(model)
     opt.step()  # the user's optimizer works as before
+
+
+def _refusing_probe(monkeypatch, error):
+    def refuse(*_a, **_k):
+        raise error
+
+    monkeypatch.setattr(assembly, "ForwardOrder", refuse)
+
+
+class _UserSink:
+    closed = False
+
+    def meta(self, record): ...
+    def steps(self, records): ...
+    def event(self, record): ...
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_failed_construction_closes_the_log_it_opened_and_not_the_users_sink(
+        monkeypatch, tmp_path):
+    opened = []
+    make_sinks = assembly.make_sinks
+
+    def recording(*a, **k):
+        sinks = make_sinks(*a, **k)
+        opened.extend(sinks)
+        return sinks
+
+    monkeypatch.setattr(assembly, "make_sinks", recording)
+    _refusing_probe(monkeypatch, KeyError("probe"))
+    user = _UserSink()
+    model = small_mlp()
+    with pytest.raises(KeyError, match="probe"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), sinks=[user],
+                 log=tmp_path / "run.jsonl")
+    logs = [s for s in opened if s is not user]
+    assert logs and all(s._f.closed for s in logs)  # the guard's own JSONL file
+    assert not user.closed
+
+
+def test_a_cleanup_step_that_fails_does_not_hide_the_original_error(monkeypatch):
+    # The error the user needs is the one that stopped the construction, not a second one
+    # raised while undoing it; and the cleanup steps after the failing one still run.
+    from gradguard.stepper import Stepper
+
+    def broken_undo(self):
+        raise RuntimeError("undo failed")
+
+    monkeypatch.setattr(Stepper, "undo", broken_undo)
+    _refusing_probe(monkeypatch, LookupError("the real cause"))
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(LookupError, match="the real cause"):
+        gg.Guard(model, opt)
+    assert len(opt._optimizer_step_pre_hooks) == 0  # Usage's hook still taken off
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 0

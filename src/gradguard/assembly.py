@@ -5,20 +5,23 @@ The guard builds its device parts first (:class:`~gradguard.device.DeviceSide`: 
 detectors, the transforms, the skip decision and the stepper, which may switch the
 optimizer to a fused or capturable kernel); :func:`assemble` adds the host parts, the
 sinks and, last, the hooks on the user's model and optimizer; :func:`undo` leaves the
-user's optimizer, model and sinks as they were before ``Guard(...)``.
+user's optimizer, model and sinks as they were before ``Guard(...)``. :class:`Parts`
+declares what it builds, for readers and type checkers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from . import lifecycle
 from .control import Controller
-from .distributed import make_sync
+from .distributed import Sync, make_sync
 from .host import HostSide
 from .lr import LRFactor
 from .params import ForwardOrder
@@ -28,9 +31,38 @@ from .samples import SampleCounter
 from .usage import Usage
 
 if TYPE_CHECKING:
+    from .detect import Detector
     from .guard import Guard
+    from .respond import DeviceDecision
+    from .stepper import Stepper
 
-__all__ = ["assemble", "undo"]
+__all__ = ["Parts", "assemble", "undo"]
+
+
+class Parts:
+    """What :func:`assemble` builds into a guard: its parts (each holds its own state) and
+    counters. :class:`~gradguard.Guard` derives from it so these are declared attributes."""
+
+    grad_spike: Detector
+    loss_spike: Detector
+    decision: DeviceDecision
+    stepper: Stepper
+    control: Controller | None
+    lr: LRFactor
+    recorder: Recorder
+    mailbox: Mailbox
+    store: RollbackStore | None
+    steps: int  # optimizer steps taken through the guard (skipped ones included)
+    skipped: Tensor  # steps skipped, a device tensor
+    _host: HostSide
+    _sync: Sync | None
+    _tracked: list[Any]
+    _started: bool
+    _closed: bool
+    _usage: Usage
+    _samples: SampleCounter
+    _order_probe: ForwardOrder | None
+    _finalizer: weakref.finalize
 
 
 def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,

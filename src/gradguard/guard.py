@@ -1,16 +1,12 @@
 """Guard: the drop-in for ``optimizer.step()``: stats → clip → detect → decide → step → record.
 
-Per step, on the device (:mod:`gradguard.device`): one fused norm pass, the spike
-detectors, the clip transforms, the skip decision and the (possibly skipped) optimizer
-step. The step's row of statistics is then posted to the host without waiting
-(:mod:`gradguard.record`); the host side (:mod:`gradguard.host`) turns rows into events
-and feeds the stability controller (:mod:`gradguard.control`), which sets the LR factor
-(:mod:`gradguard.lr`) and asks for rollbacks (:mod:`gradguard.rollback`). The guard is
-the facade that wires these parts; each holds its own state.
-
-Host syncs, all deliberate: a state-creating first step (:mod:`gradguard.stepper`),
-snapshot writes to disk, and ``close()``/``state_dict()``, which wait for the rows still
-in flight.
+A facade over parts that each hold their own state, declared and wired in
+:mod:`gradguard.assembly`: the device half of a step (:mod:`gradguard.device`), the host
+half that reads its rows (:mod:`gradguard.host`), the stability controller
+(:mod:`gradguard.control`), the LR factor (:mod:`gradguard.lr`) and the rollback store
+(:mod:`gradguard.rollback`). Host syncs, all deliberate: a state-creating first step
+(:mod:`gradguard.stepper`), snapshot writes to disk, and ``close()``/``state_dict()``,
+which wait for the rows still in flight.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ __all__ = ["Guard", "StepInfo"]
 T = TypeVar("T")
 
 
-class Guard:
+class Guard(assembly.Parts):
     """Replaces ``optimizer.step()``: measures, clips, detects, skips, backs off, rolls back.
 
     Example::
