@@ -8,6 +8,24 @@ import gradguard.assembly as assembly
 from tests.conftest import backward, small_mlp
 
 
+def _refusing_probe(monkeypatch, error):
+    def refuse(*_a, **_k):
+        raise error
+
+    monkeypatch.setattr(assembly, "ForwardOrder", refuse)
+
+
+class _UserSink:
+    closed = False
+
+    def meta(self, record): ...
+    def steps(self, records): ...
+    def event(self, record): ...
+
+    def close(self):
+        self.closed = True
+
+
 def test_a_guard_that_fails_to_build_leaves_the_optimizer_and_model_as_they_were(tmp_path):
     # The stepper switches the optimizer (fused kernel, state on the device) before the
     # sinks open; a log path that cannot be created must not leave it switched or hooked.
@@ -49,23 +67,10 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
     class Boom(Exception):
         pass
 
-    def refuse(*_a, **_k):
-        raise Boom
-
-    class Sink:
-        closed = False
-
-        def meta(self, record): ...
-        def steps(self, records): ...
-        def event(self, record): ...
-
-        def close(self):
-            self.closed = True
-
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sink = Sink()
-    monkeypatch.setattr(assembly, "ForwardOrder", refuse)
+    sink = _UserSink()
+    _refusing_probe(monkeypatch, Boom())
     with pytest.raises(Boom):
         gg.Guard(model, opt, sinks=[sink])
     assert len(opt._optimizer_step_pre_hooks) == 0
@@ -73,24 +78,6 @@ def test_a_guard_failing_late_in_its_construction_takes_its_hooks_off(monkeypatc
     assert opt.param_groups[0].get("fused") is None and not sink.closed
     backward(model)
     opt.step()  # the user's optimizer works as before
-
-
-def _refusing_probe(monkeypatch, error):
-    def refuse(*_a, **_k):
-        raise error
-
-    monkeypatch.setattr(assembly, "ForwardOrder", refuse)
-
-
-class _UserSink:
-    closed = False
-
-    def meta(self, record): ...
-    def steps(self, records): ...
-    def event(self, record): ...
-
-    def close(self):
-        self.closed = True
 
 
 def test_a_failed_construction_closes_the_log_it_opened_and_not_the_users_sink(
