@@ -143,7 +143,9 @@ def _try_capturable(optimizer: torch.optim.Optimizer,
                     # As torch's own load_state_dict places state for capturable groups.
                     _set(st, k, v.to(p.device, torch.float32) if k == "step"
                          else v.to(p.device), switches)
-    log.info("gradguard: switched %s to capturable=True so skipped steps need no host sync",
+    log.info("gradguard: switched %s to capturable=True so skipped steps need no host sync "
+             "(its step can be slower that way: RAdam 5-7x on an H200; skip_strategy='host', "
+             "one host read per step, was the faster guarded step there, see OVERHEAD.md)",
              type(optimizer).__name__)
     return True
 
