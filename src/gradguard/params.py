@@ -67,6 +67,11 @@ def resolve_params(
     return names, chosen
 
 
+def refuses_hooks(module: nn.Module) -> bool:
+    """A scripted module (torch.jit.script) refuses forward hooks; traced ones take them."""
+    return isinstance(module, torch.jit.RecursiveScriptModule)
+
+
 def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[Any]:
     """Register ``hook`` as a forward pre-hook on every module that owns parameters;
     the handles. Frameworks call submodules, not always the root (Lightning's
@@ -76,7 +81,7 @@ def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[An
     handles: list[Any] = []
     try:
         for m in model.modules():
-            if isinstance(m, torch.jit.RecursiveScriptModule):  # (traced ones take hooks)
+            if refuses_hooks(m):
                 continue
             if any(True for _ in m.parameters(recurse=False)):
                 handles.append(m.register_forward_pre_hook(hook))

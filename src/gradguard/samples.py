@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .params import refuses_hooks
+
 __all__ = ["SampleCounter"]
 
 
@@ -38,9 +40,8 @@ class SampleCounter:
         self.pending = 0
         self.full = 0
         # (A scripted model refuses hooks: nothing is counted, the factor stays 1.)
-        scripted = isinstance(model, torch.jit.RecursiveScriptModule)
         self._handle = (model.register_forward_pre_hook(self._count, with_kwargs=True)
-                        if model is not None and not scripted else None)
+                        if model is not None and not refuses_hooks(model) else None)
 
     def _count(self, module: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any] | None = None) -> None:
