@@ -589,24 +589,6 @@ class Controller:
         self.start = s.get("start", s.get("first_loss"))
         self.streak = self.nan_streak = 0
 
-    def restored(self) -> None:
-        """After a rollback loaded a snapshot's trajectory: judge what follows against the
-        level the restored weights reached, not the trajectory's best.
-
-        The best may belong to weights no snapshot holds (a dip between two snapshots,
-        then a drift back): measured against it, the restored weights have "given back"
-        progress they never made, the give-back test fires again within a window, and
-        each time reads as a failure at once after a restore, the LR's (rnn-long at lr
-        1e-2, seed 3 on the Intel machine: three cuts in 22 steps, to ×0.001, on a run
-        at chance). The snapshot's level is what its weights achieved; for a snapshot
-        kept at the best (the usual case: snapshots are kept while the level is calm,
-        near its best) the two agree and nothing changes. The level's upper bound, as
-        for the best itself (see :meth:`threshold`).
-        """
-        lv = self.level()
-        if lv is not None and math.isfinite(self.best) and lv[0] + self.cfg.z * lv[1] > self.best:
-            self.best, self.best_se = lv[0] + self.cfg.z * lv[1], lv[1]
-
     def state_dict(self) -> dict[str, Any]:
         return {**self.trajectory(), "streak": self.streak, "nan_streak": self.nan_streak,
                 "scale": self.scale,

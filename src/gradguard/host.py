@@ -251,8 +251,6 @@ class HostSide:
         assert g.store is not None
         target = g.store.restore(retry)
         checkpoint.load_trajectory(g, target.guard)
-        if g.control is not None:
-            g.control.restored()
         g.lr.progress = target.step + 1
         self.rollbacks += 1
         skip_n = g.store.cfg.skip_batches
