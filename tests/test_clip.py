@@ -302,6 +302,31 @@ def test_spike_clamp_scales_a_flagged_step_to_the_typical_norm(scale, typical, s
         assert after == pytest.approx(before, rel=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(scale=st.floats(1e-3, 1e3), typical=st.floats(1e-3, 1e3), spike=st.booleans(),
+       host=st.booleans())
+def test_the_recurrent_clip_bounds_every_step_by_a_multiple_of_the_typical_norm(
+        scale, typical, spike, host):
+    # Policy.clip_recurrent: every step to at most 3x the typical norm, flagged or not,
+    # and a flagged one further to the typical norm; the host-read branch agrees.
+    params = make_params([(3, 4), (5,)], scale)
+    before = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    groups = collect_grads(params)
+    stats = compute_stats(groups, CPU)
+    ctx = ClipContext(groups, stats, ["a", "b"], ~stats.nonfinite, CPU)
+    ctx.spike, ctx.typical, ctx.clip_ratio, ctx.host_reads = torch.tensor(spike), typical, \
+        3.0, host
+    gg.clip.SpikeClamp()(ctx)
+    ctx.flush()
+    after = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    bound = typical if spike else 3 * typical
+    assert after <= bound * (1 + 1e-4) + 1e-6
+    if before <= bound:
+        assert after == pytest.approx(before, rel=1e-6)
+    else:
+        assert after == pytest.approx(bound, rel=1e-4, abs=1e-6)
+
+
 def test_spike_clamp_without_a_detector_is_a_no_op():
     params = make_params([(3, 4)], 10.0)
     before = [p.grad.clone() for p in params]

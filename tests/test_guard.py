@@ -381,3 +381,40 @@ def test_sinks_opened_before_one_that_fails_are_closed(tmp_path):
     with mock.patch.object(JsonlSink, "__init__", spy), pytest.raises(OSError):
         make_sinks(tmp_path / "run.jsonl", blocker / "tb", False)
     assert len(opened) == 1 and opened[0]._f.closed
+
+
+def test_a_recurrent_model_is_clipped_from_the_first_step_and_says_so(tmp_path):
+    # Policy.clip_recurrent: found at the first step from the forward pass, written in the
+    # log's meta line, on for RNNs only, off when asked or when no clamp applies steps.
+    class Seq(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.RNN(3, 8, batch_first=True)
+            self.out = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    def train(model, steps=5, **kw):
+        torch.manual_seed(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gg.Guard(model, opt, log=tmp_path / "r.jsonl", **kw)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 6, 3)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+        return guard
+
+    g = train(Seq())
+    assert g._device.clip_ratio == 3.0 and g._host.recurrent == ["rnn"]
+    assert next(gg.read_jsonl(tmp_path / "r.jsonl"))["config"]["recurrent"] == ["rnn"]
+    assert "runs a recurrence (rnn): 0 step(s) clipped to 3× the typical" in g.verdict()
+    for kw in ({"policy": gg.Policy(clip_recurrent=False)}, {"on_spike": "skip"}):
+        g = train(Seq(), **kw)
+        assert g._device.clip_ratio is None and "recurrence" not in g.verdict()
+    with pytest.raises(gg.ConfigError, match="clip_recurrent must be True or False"):
+        gg.Policy(clip_recurrent="yes")
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1))
+    assert train(mlp)._device.clip_ratio is None

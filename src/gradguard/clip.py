@@ -68,6 +68,8 @@ class ClipContext:
             ``math.inf`` before it has any history).
         clip_all: clip every step to ``typical``, not only spikes (a host bool: the
             stability controller's answer to a run that gave back its progress).
+        clip_ratio: clip every step to ``clip_ratio`` × ``typical`` (a host number, or
+            None: the guard's answer to a recurrent model, ``Policy.clip_recurrent``).
         host_reads: reading a device flag on the host costs nothing here (the guard's
             "host" skip strategy: a CPU, where there is no device to wait for, or a user
             who chose it): a transform may branch on a flag instead of scaling every
@@ -89,6 +91,7 @@ class ClipContext:
         self.spike: Tensor | None = None
         self.typical: float | None = None
         self.clip_all = False
+        self.clip_ratio: float | None = None
         self.host_reads = False
 
     @property
@@ -239,11 +242,18 @@ class SpikeClamp(Transform):
     2025, section 3.3); unflagged steps pass untouched. Under ``ctx.clip_all`` every step
     is clipped to that norm (Pascanu et al. 2013, §3.2, with the threshold the detector's
     window median, as AutoClip takes a percentile of past norms: Seetharaman et al. 2020).
+    Under ``ctx.clip_ratio`` (a recurrent model) every step is first clipped to that
+    many times the typical norm, the same rule with the threshold a multiple of it.
     """
 
     def __call__(self, ctx: ClipContext) -> None:
         if ctx.spike is None or ctx.typical is None:
             return
+        if ctx.clip_ratio is not None and not ctx.clip_all:
+            coef = _norm_clip_coef(ctx.global_norm, ctx.clip_ratio * ctx.typical)
+            # (a CPU flag under host_reads, as below: most steps are under the bound)
+            if not ctx.host_reads or bool(coef < 1):
+                ctx.scale(coef)
         # (clip_all is a host bool: choosing the branch costs no sync)
         if ctx.clip_all:
             ctx.scale(_norm_clip_coef(ctx.global_norm, ctx.typical))

@@ -7,6 +7,7 @@ does. Every message says what happened and, where there is one, what to do about
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -99,8 +100,12 @@ def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
             "recent_events": ev[-10:]}
 
 
-def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any) -> str:
-    """One sentence on how the run went and what to change."""
+def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
+            recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
+            ratio: float | None = None) -> str:
+    """One sentence on how the run went and what to change (``recurrent``: the layers
+    that had every step clipped to ``ratio`` × the typical norm, ``recurrent_clipped``
+    steps of them changed by it)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
@@ -111,11 +116,17 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         "(the run had given back its progress: at this LR it trains only with its gradient "
         "norm clipped; without the guard, clip with gg.clip.Quantile(0.5) or "
         "clip_grad_norm_)")
+    rnn = ""
+    if recurrent and ratio is not None:
+        more = f" and {len(recurrent) - 2} more" if len(recurrent) > 2 else ""
+        rnn = (f"; the model runs a recurrence ({', '.join(recurrent[:2])}{more}): "
+               f"{recurrent_clipped} step(s) clipped to {ratio:g}× the typical gradient norm "
+               "(Policy(clip_recurrent=False) turns that off)")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
-        return f"{state}: {bad}, the LR was never changed{retried}{clipped}"
+        return f"{state}: {bad}, the LR was never changed{retried}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     try:
         at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
@@ -123,5 +134,5 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         at = f"×{c.scale:.3g} of your LR"
     return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) ({rollbacks} "
             f"rollback(s)), it was scaled down on {share:.0%} of steps, and the run ended "
-            f"stable at {at}; {bad}{clipped}. Set that LR (or warm up to it) to train without "
-            "the guard's help")
+            f"stable at {at}; {bad}{clipped}{rnn}. Set that LR (or warm up to it) to train "
+            "without the guard's help")

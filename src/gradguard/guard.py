@@ -191,8 +191,10 @@ class Guard(assembly.Parts):
 
     def verdict(self) -> str:
         """One sentence on how the run went and what to change (also logged at close)."""
+        h = self._host
         return ev.verdict(self.recorder, self.control, self.rollbacks,
-                          self.optimizer.param_groups[0]["lr"])
+                          self.optimizer.param_groups[0]["lr"], h.recurrent,
+                          h.recurrent_clipped, self._device.clip_ratio)
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:

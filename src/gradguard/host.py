@@ -62,6 +62,10 @@ class HostSide:
         self.base_lrs: dict[int, float] = {}
         # Per step in flight: (batch noise factor, whether the loss detector judged it).
         self.judged: dict[int, tuple[float, bool]] = {}
+        # The recurrent layers whose model gets every step clipped (Policy.clip_recurrent),
+        # and the steps that clip changed.
+        self.recurrent: list[str] = []
+        self.recurrent_clipped = 0
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -69,8 +73,9 @@ class HostSide:
         g = self.g
         g._usage.first_step()
         if g._order_probe is not None:
-            first = g._order_probe.first
-            self.set_order(g._order_probe.finish(), first)
+            probe = g._order_probe
+            self.set_order(probe.finish(), probe.first)
+            self.clip_recurrent(probe.recurrent())
             g._order_probe = None
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
@@ -78,10 +83,21 @@ class HostSide:
             "shapes": [list(p.shape) for p in g.params],
             "config": {"clip": repr(g.clip), **g.policy.describe(),
                        "optimizer": type(g.optimizer).__name__,
-                       "skip_strategy": g.stepper.strategy},
+                       "skip_strategy": g.stepper.strategy,
+                       "recurrent": self.recurrent},
         })
         if g.store is not None:
             g.store.start(checkpoint.trajectory(g))
+
+    def clip_recurrent(self, names: list[str]) -> None:
+        """Clip every step to ``min_ratio`` × the typical norm when the model runs a
+        recurrence (``Policy.clip_recurrent``; needs a spike clamp and a detector with a
+        ratio bound)."""
+        g = self.g
+        ratio = getattr(g.grad_spike, "min_ratio", None)
+        if names and g.policy.clip_recurrent and g._device.clamps and ratio is not None:
+            self.recurrent = names
+            g._device.clip_ratio = float(ratio)
 
     def should_skip_batch(self) -> bool:
         """See :meth:`gradguard.Guard.should_skip_batch`."""
@@ -127,6 +143,8 @@ class HostSide:
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self.clean_streak = 0 if flagged else self.clean_streak + 1
+        if self.recurrent and not rec["skipped"] and rec["clip_coef"] < 1 - 1e-4:
+            self.recurrent_clipped += 1
         self.skip_streak = self.skip_streak + 1 if rec["skipped"] else 0
         if rec["nonfinite"] and self.inputs is None and self.first_module is not None \
                 and g._sync is None:
@@ -287,10 +305,12 @@ class HostSide:
         """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
-                "drift": self.drift.state_dict()}
+                "drift": self.drift.state_dict(),
+                "recurrent_clipped": self.recurrent_clipped}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
+        self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])

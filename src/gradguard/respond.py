@@ -156,6 +156,16 @@ class Policy:
             registered name; default :class:`~gradguard.LossSpike`, "loss_spike").
         max_consecutive_skips: give up after this many skipped steps in a row rather than
             silently spin on a broken model.
+        clip_recurrent: when the model runs a recurrence (an RNN/LSTM/GRU layer or cell,
+            or a layer its forward pass runs more than once, see
+            :meth:`gradguard.params.ForwardOrder.recurrent`), clip every step whose
+            gradient norm is more than the spike detector's ``min_ratio`` (3) times the
+            typical norm to that bound, from the first step, under the spike actions
+            that apply a step clipped ("auto", "clip", "backoff"). A recurrent net's
+            loss surface has cliffs (Pascanu, Mikolov & Bengio 2013, §3.2): one step
+            over one throws its hidden units into saturation before a z-test of 6σ on
+            its heavy-tailed norms flags anything. Measured in benchmarks/RESULTS.md
+            ("Clipping recurrent nets from the first step").
     """
 
     on_nonfinite: Action | str = Action.SKIP
@@ -166,6 +176,7 @@ class Policy:
     grad_spike: Detector | str = field(default_factory=NormSpike)
     loss_spike: Detector | str = field(default_factory=LossSpike)
     max_consecutive_skips: int = 200
+    clip_recurrent: bool = True
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS),
@@ -191,6 +202,9 @@ class Policy:
                     f"bind, limits, observe, state_dict and load_state_dict; got "
                     f"{getattr(self, name)!r}")
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
+        if not isinstance(self.clip_recurrent, bool):
+            raise ConfigError(f"clip_recurrent must be True or False, got "
+                              f"{self.clip_recurrent!r}")
         needs = A.ROLLBACK in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
         if needs and self.rollback is None:
             raise ConfigError("a 'rollback' action needs Policy(rollback=gg.Rollback(...)); "
@@ -203,7 +217,7 @@ class Policy:
     def describe(self) -> dict[str, Any]:
         return {"on_nonfinite": str(self.on_nonfinite), "on_spike": str(self.on_spike),
                 "on_loss_spike": str(self.on_loss_spike), "stability": repr(self.stability),
-                "rollback": repr(self.rollback)}
+                "rollback": repr(self.rollback), "clip_recurrent": self.clip_recurrent}
 
     def immediate(self, nonfinite: bool, grad_spike: bool, loss_spike: bool
                   ) -> tuple[str, bool] | None:
