@@ -87,6 +87,37 @@ def test_a_faulty_training_loop_on_cuda_never_blocks_on_the_device(name):
         assert guard.rollbacks >= 1
 
 
+class _GRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(16, 32, batch_first=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gru(x)[0][:, -1])
+
+
+def test_a_recurrent_model_is_clipped_on_cuda_without_a_sync():
+    # Policy.clip_recurrent: the clip to 3x the typical norm is one more device factor.
+    # (Only guard.step is watched: what cuDNN's RNN does is not the guard's.)
+    torch.manual_seed(0)
+    model = _GRU().to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    guard = gg.Guard(model, opt)
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for k in range(120):
+        x = torch.randn(16, 10, 16, device=DEV, generator=gen) * (8.0 if k % 9 == 5 else 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), x[:, -1, :4].argmax(1))
+        loss.backward()
+        with syncs_are_errors() if k else contextlib.nullcontext():
+            guard.step(loss)
+    guard.close()
+    assert guard._device.clip_ratio == 3.0 and guard._host.recurrent == ["gru"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "runs a recurrence (gru)" in guard.verdict()
+
+
 # torch's optimizers, except the two the guard refuses (LBFGS, SparseAdam).
 TORCH_OPTIMIZERS = [n for n in test_stepper.TORCH_OPTIMIZERS
                     if test_stepper.TABLE.get(n) != "refused"]
