@@ -399,7 +399,7 @@ def test_recurrent_nets_learn_at_their_exploding_lr_clipped_from_the_first_step(
     on = [_rnn_long(s, clip_recurrent=True) for s in seeds]
     off = [_rnn_long(s)[0] for s in seeds]
     assert all(g._device.clip_ratio == 3.0 and g._host.recurrent == ["rnn"] for _, g in on)
-    assert all("runs a recurrence (rnn)" in g.verdict() for _, g in on)
+    assert all("recurrent layers (rnn)" in g.verdict() for _, g in on)
     learned = [sum(v < 0.5 for v in losses) for losses in ([v for v, _ in on], off)]
     assert learned[0] >= 4 and learned[0] > learned[1]
     assert np.median([v for v, _ in on]) < np.median(off)

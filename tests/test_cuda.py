@@ -115,7 +115,7 @@ def test_a_recurrent_model_is_clipped_on_cuda_without_a_sync():
     guard.close()
     assert guard._device.clip_ratio == 3.0 and guard._host.recurrent == ["gru"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert "runs a recurrence (gru)" in guard.verdict()
+    assert "recurrent layers (gru)" in guard.verdict()
 
 
 # torch's optimizers, except the two the guard refuses (LBFGS, SparseAdam).

@@ -410,11 +410,31 @@ def test_a_recurrent_model_is_clipped_from_the_first_step_and_says_so(tmp_path):
     g = train(Seq())
     assert g._device.clip_ratio == 3.0 and g._host.recurrent == ["rnn"]
     assert next(gg.read_jsonl(tmp_path / "r.jsonl"))["config"]["recurrent"] == ["rnn"]
-    assert "runs a recurrence (rnn): 0 step(s) clipped to 3× the typical" in g.verdict()
+    assert "recurrent layers (rnn): every step was clipped to at most 3× the typical" in g.verdict()
     for kw in ({"policy": gg.Policy(clip_recurrent=False)}, {"on_spike": "skip"}):
         g = train(Seq(), **kw)
         assert g._device.clip_ratio is None and "recurrence" not in g.verdict()
-    with pytest.raises(gg.ConfigError, match="clip_recurrent must be True or False"):
+    with pytest.raises(gg.ConfigError, match="clip_recurrent must be True, False or 'always'"):
         gg.Policy(clip_recurrent="yes")
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1))
     assert train(mlp)._device.clip_ratio is None
+    g = train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1)),
+              policy=gg.Policy(clip_recurrent="always"))  # a recurrence written by hand
+    assert g._device.clip_ratio == 3.0 and "recurrent layers ((all layers))" in g.verdict()
+
+
+def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    for s in range(12):
+        opt.zero_grad()
+        guard.step(backward(model, seed=s))
+    state = guard.state_dict()
+    del state["config"]["policy"]["clip_recurrent"]
+    fresh = gg.Guard(model, opt, log=None)
+    fresh.load_state_dict(state)  # strict: the old default is the new one
+    assert fresh.state_dict()["control"] == guard.state_dict()["control"]
+    with pytest.raises(gg.ConfigError, match="clip_recurrent"):
+        gg.Guard(model, opt, log=None, policy=gg.Policy(clip_recurrent=False)) \
+            .load_state_dict(guard.state_dict())

@@ -20,41 +20,52 @@ class Loop(nn.Module):
         return self.out(h)
 
 
-class Experts(nn.Module):
-    """A router and two experts, of which only one runs per forward pass."""
+class Shared(nn.Module):
+    """An embedding shared by an encoder and a decoder (T5/BART style)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.router, self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 3), nn.Linear(3, 3)
-        self.head = nn.Linear(3, 1)
-        self.calls = 0
+        self.emb, self.enc, self.dec = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 4)
 
-    def forward(self, x):
-        self.calls += 1
-        self.router(x)
-        return self.head((self.a if self.calls % 2 else self.b)(x))
+    def forward(self, src, tgt):
+        return self.dec(self.emb(tgt)) + self.enc(self.emb(src)).mean(0)
 
 
-def recurrent(model, x, passes=1):
-    probe = ForwardOrder(model, list(model.parameters()))
+def recurrent(model, *inputs, params=None, passes=1):
+    probe = ForwardOrder(model, list(model.parameters()) if params is None else params)
     for _ in range(passes):  # (gradient accumulation: several forward passes a step)
-        model(x)
+        model(*inputs)
     probe.finish()
     return probe.recurrent()
 
 
-def test_recurrent_layers_by_type_and_by_weights_run_in_a_loop():
+def test_torchs_recurrent_layers_that_ran_with_watched_weights():
     rnn = nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 8, batch_first=True))
     assert recurrent(rnn, torch.randn(2, 5, 3)) == ["1"]
-    assert recurrent(Loop(), torch.randn(2, 5, 3)) == ["inp", "hid"]
-    assert recurrent(Loop(), torch.randn(2, 5, 3), passes=4) == ["inp", "hid"]
-    cell = nn.ModuleDict({"cell": nn.LSTMCell(3, 4)})
-    assert ForwardOrder(cell, list(cell.parameters())).recurrent() == ["cell"]
+    assert recurrent(rnn, torch.randn(2, 5, 3), passes=4) == ["1"]
+    cell = nn.ModuleDict({"cell": nn.LSTMCell(3, 4), "head": nn.Linear(4, 1)})
+    probe = ForwardOrder(cell, list(cell.parameters()))
+    h, c = torch.zeros(2, 4), torch.zeros(2, 4)
+    for _ in range(5):
+        h, c = cell["cell"](torch.randn(2, 3), (h, c))
+    cell["head"](h)
+    probe.finish()
+    assert probe.recurrent() == ["cell"]
+    # An RNN the forward pass never ran, or whose weights the guard does not watch
+    # (frozen, or a guard over the head's parameters only), is not clipped for.
+    unused = nn.ModuleDict({"lstm": nn.LSTM(3, 4), "head": nn.Linear(3, 1)})
+    probe = ForwardOrder(unused, list(unused.parameters()))
+    unused["head"](torch.randn(2, 3))
+    probe.finish()
+    assert probe.recurrent() == []
+    head_only = list(rnn[0].parameters())
+    assert recurrent(rnn, torch.randn(2, 5, 3), params=head_only) == []
 
 
-def test_accumulation_experts_and_plain_nets_are_not_recurrent():
+def test_shared_layers_and_hand_written_loops_are_not_told_apart_so_neither_counts():
+    # Policy(clip_recurrent="always") is the way to clip a hand-written recurrence.
     mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
-    assert recurrent(mlp, torch.randn(4, 3)) == []
     assert recurrent(mlp, torch.randn(4, 3), passes=4) == []
-    assert recurrent(Experts(), torch.randn(4, 3), passes=4) == []
+    assert recurrent(Shared(), torch.tensor([1, 2]), torch.tensor([3, 4])) == []
+    assert recurrent(Loop(), torch.randn(2, 5, 3)) == []
     assert ForwardOrder(None, []).recurrent() == []

@@ -78,7 +78,12 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
             "with the gradguard version that saved it, or leave the guard state out (the "
             "guard relearns its statistics within its warm-up)"
         )
-    diff = config_diff(state["config"], config(g))
+    saved = state["config"]
+    if isinstance(saved.get("policy"), dict) and "clip_recurrent" not in saved["policy"]:
+        # (a state from before the setting: those guards ran as the default does now on
+        # every model without recurrent layers)
+        saved = {**saved, "policy": {**saved["policy"], "clip_recurrent": True}}
+    diff = config_diff(saved, config(g))
     if diff and strict:
         raise ConfigError(
             "guard state was saved with other settings (saved → this guard):\n  "

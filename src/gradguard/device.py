@@ -53,7 +53,7 @@ class DeviceSide:
         self.grad_spike.bind(device)  # (host objects: the device only sees their limits)
         self.loss_spike.bind(device)
         self.decision = DeviceDecision(policy, device)
-        # Set at the first step when the model runs a recurrence (Policy.clip_recurrent).
+        # Set at the first step when the model has recurrent layers (Policy.clip_recurrent).
         self.clip_ratio: float | None = None
         self.stepper = Stepper(guard.optimizer, skip_strategy)
         self._nan = torch.full((), math.nan, device=device)
@@ -91,7 +91,8 @@ class DeviceSide:
         ctx = ClipContext(groups, stats, [g.names[i] for i in groups.index], ok, g.device)
         ctx.spike, ctx.typical = grad_spike, lim.typical
         ctx.clip_all = g.control is not None and g.control.clip_since is not None
-        ctx.clip_ratio = self.clip_ratio
+        # (a smaller batch's norm is larger by its noise factor, as the spike test allows)
+        ctx.clip_ratio = None if self.clip_ratio is None else self.clip_ratio * noise
         ctx.host_reads = self.stepper.strategy == "host"
         self.transforms(ctx)
         clipped = ctx.global_norm

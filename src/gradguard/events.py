@@ -104,8 +104,8 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None) -> str:
     """One sentence on how the run went and what to change (``recurrent``: the layers
-    that had every step clipped to ``ratio`` × the typical norm, ``recurrent_clipped``
-    steps of them changed by it)."""
+    for which every step was clipped to ``ratio`` × the typical norm;
+    ``recurrent_clipped``: the steps any clipping changed in such a run)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
@@ -119,9 +119,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     rnn = ""
     if recurrent and ratio is not None:
         more = f" and {len(recurrent) - 2} more" if len(recurrent) > 2 else ""
-        rnn = (f"; the model runs a recurrence ({', '.join(recurrent[:2])}{more}): "
-               f"{recurrent_clipped} step(s) clipped to {ratio:g}× the typical gradient norm "
-               "(Policy(clip_recurrent=False) turns that off)")
+        rnn = (f"; recurrent layers ({', '.join(recurrent[:2])}{more}): every step was "
+               f"clipped to at most {ratio:g}× the typical gradient norm, {recurrent_clipped} "
+               "step(s) clipped in all (Policy(clip_recurrent=False) turns that off)")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")

@@ -90,12 +90,16 @@ class HostSide:
             g.store.start(checkpoint.trajectory(g))
 
     def clip_recurrent(self, names: list[str]) -> None:
-        """Clip every step to ``min_ratio`` × the typical norm when the model runs a
-        recurrence (``Policy.clip_recurrent``; needs a spike clamp and a detector with a
-        ratio bound)."""
+        """Clip every step to ``min_ratio`` × the typical norm when the model has
+        recurrent layers, or always (``Policy.clip_recurrent``; needs a spike clamp and
+        a detector with a ratio bound). The layers are found by type, so under
+        torch.distributed every rank (same model) decides alike."""
         g = self.g
         ratio = getattr(g.grad_spike, "min_ratio", None)
-        if names and g.policy.clip_recurrent and g._device.clamps and ratio is not None:
+        mode = g.policy.clip_recurrent
+        if mode == "always":
+            names = names or ["(all layers)"]
+        if names and mode and g._device.clamps and ratio is not None:
             self.recurrent = names
             g._device.clip_ratio = float(ratio)
 

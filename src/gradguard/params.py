@@ -92,37 +92,37 @@ def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[An
     return handles
 
 
-# Layers whose forward runs a recurrence inside one call.
+# torch's recurrent layers: their forward runs the recurrence inside one call.
 _RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 class ForwardOrder:
-    """Learns the order in which modules run in the first forward pass, and which of them
-    run a recurrence, then unhooks."""
+    """Learns the order in which modules run in the first forward pass, and which
+    recurrent layers ran, then unhooks."""
 
     def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
         self.model = model
         self.params = params
         self.calls: list[nn.Module] = []
-        self.runs: dict[int, int] = {}  # id(module) -> forward calls before the first step
         self.handles = [] if model is None else hook_weighted_modules(model, self._hook)
 
     def _hook(self, module: nn.Module, _args: Any) -> None:
-        self.runs[id(module)] = self.runs.get(id(module), 0) + 1
         if not self.calls or self.calls[-1] is not module:
             self.calls.append(module)
 
     def recurrent(self) -> list[str]:
-        """Names of the layers that run a recurrence: RNN/LSTM/GRU layers and cells, and
-        layers with weights that ran more often before the first step than the layer that
-        ran last (the output side: once per forward pass), as a hand-written loop over
-        time steps runs its cell. Gradient accumulation runs every layer alike, and a
-        mixture-of-experts layer runs an expert at most as often, so neither counts."""
+        """Names of torch's recurrent layers (RNN/LSTM/GRU and their cells) that ran
+        before the first step with parameters the guard watches. A hand-written loop over
+        time steps is not told apart from a layer shared for another reason (an
+        encoder-decoder's embedding, a Siamese encoder, a detection head shared across
+        feature levels), so only the types count; a frozen or unused RNN does not."""
         if self.model is None:
             return []
-        last = self.runs.get(id(self.calls[-1]), 0) if self.calls else 0
+        ran = {id(m) for m in self.calls}
+        watched = {id(p) for p in self.params}
         return [name for name, m in self.model.named_modules()
-                if isinstance(m, _RECURRENT_TYPES) or self.runs.get(id(m), 0) > last]
+                if isinstance(m, _RECURRENT_TYPES) and id(m) in ran
+                and any(id(p) in watched for p in m.parameters(recurse=False))]
 
     @property
     def first(self) -> nn.Module | None:

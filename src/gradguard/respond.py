@@ -156,16 +156,19 @@ class Policy:
             registered name; default :class:`~gradguard.LossSpike`, "loss_spike").
         max_consecutive_skips: give up after this many skipped steps in a row rather than
             silently spin on a broken model.
-        clip_recurrent: when the model runs a recurrence (an RNN/LSTM/GRU layer or cell,
-            or a layer its forward pass runs more than once, see
-            :meth:`gradguard.params.ForwardOrder.recurrent`), clip every step whose
-            gradient norm is more than the spike detector's ``min_ratio`` (3) times the
-            typical norm to that bound, from the first step, under the spike actions
-            that apply a step clipped ("auto", "clip", "backoff"). A recurrent net's
-            loss surface has cliffs (Pascanu, Mikolov & Bengio 2013, §3.2): one step
-            over one throws its hidden units into saturation before a z-test of 6σ on
-            its heavy-tailed norms flags anything. Measured in benchmarks/RESULTS.md
-            ("Clipping recurrent nets from the first step").
+        clip_recurrent: True (default): when torch's recurrent layers (RNN/LSTM/GRU or
+            their cells) ran in the first forward pass, clip every step whose gradient
+            norm is more than the spike detector's ``min_ratio`` (3) times the typical
+            norm (× the small-batch factor the spike test uses) to that bound, as soon as
+            the detector has a typical norm, under the spike actions that apply a step
+            clipped ("auto", "clip", "backoff"); "always": do that for any model (a
+            recurrence written by hand, which the guard cannot tell from a shared
+            layer); False: never. A recurrent net's loss surface has cliffs (Pascanu,
+            Mikolov & Bengio 2013, §3.2): one step over one throws its hidden units into
+            saturation before a z-test of 6σ on its heavy-tailed norms flags anything.
+            Measured in benchmarks/RESULTS.md ("Clipping recurrent nets from the first
+            step"). Needs a detector with a ``min_ratio`` (the default
+            :class:`~gradguard.NormSpike`).
     """
 
     on_nonfinite: Action | str = Action.SKIP
@@ -176,7 +179,7 @@ class Policy:
     grad_spike: Detector | str = field(default_factory=NormSpike)
     loss_spike: Detector | str = field(default_factory=LossSpike)
     max_consecutive_skips: int = 200
-    clip_recurrent: bool = True
+    clip_recurrent: bool | str = True
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("on_nonfinite", self.on_nonfinite, NONFINITE_ACTIONS),
@@ -202,8 +205,8 @@ class Policy:
                     f"bind, limits, observe, state_dict and load_state_dict; got "
                     f"{getattr(self, name)!r}")
         check_int("max_consecutive_skips", self.max_consecutive_skips, 1)
-        if not isinstance(self.clip_recurrent, bool):
-            raise ConfigError(f"clip_recurrent must be True or False, got "
+        if not isinstance(self.clip_recurrent, bool) and self.clip_recurrent != "always":
+            raise ConfigError(f"clip_recurrent must be True, False or 'always', got "
                               f"{self.clip_recurrent!r}")
         needs = A.ROLLBACK in (self.on_nonfinite, self.on_spike, self.on_loss_spike)
         if needs and self.rollback is None:
