@@ -578,6 +578,11 @@ class Normalize(Transform):
     def __call__(self, ctx: ClipContext) -> None:
         current = ctx.norms if self.per_tensor else ctx.global_norm
         ctx.scale(self.norm / (current + self.eps))
+        # Unlike a clip, this scales tiny gradients up, and their norms were measured
+        # where fp32 squares leave the normal range (below ~1e-19 per entry): the norms
+        # carried forward would be off by a percent, and a bound after this one would
+        # hold only for them. Measure again what will be applied.
+        ctx.modified()
 
     def bound(self) -> float | None:
         return None if self.per_tensor else self.norm
