@@ -413,14 +413,15 @@ def test_a_recurrent_model_is_clipped_from_the_first_step_and_says_so(tmp_path):
     assert "recurrent layers (rnn): every step was clipped to at most 3× the typical" in g.verdict()
     for kw in ({"policy": gg.Policy(clip_recurrent=False)}, {"on_spike": "skip"}):
         g = train(Seq(), **kw)
-        assert g._device.clip_ratio is None and "recurrence" not in g.verdict()
+        assert g._device.clip_ratio is None and "every step was clipped" not in g.verdict()
     with pytest.raises(gg.ConfigError, match="clip_recurrent must be True, False or 'always'"):
         gg.Policy(clip_recurrent="yes")
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1))
     assert train(mlp)._device.clip_ratio is None
     g = train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1)),
               policy=gg.Policy(clip_recurrent="always"))  # a recurrence written by hand
-    assert g._device.clip_ratio == 3.0 and "recurrent layers ((all layers))" in g.verdict()
+    assert g._device.clip_ratio == 3.0 and g._host.recurrent == []
+    assert "clip_recurrent='always': every step was clipped to at most 3×" in g.verdict()
 
 
 def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():

@@ -103,9 +103,9 @@ def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None) -> str:
-    """One sentence on how the run went and what to change (``recurrent``: the layers
-    for which every step was clipped to ``ratio`` × the typical norm;
-    ``recurrent_clipped``: the steps any clipping changed in such a run)."""
+    """One sentence on how the run went and what to change (``ratio``: every step was
+    clipped to that many times the typical norm, for the ``recurrent`` layers or for any
+    model; ``recurrent_clipped``: the steps any clipping changed in such a run)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
@@ -117,11 +117,13 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         "norm clipped; without the guard, clip with gg.clip.Quantile(0.5) or "
         "clip_grad_norm_)")
     rnn = ""
-    if recurrent and ratio is not None:
+    if ratio is not None:
         more = f" and {len(recurrent) - 2} more" if len(recurrent) > 2 else ""
-        rnn = (f"; recurrent layers ({', '.join(recurrent[:2])}{more}): every step was "
-               f"clipped to at most {ratio:g}× the typical gradient norm, {recurrent_clipped} "
-               "step(s) clipped in all (Policy(clip_recurrent=False) turns that off)")
+        why = (f"recurrent layers ({', '.join(recurrent[:2])}{more})" if recurrent
+               else "clip_recurrent='always'")
+        rnn = (f"; {why}: every step was clipped to at most {ratio:g}× the typical gradient "
+               f"norm, {recurrent_clipped} step(s) clipped in all "
+               "(Policy(clip_recurrent=False) turns that off)")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")

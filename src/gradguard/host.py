@@ -62,8 +62,8 @@ class HostSide:
         self.base_lrs: dict[int, float] = {}
         # Per step in flight: (batch noise factor, whether the loss detector judged it).
         self.judged: dict[int, tuple[float, bool]] = {}
-        # The recurrent layers whose model gets every step clipped (Policy.clip_recurrent),
-        # and the steps that clip changed.
+        # The recurrent layers the first forward pass ran (Policy.clip_recurrent), and the
+        # steps clipping changed while every step was clipped for them.
         self.recurrent: list[str] = []
         self.recurrent_clipped = 0
 
@@ -97,10 +97,9 @@ class HostSide:
         g = self.g
         ratio = getattr(g.grad_spike, "min_ratio", None)
         mode = g.policy.clip_recurrent
-        if mode == "always":
-            names = names or ["(all layers)"]
-        if names and mode and g._device.clamps and ratio is not None:
-            self.recurrent = names
+        self.recurrent = names
+        wanted = mode == "always" or (bool(names) and mode is True)
+        if wanted and g._device.clamps and ratio is not None:
             g._device.clip_ratio = float(ratio)
 
     def should_skip_batch(self) -> bool:
@@ -147,7 +146,8 @@ class HostSide:
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self.clean_streak = 0 if flagged else self.clean_streak + 1
-        if self.recurrent and not rec["skipped"] and rec["clip_coef"] < 1 - 1e-4:
+        if g._device.clip_ratio is not None and not rec["skipped"] \
+                and rec["clip_coef"] < 1 - 1e-4:
             self.recurrent_clipped += 1
         self.skip_streak = self.skip_streak + 1 if rec["skipped"] else 0
         if rec["nonfinite"] and self.inputs is None and self.first_module is not None \
