@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from . import snapshot as snap
 from .errors import ConfigError, config_diff
+from .respond import Policy
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -79,10 +80,11 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
             "guard relearns its statistics within its warm-up)"
         )
     saved = state["config"]
-    if isinstance(saved.get("policy"), dict) and "clip_recurrent" not in saved["policy"]:
-        # (a state from before the setting: those guards ran as the default does now on
-        # every model without recurrent layers)
-        saved = {**saved, "policy": {**saved["policy"], "clip_recurrent": True}}
+    if isinstance(saved.get("policy"), dict):
+        # A policy setting added since the state was saved is read as its default (the
+        # saving guard had no such switch: clip_recurrent changes nothing on a model
+        # without recurrent layers).
+        saved = {**saved, "policy": {**Policy().describe(), **saved["policy"]}}
     diff = config_diff(saved, config(g))
     if diff and strict:
         raise ConfigError(
