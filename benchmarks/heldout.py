@@ -12,6 +12,10 @@ generalise, each at learning rates from healthy to far past the stability edge:
   2XᵀX/n, bias column included) is computed from the data; the grid is in multiples of it.
 - ``rnn-memory``: a tanh RNN (64 units) reading 30 Gaussian values and asked for the
   (scaled) sum of values 20-24: plain SGD.
+- ``mlp-raw-pixels``: a ReLU MLP (784-128-10) on the bench's MNIST subset with the pixels
+  left in 0-255 (no scaling), SGD with momentum 0.9: unscaled inputs, the brief's cause,
+  on an image task. Its first loss is already ~20 (huge logits) and a too-high LR kills
+  hidden units in the first steps instead of overflowing.
 
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
@@ -64,6 +68,17 @@ def _memory_task() -> tuple[Tensor, Tensor]:
     return x, x[:, 20:25].sum(1, keepdim=True) / math.sqrt(5)
 
 
+def _pixels() -> tuple[Tensor, Tensor]:
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    return x.float().reshape(len(x), -1), y
+
+
+def _pixel_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
 class _RNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -101,6 +116,9 @@ def cases() -> dict[str, Case]:
         "rnn-memory": (_memory_task, _RNN, nn.functional.mse_loss,
                        lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
                        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD"),
+        "mlp-raw-pixels": (_pixels, _pixel_mlp, nn.functional.cross_entropy,
+                           lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+                           [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "SGD momentum 0.9, pixels 0-255"),
     }
 
 
