@@ -101,6 +101,43 @@ def test_gradient_accumulation_clips_the_sum():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("strategy", ["host", "masked", "auto"])
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_complex_parameters_are_clipped_and_skipped_like_torch(strategy, opt_cls):
+    """Complex weights (FFT layers, complex-valued nets): the guard's clip equals torch's
+    clip_grad_norm_ on them, and a NaN step leaves weights and optimizer state alone."""
+    def make():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, dtype=torch.cfloat))
+        lin = torch.nn.Linear(8, 1)
+        return w, lin
+
+    def loss_of(w, lin, x):
+        return lin((x.to(torch.cfloat) * w).abs()).pow(2).mean()
+
+    (wa, la), (wb, lb) = make(), make()
+    oa = opt_cls([wa, *la.parameters()], lr=0.05)
+    ob = opt_cls([wb, *lb.parameters()], lr=0.05)
+    holder = torch.nn.ParameterList([wa, *la.parameters()])
+    guard = gg.Guard(holder, oa, clip=gg.clip.GlobalNorm(0.1), skip_strategy=strategy, log=None)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(6):
+        x = torch.randn(16, 8, generator=gen)
+        if t == 3:
+            x[0, 0] = float("nan")
+        loss_of(wa, la, x).backward()
+        guard.step()
+        oa.zero_grad()
+        if t != 3:  # the unguarded twin simply does not take the NaN step
+            loss_of(wb, lb, x).backward()
+            torch.nn.utils.clip_grad_norm_([wb, *lb.parameters()], 0.1)
+            ob.step()
+        ob.zero_grad()
+    assert guard.skipped.item() == 1
+    for p, q in zip([wa, *la.parameters()], [wb, *lb.parameters()], strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_scaler_overflow_skips_and_backs_off_scale():
     torch.manual_seed(0)
     model = small_mlp()

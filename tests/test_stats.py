@@ -77,3 +77,16 @@ def test_a_finite_gradient_whose_square_overflows_is_unusable():
     assert bool(info.skipped) and bool(info.nonfinite)
     assert not opt.state.get(model.weight)  # no inf second moment left behind
     guard.close()
+
+
+def test_complex_gradients_are_measured_as_torch_measures_them():
+    # A complex tensor's norm is over its real and imaginary parts together (torch's own
+    # vector_norm and clip_grad_norm_); the fused kernel sees the real view.
+    a = torch.nn.Parameter(torch.randn(6, dtype=torch.cfloat))
+    b = torch.nn.Parameter(torch.randn(3, 2))
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    st = compute_stats(collect_grads([a, b]), torch.device("cpu"))
+    torch.testing.assert_close(st.norms, torch.stack([a.grad.norm(), b.grad.norm()]))
+    total = torch.nn.utils.clip_grad_norm_([a, b], float("inf"))
+    torch.testing.assert_close(st.global_norm, total)

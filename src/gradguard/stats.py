@@ -73,11 +73,16 @@ def collect_grads(params: Sequence[Tensor]) -> GradGroups:
                 "(nn.Embedding(..., sparse=False)) or leave that parameter out of the guard "
                 "(Guard(model, optimizer, params=...))."
             )
+        w = local_tensor(p)
+        if g.is_complex():
+            # A complex tensor's L2 norm is that of its real and imaginary parts together,
+            # and scaling that real view in place scales the complex gradient.
+            g, w = torch.view_as_real(g), torch.view_as_real(w.detach())
         buckets.setdefault((g.device, g.dtype), []).append(len(grads))
         index.append(i)
         grads.append(g)
         kept.append(p)
-        weights.append(local_tensor(p))
+        weights.append(w)
     return GradGroups(tuple(index), grads, kept, buckets, weights)
 
 
