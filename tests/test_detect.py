@@ -132,6 +132,31 @@ def test_loss_spike_catches_a_loss_blowing_up_in_the_first_steps():
     assert any(flags[:13]) and not any(flags[14:])
 
 
+def test_early_loss_check_stands_down_once_ordinary_losses_swing_past_its_margin():
+    # A trained model's batches, each within the early bound, have already fallen and
+    # risen 100x: a ratio test of 2.5-6.25x has nothing to judge by, so 0.3 is not an
+    # early spike. The same 0.3 after steady losses is one.
+    assert feed(gg.LossSpike(), [1e-3, 1e-3, 1e-5, 1e-3, 0.3])[4] is False
+    assert feed(gg.LossSpike(), [1e-3, 1e-3, 1.1e-3, 1e-3, 0.3])[4] is True
+    # A climb made of unflagged steps is a trend, not noise: it rises but never falls.
+    det = gg.LossSpike()
+    feed(det, [1.0, 2.4, 5.5, 12.0])
+    assert det.rise > 6.25 and det.fall < 1
+
+
+@pytest.mark.parametrize("make", [gg.NormSpike, gg.LossSpike])
+def test_a_stood_down_detector_has_no_early_check_and_keeps_its_late_one(make):
+    det = make()
+    feed(det, [1.0, 1.0, 1.0])
+    assert math.isfinite(det.limits().above)
+    det.stand_down()
+    assert det.limits().above == math.inf  # early phase: nothing flags
+    for _ in range(70):
+        gg.detect.judge(det, 1.0)
+    assert math.isfinite(det.limits().above)  # the window's own test takes over
+    assert gg.detect.judge(det, 1e4).spike
+
+
 @pytest.mark.parametrize(("det", "spread", "odd"), [
     (gg.NormSpike(), 0.02, 3.5),  # norms: judged divided by the factor
     (gg.LossSpike(), 0.15, 2.0),  # losses: the z-score's std widened by it

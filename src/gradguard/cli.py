@@ -138,8 +138,8 @@ def report(
         loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
     head.add_row("loss first → last", loss)
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
-    for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "rollback",
-                 "rollback_off", "drift", "depth_trend", "diverged"):
+    for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "noise",
+                 "rollback", "rollback_off", "drift", "depth_trend", "diverged"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:

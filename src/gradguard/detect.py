@@ -138,11 +138,39 @@ class _RobustWindow:
 
     window: int
     _KEYS: tuple[str, ...] = ("buf", "count")
+    # Saved since the early checks' stand-down; a state without them loads as "none seen".
+    _OPTIONAL: tuple[str, ...] = ("lo", "hi", "rise", "fall")
 
     def bind(self, device: torch.device | None = None) -> None:
         self.buf = [math.nan] * self.window
         self.count = 0
         self._summary: tuple[float, ...] | None = None
+        # Over the values learned as ordinary (not flagged), in learned units: their range
+        # so far, and the largest rise and fall between two of them (later minus earlier).
+        self.lo, self.hi = math.inf, -math.inf
+        self.rise = self.fall = 0.0
+
+    def _ordinary(self, x: float, log: bool) -> None:
+        """Learn the range and the up and down moves of the ordinary values (``log``:
+        they are log values, moves are differences; else positive values, moves ratios)."""
+        if self.hi > -math.inf:
+            if log:
+                self.rise, self.fall = max(self.rise, x - self.lo), max(self.fall, self.hi - x)
+            else:
+                self.rise = max(self.rise, x / self.lo if self.lo > 0 else math.inf)
+                self.fall = max(self.fall, self.hi / x if x > 0 else math.inf)
+        self.lo, self.hi = min(self.lo, x), max(self.hi, x)
+
+    def stand_down(self) -> None:
+        """Stand the early check down: the run measured its batch noise at fixed weights
+        above the check's margin (see :meth:`gradguard.host.HostSide.echo`)."""
+        self.rise = self.fall = math.inf
+
+    def _noisy(self, margin: float) -> bool:
+        """The ordinary values have both risen and fallen by more than ``margin`` (a ratio, or
+        a log difference): batch noise at least that wide, not a trend. A ratio test with
+        that margin has nothing to judge by."""
+        return self.rise > margin and self.fall > margin
 
     def stats(self) -> tuple[float, float]:
         """(median, robust σ) of the window (NaN while it is empty)."""
@@ -167,11 +195,12 @@ class _RobustWindow:
 
     def state_dict(self) -> dict[str, Any]:
         # Host numbers (a copy): restoring a snapshot reads no tensor.
-        return {"buf": list(self.buf), "count": self.count}
+        return {"buf": list(self.buf), "count": self.count, "lo": self.lo, "hi": self.hi,
+                "rise": self.rise, "fall": self.fall}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         name = type(self).__name__
-        if set(state) != set(self._KEYS):
+        if not set(self._KEYS) <= set(state) <= set(self._KEYS) | set(self._OPTIONAL):
             raise ConfigError(f"{name}: state has keys {sorted(state)}, expected "
                               f"{sorted(self._KEYS)}; it was saved by another detector")
         buf = state["buf"]
@@ -183,6 +212,9 @@ class _RobustWindow:
                               f"detector has window={self.window}")
         self.buf, self.count = buf, int(state["count"])
         self._summary = None
+        self.lo = float(state.get("lo", math.inf))
+        self.hi = float(state.get("hi", -math.inf))
+        self.rise, self.fall = float(state.get("rise", 0.0)), float(state.get("fall", 0.0))
 
 
 class NormSpike(_RobustWindow):
@@ -228,7 +260,13 @@ class NormSpike(_RobustWindow):
         if self.count == 0:
             return Limits(math.inf, math.inf)
         med, sigma = self.stats()
-        return Limits(_exp(self._bound(med, sigma)) * noise, _exp(med))
+        bound = self._bound(med, sigma)
+        if self.count < self.warmup and self._noisy(bound - med):
+            # The early check's margin is inside the spread the run's ordinary norms have
+            # already shown (a trained model's batches differ by decades): it has nothing
+            # to judge by, and waits for the window's own noise estimate.
+            return Limits(math.inf, _exp(med))
+        return Limits(_exp(bound) * noise, _exp(med))
 
     def observe(self, value: float, ok: bool, spike: bool, noise: float = 1.0) -> float:
         x = _log(value) - (math.log(noise) if noise != 1.0 else 0.0)
@@ -243,6 +281,8 @@ class NormSpike(_RobustWindow):
                          math.log(self.early_ratio) +
                          (self.z_thresh * sigma if self.count >= 3 else 0.0))
             self.learn(min(x, cap) if spike else x)
+            if not spike:
+                self._ordinary(x, log=True)
         return z
 
 
@@ -324,7 +364,17 @@ class LossSpike(_RobustWindow):
         else:
             spread = self.z_thresh * sigma if self.count >= 3 else 0.0
             above = max(early, med + spread) if med > 0 else math.inf
+            if self._stands_down(above, med):
+                above = math.inf
         return Limits(above, med)
+
+    def _stands_down(self, above: float, med: float) -> bool:
+        """The early check has nothing to judge by: the losses learned as ordinary already
+        differ by more than its margin (a trained model's batches, from 0 to 0.3, or
+        a fast first fall), so it waits for the window's noise estimate (log scale)."""
+        if not (med > 0 and math.isfinite(above)):
+            return False
+        return self._noisy(max(above / med, self.early_ratio ** 2))
 
     def observe(self, value: float, ok: bool, spike: bool, noise: float = 1.0) -> float:
         med, sigma, lmed, lsig, floor, early_bound = self._tests(noise)
@@ -338,7 +388,8 @@ class LossSpike(_RobustWindow):
         late = ready and z > self.z_thresh and dev > floor and \
             (med <= 0 or value > self.ratio * med)
         spread = self.z_thresh * sigma if self.count >= 3 else 0.0
-        early = seen and not ready and med > 0 and value > early_bound and dev > spread
+        early = seen and not ready and med > 0 and value > early_bound and dev > spread \
+            and not self._stands_down(max(early_bound, med + spread), med)
         if ok and math.isfinite(value):
             if not seen:
                 self.first = value
@@ -346,6 +397,8 @@ class LossSpike(_RobustWindow):
                 # Early spikes enter clipped to the early bound: a wrecked first step must
                 # not fill the window with values that hide the next spike.
                 self.learn(early_bound if early else value)
+                if not early:
+                    self._ordinary(value, log=False)
         return z
 
     def state_dict(self) -> dict[str, Any]:

@@ -66,6 +66,10 @@ class HostSide:
         # steps clipping changed while every step was clipped for them.
         self.recurrent: list[str] = []
         self.recurrent_clipped = 0
+        # The restore echo (see :meth:`echo`): the first loss, pending while a rollback to
+        # the initial weights waits for its first row; and what the echo measured.
+        self.echo_ref: float | None = None
+        self.batch_noise: float | None = None
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -164,6 +168,8 @@ class HostSide:
                 g.recorder.event(k, kind, msg, action="warn")
         if k < self.ignore_rows_before:
             return False  # a step taken before the last rollback took effect
+        if self.echo_ref is not None:
+            self.echo(k, rec["loss"])
         rolled = self.escalate(rec, bool(flagged))
         # A snapshot taken after step s is judged by rows s+1 … s+clean_window: their
         # losses are the first ones computed with its weights and their descendants.
@@ -186,6 +192,39 @@ class HostSide:
         rec["grad_z"] = g.grad_spike.observe(rec["grad_norm"], ok, rec["grad_spike"], noise)
         rec["loss_z"] = g.loss_spike.observe(rec["loss"], ok, rec["loss_spike"], noise) \
             if checked else math.nan
+
+    def echo(self, k: int, loss: float | None) -> None:
+        """The restore echo: after an early-phase instability rolled the run back to its
+        initial weights, the first loss computed with them again is a second batch at the
+        same weights as the run's first loss. Their ratio is batch noise alone, the one
+        thing the early checks cannot measure (they judge a loss by a fixed ratio to the
+        few before it, which assumes batches differ by less). A ratio above the loss
+        check's early margin (``early_ratio``² : a trained model's batches, from 1e-7 to
+        0.3, when a guard starts on it) means the flags were that noise, not the LR: the
+        cut is taken back and the early checks stand down for the rest of the run, which
+        the level tests (log scale, noise from successive differences) then judge."""
+        ref, self.echo_ref = self.echo_ref, None
+        g, c = self.g, self.g.control
+        margin = getattr(g.loss_spike, "early_ratio", None)
+        if c is None or margin is None or loss is None or not (
+                math.isfinite(loss) and loss > 0 and ref > 0):
+            return
+        ratio = max(loss / ref, ref / loss)
+        if ratio <= margin ** 2:
+            return
+        self.batch_noise = ratio
+        self._stand_down()
+        g.lr.scale = c.not_the_lr().scale
+        g.recorder.event(
+            k, "noise", f"the loss at the same (initial) weights was {ref:.4g} and "
+            f"{loss:.4g} on two batches ({ratio:.3g}×): batch noise, not the LR; LR scale "
+            f"back to ×{g.lr.scale:.3g}, and the early checks wait for a loss history",
+            action="recover", lr_scale=g.lr.scale)
+
+    def _stand_down(self) -> None:
+        for det in (self.g.grad_spike, self.g.loss_spike):
+            if hasattr(det, "stand_down"):
+                det.stand_down()
 
     def judge(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot when the steps before it were clean and the loss was calm."""
@@ -244,6 +283,7 @@ class HostSide:
             self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
                              f"(max_rollbacks={rb.max_rollbacks})")
         if store is not None and store.good and may_roll:
+            early = not c.has_level()
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing
             # that same test right after being restored (a streak that began within
@@ -254,25 +294,35 @@ class HostSide:
                     and loss_bad and store.discard_latest():
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
-            self.rollback(k, reason, verdict.retry, clip)
+            target = self.rollback(k, reason, verdict.retry, clip)
+            if early and target == -1 and self.batch_noise is None:
+                self.echo_ref = c.first_loss
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
         c.rebaseline()
         g.grad_spike.bind(g.device)
         g.loss_spike.bind(g.device)
+        if self.batch_noise is not None:
+            self._stand_down()
         what = _CLIPPING if clip else f"LR scale ×{verdict.scale:.3g}"
         g.recorder.event(k, "backoff", f"unstable: {reason}; {what}"
                          " (no snapshot to roll back to)", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
-    def rollback(self, step: int, reason: str, retry: bool, clip: bool = False) -> None:
-        """Restore the latest good snapshot; the controller has already set the LR."""
+    def rollback(self, step: int, reason: str, retry: bool, clip: bool = False) -> int:
+        """Restore the latest good snapshot; the controller has already set the LR.
+
+        Returns:
+            The step the restored snapshot was taken after (-1: the initial weights).
+        """
         g = self.g
         assert g.store is not None
         target = g.store.restore(retry)
         checkpoint.load_trajectory(g, target.guard)
+        if self.batch_noise is not None:
+            self._stand_down()  # (the restored detectors predate what the echo measured)
         g.lr.progress = target.step + 1
         self.rollbacks += 1
         skip_n = g.store.cfg.skip_batches
@@ -292,6 +342,7 @@ class HostSide:
             f"{target.step}, {lr}{skip}",
             action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale,
             clip_all=clip)
+        return target.step
 
     def diverged(self, step: int, why: str) -> None:
         g = self.g
@@ -310,11 +361,13 @@ class HostSide:
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(),
-                "recurrent_clipped": self.recurrent_clipped}
+                "recurrent_clipped": self.recurrent_clipped,
+                "echo_ref": self.echo_ref, "batch_noise": self.batch_noise}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
+        self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])

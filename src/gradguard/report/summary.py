@@ -14,6 +14,9 @@ from ..runlog import Event, Meta, StepRecord
 
 __all__ = ["RunSummary", "summarize"]
 
+# Events that set the LR scale (the controller's decisions).
+_SCALE_EVENTS = ("backoff", "rollback", "recover", "noise")
+
 
 @dataclass
 class RunSummary:
@@ -87,7 +90,7 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
         elif isinstance(rec, Event):
             scale = rec.get("lr_scale")
             # The controller's decisions, not the automatic warm-up's per-step ramp.
-            if rec.kind in ("backoff", "rollback", "recover") and isinstance(scale, float) \
+            if rec.kind in _SCALE_EVENTS and isinstance(scale, float) \
                     and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
                 s.lr_changes.append((rec.step, scale))
                 last_scale = scale

@@ -1,0 +1,61 @@
+"""The guard's host half: the restore echo (batch noise measured at fixed weights)."""
+
+from __future__ import annotations
+
+import torch
+
+import gradguard as gg
+
+
+def _kinds(guard: gg.Guard) -> list[str]:
+    return [e["kind"] for e in guard.recorder.events]
+
+
+def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
+    # A model that already fits most batches (loss 1e-8) meets three hard batches (loss ~1)
+    # first: the early checks flag them and the controller rolls back to the initial
+    # weights at a tenth of the LR. The first loss after the restore is a second batch at
+    # those same weights, and it is 1e8 times the first one: batch noise, not the LR.
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    x = torch.ones(4, 1)
+    easy, hard = torch.full((4, 1), 2.0 + 1e-4), torch.full((4, 1), 3.0)
+    plan = [easy, hard, hard, hard, hard] + [easy, easy, hard] * 20
+    for y in plan:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    kinds = _kinds(guard)
+    assert kinds.index("rollback") < kinds.index("noise")
+    assert guard.lr.scale == 1.0 and guard.control.scale == 1.0
+    assert guard.rollbacks == 1  # the early checks stood down: no second false alarm
+    noise = next(e for e in guard.recorder.events if e["kind"] == "noise")
+    assert "batch noise, not the LR" in noise["message"]
+    state = guard.state_dict()
+    assert state["host"]["batch_noise"] > 1e6
+    guard.close()
+
+
+def test_an_lr_wreck_keeps_its_cut():
+    # Far too high an LR wrecks a fresh model in its first steps; restored to the initial
+    # weights, a new batch's loss is close to the first one, so the cut stands.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)
+    guard = gg.Guard(model, opt, log=None)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        x = torch.randn(32, 4, generator=gen)
+        y = x.sum(1, keepdim=True)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    kinds = _kinds(guard)
+    assert "rollback" in kinds and "noise" not in kinds
+    assert guard.control.scale < 1
+    guard.close()
