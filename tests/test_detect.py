@@ -274,3 +274,14 @@ def test_detectors_by_registered_name():
         gg.Policy(grad_spike="norm-spike")
     with pytest.raises(gg.ConfigError, match="name"):
         gg.detect.register("", gg.NormSpike)
+
+
+@pytest.mark.parametrize("make", [gg.NormSpike, gg.LossSpike])
+def test_a_detector_state_saved_before_the_stand_down_loads(make):
+    det = make()
+    feed(det, [1.0, 1.2, 0.9])
+    old = {k: v for k, v in det.state_dict().items() if k not in ("lo", "hi", "rise", "fall")}
+    twin = make()
+    twin.load_state_dict(old)
+    assert (twin.rise, twin.fall) == (0.0, 0.0)
+    assert gg.detect.judge(twin, 50.0) == gg.detect.judge(det, 50.0)
