@@ -199,7 +199,7 @@ class HostSide:
         same weights as the run's first loss. Their ratio is batch noise alone, the one
         thing the early checks cannot measure (they judge a loss by a fixed ratio to the
         few before it, which assumes batches differ by less). A ratio above the loss
-        check's early margin (``early_ratio``² : a trained model's batches, from 1e-7 to
+        check's early margin (``early_ratio``²; a trained model's batches, from 1e-7 to
         0.3, when a guard starts on it) means the flags were that noise, not the LR: the
         cut is taken back and the early checks stand down for the rest of the run, which
         the level tests (log scale, noise from successive differences) then judge."""
