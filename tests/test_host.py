@@ -35,6 +35,7 @@ def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
     assert guard.rollbacks == 1  # the early checks stood down: no second false alarm
     noise = next(e for e in guard.recorder.events if e["kind"] == "noise")
     assert "batch noise, not the LR" in noise["message"]
+    assert "batch noise, not the LR" in guard.verdict()
     state = guard.state_dict()
     assert state["host"]["batch_noise"] > 1e6
     guard.close()

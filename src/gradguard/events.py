@@ -124,11 +124,16 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         rnn = (f"; {why}: every step was clipped to at most {ratio:g}× the typical gradient "
                f"norm, {recurrent_clipped} step(s) clipped in all "
                "(Policy(clip_recurrent=False) turns that off)")
+    echo = next((e for e in recorder.events if e["kind"] == "noise"), None)
+    noise = "" if echo is None else (
+        f"; an early rollback was batch noise, not the LR (two batches at the same weights "
+        f"differed {echo.get('ratio', math.nan):.3g}×): the LR was restored and the early "
+        "checks stood down")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
-        return f"{state}: {bad}, the LR was never changed{retried}{clipped}{rnn}"
+        return f"{state}: {bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     try:
         at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
@@ -136,5 +141,5 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         at = f"×{c.scale:.3g} of your LR"
     return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) ({rollbacks} "
             f"rollback(s)), it was scaled down on {share:.0%} of steps, and the run ended "
-            f"stable at {at}; {bad}{clipped}{rnn}. Set that LR (or warm up to it) to train "
-            "without the guard's help")
+            f"stable at {at}; {bad}{noise}{clipped}{rnn}. Set that LR (or warm up to it) to "
+            "train without the guard's help")

@@ -219,7 +219,7 @@ class HostSide:
             k, "noise", f"the loss at the same (initial) weights was {ref:.4g} and "
             f"{loss:.4g} on two batches ({ratio:.3g}×): batch noise, not the LR; LR scale "
             f"back to ×{g.lr.scale:.3g}, and the early checks wait for a loss history",
-            action="recover", lr_scale=g.lr.scale)
+            action="recover", lr_scale=g.lr.scale, ratio=ratio)
 
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
