@@ -145,8 +145,8 @@ class _RobustWindow:
         self.buf = [math.nan] * self.window
         self.count = 0
         self._summary: tuple[float, ...] | None = None
-        # Over the values learned as ordinary (not flagged), in learned units: their range
-        # so far, and the largest rise and fall between two of them (later minus earlier).
+        # Over the values learned as ordinary (not flagged) while the early check runs, in
+        # learned units: their range, and the largest rise and fall between two of them.
         self.lo, self.hi = math.inf, -math.inf
         self.rise = self.fall = 0.0
 
@@ -277,11 +277,12 @@ class NormSpike(_RobustWindow):
             # would widen the MAD it is measured by): a level shift is learned within a
             # window or two, while a steady exponential blow-up outruns the median and
             # stays flagged.
-            cap = med + (math.log(self.min_ratio) if self.count >= self.warmup else
+            early = self.count < self.warmup
+            cap = med + (math.log(self.min_ratio) if not early else
                          math.log(self.early_ratio) +
                          (self.z_thresh * sigma if self.count >= 3 else 0.0))
             self.learn(min(x, cap) if spike else x)
-            if not spike:
+            if early and not spike:  # (only the early check reads the moves)
                 self._ordinary(x, log=True)
         return z
 
@@ -397,7 +398,7 @@ class LossSpike(_RobustWindow):
                 # Early spikes enter clipped to the early bound: a wrecked first step must
                 # not fill the window with values that hide the next spike.
                 self.learn(early_bound if early else value)
-                if not early:
+                if not (early or ready):  # (only the early check reads the moves)
                     self._ordinary(value, log=False)
         return z
 
