@@ -39,6 +39,10 @@ def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
     state = guard.state_dict()
     assert state["host"]["batch_noise"] > 1e6
     guard.close()
+    resumed = gg.Guard(model, opt, log=None)
+    resumed.load_state_dict(state)
+    assert "batch noise, not the LR" in resumed.verdict()  # (a resumed run still says so)
+    resumed.close()
 
 
 def test_an_lr_wreck_keeps_its_cut():

@@ -102,10 +102,11 @@ def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
 
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
-            ratio: float | None = None) -> str:
+            ratio: float | None = None, batch_noise: float | None = None) -> str:
     """One sentence on how the run went and what to change (``ratio``: every step was
     clipped to that many times the typical norm, for the ``recurrent`` layers or for any
-    model; ``recurrent_clipped``: the steps any clipping changed in such a run)."""
+    model; ``recurrent_clipped``: the steps any clipping changed in such a run;
+    ``batch_noise``: the ratio the restore echo measured when it took an early cut back)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
     c = control
@@ -124,11 +125,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         rnn = (f"; {why}: every step was clipped to at most {ratio:g}× the typical gradient "
                f"norm, {recurrent_clipped} step(s) clipped in all "
                "(Policy(clip_recurrent=False) turns that off)")
-    echo = next((e for e in recorder.events if e["kind"] == "noise"), None)
-    noise = "" if echo is None else (
+    noise = "" if batch_noise is None else (
         f"; an early rollback was batch noise, not the LR (two batches at the same weights "
-        f"differed {echo.get('ratio', math.nan):.3g}×): the LR was restored and the early "
-        "checks stood down")
+        f"differed {batch_noise:.3g}×): the LR was restored and the early checks stood down")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")

@@ -194,7 +194,7 @@ class Guard(assembly.Parts):
         h = self._host
         return ev.verdict(self.recorder, self.control, self.rollbacks,
                           self.optimizer.param_groups[0]["lr"], h.recurrent,
-                          h.recurrent_clipped, self._device.clip_ratio)
+                          h.recurrent_clipped, self._device.clip_ratio, h.batch_noise)
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:
