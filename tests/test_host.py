@@ -64,3 +64,50 @@ def test_an_lr_wreck_keeps_its_cut():
     assert "rollback" in kinds and "noise" not in kinds
     assert guard.control.scale < 1
     guard.close()
+
+
+def _two_early_rollbacks(resume_at: int | None = None) -> gg.Guard:
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    x = torch.ones(4, 1)
+    easy, hard = torch.full((4, 1), 2.0 + 1e-4), torch.full((4, 1), 3.0)
+    plan = [easy, hard, hard, hard] + [easy, hard, hard, hard] + [hard] + [easy, easy, hard] * 20
+    guard.scales = []  # type: ignore[attr-defined]
+    for i, y in enumerate(plan):
+        if i == resume_at:  # save and load into a fresh guard, as a resumed run does
+            state = guard.state_dict(snapshots=True)
+            scales = guard.scales  # type: ignore[attr-defined]
+            guard.close()
+            guard = gg.Guard(model, opt, log=None)
+            guard.load_state_dict(state)
+            guard.scales = scales  # type: ignore[attr-defined]
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        guard.scales.append(guard.lr.scale)  # type: ignore[attr-defined]
+    return guard
+
+
+def test_the_echo_takes_back_every_cut_of_the_early_phase():
+    # Two early rollbacks: the first echo batch happens to match the first loss (the cut
+    # stands), the second differs 1e8x. Both cuts were judged by the same ratio tests
+    # that this noise makes blind, so the LR returns to where the run started, not to the
+    # first cut's tenth.
+    guard = _two_early_rollbacks()
+    kinds = _kinds(guard)
+    assert kinds.count("rollback") == 2 and kinds.index("rollback") < kinds.index("noise")
+    assert min(guard.scales) < 0.1 - 1e-9  # the second cut went below the first
+    assert guard.lr.scale == 1.0 and guard.control.scale == 1.0
+    assert guard.control.cuts == 0
+    assert guard.rollbacks == 2
+    guard.close()
+    # Saved between the two rollbacks, a resumed guard still knows where the early phase
+    # began, and decides alike.
+    resumed = _two_early_rollbacks(resume_at=6)
+    assert resumed.scales == guard.scales  # type: ignore[attr-defined]
+    assert resumed.lr.scale == 1.0
+    resumed.close()

@@ -555,10 +555,21 @@ class Controller:
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)
 
-    def not_the_lr(self) -> Verdict:
-        """Take back the cut just made: the failure was a damaged snapshot's, not the LR's
-        (the loss was wrecked at once after a restore, before anything could develop)."""
+    def cut_point(self) -> tuple[float, int, int | None, int]:
+        """The LR state (scale, probe wait, last raise, cuts) before the cut just made, or
+        the present one when none was made; :meth:`not_the_lr` can return to it."""
         if self._before_cut is not None:
+            return (*self._before_cut, self.cuts - 1)
+        return (self.scale, self.probe_wait, self.last_raise, self.cuts)
+
+    def not_the_lr(self, point: tuple[float, int, int | None, int] | None = None) -> Verdict:
+        """Take back the cut just made (or, given a :meth:`cut_point`, every cut since it):
+        the failure was a damaged snapshot's or batch noise, not the LR's (the loss was
+        wrecked at once after a restore, before anything could develop)."""
+        if point is not None:
+            self.scale, self.probe_wait, self.last_raise, self.cuts = point
+            self._before_cut = None
+        elif self._before_cut is not None:
             self.scale, self.probe_wait, self.last_raise = self._before_cut
             self._before_cut = None
             self.cuts -= 1

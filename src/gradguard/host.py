@@ -70,6 +70,9 @@ class HostSide:
         # the initial weights waits for its first row; and what the echo measured.
         self.echo_ref: float | None = None
         self.batch_noise: float | None = None
+        # The LR state before the first cut of the current early phase: what the echo
+        # restores (every early cut was judged by the same noise-blind ratio tests).
+        self.early_base: tuple[float, int, int | None, int] | None = None
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -168,6 +171,8 @@ class HostSide:
                 g.recorder.event(k, kind, msg, action="warn")
         if k < self.ignore_rows_before:
             return False  # a step taken before the last rollback took effect
+        if self.early_base is not None and not self.early():
+            self.early_base = None  # the early phase is over: later cuts are the level's
         if self.echo_ref is not None:
             self.echo(k, rec["loss"])
         rolled = self.escalate(rec, bool(flagged))
@@ -214,12 +219,21 @@ class HostSide:
             return
         self.batch_noise = ratio
         self._stand_down()
-        g.lr.scale = c.not_the_lr().scale
+        # Every cut of the early phase was judged by the same ratio tests: all go.
+        g.lr.scale = c.not_the_lr(self.early_base).scale
+        self.early_base = None
         g.recorder.event(
             k, "noise", f"the loss at the same (initial) weights was {ref:.4g} and "
             f"{loss:.4g} on two batches ({ratio:.3g}×): batch noise, not the LR; LR scale "
             f"back to ×{g.lr.scale:.3g}, and the early checks wait for a loss history",
             action="recover", lr_scale=g.lr.scale, ratio=ratio)
+
+    def early(self) -> bool:
+        """The early phase: the controller has no loss level yet, or the loss check still
+        judges by its early ratio test (it has too few losses for a noise estimate)."""
+        c, det = self.g.control, self.g.loss_spike
+        return (c is not None and not c.has_level()) or \
+            getattr(det, "count", 0) < getattr(det, "min_count", 0)
 
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
@@ -283,7 +297,7 @@ class HostSide:
             self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
                              f"(max_rollbacks={rb.max_rollbacks})")
         if store is not None and store.good and may_roll:
-            early = not c.has_level()
+            early = self.early()
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing
             # that same test right after being restored (a streak that began within
@@ -294,9 +308,12 @@ class HostSide:
                     and loss_bad and store.discard_latest():
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
+            cut_point = c.cut_point()
             target = self.rollback(k, reason, verdict.retry, clip)
             if early and target == -1 and self.batch_noise is None:
                 self.echo_ref = c.first_loss
+                if self.early_base is None:
+                    self.early_base = cut_point
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
@@ -362,12 +379,16 @@ class HostSide:
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
-                "echo_ref": self.echo_ref, "batch_noise": self.batch_noise}
+                "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
+                "early_base": None if self.early_base is None else list(self.early_base)}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
+        base = h.get("early_base")  # (absent before it existed)
+        self.early_base = None if base is None else (
+            float(base[0]), int(base[1]), None if base[2] is None else int(base[2]), int(base[3]))
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])
