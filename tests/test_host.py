@@ -11,24 +11,38 @@ def _kinds(guard: gg.Guard) -> list[str]:
     return [e["kind"] for e in guard.recorder.events]
 
 
-def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
-    # A model that already fits most batches (loss 1e-8) meets three hard batches (loss ~1)
-    # first: the early checks flag them and the controller rolls back to the initial
-    # weights at a tenth of the LR. The first loss after the restore is a second batch at
-    # those same weights, and it is 1e8 times the first one: batch noise, not the LR.
+def _fitted(plan: str, resume_at: int | None = None) -> tuple[gg.Guard, list[float]]:
+    """A model that already fits the easy batches (loss 1e-8) meets the batches of
+    ``plan`` ('e' easy, 'h' hard: loss ~1); returns its guard and the LR scale after each
+    step. ``resume_at``: save there and go on in a fresh guard, as a resumed run does."""
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(2.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     guard = gg.Guard(model, opt, log=None)
     x = torch.ones(4, 1)
-    easy, hard = torch.full((4, 1), 2.0 + 1e-4), torch.full((4, 1), 3.0)
-    plan = [easy, hard, hard, hard, hard] + [easy, easy, hard] * 20
-    for y in plan:
+    targets = {"e": torch.full((4, 1), 2.0 + 1e-4), "h": torch.full((4, 1), 3.0)}
+    scales = []
+    for i, c in enumerate(plan):
+        if i == resume_at:
+            state = guard.state_dict(snapshots=True)
+            guard.close()
+            guard = gg.Guard(model, opt, log=None)
+            guard.load_state_dict(state)
         opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = torch.nn.functional.mse_loss(model(x), targets[c])
         loss.backward()
         guard.step(loss)
+        scales.append(guard.lr.scale)
+    return guard, scales
+
+
+def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
+    # Three hard batches first: the early checks flag them and the controller rolls back
+    # to the initial weights at a tenth of the LR. The first loss after the restore is a
+    # second batch at those same weights, and it is 1e8 times the first one: batch noise,
+    # not the LR.
+    guard, _ = _fitted("ehhhh" + "eeh" * 20)
     kinds = _kinds(guard)
     assert kinds.index("rollback") < kinds.index("noise")
     assert guard.lr.scale == 1.0 and guard.control.scale == 1.0
@@ -39,7 +53,7 @@ def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
     state = guard.state_dict()
     assert state["host"]["batch_noise"] > 1e6
     guard.close()
-    resumed = gg.Guard(model, opt, log=None)
+    resumed = gg.Guard(guard.model, guard.optimizer, log=None)
     resumed.load_state_dict(state)
     assert "batch noise, not the LR" in resumed.verdict()  # (a resumed run still says so)
     resumed.close()
@@ -66,48 +80,23 @@ def test_an_lr_wreck_keeps_its_cut():
     guard.close()
 
 
-def _two_early_rollbacks(resume_at: int | None = None) -> gg.Guard:
-    model = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(2.0)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    guard = gg.Guard(model, opt, log=None)
-    x = torch.ones(4, 1)
-    easy, hard = torch.full((4, 1), 2.0 + 1e-4), torch.full((4, 1), 3.0)
-    plan = [easy, hard, hard, hard] + [easy, hard, hard, hard] + [hard] + [easy, easy, hard] * 20
-    guard.scales = []  # type: ignore[attr-defined]
-    for i, y in enumerate(plan):
-        if i == resume_at:  # save and load into a fresh guard, as a resumed run does
-            state = guard.state_dict(snapshots=True)
-            scales = guard.scales  # type: ignore[attr-defined]
-            guard.close()
-            guard = gg.Guard(model, opt, log=None)
-            guard.load_state_dict(state)
-            guard.scales = scales  # type: ignore[attr-defined]
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        guard.step(loss)
-        guard.scales.append(guard.lr.scale)  # type: ignore[attr-defined]
-    return guard
-
-
 def test_the_echo_takes_back_every_cut_of_the_early_phase():
     # Two early rollbacks: the first echo batch happens to match the first loss (the cut
     # stands), the second differs 1e8x. Both cuts were judged by the same ratio tests
     # that this noise makes blind, so the LR returns to where the run started, not to the
     # first cut's tenth.
-    guard = _two_early_rollbacks()
+    plan = "ehhh" + "ehhh" + "h" + "eeh" * 20
+    guard, scales = _fitted(plan)
     kinds = _kinds(guard)
     assert kinds.count("rollback") == 2 and kinds.index("rollback") < kinds.index("noise")
-    assert min(guard.scales) < 0.1 - 1e-9  # the second cut went below the first
+    assert min(scales) < 0.1 - 1e-9  # the second cut went below the first
     assert guard.lr.scale == 1.0 and guard.control.scale == 1.0
     assert guard.control.cuts == 0
     assert guard.rollbacks == 2
     guard.close()
     # Saved between the two rollbacks, a resumed guard still knows where the early phase
     # began, and decides alike.
-    resumed = _two_early_rollbacks(resume_at=6)
-    assert resumed.scales == guard.scales  # type: ignore[attr-defined]
+    resumed, resumed_scales = _fitted(plan, resume_at=6)
+    assert resumed_scales == scales
     assert resumed.lr.scale == 1.0
     resumed.close()
