@@ -157,6 +157,20 @@ def test_a_stood_down_detector_has_no_early_check_and_keeps_its_late_one(make):
     assert gg.detect.judge(det, 1e4).spike
 
 
+@pytest.mark.parametrize("make", [gg.NormSpike, gg.LossSpike])
+def test_early_ratio_none_turns_the_early_check_off_and_keeps_the_late_one(make):
+    # For a model known to be trained (fine-tuning): its first batches may differ by
+    # decades, and only the window's own noise estimate judges them.
+    det = make(early_ratio=None)
+    assert feed(det, [1e-3, 1.0, 1e3, 1e-3, 5.0, 1e4, 1e-2, 1.0, 1e-3]) == [False] * 9
+    for _ in range(70):
+        gg.detect.judge(det, 1.0)
+    assert gg.detect.judge(det, 1e4).spike
+    det.load_state_dict(det.state_dict())  # its state round-trips like any other
+    with pytest.raises(gg.ConfigError, match="early_ratio"):
+        make(early_ratio=0.0)
+
+
 @pytest.mark.parametrize(("det", "spread", "odd"), [
     (gg.NormSpike(), 0.02, 3.5),  # norms: judged divided by the factor
     (gg.LossSpike(), 0.15, 2.0),  # losses: the z-score's std widened by it

@@ -11,15 +11,17 @@ def _kinds(guard: gg.Guard) -> list[str]:
     return [e["kind"] for e in guard.recorder.events]
 
 
-def _fitted(plan: str, resume_at: int | None = None) -> tuple[gg.Guard, list[float]]:
+def _fitted(plan: str, resume_at: int | None = None,
+            policy: gg.Policy | None = None) -> tuple[gg.Guard, list[float]]:
     """A model that already fits the easy batches (loss 1e-8) meets the batches of
     ``plan`` ('e' easy, 'h' hard: loss ~1); returns its guard and the LR scale after each
     step. ``resume_at``: save there and go on in a fresh guard, as a resumed run does."""
+    policy = policy or gg.Policy()
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(2.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    guard = gg.Guard(model, opt, log=None)
+    guard = gg.Guard(model, opt, log=None, policy=policy)
     x = torch.ones(4, 1)
     targets = {"e": torch.full((4, 1), 2.0 + 1e-4), "h": torch.full((4, 1), 3.0)}
     scales = []
@@ -27,7 +29,7 @@ def _fitted(plan: str, resume_at: int | None = None) -> tuple[gg.Guard, list[flo
         if i == resume_at:
             state = guard.state_dict(snapshots=True)
             guard.close()
-            guard = gg.Guard(model, opt, log=None)
+            guard = gg.Guard(model, opt, log=None, policy=policy)
             guard.load_state_dict(state)
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), targets[c])
@@ -100,3 +102,23 @@ def test_the_echo_takes_back_every_cut_of_the_early_phase():
     assert resumed_scales == scales
     assert resumed.lr.scale == 1.0
     resumed.close()
+
+
+def test_a_fine_tuning_policy_without_early_checks_leaves_a_trained_model_alone():
+    # The README's fine-tuning recipe. Its batches differ 1e8x: the default early check
+    # takes the first hard ones for spikes and skips them; with no early ratio test they
+    # are applied, and the window's own noise estimate judges the rest.
+    plan = "eeh" * 20
+    default, _ = _fitted(plan)
+    assert int(default.skipped) > 0
+    default.close()
+    policy = gg.Policy(grad_spike=gg.NormSpike(early_ratio=None),
+                       loss_spike=gg.LossSpike(early_ratio=None))
+    guard, scales = _fitted(plan, policy=policy)
+    assert not _kinds(guard) and set(scales) == {1.0}
+    assert int(guard.skipped) == 0
+    state = guard.state_dict()
+    guard.close()
+    again = gg.Guard(guard.model, guard.optimizer, log=None, policy=policy)
+    assert again.load_state_dict(state) == []  # a resumed fine-tuning run loads it all
+    again.close()

@@ -225,7 +225,9 @@ class NormSpike(_RobustWindow):
     more than ``z_thresh`` robust standard deviations (MAD-based) above the window's
     median *and* at least ``min_ratio`` times the median norm. Before that, a norm more
     than ``early_ratio`` times the median so far (plus ``z_thresh`` σ once three norms
-    exist) is a spike: a run that explodes from step one has no calm history. Spikes
+    exist) is a spike: a run that explodes from step one has no calm history
+    (``early_ratio=None``: no early test, for a model known to be trained, whose batches
+    can differ by decades; see the README's "Fine-tuning and resuming"). Spikes
     enter the window clipped to ``min_ratio`` × the median, so a lasting level shift is
     learned within a window or two, while a steady exponential blow-up keeps outrunning
     the median.
@@ -236,20 +238,23 @@ class NormSpike(_RobustWindow):
     """
 
     def __init__(self, window: int = 64, z_thresh: float = 6.0, warmup: int = 10,
-                 min_ratio: float = 3.0, early_ratio: float = 10.0) -> None:
+                 min_ratio: float = 3.0, early_ratio: float | None = 10.0) -> None:
         self.window = check_int("NormSpike.window", window, 4)
         self.z_thresh = check_positive("NormSpike.z_thresh", z_thresh)
         self.warmup = check_int("NormSpike.warmup", warmup, 1)
         if self.warmup > self.window:
             raise ConfigError(f"NormSpike.warmup ({warmup}) must be <= window ({window})")
         self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
-        self.early_ratio = check_positive("NormSpike.early_ratio", early_ratio)
+        self.early_ratio = None if early_ratio is None else \
+            check_positive("NormSpike.early_ratio", early_ratio)
         self.bind()
 
     def _bound(self, med: float, sigma: float) -> float:
         """The log norm above which a norm is a spike; also where a spike enters."""
         if self.count >= self.warmup:
             return med + max(self.z_thresh * sigma, math.log(self.min_ratio))
+        if self.early_ratio is None:
+            return math.inf
         spread = self.z_thresh * sigma if self.count >= 3 else 0.0
         return med + math.log(self.early_ratio) + spread
 
@@ -278,9 +283,8 @@ class NormSpike(_RobustWindow):
             # window or two, while a steady exponential blow-up outruns the median and
             # stays flagged.
             early = self.count < self.warmup
-            cap = med + (math.log(self.min_ratio) if not early else
-                         math.log(self.early_ratio) +
-                         (self.z_thresh * sigma if self.count >= 3 else 0.0))
+            cap = med + math.log(self.min_ratio) if not early else \
+                self._bound(med, sigma)
             self.learn(min(x, cap) if spike else x)
             if early and not spike:  # (only the early check reads the moves)
                 self._ordinary(x, log=True)
@@ -303,7 +307,8 @@ class LossSpike(_RobustWindow):
     too-high LR can wreck a model in its first few steps, before any statistics exist
     (with fewer than three losses, ``early_ratio`` squared: two batches alone can differ
     by ``early_ratio``). Early spikes enter clipped to that bound, so a run that settles
-    at a higher loss stops being flagged once the window has filled.
+    at a higher loss stops being flagged once the window has filled. ``early_ratio=None``
+    turns the early test off (a model known to be trained: fine-tuning).
 
     References: OLMo-core skips steps whose loss exceeds mean + 6σ of a rolling window
     (``olmo_core/optim/skip_step_optimizer.py``); here with median/MAD (Hampel 1974).
@@ -312,14 +317,16 @@ class LossSpike(_RobustWindow):
     _KEYS = ("buf", "count", "first")
 
     def __init__(self, window: int = 64, z_thresh: float = 6.0, ratio: float = 1.5,
-                 min_count: int = 10, early_ratio: float = 2.5, floor: float = 0.05) -> None:
+                 min_count: int = 10, early_ratio: float | None = 2.5,
+                 floor: float = 0.05) -> None:
         self.window = check_int("LossSpike.window", window, 4)
         self.z_thresh = check_positive("LossSpike.z_thresh", z_thresh)
         self.ratio = check_positive("LossSpike.ratio", ratio)
         self.min_count = check_int("LossSpike.min_count", min_count, 2)
         if self.min_count > self.window:
             raise ConfigError(f"LossSpike.min_count ({min_count}) must be <= window ({window})")
-        self.early_ratio = check_positive("LossSpike.early_ratio", early_ratio)
+        self.early_ratio = None if early_ratio is None else \
+            check_positive("LossSpike.early_ratio", early_ratio)
         self.floor = check_positive("LossSpike.floor", floor, allow_zero=True)
         self.bind()
 
@@ -347,7 +354,9 @@ class LossSpike(_RobustWindow):
         """(median, σ, log median, log σ, noise floor, early bound) for this noise."""
         med, sigma, lmed, lsig = self.summary()
         first = 0.0 if math.isnan(self.first) else abs(self.first)
-        early = (self.early_ratio if self.count >= 3 else self.early_ratio ** 2) * noise * med
+        ratio = self.early_ratio
+        early = math.inf if ratio is None else \
+            (ratio if self.count >= 3 else ratio ** 2) * noise * med
         return med, sigma * noise, lmed, lsig * noise, self.floor * first, early
 
     def limits(self, noise: float = 1.0) -> Limits:
@@ -373,7 +382,7 @@ class LossSpike(_RobustWindow):
         """The early check has nothing to judge by: the losses learned as ordinary already
         differ by more than its margin (a trained model's batches, from 0 to 0.3, or
         a fast first fall), so it waits for the window's noise estimate (log scale)."""
-        if not (med > 0 and math.isfinite(above)):
+        if not (med > 0 and math.isfinite(above)) or self.early_ratio is None:
             return False
         return self._noisy(max(above / med, self.early_ratio ** 2))
 
