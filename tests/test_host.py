@@ -52,6 +52,7 @@ def test_batch_noise_at_the_same_weights_takes_back_an_early_cut():
     noise = next(e for e in guard.recorder.events if e["kind"] == "noise")
     assert "batch noise, not the LR" in noise["message"]
     assert "batch noise, not the LR" in guard.verdict()
+    assert "early_ratio=None" in guard.verdict()  # how to turn the early checks off
     state = guard.state_dict()
     assert state["host"]["batch_noise"] > 1e6
     guard.close()

@@ -127,7 +127,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                "(Policy(clip_recurrent=False) turns that off)")
     noise = "" if batch_noise is None else (
         f"; an early rollback was batch noise, not the LR (two batches at the same weights "
-        f"differed {batch_noise:.3g}×): the LR was restored and the early checks stood down")
+        f"differed {batch_noise:.3g}×): the LR was restored and the early checks stood "
+        f"down; for a model that has already trained, NormSpike(early_ratio=None) and "
+        f"LossSpike(early_ratio=None) turn them off")
     if c is None or c.cuts == 0:
         retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
                    if c is not None and c.retries else "")
