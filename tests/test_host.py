@@ -105,6 +105,18 @@ def test_the_echo_takes_back_every_cut_of_the_early_phase():
     resumed.close()
 
 
+def test_a_rollback_the_early_loss_test_caused_is_early_after_the_controller_has_a_level():
+    # Seven easy batches, then hard ones: the streak at rows 7-9 comes after the
+    # controller's 8 losses, but the loss check is still on its first-steps ratio test
+    # (10 losses), so the rollback is an early one and the echo (a hard batch at the
+    # initial weights, 1e8x the first) takes its cut back.
+    guard, scales = _fitted("eeeeeee" + "hhhh" + "eeh" * 10)
+    kinds = _kinds(guard)
+    assert "rollback" in kinds and "noise" in kinds
+    assert min(scales) < 1 and guard.lr.scale == 1.0
+    guard.close()
+
+
 def test_a_fine_tuning_policy_without_early_checks_leaves_a_trained_model_alone():
     # The README's fine-tuning recipe. Its batches differ 1e8x: the default early check
     # takes the first hard ones for spikes and skips them; with no early ratio test they

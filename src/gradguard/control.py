@@ -506,6 +506,7 @@ class Controller:
         """
         cfg = self.cfg
         self.instabilities += 1
+        self._before_cut = None  # (set again below only if this instability cuts)
         sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run
         # that never got below where it started is failing at its LR, not by accident.

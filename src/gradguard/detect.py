@@ -227,7 +227,7 @@ class NormSpike(_RobustWindow):
     than ``early_ratio`` times the median so far (plus ``z_thresh`` σ once three norms
     exist) is a spike: a run that explodes from step one has no calm history
     (``early_ratio=None``: no early test, for a model known to be trained, whose batches
-    can differ by decades; see the README's "Fine-tuning and resuming"). Spikes
+    can differ by decades; see the README's "Fine-tuning a trained model"). Spikes
     enter the window clipped to ``min_ratio`` × the median, so a lasting level shift is
     learned within a window or two, while a steady exponential blow-up keeps outrunning
     the median.
@@ -283,8 +283,14 @@ class NormSpike(_RobustWindow):
             # window or two, while a steady exponential blow-up outruns the median and
             # stays flagged.
             early = self.count < self.warmup
-            cap = med + math.log(self.min_ratio) if not early else \
-                self._bound(med, sigma)
+            if not early:
+                margin = math.log(self.min_ratio)
+            elif self.early_ratio is None:
+                margin = math.inf
+            else:
+                margin = math.log(self.early_ratio) + \
+                    (self.z_thresh * sigma if self.count >= 3 else 0.0)
+            cap = med + margin
             self.learn(min(x, cap) if spike else x)
             if early and not spike:  # (only the early check reads the moves)
                 self._ordinary(x, log=True)

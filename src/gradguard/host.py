@@ -73,6 +73,7 @@ class HostSide:
         # The LR state before the first cut of the current early phase: what the echo
         # restores (every early cut was judged by the same noise-blind ratio tests).
         self.early_base: tuple[float, int, int | None, int] | None = None
+        self.loss_early = False  # (set per row by learn)
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -194,8 +195,12 @@ class HostSide:
             rec["grad_z"] = rec["loss_z"] = math.nan
             return
         ok = not rec["nonfinite"]
+        det = g.loss_spike
+        # Whether this row's loss was judged by the first-steps ratio test (its count
+        # before learning the row: the state the row's limit came from).
+        self.loss_early = checked and getattr(det, "count", 0) < getattr(det, "min_count", 0)
         rec["grad_z"] = g.grad_spike.observe(rec["grad_norm"], ok, rec["grad_spike"], noise)
-        rec["loss_z"] = g.loss_spike.observe(rec["loss"], ok, rec["loss_spike"], noise) \
+        rec["loss_z"] = det.observe(rec["loss"], ok, rec["loss_spike"], noise) \
             if checked else math.nan
 
     def echo(self, k: int, loss: float | None) -> None:
@@ -205,9 +210,10 @@ class HostSide:
         thing the early checks cannot measure (they judge a loss by a fixed ratio to the
         few before it, which assumes batches differ by less). A ratio above the loss
         check's early margin (``early_ratio``²; a trained model's batches, from 1e-7 to
-        0.3, when a guard starts on it) means the flags were that noise, not the LR: the
-        cut is taken back and the early checks stand down for the rest of the run, which
-        the level tests (log scale, noise from successive differences) then judge."""
+        0.3, when a guard starts on it) means the flags were that noise, not the LR: every
+        cut the early rollbacks made is taken back and the early checks stand down for the
+        rest of the run, which the level tests (log scale, noise from successive
+        differences) then judge."""
         ref, self.echo_ref = self.echo_ref, None
         g, c = self.g, self.g.control
         margin = getattr(g.loss_spike, "early_ratio", None)
@@ -229,11 +235,11 @@ class HostSide:
             action="recover", lr_scale=g.lr.scale, ratio=ratio)
 
     def early(self) -> bool:
-        """The early phase: the controller has no loss level yet, or the loss check still
-        judges by its early ratio test (it has too few losses for a noise estimate)."""
-        c, det = self.g.control, self.g.loss_spike
-        return (c is not None and not c.has_level()) or \
-            getattr(det, "count", 0) < getattr(det, "min_count", 0)
+        """The early phase: the controller has no loss level yet, or the latest row's loss
+        was judged by the loss check's first-steps ratio test (too few losses for a noise
+        estimate)."""
+        c = self.g.control
+        return (c is not None and not c.has_level()) or self.loss_early
 
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
@@ -298,6 +304,8 @@ class HostSide:
                              f"(max_rollbacks={rb.max_rollbacks})")
         if store is not None and store.good and may_roll:
             early = self.early()
+            if not early:
+                self.early_base = None  # (this row's loss gave the controller its level)
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing
             # that same test right after being restored (a streak that began within
