@@ -56,7 +56,10 @@ from typing import Any
 
 from .errors import ConfigError, check_int, check_positive
 
-__all__ = ["Controller", "Stability", "Verdict"]
+__all__ = ["Controller", "CutPoint", "Stability", "Verdict"]
+
+# The controller's LR state around a cut: (scale, probe wait, last raise, cuts).
+CutPoint = tuple[float, int, int | None, int]
 
 # Standard error of a sample median of n normal draws is about 1.2533·σ/√n (Kenney &
 # Keeping 1962); σ itself comes from the MAD (1.4826 × median absolute deviation).
@@ -556,14 +559,14 @@ class Controller:
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)
 
-    def cut_point(self) -> tuple[float, int, int | None, int]:
+    def cut_point(self) -> CutPoint:
         """The LR state (scale, probe wait, last raise, cuts) before the cut just made, or
         the present one when none was made; :meth:`not_the_lr` can return to it."""
         if self._before_cut is not None:
             return (*self._before_cut, self.cuts - 1)
         return (self.scale, self.probe_wait, self.last_raise, self.cuts)
 
-    def not_the_lr(self, point: tuple[float, int, int | None, int] | None = None) -> Verdict:
+    def not_the_lr(self, point: CutPoint | None = None) -> Verdict:
         """Take back the cut just made (or, given a :meth:`cut_point`, every cut since it):
         the failure was a damaged snapshot's or batch noise, not the LR's (the loss was
         wrecked at once after a restore, before anything could develop)."""

@@ -28,6 +28,7 @@ import numpy as np
 from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
+from .control import CutPoint
 from .detect import DepthTrend, Drift, LayerAttribution
 from .params import InputWatch
 from .respond import Action, TrainingDivergedError
@@ -72,7 +73,7 @@ class HostSide:
         self.batch_noise: float | None = None
         # The LR state before the first cut of the current early phase: what the echo
         # restores (every early cut was judged by the same noise-blind ratio tests).
-        self.early_base: tuple[float, int, int | None, int] | None = None
+        self.early_base: CutPoint | None = None
         self.loss_early = False  # (set per row by learn)
 
     def start(self) -> None:
@@ -172,8 +173,6 @@ class HostSide:
                 g.recorder.event(k, kind, msg, action="warn")
         if k < self.ignore_rows_before:
             return False  # a step taken before the last rollback took effect
-        if self.early_base is not None and not self.early():
-            self.early_base = None  # the early phase is over: later cuts are the level's
         if self.echo_ref is not None:
             self.echo(k, rec["loss"])
         rolled = self.escalate(rec, bool(flagged))
@@ -277,6 +276,8 @@ class HostSide:
         loss = rec["loss"]
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]))
+        if self.early_base is not None and not self.early():
+            self.early_base = None  # the early phase is over: later cuts are the level's
         may_roll = True
         if verdict.unstable is None:
             forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])
@@ -304,8 +305,6 @@ class HostSide:
                              f"(max_rollbacks={rb.max_rollbacks})")
         if store is not None and store.good and may_roll:
             early = self.early()
-            if not early:
-                self.early_base = None  # (this row's loss gave the controller its level)
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing
             # that same test right after being restored (a streak that began within
