@@ -9,6 +9,7 @@ from typing import Any
 
 from .bench import QUICK, BenchConfig
 from .bench.metrics import SummaryRow
+from .events import counted
 
 OUT = Path("gradguard-runs") / "demo"
 
@@ -50,8 +51,8 @@ def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[
             metric = (f", {info['metric']} {g['final_metric']:.3f}"
                       if g["final_metric"] is not None else "")
             kept = (f"with the default guard it trained to a test loss of "
-                    f"{g['final_test_loss']:.4g}{metric} ({g['skipped']} steps skipped, "
-                    f"{g['clipped']} clipped)")
+                    f"{g['final_test_loss']:.4g}{metric} "
+                    f"({counted(int(g['skipped']), 'step')} skipped, {g['clipped']} clipped)")
         mine = [s for s in summary if s.scenario == scn]
         widest = max((s.stable_decades for s in mine if s.stable_decades is not None),
                      default=None)
@@ -59,7 +60,8 @@ def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[
         if widest is not None:
             best = [s for s in mine if s.stable_decades == widest]
             span = (f"lr {best[0].stable_lo:.2g}" if widest == 0 else
-                    f"{widest:.2g} decades, lr {best[0].stable_lo:.2g}–{best[0].stable_hi:.2g}")
+                    f"{widest:.2g} decade{'' if widest == 1 else 's'}, "
+                    f"lr {best[0].stable_lo:.2g}–{best[0].stable_hi:.2g}")
             wide = (f"; widest stable LR range on this grid: "
                     f"{', '.join(s.remedy for s in best)} ({span})")
         said = _verdict(out, scn)

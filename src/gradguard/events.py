@@ -100,6 +100,11 @@ def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
             "recent_events": ev[-10:]}
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1 ("1 bad step", "3 bad steps")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None, batch_noise: float | None = None) -> str:
@@ -108,7 +113,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     model; ``recurrent_clipped``: the steps any clipping changed in such a run;
     ``batch_noise``: the ratio the restore echo measured when it took an early cut back)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
-    bad = f"{skipped} bad step(s) skipped" if skipped else "no step skipped"
+    bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control
     # (No threshold is advised: the typical norm falls as the loss does, so its value at
     # the end would cripple the start of a run clipped to it.)
@@ -123,7 +128,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         why = (f"recurrent layers ({', '.join(recurrent[:2])}{more})" if recurrent
                else "clip_recurrent='always'")
         rnn = (f"; {why}: every step was clipped to at most {ratio:g}× the typical gradient "
-               f"norm, {recurrent_clipped} step(s) clipped in all "
+               f"norm, {counted(recurrent_clipped, 'step')} clipped in all "
                "(Policy(clip_recurrent=False) turns that off)")
     noise = "" if batch_noise is None else (
         f"; an early rollback was batch noise, not the LR (two batches at the same weights "
@@ -131,7 +136,8 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         f"down; for a model that has already trained, NormSpike(early_ratio=None) and "
         f"LossSpike(early_ratio=None) turn them off")
     if c is None or c.cuts == 0:
-        retried = (f"; {c.retries} rollback(s) after sudden failures, retried at the same LR"
+        retried = (f"; {counted(c.retries, 'rollback')} after sudden failures, retried at the "
+                   "same LR"
                    if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
         return f"{state}: {bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
@@ -140,7 +146,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
     except (TypeError, ValueError):
         at = f"×{c.scale:.3g} of your LR"
-    return (f"unstable at your LR: the guard lowered it {c.cuts} time(s) ({rollbacks} "
-            f"rollback(s)), it was scaled down on {share:.0%} of steps, and the run ended "
+    times = "once" if c.cuts == 1 else f"{c.cuts} times"
+    return (f"unstable at your LR: the guard lowered it {times} "
+            f"({counted(rollbacks, 'rollback')}), it was scaled down on {share:.0%} of steps, "
+            "and the run ended "
             f"stable at {at}; {bad}{noise}{clipped}{rnn}. Set that LR (or warm up to it) to "
             "train without the guard's help")
