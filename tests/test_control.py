@@ -403,3 +403,57 @@ def test_recurrent_nets_learn_at_their_exploding_lr_clipped_from_the_first_step(
     learned = [sum(v < 0.5 for v in losses) for losses in ([v for v, _ in on], off)]
     assert learned[0] >= 4 and learned[0] > learned[1]
     assert np.median([v for v, _ in on]) < np.median(off)
+
+
+def _spiky_history(ctrl, n, rate, seed=0):
+    """n rows of a flat loss where independent bad batches (spiking losses) come at about
+    a rate, with no three in a row (so the history itself raises nothing) and the first
+    rows clean (the early phase judges any flag streak); ends on a clean row."""
+    gen = np.random.default_rng(seed)
+    bad = gen.random(n) < rate
+    bad[:20] = False
+    for i in range(2, n):
+        bad[i] &= not (bad[i - 1] and bad[i - 2])
+    bad[-1] = False
+    for i in range(n):
+        loss = 50.0 if bad[i] else 1.0 + 0.05 * gen.random()
+        assert ctrl.observe(i, loss, bool(bad[i]), bool(bad[i])).unstable is None
+    return n
+
+
+def test_a_streak_of_bad_batches_is_judged_against_the_runs_own_rate_of_them():
+    # Mechanism 3 of the stability issue: where a third of the batches spike (label noise),
+    # three in a row happen by chance every ~30 steps; seven in a row do not.
+    ctrl = Controller(gg.Stability())
+    k = _spiky_history(ctrl, 250, rate=1 / 3)
+    assert 0.25 < ctrl.bad_rate() < 0.42
+    need = ctrl.streak_needed()
+    assert need == math.ceil(math.log(1e-3) / math.log(ctrl.bad_rate()))
+    for i in range(need - 1):
+        assert ctrl.observe(k + i, 50.0, True, True).unstable is None
+    v = ctrl.observe(k + need - 1, 50.0, True, True)
+    assert v.unstable is not None and f"{need} in a row are needed" in v.unstable
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.02, 0.1])
+def test_at_ordinary_fault_rates_three_bad_steps_in_a_row_are_instability(rate):
+    ctrl = Controller(gg.Stability())
+    k = _spiky_history(ctrl, 250, rate=rate, seed=1)
+    assert ctrl.streak_needed() == 3
+    out = [ctrl.observe(k + i, math.nan, True, True) for i in range(3)]
+    assert [v.unstable is not None for v in out] == [False, False, True]
+    assert "needed" not in out[-1].unstable
+
+
+def test_the_bad_batch_rate_survives_a_rollback_and_a_save():
+    ctrl = Controller(gg.Stability())
+    _spiky_history(ctrl, 250, rate=1 / 3)
+    traj = ctrl.trajectory()
+    ctrl.load_trajectory(traj)  # a rollback restores the trajectory, not the data's rate
+    rate, need = ctrl.bad_rate(), ctrl.streak_needed()
+    fresh = Controller(gg.Stability())
+    fresh.load_state_dict(ctrl.state_dict())
+    assert fresh.bad_rate() == rate and fresh.streak_needed() == need > 3
+    old = {k: v for k, v in ctrl.state_dict().items() if k != "bad_rows"}
+    fresh.load_state_dict(old)  # a state saved before the rate was kept
+    assert fresh.bad_rate() == 0.0 and fresh.streak_needed() == 3

@@ -9,7 +9,8 @@ late, which a trend measured over tens of steps does not mind). Three classes of
   normal ones: a bad batch. The device skips it; the LR is left alone, and it does not
   count towards instability.
 * **persistent instability** — ``bad_steps`` steps in a row whose loss was NaN/Inf or
-  spiked, or the loss *level*
+  spiked (more where the run's data brings such batches so often that independent ones
+  line up: :meth:`Controller.streak_needed`), or the loss *level*
   (the median of recent losses, robust to single bad batches) rising to more than
   (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
   errors wide), or above (1 + ``rise``) × the first loss (plus ``z`` σ of one sample's
@@ -61,6 +62,10 @@ __all__ = ["Controller", "CutPoint", "Stability", "Verdict"]
 # The controller's LR state around a cut: (scale, probe wait, last raise, cuts).
 CutPoint = tuple[float, int, int | None, int]
 
+# A streak of bad batches counts as instability only when independent bad batches, at the
+# rate this run has seen them, would produce it less often than once in this many steps.
+_STREAK_FALSE_RATE = 1e-3
+
 # Standard error of a sample median of n normal draws is about 1.2533·σ/√n (Kenney &
 # Keeping 1962); σ itself comes from the MAD (1.4826 × median absolute deviation).
 _MEDIAN_SE = 1.2533
@@ -90,7 +95,8 @@ class Stability:
             near zero are not flagged for doubling).
         bad_steps: this many steps in a row with a NaN/Inf or spiking loss (or, before a
             loss level exists, this many flagged steps in a row) are instability, not bad
-            batches.
+            batches; at least: where bad batches are common, more are needed
+            (:meth:`Controller.streak_needed`).
         decrease: LR scale multiplier when a run that had been training well (level
             fallen to under 1/(1 + ``rise``) of the first loss) breaks with a streak of bad
             steps: near its edge (a backtracking factor). The probe raises the scale by
@@ -210,6 +216,9 @@ class Controller:
         self.streak = 0
         self.nan_streak = 0
         # memory
+        # Whether each recent row's loss was bad (NaN/Inf or a spike): the data's own rate of
+        # bad batches, which a rollback does not change.
+        self.bad_rows: deque[bool] = deque(maxlen=cfg.probe_after)
         self.scale = 1.0
         self.calm = 0
         self.probe_wait = cfg.probe_after
@@ -230,6 +239,34 @@ class Controller:
         # Whether the guard's chain clamps steps to the typical norm (its spike clamp).
         self.can_clip = can_clip
         self.clip_since: int | None = None  # the row from which every step is clipped
+
+    # -- bad-batch streaks -----------------------------------------------------------------
+    def bad_rate(self) -> float:
+        """The share of recent rows whose loss was bad (NaN/Inf or a spike), before the
+        current streak (0 with fewer than ``window`` such rows)."""
+        rows = list(self.bad_rows)[: len(self.bad_rows) - self.nan_streak]
+        return sum(rows) / len(rows) if len(rows) >= self.cfg.window else 0.0
+
+    def streak_needed(self) -> int:
+        """How many bad rows in a row count as instability: ``bad_steps``, or more when this
+        run's data brings bad batches so often that independent ones line up.
+
+        With bad batches independent at rate p (measured over the last ``probe_after``
+        rows before the streak), k in a row happen at a given step with probability pᵏ;
+        the streak counts once pᵏ is below 1e-3 (a false alarm less than once in a
+        thousand steps), capped at ``window`` rows. At the rates faults usually come (up
+        to 10 %) that is the default 3; heavy-tailed label noise that spikes a third of the
+        batches needs 7. A real blow-up flags every step after a history of few flags, so it
+        is still caught after ``bad_steps``. The reasoning is a run-length test on a
+        Bernoulli sequence (Feller 1968, §XIII.7).
+        """
+        p = self.bad_rate()
+        if p <= 0:
+            return self.cfg.bad_steps
+        if p >= 1:
+            return self.cfg.window
+        k = math.ceil(math.log(_STREAK_FALSE_RATE) / math.log(p) - 1e-9)
+        return max(self.cfg.bad_steps, min(self.cfg.window, k))
 
     # -- the loss level ------------------------------------------------------------------
     def has_level(self) -> bool:
@@ -421,6 +458,7 @@ class Controller:
             self.scaled_rows += 1
         self.streak = self.streak + 1 if flagged else 0
         self.nan_streak = self.nan_streak + 1 if loss_bad else 0
+        self.bad_rows.append(bool(loss_bad))
         if loss is not None and math.isfinite(loss):
             if self.first_loss is None:
                 self.first_loss = float(loss)
@@ -433,8 +471,11 @@ class Controller:
         reason = None
         climb = giveback = False
         lv = self.level()
-        if self.nan_streak >= cfg.bad_steps:
-            reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss"
+        if self.nan_streak >= cfg.bad_steps and self.nan_streak >= (need := self.streak_needed()):
+            rate = "" if need == cfg.bad_steps else (
+                f" (bad batches come at a rate of {self.bad_rate():.0%} in this run, so "
+                f"{need} in a row are needed)")
+            reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss{rate}"
         elif lv is None and self.streak >= cfg.bad_steps:
             # Early phase: no loss level to judge by yet, so any flag streak is evidence.
             # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps, so
@@ -613,7 +654,8 @@ class Controller:
                 "first_loss": self.first_loss,
                 "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
-                "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since}
+                "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since,
+                "bad_rows": [int(b) for b in self.bad_rows]}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.load_trajectory(s)
@@ -630,5 +672,8 @@ class Controller:
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}
+        # (absent from a state saved before it existed)
+        self.bad_rows = deque((bool(b) for b in s.get("bad_rows", [])),
+                              maxlen=self.cfg.probe_after)
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)

@@ -1,0 +1,269 @@
+"""No-harm cases: healthy training runs outside the bench, guarded and not, paired by seed.
+
+A guard must never make a healthy run worse. The bench checks that at the LRs where its
+seven scenarios converge; these cases are *not* among them and were not used to choose any
+setting. Each is an ordinary setup at a sensible LR, picked for what usually trips a
+guard: tiny batches (noisy losses that look like spikes), Adam and AdamW (no warm-up),
+recurrent layers (heavy-tailed gradient norms, and the guard's recurrent clip), a CNN, and
+labels with heavy-tailed noise (loss spikes that are the data's, not the run's).
+
+- ``mlp-sgd-bs4``: MLP 784-128-10 on the MNIST subset (standardised), SGD lr 0.01,
+  batch 4.
+- ``mlp-adamw-bs8``: the same MLP, AdamW lr 1e-3, batch 8.
+- ``cnn-adam``: two conv layers + max-pool + linear on MNIST, Adam lr 1e-3, batch 32,
+  300 steps.
+- ``lstm-adam``: an LSTM (64 units) reading 30 Gaussian values, asked for the scaled sum
+  of values 20-24 (MSE), Adam lr 3e-3.
+- ``gru-sgdm``: the same task with a GRU, SGD momentum 0.9, lr 0.03.
+- ``wine-cauchy`` (reported apart, as its unguarded run is not healthy): least squares on
+  the standardised wine data with Cauchy noise (scale 3) on 10 % of the training targets
+  (a fixed draw), SGD lr 0.01, batch 16; the held-out loss uses the clean targets.
+
+For every case and seed (the seed fixes the init, the split and the batch order) two arms
+run on identical batches: ``none`` (``optimizer.step()``) and ``gradguard``
+(``gg.Guard(model, opt)``, all defaults). Reported per case: the median held-out loss of
+each arm, the median of the seed-paired differences (guard − none), how many seeds got
+worse and better, and *harm*, the bench's test (benchmarks/RESULTS.md): the median paired
+difference exceeds two standard errors of such a median, 2·√2·1.2533·σ/√n, with σ the
+robust spread (1.4826 × MAD) of the unguarded seeds. A sign test on the worse/better
+counts is shown beside it: a consistent small cost shows there before a median test sees
+it.
+
+    .venv/bin/python benchmarks/noharm.py            # writes benchmarks/NOHARM.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import gradguard as gg
+from gradguard.bench.runner import cpu_model
+from gradguard.scenarios import data as scenario_data
+
+HERE = Path(__file__).resolve().parent
+
+
+def _mnist() -> tuple[Tensor, Tensor, Tensor]:
+    x, y = scenario_data.mnist()
+    x = x.float().reshape(len(x), -1)
+    x = (x - x.mean()) / x.std()
+    return x, y, y
+
+
+def _memory() -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(123)
+    x = torch.randn(4000, 30, generator=gen)
+    y = x[:, 20:25].sum(1, keepdim=True) / math.sqrt(5)
+    return x, y, y
+
+
+def _wine_cauchy() -> tuple[Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_wine
+
+    x, _ = load_wine(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    clean, x = x[:, :1].clone(), x[:, 1:]
+    gen = torch.Generator().manual_seed(7)
+    hit = torch.randperm(len(clean), generator=gen)[: len(clean) // 10]
+    noisy = clean.clone()
+    u = torch.rand(len(hit), 1, generator=gen)
+    noisy[hit] += 3 * torch.tan(math.pi * (u - 0.5))  # Cauchy by inverse CDF
+    return x, noisy, clean
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, kind)(1, 64, batch_first=True)
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x.unsqueeze(-1))
+        return self.out(h[:, -1])
+
+
+# name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
+#          steps, note)
+Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
+             Callable[[Tensor, Tensor], Tensor],
+             Callable[[list[nn.Parameter]], torch.optim.Optimizer], int, int, str]
+
+_CE, _MSE = nn.functional.cross_entropy, nn.functional.mse_loss
+
+
+def cases() -> dict[str, Case]:
+    return {
+        "mlp-sgd-bs4": (_mnist, _mlp, _CE, lambda p: torch.optim.SGD(p, lr=0.01), 4, 600,
+                        "MNIST MLP, SGD lr 0.01, batch 4"),
+        "mlp-adamw-bs8": (_mnist, _mlp, _CE, lambda p: torch.optim.AdamW(p, lr=1e-3), 8, 600,
+                          "MNIST MLP, AdamW lr 1e-3, batch 8"),
+        "cnn-adam": (_mnist, _cnn, _CE, lambda p: torch.optim.Adam(p, lr=1e-3), 32, 300,
+                     "MNIST CNN, Adam lr 1e-3, batch 32"),
+        "lstm-adam": (_memory, lambda: _Recurrent("LSTM"), _MSE,
+                      lambda p: torch.optim.Adam(p, lr=3e-3), 32, 600,
+                      "LSTM memory task, Adam lr 3e-3, batch 32"),
+        "gru-sgdm": (_memory, lambda: _Recurrent("GRU"), _MSE,
+                     lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9), 32, 600,
+                     "GRU memory task, SGD momentum lr 0.03, batch 32"),
+    }
+
+
+def noisy_cases() -> dict[str, Case]:
+    """Cases whose unguarded run is not healthy because of the data (reported apart: the
+    harm test needs a converging unguarded run)."""
+    return {
+        "wine-cauchy": (_wine_cauchy, lambda: nn.Linear(12, 1), _MSE,
+                        lambda p: torch.optim.SGD(p, lr=0.01), 16, 600,
+                        "wine least squares, Cauchy noise on 10 % of targets, SGD lr 0.01"),
+    }
+
+
+def run(case: Case, guarded: bool, seed: int, steps: int | None = None
+        ) -> tuple[float, dict[str, int]]:
+    """(held-out loss on the clean targets, what the guard did) of one run; a guarded run
+    that gives up (``TrainingDivergedError``) is evaluated where it stopped."""
+    data, make_model, loss_fn, make_opt, batch, own_steps, _ = case
+    x, y, clean = data()
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_opt(list(model.parameters()))
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n = int(0.8 * len(x))
+    train, test = perm[:n], perm[n:]
+    guard = gg.Guard(model, opt, log=None) if guarded else None
+    gave_up = False
+    for _ in range(own_steps if steps is None else steps):
+        idx = train[torch.randint(0, n, (batch,), generator=gen)]
+        opt.zero_grad()
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        if guard is None:
+            opt.step()
+            continue
+        try:
+            guard.step(loss)
+        except gg.TrainingDivergedError:
+            gave_up = True
+            break
+    acted: dict[str, int] = {}
+    if guard is not None:
+        d = guard.diagnosis()
+        acted = {"flagged": int(d["events"].get("nonfinite", 0) + d["events"].get(
+            "grad_spike", 0) + d["events"].get("loss_spike", 0)),
+            "rollbacks": int(d["rollbacks"]), "lr_cut": int(d["lr_scale"] < 1),
+            "gave_up": int(gave_up)}
+        guard.close()
+    with torch.no_grad():
+        held_out = float(loss_fn(model(x[test]), clean[test]))
+    return (held_out if math.isfinite(held_out) else math.inf), acted
+
+
+def _sign_p(worse: int, better: int) -> float:
+    """Two-sided exact sign test (ties dropped)."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    k = max(worse, better)
+    tail = sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(none: list[float], guard: list[float]) -> dict[str, float]:
+    """The paired comparison of one case (see the module docstring)."""
+    diff = [g - u for u, g in zip(none, guard, strict=True)]
+    med_u = statistics.median(none)
+    mad = statistics.median(abs(v - med_u) for v in none)
+    se = math.sqrt(2) * 1.2533 * 1.4826 * mad / math.sqrt(len(none))
+    worse = sum(d > 0 for d in diff)
+    better = sum(d < 0 for d in diff)
+    med_d = statistics.median(diff)
+    return {"none": med_u, "guard": statistics.median(guard), "diff": med_d,
+            "worse": worse, "better": better, "bound": 2 * se,
+            "harm": float(med_d > 2 * se), "p": _sign_p(worse, better)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per run (default: each case's own)")
+    ap.add_argument("--out", type=Path, default=HERE / "NOHARM.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    lines = [
+        "# No-harm cases: healthy runs outside the bench, guarded and not", "",
+        "Produced by `python benchmarks/noharm.py` "
+        f"(torch {torch.__version__}, gradguard {gg.__version__}, "
+        f"{platform.machine()} {cpu_model()}, 1 thread; {args.seeds} seeds). Held-out loss; "
+        "*diff* is the median of the seed-paired differences guard − none; *harm* is the "
+        "bench's test (the median difference above two standard errors, *bound*); the sign "
+        "test's p-value is over the seeds that changed. See the module docstring for the "
+        "cases.", "",
+        "| case | setup | none | gradguard | diff | bound | worse / better | sign p | harm "
+        "| guard acted (seeds: flagged a step / rolled back / cut the LR) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    harmed = []
+    for name, case in cases().items():
+        none = [run(case, False, s, args.steps)[0] for s in range(args.seeds)]
+        res = [run(case, True, s, args.steps) for s in range(args.seeds)]
+        r = paired(none, [v for v, _ in res])
+        acted = [a for _, a in res]
+        did = (f"{sum(a['flagged'] > 0 for a in acted)} / "
+               f"{sum(a['rollbacks'] > 0 for a in acted)} / {sum(a['lr_cut'] for a in acted)}"
+               + (f" ({sum(a['gave_up'] for a in acted)} gave up)"
+                  if any(a["gave_up"] for a in acted) else ""))
+        if r["harm"]:
+            harmed.append(name)
+        lines.append(
+            f"| {name} | {case[6]} | {r['none']:.4g} | {r['guard']:.4g} | {r['diff']:+.3g} "
+            f"| {r['bound']:.3g} | {r['worse']:.0f} / {r['better']:.0f} | {r['p']:.2g} | "
+            f"{'**harm**' if r['harm'] else 'none'} | {did} |")
+        print(name, r, did, flush=True)
+    lines += ["", "## Verdict", "",
+              (f"Harm by the bench's test on: {', '.join(harmed)}." if harmed else
+               "No harm by the bench's test on any case."), "",
+              "## Noisy labels (the unguarded run is not healthy)", "",
+              "Per seed, held-out loss on the clean targets; *gave up*: the guard raised "
+              "`TrainingDivergedError` (evaluated where it stopped).", "",
+              "| case | setup | none, per seed | gradguard, per seed | median none / guard "
+              "| gave up |", "|---|---|---|---|---:|---:|"]
+    for name, case in noisy_cases().items():
+        none = [run(case, False, s, args.steps)[0] for s in range(args.seeds)]
+        res = [run(case, True, s, args.steps) for s in range(args.seeds)]
+        guard = [v for v, _ in res]
+        lines.append(
+            f"| {name} | {case[6]} | {' '.join(f'{v:.3g}' for v in none)} | "
+            f"{' '.join(f'{v:.3g}' for v in guard)} | {statistics.median(none):.3g} / "
+            f"{statistics.median(guard):.3g} | {sum(a['gave_up'] for _, a in res)} |")
+        print(name, statistics.median(none), statistics.median(guard), flush=True)
+    lines += ["", f"Wall time {time.perf_counter() - t0:.0f} s.", ""]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
