@@ -4,12 +4,16 @@ A guard must never make a healthy run worse. The bench checks that at the LRs wh
 seven scenarios converge; these cases are *not* among them and were not used to choose any
 setting. Each is an ordinary setup at a sensible LR, picked for what usually trips a
 guard: tiny batches (noisy losses that look like spikes), Adam and AdamW (no warm-up),
-recurrent layers (heavy-tailed gradient norms, and the guard's recurrent clip), a CNN, and
-labels with heavy-tailed noise (loss spikes that are the data's, not the run's).
+label noise, recurrent layers (heavy-tailed gradient norms, and the guard's recurrent
+clip) and a CNN; and, reported apart, labels with heavy-tailed noise (loss spikes that
+are the data's, not the run's).
 
 - ``mlp-sgd-bs4``: MLP 784-128-10 on the MNIST subset (standardised), SGD lr 0.01,
   batch 4.
 - ``mlp-adamw-bs8``: the same MLP, AdamW lr 1e-3, batch 8.
+- ``mlp-flip20``: the same MLP with 20 % of the training labels replaced by random
+  classes (a fixed draw; the held-out loss uses the true labels), SGD momentum 0.9,
+  lr 0.05, batch 32.
 - ``cnn-adam``: two conv layers + max-pool + linear on MNIST, Adam lr 1e-3, batch 32,
   300 steps.
 - ``lstm-adam``: an LSTM (64 units) reading 30 Gaussian values, asked for the scaled sum
@@ -57,6 +61,15 @@ def _mnist() -> tuple[Tensor, Tensor, Tensor]:
     x = x.float().reshape(len(x), -1)
     x = (x - x.mean()) / x.std()
     return x, y, y
+
+
+def _mnist_flipped() -> tuple[Tensor, Tensor, Tensor]:
+    x, y, _ = _mnist()
+    gen = torch.Generator().manual_seed(11)
+    hit = torch.rand(len(y), generator=gen) < 0.2
+    noisy = y.clone()
+    noisy[hit] = torch.randint(0, 10, (int(hit.sum()),), generator=gen)
+    return x, noisy, y
 
 
 def _memory() -> tuple[Tensor, Tensor, Tensor]:
@@ -118,6 +131,9 @@ def cases() -> dict[str, Case]:
                         "MNIST MLP, SGD lr 0.01, batch 4"),
         "mlp-adamw-bs8": (_mnist, _mlp, _CE, lambda p: torch.optim.AdamW(p, lr=1e-3), 8, 600,
                           "MNIST MLP, AdamW lr 1e-3, batch 8"),
+        "mlp-flip20": (_mnist_flipped, _mlp, _CE,
+                       lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 32, 600,
+                       "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05"),
         "cnn-adam": (_mnist, _cnn, _CE, lambda p: torch.optim.Adam(p, lr=1e-3), 32, 300,
                      "MNIST CNN, Adam lr 1e-3, batch 32"),
         "lstm-adam": (_memory, lambda: _Recurrent("LSTM"), _MSE,
