@@ -29,11 +29,3 @@ def test_the_verdict_counts_in_words_a_reader_expects():
     guard.close()
     assert guard.verdict().startswith("stable: 1 bad step skipped, the LR was never changed")
 
-
-def test_giving_up_names_the_data_when_bad_batches_are_common():
-    from gradguard.events import give_up
-
-    rare = give_up("loss level rose", 1e-3, 0.01, None, bad_rate=0.05)
-    assert "unstable at any LR" in rare and "Or the data" not in rare
-    common = give_up("loss level rose", 1e-3, 0.01, None, bad_rate=0.3)
-    assert "Or the data: 30% of the recent batches" in common and "HuberLoss" in common

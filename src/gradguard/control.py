@@ -218,7 +218,7 @@ class Controller:
         # memory
         # Whether each recent row's loss was bad (NaN/Inf or a spike): the data's own rate of
         # bad batches, which a rollback does not change.
-        self.bad_rows: deque[bool] = deque(maxlen=cfg.probe_after)
+        self.bad_rows: deque[bool] = deque(maxlen=max(cfg.probe_after, cfg.window))
         self.scale = 1.0
         self.calm = 0
         self.probe_wait = cfg.probe_after
@@ -244,7 +244,7 @@ class Controller:
     def bad_rate(self) -> float:
         """The share of recent rows whose loss was bad (NaN/Inf or a spike), before the
         current streak (0 with fewer than ``window`` such rows)."""
-        rows = list(self.bad_rows)[: len(self.bad_rows) - self.nan_streak]
+        rows = list(self.bad_rows)[: max(0, len(self.bad_rows) - self.nan_streak)]
         return sum(rows) / len(rows) if len(rows) >= self.cfg.window else 0.0
 
     def streak_needed(self) -> int:
@@ -252,19 +252,21 @@ class Controller:
         run's data brings bad batches so often that independent ones line up.
 
         With bad batches independent at rate p (measured over the last ``probe_after``
-        rows before the streak), k in a row happen at a given step with probability pᵏ;
-        the streak counts once pᵏ is below 1e-3 (a false alarm less than once in a
-        thousand steps), capped at ``window`` rows. At the rates faults usually come (up
-        to 10 %) that is the default 3; heavy-tailed label noise that spikes a third of the
-        batches needs 7. A real blow-up flags every step after a history of few flags, so it
-        is still caught after ``bad_steps``. The reasoning is a run-length test on a
-        Bernoulli sequence (Feller 1968, §XIII.7).
+        rows before the streak, or ``window`` if that is longer; the rows of a streak that
+        was found to be instability do not count: they were not independent), k in a row
+        happen at a given step with probability pᵏ; the streak counts once pᵏ is below
+        1e-3 (a false alarm less than once in a thousand steps), capped at ``window``
+        rows. At the rates faults usually come (up to 10 %) that is the default 3;
+        heavy-tailed label noise that spikes a third of the batches needs 7. A real blow-up
+        flags every step after a history of few flags, so it is still caught after
+        ``bad_steps``. The reasoning is a run-length test on a Bernoulli sequence (Feller
+        1968, §XIII.7).
         """
         p = self.bad_rate()
         if p <= 0:
             return self.cfg.bad_steps
         if p >= 1:
-            return self.cfg.window
+            return max(self.cfg.bad_steps, self.cfg.window)
         k = math.ceil(math.log(_STREAK_FALSE_RATE) / math.log(p) - 1e-9)
         return max(self.cfg.bad_steps, min(self.cfg.window, k))
 
@@ -550,6 +552,10 @@ class Controller:
         """
         cfg = self.cfg
         self.instabilities += 1
+        # The bad rows that ended in this instability were the run's, not independent bad
+        # batches: they must not raise the bar for the next streak.
+        for i in range(1, min(self.nan_streak, len(self.bad_rows)) + 1):
+            self.bad_rows[-i] = False
         self._before_cut = None  # (set again below only if this instability cuts)
         sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run
@@ -674,6 +680,6 @@ class Controller:
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}
         # (absent from a state saved before it existed)
         self.bad_rows = deque((bool(b) for b in s.get("bad_rows", [])),
-                              maxlen=self.cfg.probe_after)
+                              maxlen=max(self.cfg.probe_after, self.cfg.window))
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)

@@ -68,10 +68,8 @@ def data_origin(recorder: Recorder, inputs: Any, last: int = 3) -> bool:
     return len(steps) >= last and inputs.all_bad(steps)
 
 
-def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
-            bad_rate: float = 0.0) -> str:
-    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad
-    (``bad_rate``: the share of recent batches whose loss was NaN/Inf or spiked)."""
+def give_up(reason: str, scale: float, lr: Any, from_data: str | None) -> str:
+    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad."""
     if from_data:
         return (f"{reason}: the inputs of the first layer ({from_data}) held NaN/Inf on "
                 "every recent failing step, so the data carries them, not the model or the "
@@ -81,16 +79,10 @@ def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
         at = f" (lr {float(lr) * scale:.3g})"
     except (TypeError, ValueError):
         at = ""
-    # At the fault rates the streak test is built for (up to 1 batch in 10) the data is
-    # not the first suspect; past that, it may be.
-    data = "" if bad_rate <= 0.1 else (
-        f" Or the data: {bad_rate:.0%} of the recent batches had a NaN/Inf or spiking loss "
-        "(outliers or heavy-tailed label noise pull every step towards them: clean them, "
-        "or train with a robust loss such as torch.nn.HuberLoss)")
     return (f"{reason}, and the LR is already scaled ×{scale:.3g}{at}: this run is unstable "
             "at any LR the guard can give it. The base LR, the initialisation or the "
             "inputs' scale is the problem: run `gradguard doctor` on this model, or start "
-            "from a much lower LR" + (f".{data}" if data else ""))
+            "from a much lower LR")
 
 
 def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
@@ -144,9 +136,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         f"down; for a model that has already trained, NormSpike(early_ratio=None) and "
         f"LossSpike(early_ratio=None) turn them off")
     if c is None or c.cuts == 0:
-        retried = (f"; {counted(c.retries, 'rollback')} after sudden failures, retried at the "
-                   "same LR"
-                   if c is not None and c.retries else "")
+        failures = "a sudden failure" if c is not None and c.retries == 1 else "sudden failures"
+        retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "
+                   "same LR" if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
         return f"{state}: {bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
