@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "test's p-value is over the seeds that changed. See the module docstring for the "
         "cases.", "",
         "| case | setup | none | gradguard | diff | bound | worse / better | sign p | harm "
-        "| guard acted (seeds: flagged a step / rolled back / cut the LR) |",
+        "| guard acted (seeds: flagged a step / rolled back / ended with the LR cut) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     harmed = []
     for name, case in cases().items():
