@@ -5,8 +5,9 @@ seven scenarios converge; these cases are *not* among them and were not used to 
 setting. Each is an ordinary setup at a sensible LR, picked for what usually trips a
 guard: tiny batches (noisy losses that look like spikes), Adam and AdamW (no warm-up),
 label noise, recurrent layers (heavy-tailed gradient norms, and the guard's recurrent
-clip) and a CNN; and, reported apart, labels with heavy-tailed noise (loss spikes that
-are the data's, not the run's).
+clip), a CNN, and LR schedules that raise the LR mid-run (a loss that jumps with the LR);
+and, reported apart, labels with heavy-tailed noise (loss spikes that are the data's, not
+the run's) and schedules that peak past the edge.
 
 - ``mlp-sgd-bs4``: MLP 784-128-10 on the MNIST subset (standardised), SGD lr 0.01,
   batch 4.
@@ -19,9 +20,17 @@ are the data's, not the run's).
 - ``lstm-adam``: an LSTM (64 units) reading 30 Gaussian values, asked for the scaled sum
   of values 20-24 (MSE), Adam lr 3e-3.
 - ``gru-sgdm``: the same task with a GRU, SGD momentum 0.9, lr 0.03.
-- ``wine-cauchy`` (reported apart, as its unguarded run is not healthy): least squares on
-  the standardised wine data with Cauchy noise (scale 3) on 10 % of the training targets
-  (a fixed draw), SGD lr 0.01, batch 16; the held-out loss uses the clean targets.
+- ``mlp-sgdr`` and ``mlp-onecycle``: the MNIST MLP with SGD momentum 0.9 under a schedule
+  that raises the LR mid-run: cosine warm restarts every 100 steps from lr 0.01, and a
+  one-cycle schedule peaking at 0.03 (the guard tracks the scheduler).
+
+Reported apart, as their unguarded runs are not healthy:
+
+- ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
+  on 10 % of the training targets (a fixed draw), SGD lr 0.01, batch 16; the held-out
+  loss uses the clean targets.
+- ``mlp-sgdr-high`` and ``mlp-onecycle-high``: the two schedules from ten times the LR
+  (warm restarts from 0.1, one cycle peaking at 0.3): past the MLP's stability edge.
 
 For every case and seed (the seed fixes the init, the split and the batch order) two arms
 run on identical batches: ``none`` (``optimizer.step()``) and ``gradguard``
@@ -117,10 +126,26 @@ class _Recurrent(nn.Module):
 
 
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
-#          steps, note)
+#          steps, note, LR schedule (optimizer, steps) -> scheduler, or None)
+Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
-             Callable[[list[nn.Parameter]], torch.optim.Optimizer], int, int, str]
+             Callable[[list[nn.Parameter]], torch.optim.Optimizer], int, int, str,
+             Schedule | None]
+
+
+def _sgdr(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    # warm restarts every 100 steps: the LR jumps back to its peak five times
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100)
+
+
+def _one_cycle(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3 * opt.param_groups[0]["lr"],
+                                               total_steps=steps)
+
+
+def _sgdm(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)
 
 _CE, _MSE = nn.functional.cross_entropy, nn.functional.mse_loss
 
@@ -128,30 +153,43 @@ _CE, _MSE = nn.functional.cross_entropy, nn.functional.mse_loss
 def cases() -> dict[str, Case]:
     return {
         "mlp-sgd-bs4": (_mnist, _mlp, _CE, lambda p: torch.optim.SGD(p, lr=0.01), 4, 600,
-                        "MNIST MLP, SGD lr 0.01, batch 4"),
+                        "MNIST MLP, SGD lr 0.01, batch 4", None),
         "mlp-adamw-bs8": (_mnist, _mlp, _CE, lambda p: torch.optim.AdamW(p, lr=1e-3), 8, 600,
-                          "MNIST MLP, AdamW lr 1e-3, batch 8"),
+                          "MNIST MLP, AdamW lr 1e-3, batch 8", None),
         "mlp-flip20": (_mnist_flipped, _mlp, _CE,
                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 32, 600,
-                       "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05"),
+                       "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05", None),
         "cnn-adam": (_mnist, _cnn, _CE, lambda p: torch.optim.Adam(p, lr=1e-3), 32, 300,
-                     "MNIST CNN, Adam lr 1e-3, batch 32"),
+                     "MNIST CNN, Adam lr 1e-3, batch 32", None),
         "lstm-adam": (_memory, lambda: _Recurrent("LSTM"), _MSE,
                       lambda p: torch.optim.Adam(p, lr=3e-3), 32, 600,
-                      "LSTM memory task, Adam lr 3e-3, batch 32"),
+                      "LSTM memory task, Adam lr 3e-3, batch 32", None),
         "gru-sgdm": (_memory, lambda: _Recurrent("GRU"), _MSE,
                      lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9), 32, 600,
-                     "GRU memory task, SGD momentum lr 0.03, batch 32"),
+                     "GRU memory task, SGD momentum lr 0.03, batch 32", None),
+        "mlp-sgdr": (_mnist, _mlp, _CE, _sgdm(0.01), 32, 600,
+                     "MNIST MLP, SGD momentum lr 0.01, warm restarts every 100 steps", _sgdr),
+        "mlp-onecycle": (_mnist, _mlp, _CE, _sgdm(0.01), 32, 600,
+                         "MNIST MLP, SGD momentum, one-cycle schedule peaking at lr 0.03",
+                         _one_cycle),
     }
 
 
 def noisy_cases() -> dict[str, Case]:
-    """Cases whose unguarded run is not healthy because of the data (reported apart: the
-    harm test needs a converging unguarded run)."""
+    """Cases whose unguarded run is not healthy, because of the data or a schedule that
+    peaks past the stability edge (reported apart: the harm test needs a converging
+    unguarded run)."""
     return {
         "wine-cauchy": (_wine_cauchy, lambda: nn.Linear(12, 1), _MSE,
                         lambda p: torch.optim.SGD(p, lr=0.01), 16, 600,
-                        "wine least squares, Cauchy noise on 10 % of targets, SGD lr 0.01"),
+                        "wine least squares, Cauchy noise on 10 % of targets, SGD lr 0.01",
+                        None),
+        "mlp-sgdr-high": (_mnist, _mlp, _CE, _sgdm(0.1), 32, 600,
+                          "MNIST MLP, SGD momentum lr 0.1, warm restarts every 100 steps",
+                          _sgdr),
+        "mlp-onecycle-high": (_mnist, _mlp, _CE, _sgdm(0.1), 32, 600,
+                              "MNIST MLP, SGD momentum, one-cycle schedule peaking at lr 0.3",
+                              _one_cycle),
     }
 
 
@@ -159,7 +197,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         ) -> tuple[float, dict[str, int]]:
     """(held-out loss on the clean targets, what the guard did) of one run; a guarded run
     that gives up (``TrainingDivergedError``) is evaluated where it stopped."""
-    data, make_model, loss_fn, make_opt, batch, own_steps, _ = case
+    data, make_model, loss_fn, make_opt, batch, own_steps, _, schedule = case
+    total = own_steps if steps is None else steps
     x, y, clean = data()
     torch.manual_seed(seed)
     model = make_model()
@@ -169,20 +208,25 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     n = int(0.8 * len(x))
     train, test = perm[:n], perm[n:]
     guard = gg.Guard(model, opt, log=None) if guarded else None
+    sched = None if schedule is None else schedule(opt, total)
+    if guard is not None and sched is not None:
+        guard.track(sched)  # rolled back with the model, as the README shows
     gave_up = False
-    for _ in range(own_steps if steps is None else steps):
+    for _ in range(total):
         idx = train[torch.randint(0, n, (batch,), generator=gen)]
         opt.zero_grad()
         loss = loss_fn(model(x[idx]), y[idx])
         loss.backward()
         if guard is None:
             opt.step()
-            continue
-        try:
-            guard.step(loss)
-        except gg.TrainingDivergedError:
-            gave_up = True
-            break
+        else:
+            try:
+                guard.step(loss)
+            except gg.TrainingDivergedError:
+                gave_up = True
+                break
+        if sched is not None:
+            sched.step()
     acted: dict[str, int] = {}
     if guard is not None:
         d = guard.diagnosis()
@@ -261,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "## Verdict", "",
               (f"Harm by the bench's test on: {', '.join(harmed)}." if harmed else
                "No harm by the bench's test on any case."), "",
-              "## Noisy labels (the unguarded run is not healthy)", "",
+              "## Not healthy without a guard (noisy labels, a schedule past the edge)", "",
               "Per seed, held-out loss on the clean targets; *gave up*: the guard raised "
               "`TrainingDivergedError` (evaluated where it stopped).", "",
               "| case | setup | none, per seed | gradguard, per seed | median none / guard "
