@@ -29,3 +29,32 @@ def test_the_verdict_counts_in_words_a_reader_expects():
     guard.close()
     assert guard.verdict().startswith("stable: 1 bad step skipped, the LR was never changed")
 
+
+
+def _too_high_lr_run(schedule: bool) -> str:
+    torch.manual_seed(0)
+    x = 10 * torch.randn(256, 8)  # unscaled inputs: the edge is lr ≈ 0.01
+    y = x @ torch.randn(8, 1)
+    model = nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, log=None)
+    sched = guard.track(torch.optim.lr_scheduler.ExponentialLR(opt, 0.999)) if schedule else None
+    for step in range(200):
+        idx = torch.arange(32) + 32 * (step % 8)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss)
+        if sched is not None:
+            sched.step()
+    guard.close()
+    return guard.verdict()
+
+
+def test_the_verdict_advises_scaling_a_schedule_and_setting_a_constant_lr():
+    const = _too_high_lr_run(schedule=False)
+    assert const.startswith("unstable at your LR") and "Set that LR (or warm up to it)" in const
+    sched = _too_high_lr_run(schedule=True)
+    assert sched.startswith("unstable at your LR"), sched
+    assert "of your schedule (its peak lr 0.05 would be ≈" in sched
+    assert "Scale your schedule by that to train" in sched and "Set that LR" not in sched

@@ -107,11 +107,13 @@ def counted(n: int, noun: str) -> str:
 
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
-            ratio: float | None = None, batch_noise: float | None = None) -> str:
+            ratio: float | None = None, batch_noise: float | None = None,
+            lr_span: tuple[float, float] | None = None) -> str:
     """One sentence on how the run went and what to change (``ratio``: every step was
     clipped to that many times the typical norm, for the ``recurrent`` layers or for any
     model; ``recurrent_clipped``: the steps any clipping changed in such a run;
-    ``batch_noise``: the ratio the restore echo measured when it took an early cut back)."""
+    ``batch_noise``: the ratio the restore echo measured when it took an early cut back;
+    ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control
@@ -142,13 +144,20 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         state = "stable" if not clipped else "unstable at your LR without clipping"
         return f"{state}: {bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
+    advice = "Set that LR (or warm up to it)"
     try:
         at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
     except (TypeError, ValueError):
         at = f"×{c.scale:.3g} of your LR"
+    if lr_span is not None and lr_span[1] > lr_span[0] * (1 + 1e-6):
+        # A schedule moved the LR: one LR to "set" would be its value at the last step.
+        peak = lr_span[1]
+        at = (f"×{c.scale:.3g} of your schedule (its peak lr {peak:.3g} would be "
+              f"≈ {peak * c.scale:.3g})")
+        advice = "Scale your schedule by that"
     times = "once" if c.cuts == 1 else f"{c.cuts} times"
     return (f"unstable at your LR: the guard lowered it {times} "
             f"({counted(rollbacks, 'rollback')}), it was scaled down on {share:.0%} of steps, "
             "and the run ended "
-            f"stable at {at}; {bad}{noise}{clipped}{rnn}. Set that LR (or warm up to it) to "
-            "train without the guard's help")
+            f"stable at {at}; {bad}{noise}{clipped}{rnn}. {advice} to train without the "
+            "guard's help")

@@ -194,7 +194,8 @@ class Guard(assembly.Parts):
         h = self._host
         return ev.verdict(self.recorder, self.control, self.rollbacks,
                           self.optimizer.param_groups[0]["lr"], h.recurrent,
-                          h.recurrent_clipped, self._device.clip_ratio, h.batch_noise)
+                          h.recurrent_clipped, self._device.clip_ratio, h.batch_noise,
+                          h.lr_span)
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:

@@ -61,6 +61,9 @@ class HostSide:
         self.clean_streak = 0
         self.ignore_rows_before = 0
         self.base_lrs: dict[int, float] = {}
+        # The lowest and highest base LR the rows have carried: a schedule when they differ
+        # (the verdict then advises scaling the schedule, not one LR).
+        self.lr_span: tuple[float, float] | None = None
         # Per step in flight: (batch noise factor, whether the loss detector judged it).
         self.judged: dict[int, tuple[float, bool]] = {}
         # The recurrent layers the first forward pass ran (Policy.clip_recurrent), and the
@@ -150,7 +153,10 @@ class HostSide:
     def on_row(self, k: int, values: np.ndarray) -> bool:
         g = self.g
         rec = g.recorder.row(k, values, len(g.params))
-        rec["lr"] = self.base_lrs.pop(k, None)
+        rec["lr"] = lr = self.base_lrs.pop(k, None)
+        if isinstance(lr, float | int):
+            span = self.lr_span or (float(lr), float(lr))
+            self.lr_span = (min(span[0], float(lr)), max(span[1], float(lr)))
         self.learn(k, rec)
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
@@ -387,7 +393,8 @@ class HostSide:
                 "drift": self.drift.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
                 "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
-                "early_base": None if self.early_base is None else list(self.early_base)}
+                "early_base": None if self.early_base is None else list(self.early_base),
+                "lr_span": None if self.lr_span is None else list(self.lr_span)}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
@@ -396,6 +403,8 @@ class HostSide:
         base = h.get("early_base")  # (absent before it existed)
         self.early_base = None if base is None else (
             float(base[0]), int(base[1]), None if base[2] is None else int(base[2]), int(base[3]))
+        span = h.get("lr_span")  # (absent before it existed)
+        self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])
