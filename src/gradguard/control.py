@@ -680,6 +680,6 @@ class Controller:
         self.scale_rows = {float(k): int(v) for k, v in s["scale_rows"].items()}
         # (absent from a state saved before it existed)
         self.bad_rows = deque((bool(b) for b in s.get("bad_rows", [])),
-                              maxlen=max(self.cfg.probe_after, self.cfg.window))
+                              maxlen=self.bad_rows.maxlen)
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)

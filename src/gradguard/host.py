@@ -153,10 +153,10 @@ class HostSide:
     def on_row(self, k: int, values: np.ndarray) -> bool:
         g = self.g
         rec = g.recorder.row(k, values, len(g.params))
-        rec["lr"] = lr = self.base_lrs.pop(k, None)
-        if isinstance(lr, float | int):
-            span = self.lr_span or (float(lr), float(lr))
-            self.lr_span = (min(span[0], float(lr)), max(span[1], float(lr)))
+        rec["lr"] = lr = self.base_lrs.pop(k, None)  # (a float, or None: not a host number)
+        if lr is not None:
+            lo, hi = self.lr_span or (lr, lr)
+            self.lr_span = (min(lo, lr), max(hi, lr))
         self.learn(k, rec)
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
