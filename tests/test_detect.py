@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gradguard as gg
-from gradguard.detect import DepthTrend, Drift, LayerAttribution
+from gradguard.detect import DeadLayers, DepthTrend, Drift, LayerAttribution
 
 CPU = torch.device("cpu")
 
@@ -299,3 +299,67 @@ def test_a_detector_state_saved_before_the_stand_down_loads(make):
     twin.load_state_dict(old)
     assert (twin.rise, twin.fall) == (0.0, 0.0)
     assert gg.detect.judge(twin, 50.0) == gg.detect.judge(det, 50.0)
+
+
+def _dead_layers() -> DeadLayers:
+    # Forward order 0 (w1), 1 (b1), 2 (w2), 3 (b2): an MLP's two layers.
+    return DeadLayers(["w1", "b1", "w2", "b2"], [0, 1, 2, 3], streak=3, recent=10)
+
+
+def test_dead_layers_warns_once_when_a_layer_stops_passing_gradient():
+    d = _dead_layers()
+    for step in range(5):
+        assert d.update(step, np.array([1.0, 0.5, 2.0, 0.3])) is None
+    dead = np.array([0.0, 0.0, 0.0, 0.2])  # every hidden unit off: only the bias learns
+    assert d.update(5, dead) is None and d.update(6, dead) is None  # one or two: chance
+    msg = d.update(7, dead)
+    assert msg is not None and "no gradient has reached w2 and 2 tensors before it" in msg
+    assert "while b2 still gets one" in msg
+    assert d.update(8, dead) is None  # said once per run
+    assert d.first == 5
+    for step in range(9, 20):
+        d.update(step, dead)
+    assert d.ended() == ("w2", "b2", 3, 5)
+
+
+def test_dead_layers_is_not_a_satisfied_loss_an_unused_tensor_or_a_nan_row():
+    d = _dead_layers()
+    # w1 never had a gradient (unused, or a branch behind a closed gate): not dead.
+    for step in range(10):
+        assert d.update(step, np.array([0.0, 0.5, 2.0, 0.3])) is None
+    # A batch the model fits exactly: no gradient anywhere, nothing to blame.
+    for step in range(10, 20):
+        assert d.update(step, np.zeros(4)) is None
+    # NaN rows say nothing.
+    for step in range(20, 30):
+        assert d.update(step, np.array([math.nan, 0.0, 0.0, 0.2])) is None
+    assert d.first is None and d.ended() is None
+
+
+def test_dead_layers_needs_a_live_tensor_after_the_dead_ones():
+    d = _dead_layers()
+    d.update(0, np.ones(4))
+    # The output side is the one without gradient: nothing downstream learns, so no layer
+    # died "in between" (a head this batch does not use).
+    for step in range(1, 10):
+        assert d.update(step, np.array([1.0, 1.0, 0.0, 0.0])) is None
+    assert d.ended() is None
+
+
+def test_dead_layers_end_state_reads_most_recent_rows_and_round_trips():
+    d = _dead_layers()
+    d.update(0, np.ones(4))
+    dead, flicker = np.array([0.0, 0.0, 0.0, 0.2]), np.array([1e-9, 1e-9, 1e-9, 0.2])
+    for step in range(1, 30):
+        # A nearly dead layer: one unit fires on every fourth batch.
+        d.update(step, flicker if step % 4 == 0 else dead)
+    assert d.first == 1 and d.ended() is not None
+    e = _dead_layers()
+    e.load_state_dict(d.state_dict())
+    assert e.ended() == d.ended() and e.first == 1
+    for step in range(30, 40):  # the layer learns again
+        d.update(step, np.ones(4))
+    assert d.ended() is None
+    other = DeadLayers(["a"], [0])
+    other.load_state_dict(d.state_dict())  # saved for other parameters: starts afresh
+    assert other.first is None

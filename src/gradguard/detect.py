@@ -30,8 +30,8 @@ import torch
 
 from .errors import ConfigError, UnknownNameError, check_int, check_positive
 
-__all__ = ["DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution", "Limits", "LossSpike",
-           "NormSpike", "judge", "make", "register"]
+__all__ = ["DeadLayers", "DepthTrend", "Detector", "Drift", "Flag", "LayerAttribution",
+           "Limits", "LossSpike", "NormSpike", "judge", "make", "register"]
 
 _TINY = 1e-30
 
@@ -606,6 +606,108 @@ class DepthTrend:
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.streak, self.active = int(s["streak"]), bool(s["active"])
+
+
+class DeadLayers:
+    """Dead units: tensors that had a gradient get exactly none, step after step, while a
+    tensor nearer the output still gets one (an early warning, and the verdict's news).
+
+    A ReLU whose input is negative for every example of a batch passes no gradient, and
+    a tanh or sigmoid pushed far into saturation passes an exact float zero: when every
+    unit of a layer is so, its weights and everything before it get exactly 0 while the
+    layers after it still learn. Oversized early steps (a too-high LR, unscaled inputs, a
+    bad init) leave units there for good: their gradient is zero, so no step, at any LR,
+    moves them back ("dying ReLU": Lu et al. 2019, "Dying ReLU and Initialization: Theory
+    and Numerical Examples"). A loss with no gradient at all (every tensor 0: a batch the
+    model already fits exactly) is not this, nor a tensor that never had a gradient (an
+    unused parameter, a zero-initialised branch before its gate opens).
+
+    Only warns: measured as a trigger for rollback it did not pay (the snapshots after the
+    oversized steps already hold the dead units; benchmarks/RESULTS.md, "Dead units").
+
+    Args:
+        names: parameter names, in the guard's order.
+        order: forward order (input side first) of those indices.
+        streak: rows in a row a tensor must get no gradient to count as dead (one such
+            batch can be chance for a layer with few live units).
+        recent: rows over which the end state is judged (:meth:`ended`).
+    """
+
+    def __init__(self, names: list[str], order: list[int], streak: int = 3,
+                 recent: int = 50) -> None:
+        self.names, self.streak = names, streak
+        self.rank = np.empty(len(names), dtype=np.int64)
+        self.rank[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+        self.seen = np.zeros(len(names), dtype=bool)  # had a gradient on some row
+        self.run = np.zeros(len(names), dtype=np.int64)  # rows in a row without one
+        self.first: int | None = None  # the first row of the run's first dead episode
+        self.last: tuple[str, str, int] | None = None  # what dead() last found
+        # Whether each recent row found units dead: a nearly dead layer flickers (one unit
+        # fires on one batch), so the end state is what most recent rows show.
+        self.recent: deque[bool] = deque(maxlen=recent)
+
+    def update(self, step: int, norms: np.ndarray) -> str | None:
+        """Feed one row's per-tensor norms; a warning the first time units are found dead."""
+        if not np.isfinite(norms).all():
+            return None  # (a NaN row says nothing about which units are off)
+        live = norms > 0
+        if not live.any():
+            return None
+        zero = self.seen & ~live
+        self.run = np.where(zero, self.run + 1, 0)
+        self.seen |= live
+        # (The end state counts every row without gradient, not only the streak's third.)
+        self.recent.append(self.dead(1) is not None)
+        dead = self.dead()
+        if dead is None or self.first is not None:
+            return None
+        self.first = step - int(self.run.max()) + 1
+        deepest, after, n = dead
+        more = f" and {n - 1} tensors before it" if n > 1 else ""
+        return (f"dead units: no gradient has reached {deepest}{more} for "
+                f"{self.run.max()} steps while {after} still gets one: the units in "
+                "between are off for every example (ReLUs below zero, or tanh/sigmoid "
+                "saturated), and no LR moves them back; the oversized steps that killed "
+                "them came earlier (a too-high LR, unscaled inputs or a bad init: "
+                "`gradguard doctor`)")
+
+    def dead(self, streak: int | None = None) -> tuple[str, str, int] | None:
+        """(deepest dead tensor, a live tensor after it, how many are dead), or None; dead
+        means no gradient for ``streak`` rows in a row (default: the detector's)."""
+        dead = np.flatnonzero(self.run >= (streak or self.streak))
+        if not len(dead):
+            return None
+        deepest = dead[np.argmax(self.rank[dead])]
+        after = np.flatnonzero(self.seen & (self.run == 0)
+                               & (self.rank > self.rank[deepest]))
+        if not len(after):
+            return None  # nothing downstream learns: not a layer that died in between
+        self.last = (self.names[deepest], self.names[after[np.argmin(self.rank[after])]],
+                     len(dead))
+        return self.last
+
+    def ended(self) -> tuple[str, str, int, int] | None:
+        """(deepest dead tensor, a live one after it, how many, the step units were first
+        found dead) when most of the recent rows found them dead, else None."""
+        if self.first is None or 2 * sum(self.recent) <= len(self.recent):
+            return None
+        return None if self.last is None else (*self.last, self.first)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen.tolist(), "run": self.run.tolist(), "first": self.first,
+                "last": None if self.last is None else list(self.last),
+                "recent": list(self.recent)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        seen = np.asarray(s["seen"], dtype=bool)
+        if seen.shape != self.seen.shape:
+            return  # (saved for other parameters: start afresh)
+        self.seen = seen
+        self.run = np.asarray(s["run"], dtype=np.int64)
+        self.first = None if s["first"] is None else int(s["first"])
+        last = s["last"]
+        self.last = None if last is None else (str(last[0]), str(last[1]), int(last[2]))
+        self.recent = deque((bool(v) for v in s["recent"]), maxlen=self.recent.maxlen)
 
 
 class Drift:

@@ -108,12 +108,32 @@ def counted(n: int, noun: str) -> str:
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None, batch_noise: float | None = None,
-            lr_span: tuple[float, float] | None = None) -> str:
+            lr_span: tuple[float, float] | None = None,
+            dead: tuple[str, str, int, int] | None = None) -> str:
     """One sentence on how the run went and what to change (``ratio``: every step was
     clipped to that many times the typical norm, for the ``recurrent`` layers or for any
     model; ``recurrent_clipped``: the steps any clipping changed in such a run;
     ``batch_noise``: the ratio the restore echo measured when it took an early cut back;
-    ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ)."""
+    ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ;
+    ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
+    live one after it, how many tensors get none, the step since which))."""
+    said = _verdict(recorder, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
+                    batch_noise, lr_span)
+    if dead is None:
+        return said
+    deepest, after, n, since = dead
+    more = f" (and {n - 1} tensors before it)" if n > 1 else ""
+    return (f"stopped learning: from step {since} on, no gradient reaches {deepest}{more} on "
+            f"most steps while {after} still gets one — the units in between died (ReLUs off, or "
+            "tanh/sigmoid saturated, for every example) and no LR revives them; restart "
+            "from before the first oversized steps with a lower LR, standardised inputs or a "
+            f"better init (`gradguard doctor` tells which). Besides: "
+            f"{said.removeprefix('stable: ')}")
+
+
+def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
+             recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
+             batch_noise: float | None, lr_span: tuple[float, float] | None) -> str:
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control

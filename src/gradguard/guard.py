@@ -195,7 +195,7 @@ class Guard(assembly.Parts):
         return ev.verdict(self.recorder, self.control, self.rollbacks,
                           self.optimizer.param_groups[0]["lr"], h.recurrent,
                           h.recurrent_clipped, self._device.clip_ratio, h.batch_noise,
-                          h.lr_span)
+                          h.lr_span, h.dead.ended())
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:

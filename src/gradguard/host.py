@@ -29,7 +29,7 @@ from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
 from .control import CutPoint
-from .detect import DepthTrend, Drift, LayerAttribution
+from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
 from .params import InputWatch
 from .respond import Action, TrainingDivergedError
 
@@ -52,6 +52,7 @@ class HostSide:
         self.attribution = LayerAttribution(names, order)
         self.depth = DepthTrend(names, order, [p.dim() >= 2 for p in guard.params])
         self.drift = Drift()
+        self.dead = DeadLayers(names, order)
         self.first_module: Any = None
         self.inputs: InputWatch | None = None  # armed by the first NaN/Inf step
         self.rollbacks = 0
@@ -130,6 +131,9 @@ class HostSide:
         old = self.depth
         self.depth = DepthTrend(g.names, order, [p.dim() >= 2 for p in g.params])
         self.depth.load_state_dict(old.state_dict())  # a resumed run keeps its streak
+        was = self.dead
+        self.dead = DeadLayers(g.names, order)
+        self.dead.load_state_dict(was.state_dict())
 
     # -- rows ----------------------------------------------------------------------------
     def after_step(self, step: int) -> bool:
@@ -174,7 +178,8 @@ class HostSide:
         else:
             self.attribution.learn(norms)
         for kind, msg in (("depth_trend", self.depth.update(norms)),
-                          ("drift", self.drift.update(rec["grad_norm"]))):
+                          ("drift", self.drift.update(rec["grad_norm"])),
+                          ("dead_units", self.dead.update(k, norms))):
             if msg:
                 g.recorder.event(k, kind, msg, action="warn")
         if k < self.ignore_rows_before:
@@ -390,7 +395,7 @@ class HostSide:
         """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
-                "drift": self.drift.state_dict(),
+                "drift": self.drift.state_dict(), "dead": self.dead.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
                 "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
                 "early_base": None if self.early_base is None else list(self.early_base),
@@ -408,3 +413,5 @@ class HostSide:
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])
+        if "dead" in h:  # (absent before it existed)
+            self.dead.load_state_dict(h["dead"])
