@@ -202,3 +202,34 @@ def test_diagnosis_prints_on_a_healthy_setup():
     assert d.root_cause is None
     assert str(d).endswith("no problem found: nothing above info")
     assert str(doctor.Diagnosis()) == "no problem found: nothing above info"
+
+
+def test_a_run_whose_units_died_is_named_in_the_run_log_findings(tmp_path):
+    # Pixels in 0-255 at a high LR, the controller off (monitoring): every hidden ReLU
+    # dies within the first tens of steps and only the output bias still learns.
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    x = x.float().reshape(len(x), -1)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    log = tmp_path / "r.jsonl"
+    with gg.Guard(m, opt, log=log, policy=gg.Policy(stability=None)) as guard:
+        for _ in range(80):
+            idx = torch.randint(0, len(x), (32,), generator=gen)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
+            loss.backward()
+            guard.step(loss)
+    d = doctor.diagnose_run(str(log))
+    f = d.findings[0]
+    assert f.severity == "critical" and f.title.startswith("units died at step ")
+    assert "no gradient has reached 2.weight" in f.title
+    ev = f.evidence
+    assert ev["first_flag"] is not None and ev["first_flag"] < ev["dead_step"]
+    assert "restart from a checkpoint before it" in f.title and "no LR revives" in f.fix
+    # A run without dead units says nothing of them.
+    assert not any("units died" in g.title for g in doctor.diagnose_run(
+        str(spiky_run_log(tmp_path / "s.jsonl"))).findings)

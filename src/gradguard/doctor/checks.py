@@ -382,16 +382,33 @@ def diagnose(
     return Diagnosis(findings, meas)
 
 
+def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
+    """The guard's ``dead_units`` warning as a finding: units killed by earlier steps."""
+    before = [e.step for e in trouble if e.step <= dead.step]
+    when = (f"; the first flagged step was {before[0]}: restart from a checkpoint before it"
+            if before else "")
+    return Finding(
+        "run_log", "critical",
+        f"units died at step {dead.step}: {dead.message.removeprefix('dead units: ')}{when}",
+        evidence={"dead_step": dead.step, "first_flag": before[0] if before else None},
+        fix="no LR revives dead units: restart from before the oversized steps with a lower "
+            "LR (gg.doctor.lr_find), standardised inputs (gg.fixes.Standardizer) or a better "
+            "init (gg.fixes.reinit)",
+        score=math.log10(len(trouble) + 1) + 1)  # (above the flags it follows from)
+
+
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
     records = list(read_jsonl(path))
     steps = [r for r in records if isinstance(r, StepRecord)]
     trouble = [e for e in records if isinstance(e, Event)
                and e.kind in ("nonfinite", "grad_spike", "loss_spike")]
-    out: list[Finding] = []
+    dead = [e for e in records if isinstance(e, Event) and e.kind == "dead_units"]
+    out = [_dead_finding(dead[0], trouble)] if dead else []
     if not trouble:
-        return Diagnosis([Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
-                                  "or non-finite steps")], {"steps": len(steps)})
+        out.append(Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
+                           "or non-finite steps"))
+        return Diagnosis(out, {"steps": len(steps)})
     first = trouble[0]
     k = first.step
     lrs = [(r.step, r.lr) for r in steps if isinstance(r.lr, float)]
