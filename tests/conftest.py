@@ -88,3 +88,28 @@ def backward(model: torch.nn.Module, scale: float = 1.0, seed: int = 0, nan: boo
 @pytest.fixture
 def mlp() -> torch.nn.Module:
     return small_mlp()
+
+
+def pixel_mlp_run(lr: float, seed: int, steps: int = 200, scale: float = 1.0,
+                  **guard_kw: object):
+    """A guarded ReLU MLP on the bench's MNIST subset, pixels × ``scale`` (1: left in
+    0-255, unscaled), SGD with momentum 0.9: at a high LR its hidden units die in the
+    first tens of steps. Returns the closed guard."""
+    import gradguard as gg
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    x = x.float().reshape(len(x), -1) * scale
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    with gg.Guard(model, opt, **guard_kw) as guard:
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=gen)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            guard.step(loss)
+    return guard

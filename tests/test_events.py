@@ -5,6 +5,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.events import counted
+from tests.conftest import pixel_mlp_run
 
 
 def test_counted_is_plural_unless_one():
@@ -60,32 +61,12 @@ def test_the_verdict_advises_scaling_a_schedule_and_setting_a_constant_lr():
     assert "Scale your schedule by that to train" in sched and "Set that LR" not in sched
 
 
-def _pixel_mlp_run(scale: float, lr: float, seed: int, **kw: object) -> gg.Guard:
-    from gradguard.scenarios import data
-
-    x, y = data.mnist()
-    x = x.float().reshape(len(x), -1) * scale
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    guard = gg.Guard(model, opt, log=None, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(200):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        guard.step(loss)
-    guard.close()
-    return guard
-
-
 def test_dead_units_are_named_and_the_verdict_says_the_run_stopped_learning():
     # Pixels left in 0-255 at a high LR: the first steps throw every hidden ReLU below
     # zero for good (held-out case mlp-raw-pixels), and the loss sits at chance. The
     # controller is off (monitoring: skip bad steps only), so no LR cut slows the dying.
     for seed in (0, 1):
-        guard = _pixel_mlp_run(1.0, 0.01, seed, policy=gg.Policy(stability=None))
+        guard = pixel_mlp_run(0.01, seed, log=None, policy=gg.Policy(stability=None))
         dead = [e for e in guard.recorder.events if e["kind"] == "dead_units"]
         assert len(dead) == 1, seed
         assert "no gradient has reached 2.weight and 2 tensors before it" in dead[0]["message"]
@@ -94,6 +75,6 @@ def test_dead_units_are_named_and_the_verdict_says_the_run_stopped_learning():
         assert verdict.startswith("stopped learning: from step "), verdict
         assert "no LR revives them" in verdict and "Besides: " in verdict
     # Scaled pixels at a healthy LR: units live, nothing said.
-    guard = _pixel_mlp_run(1 / 255, 0.01, 0, policy=gg.Policy(stability=None))
+    guard = pixel_mlp_run(0.01, 0, scale=1 / 255, log=None, policy=gg.Policy(stability=None))
     assert not [e for e in guard.recorder.events if e["kind"] == "dead_units"]
     assert not guard.verdict().startswith("stopped learning")

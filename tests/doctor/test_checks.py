@@ -9,6 +9,7 @@ from torch import nn
 import gradguard as gg
 from gradguard import doctor
 from gradguard.scenarios import data
+from tests.conftest import pixel_mlp_run
 
 # Tiny models, many short trials: a second thread only waits for a core.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -207,22 +208,8 @@ def test_diagnosis_prints_on_a_healthy_setup():
 def test_a_run_whose_units_died_is_named_in_the_run_log_findings(tmp_path):
     # Pixels in 0-255 at a high LR, the controller off (monitoring): every hidden ReLU
     # dies within the first tens of steps and only the output bias still learns.
-    from gradguard.scenarios import data
-
-    x, y = data.mnist()
-    x = x.float().reshape(len(x), -1)
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
     log = tmp_path / "r.jsonl"
-    with gg.Guard(m, opt, log=log, policy=gg.Policy(stability=None)) as guard:
-        for _ in range(80):
-            idx = torch.randint(0, len(x), (32,), generator=gen)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
-            loss.backward()
-            guard.step(loss)
+    pixel_mlp_run(0.01, 0, steps=80, log=log, policy=gg.Policy(stability=None))
     d = doctor.diagnose_run(str(log))
     f = d.findings[0]
     assert f.severity == "critical" and f.title.startswith("units died at step ")
