@@ -306,58 +306,79 @@ def _dead_layers() -> DeadLayers:
     return DeadLayers(["w1", "b1", "w2", "b2"], [0, 1, 2, 3], streak=3, recent=10)
 
 
-def test_dead_layers_warns_once_when_a_layer_stops_passing_gradient():
+DEAD = np.array([0.0, 0.0, 0.0, 0.2])  # every hidden unit off: only the output bias learns
+
+
+def test_dead_layers_warns_once_when_the_gradient_stops_part_way():
     d = _dead_layers()
     for step in range(5):
         assert d.update(step, np.array([1.0, 0.5, 2.0, 0.3])) is None
-    dead = np.array([0.0, 0.0, 0.0, 0.2])  # every hidden unit off: only the bias learns
-    assert d.update(5, dead) is None and d.update(6, dead) is None  # one or two: chance
-    msg = d.update(7, dead)
+    assert d.update(5, DEAD) is None and d.update(6, DEAD) is None  # one or two: chance
+    msg = d.update(7, DEAD)
     assert msg is not None and "no gradient has reached w2 and 2 tensors before it" in msg
-    assert "while b2 still gets one" in msg
-    assert d.update(8, dead) is None  # said once per run
+    assert "since step 5 (3 steps in a row) while b2 still gets one" in msg
+    assert d.update(8, DEAD) is None  # said once per run
     assert d.first == 5
     for step in range(9, 20):
-        d.update(step, dead)
+        d.update(step, DEAD)
     assert d.ended() == ("w2", "b2", 3, 5)
 
 
-def test_dead_layers_is_not_a_satisfied_loss_an_unused_tensor_or_a_nan_row():
+def test_dead_layers_streak_spans_rows_that_say_nothing_and_breaks_on_a_live_row():
     d = _dead_layers()
-    # w1 never had a gradient (unused, or a branch behind a closed gate): not dead.
+    d.update(0, np.ones(4))
+    d.update(1, DEAD)
+    d.update(2, DEAD)
+    assert d.update(3, np.zeros(4)) is None  # a batch fit exactly: no gradient anywhere
+    assert d.update(4, np.array([math.nan, 0, 0, 0.2])) is None  # a NaN row
+    assert d.update(5, DEAD) is not None  # the third dead row: the others said nothing
+    e = _dead_layers()
+    e.update(0, np.ones(4))
+    for step, row in enumerate([DEAD, DEAD, np.ones(4), DEAD, DEAD], 1):
+        assert e.update(step, row) is None  # a live row in between starts over
+
+
+def test_dead_layers_is_not_an_unused_frozen_or_never_trained_tensor():
+    d = _dead_layers()
+    # w1 never had a gradient (a zero-initialised branch before its gate opens): not dead.
     for step in range(10):
         assert d.update(step, np.array([0.0, 0.5, 2.0, 0.3])) is None
-    # A batch the model fits exactly: no gradient anywhere, nothing to blame.
-    for step in range(10, 20):
-        assert d.update(step, np.zeros(4)) is None
-    # NaN rows say nothing.
+    # The first layer got no gradient tensor at all (dropped, an unsampled branch): its
+    # norm reads 0, but it was not used, so the gradient did not stop there.
+    d.update(10, np.ones(4))
+    absent = np.array([False, False, True, True])
+    for step in range(11, 20):
+        assert d.update(step, np.array([0.0, 0.0, 1.0, 0.3]), absent) is None
+    # Frozen (requires_grad False) with its gradient kept as zeros: not dead either.
     for step in range(20, 30):
-        assert d.update(step, np.array([math.nan, 0.0, 0.0, 0.2])) is None
+        assert d.update(step, np.array([0.0, 0.0, 1.0, 0.3]),
+                        trainable=lambda i: i >= 2) is None
     assert d.first is None and d.ended() is None
 
 
-def test_dead_layers_needs_a_live_tensor_after_the_dead_ones():
+def test_dead_layers_needs_the_input_side_to_stop_not_a_middle_or_output_tensor():
     d = _dead_layers()
     d.update(0, np.ones(4))
-    # The output side is the one without gradient: nothing downstream learns, so no layer
-    # died "in between" (a head this batch does not use).
     for step in range(1, 10):
+        # The output side gets nothing (a head this batch does not use), or one bias
+        # underflows to 0 while its weight learns: the gradient reaches the input side.
         assert d.update(step, np.array([1.0, 1.0, 0.0, 0.0])) is None
-    assert d.ended() is None
+        assert d.update(step, np.array([1.0, 0.0, 1.0, 1.0])) is None
+    assert d.first is None
 
 
 def test_dead_layers_end_state_reads_most_recent_rows_and_round_trips():
     d = _dead_layers()
     d.update(0, np.ones(4))
-    dead, flicker = np.array([0.0, 0.0, 0.0, 0.2]), np.array([1e-9, 1e-9, 1e-9, 0.2])
+    flicker = np.array([1e-9, 1e-9, 1e-9, 0.2])
     for step in range(1, 30):
         # A nearly dead layer: one unit fires on every fourth batch.
-        d.update(step, flicker if step % 4 == 0 else dead)
-    assert d.first == 1 and d.ended() is not None
+        d.update(step, flicker if step % 4 == 0 else DEAD)
+    assert d.first == 1 and d.ended() == ("w2", "b2", 3, 1)
     e = _dead_layers()
     e.load_state_dict(d.state_dict())
     assert e.ended() == d.ended() and e.first == 1
-    for step in range(30, 40):  # the layer learns again
+    for step in range(30, 36):  # the layer learns again: 6 of the last 10 rows live
         d.update(step, np.ones(4))
     assert d.ended() is None
     other = DeadLayers(["a"], [0])

@@ -71,10 +71,44 @@ def test_dead_units_are_named_and_the_verdict_says_the_run_stopped_learning():
         assert len(dead) == 1, seed
         assert "no gradient has reached 2.weight and 2 tensors before it" in dead[0]["message"]
         assert "while 2.bias still gets one" in dead[0]["message"]
+        assert dead[0]["tensor"] == "2.weight" and dead[0]["since"] < dead[0]["step"]
         verdict = guard.verdict()
-        assert verdict.startswith("stopped learning: from step "), verdict
-        assert "no LR revives them" in verdict and "Besides: " in verdict
+        assert verdict.startswith(f"stopped learning: from step {dead[0]['since']} on, no "
+                                  "gradient reaches 2.weight (and 2 tensors before it)"), verdict
+        assert "no LR revives them" in verdict
+        assert "Besides: " in verdict and "the LR was never changed" in verdict
+        assert "stable" not in verdict and "Set that LR" not in verdict
     # Scaled pixels at a healthy LR: units live, nothing said.
     guard = pixel_mlp_run(0.01, 0, scale=1 / 255, log=None, policy=gg.Policy(stability=None))
     assert not [e for e in guard.recorder.events if e["kind"] == "dead_units"]
     assert not guard.verdict().startswith("stopped learning")
+
+
+def test_layers_a_step_does_not_use_are_not_dead_units():
+    # Modality dropout: the image's first-half encoder, first in forward order, is left
+    # out on 40 % of the steps (as a missing modality or LayerDrop would), so its tensors
+    # get no gradient (None) then; a healthy run, which must not read as dead units.
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    x = x.float().reshape(len(x), -1) / 255
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(392, 64), "b": nn.Linear(392, 64),
+                           "out": nn.Sequential(nn.ReLU(), nn.Linear(64, 10))})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    with gg.Guard(model, opt, log=None) as guard:
+        for step in range(200):
+            idx = torch.randint(0, len(x), (32,), generator=gen)
+            use_a = step == 0 or bool(torch.rand((), generator=gen) > 0.4)
+            h = model["a"](x[idx, :392]) if use_a else 0
+            h = h + model["b"](x[idx, 392:])
+            loss = nn.functional.cross_entropy(model["out"](h), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss)
+            losses.append(loss.item())
+    assert sorted(losses[-20:])[10] < 0.8 < losses[0]  # it trained
+    assert not [e for e in guard.recorder.events if e["kind"] == "dead_units"]
+    assert guard.verdict().startswith("stable")

@@ -65,9 +65,25 @@ def headlines(rows: list[dict[str, Any]], summary: list[SummaryRow], meta: dict[
             wide = (f"; widest stable LR range on this grid: "
                     f"{', '.join(s.remedy for s in best)} ({span})")
         said = _verdict(out, scn)
-        lines.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}."
+        lines.append(f"{scn} at lr {lr:.3g}: unguarded, {broke}; {kept}{wide}"
+                     f"{_least_sensitive(mine)}."
                      + (f" The guard's verdict: {said}" if said else ""))
     return lines
+
+
+def _least_sensitive(mine: list[SummaryRow]) -> str:
+    """"; lowest LR sensitivity: …" (ties within the scenario's tolerance, as the bench's
+    verdict reads them), with the unguarded run's for scale."""
+    finite = [s for s in mine if math.isfinite(s.lr_sensitivity)]
+    if not finite:
+        return ""
+    low = min(s.lr_sensitivity for s in finite)
+    best = [s for s in finite if s.lr_sensitivity <= low + s.tol]
+    none = next((s for s in mine if s.remedy == "none"), None)
+    plain = ("" if none is None or none in best
+             else f"; unguarded {none.lr_sensitivity:.3g}")
+    return (f"; lowest LR sensitivity (mean excess loss over the grid): "
+            f"{', '.join(s.remedy for s in best)} ({low:.3g}{plain})")
 
 
 def _verdict(out: Path | None, scenario: str) -> str | None:

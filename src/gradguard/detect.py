@@ -609,18 +609,24 @@ class DepthTrend:
 
 
 class DeadLayers:
-    """Dead units: tensors that had a gradient get exactly none, step after step, while a
-    tensor nearer the output still gets one (an early warning, and the verdict's news).
+    """Dead units: the gradient stops part-way through the network, step after step.
 
     A ReLU whose input is negative for every example of a batch passes no gradient, and
-    a tanh or sigmoid pushed far into saturation passes an exact float zero: when every
-    unit of a layer is so, its weights and everything before it get exactly 0 while the
-    layers after it still learn. Oversized early steps (a too-high LR, unscaled inputs, a
-    bad init) leave units there for good: their gradient is zero, so no step, at any LR,
-    moves them back ("dying ReLU": Lu et al. 2019, "Dying ReLU and Initialization: Theory
-    and Numerical Examples"). A loss with no gradient at all (every tensor 0: a batch the
-    model already fits exactly) is not this, nor a tensor that never had a gradient (an
-    unused parameter, a zero-initialised branch before its gate opens).
+    a tanh or sigmoid pushed far into saturation passes an exact float zero. When every
+    unit of a layer is so, the layer's weights and every tensor before it in forward order
+    get exactly 0 while the layers after it still get a gradient. Oversized early steps (a
+    too-high LR, unscaled inputs, a bad init) leave units there for good: with no gradient,
+    no step at any LR moves them back ("dying ReLU": Lu et al. 2019, "Dying ReLU and
+    Initialization: Theory and Numerical Examples").
+
+    The test is structural, so healthy runs do not meet it: on a row, the tensors that got
+    a gradient tensor (a ``None`` gradient is a tensor the step did not use: a dropped
+    layer, an unsampled task head, an expert with no tokens, a frozen layer) are walked in
+    forward order; the ones before the first nonzero norm form the *dead prefix*, counted
+    only among tensors that had a gradient on an earlier row (a zero-initialised branch
+    before its gate opens is not dead) and that still require one. A batch the model fits
+    exactly has no nonzero norm at all and no prefix; a dead unit in one residual branch
+    does not stop the gradient reaching the layers before it, and the network learns on.
 
     Only warns: measured as a trigger for rollback it did not pay (the snapshots after the
     oversized steps already hold the dead units; benchmarks/RESULTS.md, "Dead units").
@@ -628,74 +634,77 @@ class DeadLayers:
     Args:
         names: parameter names, in the guard's order.
         order: forward order (input side first) of those indices.
-        streak: rows in a row a tensor must get no gradient to count as dead (one such
-            batch can be chance for a layer with few live units).
+        streak: rows in a row with a dead prefix before it is reported (one batch on which
+            a layer's few live units all happen to be off is chance).
         recent: rows over which the end state is judged (:meth:`ended`).
     """
 
     def __init__(self, names: list[str], order: list[int], streak: int = 3,
                  recent: int = 50) -> None:
         self.names, self.streak = names, streak
-        self.rank = np.empty(len(names), dtype=np.int64)
-        self.rank[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
+        self.order = np.asarray(order, dtype=np.int64)
         self.seen = np.zeros(len(names), dtype=bool)  # had a gradient on some row
-        self.run = np.zeros(len(names), dtype=np.int64)  # rows in a row without one
-        self.first: int | None = None  # the first row of the run's first dead episode
-        self.last: tuple[str, str, int] | None = None  # what dead() last found
-        # Whether each recent row found units dead: a nearly dead layer flickers (one unit
-        # fires on one batch), so the end state is what most recent rows show.
+        self.run = 0  # rows in a row with a dead prefix
+        self.run_start: int | None = None  # the step of the first of them
+        self.first: int | None = None  # the run's first reported episode began here
+        self.last: tuple[str, str, int] | None = None  # the latest dead prefix found
+        # Whether each recent row had a dead prefix: a nearly dead layer flickers (one
+        # unit fires on one batch), so the end state is what most recent rows show.
         self.recent: deque[bool] = deque(maxlen=recent)
 
-    def update(self, step: int, norms: np.ndarray) -> str | None:
-        """Feed one row's per-tensor norms; a warning the first time units are found dead."""
+    def update(self, step: int, norms: np.ndarray, present: np.ndarray | None = None,
+               trainable: Callable[[int], bool] | None = None) -> str | None:
+        """Feed one row; a warning the first time a dead prefix lasts ``streak`` rows.
+
+        Args:
+            step: the row's step.
+            norms: its per-tensor gradient norms.
+            present: which tensors had a gradient tensor this step (None: all).
+            trainable: whether a tensor still requires a gradient (asked only for the
+                tensors of a dead prefix).
+        """
         if not np.isfinite(norms).all():
             return None  # (a NaN row says nothing about which units are off)
-        live = norms > 0
-        if not live.any():
+        order = self.order if present is None else self.order[present[self.order]]
+        live = np.flatnonzero(norms[order] > 0)
+        if not len(live):
+            return None  # no gradient anywhere: a batch the model fits exactly
+        prefix = order[: live[0]]
+        prefix = prefix[self.seen[prefix]]
+        if trainable is not None and len(prefix):
+            prefix = prefix[[trainable(int(i)) for i in prefix]]
+        self.seen[order[norms[order] > 0]] = True
+        dead = bool(len(prefix))
+        self.recent.append(dead)
+        if not dead:
+            self.run, self.run_start = 0, None
             return None
-        zero = self.seen & ~live
-        self.run = np.where(zero, self.run + 1, 0)
-        self.seen |= live
-        # (The end state counts every row without gradient, not only the streak's third.)
-        self.recent.append(self.dead(1) is not None)
-        dead = self.dead()
-        if dead is None or self.first is not None:
+        self.last = (self.names[prefix[-1]], self.names[order[live[0]]], len(prefix))
+        if self.run == 0:
+            self.run_start = step
+        self.run += 1
+        if self.run < self.streak or self.first is not None:
             return None
-        self.first = step - int(self.run.max()) + 1
-        deepest, after, n = dead
-        more = f" and {n - 1} tensors before it" if n > 1 else ""
-        return (f"dead units: no gradient has reached {deepest}{more} for "
-                f"{self.run.max()} steps while {after} still gets one: the units in "
-                "between are off for every example (ReLUs below zero, or tanh/sigmoid "
-                "saturated), and no LR moves them back; the oversized steps that killed "
-                "them came earlier (a too-high LR, unscaled inputs or a bad init: "
-                "`gradguard doctor`)")
-
-    def dead(self, streak: int | None = None) -> tuple[str, str, int] | None:
-        """(deepest dead tensor, a live tensor after it, how many are dead), or None; dead
-        means no gradient for ``streak`` rows in a row (default: the detector's)."""
-        dead = np.flatnonzero(self.run >= (streak or self.streak))
-        if not len(dead):
-            return None
-        deepest = dead[np.argmax(self.rank[dead])]
-        after = np.flatnonzero(self.seen & (self.run == 0)
-                               & (self.rank > self.rank[deepest]))
-        if not len(after):
-            return None  # nothing downstream learns: not a layer that died in between
-        self.last = (self.names[deepest], self.names[after[np.argmin(self.rank[after])]],
-                     len(dead))
-        return self.last
+        self.first = self.run_start
+        deepest, after, n = self.last
+        more = f" and {n - 1} tensor{'s' if n > 2 else ''} before it" if n > 1 else ""
+        return (f"dead units: no gradient has reached {deepest}{more} since step "
+                f"{self.first} ({self.run} steps in a row) while {after} still gets one: "
+                "the units in between are off for every example (ReLUs below zero, or "
+                "tanh/sigmoid saturated), and no LR moves them back; the oversized steps "
+                "that killed them came earlier (a too-high LR, unscaled inputs or a bad "
+                "init)")
 
     def ended(self) -> tuple[str, str, int, int] | None:
-        """(deepest dead tensor, a live one after it, how many, the step units were first
-        found dead) when most of the recent rows found them dead, else None."""
-        if self.first is None or 2 * sum(self.recent) <= len(self.recent):
+        """(deepest tensor of the dead prefix, the live one after it, how many, the step
+        the run's first reported episode began) when most recent rows had a dead prefix."""
+        if self.first is None or self.last is None or 2 * sum(self.recent) <= len(self.recent):
             return None
-        return None if self.last is None else (*self.last, self.first)
+        return (*self.last, self.first)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen.tolist(), "run": self.run.tolist(), "first": self.first,
-                "last": None if self.last is None else list(self.last),
+        return {"seen": self.seen.tolist(), "run": self.run, "run_start": self.run_start,
+                "first": self.first, "last": None if self.last is None else list(self.last),
                 "recent": list(self.recent)}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -703,7 +712,8 @@ class DeadLayers:
         if seen.shape != self.seen.shape:
             return  # (saved for other parameters: start afresh)
         self.seen = seen
-        self.run = np.asarray(s["run"], dtype=np.int64)
+        self.run = int(s["run"])
+        self.run_start = None if s["run_start"] is None else int(s["run_start"])
         self.first = None if s["first"] is None else int(s["first"])
         last = s["last"]
         self.last = None if last is None else (str(last[0]), str(last[1]), int(last[2]))

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,6 +106,10 @@ class DeviceSide:
         base_lr = g.optimizer.param_groups[0]["lr"]
         if isinstance(base_lr, float | int):  # a host number: free to record
             g._host.base_lrs[k] = float(base_lr)
+        if len(groups.index) != len(g.params):
+            mask = np.zeros(len(g.params), dtype=bool)
+            mask[list(groups.index)] = True
+            g._host.present[k] = mask
         g.lr.prepare(base_lr)
         with g.lr.applied(), g._usage.stepping():
             self.stepper.step(groups.params, skip, scale)

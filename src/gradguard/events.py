@@ -118,22 +118,24 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
     live one after it, how many tensors get none, the step since which))."""
     said = _verdict(recorder, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
-                    batch_noise, lr_span)
+                    batch_noise, lr_span, dead is not None)
     if dead is None:
         return said
     deepest, after, n, since = dead
-    more = f" (and {n - 1} tensors before it)" if n > 1 else ""
+    more = f" (and {counted(n - 1, 'tensor')} before it)" if n > 1 else ""
     return (f"stopped learning: from step {since} on, no gradient reaches {deepest}{more} on "
-            f"most steps while {after} still gets one — the units in between died (ReLUs off, or "
-            "tanh/sigmoid saturated, for every example) and no LR revives them; restart "
-            "from before the first oversized steps with a lower LR, standardised inputs or a "
-            f"better init (`gradguard doctor` tells which). Besides: "
-            f"{said.removeprefix('stable: ')}")
+            f"most steps while {after} still gets one — the units in between died (ReLUs "
+            "off, or tanh/sigmoid saturated, for every example) and no LR revives them; "
+            "restart from before the first oversized steps with a lower LR, standardised "
+            f"inputs or a better init (`gradguard doctor` tells which). Besides: {said}")
 
 
 def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
-             batch_noise: float | None, lr_span: tuple[float, float] | None) -> str:
+             batch_noise: float | None, lr_span: tuple[float, float] | None,
+             dead: bool = False) -> str:
+    """The verdict of a run whose units live; with ``dead``, only what the guard did (the
+    dead units lead, and no LR the run ended at is advice)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control
@@ -162,7 +164,8 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
         retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "
                    "same LR" if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
-        return f"{state}: {bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
+        state = "" if dead else f"{state}: "
+        return f"{state}{bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     advice = "Set that LR (or warm up to it)"
     try:
@@ -176,6 +179,9 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
               f"≈ {peak * c.scale:.3g})")
         advice = "Scale your schedule by that"
     times = "once" if c.cuts == 1 else f"{c.cuts} times"
+    if dead:
+        return (f"the guard lowered the LR {times} ({counted(rollbacks, 'rollback')}), to "
+                f"{at}; {bad}{noise}{clipped}{rnn}")
     return (f"unstable at your LR: the guard lowered it {times} "
             f"({counted(rollbacks, 'rollback')}), it was scaled down on {share:.0%} of steps, "
             "and the run ended "

@@ -62,6 +62,9 @@ class HostSide:
         self.clean_streak = 0
         self.ignore_rows_before = 0
         self.base_lrs: dict[int, float] = {}
+        # Per step in flight whose gradients some guarded tensors lacked (None): which had
+        # one (the dead-units test must not read an unused tensor as a dead one).
+        self.present: dict[int, np.ndarray] = {}
         # The lowest and highest base LR the rows have carried: a schedule when they differ
         # (the verdict then advises scaling the schedule, not one LR).
         self.lr_span: tuple[float, float] | None = None
@@ -178,12 +181,17 @@ class HostSide:
         else:
             self.attribution.learn(norms)
         for kind, msg in (("depth_trend", self.depth.update(norms)),
-                          ("drift", self.drift.update(rec["grad_norm"])),
-                          ("dead_units", self.dead.update(k, norms))):
+                          ("drift", self.drift.update(rec["grad_norm"]))):
             if msg:
                 g.recorder.event(k, kind, msg, action="warn")
+        present = self.present.pop(k, None)
         if k < self.ignore_rows_before:
             return False  # a step taken before the last rollback took effect
+        dead = self.dead
+        if msg := dead.update(k, norms, present, lambda i: g.params[i].requires_grad):
+            assert dead.last is not None
+            g.recorder.event(k, "dead_units", msg, action="warn", since=dead.first,
+                             tensor=dead.last[0], live=dead.last[1])
         if self.echo_ref is not None:
             self.echo(k, rec["loss"])
         rolled = self.escalate(rec, bool(flagged))

@@ -212,8 +212,8 @@ def test_a_run_whose_units_died_is_named_in_the_run_log_findings(tmp_path):
     pixel_mlp_run(0.01, 0, steps=80, log=log, policy=gg.Policy(stability=None))
     d = doctor.diagnose_run(str(log))
     f = d.findings[0]
-    assert f.severity == "critical" and f.title.startswith("units died at step ")
-    assert "no gradient has reached 2.weight" in f.title
+    assert f.severity == "critical" and f.title.startswith("units died by step ")
+    assert "no gradient has reached 2.weight" in f.title and f.layers == ["2.weight"]
     ev = f.evidence
     assert ev["first_flag"] is not None and ev["first_flag"] < ev["dead_step"]
     assert "restart from a checkpoint before it" in f.title and "no LR revives" in f.fix

@@ -384,13 +384,16 @@ def diagnose(
 
 def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
     """The guard's ``dead_units`` warning as a finding: units killed by earlier steps."""
-    before = [e.step for e in trouble if e.step <= dead.step]
+    since = dead.get("since")
+    since = dead.step if since is None else int(since)
+    before = [e.step for e in trouble if e.step <= since]
     when = (f"; the first flagged step was {before[0]}: restart from a checkpoint before it"
             if before else "")
     return Finding(
         "run_log", "critical",
-        f"units died at step {dead.step}: {dead.message.removeprefix('dead units: ')}{when}",
-        evidence={"dead_step": dead.step, "first_flag": before[0] if before else None},
+        f"units died by step {since}: {dead.message.removeprefix('dead units: ')}{when}",
+        evidence={"dead_step": since, "first_flag": before[0] if before else None},
+        layers=[dead["tensor"]] if dead.get("tensor") else [],
         fix="no LR revives dead units: restart from before the oversized steps with a lower "
             "LR (gg.doctor.lr_find), standardised inputs (gg.fixes.Standardizer) or a better "
             "init (gg.fixes.reinit)",
