@@ -134,9 +134,7 @@ class HostSide:
         old = self.depth
         self.depth = DepthTrend(g.names, order, [p.dim() >= 2 for p in g.params])
         self.depth.load_state_dict(old.state_dict())  # a resumed run keeps its streak
-        was = self.dead
-        self.dead = DeadLayers(g.names, order)
-        self.dead.load_state_dict(was.state_dict())
+        self.dead.order = np.asarray(order, dtype=np.int64)  # (its only use of the order)
 
     # -- rows ----------------------------------------------------------------------------
     def after_step(self, step: int) -> bool:
