@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -59,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 import gradguard as gg
-from gradguard.bench.runner import cpu_model
+from gradguard.bench.runner import machine
 from gradguard.scenarios import data as scenario_data
 
 HERE = Path(__file__).resolve().parent
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "# No-harm cases: healthy runs outside the bench, guarded and not", "",
         "Produced by `python benchmarks/noharm.py` "
         f"(torch {torch.__version__}, gradguard {gg.__version__}, "
-        f"{platform.machine()} {cpu_model()}, 1 thread; {args.seeds} seeds). Held-out loss; "
+        f"{machine()}, 1 thread; {args.seeds} seeds). Held-out loss; "
         "*diff* is the median of the seed-paired differences guard − none; *harm* is the "
         "bench's test (the median difference above two standard errors, *bound*); the sign "
         "test's p-value is over the seeds that changed. See the module docstring for the "

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.bench.runner import cpu_model
+from gradguard.bench.runner import machine
 from gradguard.scenarios.builtin import _mnist_split
 from gradguard.scenarios.train import batches
 from gradguard.testing import (
@@ -341,7 +341,7 @@ def write_report(results: list[RunResult], args: argparse.Namespace, command: st
         "```",
         "",
         f"torch {torch.__version__}, gradguard {gg.__version__}, Python "
-        f"{platform.python_version()}, {platform.machine()} {cpu_model()}, "
+        f"{platform.python_version()}, {machine()}, "
         f"{args.threads} thread(s) per run. Model: `mlp-corrupt`'s 4-layer MLP on its "
         "MNIST subset (4000 train / 1000 test), AdamW (fused), wd 0.01, batch 64, cosine "
         f"schedule over {args.steps} steps, seed {args.seed}. Faults from step 20 to step "

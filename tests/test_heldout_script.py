@@ -1,4 +1,5 @@
-"""Smoke test for benchmarks/heldout.py: every case and arm runs, and the table is written.
+"""Smoke test for benchmarks/heldout.py: every case and arm runs (in worker processes, as
+the docs run it), and the table is written.
 
 No assertions on the losses: three steps prove nothing about them; the committed
 HELDOUT.md is the measurement.
@@ -21,7 +22,7 @@ def test_heldout_script_writes_a_row_per_case_and_lr(tmp_path):
     try:
         spec.loader.exec_module(mod)
         out = tmp_path / "HELDOUT.md"
-        assert mod.main(["--seeds", "1", "--steps", "3", "--out", str(out)]) == 0
+        assert mod.main(["--seeds", "1", "--steps", "3", "--jobs", "2", "--out", str(out)]) == 0
         text = out.read_text()
         rows = sum(len(c[4]) for c in mod.cases().values())
         assert text.count("\n| ") - len(mod.cases()) == rows  # minus one header per case

@@ -282,6 +282,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> str:
+    """The architecture and CPU model, as every results file names the machine."""
+    return f"{platform.machine()} {cpu_model()}"
+
+
 def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
     scns = {}
     for name in cfg.scenarios:
@@ -292,7 +297,7 @@ def _meta(cfg: BenchConfig, skipped: dict[str, str]) -> dict[str, Any]:
         "command": cfg.command,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {cpu_model()}, "
+        "machine": f"{machine()}, "
                    f"{os.cpu_count()} CPUs, {cfg.jobs} single-threaded worker(s)",
         "scenarios": scns,
         "remedies": {r: R.get(r).summary for r in cfg.remedies if r not in skipped},
