@@ -482,3 +482,35 @@ def test_a_streak_longer_than_the_rate_memory_reads_no_rate():
         assert ctrl.observe(40 + i, 1.0, True, True).unstable is None
         assert ctrl.bad_rate() == 0.0
     assert ctrl.observe(69, 1.0, True, True).unstable.startswith("30 steps in a row")
+
+
+def test_a_zero_loss_changes_units_but_keeps_the_best_level():
+    # mlp-corrupt at lr 0.16: an injected unscaled batch scores exactly 0 (huge logits, all
+    # right), the level goes linear from there, and the loss then climbs back from its best
+    # 0.35 to 1.2: still a regression, judged against the best the run had reached.
+    gen = np.random.default_rng(0)
+    fall = np.geomspace(2.3, 0.35, 150) * np.exp(gen.normal(0, 0.2, 150))
+    flat = 0.35 * np.exp(gen.normal(0, 0.2, 50))
+    climb = np.geomspace(0.35, 1.2, 80) * np.exp(gen.normal(0, 0.2, 80))
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed(ctrl, np.concatenate([fall, flat])))
+    assert ctrl.log_scale
+    best_loss = math.exp(ctrl.best)
+    verdicts = feed(ctrl, np.concatenate([[0.0], climb]), start=200)
+    assert ctrl.log_scale is False
+    first = next(i for i, v in enumerate(verdicts) if v.unstable)
+    assert "rose above its best" in verdicts[first].unstable
+    assert ctrl.best == pytest.approx(best_loss)  # the best level survived the switch
+
+
+def test_a_loss_below_zero_is_judged_on_a_linear_scale_from_then_on():
+    # A log-likelihood that crosses zero: no false alarm from the change of units, and a
+    # real climb after it is caught.
+    gen = np.random.default_rng(1)
+    fall = np.linspace(3.0, -1.0, 300) + gen.normal(0, 0.1, 300)
+    flat = -1.0 + gen.normal(0, 0.1, 100)
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed(ctrl, np.concatenate([fall, flat])))
+    assert ctrl.log_scale is False
+    climb = np.linspace(-1.0, 2.0, 60) + gen.normal(0, 0.1, 60)
+    assert any(v.unstable for v in feed(ctrl, climb, start=400))

@@ -305,10 +305,17 @@ class Controller:
         if self.log_scale is None:  # decided on the first full window
             self.log_scale = positive
         elif self.log_scale and not positive:
-            # A loss that can reach zero or below (a log-likelihood): linear from here on,
-            # and the best level in log units means nothing any more.
+            # A loss that can reach zero or below (a log-likelihood, or a batch fitted
+            # exactly): linear from here on. A change of units, not of trajectory: the
+            # best level carries over, converted (it is an upper bound, which exp keeps
+            # one; its standard error by the delta method). Forgetting it would let the
+            # one batch that happened to score 0 wipe the memory of how low the run had
+            # got, and a later climb back would go unjudged. The noise is re-measured.
             self.log_scale = False
-            self.best, self.best_se, self.sigma = math.inf, 0.0, None
+            if math.isfinite(self.best):
+                self.best = math.exp(self.best)
+                self.best_se *= self.best
+            self.sigma = None
         return [math.log(v) for v in x] if self.log_scale else x
 
     def _shown(self, v: float) -> float:
