@@ -33,6 +33,18 @@ any was run; nothing was chosen on them), to cover the brief's other causes:
 - ``mnist-mlp-sgd``: a 784-256-256-10 ReLU MLP on the MNIST subset (scaled to 0-1), plain
   SGD from 0.1 to 100× past a good LR: the textbook too-high LR.
 
+And five more, a second batch written the same way at stop 31:
+
+- ``mnist-mlp-bf16``: a 784-256-10 ReLU MLP on the MNIST subset under bfloat16 autocast,
+  SGD with momentum 0.9: low-precision arithmetic.
+- ``digits-resmlp20``: 20 residual ReLU blocks without normalisation on the 8×8 digits,
+  SGD with momentum 0.9: a deep net whose activations grow with depth.
+- ``memory-lstm-adam``: an LSTM (64 units) on ``rnn-memory``'s task, Adam.
+- ``diabetes-mlp-adam-raw``: a ReLU MLP regressing the diabetes score from raw features,
+  Adam (the bench's linreg-raw data, another model and optimizer).
+- ``mnist-mlp-onecycle``: ``mnist-mlp-bf16``'s MLP in float32 under torch's OneCycleLR
+  (warm-up, then annealing) peaking at the row's LR, the scheduler tracked by the guard.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -53,6 +65,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -166,6 +179,48 @@ class _GRU(nn.Module):
         return self.out(h[:, -1])
 
 
+def _digits_01() -> tuple[Tensor, Tensor]:
+    x, y = _digits_raw()
+    return x / 16, y
+
+
+def _diabetes_raw() -> tuple[Tensor, Tensor]:
+    from gradguard.scenarios import data
+
+    x, y = data.diabetes()
+    return x.float(), y.float().reshape(-1, 1)
+
+
+def _wide_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+class _ResMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                  nn.Linear(64, 64)) for _ in range(20))
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+class _LSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(1, 64, batch_first=True)
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x.unsqueeze(-1))
+        return self.out(h[:, -1])
+
+
 class _RNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -184,10 +239,13 @@ def wine_limit() -> float:
     return float(2 / torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
 
 
-# name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid)
+# name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
+# "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
+# at the row's LR, the scheduler tracked by the guard))
 Case = tuple[Callable[[], tuple[Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
-             Callable[[nn.Module, float], torch.optim.Optimizer], list[float], str]
+             Callable[[nn.Module, float], torch.optim.Optimizer], list[float], str,
+             dict[str, Any]]
 
 
 def _sgd(momentum: float = 0.0) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
@@ -204,37 +262,51 @@ def cases() -> dict[str, Case]:
     return {
         "softmax-raw": (_cancer, lambda: nn.Linear(30, 2), nn.functional.cross_entropy,
                         lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
-                        [1e-6, 1e-5, 1e-4, 1e-3], "SGD momentum 0.9"),
+                        [1e-6, 1e-5, 1e-4, 1e-3], "SGD momentum 0.9", {}),
         "linreg-raw-wine": (_wine, lambda: nn.Linear(12, 1), nn.functional.mse_loss,
                             lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
                             [0.1 * lim, 0.67 * lim, 4 * lim, 20 * lim],
-                            f"0.1×, 0.67×, 4× and 20× the limit 2/λmax = {lim:.3g}"),
+                            f"0.1×, 0.67×, 4× and 20× the limit 2/λmax = {lim:.3g}", {}),
         "rnn-memory": (_memory_task, _RNN, nn.functional.mse_loss,
                        lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
-                       [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD"),
+                       [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD", {}),
         "mlp-raw-pixels": (_pixels, _pixel_mlp, nn.functional.cross_entropy,
                            lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
-                           [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "SGD momentum 0.9, pixels 0-255"),
+                           [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "SGD momentum 0.9, pixels 0-255",
+                           {}),
         "digits-cnn-adam": (_digits_images, _digits_cnn, ce, _adam, [1e-3, 1e-2, 3e-2, 0.1],
-                            "Adam"),
+                            "Adam", {}),
         "mnist1d-deep-tanh": (_mnist1d, _deep_tanh, ce, _sgd(0.9), [1e-3, 1e-2, 0.1, 0.3],
-                              "SGD momentum 0.9, Xavier gain 2.5"),
+                              "SGD momentum 0.9, Xavier gain 2.5", {}),
         "series-gru-raw": (_series, _GRU, mse, _sgd(0.9), [1e-6, 1e-5, 1e-4, 1e-3],
-                           "SGD momentum 0.9, raw units"),
+                           "SGD momentum 0.9, raw units", {}),
         "iris-raw-sgd": (_iris, lambda: nn.Linear(4, 3), ce, _sgd(), [0.01, 0.1, 1.0, 3.0],
-                         "plain SGD, raw units"),
+                         "plain SGD, raw units", {}),
         "digits-mlp-raw-adam": (_digits_raw, lambda: nn.Sequential(
             nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)), ce, _adam,
-            [1e-3, 1e-2, 0.1, 0.3], "Adam, pixels 0-16"),
+            [1e-3, 1e-2, 0.1, 0.3], "Adam, pixels 0-16", {}),
         "mnist-mlp-sgd": (_pixels_scaled, lambda: nn.Sequential(
             nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)),
-            ce, _sgd(), [0.1, 1.0, 3.0, 10.0], "plain SGD, pixels 0-1"),
+            ce, _sgd(), [0.1, 1.0, 3.0, 10.0], "plain SGD, pixels 0-1", {}),
+        "mnist-mlp-bf16": (_pixels_scaled, _wide_mlp, ce, _sgd(0.9), [0.03, 0.3, 1.0, 3.0],
+                           "SGD momentum 0.9, bfloat16 autocast",
+                           {"autocast": torch.bfloat16}),
+        "digits-resmlp20": (_digits_01, _ResMLP, ce, _sgd(0.9), [0.003, 0.03, 0.1, 0.3],
+                            "SGD momentum 0.9, 20 residual blocks, no normalisation", {}),
+        "memory-lstm-adam": (_memory_task, _LSTM, mse, _adam, [1e-3, 1e-2, 3e-2, 0.1], "Adam",
+                             {}),
+        "diabetes-mlp-adam-raw": (_diabetes_raw, lambda: nn.Sequential(
+            nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1)), mse, _adam,
+            [1e-3, 1e-2, 0.1, 1.0], "Adam, raw units", {}),
+        "mnist-mlp-onecycle": (_pixels_scaled, _wide_mlp, ce, _sgd(0.9), [0.1, 1.0, 3.0, 10.0],
+                               "SGD momentum 0.9, OneCycleLR peaking at the LR",
+                               {"onecycle": True}),
     }
 
 
 def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, bool]:
     """(held-out loss, guard gave up) of one run."""
-    data, make_model, loss_fn, make_opt, _, _ = case
+    data, make_model, loss_fn, make_opt, _, _, opts = case
     x, y = data()
     torch.manual_seed(seed)
     model = make_model()
@@ -244,11 +316,17 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
     n = int(0.8 * len(x))
     train, test = perm[:n], perm[n:]
     guard = gg.Guard(model, opt, log=None) if arm == "gradguard" else None
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+             if opts.get("onecycle") else None)
+    if guard is not None and sched is not None:
+        guard.track(sched)  # (rolled back with the model)
+    dtype = opts.get("autocast")
     gave_up = False
     for _ in range(steps):
         idx = train[torch.randint(0, n, (32,), generator=gen)]
         opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = loss_fn(model(x[idx]), y[idx]).float()
         loss.backward()
         if guard is not None:
             try:
@@ -260,6 +338,8 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
             if arm == "clip 1.0":
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+        if sched is not None:
+            sched.step()
     if guard is not None:
         guard.close()
     with torch.no_grad():
