@@ -514,3 +514,17 @@ def test_a_loss_below_zero_is_judged_on_a_linear_scale_from_then_on():
     assert ctrl.log_scale is False
     climb = np.linspace(-1.0, 2.0, 60) + gen.normal(0, 0.1, 60)
     assert any(v.unstable for v in feed(ctrl, climb, start=400))
+
+
+def test_stalled_tells_a_run_at_its_starting_level_from_one_that_learned():
+    gen = np.random.default_rng(0)
+    flat = 2.3 * np.exp(gen.normal(0, 0.3, 300))  # bouncing at chance, noisy
+    ctrl = Controller(gg.Stability())
+    feed(ctrl, np.concatenate([[2.3], flat]))
+    level, first = ctrl.stalled()
+    assert first == 2.3 and 1.5 < level < 3.5
+    falling = np.geomspace(2.3, 1.2, 300) * np.exp(gen.normal(0, 0.3, 300))
+    ctrl = Controller(gg.Stability())
+    feed(ctrl, np.concatenate([[2.3], falling]))
+    assert ctrl.stalled() is None  # a factor of two below the first loss: progress
+    assert Controller(gg.Stability()).stalled() is None  # no level yet: nothing to say

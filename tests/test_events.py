@@ -112,3 +112,63 @@ def test_layers_a_step_does_not_use_are_not_dead_units():
     assert sorted(losses[-20:])[10] < 0.8 < losses[0]  # it trained
     assert not [e for e in guard.recorder.events if e["kind"] == "dead_units"]
     assert guard.verdict().startswith("stable")
+
+
+def test_a_run_that_never_gets_below_its_first_loss_is_not_called_stable():
+    # The tanh RNN at 3× the LR it trains at (rnn-long at 3e-2): it sits at chance (ln 4)
+    # from its first steps with ordinary norms, so no instability test fires; the verdict
+    # must not read "stable". The same net at its exploding LR, rescued, learns: no such
+    # verdict there.
+    from gradguard.scenarios import prepare
+
+    def verdict(lr: float, seed: int) -> str:
+        guards: list[gg.Guard] = []
+
+        def make(model: nn.Module, opt: torch.optim.Optimizer, scaler: object) -> gg.Guard:
+            guards.append(gg.Guard(model, opt, log=None))
+            return guards[0]
+
+        prepare("rnn-long", lr=lr, seed=seed, guard=make).train()
+        return guards[0].verdict()
+
+    stuck = verdict(0.03, 1)
+    assert stuck.startswith("no progress: after 500 steps the loss level (1.4"), stuck
+    assert "is no lower than where it started (1.386)" in stuck
+    assert ("nothing was flagged" in stuck or "the LR is likely too high" in stuck) \
+        and "Besides: " in stuck
+    assert "stable" not in stuck.split("Besides: ")[0] and "Set that LR" not in stuck
+    learned = verdict(0.01, 1)
+    assert not learned.startswith("no progress"), learned
+
+
+def test_giving_up_after_units_died_says_so_instead_of_blaming_every_lr():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None,
+                     policy=gg.Policy(stability=gg.Stability(floor=0.5)))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def step(broken: bool = False) -> None:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        if broken:
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(loss)
+
+    for _ in range(5):
+        step()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every hidden ReLU off for every example: dead units
+    for _ in range(5):
+        step()
+    try:
+        for _ in range(3):  # three NaN steps in a row: instability; one cut is below the floor
+            step(broken=True)
+    except gg.TrainingDivergedError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("the guard did not give up")
+    assert "hidden units died at step 5 (no gradient reached 2.weight from there on)" in msg, msg
+    assert "no LR revives them" in msg and "unstable at any LR" not in msg

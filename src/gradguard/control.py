@@ -413,6 +413,26 @@ class Controller:
         # (level() scaled this window's losses: the cache holds while it holds)
         return max(sigma, _MAD_SIGMA * _median([abs(v - med) for v in self._x]))
 
+    def stalled(self) -> tuple[float, float] | None:
+        """(level, first loss), in the loss's units, when the run's loss level is not
+        below its first loss; None when it made progress (or has no level yet).
+
+        Progress counts when the level's upper confidence bound (``z`` standard errors)
+        is under the first loss. That errs towards "progress": the first loss is one
+        draw, but a fresh model's batches differ little, and a run that the present
+        window's noise would call stalled (a loss bouncing at a high LR) has often
+        learned a little, which is not what this reports. A run at a too-high LR that
+        bounces at its starting level (a net at chance, skipping spike after spike)
+        meets no instability test and is not stable either: the verdict says so.
+        """
+        lv, first = self.level(), self._in_units(self.first_loss)
+        if lv is None or first is None or self.first_loss is None:
+            return None
+        level, se, _ = lv
+        if level + self.cfg.z * se < first:
+            return None
+        return self._shown(level), self.first_loss
+
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment
         to keep a snapshot."""

@@ -68,8 +68,10 @@ def data_origin(recorder: Recorder, inputs: Any, last: int = 3) -> bool:
     return len(steps) >= last and inputs.all_bad(steps)
 
 
-def give_up(reason: str, scale: float, lr: Any, from_data: str | None) -> str:
-    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad."""
+def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
+            dead: tuple[str, int] | None = None) -> str:
+    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad
+    (``dead``: the deepest tensor no gradient reached, and since when, when units died)."""
     if from_data:
         return (f"{reason}: the inputs of the first layer ({from_data}) held NaN/Inf on "
                 "every recent failing step, so the data carries them, not the model or the "
@@ -79,6 +81,14 @@ def give_up(reason: str, scale: float, lr: Any, from_data: str | None) -> str:
         at = f" (lr {float(lr) * scale:.3g})"
     except (TypeError, ValueError):
         at = ""
+    if dead is not None:
+        # Dead units explain a run no LR helps better than "unstable at any LR".
+        tensor, since = dead
+        return (f"{reason}, and the LR is already scaled ×{scale:.3g}{at}; hidden units "
+                f"died at step {since} (no gradient reached {tensor} from there on), "
+                "and no LR revives them. Restart from before the first oversized steps with "
+                "a lower LR, standardised inputs or a better init (`gradguard doctor` tells "
+                "which)")
     return (f"{reason}, and the LR is already scaled ×{scale:.3g}{at}: this run is unstable "
             "at any LR the guard can give it. The base LR, the initialisation or the "
             "inputs' scale is the problem: run `gradguard doctor` on this model, or start "
@@ -117,8 +127,23 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ;
     ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
     live one after it, how many tensors get none, the step since which))."""
+    c = control
+    # (Two windows of losses at least: "no progress" after a handful of steps is no news.)
+    stalled = None if c is None or dead is not None or c.rows < 2 * c.cfg.window \
+        else c.stalled()
     said = _verdict(recorder, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
-                    batch_noise, lr_span, dead is not None)
+                    batch_noise, lr_span, dead is not None or stalled is not None)
+    if stalled is not None:
+        assert c is not None
+        level, first = stalled
+        acted = any(e.get("action") == "skip" for e in recorder.events) or rollbacks
+        why = ("the guard had to step in on the way, so the LR is likely too high for this "
+               "model: try a tenth of it" if acted else
+               "and nothing was flagged: the LR may be too low, or so high that the loss "
+               "bounces at one level; try ten times either way")
+        return (f"no progress: after {c.rows} steps the loss level ({level:.4g}) is no "
+                f"lower than where it started ({first:.4g}) — {why} (`gradguard doctor` "
+                f"checks the LR, the init and the inputs). Besides: {said}")
     if dead is None:
         return said
     deepest, after, n, since = dead
@@ -133,9 +158,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
 def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
              batch_noise: float | None, lr_span: tuple[float, float] | None,
-             dead: bool = False) -> str:
-    """The verdict of a run whose units live; with ``dead``, only what the guard did (the
-    dead units lead, and no LR the run ended at is advice)."""
+             led: bool = False) -> str:
+    """The verdict of a run that learned; with ``led``, only what the guard did (dead
+    units or a run without progress lead, and no LR the run ended at is advice)."""
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control
@@ -164,7 +189,7 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
         retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "
                    "same LR" if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
-        state = "" if dead else f"{state}: "
+        state = "" if led else f"{state}: "
         return f"{state}{bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     advice = "Set that LR (or warm up to it)"
@@ -179,7 +204,7 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
               f"≈ {peak * c.scale:.3g})")
         advice = "Scale your schedule by that"
     times = "once" if c.cuts == 1 else f"{c.cuts} times"
-    if dead:
+    if led:
         return (f"the guard lowered the LR {times} ({counted(rollbacks, 'rollback')}), to "
                 f"{at}; {bad}{noise}{clipped}{rnn}")
     return (f"unstable at your LR: the guard lowered it {times} "
