@@ -372,6 +372,39 @@ def _gave_back(guard):
     return any(e.get("clip_all") for e in guard.recorder.events)
 
 
+def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_up():
+    # rnn-long at the healthy lr 3e-3, seed 1: the loss dips below chance and returns;
+    # after the clip answer, the give-back recurred at ×0.1, ×0.01 and ×0.001 (at those
+    # the weights barely move: the restored snapshots sit at that level) and the guard
+    # gave up on a run whose unguarded twin learns. At the floor the cuts are taken back
+    # and the give-back test stands down; a climb is still judged.
+    fall, back = _gives_back()
+    ctrl = Controller(gg.Stability(), can_clip=True)
+    feed(ctrl, fall)
+    before = ctrl.trajectory()
+    assert first_unstable(ctrl, back, start=len(fall)).clip
+    scales = []
+    for attempt in range(4):
+        ctrl.load_trajectory(before)  # the guard rolls back
+        v = first_unstable(ctrl, back, start=200 + 100 * attempt)
+        assert not v.give_up and "gave back most of its progress" in v.unstable
+        scales.append(v.scale)
+    assert scales == pytest.approx([0.1, 0.01, 0.001, 1.0])
+    assert "they are taken back and the give-back test stands down" in v.unstable
+    assert ctrl.giveback_off and ctrl.cuts == 0 and ctrl.clip_since is not None
+    ctrl.load_trajectory(before)
+    assert not any(x.unstable for x in feed(ctrl, back * 3, start=700))  # stood down
+    # Memory: it survives a save and load.
+    fresh = Controller(gg.Stability(), can_clip=True)
+    fresh.load_state_dict(ctrl.state_dict())
+    assert fresh.giveback_off and fresh.giveback_from == ctrl.giveback_from
+    # A climb past the best is still the LR's: cut a decade.
+    gen = np.random.default_rng(2)
+    climb = np.geomspace(1.4, 6.0, 60) * np.exp(gen.normal(0, 0.02, 60))
+    v = first_unstable(fresh, climb, start=900)
+    assert ("rose above" in v.unstable) and v.scale == pytest.approx(0.1)
+
+
 def test_recurrent_nets_that_give_back_their_progress_learn_better_clipped_than_cut():
     # rnn-long at its exploding LR: the tanh RNN learns a little, then sinks back to
     # chance. Answered by a x0.1 cut it tends to end near chance (too slow at a tenth of

@@ -239,6 +239,10 @@ class Controller:
         # Whether the guard's chain clamps steps to the typical norm (its spike clamp).
         self.can_clip = can_clip
         self.clip_since: int | None = None  # the row from which every step is clipped
+        # The LR state before the first cut a give-back made, and whether the give-back
+        # test has stood down for the run (see :meth:`unstable`).
+        self.giveback_from: tuple[float, int] | None = None
+        self.giveback_off = False
 
     # -- bad-batch streaks -----------------------------------------------------------------
     def bad_rate(self) -> float:
@@ -522,7 +526,8 @@ class Controller:
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
                               f"{self.start:.4g} (limit {self._shown(start):.4g})")
-                elif level - cfg.z * se > (back := self.progress_threshold()):
+                elif not self.giveback_off and \
+                        level - cfg.z * se > (back := self.progress_threshold()):
                     climb = giveback = True
                     reason = (f"loss level {self._shown(level):.4g} gave back most of its "
                               f"progress from the first loss {self.start:.4g} to its best "
@@ -562,7 +567,10 @@ class Controller:
         or an immediate action's single one), by ``decrease_far`` when it never trained
         well at this LR or its loss level climbed (``climb``; see the module docstring).
         At the floor, a run that had trained well and made progress since its last
-        rollback (``progressed``) is rolled back at the same scale instead.
+        rollback (``progressed``) is rolled back at the same scale instead; and a
+        give-back that recurred after every cut it caused (×0.1, ×0.01, ×0.001) takes
+        those cuts back and turns the give-back test off for the run (it is not the LR's
+        doing, and a loss that sinks back to chance is not diverging).
 
         The first instability found by the give-back test (``giveback``: the level drifted
         back towards the first loss without overshooting it) is answered by clipping
@@ -617,6 +625,23 @@ class Controller:
         # of it. Roll back and keep the scale (no cut to take back); a failure without
         # progress in between (a loop) still gives up.
         hold = new < cfg.floor and near and self.progressed
+        if giveback and new < cfg.floor and not hold and self.giveback_from is not None:
+            # The level kept sinking back towards its start at every LR the cuts tried, a
+            # tenth, a hundredth, a thousandth: at those the weights barely move between a
+            # restore and the next give-back, so it is the restored snapshots' own level,
+            # not the LR's doing. Chance is a ceiling, not a blow-up: take the give-back
+            # cuts back (the clipping stays) and stop judging give-backs, rather than give
+            # up on a run that is not diverging. A climb or a NaN streak is still judged.
+            self.scale, self.cuts = self.giveback_from
+            self.giveback_off = True
+            self._before_cut = None
+            self.last_raise = None
+            self.calm = 0
+            return Verdict(unstable=f"{reason}; it recurred at every LR the cuts tried, "
+                           "so they are taken back and the give-back test stands down",
+                           scale=self.scale)
+        if giveback and self.giveback_from is None:
+            self.giveback_from = (self.scale, self.cuts)
         if hold:
             self._before_cut = None
         else:
@@ -688,7 +713,9 @@ class Controller:
                 "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since,
-                "bad_rows": [int(b) for b in self.bad_rows]}
+                "bad_rows": [int(b) for b in self.bad_rows],
+                "giveback_from": None if self.giveback_from is None else list(
+                    self.giveback_from), "giveback_off": self.giveback_off}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.load_trajectory(s)
@@ -710,3 +737,6 @@ class Controller:
                               maxlen=self.bad_rows.maxlen)
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)
+        gb = s.get("giveback_from")  # (these two: absent before they existed)
+        self.giveback_from = None if gb is None else (float(gb[0]), int(gb[1]))
+        self.giveback_off = bool(s.get("giveback_off", False))
