@@ -168,17 +168,6 @@ def _deep_tanh() -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(64, 10))
 
 
-class _GRU(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(1, 32, batch_first=True)
-        self.out = nn.Linear(32, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x.unsqueeze(-1))
-        return self.out(h[:, -1])
-
-
 def _digits_01() -> tuple[Tensor, Tensor]:
     x, y = _digits_raw()
     return x / 16, y
@@ -210,22 +199,13 @@ class _ResMLP(nn.Module):
         return self.out(h)
 
 
-class _LSTM(nn.Module):
-    def __init__(self) -> None:
+class _Recurrent(nn.Module):
+    """A recurrent layer reading a sequence of scalars, read out at its last step."""
+
+    def __init__(self, kind: type[nn.RNNBase], hidden: int, **kw: Any) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(1, 64, batch_first=True)
-        self.out = nn.Linear(64, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x.unsqueeze(-1))
-        return self.out(h[:, -1])
-
-
-class _RNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.RNN(1, 64, nonlinearity="tanh", batch_first=True)
-        self.out = nn.Linear(64, 1)
+        self.rnn = kind(1, hidden, batch_first=True, **kw)
+        self.out = nn.Linear(hidden, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x.unsqueeze(-1))
@@ -267,7 +247,8 @@ def cases() -> dict[str, Case]:
                             lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
                             [0.1 * lim, 0.67 * lim, 4 * lim, 20 * lim],
                             f"0.1×, 0.67×, 4× and 20× the limit 2/λmax = {lim:.3g}", {}),
-        "rnn-memory": (_memory_task, _RNN, nn.functional.mse_loss,
+        "rnn-memory": (_memory_task, lambda: _Recurrent(nn.RNN, 64, nonlinearity="tanh"),
+                       nn.functional.mse_loss,
                        lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
                        [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD", {}),
         "mlp-raw-pixels": (_pixels, _pixel_mlp, nn.functional.cross_entropy,
@@ -278,8 +259,8 @@ def cases() -> dict[str, Case]:
                             "Adam", {}),
         "mnist1d-deep-tanh": (_mnist1d, _deep_tanh, ce, _sgd(0.9), [1e-3, 1e-2, 0.1, 0.3],
                               "SGD momentum 0.9, Xavier gain 2.5", {}),
-        "series-gru-raw": (_series, _GRU, mse, _sgd(0.9), [1e-6, 1e-5, 1e-4, 1e-3],
-                           "SGD momentum 0.9, raw units", {}),
+        "series-gru-raw": (_series, lambda: _Recurrent(nn.GRU, 32), mse, _sgd(0.9),
+                           [1e-6, 1e-5, 1e-4, 1e-3], "SGD momentum 0.9, raw units", {}),
         "iris-raw-sgd": (_iris, lambda: nn.Linear(4, 3), ce, _sgd(), [0.01, 0.1, 1.0, 3.0],
                          "plain SGD, raw units", {}),
         "digits-mlp-raw-adam": (_digits_raw, lambda: nn.Sequential(
@@ -293,8 +274,8 @@ def cases() -> dict[str, Case]:
                            {"autocast": torch.bfloat16}),
         "digits-resmlp20": (_digits_01, _ResMLP, ce, _sgd(0.9), [0.003, 0.03, 0.1, 0.3],
                             "SGD momentum 0.9, 20 residual blocks, no normalisation", {}),
-        "memory-lstm-adam": (_memory_task, _LSTM, mse, _adam, [1e-3, 1e-2, 3e-2, 0.1], "Adam",
-                             {}),
+        "memory-lstm-adam": (_memory_task, lambda: _Recurrent(nn.LSTM, 64), mse, _adam,
+                             [1e-3, 1e-2, 3e-2, 0.1], "Adam", {}),
         "diabetes-mlp-adam-raw": (_diabetes_raw, lambda: nn.Sequential(
             nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1)), mse, _adam,
             [1e-3, 1e-2, 0.1, 1.0], "Adam, raw units", {}),
