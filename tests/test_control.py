@@ -394,6 +394,15 @@ def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_u
     assert ctrl.giveback_off and ctrl.cuts == 0 and ctrl.clip_since is not None
     ctrl.load_trajectory(before)
     assert not any(x.unstable for x in feed(ctrl, back * 3, start=700))  # stood down
+    # Stood down, the give-back limit no longer keeps snapshots from being taken either.
+    assert ctrl.progress_threshold() == math.inf and ctrl.calm_now()
+    # The verdict tells it, and does not call the LR unchanged.
+    from types import SimpleNamespace
+
+    from gradguard.events import verdict
+    said = verdict(SimpleNamespace(events=[]), ctrl, 5, 0.003)
+    assert "so those cuts were taken back (5 rollbacks in all)" in said, said
+    assert "the LR ended where it began" in said and "never changed" not in said
     # Memory: it survives a save and load.
     fresh = Controller(gg.Stability(), can_clip=True)
     fresh.load_state_dict(ctrl.state_dict())
@@ -403,6 +412,26 @@ def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_u
     climb = np.geomspace(1.4, 6.0, 60) * np.exp(gen.normal(0, 0.02, 60))
     v = first_unstable(fresh, climb, start=900)
     assert ("rose above" in v.unstable) and v.scale == pytest.approx(0.1)
+
+
+def test_only_the_trailing_give_back_cuts_are_taken_back():
+    # A NaN streak's cut between give-back cuts is the LR's and stays: the stand-down
+    # undoes only the give-back cuts after it.
+    fall, back = _gives_back()
+    ctrl = Controller(gg.Stability(), can_clip=True)
+    feed(ctrl, fall)
+    before = ctrl.trajectory()
+    assert first_unstable(ctrl, back, start=len(fall)).clip
+    ctrl.load_trajectory(before)
+    assert first_unstable(ctrl, back, start=200).scale == pytest.approx(0.1)  # give-back
+    ctrl.load_trajectory(before)
+    nan = feed(ctrl, [math.nan] * 3, flags=[1, 1, 1], start=300)[-1]  # a NaN streak
+    assert nan.unstable and nan.scale == pytest.approx(0.01) and ctrl.giveback_from is None
+    for start, want in ((400, 0.001), (500, 0.01)):  # give-back cut, then the stand-down
+        ctrl.load_trajectory(before)
+        v = first_unstable(ctrl, back, start=start)
+        assert v.scale == pytest.approx(want) and not v.give_up
+    assert ctrl.giveback_off and ctrl.cuts == 2
 
 
 def test_recurrent_nets_that_give_back_their_progress_learn_better_clipped_than_cut():

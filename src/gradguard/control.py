@@ -241,7 +241,9 @@ class Controller:
         self.clip_since: int | None = None  # the row from which every step is clipped
         # The LR state before the first cut a give-back made, and whether the give-back
         # test has stood down for the run (see :meth:`unstable`).
-        self.giveback_from: tuple[float, int] | None = None
+        # (scale, cuts, probe wait) before the trailing run of give-back cuts; a cut for any
+        # other evidence ends the run (it is not taken back).
+        self.giveback_from: tuple[float, int, int] | None = None
         self.giveback_off = False
 
     # -- bad-batch streaks -----------------------------------------------------------------
@@ -365,7 +367,8 @@ class Controller:
 
     def progress_threshold(self) -> float:
         """The level above which the run has given back most of what it learned (inf
-        while it has learned nothing beyond the noise).
+        while it has learned nothing beyond the noise, and once the give-back test has
+        stood down, see :meth:`unstable`).
 
         The progress is the way from the first loss down to the best level; the level
         regresses when it is back above ``best + giveback × progress`` — with the default
@@ -384,7 +387,7 @@ class Controller:
         given back.
         """
         first, lv = self._start_scaled(), self.level()
-        if first is None or lv is None:
+        if first is None or lv is None or self.giveback_off:
             return math.inf
         return self._giveback_limit(self.best, first, lv[2])
 
@@ -466,7 +469,8 @@ class Controller:
         past_u = f(past)
         lim = self._limit(_median(past_u))
         first = self._in_units(before.get("start"))
-        if first is not None and before.get("log_scale") == self.log_scale:
+        if first is not None and before.get("log_scale") == self.log_scale \
+                and not self.giveback_off:
             sigma = before.get("sigma")  # (None: no noise estimate, no progress judged)
             lim = min(lim, self._giveback_limit(
                 float(before["best"]), first, math.inf if sigma is None else float(sigma)))
@@ -526,8 +530,7 @@ class Controller:
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
                               f"{self.start:.4g} (limit {self._shown(start):.4g})")
-                elif not self.giveback_off and \
-                        level - cfg.z * se > (back := self.progress_threshold()):
+                elif level - cfg.z * se > (back := self.progress_threshold()):
                     climb = giveback = True
                     reason = (f"loss level {self._shown(level):.4g} gave back most of its "
                               f"progress from the first loss {self.start:.4g} to its best "
@@ -625,14 +628,15 @@ class Controller:
         # of it. Roll back and keep the scale (no cut to take back); a failure without
         # progress in between (a loop) still gives up.
         hold = new < cfg.floor and near and self.progressed
-        if giveback and new < cfg.floor and not hold and self.giveback_from is not None:
+        # (A give-back is a climb, so ``hold``, which needs ``near``, never applies to it.)
+        if giveback and new < cfg.floor and self.giveback_from is not None:
             # The level kept sinking back towards its start at every LR the cuts tried, a
             # tenth, a hundredth, a thousandth: at those the weights barely move between a
             # restore and the next give-back, so it is the restored snapshots' own level,
             # not the LR's doing. Chance is a ceiling, not a blow-up: take the give-back
             # cuts back (the clipping stays) and stop judging give-backs, rather than give
             # up on a run that is not diverging. A climb or a NaN streak is still judged.
-            self.scale, self.cuts = self.giveback_from
+            self.scale, self.cuts, self.probe_wait = self.giveback_from
             self.giveback_off = True
             self._before_cut = None
             self.last_raise = None
@@ -640,8 +644,10 @@ class Controller:
             return Verdict(unstable=f"{reason}; it recurred at every LR the cuts tried, "
                            "so they are taken back and the give-back test stands down",
                            scale=self.scale)
-        if giveback and self.giveback_from is None:
-            self.giveback_from = (self.scale, self.cuts)
+        if not giveback:
+            self.giveback_from = None
+        elif self.giveback_from is None:
+            self.giveback_from = (self.scale, self.cuts, self.probe_wait)
         if hold:
             self._before_cut = None
         else:
@@ -738,5 +744,5 @@ class Controller:
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)
         gb = s.get("giveback_from")  # (these two: absent before they existed)
-        self.giveback_from = None if gb is None else (float(gb[0]), int(gb[1]))
+        self.giveback_from = None if gb is None else (float(gb[0]), int(gb[1]), int(gb[2]))
         self.giveback_off = bool(s.get("giveback_off", False))

@@ -136,11 +136,20 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     if stalled is not None:
         assert c is not None
         level, first = stalled
-        acted = any(e.get("action") == "skip" for e in recorder.events) or rollbacks
-        why = ("the guard had to step in on the way, so the LR is likely too high for this "
-               "model: try a tenth of it" if acted else
-               "and nothing was flagged: the LR may be too low, or so high that the loss "
-               "bounces at one level; try ten times either way")
+        skipped = any(e.get("action") == "skip" for e in recorder.events)
+        if c.giveback_off:
+            why = ("its loss sank back towards its start at a tenth, a hundredth and a "
+                   "thousandth of the LR alike, so the LR alone is not the problem: check "
+                   "the init and the inputs")
+        elif rollbacks or c.cuts or c.clip_since is not None:
+            why = ("the guard had to step in on the way (rollbacks, LR cuts or clipping), "
+                   "so the LR is likely too high for this model: try a tenth of it")
+        elif skipped:
+            why = ("with bad steps skipped on the way, the LR may be too high for this "
+                   "model (or the data noisy): try a tenth of it")
+        else:
+            why = ("and nothing was skipped, clipped or cut: the LR may be too low, or so "
+                   "high that the loss bounces at one level; try ten times either way")
         return (f"no progress: after {c.rows} steps the loss level ({level:.4g}) is no "
                 f"lower than where it started ({first:.4g}) — {why} (`gradguard doctor` "
                 f"checks the LR, the init and the inputs). Besides: {said}")
@@ -189,8 +198,15 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
         retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "
                    "same LR" if c is not None and c.retries else "")
         state = "stable" if not clipped else "unstable at your LR without clipping"
+        lr_said, standdown = "the LR was never changed", ""
+        if c is not None and c.giveback_off:
+            state = "unsettled" if not clipped else state
+            lr_said = "the LR ended where it began"
+            standdown = (f"; its loss sank back towards its start at a tenth, a hundredth and "
+                         f"a thousandth of the LR alike, so those cuts were taken back "
+                         f"({counted(rollbacks, 'rollback')} in all)")
         state = "" if led else f"{state}: "
-        return f"{state}{bad}, the LR was never changed{retried}{noise}{clipped}{rnn}"
+        return f"{state}{bad}, {lr_said}{retried}{standdown}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     advice = "Set that LR (or warm up to it)"
     try:
