@@ -372,17 +372,24 @@ def _gave_back(guard):
     return any(e.get("clip_all") for e in guard.recorder.events)
 
 
+def _clipped_after_a_give_back():
+    """A controller whose first give-back was answered by clipping, the trajectory to roll
+    back to, and the losses that give the progress back again."""
+    fall, back = _gives_back()
+    ctrl = Controller(gg.Stability(), can_clip=True)
+    feed(ctrl, fall)
+    before = ctrl.trajectory()
+    assert first_unstable(ctrl, back, start=len(fall)).clip
+    return ctrl, before, back
+
+
 def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_up():
     # rnn-long at the healthy lr 3e-3, seed 1: the loss dips below chance and returns;
     # after the clip answer, the give-back recurred at ×0.1, ×0.01 and ×0.001 (at those
     # the weights barely move: the restored snapshots sit at that level) and the guard
     # gave up on a run whose unguarded twin learns. At the floor the cuts are taken back
     # and the give-back test stands down; a climb is still judged.
-    fall, back = _gives_back()
-    ctrl = Controller(gg.Stability(), can_clip=True)
-    feed(ctrl, fall)
-    before = ctrl.trajectory()
-    assert first_unstable(ctrl, back, start=len(fall)).clip
+    ctrl, before, back = _clipped_after_a_give_back()
     scales = []
     for attempt in range(4):
         ctrl.load_trajectory(before)  # the guard rolls back
@@ -417,11 +424,7 @@ def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_u
 def test_only_the_trailing_give_back_cuts_are_taken_back():
     # A NaN streak's cut between give-back cuts is the LR's and stays: the stand-down
     # undoes only the give-back cuts after it.
-    fall, back = _gives_back()
-    ctrl = Controller(gg.Stability(), can_clip=True)
-    feed(ctrl, fall)
-    before = ctrl.trajectory()
-    assert first_unstable(ctrl, back, start=len(fall)).clip
+    ctrl, before, back = _clipped_after_a_give_back()
     ctrl.load_trajectory(before)
     assert first_unstable(ctrl, back, start=200).scale == pytest.approx(0.1)  # give-back
     ctrl.load_trajectory(before)
