@@ -110,10 +110,8 @@ def _pixel_mlp() -> nn.Module:
 
 
 def _digits_images() -> tuple[Tensor, Tensor]:
-    from gradguard.scenarios import data
-
-    x, y = data.digits()
-    return (x / 16).reshape(len(x), 1, 8, 8), y
+    x, y = _digits_01()
+    return x.reshape(len(x), 1, 8, 8), y
 
 
 def _digits_raw() -> tuple[Tensor, Tensor]:
@@ -240,19 +238,14 @@ def cases() -> dict[str, Case]:
     lim = wine_limit()
     ce, mse = nn.functional.cross_entropy, nn.functional.mse_loss
     return {
-        "softmax-raw": (_cancer, lambda: nn.Linear(30, 2), nn.functional.cross_entropy,
-                        lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+        "softmax-raw": (_cancer, lambda: nn.Linear(30, 2), ce, _sgd(0.9),
                         [1e-6, 1e-5, 1e-4, 1e-3], "SGD momentum 0.9", {}),
-        "linreg-raw-wine": (_wine, lambda: nn.Linear(12, 1), nn.functional.mse_loss,
-                            lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
+        "linreg-raw-wine": (_wine, lambda: nn.Linear(12, 1), mse, _sgd(),
                             [0.1 * lim, 0.67 * lim, 4 * lim, 20 * lim],
                             f"0.1×, 0.67×, 4× and 20× the limit 2/λmax = {lim:.3g}", {}),
         "rnn-memory": (_memory_task, lambda: _Recurrent(nn.RNN, 64, nonlinearity="tanh"),
-                       nn.functional.mse_loss,
-                       lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr),
-                       [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD", {}),
-        "mlp-raw-pixels": (_pixels, _pixel_mlp, nn.functional.cross_entropy,
-                           lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
+                       mse, _sgd(), [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD", {}),
+        "mlp-raw-pixels": (_pixels, _pixel_mlp, ce, _sgd(0.9),
                            [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "SGD momentum 0.9, pixels 0-255",
                            {}),
         "digits-cnn-adam": (_digits_images, _digits_cnn, ce, _adam, [1e-3, 1e-2, 3e-2, 0.1],

@@ -239,10 +239,9 @@ class Controller:
         # Whether the guard's chain clamps steps to the typical norm (its spike clamp).
         self.can_clip = can_clip
         self.clip_since: int | None = None  # the row from which every step is clipped
-        # The LR state before the first cut a give-back made, and whether the give-back
-        # test has stood down for the run (see :meth:`unstable`).
-        # (scale, cuts, probe wait) before the trailing run of give-back cuts; a cut for any
-        # other evidence ends the run (it is not taken back).
+        # The LR state (scale, cuts, probe wait) before the trailing run of give-back cuts
+        # (a cut for other evidence ends the run: it is never taken back), and whether the
+        # give-back test has stood down for the run (see :meth:`unstable`).
         self.giveback_from: tuple[float, int, int] | None = None
         self.giveback_off = False
 

@@ -68,10 +68,15 @@ def data_origin(recorder: Recorder, inputs: Any, last: int = 3) -> bool:
     return len(steps) >= last and inputs.all_bad(steps)
 
 
+# What a run whose give-back test stood down showed (Controller.unstable).
+_SANK_BACK = ("its loss sank back towards its start at a tenth, a hundredth and a thousandth "
+              "of the LR alike")
+
+
 def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
-            dead: tuple[str, int] | None = None) -> str:
+            dead: tuple[str, str, int, int] | None = None) -> str:
     """Why the guard stops: the run is unstable at any LR it can give, or the data is bad
-    (``dead``: the deepest tensor no gradient reached, and since when, when units died)."""
+    (``dead``: the run ended with dead units, as :func:`verdict` takes them)."""
     if from_data:
         return (f"{reason}: the inputs of the first layer ({from_data}) held NaN/Inf on "
                 "every recent failing step, so the data carries them, not the model or the "
@@ -83,7 +88,7 @@ def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
         at = ""
     if dead is not None:
         # Dead units explain a run no LR helps better than "unstable at any LR".
-        tensor, since = dead
+        tensor, _, _, since = dead
         return (f"{reason}, and the LR is already scaled ×{scale:.3g}{at}; hidden units "
                 f"died at step {since} (no gradient reached {tensor} from there on), "
                 "and no LR revives them. Restart from before the first oversized steps with "
@@ -131,16 +136,16 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     # (Two windows of losses at least: "no progress" after a handful of steps is no news.)
     stalled = None if c is None or dead is not None or c.rows < 2 * c.cfg.window \
         else c.stalled()
-    said = _verdict(recorder, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
+    # (Steps, not events: one skipped step can carry several skip events.)
+    skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
+    said = _verdict(skipped, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None)
     if stalled is not None:
         assert c is not None
         level, first = stalled
-        skipped = any(e.get("action") == "skip" for e in recorder.events)
         if c.giveback_off:
-            why = ("its loss sank back towards its start at a tenth, a hundredth and a "
-                   "thousandth of the LR alike, so the LR alone is not the problem: check "
-                   "the init and the inputs")
+            why = (f"{_SANK_BACK}, so the LR alone is not the problem: check the init and "
+                   "the inputs")
         elif rollbacks or c.cuts or c.clip_since is not None:
             why = ("the guard had to step in on the way (rollbacks, LR cuts or clipping), "
                    "so the LR is likely too high for this model: try a tenth of it")
@@ -164,13 +169,12 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
             f"inputs or a better init (`gradguard doctor` tells which). Besides: {said}")
 
 
-def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,
+def _verdict(skipped: int, control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
              batch_noise: float | None, lr_span: tuple[float, float] | None,
              led: bool = False) -> str:
     """The verdict of a run that learned; with ``led``, only what the guard did (dead
     units or a run without progress lead, and no LR the run ended at is advice)."""
-    skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     c = control
     # (No threshold is advised: the typical norm falls as the loss does, so its value at
@@ -202,8 +206,7 @@ def _verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr:
         if c is not None and c.giveback_off:
             state = "unsettled" if not clipped else state
             lr_said = "the LR ended where it began"
-            standdown = (f"; its loss sank back towards its start at a tenth, a hundredth and "
-                         f"a thousandth of the LR alike, so those cuts were taken back "
+            standdown = (f"; {_SANK_BACK}, so those cuts were taken back "
                          f"({counted(rollbacks, 'rollback')} in all)")
         state = "" if led else f"{state}: "
         return f"{state}{bad}, {lr_said}{retried}{standdown}{noise}{clipped}{rnn}"

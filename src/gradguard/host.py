@@ -315,9 +315,8 @@ class HostSide:
             from_data = g.names[self.order[0]]
         if verdict.give_up or from_data:
             lr = self.base_lrs.get(k) or g.optimizer.param_groups[0]["lr"]
-            ended = self.dead.ended()  # (units that died and stay dead, as the verdict reads)
-            died = None if ended is None else (ended[0], ended[3])
-            self.diverged(k, ev.give_up(reason, c.scale, lr, from_data, died))
+            # (units that died and stay dead, as the verdict reads them)
+            self.diverged(k, ev.give_up(reason, c.scale, lr, from_data, self.dead.ended()))
         rb = p.rollback
         if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
             self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
