@@ -45,6 +45,20 @@ And five more, a second batch written the same way at stop 31:
 - ``mnist-mlp-onecycle``: ``mnist-mlp-bf16``'s MLP in float32 under torch's OneCycleLR
   (warm-up, then annealing) peaking at the row's LR, the scheduler tracked by the guard.
 
+And five more, a third batch written the same way at stop 32:
+
+- ``digits-cnn-badinit``: ``digits-cnn-adam``'s CNN with every weight drawn from N(0, 1)
+  (``nn.init.normal_`` left at its defaults, a common slip), SGD with momentum 0.9.
+- ``mnist1d-sigmoid``: a 6-layer sigmoid MLP on MNIST-1D, default init, plain SGD up to
+  very high LRs (saturating activations).
+- ``linreg-momentum-synth``: least squares on synthetic features whose scales span
+  1-100, SGD with momentum 0.9, the grid in multiples of the heavy-ball limit
+  2(1 + β)/λmax.
+- ``digits-transformer-adamw``: a 2-layer pre-LN transformer reading an 8×8 digit as 8
+  row tokens, AdamW without warm-up.
+- ``digits-vgg-nobn``: a 4-conv VGG-style CNN without normalisation on the 8×8 digits,
+  SGD with momentum 0.9 at high LRs.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -210,6 +224,67 @@ class _Recurrent(nn.Module):
         return self.out(h[:, -1])
 
 
+def _badinit_cnn() -> nn.Module:
+    model = _digits_cnn()
+    for p in model.parameters():
+        if p.dim() > 1:
+            nn.init.normal_(p)
+    return model
+
+
+def _sigmoid_mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    width = 40
+    for _ in range(6):
+        layers += [nn.Linear(width, 64), nn.Sigmoid()]
+        width = 64
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+@lru_cache(maxsize=1)
+def _synth_linreg() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2000, 20, generator=gen) * torch.logspace(0, 2, 20)
+    w = torch.randn(20, 1, generator=gen) / torch.logspace(0, 2, 20).unsqueeze(1)
+    return x, x @ w + 0.5 * torch.randn(2000, 1, generator=gen)
+
+
+def _heavy_ball_limit() -> float:
+    """2(1 + β)/λmax, β = 0.9, of least squares on the synthetic features (bias included)."""
+    x, _ = _synth_linreg()
+    x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    return float(2 * 1.9 / torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
+
+
+class _RowTransformer(nn.Module):
+    """A pre-LN transformer classifier reading an 8×8 image as 8 row tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.pos = nn.Parameter(torch.zeros(8, 64))
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.embed(x.reshape(len(x), 8, 8)) + self.pos)
+        return self.out(h.mean(1))
+
+
+def _vgg_nobn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64 * 4, 10))
+
+
+def _adamw(m: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01)
+
+
 def wine_limit() -> float:
     """2/λmax of least squares on the raw wine features (with a bias column)."""
     x, _ = _wine()
@@ -235,7 +310,7 @@ def _adam(m: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def cases() -> dict[str, Case]:
-    lim = wine_limit()
+    lim, hb = wine_limit(), _heavy_ball_limit()
     ce, mse = nn.functional.cross_entropy, nn.functional.mse_loss
     return {
         "softmax-raw": (_cancer, lambda: nn.Linear(30, 2), ce, _sgd(0.9),
@@ -275,6 +350,18 @@ def cases() -> dict[str, Case]:
         "mnist-mlp-onecycle": (_pixels_scaled, _wide_mlp, ce, _sgd(0.9), [0.1, 1.0, 3.0, 10.0],
                                "SGD momentum 0.9, OneCycleLR peaking at the LR",
                                {"onecycle": True}),
+        "digits-cnn-badinit": (_digits_images, _badinit_cnn, ce, _sgd(0.9),
+                               [1e-4, 1e-3, 1e-2, 0.1], "SGD momentum 0.9, weights N(0, 1)", {}),
+        "mnist1d-sigmoid": (_mnist1d, _sigmoid_mlp, ce, _sgd(), [0.1, 1.0, 10.0, 30.0],
+                            "plain SGD, 6 sigmoid layers", {}),
+        "linreg-momentum-synth": (_synth_linreg, lambda: nn.Linear(20, 1), mse, _sgd(0.9),
+                                  [0.1 * hb, 0.5 * hb, 2 * hb, 10 * hb],
+                                  f"SGD momentum 0.9; 0.1×, 0.5×, 2× and 10× the heavy-ball "
+                                  f"limit 2(1 + β)/λmax = {hb:.3g}", {}),
+        "digits-transformer-adamw": (_digits_01, _RowTransformer, ce, _adamw,
+                                     [1e-3, 1e-2, 3e-2, 0.1], "AdamW, no warm-up", {}),
+        "digits-vgg-nobn": (_digits_images, _vgg_nobn, ce, _sgd(0.9), [0.01, 0.1, 0.3, 1.0],
+                            "SGD momentum 0.9, no normalisation", {}),
     }
 
 
@@ -334,10 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
     ap.add_argument("--out", type=Path, default=HERE / "HELDOUT.md")
+    ap.add_argument("--case", action="append", help="run only this case (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     all_cases = cases()
+    if args.case:
+        unknown = sorted(set(args.case) - set(all_cases))
+        if unknown:
+            ap.error(f"unknown case(s) {unknown}; known: {sorted(all_cases)}")
+        all_cases = {k: v for k, v in all_cases.items() if k in args.case}
     jobs = [(name, arm, lr, seed, args.steps) for name, case in all_cases.items()
             for lr in case[4] for arm in ARMS for seed in range(args.seeds)]
     if args.jobs > 1:

@@ -78,6 +78,69 @@ def test_a_flag_streak_is_instability_only_before_a_loss_level_exists():
     assert not any(x.unstable for x in feed(late, [1.0] * 6, [1] * 6, start=30))
 
 
+def test_past_the_early_phase_a_norm_spike_streak_counts_on_a_model_without_recurrence():
+    # Stability.norm_streaks: the guard sets Controller.norm_streaks when it found no
+    # recurrent layer; then gradient norms spiking step after step, with the loss not yet
+    # moved (a blow-up under way), are instability after the early phase too.
+    def late(**kw):
+        ctrl = Controller(gg.Stability(**kw))
+        ctrl.norm_streaks = True
+        feed(ctrl, [1.0] * 30)
+        return ctrl
+
+    ctrl = late()
+    v = feed(ctrl, [1.0] * 3, [1, 1, 1], start=30)
+    assert [x.unstable is not None for x in v] == [False, False, True]
+    assert v[-1].unstable == "3 flagged steps in a row, 3 of them applied (gradient-norm or " \
+        "loss spikes)"
+    # Skipped steps leave the weights where they were: spikes that go on through skips
+    # alone (a damaged weight, a run of bad data) are not the LR's; the streak counts
+    # once one of its steps was applied ("auto" applies all but a streak's first).
+    ctrl = late()
+    assert not any(ctrl.observe(30 + i, 1.0, True, False, skipped=True).unstable
+                   for i in range(10))
+    ctrl = late()
+    v = [ctrl.observe(30 + i, 1.0, True, False, skipped=i == 0) for i in range(3)]
+    assert [x.unstable is not None for x in v] == [False, False, True]
+    assert "3 flagged steps in a row, 2 of them applied" in v[-1].unstable
+    # the switch, and a recurrent model (norm_streaks left False): only the loss's streaks
+    for ctrl in (late(norm_streaks=False), Controller(gg.Stability())):
+        feed(ctrl, [1.0] * 30)
+        assert not any(x.unstable for x in feed(ctrl, [1.0] * 6, [1] * 6, start=30))
+    assert not any(x.unstable for x in feed(late(), [1.0] * 8, [1, 1, 0, 1, 1, 0, 1, 1],
+                                            start=30))  # never three in a row
+
+
+def test_a_norm_spike_streak_is_judged_against_the_runs_own_rate_of_flags():
+    # A run whose norms spike on a third of the steps (heavy tails) needs k in a row with
+    # p^k < 1e-3, as for bad batches; the rate survives a save and a rollback.
+    ctrl = Controller(gg.Stability())
+    ctrl.norm_streaks = True
+    gen = np.random.default_rng(0)
+    flags = gen.random(250) < 1 / 3
+    for i in range(250):
+        if i >= 247:
+            flags[i] = False  # (no streak running into the test below)
+        assert ctrl.observe(i, 1.0 + 0.05 * gen.random(), bool(flags[i]), False).unstable \
+            is None or i < 30
+    p = ctrl.flag_rate()
+    assert 0.25 < p < 0.42 and ctrl.bad_rate() == 0.0
+    need = ctrl.streak_needed(p)
+    assert need == math.ceil(math.log(1e-3) / math.log(p)) > 3
+    fresh = Controller(gg.Stability())
+    fresh.load_state_dict(ctrl.state_dict())
+    assert fresh.flag_rate() == p
+    ctrl.load_trajectory(ctrl.trajectory())
+    assert ctrl.flag_rate() == p
+    out = [ctrl.observe(250 + i, 1.0, True, False) for i in range(need)]
+    assert [v.unstable is not None for v in out] == [False] * (need - 1) + [True]
+    assert f"so {need} in a row are needed" in out[-1].unstable
+    # the streak found to be instability does not raise the bar for the next one: after
+    # the rollback its rows count as unflagged
+    ctrl.load_trajectory(ctrl.trajectory())
+    assert list(ctrl.flag_rows)[-need:] == [False] * need and ctrl.flag_rate() <= p
+
+
 def test_scale_falls_by_decrease_and_gives_up_below_floor():
     ctrl = Controller(gg.Stability(decrease=0.5, decrease_far=0.5, floor=0.1))
     scales = []
@@ -593,3 +656,49 @@ def test_stalled_tells_a_run_at_its_starting_level_from_one_that_learned():
     feed(ctrl, np.concatenate([[2.3], falling]))
     assert ctrl.stalled() is None  # a factor of two below the first loss: progress
     assert Controller(gg.Stability()).stalled() is None  # no level yet: nothing to say
+
+
+def _digits_vgg(seed, steps=200, **stability):
+    """A 4-conv CNN without normalisation on the 8×8 digits at SGD-momentum lr 0.3, far
+    past its LR (the held-out ``digits-vgg-nobn``): held-out loss and the guard's events."""
+    import torch
+    from torch import nn
+
+    from gradguard.scenarios import data
+
+    x, y = data.digits()
+    x = (x / 16).reshape(len(x), 1, 8, 8)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(64 * 4, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n = int(0.8 * len(x))
+    guard = gg.Guard(model, opt, log=None, policy=gg.Policy(stability=gg.Stability(**stability)))
+    for _ in range(steps):
+        idx = perm[:n][torch.randint(0, n, (32,), generator=gen)]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    with torch.no_grad():
+        held = float(nn.functional.cross_entropy(model(x[perm[n:]]), y[perm[n:]]))
+    return held, [e for e in guard.recorder.events if e["kind"] in ("rollback", "dead_units")]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_cnn_whose_norms_spike_step_after_step_is_cut_before_its_units_die(seed):
+    # Its gradient norm climbs ×10 over a few steps, each flagged and applied clipped,
+    # before the loss moves; unanswered, those steps kill every ReLU (loss at chance,
+    # 2.30). Answered as a streak, the run is rolled back at a tenth of its LR and learns.
+    held, events = _digits_vgg(seed)
+    assert held < 0.5
+    assert "flagged steps in a row" in events[0]["message"]
+    assert "applied (gradient-norm or loss spikes)" in events[0]["message"]
+    held, events = _digits_vgg(seed, norm_streaks=False)
+    assert held > 2.2 and events[0]["kind"] == "dead_units"

@@ -446,18 +446,22 @@ def test_a_recurrent_model_is_clipped_from_the_first_step_and_says_so(tmp_path):
 
     g = train(Seq())
     assert g._device.clip_ratio == 3.0 and g._host.recurrent == ["rnn"]
+    assert g.control.norm_streaks is False  # (heavy-tailed norms: only the loss's streaks)
     assert next(gg.read_jsonl(tmp_path / "r.jsonl"))["config"]["recurrent"] == ["rnn"]
     assert "recurrent layers (rnn): every step was clipped to at most 3× the typical" in g.verdict()
     for kw in ({"policy": gg.Policy(clip_recurrent=False)}, {"on_spike": "skip"}):
         g = train(Seq(), **kw)
         assert g._device.clip_ratio is None and "every step was clipped" not in g.verdict()
+        assert g.control.norm_streaks is False  # still a recurrent model
     with pytest.raises(gg.ConfigError, match="clip_recurrent must be True, False or 'always'"):
         gg.Policy(clip_recurrent="yes")
     mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1))
-    assert train(mlp)._device.clip_ratio is None
+    g = train(mlp)
+    assert g._device.clip_ratio is None and g.control.norm_streaks is True
     g = train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 1)),
               policy=gg.Policy(clip_recurrent="always"))  # a recurrence written by hand
     assert g._device.clip_ratio == 3.0 and g._host.recurrent == []
+    assert g.control.norm_streaks is False
     assert "clip_recurrent='always': every step was clipped to at most 3×" in g.verdict()
 
 
@@ -476,3 +480,14 @@ def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
     with pytest.raises(gg.ConfigError, match="clip_recurrent"):
         gg.Guard(model, opt, log=None, policy=gg.Policy(clip_recurrent=False)) \
             .load_state_dict(guard.state_dict())
+    # Stability.norm_streaks likewise: a state saved before it existed reads as True
+    state = guard.state_dict()
+    stab = state["config"]["policy"]["stability"]
+    state["config"]["policy"]["stability"] = stab.replace(", norm_streaks=True", "")
+    assert "norm_streaks" not in state["config"]["policy"]["stability"]
+    fresh = gg.Guard(model, opt, log=None)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["control"] == guard.state_dict()["control"]
+    off = gg.Policy(stability=gg.Stability(norm_streaks=False))
+    with pytest.raises(gg.ConfigError, match="norm_streaks"):
+        gg.Guard(model, opt, log=None, policy=off).load_state_dict(state)

@@ -85,6 +85,11 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         # saving guard had no such switch: clip_recurrent changes nothing on a model
         # without recurrent layers).
         saved = {**saved, "policy": {**Policy().describe(), **saved["policy"]}}
+        stab = saved["policy"].get("stability")
+        if isinstance(stab, str) and stab.startswith("Stability(") and stab.endswith(")") \
+                and "norm_streaks=" not in stab:
+            # (likewise Stability.norm_streaks, read as its default, True)
+            saved["policy"]["stability"] = stab[:-1] + ", norm_streaks=True)"
     diff = config_diff(saved, config(g))
     if diff and strict:
         raise ConfigError(

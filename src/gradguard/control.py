@@ -18,9 +18,13 @@ late, which a trend measured over tens of steps does not mind). Three classes of
   (Adam at a far too high LR) so that even its first level is the wrecked one.
 * **early phase** — before ``min_losses`` losses exist there is no level; then
   ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
-  early checks (a norm or loss far above the first ones) supplying the flags. Later a
-  flag streak alone is not enough: heavy-tailed but healthy gradient norms (an RNN's)
-  flag runs of steps, and the loss level is the better witness.
+  early checks (a norm or loss far above the first ones) supplying the flags. Later, on
+  a model without recurrent layers, a streak of flagged steps still counts once the
+  guard has applied one of its steps (judged against the run's own rate of flagged
+  steps, as bad batches are): gradient norms that spike step after step while the steps
+  go on are a blow-up under way before the loss shows it. On a recurrent net they are
+  not enough: its heavy-tailed but healthy gradient norms flag runs of steps, and the
+  loss level is the better witness (``Stability.norm_streaks``).
 
 Response to instability: multiply the LR scale by a factor graded by the evidence of how
 far the LR is past its edge, and (when the guard keeps snapshots) return to the last
@@ -72,6 +76,13 @@ _MEDIAN_SE = 1.2533
 _MAD_SIGMA = 1.4826
 
 
+def _rate(rows: deque[bool], streak: int, window: int) -> float:
+    """The share of True in ``rows`` before the trailing ``streak`` (0 with fewer than
+    ``window`` such rows: too few to estimate a rate from)."""
+    past = list(rows)[: max(0, len(rows) - streak)]
+    return sum(past) / len(past) if len(past) >= window else 0.0
+
+
 def _median(x: list[float]) -> float:
     # Pure Python: on windows of ~20 values it is several times faster than numpy's call
     # overhead, and this runs once per training step.
@@ -93,9 +104,10 @@ class Stability:
             the smallest upper bound the level has had, and the level regresses when its
             lower bound is above ``(1 + rise)`` × that (a noise floor: tiny, noisy losses
             near zero are not flagged for doubling).
-        bad_steps: this many steps in a row with a NaN/Inf or spiking loss (or, before a
-            loss level exists, this many flagged steps in a row) are instability, not bad
-            batches; at least: where bad batches are common, more are needed
+        bad_steps: this many steps in a row with a NaN/Inf or spiking loss (or this many
+            flagged steps in a row: before a loss level exists, and on a model without
+            recurrent layers, see ``norm_streaks``) are instability, not bad batches; at
+            least: where bad batches are common, more are needed
             (:meth:`Controller.streak_needed`).
         decrease: LR scale multiplier when a run that had been training well (level
             fallen to under 1/(1 + ``rise``) of the first loss) breaks with a streak of bad
@@ -123,6 +135,16 @@ class Stability:
             detector's window median) instead of lowering the LR; later instability
             lowers it as usual (see :meth:`Controller.unstable`). Needs the spike clamp
             (``on_spike`` "auto", "clip" or "backoff"); without it the LR is lowered.
+        norm_streaks: past the early phase, a streak of flagged steps (gradient-norm
+            spikes included, not only the loss's) is instability too, on a model the
+            guard found no recurrent layer in (``Policy.clip_recurrent``: the layers
+            whose heavy-tailed norms flag runs of healthy steps). The streak must have
+            had a step the guard applied anyway (under ``on_spike="auto"`` all but its
+            first, clipped): a skipped step leaves the weights where they were, so spikes
+            that go on through skips alone are the data's or a damaged weight's doing,
+            not the LR's. As many in a row are needed as
+            :meth:`Controller.streak_needed` asks at the run's own rate of flagged
+            steps. False: only the loss's streaks count after the early phase.
     """
 
     window: int = 20
@@ -137,6 +159,7 @@ class Stability:
     warmup: str | int | None = None
     giveback: float = 0.5
     clip_on_giveback: bool = True
+    norm_streaks: bool = True
 
     def __post_init__(self) -> None:
         check_int("Stability.window", self.window, 3)
@@ -219,6 +242,11 @@ class Controller:
         # Whether each recent row's loss was bad (NaN/Inf or a spike): the data's own rate of
         # bad batches, which a rollback does not change.
         self.bad_rows: deque[bool] = deque(maxlen=max(cfg.probe_after, cfg.window))
+        # The same for any flag (a gradient-norm spike too), and whether a streak of them
+        # counts past the early phase (set by the guard: the model has no recurrent layer).
+        self.flag_rows: deque[bool] = deque(maxlen=self.bad_rows.maxlen)
+        self.norm_streaks = False
+        self.applied_streak = 0  # flagged steps applied anyway (clipped), in the streak
         self.scale = 1.0
         self.calm = 0
         self.probe_wait = cfg.probe_after
@@ -249,12 +277,18 @@ class Controller:
     def bad_rate(self) -> float:
         """The share of recent rows whose loss was bad (NaN/Inf or a spike), before the
         current streak (0 with fewer than ``window`` such rows)."""
-        rows = list(self.bad_rows)[: max(0, len(self.bad_rows) - self.nan_streak)]
-        return sum(rows) / len(rows) if len(rows) >= self.cfg.window else 0.0
+        return _rate(self.bad_rows, self.nan_streak, self.cfg.window)
 
-    def streak_needed(self) -> int:
+    def flag_rate(self) -> float:
+        """The share of recent rows any detector flagged, before the current flag streak
+        (0 with fewer than ``window`` such rows)."""
+        return _rate(self.flag_rows, self.streak, self.cfg.window)
+
+    def streak_needed(self, rate: float | None = None) -> int:
         """How many bad rows in a row count as instability: ``bad_steps``, or more when this
-        run's data brings bad batches so often that independent ones line up.
+        run's data brings bad batches so often that independent ones line up (``rate``:
+        the rate to judge by, :meth:`bad_rate` by default; :meth:`flag_rate` for streaks
+        of any flag).
 
         With bad batches independent at rate p (measured over the last ``probe_after``
         rows before the streak, or ``window`` if that is longer; the rows of a streak that
@@ -267,7 +301,7 @@ class Controller:
         ``bad_steps``. The reasoning is a run-length test on a Bernoulli sequence (Feller
         1968, §XIII.7).
         """
-        p = self.bad_rate()
+        p = self.bad_rate() if rate is None else rate
         if p <= 0:
             return self.cfg.bad_steps
         if p >= 1:
@@ -476,8 +510,8 @@ class Controller:
         return _median(f(now)) <= lim
 
     # -- one row -------------------------------------------------------------------------
-    def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool
-                ) -> Verdict:
+    def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool,
+                skipped: bool = False) -> Verdict:
         """Feed one step's row; returns what to do (see :class:`Verdict`).
 
         Args:
@@ -486,6 +520,8 @@ class Controller:
             flagged: any detector flagged the step (NaN/Inf, gradient or loss spike).
             loss_bad: the loss itself was flagged: NaN/Inf gradients or loss, or a loss
                 spike.
+            skipped: the step was not applied (a streak of gradient-norm spikes counts
+                once the guard applied one of its steps, see ``Stability.norm_streaks``).
         """
         cfg = self.cfg
         self.rows += 1
@@ -493,8 +529,10 @@ class Controller:
         if self.scale < 1:
             self.scaled_rows += 1
         self.streak = self.streak + 1 if flagged else 0
+        self.applied_streak = 0 if not flagged else self.applied_streak + (not skipped)
         self.nan_streak = self.nan_streak + 1 if loss_bad else 0
         self.bad_rows.append(bool(loss_bad))
+        self.flag_rows.append(bool(flagged))
         if loss is not None and math.isfinite(loss):
             if self.first_loss is None:
                 self.first_loss = float(loss)
@@ -512,6 +550,14 @@ class Controller:
                 f" (bad batches come at a rate of {self.bad_rate():.0%} in this run, so "
                 f"{need} in a row are needed)")
             reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss{rate}"
+        elif self.norm_streaks and lv is not None and cfg.norm_streaks and \
+                self.applied_streak and \
+                self.streak >= (need := self.streak_needed(self.flag_rate())):
+            rate = "" if need == cfg.bad_steps else (
+                f" (flags come at a rate of {self.flag_rate():.0%} in this run, so {need} in "
+                "a row are needed)")
+            reason = (f"{self.streak} flagged steps in a row, {self.applied_streak} of them "
+                      f"applied (gradient-norm or loss spikes){rate}")
         elif lv is None and self.streak >= cfg.bad_steps:
             # Early phase: no loss level to judge by yet, so any flag streak is evidence.
             # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps, so
@@ -593,6 +639,8 @@ class Controller:
         # batches: they must not raise the bar for the next streak.
         for i in range(1, min(self.nan_streak, len(self.bad_rows)) + 1):
             self.bad_rows[-i] = False
+        for i in range(1, min(self.streak, len(self.flag_rows)) + 1):
+            self.flag_rows[-i] = False
         self._before_cut = None  # (set again below only if this instability cuts)
         sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run
@@ -690,7 +738,7 @@ class Controller:
         self._cache = None
         self.best, self.best_se = math.inf, 0.0
         self.start = None
-        self.streak = self.nan_streak = 0
+        self.streak = self.nan_streak = self.applied_streak = 0
 
     # -- state ---------------------------------------------------------------------------
     def trajectory(self) -> dict[str, Any]:
@@ -706,10 +754,11 @@ class Controller:
         self.sigma = s["sigma"]
         # (a state from before the start reference: the run's first loss was it)
         self.start = s.get("start", s.get("first_loss"))
-        self.streak = self.nan_streak = 0
+        self.streak = self.nan_streak = self.applied_streak = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.trajectory(), "streak": self.streak, "nan_streak": self.nan_streak,
+                "applied_streak": self.applied_streak,
                 "scale": self.scale,
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
@@ -719,6 +768,7 @@ class Controller:
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since,
                 "bad_rows": [int(b) for b in self.bad_rows],
+                "flag_rows": [int(b) for b in self.flag_rows],
                 "giveback_from": None if self.giveback_from is None else list(
                     self.giveback_from), "giveback_off": self.giveback_off}
 
@@ -726,6 +776,7 @@ class Controller:
         self.load_trajectory(s)
         self.streak = int(s["streak"])
         self.nan_streak = int(s["nan_streak"])
+        self.applied_streak = int(s.get("applied_streak", 0))  # (absent before it)
         self.scale = float(s["scale"])
         self.calm = int(s["calm"])
         self.probe_wait = int(s["probe_wait"])
@@ -740,6 +791,8 @@ class Controller:
         # (absent from a state saved before it existed)
         self.bad_rows = deque((bool(b) for b in s.get("bad_rows", [])),
                               maxlen=self.bad_rows.maxlen)
+        self.flag_rows = deque((bool(b) for b in s.get("flag_rows", [])),
+                               maxlen=self.flag_rows.maxlen)
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)
         gb = s.get("giveback_from")  # (these two: absent before they existed)

@@ -115,6 +115,10 @@ class HostSide:
         mode = g.policy.clip_recurrent
         self.recurrent = names
         wanted = mode == "always" or (bool(names) and mode is True)
+        if g.control is not None:
+            # A model with no recurrent layer (and not declared one by "always"): streaks
+            # of gradient-norm spikes are evidence of instability (Stability.norm_streaks).
+            g.control.norm_streaks = not names and mode != "always"
         if wanted and g._device.clamps and ratio is not None:
             g._device.clip_ratio = float(ratio)
 
@@ -292,7 +296,8 @@ class HostSide:
         c.progressed = held or self.rollbacks == 0
         loss = rec["loss"]
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
-                            bool(rec["nonfinite"] or rec["loss_spike"]))
+                            bool(rec["nonfinite"] or rec["loss_spike"]),
+                            skipped=bool(rec["skipped"]))
         if self.early_base is not None and not self.early():
             self.early_base = None  # the early phase is over: later cuts are the level's
         may_roll = True

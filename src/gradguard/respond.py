@@ -142,8 +142,13 @@ class Policy:
             (apply it clipped and treat the run as unstable at once: lower the LR, no
             rollback), "rollback" (skip it and treat the run as unstable at once), or
             "none" (record it, apply the step as the clip transforms left it).
-        on_loss_spike: "none", "auto" (default, as for on_spike), "skip", "backoff" or
-            "rollback".
+        on_loss_spike: "none", "auto" (default: as for on_spike, skip an isolated one and
+            apply one that follows a flagged step), "skip", "backoff" (apply it and lower
+            the LR) or "rollback". A loss-spike step that is applied is clipped to the
+            typical norm only when its gradient norm spiked too: clamping every one was
+            measured to turn a far too high LR's loud blow-up, which the controller
+            answers in a few steps, into hidden units dying quietly at that LR
+            (benchmarks/RESULTS.md, "Clamping loss-spike steps").
         stability: the stability controller's settings; None turns it off (the LR is
             then never changed, and ``max_consecutive_skips`` is the only escalation).
         rollback: rollback settings (default: on where affordable, see
@@ -239,8 +244,8 @@ class DeviceDecision(TensorState):
     """The per-step skip decision on the device.
 
     NaN/Inf steps are skipped. A spike under "auto" is skipped when the step before was
-    not flagged (a bad batch) and applied clipped when it was (the run is in trouble and
-    the controller is acting on it).
+    not flagged (a bad batch) and applied when it was (the run is in trouble and the
+    controller is acting on it); the spike clamp clips it when its gradient norm spiked.
     """
 
     def __init__(self, policy: Policy, device: torch.device) -> None:
