@@ -103,6 +103,19 @@ def test_past_the_early_phase_a_norm_spike_streak_counts_on_a_model_without_recu
     v = [ctrl.observe(30 + i, 1.0, True, False, skipped=i == 0) for i in range(3)]
     assert [x.unstable is not None for x in v] == [False, False, True]
     assert "3 flagged steps in a row, 2 of them applied" in v[-1].unstable
+    # A transient decays once its clipped steps bring the run back (a transformer's
+    # spike: norms 75, 59, 19, then ordinary); a blow-up keeps climbing. Only a streak
+    # whose norm has not fallen below its first counts.
+    ctrl = late()
+    v = [ctrl.observe(30 + i, 1.0, True, False, skipped=i == 0, grad_norm=g)
+         for i, g in enumerate([74.5, 58.8, 18.6])]
+    assert not any(x.unstable for x in v)
+    ctrl = late()
+    v = [ctrl.observe(30 + i, 1.0, True, False, skipped=i == 0, grad_norm=g)
+         for i, g in enumerate([3.1, 2.9, 5.5])]
+    assert v[-1].unstable is not None and "not falling (3.1 → 5.5)" in v[-1].unstable
+    state = ctrl.state_dict()
+    assert state["streak_norm"] == 3.1
     # the switch, and a recurrent model (norm_streaks left False): only the loss's streaks
     for ctrl in (late(norm_streaks=False), Controller(gg.Stability())):
         feed(ctrl, [1.0] * 30)
@@ -130,6 +143,10 @@ def test_a_norm_spike_streak_is_judged_against_the_runs_own_rate_of_flags():
     fresh = Controller(gg.Stability())
     fresh.load_state_dict(ctrl.state_dict())
     assert fresh.flag_rate() == p
+    # a state saved before flag rows were kept: its bad rows (flags too) stand in
+    old = {k: v for k, v in ctrl.state_dict().items() if k != "flag_rows"}
+    fresh.load_state_dict(old)
+    assert list(fresh.flag_rows) == list(ctrl.bad_rows)
     ctrl.load_trajectory(ctrl.trajectory())
     assert ctrl.flag_rate() == p
     out = [ctrl.observe(250 + i, 1.0, True, False) for i in range(need)]

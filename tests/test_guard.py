@@ -491,3 +491,8 @@ def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
     off = gg.Policy(stability=gg.Stability(norm_streaks=False))
     with pytest.raises(gg.ConfigError, match="norm_streaks"):
         gg.Guard(model, opt, log=None, policy=off).load_state_dict(state)
+    # non-strict, with another setting that differs: the policy still counts as the same
+    other = gg.Guard(model, opt, log=None, clip=gg.clip.GlobalNorm(5.0))
+    skipped = other.load_state_dict(state, strict=False)
+    assert skipped == ["clip"]
+    assert other.state_dict()["control"] == guard.state_dict()["control"]

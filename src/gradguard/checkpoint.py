@@ -98,7 +98,7 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
             "and parameters, or load_state_dict(state, strict=False) to load only the "
             "parts those settings leave valid"
         )
-    skipped = _load_parts(g, state) if diff else []
+    skipped = _load_parts(g, state, saved) if diff else []
     if not diff:
         load_trajectory(g, state)
     if skipped:
@@ -122,10 +122,11 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     return skipped
 
 
-def _load_parts(g: Guard, state: dict[str, Any]) -> list[str]:
-    """Non-strict load: each part whose settings (or tensor shapes) match; the rest is
-    named in the returned list."""
-    saved, mine = state["config"], config(g)
+def _load_parts(g: Guard, state: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Non-strict load: each part whose settings (``saved``, with settings added since
+    read as their defaults) or tensor shapes match; the rest is named in the returned
+    list."""
+    mine = config(g)
 
     def same(*keys: str) -> bool:
         return all(saved.get(k) == mine.get(k) for k in keys)

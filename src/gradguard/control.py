@@ -142,7 +142,9 @@ class Stability:
             had a step the guard applied anyway (under ``on_spike="auto"`` all but its
             first, clipped): a skipped step leaves the weights where they were, so spikes
             that go on through skips alone are the data's or a damaged weight's doing,
-            not the LR's. As many in a row are needed as
+            not the LR's. And the gradient norm must not have fallen below the streak's
+            first: a transient (a transformer's loss spike) decays once its clipped steps
+            bring the run back, a blow-up keeps climbing. As many in a row are needed as
             :meth:`Controller.streak_needed` asks at the run's own rate of flagged
             steps. False: only the loss's streaks count after the early phase.
     """
@@ -247,6 +249,7 @@ class Controller:
         self.flag_rows: deque[bool] = deque(maxlen=self.bad_rows.maxlen)
         self.norm_streaks = False
         self.applied_streak = 0  # flagged steps applied anyway (clipped), in the streak
+        self.streak_norm: float | None = None  # the gradient norm of the streak's first row
         self.scale = 1.0
         self.calm = 0
         self.probe_wait = cfg.probe_after
@@ -511,7 +514,7 @@ class Controller:
 
     # -- one row -------------------------------------------------------------------------
     def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool,
-                skipped: bool = False) -> Verdict:
+                skipped: bool = False, grad_norm: float | None = None) -> Verdict:
         """Feed one step's row; returns what to do (see :class:`Verdict`).
 
         Args:
@@ -522,6 +525,8 @@ class Controller:
                 spike.
             skipped: the step was not applied (a streak of gradient-norm spikes counts
                 once the guard applied one of its steps, see ``Stability.norm_streaks``).
+            grad_norm: the step's gradient norm (such a streak counts only while the norm
+                is not below the streak's first; None: not judged).
         """
         cfg = self.cfg
         self.rows += 1
@@ -530,6 +535,10 @@ class Controller:
             self.scaled_rows += 1
         self.streak = self.streak + 1 if flagged else 0
         self.applied_streak = 0 if not flagged else self.applied_streak + (not skipped)
+        if self.streak == 1:
+            self.streak_norm = grad_norm
+        rising = grad_norm is None or self.streak_norm is None or not (
+            grad_norm < self.streak_norm)  # (NaN compares False: a NaN norm is rising)
         self.nan_streak = self.nan_streak + 1 if loss_bad else 0
         self.bad_rows.append(bool(loss_bad))
         self.flag_rows.append(bool(flagged))
@@ -551,17 +560,20 @@ class Controller:
                 f"{need} in a row are needed)")
             reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss{rate}"
         elif self.norm_streaks and lv is not None and cfg.norm_streaks and \
-                self.applied_streak and \
+                self.applied_streak and rising and \
                 self.streak >= (need := self.streak_needed(self.flag_rate())):
             rate = "" if need == cfg.bad_steps else (
                 f" (flags come at a rate of {self.flag_rate():.0%} in this run, so {need} in "
                 "a row are needed)")
+            grew = "" if grad_norm is None or self.streak_norm is None else (
+                f", the gradient norm not falling ({self.streak_norm:.4g} → {grad_norm:.4g})")
             reason = (f"{self.streak} flagged steps in a row, {self.applied_streak} of them "
-                      f"applied (gradient-norm or loss spikes){rate}")
+                      f"applied (gradient-norm or loss spikes){grew}{rate}")
         elif lv is None and self.streak >= cfg.bad_steps:
             # Early phase: no loss level to judge by yet, so any flag streak is evidence.
-            # Later, heavy-tailed but healthy gradient norms (RNNs) flag runs of steps, so
-            # only a streak the loss itself shows counts.
+            # Later, on a recurrent net, heavy-tailed but healthy gradient norms flag runs
+            # of steps, so only a streak the loss itself shows counts (norm_streaks above
+            # is the exception for other models).
             reason = f"{self.streak} flagged steps in a row before any loss history"
         else:
             if lv is not None:
@@ -739,6 +751,7 @@ class Controller:
         self.best, self.best_se = math.inf, 0.0
         self.start = None
         self.streak = self.nan_streak = self.applied_streak = 0
+        self.streak_norm = None
 
     # -- state ---------------------------------------------------------------------------
     def trajectory(self) -> dict[str, Any]:
@@ -755,10 +768,11 @@ class Controller:
         # (a state from before the start reference: the run's first loss was it)
         self.start = s.get("start", s.get("first_loss"))
         self.streak = self.nan_streak = self.applied_streak = 0
+        self.streak_norm = None
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.trajectory(), "streak": self.streak, "nan_streak": self.nan_streak,
-                "applied_streak": self.applied_streak,
+                "applied_streak": self.applied_streak, "streak_norm": self.streak_norm,
                 "scale": self.scale,
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
@@ -776,7 +790,9 @@ class Controller:
         self.load_trajectory(s)
         self.streak = int(s["streak"])
         self.nan_streak = int(s["nan_streak"])
-        self.applied_streak = int(s.get("applied_streak", 0))  # (absent before it)
+        self.applied_streak = int(s.get("applied_streak", 0))  # (these two: absent
+        norm = s.get("streak_norm")  # before they existed)
+        self.streak_norm = None if norm is None else float(norm)
         self.scale = float(s["scale"])
         self.calm = int(s["calm"])
         self.probe_wait = int(s["probe_wait"])
@@ -791,7 +807,9 @@ class Controller:
         # (absent from a state saved before it existed)
         self.bad_rows = deque((bool(b) for b in s.get("bad_rows", [])),
                               maxlen=self.bad_rows.maxlen)
-        self.flag_rows = deque((bool(b) for b in s.get("flag_rows", [])),
+        # (a state from before flag_rows: its bad rows, flags too, are a lower bound on
+        # the run's rate of flags, so a resumed run's bar does not start at its lowest)
+        self.flag_rows = deque((bool(b) for b in s.get("flag_rows", s.get("bad_rows", []))),
                                maxlen=self.flag_rows.maxlen)
         since = s.get("clip_since")  # (absent from a state saved before it existed)
         self.clip_since = None if since is None else int(since)

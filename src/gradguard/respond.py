@@ -168,7 +168,9 @@ class Policy:
             the detector has a typical norm, under the spike actions that apply a step
             clipped ("auto", "clip", "backoff"); "always": do that for any model (a
             recurrence written by hand, which the guard cannot tell from a shared
-            layer); False: never. A recurrent net's loss surface has cliffs (Pascanu,
+            layer; it also keeps streaks of gradient-norm spikes from counting as
+            instability, as for a recurrent model, see ``Stability.norm_streaks``);
+            False: never. A recurrent net's loss surface has cliffs (Pascanu,
             Mikolov & Bengio 2013, §3.2): one step over one throws its hidden units into
             saturation before a z-test of 6σ on its heavy-tailed norms flags anything.
             Measured in benchmarks/RESULTS.md ("Clipping recurrent nets from the first
