@@ -249,11 +249,15 @@ def _synth_linreg() -> tuple[Tensor, Tensor]:
     return x, x @ w + 0.5 * torch.randn(2000, 1, generator=gen)
 
 
+def _lsq_lambda_max(x: Tensor) -> float:
+    """λmax of the Hessian 2XᵀX/n of least squares on features ``x`` (bias column added)."""
+    x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    return float(torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
+
+
 def _heavy_ball_limit() -> float:
     """2(1 + β)/λmax, β = 0.9, of least squares on the synthetic features (bias included)."""
-    x, _ = _synth_linreg()
-    x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    return float(2 * 1.9 / torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
+    return 2 * 1.9 / _lsq_lambda_max(_synth_linreg()[0])
 
 
 class _RowTransformer(nn.Module):
@@ -287,9 +291,7 @@ def _adamw(m: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def wine_limit() -> float:
     """2/λmax of least squares on the raw wine features (with a bias column)."""
-    x, _ = _wine()
-    x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-    return float(2 / torch.linalg.eigvalsh(2 * x.T @ x / len(x)).max())
+    return 2 / _lsq_lambda_max(_wine()[0])
 
 
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:

@@ -148,7 +148,7 @@ class Policy:
             typical norm only when its gradient norm spiked too: clamping every one was
             measured to turn a far too high LR's loud blow-up, which the controller
             answers in a few steps, into hidden units dying quietly at that LR
-            (benchmarks/RESULTS.md, "Clamping loss-spike steps").
+            (benchmarks/RESULTS.md, "clamping loss-spike steps").
         stability: the stability controller's settings; None turns it off (the LR is
             then never changed, and ``max_consecutive_skips`` is the only escalation).
         rollback: rollback settings (default: on where affordable, see
