@@ -9,6 +9,8 @@ settings unless asked to load the parts those settings leave valid.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +18,14 @@ import torch
 
 from . import __version__
 from . import snapshot as snap
+from .control import Stability
 from .errors import ConfigError, config_diff
-from .respond import Policy
+from .respond import Policy, Rollback
 
 if TYPE_CHECKING:
     from .guard import Guard
 
-__all__ = ["STATE_VERSION", "load", "load_trajectory", "save", "trajectory"]
+__all__ = ["STATE_VERSION", "load", "load_trajectory", "save", "trajectory", "with_defaults"]
 
 log = logging.getLogger("gradguard")
 STATE_VERSION = 5
@@ -85,11 +88,9 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         # saving guard had no such switch: clip_recurrent changes nothing on a model
         # without recurrent layers).
         saved = {**saved, "policy": {**Policy().describe(), **saved["policy"]}}
-        stab = saved["policy"].get("stability")
-        if isinstance(stab, str) and stab.startswith("Stability(") and stab.endswith(")") \
-                and "norm_streaks=" not in stab:
-            # (likewise Stability.norm_streaks, read as its default, True)
-            saved["policy"]["stability"] = stab[:-1] + ", norm_streaks=True)"
+        # Likewise a Stability or Rollback setting added since (Stability.norm_streaks).
+        for key, cls in (("stability", Stability), ("rollback", Rollback)):
+            saved["policy"][key] = with_defaults(saved["policy"][key], cls)
     diff = config_diff(saved, config(g))
     if diff and strict:
         raise ConfigError(
@@ -120,6 +121,33 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         h.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
                                        "count": int(a["count"])})
     return skipped
+
+
+def with_defaults(text: Any, cls: type) -> Any:
+    """A settings dataclass's saved ``repr`` with the fields it lacks (added to ``cls``
+    since it was saved) filled in as their defaults, in the form ``repr`` gives now.
+
+    Anything else comes back unchanged, for the settings check to report: text that is not
+    ``cls(...)`` with literal values, a field ``cls`` does not have (a newer gradguard
+    saved it), or values ``cls`` refuses.
+    """
+    if not isinstance(text, str):
+        return text
+    try:
+        node = ast.parse(text, mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == cls.__name__ and not node.args):
+            return text
+        values = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except (SyntaxError, ValueError, TypeError):
+        return text
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if None in values or not set(values) <= names or set(values) == names:
+        return text
+    try:
+        return repr(cls(**values))
+    except (ConfigError, TypeError, ValueError):
+        return text
 
 
 def _load_parts(g: Guard, state: dict[str, Any], saved: dict[str, Any]) -> list[str]:
