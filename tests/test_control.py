@@ -719,3 +719,22 @@ def test_a_cnn_whose_norms_spike_step_after_step_is_cut_before_its_units_die(see
     assert "applied (gradient-norm or loss spikes)" in events[0]["message"]
     held, events = _digits_vgg(seed, norm_streaks=False)
     assert held > 2.2 and events[0]["kind"] == "dead_units"
+
+
+def test_restored_weights_are_judged_by_rank_against_their_saved_window():
+    ctrl = Controller(gg.Stability())
+    saved = {"losses": [0.01 * (1 + i % 5) for i in range(20)], "log_scale": True}
+    # every first loss above 1.5x the highest saved one (0.05): the data changed
+    then, now = ctrl.unlike_saved(saved, [0.2, 0.3, 0.25])
+    assert then == pytest.approx(0.03) and now == pytest.approx(0.25)
+    # one of them within: an outlier batch, or weights that score as they did
+    assert ctrl.unlike_saved(saved, [0.2, 0.07, 0.25]) is None
+    assert ctrl.unlike_saved(saved, [0.074, 0.3, 0.3]) is None
+    # a NaN row, too few saved losses, or none yet: no judgement
+    assert ctrl.unlike_saved(saved, [0.2, float("nan"), 0.3]) is None
+    assert ctrl.unlike_saved({"losses": [0.01] * 5}, [1.0, 1.0, 1.0]) is None
+    assert ctrl.unlike_saved(saved, []) is None
+    # a loss that can be negative (a log-likelihood): the margin is rise x |highest|
+    neg = {"losses": [-2.0 - 0.1 * (i % 3) for i in range(20)], "log_scale": False}
+    assert ctrl.unlike_saved(neg, [-0.5, -0.4, -0.6]) is not None
+    assert ctrl.unlike_saved(neg, [-1.5, -0.4, -0.6]) is None

@@ -135,3 +135,98 @@ def test_a_fine_tuning_policy_without_early_checks_leaves_a_trained_model_alone(
     again = gg.Guard(guard.model, guard.optimizer, log=None, policy=policy)
     assert again.load_state_dict(state) == []  # a resumed fine-tuning run loads it all
     again.close()
+
+
+def test_a_shift_in_the_data_is_not_taken_for_the_lr():
+    # The fitted model meets a new kind of batch for good: the loss level rises a
+    # hundred-million-fold, which the controller reads as instability and rolls back. The
+    # restored weights then score the new batches as badly: they scored 1e-8 when saved,
+    # so the data changed, not the LR. The cut is taken back, the old snapshots go, and
+    # the run goes on learning the new batches at its LR.
+    plan = "e" * 40 + "h" * 60
+    guard, scales = _fitted(plan)
+    kinds = _kinds(guard)
+    assert kinds.count("rollback") == 1 and kinds.index("rollback") < kinds.index("data_shift")
+    k = next(i for i, e in enumerate(guard.recorder.events) if e["kind"] == "rollback")
+    assert guard.recorder.events[k]["lr_scale"] < 1  # the rollback had cut the LR
+    assert guard.lr.scale == 1.0 and guard.control.cuts == 0
+    shift = next(e for e in guard.recorder.events if e["kind"] == "data_shift")
+    assert shift["now"] > 1e6 * shift["then"]
+    assert "the data changed" in guard.verdict()
+    # Saved between the rollback and the rows that judge the restored weights, a resumed
+    # guard decides alike.
+    row = next(e["step"] for e in guard.recorder.events if e["kind"] == "rollback")
+    resumed, resumed_scales = _fitted(plan, resume_at=row + 2)
+    assert resumed_scales == scales
+    assert "data_shift" in _kinds(resumed)
+    guard.close()
+    resumed.close()
+
+
+def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
+    # The same fitted model at a learning rate that blows it up: the restored weights score
+    # what they did when saved, so the rollback's cut stands.
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    x = torch.ones(4, 1)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(120):
+        if i == 60:
+            opt.param_groups[0]["lr"] = 2.0  # past the edge of this quadratic (1 / 2)
+        opt.zero_grad()
+        y = 2.0 + 1e-2 * torch.randn(4, 1, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    kinds = _kinds(guard)
+    assert "rollback" in kinds and "data_shift" not in kinds
+    assert guard.control.scale < 1
+    guard.close()
+
+
+def _shifted_mnist(guarded: bool, seed: int) -> tuple[float, gg.Guard | None]:
+    """An MNIST MLP trained on digits 0-4 for 300 steps, then on all ten (a curriculum,
+    or a new data source): held-out loss on all ten, and the guard."""
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    x = x.float().reshape(len(x), -1)
+    x = (x - x.mean()) / x.std()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n = int(0.8 * len(x))
+    train, test = perm[:n], perm[n:]
+    first = train[y[train] < 5]
+    guard = gg.Guard(model, opt, log=None) if guarded else None
+    for step in range(500):
+        pool = first if step < 300 else train
+        idx = pool[torch.randint(0, len(pool), (32,), generator=gen)]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if guard is None:
+            opt.step()
+        else:
+            guard.step(loss)
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x[test]), y[test])), guard
+
+
+def test_a_curriculum_that_adds_classes_trains_on_under_the_guard():
+    # Found by a blind batch of healthy runs (stop 33): before the restore test, the new
+    # classes' loss read as instability, and every seed ended in TrainingDivergedError.
+    for seed in (0, 1):
+        plain, _ = _shifted_mnist(False, seed)
+        held_out, guard = _shifted_mnist(True, seed)
+        assert guard is not None
+        assert "data_shift" in _kinds(guard)
+        assert guard.lr.scale == 1.0
+        assert held_out < 1.25 * plain
+        guard.close()

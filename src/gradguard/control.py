@@ -3,7 +3,8 @@
 The per-step detectors (:mod:`gradguard.detect`) flag single steps. Whether a run is
 *unstable* is a question about many steps, so it is answered here, on the host, from the
 rows the recorder brings back (no device sync; on a GPU the rows arrive a step or two
-late, which a trend measured over tens of steps does not mind). Three classes of evidence:
+late, which a trend measured over tens of steps does not mind). Three classes of evidence,
+and a look-alike of the second:
 
 * **transient fault** — one flagged step (NaN/Inf, a gradient-norm or loss spike) between
   normal ones: a bad batch. The device skips it; the LR is left alone, and it does not
@@ -16,6 +17,10 @@ late, which a trend measured over tens of steps does not mind). Three classes of
   errors wide), or above (1 + ``rise``) × the first loss (plus ``z`` σ of one sample's
   noise): the run itself is diverging, slowly or fast, or was wrecked in its first steps
   (Adam at a far too high LR) so that even its first level is the wrecked one.
+* **a change of data** — not told from a rising level until the guard rolls back: the
+  restored weights then score far worse than they did when saved
+  (:meth:`Controller.unlike_saved`), so the data moved, not the weights, and the host
+  takes the rollback's cut back and starts the level afresh (``HostSide.restore_check``).
 * **early phase** — before ``min_losses`` losses exist there is no level; then
   ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
   early checks (a norm or loss far above the first ones) supplying the flags. Later, on
@@ -511,6 +516,36 @@ class Controller:
             lim = min(lim, self._giveback_limit(
                 float(before["best"]), first, math.inf if sigma is None else float(sigma)))
         return _median(f(now)) <= lim
+
+    def unlike_saved(self, before: dict[str, Any], losses: list[float]
+                     ) -> tuple[float, float] | None:
+        """(the level then, the median of ``losses``) when every one of the first losses
+        computed with restored weights lies above (1 + ``rise``) × the *highest* loss of the
+        window those same weights had when their snapshot was taken (``before``, its
+        trajectory); None otherwise.
+
+        A restore is an experiment: the weights are the saved ones, so their loss can have
+        moved only with what they are scored on. Right after a rollback for instability,
+        the saved weights scoring far worse than they ever did then says the data (or the
+        loss function) changed since, and the rise that triggered the rollback was that
+        change, not the LR. The test is by rank, not by a noise estimate: near a loss of 0
+        batch losses span decades, so a σ on any scale is wide, while under an unchanged
+        loss one new batch beats all n saved ones with probability 1/(n + 1) before the
+        margin. Only the first loss is computed with the saved weights themselves: the
+        next follow steps taken with the restored momentum at the LR being judged, which
+        at a too-high LR raise them (a regression in raw units is ×3 worse within two
+        steps); they are required too (against one outlier batch), and a rise can only
+        make them easier to pass, so it is the first that decides against a blow-up.
+        """
+        past = [float(v) for v in before.get("losses", [])]
+        if len(past) < self.cfg.min_losses or not losses or not all(
+                math.isfinite(v) for v in [*past, *losses]):
+            return None
+        hi = max(past)
+        limit = hi * (1 + self.cfg.rise) if hi > 0 else hi + self.cfg.rise * abs(hi)
+        if min(losses) <= limit:
+            return None
+        return _median(past), _median(losses)
 
     # -- one row -------------------------------------------------------------------------
     def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool,

@@ -138,8 +138,18 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         else c.stalled()
     # (Steps, not events: one skipped step can carry several skip events.)
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
+    shifts = [e for e in recorder.events if e.get("kind") == "data_shift"]
+    shifted = ""
+    if shifts:
+        e = shifts[-1]
+        at = ", ".join(str(x["step"]) for x in shifts)
+        shifted = (f"; the data changed (at step {at}: weights restored from step "
+                   f"{e.get('to_step')} scored {e.get('now', math.nan):.4g} against "
+                   f"{e.get('then', math.nan):.4g} when saved), so the rollback that rise "
+                   "caused was no LR problem: its LR cut was taken back and the guard "
+                   "learned the new data's statistics afresh")
     said = _verdict(skipped, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
-                    batch_noise, lr_span, dead is not None or stalled is not None)
+                    batch_noise, lr_span, dead is not None or stalled is not None, shifted)
     if stalled is not None:
         assert c is not None
         level, first = stalled
@@ -172,7 +182,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
 def _verdict(skipped: int, control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
              batch_noise: float | None, lr_span: tuple[float, float] | None,
-             led: bool = False) -> str:
+             led: bool = False, shifted: str = "") -> str:
     """The verdict of a run that learned; with ``led``, only what the guard did (dead
     units or a run without progress lead, and no LR the run ended at is advice)."""
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
@@ -197,6 +207,7 @@ def _verdict(skipped: int, control: Controller | None, rollbacks: int, lr: Any,
         f"differed {batch_noise:.3g}×): the LR was restored and the early checks stood "
         f"down; for a model that has already trained, NormSpike(early_ratio=None) and "
         f"LossSpike(early_ratio=None) turn them off")
+    noise += shifted
     if c is None or c.cuts == 0:
         failures = "a sudden failure" if c is not None and c.retries == 1 else "sudden failures"
         retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "

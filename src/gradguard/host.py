@@ -61,6 +61,11 @@ class HostSide:
         self.skip_streak = 0
         self.clean_streak = 0
         self.ignore_rows_before = 0
+        # After a rollback: the restored snapshot's trajectory, the LR state and clip row
+        # before the rollback's cut, the step it was taken after, and the first losses
+        # computed from its weights, until they judge them (see :meth:`restore_check`).
+        self.restored: tuple[dict[str, Any], Any, int | None, int, list[float]] | None = None
+        self.restored_control: dict[str, Any] | None = None
         self.base_lrs: dict[int, float] = {}
         # Per step in flight whose gradients some guarded tensors lacked (None): which had
         # one (the dead-units test must not read an unused tensor as a dead one).
@@ -295,6 +300,8 @@ class HostSide:
         c.can_retry = store is not None and store.can_retry(held)
         c.progressed = held or self.rollbacks == 0
         loss = rec["loss"]
+        if self.restored is not None and self.restore_check(k, loss):
+            return False
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]),
                             skipped=bool(rec["skipped"]), grad_norm=float(rec["grad_norm"]))
@@ -339,7 +346,10 @@ class HostSide:
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
             cut_point = c.cut_point()
+            clip_before = None if clip else c.clip_since
             target = self.rollback(k, reason, verdict.retry, clip)
+            saved = self.restored_control
+            self.restored = None if not saved else (saved, cut_point, clip_before, target, [])
             if early and target == -1 and self.batch_noise is None:
                 self.echo_ref = c.first_loss
                 if self.early_base is None:
@@ -367,6 +377,7 @@ class HostSide:
         g = self.g
         assert g.store is not None
         target = g.store.restore(retry)
+        self.restored_control = target.guard.get("control")
         checkpoint.load_trajectory(g, target.guard)
         if self.batch_noise is not None:
             self._stand_down()  # (the restored detectors predate what the echo measured)
@@ -391,6 +402,48 @@ class HostSide:
             clip_all=clip)
         return target.step
 
+    def restore_check(self, k: int, loss: Any) -> bool:
+        """After a rollback, judge the restored weights by the first ``bad_steps`` losses
+        computed from them (:meth:`~gradguard.control.Controller.unlike_saved`). When they
+        score far worse than they ever did when saved, the data changed, not the LR: the
+        rollback's cut is taken back (and its clipping, if it began it), the loss level
+        and the spike detectors learn the new data afresh, and the snapshots judged on
+        the old data are dropped. True when so (the row is then the new data's first,
+        not judged)."""
+        g, c = self.g, self.g.control
+        assert self.restored is not None and c is not None
+        saved, point, clip_before, to_step, losses = self.restored
+        if loss is None or not math.isfinite(float(loss)):
+            self.restored = None  # (a NaN/Inf row: the fault path judges it)
+            return False
+        losses.append(float(loss))
+        if len(losses) < c.cfg.bad_steps:
+            return False
+        self.restored = None
+        seen = c.unlike_saved(saved, losses)
+        if seen is None:
+            return False
+        then, now = seen
+        ratio = f" ({now / then:.3g}×)" if then > 0 else ""
+        c.not_the_lr(point)
+        c.clip_since = clip_before
+        c.rebaseline()
+        g.lr.scale = c.scale
+        g.grad_spike.bind(g.device)
+        g.loss_spike.bind(g.device)
+        if self.batch_noise is not None:
+            self._stand_down()
+        dropped = g.store.forget() if g.store is not None else 0
+        self.early_base = None
+        g.recorder.event(
+            k, "data_shift",
+            f"the data changed, not the LR: the weights restored from step {to_step} scored "
+            f"a loss of {then:.4g} when saved and {now:.4g} now{ratio}; LR scale "
+            f"back to ×{c.scale:.3g}, the loss level and spike statistics start afresh on "
+            f"the new data, and the {dropped} snapshot(s) judged on the old data are dropped",
+            action="recover", lr_scale=c.scale, then=then, now=now, to_step=to_step)
+        return True
+
     def diverged(self, step: int, why: str) -> None:
         g = self.g
         diagnosis = g.diagnosis()
@@ -411,7 +464,10 @@ class HostSide:
                 "recurrent_clipped": self.recurrent_clipped,
                 "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
                 "early_base": None if self.early_base is None else list(self.early_base),
-                "lr_span": None if self.lr_span is None else list(self.lr_span)}
+                "lr_span": None if self.lr_span is None else list(self.lr_span),
+                "restored": None if self.restored is None else [
+                    self.restored[0], list(self.restored[1]), self.restored[2],
+                    self.restored[3], list(self.restored[4])]}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
@@ -422,6 +478,9 @@ class HostSide:
             float(base[0]), int(base[1]), None if base[2] is None else int(base[2]), int(base[3]))
         span = h.get("lr_span")  # (absent before it existed)
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
+        r = h.get("restored")  # (absent before it existed)
+        self.restored = None if r is None else (
+            r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]])
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])

@@ -164,6 +164,18 @@ class RollbackStore:
             return True
         return False
 
+    def forget(self) -> int:
+        """Drop every snapshot (the data changed since they were judged calm: the level
+        each recorded is the old data's, so restoring one would bring back a yardstick the
+        run can no longer meet). New ones are taken as the run goes on. Returns how many
+        were dropped."""
+        n = len(self.good)
+        self.good.clear()
+        self.candidates.clear()
+        self.fails.clear()
+        self.retried_from = None
+        return n
+
     def keep(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot its row showed calm (and write it to disk when due)."""
         self.good.append(cand)
