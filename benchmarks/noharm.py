@@ -24,6 +24,24 @@ the run's) and schedules that peak past the edge.
   that raises the LR mid-run: cosine warm restarts every 100 steps from lr 0.01, and a
   one-cycle schedule peaking at 0.03 (the guard tracks the scheduler).
 
+A second batch, fixed before any of it ran (stop 33), for what else looks like trouble
+to a guard without being any:
+
+- ``mlp-shift``: the MNIST MLP (SGD momentum 0.9, lr 0.05) trained on digits 0-4 for 300
+  steps, then on all ten (a curriculum, or a new data source: the loss jumps for good).
+- ``linreg-exact-adam``: noiseless least squares (20 Gaussian features), Adam lr 1e-2:
+  the loss falls towards 0 for as long as the run lasts.
+- ``mlp-memorize-adam``: the MLP on 256 training images, Adam lr 1e-3, batch 16: the
+  training loss reaches ~1e-4 and its batches span decades.
+- ``mlp-tinyloss-adam`` and ``mlp-bigloss-sgd``: the MLP with its loss multiplied by 1e-6
+  (Adam lr 1e-3) and by 1e4 (SGD momentum at lr 1e-6): the guard's tests must not
+  depend on the loss's units.
+- ``mlp-dropout``: a 784-256-10 MLP with dropout 0.5, SGD momentum lr 0.05.
+- ``mlp-accum4``: the MLP with four micro-batches of 8 accumulated per step.
+- ``transformer-warmup``: a pre-LN transformer reading 8×8 digits as 8 row tokens, AdamW
+  lr 3e-3, 50 steps of linear warm-up then cosine decay.
+- ``mlp-bf16``: the MLP in bfloat16 autocast, SGD momentum lr 0.05.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -31,6 +49,9 @@ Reported apart, as their unguarded runs are not healthy:
   loss uses the clean targets.
 - ``mlp-sgdr-high`` and ``mlp-onecycle-high``: the two schedules from ten times the LR
   (warm restarts from 0.1, one cycle peaking at 0.3): past the MLP's stability edge.
+- ``cnn-bn-cosine-wd`` (second batch): a BN CNN with the usual image recipe, SGD
+  Nesterov lr 0.1, weight decay 5e-4, cosine decay, batch 64, 300 steps; unguarded, 3 of 8
+  seeds end at chance.
 
 For every case and seed (the seed fixes the init, the split and the batch order) two arms
 run on identical batches: ``none`` (``optimizer.step()``) and ``gradguard``
@@ -53,6 +74,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +124,22 @@ def _wine_cauchy() -> tuple[Tensor, Tensor, Tensor]:
     return x, noisy, clean
 
 
+def _exact_linear() -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2000, 20, generator=gen)
+    y = x @ torch.randn(20, 1, generator=gen)
+    return x, y, y
+
+
+def _digit_rows() -> tuple[Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16
+    y = torch.tensor(y)
+    return x, y, y
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -111,6 +149,33 @@ def _cnn() -> nn.Module:
         nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+def _mlp_dropout() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 10))
+
+
+def _cnn_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+class _RowTransformer(nn.Module):
+    """A pre-LN transformer classifier reading an 8×8 digit as 8 row tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.pos = nn.Parameter(torch.zeros(8, 64))
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.encoder(self.embed(x.reshape(len(x), 8, 8)) + self.pos).mean(1))
 
 
 class _Recurrent(nn.Module):
@@ -125,12 +190,14 @@ class _Recurrent(nn.Module):
 
 
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
-#          steps, note, LR schedule (optimizer, steps) -> scheduler, or None)
+#          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
+# Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
+# on that many examples), "accum" (micro-batches per step), "bf16" (autocast).
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
              Callable[[list[nn.Parameter]], torch.optim.Optimizer], int, int, str,
-             Schedule | None]
+             Schedule | None, dict[str, Any]]
 
 
 def _sgdr(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -143,8 +210,24 @@ def _one_cycle(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedul
                                                total_steps=steps)
 
 
+def _warm_cosine(opt: torch.optim.Optimizer, steps: int
+                 ) -> torch.optim.lr_scheduler.LRScheduler:
+    warm = min(50, steps // 2)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, max(warm, 1)),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps - warm, 1))], [warm])
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+
 def _sgdm(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     return lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)
+
+
+def _adam(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda p: torch.optim.Adam(p, lr=lr)
 
 _CE, _MSE = nn.functional.cross_entropy, nn.functional.mse_loss
 
@@ -152,25 +235,50 @@ _CE, _MSE = nn.functional.cross_entropy, nn.functional.mse_loss
 def cases() -> dict[str, Case]:
     return {
         "mlp-sgd-bs4": (_mnist, _mlp, _CE, lambda p: torch.optim.SGD(p, lr=0.01), 4, 600,
-                        "MNIST MLP, SGD lr 0.01, batch 4", None),
+                        "MNIST MLP, SGD lr 0.01, batch 4", None, {}),
         "mlp-adamw-bs8": (_mnist, _mlp, _CE, lambda p: torch.optim.AdamW(p, lr=1e-3), 8, 600,
-                          "MNIST MLP, AdamW lr 1e-3, batch 8", None),
+                          "MNIST MLP, AdamW lr 1e-3, batch 8", None, {}),
         "mlp-flip20": (_mnist_flipped, _mlp, _CE,
                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 32, 600,
-                       "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05", None),
+                       "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05", None, {}),
         "cnn-adam": (_mnist, _cnn, _CE, lambda p: torch.optim.Adam(p, lr=1e-3), 32, 300,
-                     "MNIST CNN, Adam lr 1e-3, batch 32", None),
+                     "MNIST CNN, Adam lr 1e-3, batch 32", None, {}),
         "lstm-adam": (_memory, lambda: _Recurrent("LSTM"), _MSE,
                       lambda p: torch.optim.Adam(p, lr=3e-3), 32, 600,
-                      "LSTM memory task, Adam lr 3e-3, batch 32", None),
+                      "LSTM memory task, Adam lr 3e-3, batch 32", None, {}),
         "gru-sgdm": (_memory, lambda: _Recurrent("GRU"), _MSE,
                      lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9), 32, 600,
-                     "GRU memory task, SGD momentum lr 0.03, batch 32", None),
+                     "GRU memory task, SGD momentum lr 0.03, batch 32", None, {}),
         "mlp-sgdr": (_mnist, _mlp, _CE, _sgdm(0.01), 32, 600,
-                     "MNIST MLP, SGD momentum lr 0.01, warm restarts every 100 steps", _sgdr),
+                     "MNIST MLP, SGD momentum lr 0.01, warm restarts every 100 steps", _sgdr, {}),
         "mlp-onecycle": (_mnist, _mlp, _CE, _sgdm(0.01), 32, 600,
                          "MNIST MLP, SGD momentum, one-cycle schedule peaking at lr 0.03",
-                         _one_cycle),
+                         _one_cycle, {}),
+        # the second batch (stop 33)
+        "mlp-shift": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                      "MNIST MLP, SGD momentum lr 0.05, digits 0-4 for 300 steps, then all ten",
+                      None, {"shift": 300}),
+        "linreg-exact-adam": (_exact_linear, lambda: nn.Linear(20, 1), _MSE, _adam(1e-2), 32,
+                              600, "noiseless least squares, Adam lr 1e-2", None, {}),
+        "mlp-memorize-adam": (_mnist, _mlp, _CE, _adam(1e-3), 16, 600,
+                              "MNIST MLP on 256 training images, Adam lr 1e-3, batch 16",
+                              None, {"train_n": 256}),
+        "mlp-tinyloss-adam": (_mnist, _mlp, lambda a, b: 1e-6 * _CE(a, b), _adam(1e-3), 32, 600,
+                              "MNIST MLP, loss ×1e-6, Adam lr 1e-3", None, {}),
+        "mlp-bigloss-sgd": (_mnist, _mlp, lambda a, b: 1e4 * _CE(a, b), _sgdm(1e-6), 32, 600,
+                            "MNIST MLP, loss ×1e4, SGD momentum lr 1e-6", None, {}),
+        "mlp-dropout": (_mnist, _mlp_dropout, _CE, _sgdm(0.05), 32, 600,
+                        "MNIST MLP 784-256-10, dropout 0.5, SGD momentum lr 0.05", None, {}),
+        "mlp-accum4": (_mnist, _mlp, _CE, _sgdm(0.05), 8, 400,
+                       "MNIST MLP, 4 micro-batches of 8 per step, SGD momentum lr 0.05", None,
+                       {"accum": 4}),
+        "transformer-warmup": (_digit_rows, _RowTransformer, _CE,
+                               lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.05), 32,
+                               600, "digits row transformer, AdamW lr 3e-3, 50 warm-up steps "
+                               "then cosine", _warm_cosine, {}),
+        "mlp-bf16": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                     "MNIST MLP in bfloat16 autocast, SGD momentum lr 0.05", None,
+                     {"bf16": True}),
     }
 
 
@@ -182,13 +290,18 @@ def noisy_cases() -> dict[str, Case]:
         "wine-cauchy": (_wine_cauchy, lambda: nn.Linear(12, 1), _MSE,
                         lambda p: torch.optim.SGD(p, lr=0.01), 16, 600,
                         "wine least squares, Cauchy noise on 10 % of targets, SGD lr 0.01",
-                        None),
+                        None, {}),
         "mlp-sgdr-high": (_mnist, _mlp, _CE, _sgdm(0.1), 32, 600,
                           "MNIST MLP, SGD momentum lr 0.1, warm restarts every 100 steps",
-                          _sgdr),
+                          _sgdr, {}),
         "mlp-onecycle-high": (_mnist, _mlp, _CE, _sgdm(0.1), 32, 600,
                               "MNIST MLP, SGD momentum, one-cycle schedule peaking at lr 0.3",
-                              _one_cycle),
+                              _one_cycle, {}),
+        "cnn-bn-cosine-wd": (_mnist, _cnn_bn, _CE,
+                             lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True,
+                                                       weight_decay=5e-4), 64, 300,
+                             "MNIST BN CNN, SGD Nesterov lr 0.1, weight decay 5e-4, cosine",
+                             _cosine, {}),
     }
 
 
@@ -196,7 +309,7 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         ) -> tuple[float, dict[str, int]]:
     """(held-out loss on the clean targets, what the guard did) of one run; a guarded run
     that gives up (``TrainingDivergedError``) is evaluated where it stopped."""
-    data, make_model, loss_fn, make_opt, batch, own_steps, _, schedule = case
+    data, make_model, loss_fn, make_opt, batch, own_steps, _, schedule, opts = case
     total = own_steps if steps is None else steps
     x, y, clean = data()
     torch.manual_seed(seed)
@@ -206,16 +319,25 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     perm = torch.randperm(len(x), generator=gen)
     n = int(0.8 * len(x))
     train, test = perm[:n], perm[n:]
+    if "train_n" in opts:
+        train = train[: opts["train_n"]]
+    first = train[y[train] < 5] if "shift" in opts else train
     guard = gg.Guard(model, opt, log=None) if guarded else None
     sched = None if schedule is None else schedule(opt, total)
     if guard is not None and sched is not None:
         guard.track(sched)  # rolled back with the model, as the README shows
+    accum = int(opts.get("accum", 1))
     gave_up = False
-    for _ in range(total):
-        idx = train[torch.randint(0, n, (batch,), generator=gen)]
+    for step in range(total):
+        pool = first if step < opts.get("shift", 0) else train
         opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
-        loss.backward()
+        loss = torch.zeros(())
+        for _ in range(accum):
+            idx = pool[torch.randint(0, len(pool), (batch,), generator=gen)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(opts.get("bf16"))):
+                micro = loss_fn(model(x[idx]), y[idx]).float() / accum
+            micro.backward()
+            loss = loss + micro.detach()
         if guard is None:
             opt.step()
         else:
@@ -234,6 +356,7 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
             "rollbacks": int(d["rollbacks"]), "lr_cut": int(d["lr_scale"] < 1),
             "gave_up": int(gave_up)}
         guard.close()
+    model.eval()
     with torch.no_grad():
         held_out = float(loss_fn(model(x[test]), clean[test]))
     return (held_out if math.isfinite(held_out) else math.inf), acted

@@ -15,7 +15,7 @@ from ..runlog import Event, Meta, StepRecord
 __all__ = ["RunSummary", "summarize"]
 
 # Events that set the LR scale (the controller's decisions).
-_SCALE_EVENTS = ("backoff", "rollback", "recover", "noise")
+_SCALE_EVENTS = ("backoff", "rollback", "recover", "noise", "data_shift")
 
 
 @dataclass
