@@ -69,6 +69,7 @@ it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import time
@@ -132,11 +133,7 @@ def _exact_linear() -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _digit_rows() -> tuple[Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16
-    y = torch.tensor(y)
+    x, y = _heldout()._digits_01()
     return x, y, y
 
 
@@ -162,20 +159,19 @@ def _cnn_bn() -> nn.Module:
         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
 
 
-class _RowTransformer(nn.Module):
-    """A pre-LN transformer classifier reading an 8×8 digit as 8 row tokens."""
+def _heldout() -> Any:
+    """benchmarks/heldout.py as a module: its digits and its row transformer serve here too
+    (one definition for both scripts)."""
+    spec = importlib.util.spec_from_file_location("gradguard_bench_heldout_models",
+                                                  HERE / "heldout.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 64)
-        self.pos = nn.Parameter(torch.zeros(8, 64))
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.out = nn.Linear(64, 10)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.encoder(self.embed(x.reshape(len(x), 8, 8)) + self.pos).mean(1))
+def _row_transformer() -> nn.Module:
+    return _heldout()._RowTransformer()
 
 
 class _Recurrent(nn.Module):
@@ -272,7 +268,7 @@ def cases() -> dict[str, Case]:
         "mlp-accum4": (_mnist, _mlp, _CE, _sgdm(0.05), 8, 400,
                        "MNIST MLP, 4 micro-batches of 8 per step, SGD momentum lr 0.05", None,
                        {"accum": 4}),
-        "transformer-warmup": (_digit_rows, _RowTransformer, _CE,
+        "transformer-warmup": (_digit_rows, _row_transformer, _CE,
                                lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.05), 32,
                                600, "digits row transformer, AdamW lr 3e-3, 50 warm-up steps "
                                "then cosine", _warm_cosine, {}),

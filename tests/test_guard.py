@@ -465,6 +465,17 @@ def test_a_recurrent_model_is_clipped_from_the_first_step_and_says_so(tmp_path):
     assert "clip_recurrent='always': every step was clipped to at most 3×" in g.verdict()
 
 
+def _stepped_guard() -> tuple[torch.nn.Module, torch.optim.Optimizer, gg.Guard]:
+    """A small MLP's default guard after 12 steps, for the state round trips."""
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    for s in range(12):
+        opt.zero_grad()
+        guard.step(backward(model, seed=s))
+    return model, opt, guard
+
+
 def test_stability_and_rollback_settings_added_since_a_save_read_as_defaults():
     # Any field an older gradguard's state lacks, wherever it sits in the repr.
     from gradguard.checkpoint import with_defaults
@@ -482,12 +493,7 @@ def test_stability_and_rollback_settings_added_since_a_save_read_as_defaults():
                  "Rollback(every=3)", "Stability(window=len('ab'))", None, 3):
         assert with_defaults(text, gg.Stability) == text
 
-    model = small_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = gg.Guard(model, opt, log=None)
-    for s in range(12):
-        opt.zero_grad()
-        guard.step(backward(model, seed=s))
+    model, opt, guard = _stepped_guard()
     state = guard.state_dict()
     pol = state["config"]["policy"]
     pol["stability"] = pol["stability"].replace("giveback=0.5, ", "")
@@ -501,12 +507,7 @@ def test_stability_and_rollback_settings_added_since_a_save_read_as_defaults():
 
 
 def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
-    model = small_mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = gg.Guard(model, opt, log=None)
-    for s in range(12):
-        opt.zero_grad()
-        guard.step(backward(model, seed=s))
+    model, opt, guard = _stepped_guard()
     state = guard.state_dict()
     del state["config"]["policy"]["clip_recurrent"]
     fresh = gg.Guard(model, opt, log=None)
