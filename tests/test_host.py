@@ -140,15 +140,17 @@ def test_a_fine_tuning_policy_without_early_checks_leaves_a_trained_model_alone(
 def test_a_shift_in_the_data_is_not_taken_for_the_lr():
     # The fitted model meets a new kind of batch for good: the loss level rises a
     # hundred-million-fold, which the controller reads as instability and rolls back. The
-    # restored weights then score the new batches as badly: they scored 1e-8 when saved,
-    # so the data changed, not the LR. The cut is taken back, the old snapshots go, and
-    # the run goes on learning the new batches at its LR.
+    # restored weights then score the new batches as badly: they scored 1e-8 when saved.
+    # That snapshot might hold damage, so the guard goes one further back, at the same LR;
+    # the older one scores as badly too, so the data changed, not the LR. The cut is
+    # taken back, the old snapshots go, and the run goes on learning the new batches.
     plan = "e" * 40 + "h" * 60
     guard, scales = _fitted(plan)
     kinds = _kinds(guard)
-    assert kinds.count("rollback") == 1 and kinds.index("rollback") < kinds.index("data_shift")
-    k = next(i for i, e in enumerate(guard.recorder.events) if e["kind"] == "rollback")
-    assert guard.recorder.events[k]["lr_scale"] < 1  # the rollback had cut the LR
+    assert kinds.count("rollback") == 2 and kinds.index("rollback") < kinds.index("data_shift")
+    first, second = (e for e in guard.recorder.events if e["kind"] == "rollback")
+    assert first["lr_scale"] < 1 and second["lr_scale"] == first["lr_scale"]
+    assert "the one before it tells" in second["message"]
     assert guard.lr.scale == 1.0 and guard.control.cuts == 0
     shift = next(e for e in guard.recorder.events if e["kind"] == "data_shift")
     assert shift["now"] > 1e6 * shift["then"]

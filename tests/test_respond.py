@@ -153,6 +153,8 @@ def test_a_restored_snapshot_that_fails_at_once_is_dropped_without_a_second_cut(
                                 if e["kind"] == "rollback"))
     assert f"state after step {newer}" in targets[0] and f"state after step {older}" in targets[1]
     assert guard.control.cuts == 1 and guard.lr.scale == pytest.approx(0.3)
+    # (the older snapshot scores as it did when saved: the data did not change)
+    assert "data_shift" not in [e["kind"] for e in guard.recorder.events]
 
 
 def test_too_high_lr_is_rolled_back_and_settles_near_the_stable_run():

@@ -300,8 +300,8 @@ class HostSide:
         c.can_retry = store is not None and store.can_retry(held)
         c.progressed = held or self.rollbacks == 0
         loss = rec["loss"]
-        if self.restored is not None and self.restore_check(k, loss):
-            return False
+        if self.restored is not None and (judged := self.restore_check(k, loss)) is not None:
+            return judged
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]),
                             skipped=bool(rec["skipped"]), grad_norm=float(rec["grad_norm"]))
@@ -402,27 +402,45 @@ class HostSide:
             clip_all=clip)
         return target.step
 
-    def restore_check(self, k: int, loss: Any) -> bool:
+    def restore_check(self, k: int, loss: Any) -> bool | None:
         """After a rollback, judge the restored weights by the first ``bad_steps`` losses
-        computed from them (:meth:`~gradguard.control.Controller.unlike_saved`). When they
-        score far worse than they ever did when saved, the data changed, not the LR: the
-        rollback's cut is taken back (and its clipping, if it began it), the loss level
-        and the spike detectors learn the new data afresh, and the snapshots judged on
-        the old data are dropped. True when so (the row is then the new data's first,
-        not judged)."""
+        computed from them (:meth:`~gradguard.control.Controller.unlike_saved`).
+
+        When they score far worse than they ever did when saved, either that snapshot
+        holds damage its saved losses did not show (a dormant fault, a corrupted copy) or
+        the data changed. The snapshot before it tells which: the guard goes one back, at
+        the same LR, and judges it alike. Failing too (or with none older), the data
+        changed, not the LR: the rollback's cut is taken back (and its clipping, if it
+        began it), the loss level and the spike detectors learn the new data afresh, and
+        the snapshots judged on the old data are dropped.
+
+        Returns:
+            None while undecided or when the weights scored as saved (the row is judged as
+            usual); True when it rolled back one snapshot further; False when the data
+            changed (the row is then the new data's first, not judged).
+        """
         g, c = self.g, self.g.control
         assert self.restored is not None and c is not None
         saved, point, clip_before, to_step, losses = self.restored
         if loss is None or not math.isfinite(float(loss)):
             self.restored = None  # (a NaN/Inf row: the fault path judges it)
-            return False
+            return None
         losses.append(float(loss))
         if len(losses) < c.cfg.bad_steps:
-            return False
+            return None
         self.restored = None
         seen = c.unlike_saved(saved, losses)
         if seen is None:
-            return False
+            return None
+        store = g.store
+        if store is not None and store.discard_latest():
+            target = self.rollback(
+                k, f"the weights restored from step {to_step} scored a loss of "
+                f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot holds, "
+                "or the data changed: the one before it tells)", retry=False)
+            older = self.restored_control
+            self.restored = None if not older else (older, point, clip_before, target, [])
+            return True
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         c.not_the_lr(point)
@@ -442,7 +460,7 @@ class HostSide:
             f"back to ×{c.scale:.3g}, the loss level and spike statistics start afresh on "
             f"the new data, and the {dropped} snapshot(s) judged on the old data are dropped",
             action="recover", lr_scale=c.scale, then=then, now=now, to_step=to_step)
-        return True
+        return False
 
     def diverged(self, step: int, why: str) -> None:
         g = self.g
