@@ -19,8 +19,10 @@ and a look-alike of the second:
   (Adam at a far too high LR) so that even its first level is the wrecked one.
 * **a change of data** — not told from a rising level until the guard rolls back: the
   restored weights then score far worse than they did when saved
-  (:meth:`Controller.unlike_saved`), so the data moved, not the weights, and the host
-  takes the rollback's cut back and starts the level afresh (``HostSide.restore_check``).
+  (:meth:`Controller.unlike_saved`), and so do those of the snapshot before (which tells
+  a change of data from a snapshot holding damage), so the data moved, not the weights;
+  the host takes the rollback's cut back and starts the level afresh
+  (``HostSide.restore_check``).
 * **early phase** — before ``min_losses`` losses exist there is no level; then
   ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
   early checks (a norm or loss far above the first ones) supplying the flags. Later, on
