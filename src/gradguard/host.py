@@ -63,8 +63,10 @@ class HostSide:
         self.ignore_rows_before = 0
         # After a rollback: the restored snapshot's trajectory, the LR state and clip row
         # before the rollback's cut, the step it was taken after, and the first losses
-        # computed from its weights, until they judge them (see :meth:`restore_check`).
-        self.restored: tuple[dict[str, Any], Any, int | None, int, list[float]] | None = None
+        # computed from its weights, until they judge them, and whether it is already the
+        # snapshot before the one first restored (see :meth:`restore_check`).
+        self.restored: tuple[dict[str, Any], Any, int | None, int, list[float], bool] | None \
+            = None
         self.restored_control: dict[str, Any] | None = None
         self.base_lrs: dict[int, float] = {}
         # Per step in flight whose gradients some guarded tensors lacked (None): which had
@@ -349,7 +351,8 @@ class HostSide:
             clip_before = None if clip else c.clip_since
             target = self.rollback(k, reason, verdict.retry, clip)
             saved = self.restored_control
-            self.restored = None if not saved else (saved, cut_point, clip_before, target, [])
+            self.restored = None if not saved else (
+                saved, cut_point, clip_before, target, [], False)
             if early and target == -1 and self.batch_noise is None:
                 self.echo_ref = c.first_loss
                 if self.early_base is None:
@@ -409,7 +412,8 @@ class HostSide:
         When they score far worse than they ever did when saved, either that snapshot
         holds damage its saved losses did not show (a dormant fault, a corrupted copy) or
         the data changed. The snapshot before it tells which: the guard goes one back, at
-        the same LR, and judges it alike. Failing too (or with none older), the data
+        the same LR, and judges it alike (once; not past ``max_rollbacks``). Failing too
+        (or with none older), the data
         changed, not the LR: the rollback's cut is taken back (and its clipping, if it
         began it), the loss level and the spike detectors learn the new data afresh, and
         the snapshots judged on the old data are dropped.
@@ -421,7 +425,7 @@ class HostSide:
         """
         g, c = self.g, self.g.control
         assert self.restored is not None and c is not None
-        saved, point, clip_before, to_step, losses = self.restored
+        saved, point, clip_before, to_step, losses, went_back = self.restored
         if loss is None or not math.isfinite(float(loss)):
             self.restored = None  # (a NaN/Inf row: the fault path judges it)
             return None
@@ -432,20 +436,26 @@ class HostSide:
         seen = c.unlike_saved(saved, losses)
         if seen is None:
             return None
-        store = g.store
-        if store is not None and store.discard_latest():
+        store, rb = g.store, g.policy.rollback
+        capped = rb is not None and rb.max_rollbacks is not None and \
+            self.rollbacks >= rb.max_rollbacks
+        if not went_back and not capped and store is not None and store.discard_latest():
             target = self.rollback(
                 k, f"the weights restored from step {to_step} scored a loss of "
                 f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot holds, "
                 "or the data changed: the one before it tells)", retry=False)
             older = self.restored_control
-            self.restored = None if not older else (older, point, clip_before, target, [])
+            self.restored = None if not older else (
+                older, point, clip_before, target, [], True)
             return True
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         c.not_the_lr(point)
         c.clip_since = clip_before
         c.rebaseline()
+        # The run's first loss and the loss noise were the old data's: "trained well",
+        # "no progress" and the noise are judged on the new data from here.
+        c.first_loss = c.sigma = None
         g.lr.scale = c.scale
         g.grad_spike.bind(g.device)
         g.loss_spike.bind(g.device)
@@ -485,7 +495,7 @@ class HostSide:
                 "lr_span": None if self.lr_span is None else list(self.lr_span),
                 "restored": None if self.restored is None else [
                     self.restored[0], list(self.restored[1]), self.restored[2],
-                    self.restored[3], list(self.restored[4])]}
+                    self.restored[3], list(self.restored[4]), self.restored[5]]}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
@@ -498,7 +508,7 @@ class HostSide:
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         r = h.get("restored")  # (absent before it existed)
         self.restored = None if r is None else (
-            r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]])
+            r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]], bool(r[5]))
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])
