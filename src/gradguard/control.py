@@ -544,8 +544,7 @@ class Controller:
                 math.isfinite(v) for v in [*past, *losses]):
             return None
         hi = max(past)
-        limit = hi * (1 + self.cfg.rise) if hi > 0 else hi + self.cfg.rise * abs(hi)
-        if min(losses) <= limit:
+        if min(losses) <= hi + self.cfg.rise * abs(hi):
             return None
         return _median(past), _median(losses)
 
@@ -686,10 +685,9 @@ class Controller:
         self.instabilities += 1
         # The bad rows that ended in this instability were the run's, not independent bad
         # batches: they must not raise the bar for the next streak.
-        for i in range(1, min(self.nan_streak, len(self.bad_rows)) + 1):
-            self.bad_rows[-i] = False
-        for i in range(1, min(self.streak, len(self.flag_rows)) + 1):
-            self.flag_rows[-i] = False
+        for rows, n in ((self.bad_rows, self.nan_streak), (self.flag_rows, self.streak)):
+            for i in range(1, min(n, len(rows)) + 1):
+                rows[-i] = False
         self._before_cut = None  # (set again below only if this instability cuts)
         sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run

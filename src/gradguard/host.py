@@ -67,7 +67,6 @@ class HostSide:
         # snapshot before the one first restored (see :meth:`restore_check`).
         self.restored: tuple[dict[str, Any], Any, int | None, int, list[float], bool] | None \
             = None
-        self.restored_control: dict[str, Any] | None = None
         self.base_lrs: dict[int, float] = {}
         # Per step in flight whose gradients some guarded tensors lacked (None): which had
         # one (the dead-units test must not read an unused tensor as a dead one).
@@ -268,6 +267,17 @@ class HostSide:
         c = self.g.control
         return (c is not None and not c.has_level()) or self.loss_early
 
+    def _afresh(self) -> None:
+        """Forget what is normal for the loss and the gradients: the controller's level and
+        the spike detectors' windows judge what follows from here."""
+        g = self.g
+        assert g.control is not None
+        g.control.rebaseline()
+        g.grad_spike.bind(g.device)
+        g.loss_spike.bind(g.device)
+        if self.batch_noise is not None:
+            self._stand_down()
+
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
             if hasattr(det, "stand_down"):
@@ -348,11 +358,8 @@ class HostSide:
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
             cut_point = c.cut_point()
-            clip_before = None if clip else c.clip_since
-            target = self.rollback(k, reason, verdict.retry, clip)
-            saved = self.restored_control
-            self.restored = None if not saved else (
-                saved, cut_point, clip_before, target, [], False)
+            target = self.rollback(k, reason, verdict.retry, clip,
+                                   (cut_point, None if clip else c.clip_since, False))
             if early and target == -1 and self.batch_noise is None:
                 self.echo_ref = c.first_loss
                 if self.early_base is None:
@@ -360,19 +367,21 @@ class HostSide:
             return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
-        c.rebaseline()
-        g.grad_spike.bind(g.device)
-        g.loss_spike.bind(g.device)
-        if self.batch_noise is not None:
-            self._stand_down()
+        self._afresh()
         what = _CLIPPING if clip else f"LR scale ×{verdict.scale:.3g}"
         g.recorder.event(k, "backoff", f"unstable: {reason}; {what}"
                          " (no snapshot to roll back to)", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
-    def rollback(self, step: int, reason: str, retry: bool, clip: bool = False) -> int:
+    def rollback(self, step: int, reason: str, retry: bool, clip: bool = False,
+                 check: tuple[Any, int | None, bool] | None = None) -> int:
         """Restore the latest good snapshot; the controller has already set the LR.
+
+        Args:
+            check: arm :meth:`restore_check` for the restored weights with (the LR state
+                before this rollback's cut, the clip row before it, whether this is
+                already the step one snapshot further back).
 
         Returns:
             The step the restored snapshot was taken after (-1: the initial weights).
@@ -380,7 +389,9 @@ class HostSide:
         g = self.g
         assert g.store is not None
         target = g.store.restore(retry)
-        self.restored_control = target.guard.get("control")
+        saved = target.guard.get("control")
+        self.restored = None if check is None or not saved else (
+            saved, check[0], check[1], target.step, [], check[2])
         checkpoint.load_trajectory(g, target.guard)
         if self.batch_noise is not None:
             self._stand_down()  # (the restored detectors predate what the echo measured)
@@ -440,27 +451,21 @@ class HostSide:
         capped = rb is not None and rb.max_rollbacks is not None and \
             self.rollbacks >= rb.max_rollbacks
         if not went_back and not capped and store is not None and store.discard_latest():
-            target = self.rollback(
+            self.rollback(
                 k, f"the weights restored from step {to_step} scored a loss of "
                 f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot holds, "
-                "or the data changed: the one before it tells)", retry=False)
-            older = self.restored_control
-            self.restored = None if not older else (
-                older, point, clip_before, target, [], True)
+                "or the data changed: the one before it tells)", False,
+                check=(point, clip_before, True))
             return True
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         c.not_the_lr(point)
         c.clip_since = clip_before
-        c.rebaseline()
+        self._afresh()
         # The run's first loss and the loss noise were the old data's: "trained well",
         # "no progress" and the noise are judged on the new data from here.
         c.first_loss = c.sigma = None
         g.lr.scale = c.scale
-        g.grad_spike.bind(g.device)
-        g.loss_spike.bind(g.device)
-        if self.batch_noise is not None:
-            self._stand_down()
         dropped = g.store.forget() if g.store is not None else 0
         self.early_base = None
         g.recorder.event(
