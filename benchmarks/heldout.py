@@ -59,6 +59,23 @@ And five more, a third batch written the same way at stop 32:
 - ``digits-vgg-nobn``: a 4-conv VGG-style CNN without normalisation on the 8×8 digits,
   SGD with momentum 0.9 at high LRs.
 
+And six more, a fourth batch written the same way at stop 34 (committed before the first
+run), for what the first three lack: other optimizers, normalised and gated layers, a
+recurrent classifier and language model, and a deep net under a bad init with Adam:
+
+- ``digits-lstm-sgd``: an LSTM (64 units) reading an 8×8 digit as 8 rows, SGD with
+  momentum 0.9.
+- ``mnist-cnn-rmsprop``: a LeNet-style CNN (two 5×5 convolutions, no normalisation) on
+  the MNIST subset, RMSprop.
+- ``mnist1d-lnmlp-sgd``: a 4-layer MLP with LayerNorm and GELU on MNIST-1D, SGD with
+  momentum 0.9.
+- ``digits-deep-badinit-adam``: an 8-layer ReLU MLP on the 8×8 digits with weights
+  drawn at twice Kaiming's scale, Adam.
+- ``lee-gru-lm-sgd``: a character-level GRU language model on the Lee corpus (32
+  characters of context), plain SGD.
+- ``wine-mlp-raw-sgd``: a ReLU MLP (12-64-1) predicting alcohol from the raw wine
+  features, plain SGD, the grid in multiples of the linear model's limit 2/λmax.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -285,6 +302,89 @@ def _vgg_nobn() -> nn.Module:
                          nn.Flatten(), nn.Linear(64 * 4, 10))
 
 
+def _digits_rows() -> tuple[Tensor, Tensor]:
+    x, y = _digits_01()
+    return x.reshape(len(x), 8, 8), y
+
+
+class _RowLSTM(nn.Module):
+    """An LSTM reading an 8×8 image as 8 rows, read out at its last step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 64, batch_first=True)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)
+        return self.out(h[:, -1])
+
+
+def _pixel_images() -> tuple[Tensor, Tensor]:
+    x, y = _pixels_scaled()
+    return x.reshape(len(x), 1, 28, 28), y
+
+
+def _lenet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 16, 10))
+
+
+def _ln_mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    width = 40
+    for _ in range(4):
+        layers += [nn.Linear(width, 128), nn.LayerNorm(128), nn.GELU()]
+        width = 128
+    return nn.Sequential(*layers, nn.Linear(128, 10))
+
+
+def _deep_badinit() -> nn.Module:
+    layers: list[nn.Module] = []
+    width = 64
+    for _ in range(8):
+        lin = nn.Linear(width, 64)
+        nn.init.normal_(lin.weight, std=2 * math.sqrt(2 / width))
+        layers += [lin, nn.ReLU()]
+        width = 64
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+@lru_cache(maxsize=1)
+def _lee_windows() -> tuple[Tensor, Tensor]:
+    """Non-overlapping 33-character windows of the Lee corpus: 32 inputs, 32 next chars."""
+    from gradguard.scenarios.sequence import lee_tokens
+
+    ids, _ = lee_tokens()
+    n = (len(ids) - 1) // 33
+    w = ids[:n * 33].reshape(n, 33)
+    return w[:, :32], w[:, 1:]
+
+
+class _CharGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from gradguard.scenarios.sequence import lee_tokens
+
+        vocab = lee_tokens()[1]
+        self.embed = nn.Embedding(vocab, 32)
+        self.rnn = nn.GRU(32, 128, batch_first=True)
+        self.out = nn.Linear(128, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(self.embed(x))
+        return self.out(h)
+
+
+def _seq_ce(logits: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def _wine_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 1))
+
+
 def _adamw(m: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.01)
 
@@ -364,6 +464,21 @@ def cases() -> dict[str, Case]:
                                      [1e-3, 1e-2, 3e-2, 0.1], "AdamW, no warm-up", {}),
         "digits-vgg-nobn": (_digits_images, _vgg_nobn, ce, _sgd(0.9), [0.01, 0.1, 0.3, 1.0],
                             "SGD momentum 0.9, no normalisation", {}),
+        "digits-lstm-sgd": (_digits_rows, _RowLSTM, ce, _sgd(0.9), [0.03, 0.3, 1.0, 3.0],
+                            "SGD momentum 0.9, 8 rows as a sequence", {}),
+        "mnist-cnn-rmsprop": (_pixel_images, _lenet, ce,
+                              lambda m, lr: torch.optim.RMSprop(m.parameters(), lr=lr),
+                              [1e-4, 1e-3, 1e-2, 0.1], "RMSprop, no normalisation", {}),
+        "mnist1d-lnmlp-sgd": (_mnist1d, _ln_mlp, ce, _sgd(0.9), [0.01, 0.1, 1.0, 10.0],
+                              "SGD momentum 0.9, LayerNorm + GELU", {}),
+        "digits-deep-badinit-adam": (_digits_01, _deep_badinit, ce, _adam,
+                                     [1e-4, 1e-3, 1e-2, 0.1], "Adam, 8 layers at 2× Kaiming",
+                                     {}),
+        "lee-gru-lm-sgd": (_lee_windows, _CharGRU, _seq_ce, _sgd(), [0.3, 1.0, 3.0, 10.0],
+                           "plain SGD, 32 characters of context", {}),
+        "wine-mlp-raw-sgd": (_wine, _wine_mlp, mse, _sgd(),
+                             [0.1 * lim, lim, 10 * lim, 100 * lim],
+                             f"plain SGD; 0.1×, 1×, 10× and 100× the linear limit {lim:.3g}", {}),
     }
 
 
