@@ -675,6 +675,31 @@ def test_stalled_tells_a_run_at_its_starting_level_from_one_that_learned():
     assert Controller(gg.Stability()).stalled() is None  # no level yet: nothing to say
 
 
+def test_rose_tells_a_stall_after_a_climb_from_one_at_a_lucky_first_loss():
+    # A too-high LR that threw the loss to 2.5× its start and left the net at chance (the
+    # held-out LayerNorm MLP at lr 1): no instability test fires, the run stalls, and it
+    # rose beyond the noise it has now. A too-low LR whose first batch was a low draw
+    # (2 σ) stalls too, but never rose: its level sits within its noise of the first loss.
+    gen = np.random.default_rng(0)
+    climb = 6.0 * np.exp(gen.normal(0, 0.5, 30))
+    chance = 2.35 * np.exp(gen.normal(0, 0.02, 300))
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed(ctrl, np.concatenate([[2.3], climb, chance])))
+    assert ctrl.stalled() is not None
+    level, step = ctrl.rose()
+    assert 4 < level < 9 and 7 <= step <= 30
+    back = Controller(gg.Stability())  # the peak survives a save and load
+    back.load_state_dict(ctrl.state_dict())
+    assert back.rose() == ctrl.rose()
+    old = ctrl.state_dict()
+    del old["peak"]  # a state saved before it existed: nothing to say
+    back.load_state_dict(old)
+    assert back.rose() is None
+    slow = Controller(gg.Stability())
+    feed(slow, np.concatenate([[2.3 * math.exp(-0.4)], 2.3 * np.exp(gen.normal(0, 0.2, 300))]))
+    assert slow.stalled() is not None and slow.rose() is None
+
+
 def _digits_vgg(seed, steps=200, **stability):
     """A 4-conv CNN without normalisation on the 8×8 digits at SGD-momentum lr 0.3, far
     past its LR (the held-out ``digits-vgg-nobn``): held-out loss and the guard's events."""

@@ -146,6 +146,28 @@ def test_a_run_that_never_gets_below_its_first_loss_is_not_called_stable():
     assert not learned.startswith("no progress"), learned
 
 
+def test_a_stall_after_a_climb_is_advised_a_lower_lr():
+    # Nothing flagged, no progress: "ten times either way" unless the loss level rose
+    # beyond its noise above the first loss on the way, which a too-low LR does not do.
+    import numpy as np
+
+    from gradguard.control import Controller
+    from gradguard.events import verdict
+    from gradguard.record import Recorder
+
+    gen = np.random.default_rng(0)
+    chance = list(2.35 * np.exp(gen.normal(0, 0.02, 300)))
+    for head, rose in (([2.3, *(6.0 * np.exp(gen.normal(0, 0.5, 30)))], True),
+                       ([2.3], False)):
+        ctrl = Controller(gg.Stability())
+        for i, v in enumerate(head + chance):
+            ctrl.observe(i, float(v), False, False)
+        said = verdict(Recorder(["w"], []), ctrl, 0, 0.1)
+        assert said.startswith("no progress"), said
+        assert ("try a tenth of it" in said) is rose, said
+        assert ("try ten times either way" in said) is not rose, said
+
+
 @pytest.mark.parametrize("dead_steps", [10, 4])
 def test_giving_up_after_units_died_says_so_instead_of_blaming_every_lr(dead_steps):
     # 10 dead rows of the last 15: dead for good. 4 of 9: reported once, but most recent

@@ -265,6 +265,10 @@ class Controller:
         self.cuts = 0
         self.retries = 0
         self.first_loss: float | None = None
+        # The level with the highest lower confidence bound (level, that bound, its step;
+        # loss units): whether a run without progress was pushed up by its steps
+        # (:meth:`rose`; words only).
+        self.peak: tuple[float, float, int] | None = None
         self.was_calm = False
         # Set by the guard: whether a snapshot it has not retried from yet is there, and
         # whether the run made progress since its last rollback (the restore held).
@@ -483,6 +487,28 @@ class Controller:
             return None
         return self._shown(level), self.first_loss
 
+    def _note_peak(self, step: int, lv: tuple[float, float, float]) -> None:
+        level, se, _ = lv
+        lower = self._shown(level - self.cfg.z * se)
+        if self.peak is None or lower > self.peak[1]:
+            self.peak = (self._shown(level), lower, step)
+
+    def rose(self) -> tuple[float, int] | None:
+        """(level, step) when the loss level once rose above the run's first loss: its
+        lower confidence bound above the first loss by ``z`` σ of one sample's noise, σ the
+        run's present (pooled) one, not that of the window where it rose (a run thrown
+        about by a too-high LR is noisiest exactly there). A too-small LR barely moves the
+        loss, so a run without progress that rose was pushed up by its own steps. None
+        otherwise. Words only: no action depends on it (as an action, with the window's
+        own noise, it is the first-loss test)."""
+        first = self._in_units(self.first_loss)
+        if first is None or self.peak is None or self.sigma is None:
+            return None
+        lower = self._in_units(self.peak[1])
+        if lower is None or not lower > first + self.cfg.z * self.sigma:
+            return None
+        return self.peak[0], self.peak[2]
+
     def calm_now(self) -> bool:
         """No flag streak and a level well under the regression threshold: a good moment
         to keep a snapshot."""
@@ -630,6 +656,8 @@ class Controller:
                               f"{self._shown(self.best):.4g} (limit {self._shown(back):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
+        if reason is None and lv is not None:
+            self._note_peak(step, lv)
         if reason is not None:
             verdict = self.unstable(step, reason, climb=climb, giveback=giveback)
             self.was_calm = False
@@ -813,6 +841,7 @@ class Controller:
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "cuts": self.cuts, "retries": self.retries,
                 "first_loss": self.first_loss,
+                "peak": None if self.peak is None else list(self.peak),
                 "was_calm": self.was_calm,
                 "rows": self.rows, "scaled_rows": self.scaled_rows,
                 "scale_rows": dict(self.scale_rows), "clip_since": self.clip_since,
@@ -835,6 +864,8 @@ class Controller:
         self.instabilities = int(s["instabilities"])
         self.cuts, self.retries = int(s["cuts"]), int(s["retries"])
         self.first_loss = s["first_loss"]
+        peak = s.get("peak")  # (absent from a state saved before it existed)
+        self.peak = None if peak is None else (float(peak[0]), float(peak[1]), int(peak[2]))
         self.was_calm = bool(s["was_calm"])
         self.rows = int(s["rows"])
         self.scaled_rows = int(s["scaled_rows"])

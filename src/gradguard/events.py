@@ -162,6 +162,12 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         elif skipped:
             why = ("with bad steps skipped on the way, the LR may be too high for this "
                    "model (or the data noisy): try a tenth of it")
+        elif (rose := c.rose()) is not None:
+            peak, at = rose
+            why = (f"and nothing was skipped, clipped or cut, but the loss level rose to "
+                   f"{peak:.4g} by step {at}, beyond its noise above where it started: "
+                   "steps that push the loss up are too large, so the LR is likely too high "
+                   "for this model: try a tenth of it")
         else:
             why = ("and nothing was skipped, clipped or cut: the LR may be too low, or so "
                    "high that the loss bounces at one level; try ten times either way")

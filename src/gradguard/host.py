@@ -464,7 +464,7 @@ class HostSide:
         self._afresh()
         # The run's first loss and the loss noise were the old data's: "trained well",
         # "no progress" and the noise are judged on the new data from here.
-        c.first_loss = c.sigma = None
+        c.first_loss = c.sigma = c.peak = None
         g.lr.scale = c.scale
         dropped = g.store.forget() if g.store is not None else 0
         self.early_base = None
