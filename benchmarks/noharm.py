@@ -42,6 +42,24 @@ to a guard without being any:
   lr 3e-3, 50 steps of linear warm-up then cosine decay.
 - ``mlp-bf16``: the MLP in bfloat16 autocast, SGD momentum lr 0.05.
 
+A third batch, fixed and committed before any of it ran (stop 34), for runs whose loss
+moves for reasons of their own:
+
+- ``mlp-cyclic``: the MNIST MLP, SGD momentum, a triangular cyclic LR between 0.005 and
+  0.05 (period 100 steps; the LR rises tenfold again and again).
+- ``vae-kl-anneal``: a VAE on the MNIST pixels (784-256-16), Adam lr 1e-3, the KL term's
+  weight raised linearly from 0 to 1 over the first 300 steps: the training loss *rises*
+  while the model gets better. Held-out: the negative ELBO at weight 1.
+- ``mlp-hinge-bs8``: the MLP under the multi-class hinge loss (exact zeros on easy
+  batches), SGD momentum lr 0.05, batch 8.
+- ``mlp-rotate-drift``: the MLP while its images turn from 0° to 90° over the run
+  (gradual drift), SGD momentum lr 0.05; held-out on images turned 90°.
+- ``mlp-mixup``: the MLP with mixup (λ uniform), SGD momentum lr 0.05.
+- ``mlp-stepdecay``: the MLP, SGD momentum lr 0.05 cut ×0.1 at steps 200 and 400 (the
+  loss's noise shrinks at each cut).
+- ``mlp-aux-switch``: the MLP with a second head for the digit's parity whose loss is
+  added from step 300 on (the training loss jumps by design). Held-out: the digit loss.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -185,10 +203,87 @@ class _Recurrent(nn.Module):
         return self.out(h[:, -1])
 
 
+def _pixels01() -> tuple[Tensor, Tensor, Tensor]:
+    x, _ = scenario_data.mnist()
+    x = x.float().reshape(len(x), -1) / 255
+    return x, x, x
+
+
+class _VAE(nn.Module):
+    """A Gaussian-latent VAE with a Bernoulli decoder (Kingma & Welling 2014); called on a
+    batch it returns each example's negative ELBO at KL weight 1, from the posterior mean
+    (a held-out score without sampling noise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 32))
+        self.dec = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 784))
+
+    def terms(self, x: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        recon = nn.functional.binary_cross_entropy_with_logits(
+            self.dec(z), x, reduction="none").sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        return recon, kl
+
+    def forward(self, x: Tensor) -> Tensor:
+        recon, kl = self.terms(x, sample=False)
+        return recon + kl
+
+
+def _vae_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+               gen: torch.Generator) -> Tensor:
+    recon, kl = model.terms(x, sample=True)  # type: ignore[operator]
+    return (recon + min(1.0, step / 300) * kl).mean()
+
+
+def _rotate(x: Tensor, degrees: float) -> Tensor:
+    """Standardised 28×28 MNIST rows turned by ``degrees`` (edges: the background)."""
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+    img = x.reshape(len(x), 1, 28, 28)
+    grid = nn.functional.affine_grid(theta.expand(len(x), 2, 3), list(img.shape),
+                                     align_corners=False)
+    return nn.functional.grid_sample(img, grid, padding_mode="border",
+                                     align_corners=False).reshape(len(x), -1)
+
+
+def _drift_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                 gen: torch.Generator) -> Tensor:
+    return nn.functional.cross_entropy(model(_rotate(x, 90 * step / total)), y)
+
+
+def _mixup_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                 gen: torch.Generator) -> Tensor:
+    lam = float(torch.rand((), generator=gen))
+    perm = torch.randperm(len(x), generator=gen)
+    out = model(lam * x + (1 - lam) * x[perm])
+    ce = nn.functional.cross_entropy
+    return lam * ce(out, y) + (1 - lam) * ce(out, y[perm])
+
+
+def _two_head_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 12))
+
+
+def _digit_loss(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(out[:, :10], y)
+
+
+def _aux_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+               gen: torch.Generator) -> Tensor:
+    out = model(x)
+    loss = _digit_loss(out, y)
+    return loss + nn.functional.cross_entropy(out[:, 10:], y % 2) if step >= 300 else loss
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
-# on that many examples), "accum" (micro-batches per step), "bf16" (autocast).
+# on that many examples), "accum" (micro-batches per step), "bf16" (autocast), "train_loss"
+# ((model, inputs, targets, step, steps, generator) -> the training loss, in place of
+# loss(model(inputs), targets)), "test_input" (inputs -> the held-out inputs).
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
@@ -216,6 +311,15 @@ def _warm_cosine(opt: torch.optim.Optimizer, steps: int
 
 def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+
+def _cyclic(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.005, max_lr=0.05, step_size_up=50)
+
+
+def _step_decay(opt: torch.optim.Optimizer, steps: int
+                ) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[200, 400], gamma=0.1)
 
 
 def _sgdm(lr: float) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
@@ -275,6 +379,28 @@ def cases() -> dict[str, Case]:
         "mlp-bf16": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
                      "MNIST MLP in bfloat16 autocast, SGD momentum lr 0.05", None,
                      {"bf16": True}),
+        # the third batch (stop 34)
+        "mlp-cyclic": (_mnist, _mlp, _CE, _sgdm(0.005), 32, 600,
+                       "MNIST MLP, SGD momentum, triangular cyclic LR 0.005-0.05", _cyclic, {}),
+        "vae-kl-anneal": (_pixels01, _VAE, lambda out, _: out.mean(), _adam(1e-3), 32, 600,
+                          "MNIST VAE, Adam lr 1e-3, KL weight 0 → 1 over 300 steps", None,
+                          {"train_loss": _vae_train}),
+        "mlp-hinge-bs8": (_mnist, _mlp, nn.functional.multi_margin_loss, _sgdm(0.05), 8, 600,
+                          "MNIST MLP, multi-class hinge loss, SGD momentum lr 0.05, batch 8",
+                          None, {}),
+        "mlp-rotate-drift": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                             "MNIST MLP, images turning 0° → 90° over the run, SGD momentum "
+                             "lr 0.05", None, {"train_loss": _drift_train,
+                                               "test_input": lambda x: _rotate(x, 90)}),
+        "mlp-mixup": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                      "MNIST MLP, mixup, SGD momentum lr 0.05", None,
+                      {"train_loss": _mixup_train}),
+        "mlp-stepdecay": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                          "MNIST MLP, SGD momentum lr 0.05, ×0.1 at steps 200 and 400",
+                          _step_decay, {}),
+        "mlp-aux-switch": (_mnist, _two_head_mlp, _digit_loss, _sgdm(0.05), 32, 600,
+                           "MNIST MLP, a parity head's loss added from step 300, SGD momentum "
+                           "lr 0.05", None, {"train_loss": _aux_train}),
     }
 
 
@@ -331,7 +457,9 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         for _ in range(accum):
             idx = pool[torch.randint(0, len(pool), (batch,), generator=gen)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(opts.get("bf16"))):
-                micro = loss_fn(model(x[idx]), y[idx]).float() / accum
+                micro = (opts["train_loss"](model, x[idx], y[idx], step, total, gen)
+                         if "train_loss" in opts else loss_fn(model(x[idx]), y[idx]))
+                micro = micro.float() / accum
             micro.backward()
             loss = loss + micro.detach()
         if guard is None:
@@ -354,7 +482,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         guard.close()
     model.eval()
     with torch.no_grad():
-        held_out = float(loss_fn(model(x[test]), clean[test]))
+        inputs = opts["test_input"](x[test]) if "test_input" in opts else x[test]
+        held_out = float(loss_fn(model(inputs), clean[test]))
     return (held_out if math.isfinite(held_out) else math.inf), acted
 
 
@@ -388,7 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None,
                     help="steps per run (default: each case's own)")
     ap.add_argument("--out", type=Path, default=HERE / "NOHARM.md")
+    ap.add_argument("--case", action="append", help="run only this case (repeatable)")
     args = ap.parse_args(argv)
+    healthy, noisy = cases(), noisy_cases()
+    if args.case:
+        unknown = sorted(set(args.case) - set(healthy) - set(noisy))
+        if unknown:
+            ap.error(f"unknown case(s) {unknown}; known: {sorted(healthy) + sorted(noisy)}")
+        healthy = {k: v for k, v in healthy.items() if k in args.case}
+        noisy = {k: v for k, v in noisy.items() if k in args.case}
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     lines = [
@@ -404,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "| guard acted (seeds: flagged a step / rolled back / ended with the LR cut) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     harmed = []
-    for name, case in cases().items():
+    for name, case in healthy.items():
         none = [run(case, False, s, args.steps)[0] for s in range(args.seeds)]
         res = [run(case, True, s, args.steps) for s in range(args.seeds)]
         r = paired(none, [v for v, _ in res])
@@ -428,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
               "`TrainingDivergedError` (evaluated where it stopped).", "",
               "| case | setup | none, per seed | gradguard, per seed | median none / guard "
               "| gave up |", "|---|---|---|---|---:|---:|"]
-    for name, case in noisy_cases().items():
+    for name, case in noisy.items():
         none = [run(case, False, s, args.steps)[0] for s in range(args.seeds)]
         res = [run(case, True, s, args.steps) for s in range(args.seeds)]
         guard = [v for v, _ in res]
