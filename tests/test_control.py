@@ -661,6 +661,14 @@ def test_a_loss_below_zero_is_judged_on_a_linear_scale_from_then_on():
     assert any(v.unstable for v in feed(ctrl, climb, start=400))
 
 
+def test_unlike_saved_without_its_margin_needs_only_every_loss_above_the_saved_ones():
+    ctrl = Controller(gg.Stability())
+    saved = {"losses": [0.1] * 19 + [0.8]}
+    assert ctrl.unlike_saved(saved, [1.0, 1.1, 0.9]) is None  # under 1.5 × 0.8
+    assert ctrl.unlike_saved(saved, [1.0, 1.1, 0.9], margin=False) == (0.1, 1.0)
+    assert ctrl.unlike_saved(saved, [1.0, 0.7, 0.9], margin=False) is None  # one is not
+
+
 def test_stalled_tells_a_run_at_its_starting_level_from_one_that_learned():
     gen = np.random.default_rng(0)
     flat = 2.3 * np.exp(gen.normal(0, 0.3, 300))  # bouncing at chance, noisy

@@ -14,8 +14,9 @@ def _kinds(guard: gg.Guard) -> list[str]:
 def _fitted(plan: str, resume_at: int | None = None,
             policy: gg.Policy | None = None) -> tuple[gg.Guard, list[float]]:
     """A model that already fits the easy batches (loss 1e-8) meets the batches of
-    ``plan`` ('e' easy, 'h' hard: loss ~1); returns its guard and the LR scale after each
-    step. ``resume_at``: save there and go on in a fresh guard, as a resumed run does."""
+    ``plan`` ('e' easy, 'h' hard: loss ~1, 'n' a noisy easy one: loss 0.8); returns its
+    guard and the LR scale after each step. ``resume_at``: save there and go on in a fresh
+    guard, as a resumed run does."""
     policy = policy or gg.Policy()
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -23,7 +24,8 @@ def _fitted(plan: str, resume_at: int | None = None,
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     guard = gg.Guard(model, opt, log=None, policy=policy)
     x = torch.ones(4, 1)
-    targets = {"e": torch.full((4, 1), 2.0 + 1e-4), "h": torch.full((4, 1), 3.0)}
+    targets = {"e": torch.full((4, 1), 2.0 + 1e-4), "h": torch.full((4, 1), 3.0),
+               "n": torch.full((4, 1), 2.0 + 0.8**0.5)}
     scales = []
     for i, c in enumerate(plan):
         if i == resume_at:
@@ -175,6 +177,18 @@ def test_the_restore_check_goes_back_one_snapshot_only():
     kinds = _kinds(guard)
     assert kinds.count("rollback") == 2 and "data_shift" in kinds
     assert guard.lr.scale == 1.0
+    guard.close()
+
+
+def test_the_second_look_needs_no_margin_over_a_noisier_window():
+    # Found by the third blind batch of healthy runs (stop 34, an auxiliary loss switched
+    # on mid-run): the older snapshot's window held one noisy batch (loss 0.8, 'n'), so
+    # the new batches' loss of 1 was above all it scored when saved but not 1.5× above;
+    # with the margin there too, the guard read the change as the LR's and gave up.
+    guard, scales = _fitted("e" * 10 + "n" + "e" * 29 + "h" * 60)
+    kinds = _kinds(guard)
+    assert kinds.count("rollback") == 2 and "data_shift" in kinds
+    assert "diverged" not in kinds and scales[-1] == 1.0
     guard.close()
 
 

@@ -545,12 +545,12 @@ class Controller:
                 float(before["best"]), first, math.inf if sigma is None else float(sigma)))
         return _median(f(now)) <= lim
 
-    def unlike_saved(self, before: dict[str, Any], losses: list[float]
-                     ) -> tuple[float, float] | None:
+    def unlike_saved(self, before: dict[str, Any], losses: list[float],
+                     margin: bool = True) -> tuple[float, float] | None:
         """(the level then, the median of ``losses``) when every one of the first losses
         computed with restored weights lies above (1 + ``rise``) × the *highest* loss of the
         window those same weights had when their snapshot was taken (``before``, its
-        trajectory); None otherwise.
+        trajectory), or above that highest loss itself without ``margin``; None otherwise.
 
         A restore is an experiment: the weights are the saved ones, so their loss can have
         moved only with what they are scored on. Right after a rollback for instability,
@@ -564,13 +564,17 @@ class Controller:
         at a too-high LR raise them (a regression in raw units is ×3 worse within two
         steps); they are required too (against one outlier batch), and a rise can only
         make them easier to pass, so it is the first that decides against a blow-up.
+        Without the margin (the second look, at the snapshot before, once this test has
+        found a change: :meth:`gradguard.host.HostSide.restore_check`) a run whose data
+        did not change passes it with a chance of at most 1/(n + 1), that of its first
+        loss alone.
         """
         past = [float(v) for v in before.get("losses", [])]
         if len(past) < self.cfg.min_losses or not losses or not all(
                 math.isfinite(v) for v in [*past, *losses]):
             return None
         hi = max(past)
-        if min(losses) <= hi + self.cfg.rise * abs(hi):
+        if min(losses) <= (hi + self.cfg.rise * abs(hi) if margin else hi):
             return None
         return _median(past), _median(losses)
 

@@ -444,7 +444,11 @@ class HostSide:
         if len(losses) < c.cfg.bad_steps:
             return None
         self.restored = None
-        seen = c.unlike_saved(saved, losses)
+        # The second look (at the snapshot before) only tells damage from a change the
+        # first found: the older weights' window is the noisier one (earlier in training),
+        # so the margin would hide the change there; without it, weights whose data did
+        # not change pass with a chance of at most 1/(window + 1).
+        seen = c.unlike_saved(saved, losses, margin=not went_back)
         if seen is None:
             return None
         store, rb = g.store, g.policy.rollback
