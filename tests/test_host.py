@@ -192,6 +192,31 @@ def test_the_second_look_needs_no_margin_over_a_noisier_window():
     guard.close()
 
 
+def test_a_change_the_user_announces_costs_no_rollback():
+    # guard.data_changed() at the switch: the loss statistics start afresh there, so the
+    # new batches' loss is the new normal, not a rise.
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    x = torch.ones(4, 1)
+    for i in range(100):
+        if i == 40:
+            guard.data_changed()
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), torch.full((4, 1), 2.0 + 1e-4)
+                                            if i < 40 else torch.full((4, 1), 3.0))
+        loss.backward()
+        guard.step(loss)
+    kinds = _kinds(guard)
+    assert "rollback" not in kinds and kinds.count("data_shift") == 1
+    assert guard.lr.scale == 1.0 and float(model.weight.detach()) > 2.05  # it learns
+    said = guard.verdict()
+    assert said.startswith("stable") and "the data changed" not in said, said
+    guard.close()
+
+
 def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
     # The same fitted model at a learning rate that blows it up: the restored weights score
     # what they did when saved, so the rollback's cut stands.

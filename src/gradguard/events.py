@@ -138,7 +138,8 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         else c.stalled()
     # (Steps, not events: one skipped step can carry several skip events.)
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
-    shifts = [e for e in recorder.events if e.get("kind") == "data_shift"]
+    # (the changes the guard found; one the user announced needs no account)
+    shifts = [e for e in recorder.events if e.get("kind") == "data_shift" and "then" in e]
     shifted = ""
     if shifts:
         e = shifts[-1]

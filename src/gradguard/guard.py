@@ -45,10 +45,9 @@ class Guard(assembly.Parts):
                 loss.backward()
                 info = guard.step(loss)                # instead of optimizer.step()
 
-    The guard owns the optimizer's step: an ``optimizer.step()`` (or
-    ``scaler.step(optimizer)``) outside ``guard.step`` raises
-    :class:`~gradguard.GuardUsageError` until the guard is closed. A guard never closed is
-    closed at interpreter exit (see :mod:`gradguard.lifecycle`).
+    The guard owns the optimizer's step: an ``optimizer.step()`` (or ``scaler.step(opt)``)
+    outside ``guard.step`` raises :class:`~gradguard.GuardUsageError` until the guard is
+    closed. A guard never closed is closed at interpreter exit (:mod:`gradguard.lifecycle`).
 
     Args:
         model: the module being trained (names parameters, gives forward order, and is
@@ -151,9 +150,11 @@ class Guard(assembly.Parts):
 
     def batches(self, iterable: Iterable[T]) -> Iterator[T]:
         """Yield from ``iterable``, dropping the batches a rollback asks to skip."""
-        for item in iterable:
-            if not self.should_skip_batch():
-                yield item
+        return (item for item in iterable if not self.should_skip_batch())
+
+    def data_changed(self) -> None:
+        """The data or the loss changed on purpose: judge the loss afresh, no rollback."""
+        self._host.data_changed()
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: Tensor | None = None,

@@ -278,6 +278,31 @@ class HostSide:
         if self.batch_noise is not None:
             self._stand_down()
 
+    def _new_data(self) -> int:
+        """Judge the loss and the gradients on new data from here: afresh, with the run's
+        first loss and noise forgotten ("trained well", "no progress" and the noise are
+        the new data's), and the snapshots judged on the old data dropped. Returns how many
+        were dropped."""
+        g, c = self.g, self.g.control
+        if c is not None:
+            self._afresh()
+            c.first_loss = c.sigma = c.peak = None
+        else:
+            g.grad_spike.bind(g.device)
+            g.loss_spike.bind(g.device)
+        self.early_base = self.restored = None
+        return g.store.forget() if g.store is not None else 0
+
+    def data_changed(self) -> None:
+        """The user changed the data or the loss on purpose (``Guard.data_changed``)."""
+        self.drain()  # (a host sync, on purpose: the rows in flight are the old data's)
+        dropped = self._new_data()
+        self.g.recorder.event(
+            self.g.steps, "data_shift",
+            f"the data or the loss changed (told by guard.data_changed()): the loss level "
+            f"and spike statistics start afresh, and the {dropped} snapshot(s) judged on the "
+            "old data are dropped", action="info")
+
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
             if hasattr(det, "stand_down"):
@@ -465,13 +490,8 @@ class HostSide:
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         c.not_the_lr(point)
         c.clip_since = clip_before
-        self._afresh()
-        # The run's first loss and the loss noise were the old data's: "trained well",
-        # "no progress" and the noise are judged on the new data from here.
-        c.first_loss = c.sigma = c.peak = None
         g.lr.scale = c.scale
-        dropped = g.store.forget() if g.store is not None else 0
-        self.early_base = None
+        dropped = self._new_data()
         g.recorder.event(
             k, "data_shift",
             f"the data changed, not the LR: the weights restored from step {to_step} scored "
