@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gradguard as gg
@@ -272,4 +273,39 @@ def test_a_curriculum_that_adds_classes_trains_on_under_the_guard():
         assert "data_shift" in _kinds(guard)
         assert guard.lr.scale == 1.0
         assert held_out < 1.25 * plain
+        guard.close()
+
+
+def _unfrozen_run(params_all: bool, unfreeze_at: int | None) -> gg.Guard:
+    """A two-layer net whose first layer is frozen when the guard is built and unfrozen at
+    ``unfreeze_at`` (fine-tuning's usual pattern), 60 steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = [p for g in opt.param_groups for p in g["params"]] if params_all else None
+    guard = gg.Guard(model, opt, log=None, params=params)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    for i in range(60):
+        if i == unfreeze_at:
+            model[0].requires_grad_(True)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    return guard
+
+
+def test_a_layer_unfrozen_after_the_guard_was_built_is_named_once():
+    # The guard watches what was trainable when it was built; a layer unfrozen later is
+    # updated by the optimizer but not watched. Found by a blind check (stop 34): a NaN
+    # gradient there went unseen until the NaN weights made the next losses NaN.
+    with pytest.warns(gg.GuardUsageWarning, match=r"0\.weight, 0\.bias"):
+        guard = _unfrozen_run(False, 5)
+    warned = [e for e in guard.recorder.events if e["kind"] == "unwatched"]
+    assert len(warned) == 1 and warned[0]["tensors"] == ["0.weight", "0.bias"]
+    guard.close()
+    for params_all, unfreeze_at in ((False, None), (True, 5)):  # never unfrozen; all watched
+        guard = _unfrozen_run(params_all, unfreeze_at)
+        assert "unwatched" not in _kinds(guard)
         guard.close()

@@ -62,6 +62,7 @@ class Parts:
     _usage: Usage
     _samples: SampleCounter
     _order_probe: ForwardOrder | None
+    _unwatched: list[tuple[str, Tensor]]  # frozen when the guard was built (see params.py)
     _finalizer: weakref.finalize
 
 

@@ -109,7 +109,7 @@ class Guard(assembly.Parts):
         check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
         sinks = list(sinks)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.names, self.params = resolve_params(model, optimizer, params)
+        self.names, self.params, self._unwatched = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
         self.policy = resolve_policy(policy, on_nonfinite, on_spike, on_loss_spike, rollback)
         self.clip = as_transform(clip)

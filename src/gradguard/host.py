@@ -21,6 +21,7 @@ guard's trajectory, the state that is rolled back with the weights.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,8 +31,12 @@ from . import events as ev
 from . import snapshot as snap
 from .control import CutPoint
 from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
+from .errors import GuardUsageWarning
 from .params import InputWatch
 from .respond import Action, TrainingDivergedError
+
+# How often a parameter left out of the guard for being frozen is checked for a gradient.
+_UNWATCHED_EVERY = 50
 
 _CLIPPING = ("LR unchanged, every step clipped to the typical gradient norm from now on (the "
              "run gave back its progress: a few oversized steps, not the LR)")
@@ -153,12 +158,34 @@ class HostSide:
         rolled = False
         for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
+        if g._unwatched and step % _UNWATCHED_EVERY == 0:
+            self.check_unwatched(step)
         if g.store is not None and not rolled:
             # Early snapshots only once the controller can judge them (see RollbackStore.due).
             early = g.control is not None and g.control.has_level()
             g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early)
         g.recorder.maybe_flush(step)
         return rolled
+
+    def check_unwatched(self, step: int) -> None:
+        """Warn once when a parameter the guard left out for being frozen when it was built
+        (it watches the trainable ones) has a gradient now: it was unfrozen, and the
+        optimizer updates it while no statistic, clip or NaN/Inf test covers it (a flagged
+        step is still skipped whole). Host attribute reads only, every
+        ``_UNWATCHED_EVERY`` steps."""
+        g = self.g
+        live = [n for n, p in g._unwatched if p.grad is not None]
+        if not live:
+            return
+        g._unwatched = []
+        more = f" and {len(live) - 3} more" if len(live) > 3 else ""
+        msg = (f"{len(live)} parameter(s) frozen when the guard was built now get gradients "
+               f"({', '.join(live[:3])}{more}): the optimizer updates them, but the guard "
+               "does not watch them (no NaN/Inf test, statistics or clipping of their "
+               "gradients). Build the guard after unfreezing, or pass "
+               "params=[p for g in optimizer.param_groups for p in g['params']]")
+        g.recorder.event(step, "unwatched", msg, action="warn", tensors=live)
+        warnings.warn(msg, GuardUsageWarning, stacklevel=3)
 
     def drain(self) -> None:
         """Wait for and process every row still in flight (a host sync, on purpose)."""

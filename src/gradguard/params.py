@@ -13,8 +13,10 @@ from .errors import ConfigError
 __all__ = ["ForwardOrder", "InputWatch", "resolve_params"]
 def resolve_params(
     model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
-) -> tuple[list[str], list[Tensor]]:
-    """The parameters the guard watches, with names, in model registration order."""
+) -> tuple[list[str], list[Tensor], list[tuple[str, Tensor]]]:
+    """The parameters the guard watches, with names, in model registration order; and,
+    when the guard chose them (no ``params``), the optimizer's parameters it left out for
+    being frozen then, with their names (see ``HostSide.check_unwatched``)."""
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_ids = {id(p) for p in opt_params}
     if not opt_params:
@@ -33,7 +35,7 @@ def resolve_params(
         for i, p in enumerate(wanted):
             names.append(lookup.get(id(p), f"param{i}"))
             chosen.append(p)
-        return names, chosen
+        return names, chosen, []
     if model is not None:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         foreign = [n for n, p in trainable if id(p) not in opt_ids]
@@ -59,12 +61,17 @@ def resolve_params(
                 if id(p) not in seen and p.requires_grad:
                     names.append(f"group{gi}.param{pi}")
                     chosen.append(p)
-        return names, chosen
+        watched = {id(p) for p in chosen}
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        left = [(by_id.get(id(p), f"group{gi}.param{pi}"), p)
+                for gi, g in enumerate(optimizer.param_groups)
+                for pi, p in enumerate(g["params"]) if id(p) not in watched]
+        return names, chosen, left
     for gi, g in enumerate(optimizer.param_groups):
         for pi, p in enumerate(g["params"]):
             names.append(f"group{gi}.param{pi}")
             chosen.append(p)
-    return names, chosen
+    return names, chosen, []
 
 
 def refuses_hooks(module: nn.Module) -> bool:

@@ -132,9 +132,9 @@ class StepRecord(_Record):
 class Event(_Record):
     """Something the guard noticed or did at ``step``: ``kind`` (``nonfinite``,
     ``grad_spike``, ``loss_spike``, ``backoff``, ``rollback``, ``recover``, ``snapshot``,
-    ``drift``, ``depth_trend``, ``dead_units``, ``diverged``, ``verdict``, ...), a sentence
-    for people, the ``action`` taken, and kind-specific fields in ``extra`` (``lr_scale``,
-    ``origin_layer``, ``top_layers``, ``reason``, ``path``, ...)."""
+    ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``, ``verdict``,
+    ...), a sentence for people, the ``action`` taken, and kind-specific fields in
+    ``extra`` (``lr_scale``, ``origin_layer``, ``top_layers``, ``reason``, ``path``, ...)."""
 
     type: ClassVar[str] = "event"
     step: int = -1
