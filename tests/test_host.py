@@ -309,3 +309,32 @@ def test_a_layer_unfrozen_after_the_guard_was_built_is_named_once():
         guard = _unfrozen_run(params_all, unfreeze_at)
         assert "unwatched" not in _kinds(guard)
         guard.close()
+
+
+def test_a_parameter_group_added_mid_run_is_named_and_rollback_still_works():
+    # Progressive unfreezing adds a parameter group mid-run. Found by a blind check (stop
+    # 34): a later rollback restored a snapshot's optimizer state with the old groups,
+    # which torch refuses ("a different number of parameter groups"), and the run crashed.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    head = torch.nn.Linear(8, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log=None)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with pytest.warns(gg.GuardUsageWarning, match="parameter groups changed"):
+        for i in range(80):
+            if i == 10:
+                opt.add_param_group({"params": head.parameters()})
+            opt.zero_grad()
+            h = model[1](model[0](x))
+            loss = (torch.nn.functional.cross_entropy(model[2](h), y)
+                    + torch.nn.functional.cross_entropy(head(h), y))
+            loss.backward()
+            if 60 <= i < 63:  # three NaN steps in a row in a watched layer: a rollback
+                model[0].weight.grad[0, 0] = float("nan")
+            guard.step(loss)
+    changed = [e for e in guard.recorder.events if e["kind"] == "unwatched"]
+    assert [e["step"] for e in changed] == [10] and len(changed[0]["tensors"]) == 2
+    assert "rollback" in _kinds(guard)
+    assert all(torch.isfinite(p).all() for p in [*model.parameters(), *head.parameters()])
+    guard.close()

@@ -66,6 +66,8 @@ class HostSide:
         self.skip_streak = 0
         self.clean_streak = 0
         self.ignore_rows_before = 0
+        # The optimizer's parameter groups when the guard was built (see new_groups).
+        self.n_groups = len(guard.optimizer.param_groups)
         # After a rollback: the restored snapshot's trajectory, the LR state and clip row
         # before the rollback's cut, the step it was taken after, and the first losses
         # computed from its weights, until they judge them, and whether it is already the
@@ -158,6 +160,8 @@ class HostSide:
         rolled = False
         for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
+        if len(g.optimizer.param_groups) != self.n_groups:
+            self.new_groups(step)
         if g._unwatched and step % _UNWATCHED_EVERY == 0:
             self.check_unwatched(step)
         if g.store is not None and not rolled:
@@ -166,6 +170,32 @@ class HostSide:
             g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early)
         g.recorder.maybe_flush(step)
         return rolled
+
+    def new_groups(self, step: int) -> None:
+        """The optimizer's parameter groups changed since the guard was built
+        (``add_param_group``, progressive unfreezing): a snapshot holds an optimizer state
+        with the old groups, which torch refuses to load, so the snapshots go; and the new
+        groups' parameters are not watched (named at once)."""
+        g = self.g
+        groups = g.optimizer.param_groups
+        watched = {id(p) for p in g.params} | {id(p) for _, p in g._unwatched}
+        by_id = {id(p): n for n, p in g.model.named_parameters()} if g.model is not None \
+            else {}
+        new = [by_id.get(id(p), f"group{gi}.param{pi}") for gi, grp in enumerate(groups)
+               for pi, p in enumerate(grp["params"]) if id(p) not in watched]
+        self.n_groups = len(groups)
+        dropped = g.store.forget() if g.store is not None else 0
+        self.restored = None
+        more = f" and {len(new) - 3} more" if len(new) > 3 else ""
+        names = f" ({', '.join(new[:3])}{more})" if new else ""
+        msg = (f"the optimizer's parameter groups changed after the guard was built (now "
+               f"{len(groups)}): the {dropped} snapshot(s) taken before are dropped (torch "
+               f"cannot load an optimizer state with other groups into it), and "
+               f"{len(new)} new parameter(s){names} are not watched (no NaN/Inf test, "
+               "statistics or clipping of their gradients). Build a new guard after "
+               "changing the optimizer's groups")
+        g.recorder.event(step, "unwatched", msg, action="warn", tensors=new)
+        warnings.warn(msg, GuardUsageWarning, stacklevel=3)
 
     def check_unwatched(self, step: int) -> None:
         """Warn once when a parameter the guard left out for being frozen when it was built

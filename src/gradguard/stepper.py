@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from .distributed import local_tensor
-from .errors import ConfigError
+from .errors import ConfigError, GuardUsageError
 
 __all__ = ["Stepper"]
 
@@ -223,6 +223,7 @@ class Stepper:
         if strategy == "masked":
             _try_capturable(optimizer, self._switches)
         self.strategy = strategy
+        self._groups = len(optimizer.param_groups)
         self._warned_host = False
         self._saved: list[Tensor] | None = None
         self._saved_keys: list[tuple[int, str]] = []
@@ -268,6 +269,8 @@ class Stepper:
             scale: a 0-dim factor for every gradient, not yet applied; only the
                 "found_inf" strategy takes one (the fused kernel applies it).
         """
+        if len(self.optimizer.param_groups) != self._groups:
+            self._adopt_groups()
         key = (tuple(map(id, params)), len(self.optimizer.state))
         fresh = [] if key == self._settled else self._stateless(params)
         if self.strategy == "found_inf":
@@ -282,6 +285,28 @@ class Stepper:
             self._drop_new_state(fresh, skip)
         elif self.optimizer.state:
             self._settled = key
+
+    def _adopt_groups(self) -> None:
+        """Give parameter groups added after the guard was built (``add_param_group``)
+        the kernel flag the strategy set on the others: a group added later gets the
+        optimizer's defaults, and torch's non-fused kernels refuse ``found_inf``."""
+        opt = self.optimizer
+        groups = opt.param_groups
+        flag = {"found_inf": "fused", "masked": "capturable"}.get(self.strategy)
+        if flag is not None and groups[0].get(flag):
+            for group in groups[self._groups:]:
+                if group.get(flag):
+                    continue
+                if flag == "fused" and group.get("foreach"):
+                    raise GuardUsageError(
+                        f"a parameter group added to the {type(opt).__name__} after the "
+                        "guard was built asks for foreach=True, but the guard steps this "
+                        "optimizer with its fused kernel (fused=True) to skip steps without "
+                        "a host sync: add the group without foreach, or build the guard "
+                        "with skip_strategy='masked'")
+                group[flag] = True
+        self._groups = len(groups)
+        self._settled = None
 
     def _complete_momentum(self) -> None:
         """Give fused SGD a momentum buffer for parameters stepped for the first time.
