@@ -195,7 +195,7 @@ class HostSide:
                "statistics or clipping of their gradients). Build a new guard after "
                "changing the optimizer's groups")
         g.recorder.event(step, "unwatched", msg, action="warn", tensors=new)
-        warnings.warn(msg, GuardUsageWarning, stacklevel=3)
+        warnings.warn(msg, GuardUsageWarning, stacklevel=4)  # (the user's guard.step call)
 
     def check_unwatched(self, step: int) -> None:
         """Warn once when a parameter the guard left out for being frozen when it was built
@@ -215,7 +215,7 @@ class HostSide:
                "gradients). Build the guard after unfreezing, or pass "
                "params=[p for g in optimizer.param_groups for p in g['params']]")
         g.recorder.event(step, "unwatched", msg, action="warn", tensors=live)
-        warnings.warn(msg, GuardUsageWarning, stacklevel=3)
+        warnings.warn(msg, GuardUsageWarning, stacklevel=4)  # (the user's guard.step call)
 
     def drain(self) -> None:
         """Wait for and process every row still in flight (a host sync, on purpose)."""
