@@ -32,11 +32,17 @@ from . import snapshot as snap
 from .control import CutPoint
 from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
 from .errors import GuardUsageWarning
-from .params import InputWatch
+from .params import InputWatch, optimizer_params
 from .respond import Action, TrainingDivergedError
 
 # How often a parameter left out of the guard for being frozen is checked for a gradient.
 _UNWATCHED_EVERY = 50
+
+def _some(names: list[str]) -> str:
+    """Names for a message: ' (a, b, c and 2 more)', or '' for none."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f" ({', '.join(names[:3])}{more})" if names else ""
+
 
 _CLIPPING = ("LR unchanged, every step clipped to the typical gradient norm from now on (the "
              "run gave back its progress: a few oversized steps, not the LR)")
@@ -66,8 +72,6 @@ class HostSide:
         self.skip_streak = 0
         self.clean_streak = 0
         self.ignore_rows_before = 0
-        # The optimizer's parameter groups when the guard was built (see new_groups).
-        self.n_groups = len(guard.optimizer.param_groups)
         # After a rollback: the restored snapshot's trajectory, the LR state and clip row
         # before the rollback's cut, the step it was taken after, and the first losses
         # computed from its weights, until they judge them, and whether it is already the
@@ -160,7 +164,8 @@ class HostSide:
         rolled = False
         for k, values in g.mailbox.poll(upto=step - g.mailbox.lag):
             rolled = self.on_row(k, values) or rolled
-        if len(g.optimizer.param_groups) != self.n_groups:
+        if g.stepper.groups_changed:  # (the stepper adopted them before this step)
+            g.stepper.groups_changed = False
             self.new_groups(step)
         if g._unwatched and step % _UNWATCHED_EVERY == 0:
             self.check_unwatched(step)
@@ -177,25 +182,17 @@ class HostSide:
         with the old groups, which torch refuses to load, so the snapshots go; and the new
         groups' parameters are not watched (named at once)."""
         g = self.g
-        groups = g.optimizer.param_groups
         watched = {id(p) for p in g.params} | {id(p) for _, p in g._unwatched}
-        by_id = {id(p): n for n, p in g.model.named_parameters()} if g.model is not None \
-            else {}
-        new = [by_id.get(id(p), f"group{gi}.param{pi}") for gi, grp in enumerate(groups)
-               for pi, p in enumerate(grp["params"]) if id(p) not in watched]
-        self.n_groups = len(groups)
+        new = [n for n, p in optimizer_params(g.model, g.optimizer) if id(p) not in watched]
         dropped = g.store.forget() if g.store is not None else 0
         self.restored = None
-        more = f" and {len(new) - 3} more" if len(new) > 3 else ""
-        names = f" ({', '.join(new[:3])}{more})" if new else ""
-        msg = (f"the optimizer's parameter groups changed after the guard was built (now "
-               f"{len(groups)}): the {dropped} snapshot(s) taken before are dropped (torch "
-               f"cannot load an optimizer state with other groups into it), and "
-               f"{len(new)} new parameter(s){names} are not watched (no NaN/Inf test, "
-               "statistics or clipping of their gradients). Build a new guard after "
-               "changing the optimizer's groups")
-        g.recorder.event(step, "unwatched", msg, action="warn", tensors=new)
-        warnings.warn(msg, GuardUsageWarning, stacklevel=4)  # (the user's guard.step call)
+        self._unwatched(step, new, (
+            f"the optimizer's parameter groups changed after the guard was built (now "
+            f"{len(g.optimizer.param_groups)}): the {dropped} snapshot(s) taken before are "
+            f"dropped (torch cannot load an optimizer state with other groups into it), and "
+            f"{len(new)} new parameter(s){_some(new)} are not watched (no NaN/Inf test, "
+            "statistics or clipping of their gradients). Build a new guard after changing "
+            "the optimizer's groups"))
 
     def check_unwatched(self, step: int) -> None:
         """Warn once when a parameter the guard left out for being frozen when it was built
@@ -208,14 +205,17 @@ class HostSide:
         if not live:
             return
         g._unwatched = []
-        more = f" and {len(live) - 3} more" if len(live) > 3 else ""
-        msg = (f"{len(live)} parameter(s) frozen when the guard was built now get gradients "
-               f"({', '.join(live[:3])}{more}): the optimizer updates them, but the guard "
-               "does not watch them (no NaN/Inf test, statistics or clipping of their "
-               "gradients). Build the guard after unfreezing, or pass "
-               "params=[p for g in optimizer.param_groups for p in g['params']]")
-        g.recorder.event(step, "unwatched", msg, action="warn", tensors=live)
-        warnings.warn(msg, GuardUsageWarning, stacklevel=4)  # (the user's guard.step call)
+        self._unwatched(step, live, (
+            f"{len(live)} parameter(s) frozen when the guard was built now get gradients"
+            f"{_some(live)}: the optimizer updates them, but the guard does not watch them "
+            "(no NaN/Inf test, statistics or clipping of their gradients). Build the guard "
+            "after unfreezing, or pass "
+            "params=[p for g in optimizer.param_groups for p in g['params']]"))
+
+    def _unwatched(self, step: int, names: list[str], msg: str) -> None:
+        self.g.recorder.event(step, "unwatched", msg, action="warn", tensors=names)
+        # (stacklevel: the user's guard.step call, through after_step and the check)
+        warnings.warn(msg, GuardUsageWarning, stacklevel=5)
 
     def drain(self) -> None:
         """Wait for and process every row still in flight (a host sync, on purpose)."""
@@ -328,8 +328,8 @@ class HostSide:
         """Forget what is normal for the loss and the gradients: the controller's level and
         the spike detectors' windows judge what follows from here."""
         g = self.g
-        assert g.control is not None
-        g.control.rebaseline()
+        if g.control is not None:
+            g.control.rebaseline()
         g.grad_spike.bind(g.device)
         g.loss_spike.bind(g.device)
         if self.batch_noise is not None:
@@ -341,12 +341,9 @@ class HostSide:
         the new data's), and the snapshots judged on the old data dropped. Returns how many
         were dropped."""
         g, c = self.g, self.g.control
+        self._afresh()
         if c is not None:
-            self._afresh()
             c.first_loss = c.sigma = c.peak = None
-        else:
-            g.grad_spike.bind(g.device)
-            g.loss_spike.bind(g.device)
         self.early_base = self.restored = None
         return g.store.forget() if g.store is not None else 0
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 
-__all__ = ["ForwardOrder", "InputWatch", "resolve_params"]
+__all__ = ["ForwardOrder", "InputWatch", "optimizer_params", "resolve_params"]
 def resolve_params(
     model: nn.Module | None, optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None,
 ) -> tuple[list[str], list[Tensor], list[tuple[str, Tensor]]]:
@@ -56,22 +56,24 @@ def resolve_params(
             seen.add(id(p))
             names.append(n)
             chosen.append(p)
-        for gi, g in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(g["params"]):
-                if id(p) not in seen and p.requires_grad:
-                    names.append(f"group{gi}.param{pi}")
-                    chosen.append(p)
+        named = optimizer_params(model, optimizer)
+        for n, p in named:
+            if id(p) not in seen and p.requires_grad:
+                names.append(n)
+                chosen.append(p)
         watched = {id(p) for p in chosen}
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        left = [(by_id.get(id(p), f"group{gi}.param{pi}"), p)
-                for gi, g in enumerate(optimizer.param_groups)
-                for pi, p in enumerate(g["params"]) if id(p) not in watched]
-        return names, chosen, left
-    for gi, g in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(g["params"]):
-            names.append(f"group{gi}.param{pi}")
-            chosen.append(p)
-    return names, chosen, []
+        return names, chosen, [(n, p) for n, p in named if id(p) not in watched]
+    named = optimizer_params(None, optimizer)
+    return [n for n, _ in named], [p for _, p in named], []
+
+
+def optimizer_params(model: nn.Module | None, optimizer: torch.optim.Optimizer
+                     ) -> list[tuple[str, Tensor]]:
+    """Every parameter of the optimizer, named: the model's name for it, else its place
+    (``group{i}.param{j}``)."""
+    by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    return [(by_id.get(id(p), f"group{gi}.param{pi}"), p)
+            for gi, g in enumerate(optimizer.param_groups) for pi, p in enumerate(g["params"])]
 
 
 def refuses_hooks(module: nn.Module) -> bool:

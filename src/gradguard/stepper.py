@@ -224,6 +224,8 @@ class Stepper:
             _try_capturable(optimizer, self._switches)
         self.strategy = strategy
         self._groups = len(optimizer.param_groups)
+        # Set when groups were adopted (see _adopt_groups); the host takes it back.
+        self.groups_changed = False
         self._warned_host = False
         self._saved: list[Tensor] | None = None
         self._saved_keys: list[tuple[int, str]] = []
@@ -307,6 +309,7 @@ class Stepper:
                 group[flag] = True
         self._groups = len(groups)
         self._settled = None
+        self.groups_changed = True
 
     def _complete_momentum(self) -> None:
         """Give fused SGD a momentum buffer for parameters stepped for the first time.
