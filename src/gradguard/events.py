@@ -145,8 +145,8 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         e = shifts[-1]
         at = ", ".join(str(x["step"]) for x in shifts)
         shifted = (f"; the data changed (at step {at}: weights restored from step "
-                   f"{e.get('to_step')} scored {e.get('now', math.nan):.4g} against "
-                   f"{e.get('then', math.nan):.4g} when saved), so the rollback that rise "
+                   f"{e['to_step']} scored {e['now']:.4g} against "
+                   f"{e['then']:.4g} when saved), so the rollback that rise "
                    "caused was no LR problem: its LR cut was taken back and the guard "
                    "learned the new data's statistics afresh")
     said = _verdict(skipped, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
