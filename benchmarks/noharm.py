@@ -60,6 +60,30 @@ moves for reasons of their own:
 - ``mlp-aux-switch``: the MLP with a second head for the digit's parity whose loss is
   added from step 300 on (the training loss jumps by design). Held-out: the digit loss.
 
+A fourth batch, fixed and committed before any of it ran (stop 35), for losses whose
+shape is unusual: negative, sign-changing, built from the gradient, or heavy-tailed by
+construction:
+
+- ``wine-gauss-nll-adam``: heteroscedastic regression on the standardised wine data (an
+  MLP 12-64-2 predicting a mean and a log-variance), Gaussian negative log-likelihood,
+  Adam lr 1e-3, batch 16: the loss goes negative once the variance shrinks.
+- ``poisson-counts-adam``: Poisson regression (log link) of synthetic counts whose rates
+  span about 0.1-100, a linear model, Adam lr 1e-2: the loss starts heavy-tailed (exp of
+  a random linear map) and its Poisson NLL can be negative.
+- ``mnist-reinforce-adam``: the MNIST MLP trained as a contextual bandit with REINFORCE
+  (Williams 1992): an action sampled from the softmax, reward 1 when it is the label,
+  the batch's mean reward as baseline, Adam lr 1e-3: the loss is near zero and changes
+  sign from batch to batch. Held-out: the policy's cross-entropy on the labels.
+- ``mlp-gradpen``: the MNIST MLP with an input-gradient penalty (cross-entropy plus the
+  mean squared norm of its gradient with respect to the input, a double backward; Drucker
+  & LeCun 1992), SGD momentum lr 0.05. Held-out: the cross-entropy.
+- ``mlp-infonce``: a contrastive MLP encoder (784-128-64) whose two views of a digit are
+  its top and bottom halves, symmetric InfoNCE at temperature 0.1 over the batch (64),
+  Adam lr 1e-3. Held-out: the same loss over the whole test split as one batch.
+- ``mlp-focal-adam``: the MNIST MLP under the focal loss (γ = 2; Lin et al. 2017), Adam
+  lr 1e-3: easy examples weigh almost nothing, so the loss gets small and its batches
+  span decades.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -278,6 +302,78 @@ def _aux_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
     return loss + nn.functional.cross_entropy(out[:, 10:], y % 2) if step >= 300 else loss
 
 
+def _wine_standard() -> tuple[Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_wine
+
+    x, _ = load_wine(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    return x[:, 1:], x[:, :1], x[:, :1]
+
+
+def _gauss_nll(out: Tensor, y: Tensor) -> Tensor:
+    mean, logvar = out.chunk(2, dim=1)
+    return nn.functional.gaussian_nll_loss(mean, y, logvar.exp())
+
+
+def _poisson_counts() -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(4000, 20, generator=gen)
+    w = torch.randn(20, 1, generator=gen)
+    rate = (x @ (w / w.norm()) * 1.2 + 1.5).exp()  # log-rates ~ N(1.5, 1.2²)
+    y = torch.poisson(rate, generator=gen)
+    return x, y, y
+
+
+def _poisson_nll(out: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.poisson_nll_loss(out, y, log_input=True)
+
+
+def _reinforce_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                     gen: torch.Generator) -> Tensor:
+    logp = nn.functional.log_softmax(model(x), dim=1)
+    action = torch.multinomial(logp.detach().exp(), 1, generator=gen).squeeze(1)
+    reward = (action == y).float()
+    advantage = reward - reward.mean()
+    return -(advantage * logp.gather(1, action[:, None]).squeeze(1)).mean()
+
+
+def _gradpen_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                   gen: torch.Generator) -> Tensor:
+    x = x.clone().requires_grad_(True)
+    ce = nn.functional.cross_entropy(model(x), y)
+    (gx,) = torch.autograd.grad(ce, x, create_graph=True)
+    return ce + gx.pow(2).sum(1).mean()
+
+
+class _HalvesEncoder(nn.Module):
+    """Embeds a digit's top and bottom halves with one MLP; returns their similarity
+    logits (cosine / temperature 0.1), row i's positive in column i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64))
+        top = torch.zeros(784)
+        top[:392] = 1
+        self.register_buffer("top", top)
+
+    def forward(self, x: Tensor) -> Tensor:
+        za = nn.functional.normalize(self.net(x * self.top), dim=1)
+        zb = nn.functional.normalize(self.net(x * (1 - self.top)), dim=1)
+        return za @ zb.T / 0.1
+
+
+def _infonce(out: Tensor, y: Tensor) -> Tensor:
+    target = torch.arange(len(out))
+    ce = nn.functional.cross_entropy
+    return 0.5 * (ce(out, target) + ce(out.T, target))
+
+
+def _focal(out: Tensor, y: Tensor) -> Tensor:
+    logp = nn.functional.log_softmax(out, dim=1).gather(1, y[:, None]).squeeze(1)
+    return (-(1 - logp.exp()).pow(2) * logp).mean()
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -401,6 +497,26 @@ def cases() -> dict[str, Case]:
         "mlp-aux-switch": (_mnist, _two_head_mlp, _digit_loss, _sgdm(0.05), 32, 600,
                            "MNIST MLP, a parity head's loss added from step 300, SGD momentum "
                            "lr 0.05", None, {"train_loss": _aux_train}),
+        # the fourth batch (stop 35)
+        "wine-gauss-nll-adam": (_wine_standard, lambda: nn.Sequential(
+            nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 2)), _gauss_nll, _adam(1e-3), 16, 600,
+            "wine MLP, Gaussian NLL with a learned variance, Adam lr 1e-3, batch 16", None,
+            {}),
+        "poisson-counts-adam": (_poisson_counts, lambda: nn.Linear(20, 1), _poisson_nll,
+                                _adam(1e-2), 32, 600,
+                                "Poisson regression of counts (rates ~0.1-100), Adam lr 1e-2",
+                                None, {}),
+        "mnist-reinforce-adam": (_mnist, _mlp, _CE, _adam(1e-3), 32, 600,
+                                 "MNIST MLP as a bandit, REINFORCE with a mean baseline, Adam "
+                                 "lr 1e-3", None, {"train_loss": _reinforce_train}),
+        "mlp-gradpen": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                        "MNIST MLP, cross-entropy + input-gradient penalty (double backward), "
+                        "SGD momentum lr 0.05", None, {"train_loss": _gradpen_train}),
+        "mlp-infonce": (_mnist, _HalvesEncoder, _infonce, _adam(1e-3), 64, 600,
+                        "MNIST halves encoder, symmetric InfoNCE (τ 0.1, batch 64), Adam lr "
+                        "1e-3", None, {}),
+        "mlp-focal-adam": (_mnist, _mlp, _focal, _adam(1e-3), 32, 600,
+                           "MNIST MLP, focal loss γ 2, Adam lr 1e-3", None, {}),
     }
 
 
