@@ -90,3 +90,54 @@ def test_complex_gradients_are_measured_as_torch_measures_them():
     torch.testing.assert_close(st.norms, torch.stack([a.grad.norm(), b.grad.norm()]))
     total = torch.nn.utils.clip_grad_norm_([a, b], float("inf"))
     torch.testing.assert_close(st.global_norm, total)
+
+
+def test_float64_gradients_are_measured():
+    # torch refuses to narrow fp64 inside the norm kernel; the guard must not crash on a
+    # double-precision model (alone, or beside fp32 parameters).
+    a = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(4))
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    for params in ([a], [a, b]):
+        st = compute_stats(collect_grads(params), torch.device("cpu"))
+        expect = torch.stack([p.grad.norm().float() for p in params])
+        torch.testing.assert_close(st.norms, expect)
+        torch.testing.assert_close(st.max_abs, max(p.grad.abs().max() for p in params).float())
+        assert st.norms.dtype == torch.float32 and not st.nonfinite
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "fused"])
+def test_a_float64_model_trains_guarded_as_unguarded_and_skips_a_nan(host, monkeypatch):
+    from gradguard import stepper
+
+    monkeypatch.setattr(stepper, "HOST_ON_CPU", host)
+
+    def train(guarded: bool) -> tuple[torch.Tensor, list[int]]:
+        m = small_mlp().double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        guard = gg.Guard(m, opt, log=None) if guarded else None
+        gen = torch.Generator().manual_seed(1)
+        skipped = []
+        for step in range(60):
+            x = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+            opt.zero_grad()
+            loss = (m(x) - x[:, :1]).pow(2).mean()
+            loss.backward()
+            if step == 40:
+                next(m.parameters()).grad[0, 0] = math.nan
+            if guard is None:
+                if step != 40:  # what a skip is: no update, no optimizer state change
+                    opt.step()
+            elif bool(guard.step(loss).skipped):
+                skipped.append(step)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), skipped
+
+    plain, _ = train(False)
+    guarded, skipped = train(True)
+    assert skipped == [40]
+    assert guarded.dtype == torch.float64
+    if host:  # the user's own optimizer.step(): the same run, bit for bit
+        assert torch.equal(plain, guarded)
+    else:  # torch's fused kernel rounds differently
+        torch.testing.assert_close(plain, guarded)

@@ -97,15 +97,23 @@ def foreach_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.d
     return norms
 
 
+def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    """fp32 norms of one bucket (one dtype). fp64 is reduced in fp64 and then cast: torch
+    refuses to narrow it inside the kernel (a norm past fp32's range becomes inf, which the
+    guard counts as non-finite anyway)."""
+    if tensors and tensors[0].dtype == torch.float64:
+        return [n.float() for n in torch._foreach_norm(tensors, ord)]
+    return list(torch._foreach_norm(tensors, ord, dtype=torch.float32))
+
+
 def local_norms(groups: GradGroups, tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """Per-tensor L2 norms of this rank's tensors (shards under FSDP2), no communication."""
     if len(groups.buckets) == 1:
         # The common case: one device, one dtype, no scatter needed.
-        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
-        return torch.stack(norms).to(device, non_blocking=True)
+        return torch.stack(_norms(list(tensors), 2)).to(device, non_blocking=True)
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
     for (_dev, _dtype), pos in groups.buckets.items():
-        norms = torch._foreach_norm([tensors[i] for i in pos], 2, dtype=torch.float32)
+        norms = _norms([tensors[i] for i in pos], 2)
         idx = torch.tensor(pos, device=device)
         out.index_copy_(0, idx, torch.stack(norms).to(device, non_blocking=True))
     return out
@@ -140,7 +148,7 @@ class GradStats:
                 self._max_abs = torch.zeros((), device=self.norms.device)
             else:
                 per = [
-                    torch.stack(torch._foreach_norm(g, float("inf"), dtype=torch.float32))
+                    torch.stack(_norms(g, float("inf")))
                     .max()
                     .to(self.norms.device)
                     for _, g, _ in self._groups.bucket_grads()
