@@ -79,3 +79,53 @@ def test_a_process_killed_mid_write_leaves_the_previous_snapshot_loadable(tmp_pa
     assert loaded.step >= 0
     leftovers = [p for p in tmp_path.iterdir() if p.name != "snap.pt"]
     assert all(p.name.endswith(".tmp") for p in leftovers)  # only temp files may remain
+
+
+def test_a_rollback_leaves_parameters_another_optimizer_updates():
+    # One model, two optimizers on disjoint parts, a guard each: a fault in the body rolls
+    # the body back, but the head is the other optimizer's (its momentum is not rolled
+    # back), so it must stay where it is. Buffers and frozen parameters go back.
+    import gradguard as gg
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                            torch.nn.Linear(16, 1))
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    m.register_parameter("frozen", frozen)
+    body = [*m[0].parameters(), *m[1].parameters()]
+    head = list(m[3].parameters())
+    o1 = torch.optim.Adam(body, lr=1e-2)
+    o2 = torch.optim.SGD(head, lr=1e-2, momentum=0.9)
+    g1, g2 = gg.Guard(m, o1, params=body, log=None), gg.Guard(m, o2, params=head, log=None)
+    gen = torch.Generator().manual_seed(1)
+    rolled = []
+    for i in range(80):
+        x = torch.randn(16, 8, generator=gen)
+        o1.zero_grad()
+        o2.zero_grad()
+        loss = (m(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        if i in (60, 61, 62):  # a body-only fault, three steps running: a rollback
+            m[0].weight.grad[0, 0] = float("nan")
+            with torch.no_grad():
+                frozen.fill_(7.0)  # moved behind the optimizer's back: goes back too
+        head_before = [p.detach().clone() for p in head]
+        running_before = m[1].running_mean.clone()
+        if g1.step(loss).rolled_back:
+            rolled.append(i)
+            for a, b in zip(head_before, head, strict=True):
+                assert torch.equal(a, b)
+            assert not torch.equal(m[1].running_mean, running_before)
+            assert torch.equal(frozen, torch.ones(3))
+        g2.step(loss)
+    assert rolled
+
+
+def test_a_snapshot_of_another_model_is_refused():
+    s, _model, _opt = make_snapshot()
+    other = torch.nn.Module()
+    other.body = torch.nn.Linear(8, 4)
+    other.extra = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(other.body.parameters(), lr=0.1)  # leaves 'extra' outside
+    with pytest.raises(snap.SnapshotError, match="another model"):
+        snap.restore(s, other, list(other.body.parameters()), opt)

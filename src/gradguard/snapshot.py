@@ -100,11 +100,40 @@ class Snapshot:
                 "guard": self.guard, "extras": self.extras}
 
 
+def _outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[set[str], set[str]]:
+    """(names of the model's parameters this optimizer does not update, those of them that
+    are trainable). The trainable ones belong to someone else (another optimizer, often
+    with its own guard): a rollback must not move them, since their optimizer's state is
+    not rolled back with them. Frozen ones and every buffer (running statistics a bad
+    forward pass may have poisoned) go back with the snapshot."""
+    mine = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    outside = {n: p for n, p in model.named_parameters(remove_duplicate=False)
+               if id(p) not in mine}
+    return set(outside), {n for n, p in outside.items() if p.requires_grad}
+
+
 def _model_state(model: nn.Module | None, params: Sequence[Tensor],
-                 to_cpu: bool) -> dict[str, Any]:
+                 optimizer: torch.optim.Optimizer, to_cpu: bool) -> dict[str, Any]:
     if model is not None:
-        return clone_tree(model.state_dict(), to_cpu)
+        _, foreign = _outside(model, optimizer)
+        state = model.state_dict()
+        return clone_tree({k: v for k, v in state.items() if k not in foreign}, to_cpu)
     return {str(i): clone_tree(p, to_cpu) for i, p in enumerate(params)}
+
+
+def _load_model(model: nn.Module, state: dict[str, Any],
+                optimizer: torch.optim.Optimizer) -> None:
+    outside, foreign = _outside(model, optimizer)
+    if not outside:  # the usual case: the optimizer updates the whole model
+        model.load_state_dict(state)
+        return
+    res = model.load_state_dict({k: v for k, v in state.items() if k not in foreign},
+                                strict=False)
+    missing = [k for k in res.missing_keys if k not in outside]
+    if missing or res.unexpected_keys:
+        raise SnapshotError(
+            f"the snapshot does not fit this model (missing {missing[:3]}, unexpected "
+            f"{res.unexpected_keys[:3]}): it was taken from another model")
 
 
 def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
@@ -113,7 +142,7 @@ def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
     """Clone everything needed to return to this moment (no host sync either way)."""
     return Snapshot(
         step=step,
-        model=_model_state(model, params, to_cpu),
+        model=_model_state(model, params, optimizer, to_cpu),
         optimizer=clone_tree(optimizer.state_dict(), to_cpu),
         guard=clone_tree(guard_state),
         extras=[clone_tree(e.state_dict(), to_cpu) for e in extras],
@@ -125,7 +154,7 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
     """Put model, optimizer and extras back to ``snap`` (the guard restores its own part)."""
     with torch.no_grad():
         if model is not None:
-            model.load_state_dict(clone_tree(snap.model))
+            _load_model(model, clone_tree(snap.model), optimizer)
         else:
             for i, p in enumerate(params):
                 p.copy_(snap.model[str(i)])
