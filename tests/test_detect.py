@@ -85,6 +85,20 @@ def test_attribution_names_first_deviating_layer_in_forward_order():
     assert res.origin == "stem.weight"
 
 
+def test_attribution_of_nonfinite_gradients_follows_backpropagation():
+    names = ["head.weight", "body.weight", "stem.weight"]
+    att = LayerAttribution(names, [2, 1, 0])  # stem runs first
+    for _ in range(20):
+        att.learn(np.array([1.0, 1.0, 1.0]) * np.exp(np.random.default_rng(0).normal(0, .05, 3)))
+    # A NaN that arose in the head's gradient, beside an ordinary deviation in the stem:
+    # the NaN is the news, and it is the head's.
+    assert att.attribute(np.array([math.nan, 1.0, 30.0])).origin == "head.weight"
+    # Arose in the body: backpropagation carried it to the stem, not to the head.
+    assert att.attribute(np.array([1.0, math.inf, math.nan])).origin == "body.weight"
+    # Everywhere (a NaN loss or forward pass): the gradients cannot place it.
+    assert att.attribute(np.array([math.nan] * 3)).origin is None
+
+
 def test_depth_trend_reports_vanishing_after_patience():
     names = [f"l{i}.weight" for i in range(6)]
     dt = DepthTrend(names, list(range(6)), [True] * 6, threshold=100, patience=3)

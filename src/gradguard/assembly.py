@@ -27,6 +27,7 @@ from .lr import LRFactor
 from .params import ForwardOrder
 from .record import Mailbox, Recorder, Sink, make_sinks
 from .rollback import RollbackStore
+from .running import RunningStats
 from .samples import SampleCounter
 from .usage import Usage
 
@@ -62,6 +63,7 @@ class Parts:
     _usage: Usage
     _samples: SampleCounter
     _order_probe: ForwardOrder | None
+    _running: RunningStats  # norm layers' statistics, put back on a skipped step
     _unwatched: list[tuple[str, Tensor]]  # frozen when the guard was built (see params.py)
     _finalizer: weakref.finalize
 
@@ -97,7 +99,9 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
     g._samples = SampleCounter(model if g._sync is None else None)
     probe = ForwardOrder(model, g.params)
     g._order_probe = probe
-    g._finalizer = lifecycle.register(g, g.recorder, g._usage, g._samples, probe)
+    g._running = RunningStats(model)
+    g._finalizer = lifecycle.register(g, g.recorder, g._usage, g._samples, probe,
+                                      g._running)
 
 
 def undo(g: Guard, user_sinks: int) -> None:
@@ -105,7 +109,7 @@ def undo(g: Guard, user_sinks: int) -> None:
     and close the sinks the guard opened (the first ``user_sinks`` are the user's own)."""
     steps = [g._device.stepper.undo] + [
         part.remove for part in (g.__dict__.get(k) for k in
-                                 ("_usage", "_samples", "_order_probe"))
+                                 ("_usage", "_samples", "_order_probe", "_running"))
         if part is not None]
     if "recorder" in g.__dict__:  # (make_sinks puts the user's first)
         steps += [s.close for s in g.recorder.sinks[user_sinks:]]

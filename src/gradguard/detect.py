@@ -473,8 +473,11 @@ class LayerAttribution:
     """Per-tensor z-scores of log gradient norms against each tensor's own EMA.
 
     For a flagged step it names the tensors that deviated most and the **first tensor in
-    forward order** whose deviation passes ``z_thresh`` (or whose norm is non-finite):
-    where the blow-up starts, as seen from the input side.
+    forward order** whose deviation passes ``z_thresh``: where the blow-up starts, as seen
+    from the input side. When some gradients are non-finite, the origin is the *last*
+    of those in forward order instead: backpropagation carries a NaN from where it arose
+    to every layer before it, never after it. When all are non-finite (a NaN loss, or a
+    NaN in the forward pass) the gradients cannot place it: no origin.
     """
 
     def __init__(self, names: Sequence[str], order: Sequence[int], alpha: float = 0.95,
@@ -515,7 +518,12 @@ class LayerAttribution:
         z = self.zscores(norms)
         ranked = np.argsort(-np.where(np.isnan(z), -np.inf, z))[: self.top_k]
         top = [(self.names[i], float(z[i])) for i in ranked if z[i] > 0]
-        origin = next((self.names[i] for i in self.order if z[i] > self.z_thresh), None)
+        bad = ~np.isfinite(norms)
+        if bad.any():
+            origin = None if bad.all() else next(
+                self.names[i] for i in reversed(self.order) if bad[i])
+        else:
+            origin = next((self.names[i] for i in self.order if z[i] > self.z_thresh), None)
         return Attribution(origin, top)
 
     def state_dict(self) -> dict[str, Any]:

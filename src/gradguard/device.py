@@ -113,6 +113,8 @@ class DeviceSide:
         g.lr.prepare(base_lr)
         with g.lr.applied(), g._usage.stepping():
             self.stepper.step(groups.params, skip, scale)
+        # (the host strategy has read the skip already: a host bool is free there)
+        g._running.after(skip, bool(skip) if self.stepper.strategy == "host" else None)
         for hook in g.after_step:
             hook()
         if g.scaler is not None and g.scaler.is_enabled():
