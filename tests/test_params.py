@@ -1,8 +1,13 @@
-"""Which layers the guard treats as recurrent (Policy.clip_recurrent)."""
+"""Which layers the guard treats as recurrent (Policy.clip_recurrent); where it watches the
+data for NaN/Inf."""
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
+import gradguard as gg
 from gradguard.params import ForwardOrder
 
 
@@ -69,3 +74,23 @@ def test_shared_layers_and_hand_written_loops_are_not_told_apart_so_neither_coun
     assert recurrent(Shared(), torch.tensor([1, 2]), torch.tensor([3, 4])) == []
     assert recurrent(Loop(), torch.randn(2, 5, 3)) == []
     assert ForwardOrder(None, []).recurrent() == []
+
+
+def test_a_compiled_model_blames_bad_data_as_an_eager_one_does():
+    # InputWatch is armed after the first NaN step, by then the graph is compiled: a hook
+    # on an inner layer would never run, and the guard would blame the LR.
+    torch.manual_seed(0)
+    model = torch.compile(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)),
+                          backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, log=None)
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(gg.TrainingDivergedError, match="data carries them"):
+        for step in range(200):
+            x = torch.randn(16, 6, generator=gen)
+            if step >= 60:
+                x[0, 0] = math.nan  # the pipeline goes bad for good
+            opt.zero_grad()
+            loss = (model(x) - x[:, :1]).pow(2).mean()
+            loss.backward()
+            guard.step(loss)

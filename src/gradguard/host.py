@@ -32,7 +32,7 @@ from . import snapshot as snap
 from .control import CutPoint
 from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
 from .errors import GuardUsageWarning
-from .params import InputWatch, optimizer_params
+from .params import InputWatch, input_module, optimizer_params
 from .respond import Action, TrainingDivergedError
 
 # How often a parameter left out of the guard for being frozen is checked for a gradient.
@@ -240,7 +240,8 @@ class HostSide:
         if rec["nonfinite"] and self.inputs is None and self.first_module is not None \
                 and g._sync is None:
             # Inputs differ per rank, so under torch.distributed the data is not blamed.
-            self.inputs = InputWatch(self.first_module, lambda: g.steps)
+            self.inputs = InputWatch(input_module(g.model, self.first_module),
+                                     lambda: g.steps)
         if flagged:
             ev.describe_flags(g.recorder, self.attribution, rec, norms)
         else:

@@ -162,6 +162,15 @@ class ForwardOrder:
 
 
 
+def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
+    """The module whose inputs are the data: the first layer the forward pass ran, or,
+    for a model compiled with ``torch.compile``, the compiled wrapper itself (a compiled
+    graph does not run hooks added to its inner layers after it was compiled)."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    wrapper = getattr(compiled, "OptimizedModule", None)
+    return model if wrapper is not None and isinstance(model, wrapper) else first
+
+
 class InputWatch:
     """Records, per step, whether the first layer's floating inputs hold NaN/Inf.
 
