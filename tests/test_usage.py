@@ -156,3 +156,43 @@ def test_step_with_a_closure_matches_optimizer_step_with_it():
         torch.testing.assert_close(p, q)
     with pytest.raises(gg.GuardUsageError, match="the loss or a closure, not both"):
         guard.step(torch.tensor(1.0), closure=closure_for(a, oa))
+
+
+@pytest.mark.cpu_host
+def test_an_optimizer_that_maximizes_has_its_objective_read_as_a_rising_score():
+    # SGD(maximize=True) climbs what backward() was called on; the guard used to read the
+    # rising objective as a rising loss, roll back three times and cut the LR a thousandfold.
+    def run(guarded: bool) -> tuple[torch.Tensor, int]:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = torch.optim.SGD(m.parameters(), lr=0.02, momentum=0.9, maximize=True)
+        guard = gg.Guard(m, opt, log=None) if guarded else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            x = torch.randn(32, 6, generator=gen)
+            opt.zero_grad()
+            objective = -(m(x) - x[:, :1]).pow(2).mean()  # rises towards 0
+            objective.backward()
+            if guard is None:
+                opt.step()
+            else:
+                guard.step(objective)
+        rollbacks = guard.rollbacks if guard is not None else 0
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), rollbacks
+
+    plain, _ = run(False)
+    guarded, rollbacks = run(True)
+    assert rollbacks == 0
+    assert torch.equal(plain, guarded)
+
+
+def test_an_optimizer_maximizing_some_groups_and_minimizing_others_refuses_a_loss():
+    m = small_mlp()
+    first, *rest = m.parameters()
+    opt = torch.optim.SGD([{"params": [first], "maximize": True}, {"params": rest}], lr=0.01)
+    guard = gg.Guard(m, opt, log=None)
+    loss = m(torch.randn(4, 8)).pow(2).mean()
+    loss.backward()
+    with pytest.raises(gg.GuardUsageError, match="maximizes some parameter groups"):
+        guard.step(loss)
+    guard.step()  # without a loss: the gradient checks run

@@ -213,6 +213,8 @@ def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | No
             f"guard.step(loss) takes the loss tensor, got {type(loss).__name__}; pass "
             "the tensor you called backward() on (no .item())"
         )
+    if loss is not None:
+        loss = _as_loss(g.optimizer, loss)
     if g.scaler is not None and g.scaler.is_enabled():
         unscale_once(g.scaler, g.optimizer)
     groups = collect_grads(g.params)
@@ -223,3 +225,18 @@ def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | No
         )
     check_fresh_grads(groups.grads)
     return groups, loss
+
+
+def _as_loss(optimizer: torch.optim.Optimizer, value: Tensor) -> Tensor:
+    """The value the guard's loss checks read: lower is better. Under torch's
+    ``maximize=True`` the optimizer climbs what was passed, so the checks read it negated
+    (a rising objective is progress, not a blow-up)."""
+    ways = {bool(group.get("maximize", False)) for group in optimizer.param_groups}
+    if ways == {False}:
+        return value
+    if ways == {True}:
+        return -value.detach()
+    raise GuardUsageError(
+        "the optimizer maximizes some parameter groups (maximize=True) and minimizes "
+        "others, so one value cannot be read as a loss either way: call guard.step() "
+        "without it (the gradient checks still run), or use one optimizer per direction")
