@@ -476,6 +476,7 @@ def _stepped_guard() -> tuple[torch.nn.Module, torch.optim.Optimizer, gg.Guard]:
     return model, opt, guard
 
 
+@pytest.mark.filterwarnings("ignore:this optimizer already has an open guard")
 def test_stability_and_rollback_settings_added_since_a_save_read_as_defaults():
     # Any field an older gradguard's state lacks, wherever it sits in the repr.
     from gradguard.checkpoint import with_defaults
@@ -506,6 +507,7 @@ def test_stability_and_rollback_settings_added_since_a_save_read_as_defaults():
         gg.Guard(model, opt, log=None, policy=other).load_state_dict(state)
 
 
+@pytest.mark.filterwarnings("ignore:this optimizer already has an open guard")
 def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
     model, opt, guard = _stepped_guard()
     state = guard.state_dict()

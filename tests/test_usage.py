@@ -71,12 +71,23 @@ def test_close_gives_the_optimizer_back():
     opt.step()  # the guard is closed: a plain loop again
 
 
+def test_a_closed_guard_leaves_no_warning_for_the_next():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt) as old:
+        old.step(backward(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GuardUsageWarning)
+        gg.Guard(model, opt).close()
+
+
 def test_a_dropped_guard_neither_blocks_a_new_one_nor_plain_steps():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     old = gg.Guard(model, opt)
     old.step(backward(model))
-    new = gg.Guard(model, opt)  # the old one is still alive: both may step the optimizer
+    with pytest.warns(gg.GuardUsageWarning, match="already has an open guard"):
+        new = gg.Guard(model, opt)  # the old one is still alive: both may step the optimizer
     opt.zero_grad()
     new.step(backward(model))
     del old, new

@@ -112,11 +112,15 @@ class ForwardOrder:
     def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
         self.model = model
         self.params = params
-        self.calls: list[nn.Module] = []
+        self.calls: list[nn.Module] = []  # each module once, in the order it first ran
+        self._seen: set[int] = set()
         self.handles = [] if model is None else hook_weighted_modules(model, self._hook)
 
     def _hook(self, module: nn.Module, _args: Any) -> None:
-        if not self.calls or self.calls[-1] is not module:
+        # (bounded by the model's modules: a guard built and never stepped keeps these
+        # hooks through every forward pass until it is closed)
+        if id(module) not in self._seen:
+            self._seen.add(id(module))
             self.calls.append(module)
 
     def recurrent(self) -> list[str]:

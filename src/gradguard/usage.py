@@ -105,6 +105,13 @@ class Usage:
         self._fwd_hooks: list[Any] = []
         if model is not None and not has_scaler:  # (removed at the first guard.step)
             self._fwd_hooks = hook_weighted_modules(model, self._see_forward)
+        hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()
+        if any(h is _refuse_outside_steps for h in hooks):
+            warnings.warn(
+                "this optimizer already has an open guard: two guards on one optimizer "
+                "both step, snapshot and roll it back. Close the old one (guard.close(), or "
+                "build it in a `with` block) before building another", GuardUsageWarning,
+                stacklevel=4)
         self._step_hook = optimizer.register_step_pre_hook(_refuse_outside_steps)
 
     def _see_forward(self, _module: nn.Module, _args: Any) -> None:
