@@ -92,3 +92,27 @@ def test_a_resumed_guard_keeps_clipping_every_step(tmp_path):
     guard2.load_state_dict(state["guard"])
     assert guard2.control.clip_since == 30
     assert run(model2, opt2, guard2, 30, 80, keys) == straight
+
+
+def test_a_guard_resumed_without_snapshots_names_the_state_it_resumed_from():
+    # Without saved snapshots the first rollback target is the resumed state: the state
+    # after step SAVE - 1, not "-1" (the initial weights, which the run left long ago).
+    model, opt, guard = make(0)
+    run(model, opt, guard, 0, SAVE)
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                           "guard": guard.state_dict()})
+    guard.close()
+    model2, opt2, guard2 = make(123)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    guard2.load_state_dict(state["guard"])
+    for k in range(SAVE, SAVE + 3):  # a NaN streak before the next snapshot is due
+        x, y = batch(k)
+        x[0, 0] = float("nan")
+        opt2.zero_grad()
+        loss = nn.functional.cross_entropy(model2(x), y)
+        loss.backward()
+        guard2.step(loss)
+    said = [e["message"] for e in guard2.recorder.events if e["kind"] == "rollback"]
+    assert said and f"state after step {SAVE - 1}" in said[0]
+    guard2.close()

@@ -120,7 +120,7 @@ class HostSide:
                        "recurrent": self.recurrent},
         })
         if g.store is not None:
-            g.store.start(checkpoint.trajectory(g))
+            g.store.start(checkpoint.trajectory(g), g.steps)
 
     def clip_recurrent(self, names: list[str]) -> None:
         """Clip every step to ``min_ratio`` × the typical norm when the model has

@@ -94,11 +94,13 @@ class RollbackStore:
             return step != self.retried_from
         return held and restores == 1 and step == self.retried_from
 
-    def start(self, guard_state: dict[str, Any]) -> None:
-        """At the first step: settle where snapshots live and keep the starting state."""
+    def start(self, guard_state: dict[str, Any], step: int = 0) -> None:
+        """At the first step (``step``: the guard's count, past 0 for a resumed guard):
+        settle where snapshots live and keep the starting state, labelled as the state
+        after the step before (-1: the initial weights)."""
         self.place = self._placement()
         if self.active and not self.resumed:
-            self.good.append(self._take(-1, guard_state))
+            self.good.append(self._take(step - 1, guard_state))
 
     def _placement(self) -> str:
         """Where in-memory snapshots can live: "device", "cpu" or "off" (too large)."""
