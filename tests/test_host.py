@@ -338,3 +338,66 @@ def test_a_parameter_group_added_mid_run_is_named_and_rollback_still_works():
     assert "rollback" in _kinds(guard)
     assert all(torch.isfinite(p).all() for p in [*model.parameters(), *head.parameters()])
     guard.close()
+
+
+@pytest.mark.cpu_host
+def test_a_centred_surrogate_loss_is_not_judged_as_a_loss():
+    # REINFORCE on MNIST (benchmarks/noharm.py, seed 2): its surrogate loss changes sign
+    # from the first steps. Judged as a loss it was rolled back and cut ×0.1 at step 280
+    # of a healthy run; unjudged, the run is the unguarded one.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
+    spec = importlib.util.spec_from_file_location("gradguard_bench_noharm_host", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        case = mod.cases()["mnist-reinforce-adam"]
+        plain, _ = mod.run(case, False, 2, steps=300)
+        guarded, acted = mod.run(case, True, 2, steps=300)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert acted["rollbacks"] == 0 and acted["lr_cut"] == 0
+    assert guarded == plain
+
+
+def test_a_loss_of_both_signs_in_its_first_window_stands_the_loss_checks_down():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    guard = gg.Guard(m, opt, log=None)
+    x = torch.randn(8, 4)
+    values = [0.3, 0.2, -0.1, 50.0, 80.0, -90.0, 120.0] + [0.1] * 30  # wild, and signed
+    for v in values:
+        opt.zero_grad()
+        out = m(x).mean()
+        out.backward()
+        guard.step(out.detach() * 0 + v)
+    guard.recorder.flush()
+    kinds = [e["kind"] for e in guard.recorder.events]
+    assert "loss_unjudged" in kinds and "loss_spike" not in kinds and "rollback" not in kinds
+    assert not guard.control.losses  # the controller judges no level of it
+    state = guard.state_dict()
+    guard.close()
+    fresh = gg.Guard(m, opt, log=None)
+    fresh.load_state_dict(state)
+    assert fresh._host.unjudged
+
+
+def test_a_loss_that_turns_negative_after_its_first_window_is_still_judged():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    guard = gg.Guard(m, opt, log=None)
+    x = torch.randn(8, 4)
+    for k in range(60):  # a likelihood falling past zero at step 30
+        opt.zero_grad()
+        out = m(x).mean()
+        out.backward()
+        guard.step(out.detach() * 0 + 1.5 - 0.05 * k)
+    assert not guard._host.unjudged
+    assert guard.control.losses

@@ -84,7 +84,8 @@ class DeviceSide:
         # The detectors' limits are host numbers: each test is one comparison kernel.
         lim = self.grad_spike.limits(noise)
         grad_spike = self.flag(stats.global_norm, lim.above, ok)
-        checked = loss_d is not None and g.policy.on_loss_spike != "none"
+        checked = loss_d is not None and g.policy.on_loss_spike != "none" \
+            and not g._host.unjudged
         if checked:
             loss_spike = self.flag(loss_d, self.loss_spike.limits(noise).above, ok)
         g._host.judged[k] = (noise, checked)  # what the detectors learn this row with

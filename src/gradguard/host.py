@@ -98,6 +98,10 @@ class HostSide:
         # The LR state before the first cut of the current early phase: what the echo
         # restores (every early cut was judged by the same noise-blind ratio tests).
         self.early_base: CutPoint | None = None
+        # The signs the first losses took (see :meth:`judged_loss`): [negative, positive,
+        # finite losses seen]; unjudged once they took both.
+        self.signs = [False, False, 0]
+        self.unjudged = False
         self.loss_early = False  # (set per row by learn)
 
     def start(self) -> None:
@@ -391,7 +395,7 @@ class HostSide:
             k - self.ignore_rows_before >= store.cfg.clean_window + c.cfg.bad_steps
         c.can_retry = store is not None and store.can_retry(held)
         c.progressed = held or self.rollbacks == 0
-        loss = rec["loss"]
+        loss = self.judged_loss(k, rec["loss"])
         if self.restored is not None and (judged := self.restore_check(k, loss)) is not None:
             return judged
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
@@ -454,6 +458,45 @@ class HostSide:
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
+    def judged_loss(self, k: int, loss: Any) -> Any:
+        """The loss the controller judges: None once the loss is unjudged.
+
+        The loss checks read a loss that falls as the model learns, on a log scale or from
+        a natural zero. A value that takes both signs among the run's first ``window``
+        finite losses, before training can have moved it far, is none: a centred surrogate
+        (a policy gradient with a baseline, PPO's objective), a critic's score (a GAN),
+        or a likelihood shifted by an arbitrary constant, whose level no ratio and no
+        "×(1 + rise) above the best" can judge. Then the loss checks stand down for the
+        run, as if no loss were passed (measured: REINFORCE on MNIST, passing its
+        surrogate loss, rolled back on 9 of 10 healthy seeds; without it, identical to no
+        guard on all 10). A loss that first turns negative later (a likelihood past zero)
+        is judged on, on a linear scale.
+        """
+        if self.unjudged:
+            return None
+        c = self.g.control
+        if loss is None or c is None or not math.isfinite(loss) \
+                or self.signs[2] >= c.cfg.window:
+            return loss
+        self.signs[0] |= loss < 0
+        self.signs[1] |= loss > 0
+        self.signs[2] += 1
+        if not (self.signs[0] and self.signs[1]):
+            return loss
+        self.unjudged = True
+        c.rebaseline()
+        c.first_loss = c.sigma = c.peak = None
+        self.g.loss_spike.bind(self.g.device)
+        self.g.recorder.event(
+            k, "loss_unjudged",
+            f"the loss took both signs in its first {self.signs[2]} steps, so it is no loss "
+            "that falls as the model learns (a policy-gradient surrogate, a critic's score, "
+            "a likelihood shifted by a constant): the loss checks stand down for this run; "
+            "NaN/Inf and gradient checks go on. To have a loss judged, pass guard.step a "
+            "value that falls as the model learns (for RL, the negative mean reward)",
+            action="info")
+        return None
+
     def rollback(self, step: int, reason: str, retry: bool, clip: bool = False,
                  check: tuple[Any, int | None, bool] | None = None) -> int:
         """Restore the latest good snapshot; the controller has already set the LR.
@@ -473,6 +516,8 @@ class HostSide:
         self.restored = None if check is None or not saved else (
             saved, check[0], check[1], target.step, [], check[2])
         checkpoint.load_trajectory(g, target.guard)
+        if self.unjudged and g.control is not None:
+            g.control.rebaseline()  # (a snapshot from before may hold losses it judged)
         if self.batch_noise is not None:
             self._stand_down()  # (the restored detectors predate what the echo measured)
         g.lr.progress = target.step + 1
@@ -577,6 +622,7 @@ class HostSide:
                 "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
                 "early_base": None if self.early_base is None else list(self.early_base),
                 "lr_span": None if self.lr_span is None else list(self.lr_span),
+                "signs": list(self.signs), "unjudged": self.unjudged,
                 "restored": None if self.restored is None else [
                     self.restored[0], list(self.restored[1]), self.restored[2],
                     self.restored[3], list(self.restored[4]), self.restored[5]]}
@@ -588,6 +634,9 @@ class HostSide:
         base = h.get("early_base")  # (absent before it existed)
         self.early_base = None if base is None else (
             float(base[0]), int(base[1]), None if base[2] is None else int(base[2]), int(base[3]))
+        signs = h.get("signs", [False, False, 0])  # (absent before it existed)
+        self.signs = [bool(signs[0]), bool(signs[1]), int(signs[2])]
+        self.unjudged = bool(h.get("unjudged", False))
         span = h.get("lr_span")  # (absent before it existed)
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         r = h.get("restored")  # (absent before it existed)
