@@ -345,39 +345,40 @@ def test_a_centred_surrogate_loss_is_not_judged_as_a_loss():
     # REINFORCE on MNIST (benchmarks/noharm.py, seed 2): its surrogate loss changes sign
     # from the first steps. Judged as a loss it was rolled back and cut ×0.1 at step 280
     # of a healthy run; unjudged, the run is the unguarded one.
-    import importlib.util
     import sys
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
-    spec = importlib.util.spec_from_file_location("gradguard_bench_noharm_host", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
+    from tests.test_noharm_script import _load
+
     try:
-        spec.loader.exec_module(mod)
+        mod = _load()
         case = mod.cases()["mnist-reinforce-adam"]
         plain, _ = mod.run(case, False, 2, steps=300)
         guarded, acted = mod.run(case, True, 2, steps=300)
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("gradguard_bench_noharm", None)
     assert acted["rollbacks"] == 0 and acted["lr_cut"] == 0
     assert guarded == plain
 
 
-def test_a_loss_of_both_signs_in_its_first_window_stands_the_loss_checks_down():
+def _fed(values: list[float]) -> tuple[gg.Guard, torch.nn.Module, torch.optim.Optimizer]:
+    """A guard that was passed ``values`` as its losses (a toy model's real gradients)."""
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     guard = gg.Guard(m, opt, log=None)
     x = torch.randn(8, 4)
-    values = [0.3, 0.2, -0.1, 50.0, 80.0, -90.0, 120.0] + [0.1] * 30  # wild, and signed
     for v in values:
         opt.zero_grad()
         out = m(x).mean()
         out.backward()
         guard.step(out.detach() * 0 + v)
     guard.recorder.flush()
+    return guard, m, opt
+
+
+def test_a_loss_of_both_signs_in_its_first_window_stands_the_loss_checks_down():
+    # wild, and signed
+    guard, m, opt = _fed([0.3, 0.2, -0.1, 50.0, 80.0, -90.0, 120.0] + [0.1] * 30)
     kinds = [e["kind"] for e in guard.recorder.events]
     assert "loss_unjudged" in kinds and "loss_spike" not in kinds and "rollback" not in kinds
     assert not guard.control.losses  # the controller judges no level of it
@@ -389,15 +390,6 @@ def test_a_loss_of_both_signs_in_its_first_window_stands_the_loss_checks_down():
 
 
 def test_a_loss_that_turns_negative_after_its_first_window_is_still_judged():
-    torch.manual_seed(0)
-    m = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(m.parameters(), lr=0.01)
-    guard = gg.Guard(m, opt, log=None)
-    x = torch.randn(8, 4)
-    for k in range(60):  # a likelihood falling past zero at step 30
-        opt.zero_grad()
-        out = m(x).mean()
-        out.backward()
-        guard.step(out.detach() * 0 + 1.5 - 0.05 * k)
+    guard, _, _ = _fed([1.5 - 0.05 * k for k in range(60)])  # a likelihood past zero at 30
     assert not guard._host.unjudged
     assert guard.control.losses
