@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -172,6 +176,19 @@ def report(
 _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A ConfigError (data the doctor cannot read, a loss NaN before any step) exits 2 with
+    its message, not a traceback."""
+    from .errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as e:
+        typer.echo(str(e))
+        raise typer.Exit(2) from None
+
+
 def _load_run(target: str, seed: int):
     """A scenario or user script for the doctor; a bad target exits 2 with the reason."""
     from .doctor.entry import load_run
@@ -206,13 +223,17 @@ def doctor(
         console.print("[red]--trial-steps must be 0 or more[/red]")
         raise typer.Exit(2)
     run = _load_run(target, seed)
-    d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
-                 lr_test=lr_test, trial_steps=trial_steps)
-    out: dict = d.to_dict()
-    if fix:
-        fixed, done = apply_fixes(run, d)
-        before, after = summary(rerun(run, steps)), summary(rerun(fixed, steps))
-        out["fix"] = {"applied": done, "before": before, "after": after, "steps": steps}
+    if isinstance(run.data, Iterator):  # one pass: the diagnosis and both re-runs share it
+        run = dataclasses.replace(run, data=list(itertools.islice(
+            run.data, max(steps, trial_steps, 100, 4))))
+    with _user_errors():
+        d = diagnose(run.model, run.data, run.loss_fn, run.optimizer, run_log=run_log,
+                     lr_test=lr_test, trial_steps=trial_steps)
+        out: dict = d.to_dict()
+        if fix:
+            fixed, done = apply_fixes(run, d)
+            before, after = summary(rerun(run, steps)), summary(rerun(fixed, steps))
+            out["fix"] = {"applied": done, "before": before, "after": after, "steps": steps}
     if json_out:
         import json
 
@@ -262,8 +283,9 @@ def lr_find_cmd(
     from .doctor import lr_find
 
     run = _load_run(target, seed)
-    res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,
-                  end_lr=end_lr, num_iter=num_iter)
+    with _user_errors():
+        res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,
+                      end_lr=end_lr, num_iter=num_iter)
     user = float(run.optimizer.param_groups[0]["lr"])
     res.plot(out, user_lr=user)
     console.print(f"your LR: {user:.3g}; suggested: {_fmt(res.suggested, 3)}; loss diverges at: "

@@ -72,3 +72,84 @@ def test_doctor_says_when_nothing_is_wrong(tmp_path):
     assert "no problem found" in res.output and "root cause" not in res.output
     res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "-1"], env=WIDE)
     assert res.exit_code == 2 and "--trial-steps must be 0 or more" in res.output
+
+
+def _script(path, body: str):
+    path.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        X, Y = torch.randn(256, 16), torch.randn(256, 1)
+    """) + textwrap.dedent(body))
+    return path
+
+
+def test_a_loss_that_is_nan_before_any_step_is_named_not_called_healthy(tmp_path):
+    script = _script(tmp_path / "nan.py", """
+        class NaNNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = nn.Linear(16, 1)
+
+            def forward(self, x):
+                return self.l(x) * float("nan")
+
+        def make_run():
+            m = NaNNet()
+            return m, (X, Y), nn.functional.mse_loss, torch.optim.SGD(m.parameters(), lr=0.1)
+
+        def make_nan_targets():
+            m = nn.Linear(16, 1)
+            y = Y.clone()
+            y[3] = float("nan")
+            return m, (X, y), nn.functional.mse_loss, torch.optim.SGD(m.parameters(), lr=0.1)
+    """)
+    res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "5"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "CRITICAL nonfinite" in res.output and "output is NaN/Inf" in res.output
+    assert "no problem found" not in res.output
+    res = runner.invoke(app, ["doctor", f"{script}:make_nan_targets", "--trial-steps", "5"],
+                        env=WIDE)
+    assert "targets hold NaN/Inf" in res.output
+    res = runner.invoke(app, ["lr-find", f"{script}:make_run", "--out",
+                              str(tmp_path / "lr.png")], env=WIDE)
+    assert res.exit_code == 2 and "before any step" in res.output
+
+
+def test_dataloader_batches_triples_dicts_and_one_pass_generators(tmp_path):
+    script = _script(tmp_path / "shapes.py", """
+        def _model():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, torch.optim.SGD(m.parameters(), lr=0.01)
+
+        def make_list_batch():  # next(iter(loader)) collates a list, not a tuple
+            m, opt = _model()
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y),
+                                                 batch_size=32)
+            return m, next(iter(loader)), nn.functional.mse_loss, opt
+
+        def make_generator():  # one pass only: the diagnosis and --fix must share it
+            m, opt = _model()
+            gen = ((X[i:i + 32], Y[i:i + 32]) for i in range(0, 256, 32))
+            return m, gen, nn.functional.mse_loss, opt
+
+        def make_triples():
+            m, opt = _model()
+            return m, [(X, Y, torch.ones(256))], nn.functional.mse_loss, opt
+
+        def make_dicts():
+            m, opt = _model()
+            return m, [{"x": X, "y": Y}], nn.functional.mse_loss, opt
+    """)
+    quick = ["--trial-steps", "5", "--no-lr-test"]
+    res = runner.invoke(app, ["doctor", f"{script}:make_list_batch", *quick], env=WIDE)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["doctor", f"{script}:make_generator", *quick, "--fix",
+                              "--steps", "20"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "20-step re-run" in res.output
+    for name, said in (("make_triples", "a tuple of 3"), ("make_dicts", "a dict with keys")):
+        res = runner.invoke(app, ["doctor", f"{script}:{name}", *quick], env=WIDE)
+        assert res.exit_code == 2, res.output
+        assert said in res.output and "(inputs, targets)" in res.output

@@ -17,7 +17,7 @@ from ..record import read_jsonl
 from ..runlog import Event, StepRecord
 from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
-from .lr_find import Batch, cycle_batches, lr_find
+from .lr_find import Batch, as_batch, cycle_batches, is_batch, lr_find
 from .probe import ProbeResult, probe
 from .trial import Trials
 
@@ -307,12 +307,51 @@ def check_precision(model: nn.Module, amp_dtype: torch.dtype | None,
     return out
 
 
+def check_finite_start(model: nn.Module, batch: Batch,
+                       loss_fn: Callable[[Tensor, Tensor], Tensor], loss: float) -> list[Finding]:
+    """A loss that is NaN/Inf at the initial weights, before any step: no LR or training
+    dynamics is to blame, so it is named first, with where it comes from (the data, the
+    forward pass or the loss function)."""
+    if math.isfinite(loss):
+        return []
+    x, y = batch
+
+    def bad(t: Tensor) -> bool:
+        return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+    if bad(x) or bad(y):
+        which = "inputs" if bad(x) else "targets"
+        title = f"the loss is {loss} before any step: the batch's {which} hold NaN/Inf"
+        fix = (f"clean the data: find the rows with ~torch.isfinite({which[0]}).all(dim=1) "
+               "and drop or repair them (a missing value, a division by zero in "
+               "preprocessing)")
+    else:
+        with torch.no_grad():
+            out = copy.deepcopy(model)(x)
+        outs = [t for t in (out if isinstance(out, tuple | list) else [out])
+                if isinstance(t, Tensor)]
+        if any(bad(t) for t in outs):
+            title = (f"the loss is {loss} before any step: the model's output is NaN/Inf on "
+                     "finite inputs (an overflow in the forward pass)")
+            fix = ("look at the init's scale and unbounded activations (the init and "
+                   "activation findings below); gg.fixes.reinit(model, scheme='auto')")
+        else:
+            title = (f"the loss is {loss} before any step, on finite inputs, targets and "
+                     "outputs: the loss function leaves its domain")
+            fix = ("check the loss: a log of 0 or of a negative number, a division by zero, "
+                   "targets outside the range it expects (class indices, probabilities)")
+    return [Finding("nonfinite", "critical", title, evidence={"loss": loss}, fix=fix,
+                    score=10.0)]
+
+
 # -- the entry points -----------------------------------------------------------------
 
 
 def _sample(data: Batch | Iterable[Batch], n: int = 4) -> list[Batch]:
+    if is_batch(data):
+        return [as_batch(data)]
     it = cycle_batches(data)
-    return [next(it) for _ in range(n)] if not isinstance(data, tuple) else [data]
+    return [next(it) for _ in range(n)]
 
 
 def diagnose(
@@ -366,6 +405,9 @@ def diagnose(
     findings += check_activations(pr)
     findings += check_architecture(model)
     findings += check_precision(model, amp_dtype, scaler)
+    start = check_finite_start(model, batches[0], loss_fn, pr.loss)
+    if start:  # (no LR test or trial can say more: every one starts from this NaN)
+        return Diagnosis([*start, *unconfirmed(findings)], meas)
     lr_meas: dict[str, Any] = {}
     if optimizer is not None and lr_test:
         f, lr_meas = check_lr(model, optimizer, data, loss_fn, lr_iters)

@@ -16,8 +16,8 @@ SEVERITIES = ("critical", "warning", "info")
 # when both are flagged at the same severity the upstream cause is listed first.
 # "run_log" is not a cause but evidence (what a guarded run recorded); it is listed last
 # and is never the root cause.
-CAUSES = ("precision", "input_scale", "init", "recurrent", "architecture", "activations",
-          "learning_rate", "run_log")
+CAUSES = ("nonfinite", "precision", "input_scale", "init", "recurrent", "architecture",
+          "activations", "learning_rate", "run_log")
 EVIDENCE = ("run_log",)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["LRFindResult", "clone_optimizer", "cycle_batches", "lr_find"]
+__all__ = ["LRFindResult", "as_batch", "clone_optimizer", "cycle_batches", "is_batch", "lr_find"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -84,19 +84,47 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
     return type(optimizer)(groups)
 
 
+def is_batch(data: object) -> bool:
+    """One ``(inputs, targets)`` batch: a tuple, or the list a DataLoader collates
+    (``next(iter(loader))``), of two tensors."""
+    return isinstance(data, tuple | list) and len(data) == 2 and \
+        all(isinstance(t, Tensor) for t in data)
+
+
+def as_batch(b: object) -> Batch:
+    """``b`` as an ``(inputs, targets)`` tuple, or a ConfigError that says what to pass."""
+    if is_batch(b):
+        return (b[0], b[1])  # type: ignore[index]
+    if isinstance(b, dict):
+        got = f"a dict with keys {sorted(map(str, b))[:6]}"
+    elif isinstance(b, tuple | list):
+        got = (f"a {type(b).__name__} of {len(b)}: "
+               f"{', '.join(type(t).__name__ for t in b[:4])}")
+    else:
+        got = type(b).__name__
+    raise ConfigError(
+        f"the doctor reads each batch as (inputs, targets), two tensors, and calls "
+        f"loss_fn(model(inputs), targets); got {got}. Adapt the data to that, e.g. "
+        "((b['input_ids'], b['labels']) for b in loader) for dict batches or "
+        "((x, y) for x, y, _ in loader) to drop a third item, and let loss_fn unpack "
+        "whatever model(inputs) returns")
+
+
 def cycle_batches(data: Batch | Iterable[Batch]) -> Iterator[Batch]:
     """Endless batches from one batch or an iterable of batches (re-iterated when spent)."""
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        return itertools.repeat(data)
+    if is_batch(data):
+        return itertools.repeat(as_batch(data))
     if isinstance(data, Iterator):
-        return data
+        return (as_batch(b) for b in data)
+    if not isinstance(data, Iterable):
+        as_batch(data)  # (raises, naming what it got)
 
     def gen() -> Iterator[Batch]:
         while True:
             yielded = False
-            for b in data:
+            for b in data:  # type: ignore[union-attr]
                 yielded = True
-                yield b
+                yield as_batch(b)
             if not yielded:
                 raise ConfigError("the data iterable yielded no batches")
     return gen()
@@ -131,6 +159,12 @@ def lr_find(
         loss = loss_fn(m(x), y)
         value = float(loss.detach())
         if not math.isfinite(value):
+            if i == 0:
+                raise ConfigError(
+                    f"the loss is {value} before any step (at the model's initial weights): "
+                    "no LR is to blame. Check the inputs and targets for NaN/Inf, the loss "
+                    "function's domain (a log of 0, a division by 0) and the init "
+                    "(gradguard doctor)")
             res.diverged_at = lr
             break
         loss.backward()
