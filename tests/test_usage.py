@@ -207,3 +207,24 @@ def test_an_optimizer_maximizing_some_groups_and_minimizing_others_refuses_a_los
     with pytest.raises(gg.GuardUsageError, match="maximizes some parameter groups"):
         guard.step(loss)
     guard.step()  # without a loss: the gradient checks run
+
+
+def test_a_give_up_under_fp16_without_the_scaler_names_the_scaler_first():
+    # The loss is scaled ×65536 but the guard was not given the scaler: every step looks
+    # like a blow-up. The warning at the first step is long gone when the guard gives up,
+    # so the give-up names the scaler before the LR.
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = gg.Guard(m, opt, log=None)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(gg.GuardUsageWarning, match="no GradScaler"), \
+            pytest.raises(gg.TrainingDivergedError, match="has no GradScaler.*scaler=scaler"):
+        for _ in range(100):
+            x = torch.randn(32, 8, generator=gen)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = torch.nn.functional.mse_loss(m(x).float(), x.sum(1, keepdim=True))
+            scaler.scale(loss).backward()
+            guard.step(loss)

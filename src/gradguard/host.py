@@ -603,6 +603,12 @@ class HostSide:
 
     def diverged(self, step: int, why: str) -> None:
         g = self.g
+        if g.scaler is None and g._usage.fp16_forward and not g._usage.scaler_elsewhere:
+            # The warning at the first step is long gone: the likeliest cause leads.
+            why = ("the model ran under fp16 autocast and the guard has no GradScaler, so "
+                   "it measured gradients multiplied by the loss scale, or fp16 gradients "
+                   "that underflow: pass Guard(model, optimizer, scaler=scaler) (or autocast "
+                   f"to bfloat16) before suspecting the LR. What the guard saw: {why}")
         diagnosis = g.diagnosis()
         g.recorder.event(step, "diverged", f"gave up: {why}", action="raise")
         g.recorder.flush()
