@@ -220,7 +220,7 @@ def test_a_give_up_under_fp16_without_the_scaler_names_the_scaler_first():
     guard = gg.Guard(m, opt, log=None)
     gen = torch.Generator().manual_seed(0)
     with pytest.warns(gg.GuardUsageWarning, match="no GradScaler"), \
-            pytest.raises(gg.TrainingDivergedError, match="has no GradScaler.*scaler=scaler"):
+            pytest.raises(gg.TrainingDivergedError, match=r"has no GradScaler.*scaler=scaler"):
         for _ in range(100):
             x = torch.randn(32, 8, generator=gen)
             opt.zero_grad()

@@ -178,6 +178,22 @@ def test_refuses_gradient_clip_val(data):
             make_module(), loader(xtr, ytr))
 
 
+def test_two_optimizers_are_refused_with_the_way_to_guard_them(data):
+    xtr, ytr, _, _ = data
+
+    class Two(type(make_module())):
+        def configure_optimizers(self):
+            half = len(list(self.net.parameters())) // 2
+            params = list(self.net.parameters())
+            return [torch.optim.SGD(params[:half], lr=0.1), torch.optim.SGD(params[half:], lr=0.1)]
+
+    module = Two()
+    module.automatic_optimization = False
+    module.training_step = lambda batch, _idx: None
+    with pytest.raises(gg.ConfigError, match=r"returned 2.*manual optimisation.*guard per"):
+        trainer(callbacks=[GradGuardCallback()], max_steps=1).fit(module, loader(xtr, ytr))
+
+
 def test_hook_makes_no_host_sync_after_the_first_step(data):
     xtr, ytr, _, _ = data
 

@@ -126,8 +126,12 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self._check(trainer, pl_module)
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
-            raise ConfigError(f"GradGuardCallback guards one optimizer; configure_optimizers "
-                              f"returned {len(optimizers)}")
+            raise ConfigError(
+                f"GradGuardCallback guards one optimizer; configure_optimizers returned "
+                f"{len(optimizers)}. With several (a GAN), use manual optimisation "
+                "(self.automatic_optimization = False) and build a guard per optimizer in "
+                "on_train_start, gg.Guard(self, opt, params=[p for g in opt.param_groups for p "
+                "in g['params']]), calling guard.step() in place of opt.step()")
         opt = optimizers[0]
         if isinstance(opt, torch.optim.LBFGS):
             raise ConfigError("LBFGS evaluates its closure several times per step; the guard "
