@@ -95,8 +95,8 @@ def test_attribution_of_nonfinite_gradients_follows_backpropagation():
     assert att.attribute(np.array([math.nan, 1.0, 30.0])).origin == "head.weight"
     # Arose in the body: backpropagation carried it to the stem, not to the head.
     assert att.attribute(np.array([1.0, math.inf, math.nan])).origin == "body.weight"
-    # Everywhere (a NaN loss or forward pass): the gradients cannot place it.
-    assert att.attribute(np.array([math.nan] * 3)).origin is None
+    # Everywhere: the gradients cannot place it; the input side is named, as for a spike.
+    assert att.attribute(np.array([math.nan] * 3)).origin == "stem.weight"
 
 
 def test_depth_trend_reports_vanishing_after_patience():

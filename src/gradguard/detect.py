@@ -476,8 +476,9 @@ class LayerAttribution:
     forward order** whose deviation passes ``z_thresh``: where the blow-up starts, as seen
     from the input side. When some gradients are non-finite, the origin is the *last*
     of those in forward order instead: backpropagation carries a NaN from where it arose
-    to every layer before it, never after it. When all are non-finite (a NaN loss, or a
-    NaN in the forward pass) the gradients cannot place it: no origin.
+    to every layer before it, never after it. When all are non-finite (a NaN in the
+    inputs, the forward pass or the loss) the gradients cannot place it, and the origin is
+    the first layer, where the inputs enter (the guard then watches them to tell).
     """
 
     def __init__(self, names: Sequence[str], order: Sequence[int], alpha: float = 0.95,
@@ -519,9 +520,8 @@ class LayerAttribution:
         ranked = np.argsort(-np.where(np.isnan(z), -np.inf, z))[: self.top_k]
         top = [(self.names[i], float(z[i])) for i in ranked if z[i] > 0]
         bad = ~np.isfinite(norms)
-        if bad.any():
-            origin = None if bad.all() else next(
-                self.names[i] for i in reversed(self.order) if bad[i])
+        if bad.any() and not bad.all():
+            origin = next(self.names[i] for i in reversed(self.order) if bad[i])
         else:
             origin = next((self.names[i] for i in self.order if z[i] > self.z_thresh), None)
         return Attribution(origin, top)
