@@ -71,3 +71,26 @@ def test_reinit_turns_the_bad_init_scenario_from_diverging_to_training():
 def test_bad_scheme_is_config_error():
     with pytest.raises(gg.ConfigError, match="scheme"):
         fixes.reinit(nn.Linear(2, 2), scheme="he")
+
+
+def test_layers_whose_weight_cannot_be_reinitialised_in_place_are_named_not_faked():
+    torch.manual_seed(0)
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), normed, nn.ReLU(), nn.Linear(8, 2))
+    before = normed.weight.detach().clone()
+    report = fixes.reinit(model, "auto")
+    assert report.layers == ["4"]  # the one plain layer
+    assert any(s.startswith("0 (lazy") for s in report.skipped)
+    assert any(s.startswith("2 (its weight is computed") for s in report.skipped)
+    assert torch.equal(normed.weight, before)  # untouched, and said so
+
+
+def test_the_doctor_runs_on_a_model_with_a_lazy_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
+    d = gg.doctor.diagnose(model, (x, y), nn.functional.cross_entropy,
+                           torch.optim.SGD(model.parameters(), lr=0.01), lr_iters=10,
+                           trial_steps=10)
+    assert d.findings is not None
+    assert nn.parameter.is_lazy(model[0].weight)  # the user's model is left as it was

@@ -141,6 +141,9 @@ def reinit(
             if getattr(m, _MARK, None) == scheme and not force:
                 report.skipped.append(name)
                 continue
+            if (why := _not_reinitable(m)) is not None:
+                report.skipped.append(f"{name} ({why})")
+                continue
         else:
             continue
         if isinstance(m, nn.RNNBase):
@@ -150,6 +153,20 @@ def reinit(
         setattr(m, _MARK, scheme)
         report.layers.append(name)
     return report
+
+
+def _not_reinitable(m: nn.Module) -> str | None:
+    """Why a layer's weight cannot be re-initialised in place, or None: a lazy layer has no
+    weight yet, and a weight computed from others (a parametrisation, weight_norm,
+    pruning) would be recomputed from them at the next forward pass, undoing the init."""
+    if any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False)):
+        return "lazy: not initialised yet; run one forward pass first"
+    computed = torch.nn.utils.parametrize.is_parametrized(m) or any(
+        hasattr(m, a) for a in ("weight_g", "weight_v", "weight_orig"))
+    if computed:
+        return ("its weight is computed (a parametrisation, weight_norm or pruning); "
+                "re-initialise before applying it")
+    return None
 
 
 def _reinit_layer(name: str, m: nn.Module, scheme: str, act: nn.Module | None,
