@@ -87,7 +87,11 @@ def test_layers_whose_weight_cannot_be_reinitialised_in_place_are_named_not_fake
 
 def test_the_doctor_runs_on_a_model_with_a_lazy_layer():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    with torch.no_grad():  # a bad init, so the doctor tries a re-initialised copy
+        model[2].weight.mul_(30)
+        model[4].weight.mul_(30)
     x, y = torch.randn(64, 12), torch.randint(0, 4, (64,))
     d = gg.doctor.diagnose(model, (x, y), nn.functional.cross_entropy,
                            torch.optim.SGD(model.parameters(), lr=0.01), lr_iters=10,
