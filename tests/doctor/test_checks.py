@@ -220,3 +220,25 @@ def test_a_run_whose_units_died_is_named_in_the_run_log_findings(tmp_path):
     # A run without dead units says nothing of them.
     assert not any("units died" in g.title for g in doctor.diagnose_run(
         str(spiky_run_log(tmp_path / "s.jsonl"))).findings)
+
+
+def test_dead_units_are_counted_on_the_axis_the_layer_before_wrote():
+    from gradguard.doctor.probe import _unit_dead_fraction
+
+    y = torch.rand(8, 16, 4) + 0.1  # (batch, time, features) after a Linear
+    y[..., :3] = 0  # 3 of 4 features dead at every position
+    assert _unit_dead_fraction(y, features_last=True) == pytest.approx(0.75)
+    assert _unit_dead_fraction(y[:, 0], features_last=True) == pytest.approx(0.75)
+    img = torch.rand(8, 4, 5, 5) + 0.1  # (N, C, H, W) after a convolution
+    img[:, 1] = 0
+    assert _unit_dead_fraction(img) == pytest.approx(0.25)
+
+
+def test_the_doctor_sees_dead_units_of_a_sequence_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        model[0].bias[:48] = -100.0  # 75 % of the units never fire
+    x, y = torch.randn(32, 16, 8), torch.randn(32, 16, 1)
+    d = doctor.diagnose(model, (x, y), nn.functional.mse_loss)
+    assert any("75% dead units" in f.title for f in d.findings)

@@ -66,13 +66,15 @@ def _std(t: Tensor) -> float:
     return float(t.std()) if t.numel() > 1 else float(t.abs().mean())
 
 
-def _unit_dead_fraction(y: Tensor) -> float:
-    """Fraction of units (features / channels) that are zero for every sample."""
+def _unit_dead_fraction(y: Tensor, features_last: bool = False) -> float:
+    """Fraction of units that are zero for every sample (and position). A unit is a
+    feature of the last axis after a Linear layer (``(N, F)``, or ``(B, T, F)`` on a
+    sequence), a channel (axis 1) after a convolution (``(N, C, H, W)``)."""
     y = y.detach()
     if y.dim() < 2:
         return float((y <= 0).float().mean())
-    dims = [0, *range(2, y.dim())]
-    alive = (y > 0).any(dim=dims[0]) if y.dim() == 2 else (y > 0).flatten(2).any(2).any(0)
+    units = y.movedim(-1, 1) if features_last else y
+    alive = (units > 0).flatten(2).any(2).any(0) if units.dim() > 2 else (units > 0).any(0)
     return float(1.0 - alive.float().mean())
 
 
@@ -105,11 +107,15 @@ def probe(model: nn.Module, batch: tuple[Tensor, Tensor],
     res = ProbeResult()
     handles = []
 
+    # Whether the last weight layer that ran was a Linear (its units on the last axis).
+    after_linear = [False]
+
     def record(lp: LayerProbe) -> None:
         res.layers.append(lp)
 
     def fwd_weight(name: str):
         def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            after_linear[0] = isinstance(mod, nn.Linear)
             if not isinstance(out, Tensor):
                 return
             lp = LayerProbe(name, "weight", _std(out), float(out.detach().abs().max()))
@@ -129,7 +135,7 @@ def probe(model: nn.Module, batch: tuple[Tensor, Tensor],
             elif isinstance(mod, nn.Sigmoid):
                 lp.saturated = float(((y < 0.01) | (y > 0.99)).float().mean())
             elif isinstance(mod, _RELU_LIKE):
-                lp.dead = _unit_dead_fraction(y)
+                lp.dead = _unit_dead_fraction(y, after_linear[0])
             record(lp)
         return hook
 
