@@ -83,6 +83,10 @@ def test_layers_whose_weight_cannot_be_reinitialised_in_place_are_named_not_fake
     assert any(s.startswith("0 (lazy") for s in report.skipped)
     assert any(s.startswith("2 (its weight is computed") for s in report.skipped)
     assert torch.equal(normed.weight, before)  # untouched, and said so
+    other = nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.MultiheadAttention(8, 2),
+                          nn.Embedding(10, 8))
+    skipped = fixes.reinit(other, "auto").skipped
+    assert [s.split(" ")[0] for s in skipped] == ["0", "1"]  # not the embedding table
 
 
 def test_the_doctor_runs_on_a_model_with_a_lazy_layer():

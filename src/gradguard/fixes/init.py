@@ -145,6 +145,8 @@ def reinit(
                 report.skipped.append(f"{name} ({why})")
                 continue
         else:
+            if _has_matrix(m):  # (a weight reinit has no rule for: say so, not nothing)
+                report.skipped.append(f"{name} (a {type(m).__name__}: no rule for it here)")
             continue
         if isinstance(m, nn.RNNBase):
             _reinit_rnn(name, m, rnn_radius, report)
@@ -153,6 +155,16 @@ def reinit(
         setattr(m, _MARK, scheme)
         report.layers.append(name)
     return report
+
+
+def _has_matrix(m: nn.Module) -> bool:
+    """A layer with its own weight matrix that is not an embedding table or a norm's
+    scale (ConvTranspose, MultiheadAttention's in_proj, Bilinear, custom modules)."""
+    if isinstance(m, nn.Embedding | nn.EmbeddingBag | nn.modules.batchnorm._NormBase |
+                  nn.LayerNorm | nn.GroupNorm):
+        return False
+    return any(p.dim() >= 2 and not nn.parameter.is_lazy(p)
+               for p in m.parameters(recurse=False))
 
 
 def _not_reinitable(m: nn.Module) -> str | None:
