@@ -159,6 +159,9 @@ def report(
     console.print(head)
     if s.verdict:
         typer.echo(f"verdict: {s.verdict}")
+    elif s.steps:
+        typer.echo("no verdict: the log ends before the guard was closed (the run crashed, "
+                   "was killed, or is still running)")
     if s.timeline:
         tl = Table(title="events")
         for col in ("step", "kind", "action", "origin layer", "message"):

@@ -232,6 +232,34 @@ def test_run_log_page_of_a_log_without_steps(tmp_path):
     assert "no step records" in text and "no per-layer norms" in text
 
 
+def test_cli_report_says_when_a_run_did_not_reach_its_verdict(tmp_path):
+    import gradguard as gg
+
+    runner = CliRunner()
+    for closed in (True, False):
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        log = tmp_path / f"run-{closed}.jsonl"
+        guard = gg.Guard(model, opt, log=str(log))
+        for _ in range(5):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+        if closed:
+            guard.close()
+        else:
+            guard.recorder.flush()
+            with log.open("a") as f:
+                f.write('{"type":"step","ste')  # killed mid-write, before guard.close()
+        res = runner.invoke(app, ["report", str(log)], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert ("no verdict: the log ends before the guard was closed" in res.output) \
+            is not closed
+        assert ("verdict: stable" in res.output) is closed
+        guard.close()
+
+
 def test_cli_report_writes_html_only_when_asked(nan_log, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["report", str(nan_log)], env={"COLUMNS": "200"})
