@@ -422,6 +422,21 @@ def test_auto_warmup_ramps_adam_and_stands_down_for_the_users_warmup():
     assert seen[0] == pytest.approx(0.05) and seen[1:] == [1.0] * 4
 
 
+def test_the_auto_warmup_stands_down_for_a_tensor_lr_the_user_raises_in_place():
+    # A tensor LR (Adam accepts one; schedulers change it in place) is read when it is on
+    # the CPU, as a float LR is: the user's own warm-up wins, and the rows carry the LR.
+    model = relu_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3), betas=(0.9, 0.9))
+    guard = gg.Guard(model, opt, policy=gg.Policy(stability=gg.Stability(warmup="auto")))
+    seen = []
+    for s in range(4):
+        seen.append(float(step(guard, model, opt, s).lr_scale))
+        opt.param_groups[0]["lr"].fill_(1e-3 * (s + 2))
+    assert seen[0] == pytest.approx(0.05) and seen[1:] == [1.0] * 3
+    guard.recorder.flush()
+    assert guard.recorder.rows[-1]["lr"] == pytest.approx(4e-3)
+
+
 @pytest.mark.parametrize("kw", [dict(on_spike="explode"), dict(on_nonfinite="ignore"),
                                 dict(on_loss_spike="maybe")])
 def test_unknown_policy_names_fail_at_construction(kw):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .clip import ClipContext, SpikeClamp, Transform, chain
 from .distributed import local_tensor
+from .lr import host_lr
 from .record import pack_row
 from .respond import Action, DeviceDecision
 from .stats import GradStats, compute_stats, global_from_norms, local_norms, not_finite, unusable
@@ -105,8 +106,8 @@ class DeviceSide:
 
         skip = self.decision(nonfinite, grad_spike, loss_spike)
         base_lr = g.optimizer.param_groups[0]["lr"]
-        if isinstance(base_lr, float | int):  # a host number: free to record
-            g._host.base_lrs[k] = float(base_lr)
+        if (host := host_lr(base_lr)) is not None:  # (free to read: no device wait)
+            g._host.base_lrs[k] = host
         if len(groups.index) != len(g.params):
             mask = np.zeros(len(g.params), dtype=bool)
             mask[list(groups.index)] = True

@@ -17,6 +17,17 @@ import torch
 __all__ = ["LRFactor"]
 
 
+def host_lr(lr: Any) -> float | None:
+    """A group's LR as a host number when reading it costs nothing: a Python number, or a
+    0-dim tensor on the CPU (as torch's schedulers keep a tensor LR); None for a tensor on
+    an accelerator (reading it would wait for the device)."""
+    if isinstance(lr, float | int):
+        return float(lr)
+    if isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and lr.numel() == 1:
+        return float(lr)
+    return None
+
+
 class LRFactor:
     """Scale × warm-up, with a device copy for the per-step row.
 
@@ -50,10 +61,11 @@ class LRFactor:
         n = self.warmup
         if n == 0 or self.progress >= n:
             return 1.0
-        if isinstance(base_lr, float | int):
+        lr = host_lr(base_lr)
+        if lr is not None:
             if self.lr0 is None:
-                self.lr0 = float(base_lr)
-            elif base_lr > self.lr0 * (1 + 1e-6):
+                self.lr0 = lr
+            elif lr > self.lr0 * (1 + 1e-6):
                 self.warmup = 0
                 return 1.0
         return (self.progress + 1) / n
