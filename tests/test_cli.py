@@ -9,6 +9,26 @@ runner = CliRunner()
 def test_version():
     res = runner.invoke(app, ["version"])
     assert res.exit_code == 0 and "gradguard" in res.output
+    flag = runner.invoke(app, ["--version"])
+    assert flag.exit_code == 0 and flag.output == res.output
+
+
+def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
+    wide = {"COLUMNS": "200"}
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (["bench", "-s", "linreg-raw", "-r", "none", "--steps", "0"], "--steps must be"),
+        (["bench", "-s", "linreg-raw", "-r", "none", "--out", str(afile / "sub")],
+         "is a file or lies under one"),
+        (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "nan,inf", "--out",
+          str(tmp_path / "b")], "got [nan, inf]"),  # (rich markup swallowed the list)
+        (["report", str(tmp_path)], "without a bench's runs.csv"),
+    ]
+    for args, said in cases:
+        res = runner.invoke(app, args, env=wide)
+        assert res.exit_code == 2, (args, res.output)
+        assert said in " ".join(res.output.split()), (args, res.output)
 
 
 def test_demo_runs_the_quick_bench_and_writes_the_report(tmp_path):

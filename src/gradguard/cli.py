@@ -69,6 +69,19 @@ def version() -> None:
     console.print(f"gradguard {__version__}")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradguard {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version,
+                                       is_eager=True, help="print the version and exit")
+          ) -> None:
+    """Detect, diagnose and tame exploding and vanishing gradients in PyTorch."""
+
+
 @app.command(cls=_Command)
 def demo(
     seed: int = typer.Option(0, help="seed for model init and batch order"),
@@ -120,6 +133,10 @@ def report(
         console.print(f"[red]no such run log or bench directory: {run_log}[/red]")
         raise typer.Exit(2)
     if Path(run_log).is_dir():
+        if not any((Path(run_log) / f).exists() for f in ("runs.csv", "meta.json")):
+            typer.echo(f"{run_log} is a directory without a bench's runs.csv or meta.json: "
+                       "give a run log (.jsonl) or a `gradguard bench --out` directory")
+            raise typer.Exit(2)
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
         typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
@@ -353,6 +370,14 @@ def bench(
     if seeds < 1:
         console.print("[red]--seeds must be at least 1[/red]")
         raise typer.Exit(2)
+    if steps is not None and steps < 1:
+        console.print(f"[red]--steps must be at least 1, got {steps}[/red]")
+        raise typer.Exit(2)
+    if (Path(out).exists() and not Path(out).is_dir()) or any(
+            p.exists() and not p.is_dir() for p in Path(out).parents):
+        console.print(f"[red]--out {escape(out)} is a file or lies under one: give a "
+                      "directory[/red]")
+        raise typer.Exit(2)
     try:
         cfg = BenchConfig(
             scenarios=scenario or preset.get("scenarios", list(S.SCENARIOS)),
@@ -365,7 +390,7 @@ def bench(
 
         plan, skipped = plan_jobs(cfg)
     except (KeyError, ValueError) as e:
-        console.print(f"[red]{e.args[0] if e.args else e}[/red]")
+        console.print(f"[red]{escape(str(e.args[0] if e.args else e))}[/red]")
         raise typer.Exit(2) from None
     for name, why in skipped.items():
         console.print(f"[yellow]remedy {name} not run: {why}[/yellow]")
