@@ -140,13 +140,8 @@ def report(
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
         typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
-    from .errors import ConfigError
-
-    try:
+    with _user_errors():
         s = summarize(run_log, run)
-    except ConfigError as e:
-        typer.echo(str(e))  # unwrapped: the message holds a path
-        raise typer.Exit(2) from None
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
     head = Table(title=f"gradguard run {run_log}{which}", show_header=False)
     head.add_column("what")
@@ -198,8 +193,9 @@ _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """A ConfigError (data the doctor cannot read, a loss NaN before any step) exits 2 with
-    its message, not a traceback."""
+    """A ConfigError (data the doctor cannot read, a loss NaN before any step, a run the log
+    does not hold) exits 2 with its message, not a traceback (unwrapped and unstyled: it
+    may hold a path)."""
     from .errors import ConfigError
 
     try:

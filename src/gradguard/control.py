@@ -820,6 +820,11 @@ class Controller:
         self.streak = self.nan_streak = self.applied_streak = 0
         self.streak_norm = None
 
+    def forget_start(self) -> None:
+        """Forget where the run started (its first loss, noise and highest level): they
+        were another loss's (new data, or a loss found to be no loss at all)."""
+        self.first_loss = self.sigma = self.peak = None
+
     # -- state ---------------------------------------------------------------------------
     def trajectory(self) -> dict[str, Any]:
         """The part rolled back with the model."""

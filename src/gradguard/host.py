@@ -348,7 +348,7 @@ class HostSide:
         g, c = self.g, self.g.control
         self._afresh()
         if c is not None:
-            c.first_loss = c.sigma = c.peak = None
+            c.forget_start()
         self.early_base = self.restored = None
         return g.store.forget() if g.store is not None else 0
 
@@ -485,7 +485,7 @@ class HostSide:
             return loss
         self.unjudged = True
         c.rebaseline()
-        c.first_loss = c.sigma = c.peak = None
+        c.forget_start()
         self.g.loss_spike.bind(self.g.device)
         self.g.recorder.event(
             k, "loss_unjudged",

@@ -42,7 +42,8 @@ class RunningStats:
             m for m in model.modules()
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
         self.saved: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self.armed = {id(m) for m in self.layers}
+        self._all = frozenset(id(m) for m in self.layers)
+        self.armed = set(self._all)
         self.handles = [m.register_forward_pre_hook(self._capture) for m in self.layers]
 
     def _capture(self, module: nn.Module, _args: Any) -> None:
@@ -69,7 +70,7 @@ class RunningStats:
         """
         ran = [self.saved[id(m)] for m in self.layers
                if id(m) not in self.armed and id(m) in self.saved]
-        self.armed = {id(m) for m in self.layers}
+        self.armed = set(self._all)
         if not ran or host_skip is False:
             return
         with torch.no_grad():
