@@ -69,20 +69,24 @@ CONFIGS = {
 def test_a_faulty_training_loop_on_cuda_never_blocks_on_the_device(name):
     model = mlp()
     guard = CONFIGS[name](model)
-    data = batches(160, nan={40, 41, 42, 43, 44, 45, 100}, spike={70, 130})
+    # NaN records (the data's: skipped) and NaN born in the loss (instability: rolled back)
+    data = batches(160, nan={100, 101, 102, 103}, spike={70, 130})
+    boom = {40, 41, 42, 43, 44, 45}
     opt = guard.optimizer
     for k, (x, y) in enumerate(data):
         # The first step creates the optimizer's state: the one documented host read.
         with syncs_are_errors() if k else contextlib.nullcontext():
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y) * (math.nan if k in boom else 1.0)
             loss.backward()
             guard.step(loss)
     guard.close()
-    assert int(guard.skipped) >= 7  # every NaN step, at least
+    assert int(guard.skipped) >= 10  # every NaN step, at least
     assert all(torch.isfinite(p).all() for p in model.parameters())
     kinds = {e["kind"] for e in guard.recorder.events}
     assert "nonfinite" in kinds
+    # (watched from the first step on CUDA: every NaN record is the data's)
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == [100, 101, 102, 103]
     if name == "full-adam":
         assert guard.rollbacks >= 1
 

@@ -23,7 +23,7 @@ def test_jsonl_roundtrip_nonfinite_and_torn_last_line(tmp_path):
     rec = Recorder(["a", "b"], [JsonlSink(path)], flush_every=1)
     rec.start({"params": ["a", "b"]})
     head = {"loss": math.nan, "grad_norm": 3.0, "clipped_norm": 1.0, "skipped": 1,
-            "nonfinite": 1, "grad_spike": 0, "loss_spike": 0, "lr_scale": 0.5,
+            "nonfinite": 1, "grad_spike": 0, "loss_spike": 0, "lr_scale": 0.5, "bad_inputs": 0,
             "grad_z": 0.0, "loss_z": 0.0}
     vals = np.array([*(head[c] for c in COLUMNS), math.inf, 2.0])  # then the norms
     rec.row(0, vals, 2)

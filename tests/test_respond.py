@@ -147,7 +147,7 @@ def test_a_restored_snapshot_that_fails_at_once_is_dropped_without_a_second_cut(
         guard.store.good[-1].model["0.weight"].mul_(1e4)
     targets = []
     for s in range(60, 90):
-        info = step(guard, model, opt, s, nan=60 <= s < 63)  # NaN batches: roll back
+        info = step(guard, model, opt, s, nan_grad=60 <= s < 63)  # NaN steps: roll back
         if info.rolled_back:
             targets.append(next(e["message"] for e in reversed(guard.recorder.events)
                                 if e["kind"] == "rollback"))
@@ -317,6 +317,35 @@ def test_giving_up_names_the_cause_and_the_doctor():
     assert err.value.diagnosis["lr_scale"] <= 0.1  # lowered before giving up
 
 
+def test_nan_inputs_are_the_datas_fault_skipped_without_touching_the_lr():
+    # A corrupt shard: batches with NaN records in a row. Skipping them is all it takes;
+    # a rollback or an LR cut would answer the model for the data.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=5))
+    for s in range(200):
+        step(guard, model, opt, s, nan=100 <= s < 130)
+    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 30
+    data = [e["step"] for e in guard.recorder.events if e.get("data")]
+    # (the first NaN step arms the watch: on a CPU a healthy run pays nothing for it)
+    assert data == list(range(101, 130))
+    assert "(29 of them with NaN/Inf in the model's inputs" in guard.verdict()
+
+
+def test_where_rows_arrive_late_the_inputs_are_watched_from_the_first_step():
+    # On CUDA the host takes row k at step k + 2: a watch armed by the first NaN row would
+    # miss the steps already run, and a shard's first rows would read as instability.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=5))
+    guard.mailbox.lag = 2  # (CUDA's; a CPU's rows arrive at once)
+    for s in range(120):
+        step(guard, model, opt, s, nan=60 <= s < 70)
+    guard.close()
+    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(60, 70))
+
+
 def test_nan_inputs_on_every_step_point_at_the_data():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -324,9 +353,11 @@ def test_nan_inputs_on_every_step_point_at_the_data():
     for s in range(12):
         step(guard, model, opt, s)
     with pytest.raises(gg.TrainingDivergedError, match="the data carries them") as err:
-        for s in range(12, 60):
+        for s in range(12, 400):
             step(guard, model, opt, s, nan=True)
+    assert "200 consecutive steps skipped" in str(err.value)
     assert "first layer (0.weight)" in str(err.value) and "doctor" not in str(err.value)
+    assert guard.rollbacks == 0 and guard.lr.scale == 1
 
 
 def test_a_blow_up_to_nan_is_not_blamed_on_the_data():
@@ -384,7 +415,9 @@ def test_no_host_sync_with_detection_rollback_and_snapshots():
     for s in range(1, 30):
         opt.zero_grad()
         loss = backward(model, seed=s, scale=1e4 if s in (12, 13) else 1.0,
-                        nan=s in (20, 21, 22))
+                        nan=s in (5, 6))  # (bad data: skipped, no rollback)
+        if s in (20, 21, 22):  # NaN born in the model: instability, a rollback
+            next(model.parameters()).grad[0] = float("nan")
         with no_host_sync():
             guard.step(loss)
     kinds = {e["kind"] for e in guard.recorder.events}

@@ -1,6 +1,7 @@
 """Resume mid-run: a guard restored from ``state_dict`` decides as the uninterrupted one."""
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -29,8 +30,6 @@ def batch(k):
     y = x[:, :4].argmax(1)
     if k in SPIKES:
         x = x * 300.0
-    if k in NAN_STREAKS:
-        x[0, 0] = float("nan")
     return x, y
 
 
@@ -41,6 +40,8 @@ def run(model, opt, guard, first, last,
         x, y = batch(k)
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
+        if k in NAN_STREAKS:  # NaN born in the model (NaN inputs are the data's: skipped)
+            loss = loss * math.nan
         loss.backward()
         d = guard.step(loss).to_dict()
         out.append(repr((k, *(d[key] for key in keys))))
@@ -108,9 +109,8 @@ def test_a_guard_resumed_without_snapshots_names_the_state_it_resumed_from():
     guard2.load_state_dict(state["guard"])
     for k in range(SAVE, SAVE + 3):  # a NaN streak before the next snapshot is due
         x, y = batch(k)
-        x[0, 0] = float("nan")
         opt2.zero_grad()
-        loss = nn.functional.cross_entropy(model2(x), y)
+        loss = nn.functional.cross_entropy(model2(x), y) * math.nan
         loss.backward()
         guard2.step(loss)
     said = [e["message"] for e in guard2.recorder.events if e["kind"] == "rollback"]

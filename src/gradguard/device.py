@@ -125,11 +125,14 @@ class DeviceSide:
         for grad in groups.grads:
             grad._gradguard_version = grad._version  # type: ignore[attr-defined]
 
+        watch = g._host.inputs
+        bad_inputs = watch.take(k) if watch is not None else None
         row = pack_row(stats.full_norms(len(g.params)),
                        loss=loss_d if loss_d is not None else self._nan,
                        grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
                        nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
-                       lr_scale=g.lr.tensor)
+                       lr_scale=g.lr.tensor, bad_inputs=self._false if bad_inputs is None
+                       else bad_inputs.to(g.device))
         return row, (loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
                      loss_spike, g.lr.tensor, stats.norms)
 

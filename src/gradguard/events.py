@@ -16,7 +16,7 @@ from .control import Controller
 from .detect import LayerAttribution
 from .record import Recorder, encode_float
 
-__all__ = ["describe_flags", "diagnosis", "give_up", "verdict"]
+__all__ = ["describe_flags", "diagnosis", "give_up", "skipped_out", "verdict"]
 
 
 def _why(z: float, early: str) -> str:
@@ -44,7 +44,11 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
               "top_layers": [[n, round(z, 2) if math.isfinite(z) else encode_float(z)]
                              for n, z in att.top],
               "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
-    if rec["nonfinite"]:
+    if rec["nonfinite"] and rec.get("bad_inputs"):
+        # (the attribution would name the first layer: the NaN/Inf came in with the data)
+        recorder.event(k, "nonfinite", f"NaN/Inf in the first layer's inputs: the data's, "
+                       f"not the run's; {done}, the LR unchanged", data=True, **common)
+    elif rec["nonfinite"]:
         recorder.event(k, "nonfinite", f"NaN/Inf in gradients or loss{where}; {done}", **common)
     if rec["grad_spike"]:
         recorder.event(k, "grad_spike", f"gradient norm {rec['grad_norm']:.4g} spiked "
@@ -56,16 +60,17 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
                        z=rec["loss_z"], **common)
 
 
-def data_origin(recorder: Recorder, inputs: Any, last: int = 3) -> bool:
-    """The last NaN/Inf steps all had NaN/Inf in the first layer's inputs: blame the data.
-
-    Args:
-        recorder: holds the guard's events.
-        inputs: the guard's :class:`~gradguard.params.InputWatch`.
-        last: how many of the most recent NaN/Inf steps must agree.
-    """
-    steps = [e["step"] for e in recorder.events if e["kind"] == "nonfinite"][-last:]
-    return len(steps) >= last and inputs.all_bad(steps)
+def skipped_out(n: int, data: int, first: str) -> str:
+    """Why the guard stops after ``n`` skipped steps in a row, ``data`` of them (the last
+    ones) with NaN/Inf in the inputs of the ``first`` layer."""
+    # (On a CPU the first NaN/Inf row arms the watch: that one row is not known.)
+    if data and data >= n - 1:
+        return (f"{n} consecutive steps skipped, the inputs of the first layer ({first}) "
+                "held NaN/Inf on every one: the data carries them, not the model or the LR. "
+                "Check the data pipeline (a NaN in a file, a division by zero in "
+                "preprocessing); Policy(max_consecutive_skips=...) sets how long the guard "
+                "skips such batches")
+    return f"{n} consecutive steps skipped: the model cannot recover by skipping"
 
 
 # What a run whose give-back test stood down showed (Controller.unstable).
@@ -73,15 +78,10 @@ _SANK_BACK = ("its loss sank back towards its start at a tenth, a hundredth and 
               "of the LR alike")
 
 
-def give_up(reason: str, scale: float, lr: Any, from_data: str | None,
+def give_up(reason: str, scale: float, lr: Any,
             dead: tuple[str, str, int, int] | None = None) -> str:
-    """Why the guard stops: the run is unstable at any LR it can give, or the data is bad
-    (``dead``: the run ended with dead units, as :func:`verdict` takes them)."""
-    if from_data:
-        return (f"{reason}: the inputs of the first layer ({from_data}) held NaN/Inf on "
-                "every recent failing step, so the data carries them, not the model or the "
-                "LR. Check the data pipeline (a NaN in a file, a division by zero in "
-                "preprocessing)")
+    """Why the guard stops: the run is unstable at any LR it can give (``dead``: the run
+    ended with dead units, as :func:`verdict` takes them)."""
     try:
         at = f" (lr {float(lr) * scale:.3g})"
     except (TypeError, ValueError):
@@ -138,6 +138,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
         else c.stalled()
     # (Steps, not events: one skipped step can carry several skip events.)
     skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
+    data = len({e["step"] for e in recorder.events if e.get("data")})
     # (the changes the guard found; one the user announced needs no account)
     shifts = [e for e in recorder.events if e.get("kind") == "data_shift" and "then" in e]
     shifted = ""
@@ -149,7 +150,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                    f"{e['then']:.4g} when saved), so the rollback that rise "
                    "caused was no LR problem: its LR cut was taken back and the guard "
                    "learned the new data's statistics afresh")
-    said = _verdict(skipped, control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
+    said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None, shifted)
     if stalled is not None:
         assert c is not None
@@ -186,13 +187,17 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
             f"inputs or a better init (`gradguard doctor` tells which). Besides: {said}")
 
 
-def _verdict(skipped: int, control: Controller | None, rollbacks: int, lr: Any,
+def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
              batch_noise: float | None, lr_span: tuple[float, float] | None,
              led: bool = False, shifted: str = "") -> str:
     """The verdict of a run that learned; with ``led``, only what the guard did (dead
     units or a run without progress lead, and no LR the run ended at is advice)."""
+    skipped, data = skips
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
+    if data:
+        bad += (f" ({data} of them with NaN/Inf in the model's inputs: the data's, not the "
+                "run's; check the data pipeline)")
     c = control
     # (No threshold is advised: the typical norm falls as the loss does, so its value at
     # the end would cripple the start of a run clipped to it.)

@@ -65,11 +65,12 @@ class HostSide:
         self.drift = Drift()
         self.dead = DeadLayers(names, order)
         self.first_module: Any = None
-        self.inputs: InputWatch | None = None  # armed by the first NaN/Inf step
+        self.inputs: InputWatch | None = None  # (see watch_inputs)
         self.rollbacks = 0
         self.skip_batches = 0
         self.batches_used = False
         self.skip_streak = 0
+        self.data_streak = 0  # of the skip streak's rows: those whose inputs held NaN/Inf
         self.clean_streak = 0
         self.ignore_rows_before = 0
         # After a rollback: the restored snapshot's trajectory, the LR state and clip row
@@ -114,6 +115,8 @@ class HostSide:
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
             g._order_probe = None
+            if g.mailbox.lag:
+                self.watch_inputs()
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
             "forward_order": [g.names[i] for i in self.order],
@@ -125,6 +128,14 @@ class HostSide:
         })
         if g.store is not None:
             g.store.start(checkpoint.trajectory(g), g.steps)
+
+    def watch_inputs(self) -> None:
+        """Watch the first layer's inputs for NaN/Inf (:class:`InputWatch`). Inputs differ
+        per rank, so under torch.distributed the data is not watched."""
+        g = self.g
+        if self.inputs is None and self.first_module is not None and g._sync is None:
+            self.inputs = InputWatch(input_module(g.model, self.first_module),
+                                     lambda: g.steps)
 
     def clip_recurrent(self, names: list[str]) -> None:
         """Clip every step to ``min_ratio`` × the typical norm when the model has
@@ -241,11 +252,10 @@ class HostSide:
                 and rec["clip_coef"] < 1 - 1e-4:
             self.recurrent_clipped += 1
         self.skip_streak = self.skip_streak + 1 if rec["skipped"] else 0
-        if rec["nonfinite"] and self.inputs is None and self.first_module is not None \
-                and g._sync is None:
-            # Inputs differ per rank, so under torch.distributed the data is not blamed.
-            self.inputs = InputWatch(input_module(g.model, self.first_module),
-                                     lambda: g.steps)
+        data = rec["nonfinite"] and rec["bad_inputs"]
+        self.data_streak = self.data_streak + 1 if data and rec["skipped"] else 0
+        if rec["nonfinite"]:
+            self.watch_inputs()
         if flagged:
             ev.describe_flags(g.recorder, self.attribution, rec, norms)
         else:
@@ -384,9 +394,11 @@ class HostSide:
         if rec["nonfinite"] and p.on_nonfinite == Action.RAISE:
             self.diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
         if self.skip_streak >= p.max_consecutive_skips:
-            self.diverged(k, f"{self.skip_streak} consecutive steps skipped: the model "
-                             "cannot recover by skipping")
-        if c is None:
+            self.diverged(k, ev.skipped_out(self.skip_streak, self.data_streak,
+                                            g.names[self.order[0]] if self.order else ""))
+        if c is None or (rec["nonfinite"] and rec["bad_inputs"]):
+            # NaN/Inf inputs: the data's fault, skipped; it says nothing about the LR, the
+            # init or the weights, so the controller never sees the row.
             return False
         store = g.store
         # The last restore held: the run got past the rows in which a snapshot holding
@@ -417,14 +429,10 @@ class HostSide:
         if reason is None:
             return False
         clip = verdict.clip
-        from_data = None
-        if self.rollbacks >= 2 and self.inputs is not None and self.order \
-                and ev.data_origin(g.recorder, self.inputs):
-            from_data = g.names[self.order[0]]
-        if verdict.give_up or from_data:
+        if verdict.give_up:
             lr = self.base_lrs.get(k) or g.optimizer.param_groups[0]["lr"]
             # (units that died and stay dead, as the verdict reads them)
-            self.diverged(k, ev.give_up(reason, c.scale, lr, from_data, self.dead.ended()))
+            self.diverged(k, ev.give_up(reason, c.scale, lr, self.dead.ended()))
         rb = p.rollback
         if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
             self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "

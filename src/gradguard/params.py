@@ -176,11 +176,12 @@ def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
 
 
 class InputWatch:
-    """Records, per step, whether the first layer's floating inputs hold NaN/Inf.
+    """Records, per step, whether the first layer's floating inputs held NaN/Inf.
 
-    Armed only after the guard has seen a NaN/Inf step, so a healthy run pays nothing.
-    The flags stay on the device; they are read once, when the guard decides whether to
-    blame the data, never on a healthy step.
+    The flag of step ``k`` is a device tensor that travels to the host in that step's row
+    (the ``bad_inputs`` column), so reading it costs no sync. Armed at the first step where
+    rows reach the host late (CUDA), so the first NaN/Inf rows are already watched; else at
+    the first NaN/Inf row, so a healthy run on a CPU pays nothing.
     """
 
     def __init__(self, module: nn.Module, current_step: Callable[[], int],
@@ -191,20 +192,21 @@ class InputWatch:
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, _module: nn.Module, args: Any) -> None:
+        if not torch.is_grad_enabled():
+            return  # an evaluation pass between steps: not the step's data
         xs = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
         if not xs:
             return
         bad = torch.stack([~torch.isfinite(x).all() for x in xs]).any()
-        self.flags[self.current_step()] = bad
-        while len(self.flags) > self.keep:
+        step = self.current_step()
+        # Micro-batches accumulated into one step: any bad one makes the step's data bad.
+        self.flags[step] = bad if step not in self.flags else self.flags[step] | bad
+        while len(self.flags) > self.keep:  # forwards that no step took
             del self.flags[next(iter(self.flags))]
 
-    def all_bad(self, steps: Sequence[int]) -> bool:
-        """True when every one of ``steps`` was watched and its inputs held NaN/Inf."""
-        if not steps or any(s not in self.flags for s in steps):
-            return False
-        # Host sync, deliberate: only on the way to giving up, never on a healthy step.
-        return bool(torch.stack([self.flags[s] for s in steps]).all())
+    def take(self, step: int) -> Tensor | None:
+        """The flag of ``step`` (None: no watched forward), forgotten once taken."""
+        return self.flags.pop(step, None)
 
     def remove(self) -> None:
         self.handle.remove()

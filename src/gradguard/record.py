@@ -67,9 +67,11 @@ FORMAT = 1
 # detectors' z-scores, ``grad_z`` and ``loss_z``, are added on the host, where the
 # detectors live.)
 # The flags come last, so that they are packed with one stack and one cast.
+# ``bad_inputs``: the first layer's inputs held NaN/Inf (:class:`~gradguard.params.InputWatch`;
+# False while it is not armed).
 COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale",
-           "skipped", "nonfinite", "grad_spike", "loss_spike")
-_BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike"}
+           "skipped", "nonfinite", "grad_spike", "loss_spike", "bad_inputs")
+_BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike", "bad_inputs"}
 _FLOATS = tuple(c for c in COLUMNS if c not in _BOOL_COLUMNS)
 _FLAGS = COLUMNS[len(_FLOATS):]
 assert set(_FLAGS) == _BOOL_COLUMNS  # the flags are the tail of COLUMNS
