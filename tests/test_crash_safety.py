@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,32 @@ def test_resume_from_state_dicts_reproduces_decisions_and_params(tmp_path, opt_n
     for sa, sb in zip(opt.state.values(), opt2.state.values(), strict=True):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+def test_a_disk_snapshot_resumes_the_guard_exactly_after_a_crash(tmp_path):
+    # A disk snapshot holds the guard's whole state as of its step: a run restored from
+    # it (model, optimizer, guard) decides and trains as the uninterrupted run, with the
+    # LR scale the guard had lowered (a fresh guard would start again at ×1).
+    def build(seed):
+        model = model_for(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, gg.Guard(model, opt, rollback=gg.Rollback(every=10, dir=tmp_path))
+
+    model, opt, guard = build(0)
+    straight = steps(model, opt, guard, 0, 65)
+    crashed = tmp_path / "crashed"  # the folder as a crash at step 64 leaves it (the
+    # snapshot of step 60 goes to disk once judged calm, at step 68)
+    shutil.copytree(tmp_path, crashed, ignore=shutil.ignore_patterns("crashed"))
+    straight += steps(model, opt, guard, 65, 90)
+    _, s = snap.load_latest(crashed)
+    assert s.step == 50 and s.state is not None and s.state["lr"]["scale"] < 1
+
+    model2, opt2, guard2 = build(123)
+    snap.restore(s, model2, list(model2.parameters()), opt2)
+    guard2.load_state_dict(s.state)
+    resumed = steps(model2, opt2, guard2, s.step + 1, 90)
+    assert resumed == straight[s.step + 1:]
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+    guard.close()
+    guard2.close()

@@ -54,9 +54,12 @@ def load_trajectory(g: Guard, s: dict[str, Any]) -> None:
         g.control.load_trajectory(s["control"])
 
 
-def save(g: Guard, snapshots: bool = False) -> dict[str, Any]:
-    """See :meth:`gradguard.Guard.state_dict`."""
-    g._host.drain()
+def save(g: Guard, snapshots: bool = False, drain: bool = True) -> dict[str, Any]:
+    """See :meth:`gradguard.Guard.state_dict`; without ``drain``, the state as the rows
+    that reached the host so far left it (a disk snapshot's: no host sync, and no
+    decision taken in the middle of taking it; on CUDA the last two rows are not in it)."""
+    if drain:
+        g._host.drain()
     h = g._host
     return {
         "format": STATE_VERSION, "gradguard": __version__, "config": config(g),

@@ -187,7 +187,8 @@ class HostSide:
         if g.store is not None and not rolled:
             # Early snapshots only once the controller can judge them (see RollbackStore.due).
             early = g.control is not None and g.control.has_level()
-            g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early)
+            g.store.maybe_take(step, lambda: checkpoint.trajectory(g), early,
+                               lambda: checkpoint.save(g, drain=False))
         g.recorder.maybe_flush(step)
         return rolled
 
@@ -630,6 +631,7 @@ class HostSide:
     def state_dict(self) -> dict[str, Any]:
         """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
+                "data_streak": self.data_streak,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(), "dead": self.dead.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
@@ -643,6 +645,7 @@ class HostSide:
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
+        self.data_streak = int(h.get("data_streak", 0))  # (absent before it existed)
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         base = h.get("early_base")  # (absent before it existed)

@@ -131,11 +131,21 @@ class RollbackStore:
                          self.tracked, to_cpu=self.place == "cpu")
 
     def maybe_take(self, step: int, guard_state: Callable[[], dict[str, Any]],
-                   early: bool = False) -> None:
-        """Take this step's snapshot when one is due (see :meth:`due`), as a candidate."""
+                   early: bool = False,
+                   full_state: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Take this step's snapshot when one is due (see :meth:`due`), as a candidate;
+        one bound for disk also holds ``full_state()``, the guard's whole state."""
         if not self.active or not self.due(step, early):
             return
-        self.candidates[step] = self._take(step, guard_state())
+        cand = self._take(step, guard_state())
+        if full_state is not None and self.disk_due(step):
+            cand.state = snap.clone_tree(full_state())  # (parts may hand out live lists)
+        self.candidates[step] = cand
+
+    def disk_due(self, step: int) -> bool:
+        """Whether the snapshot of ``step``, once kept, is written to disk."""
+        cfg = self.cfg
+        return cfg.dir is not None and step % (cfg.disk_every or cfg.every) == 0
 
     def due(self, step: int, early: bool = False) -> bool:
         """Whether a snapshot is due after ``step`` (> 0): every ``every`` steps, and, with
@@ -181,8 +191,7 @@ class RollbackStore:
     def keep(self, cand: snap.Snapshot) -> None:
         """Keep a snapshot its row showed calm (and write it to disk when due)."""
         self.good.append(cand)
-        cfg = self.cfg
-        if cfg.dir is not None and cand.step % (cfg.disk_every or cfg.every) == 0:
+        if self.disk_due(cand.step):
             self._write_disk(cand)
 
     def _write_disk(self, s: snap.Snapshot) -> None:
@@ -223,7 +232,9 @@ class RollbackStore:
     def state_dict(self, snapshots: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"retried_from": self.retried_from, "fails": dict(self.fails)}
         if snapshots:
-            out["snapshots"] = [snap.clone_tree(s.as_dict()) for s in self.good]
+            # (not the whole guard state a disk-bound one holds: the state is this one)
+            out["snapshots"] = [snap.clone_tree({**s.as_dict(), "state": None})
+                                for s in self.good]
         return out
 
     def load_state_dict(self, s: dict[str, Any]) -> None:

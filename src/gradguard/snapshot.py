@@ -87,17 +87,23 @@ def to_cpu(obj: Any) -> Any:
 
 @dataclass
 class Snapshot:
-    """State at the end of step ``step`` (``-1``: before the first step)."""
+    """State at the end of step ``step`` (``-1``: before the first step).
+
+    ``guard`` is the guard's trajectory (what a rollback restores); ``state``, held by the
+    snapshots written to disk, is the guard's whole ``state_dict()`` at that moment (its
+    LR scale, step count and controller memory too), for an exact resume after a crash.
+    """
 
     step: int
     model: dict[str, Any]
     optimizer: dict[str, Any]
     guard: dict[str, Any]
     extras: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"step": self.step, "model": self.model, "optimizer": self.optimizer,
-                "guard": self.guard, "extras": self.extras}
+                "guard": self.guard, "extras": self.extras, "state": self.state}
 
 
 def _outside(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[set[str], set[str]]:
@@ -209,7 +215,8 @@ def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapsho
     if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
         raise SnapshotError(f"snapshot file {path} failed its checksum: it is corrupted")
     d = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-    return Snapshot(d["step"], d["model"], d["optimizer"], d["guard"], d.get("extras", []))
+    return Snapshot(d["step"], d["model"], d["optimizer"], d["guard"], d.get("extras", []),
+                    d.get("state"))
 
 
 def load_latest(folder: str | os.PathLike[str], pattern: str = "snapshot-*.pt",
