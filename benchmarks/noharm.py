@@ -84,6 +84,27 @@ construction:
   lr 1e-3: easy examples weigh almost nothing, so the loss gets small and its batches
   span decades.
 
+A fifth batch, fixed and committed before any of it ran (stop 36), for how users
+actually drive a training loop:
+
+- ``mlp-varbatch``: the MNIST MLP, SGD momentum lr 0.05, each step's batch size drawn
+  log-uniformly from 4 to 256 (bucketed or filtered data: the loss's noise changes
+  eightfold from step to step).
+- ``mlp-userclip``: the MNIST MLP, SGD momentum lr 0.05, with the user's own
+  ``clip_grad_norm_(…, 1.0)`` kept before the step in both arms (the guard added to a loop
+  that already clips: it sees clipped gradients).
+- ``mlp-distill-adam``: a small student MLP (784-32-10) distilled from a teacher MLP
+  (784-256-10, trained in the script for 300 steps) by the KL divergence at temperature 4
+  (× T²; Hinton et al. 2015), Adam lr 1e-3. Held-out: the student's cross-entropy.
+- ``mlp-fgsm``: the MNIST MLP trained on FGSM adversarial examples (ε 0.3 in standardised
+  units; Goodfellow et al. 2015), SGD momentum lr 0.05. Held-out: the clean cross-entropy.
+- ``mlp-plateau``: the MNIST MLP, SGD momentum lr 0.05 under ``ReduceLROnPlateau`` on the
+  training loss (factor 0.5, patience 30 steps), tracked by the guard.
+- ``sae-l1-adam``: a sparse autoencoder (784-256-784, ReLU codes) on the MNIST pixels,
+  squared error plus 1e-3 × the codes' L1 norm, Adam lr 1e-3.
+- ``mlp-smooth-adamw``: the MNIST MLP, cross-entropy with label smoothing 0.1, AdamW lr
+  1e-3, weight decay 0.1 (a loss with a floor well above 0).
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -374,12 +395,70 @@ def _focal(out: Tensor, y: Tensor) -> Tensor:
     return (-(1 - logp.exp()).pow(2) * logp).mean()
 
 
+_TEACHER: list[nn.Module] = []
+
+
+def _teacher() -> nn.Module:
+    """A 784-256-10 MLP trained for 300 steps (Adam, batch 64) on the MNIST subset, built
+    once per process, without touching the global RNG the runs draw from."""
+    if not _TEACHER:
+        x, y, _ = _mnist()
+        with torch.random.fork_rng():
+            torch.manual_seed(99)
+            net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(99)
+            for _ in range(300):
+                idx = torch.randint(0, len(x), (64,), generator=gen)
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+        net.requires_grad_(False).eval()
+        _TEACHER.append(net)
+    return _TEACHER[0]
+
+
+def _distill_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                   gen: torch.Generator) -> Tensor:
+    t = 4.0
+    with torch.no_grad():
+        soft = nn.functional.softmax(_teacher()(x) / t, dim=1)
+    logp = nn.functional.log_softmax(model(x) / t, dim=1)
+    return nn.functional.kl_div(logp, soft, reduction="batchmean") * t * t
+
+
+def _fgsm_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                gen: torch.Generator) -> Tensor:
+    x = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), x)
+    return nn.functional.cross_entropy(model((x + 0.3 * gx.sign()).detach()), y)
+
+
+class _SparseAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(784, 256)
+        self.dec = nn.Linear(256, 784)
+
+    def forward(self, x: Tensor) -> Tensor:
+        code = torch.relu(self.enc(x))
+        err = (self.dec(code) - x).pow(2).mean(1)
+        return err + 1e-3 * code.abs().sum(1)
+
+
+def _plateau(opt: torch.optim.Optimizer, steps: int) -> Any:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=30)
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
 # on that many examples), "accum" (micro-batches per step), "bf16" (autocast), "train_loss"
 # ((model, inputs, targets, step, steps, generator) -> the training loss, in place of
-# loss(model(inputs), targets)), "test_input" (inputs -> the held-out inputs).
+# loss(model(inputs), targets)), "test_input" (inputs -> the held-out inputs),
+# "varbatch" ((smallest, largest): each step's batch size, log-uniform), "user_clip" (the
+# user's clip_grad_norm_ before the step, both arms). A ReduceLROnPlateau schedule steps on
+# the training loss.
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
@@ -517,6 +596,31 @@ def cases() -> dict[str, Case]:
                         "1e-3", None, {}),
         "mlp-focal-adam": (_mnist, _mlp, _focal, _adam(1e-3), 32, 600,
                            "MNIST MLP, focal loss γ 2, Adam lr 1e-3", None, {}),
+        # the fifth batch (stop 36)
+        "mlp-varbatch": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                         "MNIST MLP, SGD momentum lr 0.05, batch size 4-256 (log-uniform) per "
+                         "step", None, {"varbatch": (4, 256)}),
+        "mlp-userclip": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                         "MNIST MLP, SGD momentum lr 0.05, the user's clip_grad_norm_ 1.0 in "
+                         "both arms", None, {"user_clip": 1.0}),
+        "mlp-distill-adam": (_mnist, lambda: nn.Sequential(
+            nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10)), _CE, _adam(1e-3), 32, 600,
+            "MNIST student MLP distilled from a teacher (KL, T 4), Adam lr 1e-3", None,
+            {"train_loss": _distill_train}),
+        "mlp-fgsm": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                     "MNIST MLP, FGSM adversarial training (ε 0.3), SGD momentum lr 0.05",
+                     None, {"train_loss": _fgsm_train}),
+        "mlp-plateau": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                        "MNIST MLP, SGD momentum lr 0.05, ReduceLROnPlateau (×0.5, patience "
+                        "30)", _plateau, {}),
+        "sae-l1-adam": (_pixels01, _SparseAE, lambda out, _: out.mean(), _adam(1e-3), 32, 600,
+                        "MNIST sparse autoencoder, squared error + 1e-3 L1 of the codes, Adam "
+                        "lr 1e-3", None, {}),
+        "mlp-smooth-adamw": (_mnist, _mlp,
+                             lambda a, b: nn.functional.cross_entropy(a, b, label_smoothing=0.1),
+                             lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), 32, 600,
+                             "MNIST MLP, label smoothing 0.1, AdamW lr 1e-3, weight decay 0.1",
+                             None, {}),
     }
 
 
@@ -570,14 +674,21 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         pool = first if step < opts.get("shift", 0) else train
         opt.zero_grad()
         loss = torch.zeros(())
+        size = batch
+        if "varbatch" in opts:
+            lo, hi = opts["varbatch"]
+            u = float(torch.rand((), generator=gen))
+            size = round(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))
         for _ in range(accum):
-            idx = pool[torch.randint(0, len(pool), (batch,), generator=gen)]
+            idx = pool[torch.randint(0, len(pool), (size,), generator=gen)]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(opts.get("bf16"))):
                 micro = (opts["train_loss"](model, x[idx], y[idx], step, total, gen)
                          if "train_loss" in opts else loss_fn(model(x[idx]), y[idx]))
                 micro = micro.float() / accum
             micro.backward()
             loss = loss + micro.detach()
+        if "user_clip" in opts:
+            nn.utils.clip_grad_norm_(model.parameters(), opts["user_clip"])
         if guard is None:
             opt.step()
         else:
@@ -586,7 +697,9 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
             except gg.TrainingDivergedError:
                 gave_up = True
                 break
-        if sched is not None:
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(float(loss))
+        elif sched is not None:
             sched.step()
     acted: dict[str, int] = {}
     if guard is not None:
