@@ -420,9 +420,9 @@ def _teacher() -> nn.Module:
 
 def _distill_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
                    gen: torch.Generator) -> Tensor:
-    t = 4.0
+    t, teacher = 4.0, _teacher()  # (trained on first use: not under no_grad)
     with torch.no_grad():
-        soft = nn.functional.softmax(_teacher()(x) / t, dim=1)
+        soft = nn.functional.softmax(teacher(x) / t, dim=1)
     logp = nn.functional.log_softmax(model(x) / t, dim=1)
     return nn.functional.kl_div(logp, soft, reduction="batchmean") * t * t
 
