@@ -1,7 +1,9 @@
 import copy
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import gradguard as gg
 from tests.conftest import backward, no_host_sync, small_mlp
@@ -260,3 +262,47 @@ def test_masked_torch_optimizers_move_their_step_counters_to_the_accelerator(mon
     opt3 = torch.optim.NAdam(m3.parameters(), lr=0.01)
     gg.Guard(m3, opt3, skip_strategy="host")
     assert not opt3.param_groups[0]["capturable"]
+
+
+@pytest.mark.parametrize("strategy", ["host", "masked", "found_inf"])
+@pytest.mark.parametrize("how", ["unfrozen", "add_param_group", "params_subset"])
+def test_a_skipped_step_leaves_unwatched_parameters_as_they_were(strategy, how):
+    # The optimizer steps every parameter with a gradient, watched or not: a layer
+    # unfrozen after the guard was built, a group added since, the rest of a params=
+    # subset. Skipped means skipped whole (found_inf: fused SGD with momentum, whose
+    # first-step flag is per group, also needs the unwatched ones' buffers).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt_cls = torch.optim.SGD if strategy == "found_inf" else torch.optim.RMSprop
+    kw = {"lr": 1e-2, "momentum": 0.9}
+    watched = None
+    if how == "add_param_group":
+        opt = opt_cls(m[2].parameters(), **kw)
+    else:
+        opt = opt_cls(m.parameters(), **kw)
+        watched = list(m[2].parameters()) if how == "params_subset" else None
+    if how != "params_subset":
+        m[0].requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gg.GuardUsageWarning)
+        guard = gg.Guard(m, opt, skip_strategy=strategy, params=watched, log=None)
+        for i in range(12):
+            if i == 3:
+                m[0].requires_grad_(True)
+                if how == "add_param_group":
+                    opt.add_param_group({"params": list(m[0].parameters())})
+            x = torch.randn(32, 10)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(m(x), x.sum(1, keepdim=True))
+            loss.backward()
+            if i == 8:
+                m[2].weight.grad[0, 0] = float("nan")  # in a watched tensor
+            before = m[0].weight.detach().clone()
+            state = {k: v.clone() for k, v in opt.state[m[0].weight].items()
+                     if torch.is_tensor(v)} if i == 8 else {}
+            info = guard.step(loss)
+            if i == 8:
+                assert bool(info.skipped) and torch.equal(before, m[0].weight)
+                assert all(torch.equal(v, opt.state[m[0].weight][k]) for k, v in state.items())
+        guard.close()
+    assert all(torch.isfinite(p).all() for p in m.parameters())

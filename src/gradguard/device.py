@@ -57,7 +57,7 @@ class DeviceSide:
         self.decision = DeviceDecision(policy, device)
         # Set at the first step when the model has recurrent layers (Policy.clip_recurrent).
         self.clip_ratio: float | None = None
-        self.stepper = Stepper(guard.optimizer, skip_strategy)
+        self.stepper = Stepper(guard.optimizer, skip_strategy, guard.params)
         self._nan = torch.full((), math.nan, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
 

@@ -198,9 +198,13 @@ class Stepper:
     Args:
         optimizer: the user's optimizer.
         strategy: "auto" (see the module docstring), "found_inf", "masked" or "host".
+        watched: the parameters the guard watches (default: all the optimizer's). A
+            skipped step leaves the others as they were too: the optimizer steps every
+            parameter with a gradient, watched or not.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto") -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: str = "auto",
+                 watched: Sequence[Tensor] | None = None) -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"skip_strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.optimizer = optimizer
@@ -233,6 +237,16 @@ class Stepper:
         # and the state's size then: while both repeat, lazy creation is over. (A count
         # alone is not enough: another subset of the same size may have no state yet.)
         self._settled: tuple[tuple[int, ...], int] | None = None
+        self._watched = None if watched is None else {id(p) for p in watched}
+        self._others = self._unwatched()
+
+    def _unwatched(self) -> list[Tensor]:
+        """The optimizer's parameters the guard does not watch (frozen when it was built,
+        outside ``params=``, or in a group added since)."""
+        if self._watched is None:
+            return []
+        return [p for g in self.optimizer.param_groups for p in g["params"]
+                if id(p) not in self._watched]
 
     def undo(self) -> None:
         """Put back what choosing the strategy changed in the optimizer (a guard whose
@@ -273,6 +287,9 @@ class Stepper:
         """
         if len(self.optimizer.param_groups) != self._groups:
             self._adopt_groups()
+            self._others = self._unwatched()
+        if extra := [p for p in self._others if p.grad is not None]:
+            params = [*params, *extra]  # (stepped too: skipped or restored with the rest)
         key = (tuple(map(id, params)), len(self.optimizer.state))
         fresh = [] if key == self._settled else self._stateless(params)
         if self.strategy == "found_inf":
