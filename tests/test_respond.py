@@ -513,3 +513,60 @@ def test_the_device_skip_decision_follows_each_action(on_spike, on_loss_spike):
         got = decide(t(bool(n)), t(bool(g)), t(bool(lo)))
         assert bool(got) == want, (n, g, lo, prev)
         prev = bool(n or g or lo)
+
+
+class _MaskedAttention(nn.Module):
+    """Owns a parameter, so it is the first layer; called with the data and an additive
+    causal mask full of -inf (torch's own)."""
+
+    def __init__(self, t=8, d=16):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(t, d))
+        self.inp, self.q, self.k = nn.Linear(4, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, x, mask):
+        h = self.inp(x) + self.pos
+        att = self.q(h) @ self.k(h).transpose(1, 2) / 4 + mask
+        return self.out(att.softmax(-1) @ h)
+
+
+class _HandRNN(nn.Module):
+    """A recurrence written by hand: its first layer reads the data and its own state."""
+
+    def __init__(self):
+        super().__init__()
+        self.i2h, self.out = nn.Linear(4 + 16, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = torch.zeros(len(x), 16)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.i2h(torch.cat([x[:, t], h], 1)))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("kind", ["mask", "hand_rnn"])
+def test_a_nan_the_model_makes_is_not_blamed_on_the_data(kind):
+    # Only the first floating tensor of the first layer's first call of a step is the
+    # data: a -inf mask beside it, or the state a hand-written recurrence feeds back,
+    # is the model's. A weight gone Inf is the model's fault: rolled back.
+    torch.manual_seed(0)
+    model = _MaskedAttention() if kind == "mask" else _HandRNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    mask = nn.Transformer.generate_square_subsequent_mask(8)
+    first = model.inp if kind == "mask" else model.i2h
+    for s in range(120):
+        x = torch.randn(16, 8, 4)
+        if s == 80:  # (for the recurrence, a weight on its own state)
+            with torch.no_grad():
+                first.weight[0, 0 if kind == "mask" else -1] = float("inf")
+        opt.zero_grad()
+        out = model(x, mask) if kind == "mask" else model(x)
+        target = x.cumsum(1)[..., :1] if kind == "mask" else x[:, :, :1].sum(1)
+        loss = nn.functional.mse_loss(out, target)
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert guard.rollbacks == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(e.get("data") for e in guard.recorder.events)

@@ -176,7 +176,14 @@ def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
 
 
 class InputWatch:
-    """Records, per step, whether the first layer's floating inputs held NaN/Inf.
+    """Records, per step, whether the data held NaN/Inf: the first floating tensor passed
+    to the first layer, at its first call of the step.
+
+    Only that one: the first layer's later calls (a recurrence written by hand feeds it
+    its own hidden state) and its other arguments (an additive attention mask full of
+    -inf, a carried state) are the model's, and a NaN there is the model's fault. With
+    micro-batches accumulated into one step only the first is watched; a NaN in a later
+    one is judged as any other NaN step.
 
     The flag of step ``k`` is a device tensor that travels to the host in that step's row
     (the ``bad_inputs`` column), so reading it costs no sync. Armed at the first step where
@@ -192,15 +199,13 @@ class InputWatch:
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, _module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled():
-            return  # an evaluation pass between steps: not the step's data
-        xs = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
-        if not xs:
-            return
-        bad = torch.stack([~torch.isfinite(x).all() for x in xs]).any()
         step = self.current_step()
-        # Micro-batches accumulated into one step: any bad one makes the step's data bad.
-        self.flags[step] = bad if step not in self.flags else self.flags[step] | bad
+        if step in self.flags or not torch.is_grad_enabled():
+            return  # a later call of the step, or an evaluation pass between steps
+        x = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        if x is None:
+            return
+        self.flags[step] = ~torch.isfinite(x).all()
         while len(self.flags) > self.keep:  # forwards that no step took
             del self.flags[next(iter(self.flags))]
 
