@@ -570,3 +570,29 @@ def test_a_nan_the_model_makes_is_not_blamed_on_the_data(kind):
     guard.close()
     assert guard.rollbacks == 1 and all(torch.isfinite(p).all() for p in model.parameters())
     assert not any(e.get("data") for e in guard.recorder.events)
+
+
+@pytest.mark.parametrize("how", ["by hand", "untracked scheduler", "tracked scheduler"])
+def test_a_rollback_keeps_the_lr_the_user_set_since_the_snapshot(how):
+    # The optimizer's groups go back with a snapshot only together with a tracked
+    # scheduler's count; an LR the user (or an untracked scheduler) lowered since stays
+    # lowered, or a rollback would raise it, ×3 here after the guard's own ×0.3 cut.
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=20))
+    if how == "tracked scheduler":
+        guard.track(sched)
+    for s in range(70):
+        if how == "by hand" and s == 50:
+            opt.param_groups[0]["lr"] = 0.005
+        info = step(guard, model, opt, s, nan_grad=60 <= s < 63)
+        if how != "by hand":
+            sched.step()
+        if info.rolled_back:
+            lr_after = opt.param_groups[0]["lr"]
+            target = guard.store.latest.step
+    assert guard.rollbacks == 1 and target < 50
+    expected = {"by hand": 0.005, "untracked scheduler": 0.05 * 0.5 ** 6,
+                "tracked scheduler": 0.05 * 0.5 ** (target // 10)}[how]
+    assert lr_after == pytest.approx(expected)

@@ -157,14 +157,26 @@ def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
 
 def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
             optimizer: torch.optim.Optimizer, extras: Sequence[Any] = ()) -> None:
-    """Put model, optimizer and extras back to ``snap`` (the guard restores its own part)."""
+    """Put model, optimizer and extras back to ``snap`` (the guard restores its own part).
+
+    The optimizer's hyperparameters (LR, weight decay, momentum, …) stay as they are now
+    unless an LR scheduler of it is among ``extras``: they are the user's (a hand-set LR,
+    or an untracked scheduler's, which is not rolled back and goes on from its own count),
+    and a rollback must not raise an LR the user lowered. A tracked scheduler's count goes
+    back, and the LR it set goes back with it.
+    """
     with torch.no_grad():
         if model is not None:
             _load_model(model, clone_tree(snap.model), optimizer)
         else:
             for i, p in enumerate(params):
                 p.copy_(snap.model[str(i)])
+    scheduled = any(getattr(e, "optimizer", None) is optimizer for e in extras)
+    now = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(clone_tree(snap.optimizer))
+    if not scheduled and len(now) == len(optimizer.param_groups):
+        for group, hyper in zip(optimizer.param_groups, now, strict=True):
+            group.update(hyper)
     for e, s in zip(extras, snap.extras, strict=True):
         e.load_state_dict(clone_tree(s))
 
