@@ -596,3 +596,28 @@ def test_a_rollback_keeps_the_lr_the_user_set_since_the_snapshot(how):
     expected = {"by hand": 0.005, "untracked scheduler": 0.05 * 0.5 ** 6,
                 "tracked scheduler": 0.05 * 0.5 ** (target // 10)}[how]
     assert lr_after == pytest.approx(expected)
+
+
+def test_pruning_mid_run_drops_the_snapshots_that_no_longer_fit():
+    # A snapshot from before prune.l1_unstructured (weight → weight_orig + weight_mask)
+    # cannot be loaded: the rollback is refused before anything changes, the old
+    # snapshots go, the instability is answered in place, and new snapshots serve later.
+    from torch.nn.utils import prune
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=10))
+    with pytest.warns(gg.GuardUsageWarning, match="does not fit"):
+        for s in range(100):
+            if s == 35:
+                prune.l1_unstructured(model[0], "weight", amount=0.5)
+            opt.zero_grad(set_to_none=True)
+            loss = backward(model, seed=s, d_in=8)
+            if s in (40, 41, 42, 80, 81, 82):
+                model[4].bias.grad[0] = float("nan")
+            guard.step(loss)
+    kinds = [(e["kind"], e["step"]) for e in guard.recorder.events
+             if e["kind"] in ("rollback_off", "backoff", "rollback")]
+    assert kinds == [("rollback_off", 42), ("backoff", 42), ("rollback", 82)]
+    assert guard.rollbacks == 1 and guard.store.latest.step >= 50
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(model[0].weight_mask.mean()) == 0.5  # the pruning stands

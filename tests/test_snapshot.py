@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch.nn.utils import prune
 
 from gradguard import snapshot as snap
 from tests.conftest import backward, small_mlp
@@ -129,3 +130,39 @@ def test_a_snapshot_of_another_model_is_refused():
     opt = torch.optim.SGD(other.body.parameters(), lr=0.1)  # leaves 'extra' outside
     with pytest.raises(snap.SnapshotError, match="another model"):
         snap.restore(s, other, list(other.body.parameters()), opt)
+
+
+def _state(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+             for p, st in opt.state.items()}, [dict(g, params=None) for g in opt.param_groups])
+
+
+def _same(a, b):
+    return all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1].keys() == b[1].keys() \
+        and all(torch.equal(v, b[1][p][k]) for p, st in a[1].items() for k, v in st.items())
+
+
+@pytest.mark.parametrize("wrong", ["extras", "other model", "shapes", "pruned"])
+def test_a_snapshot_that_does_not_fit_is_refused_before_anything_changes(wrong):
+    # torch's load_state_dict loads part of a state and then raises: the model (or the
+    # optimizer) would be left half-restored.
+    s, model, opt = make_snapshot()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5)
+    extras = []
+    if wrong == "extras":  # the snapshot holds a scheduler, restore is given none
+        s = snap.take(3, model, list(model.parameters()), opt, {}, [sched])
+    elif wrong == "other model":
+        model = small_mlp(width=16, depth=4)
+        opt = torch.optim.Adam(model.parameters())
+    elif wrong == "shapes":
+        model = small_mlp(width=32)
+        opt = torch.optim.Adam(model.parameters())
+    else:  # pruned after the snapshot: weight → weight_orig + weight_mask
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    backward(model, seed=5, d_in=8)
+    opt.step()
+    before = _state(model, opt)
+    with pytest.raises(snap.SnapshotError, match=r"does not fit.*Nothing was restored"):
+        snap.restore(s, model, list(model.parameters()), opt, extras)
+    assert _same(before, _state(model, opt))

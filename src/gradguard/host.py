@@ -453,11 +453,12 @@ class HostSide:
             cut_point = c.cut_point()
             target = self.rollback(k, reason, verdict.retry, clip,
                                    (cut_point, None if clip else c.clip_since, False))
-            if early and target == -1 and self.batch_noise is None:
-                self.echo_ref = c.first_loss
-                if self.early_base is None:
-                    self.early_base = cut_point
-            return True
+            if target is not None:
+                if early and target == -1 and self.batch_noise is None:
+                    self.echo_ref = c.first_loss
+                    if self.early_base is None:
+                        self.early_base = cut_point
+                return True
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
         self._afresh()
@@ -507,7 +508,7 @@ class HostSide:
         return None
 
     def rollback(self, step: int, reason: str, retry: bool, clip: bool = False,
-                 check: tuple[Any, int | None, bool] | None = None) -> int:
+                 check: tuple[Any, int | None, bool] | None = None) -> int | None:
         """Restore the latest good snapshot; the controller has already set the LR.
 
         Args:
@@ -516,11 +517,22 @@ class HostSide:
                 already the step one snapshot further back).
 
         Returns:
-            The step the restored snapshot was taken after (-1: the initial weights).
+            The step the restored snapshot was taken after (-1: the initial weights), or
+            None: the snapshots no longer fit the model (nothing was restored; they are
+            dropped, and the instability is answered in place).
         """
         g = self.g
         assert g.store is not None
-        target = g.store.restore(retry)
+        try:
+            target = g.store.restore(retry)
+        except snap.SnapshotError as e:
+            dropped = g.store.forget()
+            g.recorder.event(step, "rollback_off", f"{e}: the {dropped} snapshot(s) taken "
+                             "before the change are dropped; new ones are taken from here",
+                             action="warn")
+            warnings.warn(f"gradguard: {e}; the snapshots are dropped", GuardUsageWarning,
+                          stacklevel=6)
+            return None
         saved = target.guard.get("control")
         self.restored = None if check is None or not saved else (
             saved, check[0], check[1], target.step, [], check[2])

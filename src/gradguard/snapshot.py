@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from .errors import GradGuardError
 
-__all__ = ["Snapshot", "SnapshotError", "load_file", "load_latest", "restore", "save_file",
-           "take"]
+__all__ = ["Snapshot", "SnapshotError", "check_fits", "load_file", "load_latest", "restore",
+           "save_file", "take"]
 
 FILE_FORMAT = 1
 
@@ -129,17 +129,45 @@ def _model_state(model: nn.Module | None, params: Sequence[Tensor],
 
 def _load_model(model: nn.Module, state: dict[str, Any],
                 optimizer: torch.optim.Optimizer) -> None:
+    # (check_fits has vetted the keys: a parameter outside the optimizer may be absent)
     outside, foreign = _outside(model, optimizer)
-    if not outside:  # the usual case: the optimizer updates the whole model
-        model.load_state_dict(state)
-        return
-    res = model.load_state_dict({k: v for k, v in state.items() if k not in foreign},
-                                strict=False)
-    missing = [k for k in res.missing_keys if k not in outside]
-    if missing or res.unexpected_keys:
-        raise SnapshotError(
-            f"the snapshot does not fit this model (missing {missing[:3]}, unexpected "
-            f"{res.unexpected_keys[:3]}): it was taken from another model")
+    model.load_state_dict({k: v for k, v in state.items() if k not in foreign},
+                          strict=not outside)
+
+
+def check_fits(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
+               optimizer: torch.optim.Optimizer, extras: Sequence[Any] = ()) -> None:
+    """Raise :class:`SnapshotError`, before anything is changed, when ``snap`` cannot be
+    restored into these objects: another model, a model whose state's keys changed since
+    (pruning or weight norm applied mid-run), other shapes, other parameter groups, or
+    another number of tracked objects (torch would load part of it, then raise)."""
+    if model is not None:
+        outside, foreign = _outside(model, optimizer)
+        now = {k: v for k, v in model.state_dict().items() if k not in foreign}
+    else:
+        outside, now = set(), {str(i): p for i, p in enumerate(params)}
+    saved = {k: v for k, v in snap.model.items() if k not in foreign} if model is not None \
+        else snap.model
+    missing = [k for k in now if k not in saved and k not in outside]
+    unexpected = [k for k in saved if k not in now]
+    shapes = [k for k, v in saved.items() if k in now and isinstance(v, Tensor)
+              and isinstance(now[k], Tensor) and v.shape != now[k].shape]
+    sizes = [len(g["params"]) for g in snap.optimizer.get("param_groups", [])]
+    why = []
+    if missing or unexpected:
+        why.append(f"its model state has other entries (missing {missing[:3]}, unexpected "
+                   f"{unexpected[:3]}: another model, or one pruned or reparametrised since)")
+    if shapes:
+        why.append(f"other shapes ({shapes[:3]})")
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        why.append(f"other optimizer parameter groups (sizes {sizes} against "
+                   f"{[len(g['params']) for g in optimizer.param_groups]})")
+    if len(extras) != len(snap.extras):
+        why.append(f"{len(snap.extras)} tracked object(s) (schedulers, ...), and "
+                   f"{len(extras)} were given to restore into")
+    if why:
+        raise SnapshotError(f"the snapshot of step {snap.step} does not fit: "
+                            + "; ".join(why) + ". Nothing was restored")
 
 
 def take(step: int, model: nn.Module | None, params: Sequence[Tensor],
@@ -165,6 +193,7 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
     and a rollback must not raise an LR the user lowered. A tracked scheduler's count goes
     back, and the LR it set goes back with it.
     """
+    check_fits(snap, model, params, optimizer, extras)
     with torch.no_grad():
         if model is not None:
             _load_model(model, clone_tree(snap.model), optimizer)
