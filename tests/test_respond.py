@@ -315,6 +315,10 @@ def test_giving_up_names_the_cause_and_the_doctor():
             step(guard, model, opt, s, nan_grad=True)
     assert "unstable at any LR" in str(err.value)
     assert err.value.diagnosis["lr_scale"] <= 0.1  # lowered before giving up
+    # The verdict close() writes says so too (not "stable at lr X: set that"), and the
+    # give-up is no cut: one cut to ×0.1 was made, the next would cross the floor.
+    assert guard.verdict().startswith(f"gave up at step {guard.steps - 1}: ")
+    assert guard.control.cuts == 1 and guard.lr.scale == pytest.approx(0.1)
 
 
 def test_nan_inputs_are_the_datas_fault_skipped_without_touching_the_lr():

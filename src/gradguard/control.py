@@ -770,6 +770,10 @@ class Controller:
             return Verdict(unstable=f"{reason}; it recurred at every LR the cuts tried, "
                            "so they are taken back and the give-back test stands down",
                            scale=self.scale)
+        if not hold and new < cfg.floor:
+            # (No cut is counted: none is made, and a user who catches the error and goes
+            # on must not read one in the verdict.)
+            return Verdict(unstable=reason, give_up=True, scale=self.scale)
         if not giveback:
             self.giveback_from = None
         elif self.giveback_from is None:
@@ -785,8 +789,6 @@ class Controller:
         self.calm = 0
         if hold:
             return Verdict(unstable=reason, scale=self.scale)
-        if new < cfg.floor:
-            return Verdict(unstable=reason, give_up=True, scale=self.scale)
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)
 

@@ -133,6 +133,11 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
     live one after it, how many tensors get none, the step since which))."""
     c = control
+    gave_up = [e for e in recorder.events if e["kind"] == "diverged"]
+    if gave_up:  # (no LR is advice then: the guard found none the run is stable at)
+        e = gave_up[-1]
+        why = e["message"].removeprefix("gave up: ")
+        return f"gave up at step {e['step']}: {why}"
     # (Two windows of losses at least: "no progress" after a handful of steps is no news.)
     stalled = None if c is None or dead is not None or c.rows < 2 * c.cfg.window \
         else c.stalled()
