@@ -113,6 +113,7 @@ def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
     (lambda: gg.Rollback(every=0), r"Rollback.every must be an int >= 1"),
     (lambda: gg.Rollback(memory="gpu"), r"Rollback.memory must be one of"),
     (lambda: gg.Rollback(host_fraction=math.nan), r"Rollback.host_fraction"),
+    (lambda: gg.Rollback(every=20, disk_every=30), r"disk_every=30 is not a multiple of every"),
     (lambda: gg.Policy(on_spike="explode"), r"on_spike must be one of .*'explode'"),
     (lambda: gg.Policy(on_nonfinite="ignore"), r"on_nonfinite must be one of"),
     (lambda: gg.Policy(on_loss_spike="clip"), r"on_loss_spike must be one of"),
@@ -313,3 +314,16 @@ def test_periphery_errors_are_gradguard_errors_and_the_builtin_users_catch():
         guard = gg.Guard(emb, torch.optim.SGD(emb.parameters(), lr=0.1))
         emb(torch.tensor([1, 2])).sum().backward()
         guard.step()
+
+
+def test_a_snapshot_folder_that_cannot_be_written_fails_at_construction(tmp_path):
+    # Found at the first disk snapshot, it would stop training inside guard.step.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(gg.ConfigError, match=r"cannot hold snapshots: .*FileExistsError"):
+        gg.Guard(model, opt, rollback=gg.Rollback(dir=str(tmp_path / "afile")))
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(dir=str(tmp_path / "new" / "deep")))
+    assert (tmp_path / "new" / "deep").is_dir()  # made, and nothing left in it
+    assert not any((tmp_path / "new" / "deep").iterdir())
+    guard.close()

@@ -143,7 +143,8 @@ def report(
     with _user_errors():
         s = summarize(run_log, run)
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
-    head = Table(title=f"gradguard run {run_log}{which}", show_header=False)
+    # (Log contents are text, not rich markup: "[bold]" in a path or a message stays.)
+    head = Table(title=escape(f"gradguard run {run_log}{which}"), show_header=False)
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("steps", str(s.steps))
@@ -161,7 +162,7 @@ def report(
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:
         layer, n = s.origins.most_common(1)[0]
-        head.add_row("where trouble starts most often", f"{layer} ({n}×)")
+        head.add_row("where trouble starts most often", escape(f"{layer} ({n}×)"))
     first = s.first_trouble
     if first:
         head.add_row("first trouble", f"step {first['step']}: {first['kind']}")
@@ -179,8 +180,9 @@ def report(
         for col in ("step", "kind", "action", "origin layer", "message"):
             tl.add_column(col, overflow="fold")
         for e in s.timeline[:events]:
-            tl.add_row(str(e["step"]), e["kind"], str(e.get("action", "")),
-                       str(e.get("origin_layer") or ""), e.get("message", ""))
+            tl.add_row(*(escape(str(v)) for v in (
+                e["step"], e["kind"], e.get("action", ""), e.get("origin_layer") or "",
+                e.get("message", ""))))
         console.print(tl)
         if len(s.timeline) > events:
             console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")

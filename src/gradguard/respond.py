@@ -90,7 +90,8 @@ class Rollback:
             else no rollback), "device", "cpu", or "off".
         device_fraction, host_fraction: the budgets of ``memory="auto"``.
         dir: also write snapshots to this folder (atomic, checksummed).
-        disk_every: write every this many steps (default: ``every``).
+        disk_every: write every this many steps (default: ``every``; a multiple of it:
+            only the snapshots taken every ``every`` steps exist to be written).
         clean_window: a snapshot counts as good when this many steps after it (the first
             computed with its weights) were clean and the loss level calm.
     """
@@ -115,6 +116,12 @@ class Rollback:
         check_int("Rollback.clean_window", self.clean_window, 0)
         if self.disk_every is not None:
             check_int("Rollback.disk_every", self.disk_every, 1)
+            if self.disk_every % self.every:
+                raise ConfigError(
+                    f"Rollback.disk_every={self.disk_every} is not a multiple of every="
+                    f"{self.every}: only the snapshots taken every {self.every} steps exist to "
+                    f"be written (every={self.every}, disk_every={self.every} writes each of "
+                    "them)")
         if self.memory not in MEMORY:
             raise ConfigError(f"Rollback.memory must be one of {MEMORY}, got {self.memory!r}")
         for name in ("device_fraction", "host_fraction"):

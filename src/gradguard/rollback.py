@@ -12,6 +12,7 @@ is dropped, so the next one goes a snapshot further back.
 
 from __future__ import annotations
 
+import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,20 @@ def trackable(obj: Any, started: bool) -> Any:
     if started:
         raise GuardUsageError("track() objects before the first guard.step()")
     return obj
+
+
+def _usable_dir(folder: Path) -> None:
+    """Make ``folder`` (and its parents) and check that files can be written in it, when
+    the guard is built: found at the first disk snapshot, the problem would stop training
+    inside ``guard.step``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gradguard-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"Rollback(dir={str(folder)!r}) cannot hold snapshots: "
+                          f"{e.strerror or e} ({type(e).__name__}); give a folder this "
+                          "process can write to") from e
 
 
 class RollbackStore:
@@ -67,6 +82,8 @@ class RollbackStore:
         self.resumed = False
         self.disk_files: deque[Path] = deque()
         self.fails: dict[int, int] = {}
+        if cfg.dir is not None:
+            _usable_dir(Path(cfg.dir))
 
     @property
     def active(self) -> bool:

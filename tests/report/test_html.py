@@ -288,3 +288,24 @@ def test_cli_report_of_a_bench_dir_writes_report_html(bench_dir, tmp_path):
     assert res.exit_code == 0 and out.exists() and not (partial / "report.html").exists()
     res = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "no such run log" in res.output
+
+
+def test_cli_report_prints_log_text_as_text_not_markup(tmp_path):
+    # A snapshot folder named "[bold]exp[/bold]": rich would print "exp", a path that
+    # does not exist.
+    import gradguard as gg
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    log = tmp_path / "[bold]run[/bold].jsonl"
+    folder = tmp_path / "[bold]exp[/bold]"
+    guard = gg.Guard(model, opt, log=str(log), rollback=gg.Rollback(every=5, dir=str(folder)))
+    for _ in range(20):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    res = CliRunner().invoke(app, ["report", str(log)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert "[bold]exp[/bold]" in res.output and "[bold]run[/bold].jsonl" in res.output
