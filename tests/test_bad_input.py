@@ -327,3 +327,36 @@ def test_a_snapshot_folder_that_cannot_be_written_fails_at_construction(tmp_path
     assert (tmp_path / "new" / "deep").is_dir()  # made, and nothing left in it
     assert not any((tmp_path / "new" / "deep").iterdir())
     guard.close()
+
+
+def test_a_state_must_come_from_the_same_parameters_and_may_move_its_snapshots(tmp_path):
+    # The same number of tensors is not the same model: a later rollback would load the
+    # other model's weights (or crash on their shapes). Where snapshots are kept is no
+    # decision: a resumed run may move them.
+    model = small_mlp(width=16)
+    state = stepped_guard(model, rollback=gg.Rollback(dir=str(tmp_path / "a"))).state_dict()
+    with pytest.raises(gg.ConfigError, match=r"shapes.0.weight: '16×8' → '32×8'"):
+        stepped_guard(small_mlp(width=32)).load_state_dict(state)
+    moved = gg.Rollback(dir=str(tmp_path / "b"), memory="cpu")
+    assert stepped_guard(model, rollback=moved).load_state_dict(state) == []
+
+
+def test_a_non_strict_load_keeps_the_lr_scale_the_saved_run_needed():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    old = gg.Guard(model, opt, log=None)
+    for s in range(20):
+        opt.zero_grad()
+        loss = backward(model, seed=s)
+        if 10 <= s < 13:
+            next(model.parameters()).grad[0] = float("nan")
+        old.step(loss)
+    assert old.lr.scale < 1
+    state = old.state_dict()
+    old.close()
+    new = gg.Guard(model, opt, log=None, policy=gg.Policy(stability=gg.Stability(window=30)))
+    assert "controller" in new.load_state_dict(state, strict=False)
+    for s in range(20, 25):
+        opt.zero_grad()
+        info = new.step(backward(model, seed=s))
+    assert float(info.lr_scale) == pytest.approx(old.lr.scale)

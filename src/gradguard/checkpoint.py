@@ -31,9 +31,31 @@ log = logging.getLogger("gradguard")
 STATE_VERSION = 5
 
 
+# Where snapshots are kept, not what the guard decides: a resumed run may move them.
+_PLACEMENT = {"dir": None, "disk_every": None, "memory": "auto", "device_fraction": 0.1,
+              "host_fraction": 0.25}
+
+
 def config(g: Guard) -> dict[str, Any]:
-    """The settings a saved state must match."""
-    return {"clip": repr(g.clip), "n_params": len(g.params), "policy": g.policy.describe()}
+    """The settings a saved state must match: the clip, the policy (less where snapshots
+    are kept), and the watched parameters' names and shapes."""
+    policy = g.policy.describe()
+    policy["rollback"] = _decisions(policy["rollback"])
+    return {"clip": repr(g.clip), "n_params": len(g.params), "policy": policy,
+            "shapes": {n: "×".join(map(str, p.shape)) for n, p in zip(g.names, g.params,
+                                                                        strict=True)}}
+
+
+def _decisions(text: Any) -> Any:
+    """A ``Rollback`` repr with its placement fields (:data:`_PLACEMENT`) at their
+    defaults; anything else unchanged."""
+    parsed = _fields(text, Rollback)
+    if parsed is None:
+        return text
+    try:
+        return repr(Rollback(**{**parsed, **_PLACEMENT}))
+    except (ConfigError, TypeError, ValueError):
+        return text
 
 
 def trajectory(g: Guard) -> dict[str, Any]:
@@ -94,6 +116,9 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         # Likewise a Stability or Rollback setting added since (Stability.norm_streaks).
         for key, cls in (("stability", Stability), ("rollback", Rollback)):
             saved["policy"][key] = with_defaults(saved["policy"][key], cls)
+        saved["policy"]["rollback"] = _decisions(saved["policy"]["rollback"])
+    if "shapes" not in saved:  # (saved before the shapes were: the count is all there is)
+        saved = {**saved, "shapes": config(g)["shapes"]}
     diff = config_diff(saved, config(g))
     if diff and strict:
         raise ConfigError(
@@ -114,6 +139,10 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     h.rollbacks = int(state["rollbacks"])
     h.load_state_dict(state["host"])
     g.lr.load_state_dict(state["lr"])
+    if g.control is not None and "controller" in skipped:
+        # A fresh controller would set the LR scale back to ×1 at the next row: the cuts
+        # the saved run found it needed stand (its probe raises them after calm, as ever).
+        g.control.scale = g.lr.scale
     if g.store is not None and state["rollback"] is not None:
         g.store.load_state_dict(state["rollback"])
     if g.control is not None and state["controller"] is not None \
@@ -134,23 +163,32 @@ def with_defaults(text: Any, cls: type) -> Any:
     ``cls(...)`` with literal values, a field ``cls`` does not have (a newer gradguard
     saved it), or values ``cls`` refuses.
     """
-    if not isinstance(text, str):
-        return text
-    try:
-        node = ast.parse(text, mode="eval").body
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id == cls.__name__ and not node.args):
-            return text
-        values = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    except (SyntaxError, ValueError, TypeError):
+    values = _fields(text, cls)
+    if values is None:
         return text
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    if None in values or not set(values) <= names or set(values) == names:
+    if not set(values) <= names or set(values) == names:
         return text
     try:
         return repr(cls(**values))
     except (ConfigError, TypeError, ValueError):
         return text
+
+
+def _fields(text: Any, cls: type) -> dict[str, Any] | None:
+    """The keyword values of ``text`` when it reads ``cls(...)`` with literal values."""
+    if not isinstance(text, str):
+        return None
+    try:
+        node = ast.parse(text, mode="eval").body
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == cls.__name__ and not node.args):
+            return None
+        if any(k.arg is None for k in node.keywords):  # (a **mapping: not literal)
+            return None
+        return {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+    except (SyntaxError, ValueError, TypeError):
+        return None
 
 
 def _load_parts(g: Guard, state: dict[str, Any], saved: dict[str, Any]) -> list[str]:
@@ -168,7 +206,7 @@ def _load_parts(g: Guard, state: dict[str, Any], saved: dict[str, Any]) -> list[
                                            for k, v in st.items())
 
     skipped: list[str] = []
-    if same("clip", "n_params"):
+    if same("clip", "n_params", "shapes"):
         g.clip.load_state_dict(snap.clone_tree(state["clip"]))
     else:
         skipped.append("clip")
@@ -181,6 +219,6 @@ def _load_parts(g: Guard, state: dict[str, Any], saved: dict[str, Any]) -> list[
         g.decision.load_state_dict(state["decision"])
     else:
         skipped += ["decision", "controller"]
-    if not same("n_params"):
+    if not same("n_params", "shapes"):
         skipped.append("attribution")
     return skipped
