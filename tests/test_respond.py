@@ -625,3 +625,21 @@ def test_pruning_mid_run_drops_the_snapshots_that_no_longer_fit():
     assert guard.rollbacks == 1 and guard.store.latest.step >= 50
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert float(model[0].weight_mask.mean()) == 0.5  # the pruning stands
+
+
+def test_a_resumed_guard_watches_the_data_as_the_saved_one_did():
+    def loop(guard, model, opt, first, last):
+        for s in range(first, last):
+            step(guard, model, opt, s, nan=s in (20, 60, 61, 62))
+
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    loop(guard, model, opt, 0, 40)  # (the NaN batch at step 20 armed the watch)
+    state = guard.state_dict()
+    guard.close()
+    resumed = gg.Guard(model, opt, log=None)
+    resumed.load_state_dict(state)
+    loop(resumed, model, opt, 40, 80)
+    assert [e["step"] for e in resumed.recorder.events if e.get("data")] == [60, 61, 62]
+    assert resumed.rollbacks == 0

@@ -92,6 +92,7 @@ def save(g: Guard, snapshots: bool = False, drain: bool = True) -> dict[str, Any
         "rollback": None if g.store is None else g.store.state_dict(snapshots),
         "attribution": {k: torch.as_tensor(v) for k, v in h.attribution.state_dict().items()},
         "host": h.state_dict(),
+        "events": g.recorder.tally(),
         **trajectory(g),
     }
 
@@ -134,6 +135,8 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
                     ", ".join(skipped), "; ".join(diff))
     h = g._host
+    if "events" in state:  # (absent before it existed)
+        g.recorder.carried = state["events"]
     g.steps = int(state["steps"])
     g.skipped.copy_(state["skipped"])
     h.rollbacks = int(state["rollbacks"])

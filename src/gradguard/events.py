@@ -103,16 +103,10 @@ def give_up(reason: str, scale: float, lr: Any,
 def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
               last_good: int | None) -> dict[str, Any]:
     """What the guard has seen so far: event counts, origins, LR scale, rollbacks."""
-    ev = recorder.events
-    kinds: dict[str, int] = {}
-    origins: dict[str, int] = {}
-    for e in ev:
-        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-        if e.get("origin_layer"):
-            origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
-    return {"steps": steps, "events": kinds, "origin_layers": origins,
+    t = recorder.tally()
+    return {"steps": steps, "events": t["kinds"], "origin_layers": t["origins"],
             "rollbacks": rollbacks, "lr_scale": scale, "last_good_step": last_good,
-            "recent_events": ev[-10:]}
+            "recent_events": recorder.events[-10:]}
 
 
 def counted(n: int, noun: str) -> str:
@@ -142,8 +136,8 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     stalled = None if c is None or dead is not None or c.rows < 2 * c.cfg.window \
         else c.stalled()
     # (Steps, not events: one skipped step can carry several skip events.)
-    skipped = len({e["step"] for e in recorder.events if e.get("action") == "skip"})
-    data = len({e["step"] for e in recorder.events if e.get("data")})
+    t = recorder.tally()
+    skipped, data = t["skipped"], t["data"]
     # (the changes the guard found; one the user announced needs no account)
     shifts = [e for e in recorder.events if e.get("kind") == "data_shift" and "then" in e]
     shifted = ""

@@ -66,6 +66,7 @@ class HostSide:
         self.dead = DeadLayers(names, order)
         self.first_module: Any = None
         self.inputs: InputWatch | None = None  # (see watch_inputs)
+        self.watch_from_start = False  # a resumed run whose guard was watching
         self.rollbacks = 0
         self.skip_batches = 0
         self.batches_used = False
@@ -115,7 +116,7 @@ class HostSide:
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
             g._order_probe = None
-            if g.mailbox.lag:
+            if g.mailbox.lag or self.watch_from_start:
                 self.watch_inputs()
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
@@ -643,7 +644,7 @@ class HostSide:
     def state_dict(self) -> dict[str, Any]:
         """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
-                "data_streak": self.data_streak,
+                "data_streak": self.data_streak, "watching": self.inputs is not None,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(), "dead": self.dead.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
@@ -658,6 +659,7 @@ class HostSide:
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.data_streak = int(h.get("data_streak", 0))  # (absent before it existed)
+        self.watch_from_start = bool(h.get("watching", False))
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         base = h.get("early_base")  # (absent before it existed)

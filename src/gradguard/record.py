@@ -314,6 +314,23 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self._pending: list[dict[str, Any]] = []
         self._last_flush = 0
+        # What the events of a run this one resumed said (see tally): the verdict and the
+        # diagnosis count the whole run, not only what happened since the resume.
+        self.carried: dict[str, Any] = {"kinds": {}, "origins": {}, "skipped": 0, "data": 0}
+
+    def tally(self) -> dict[str, Any]:
+        """Counts of the events so far, the carried ones included: per kind, per origin
+        layer, the skipped steps and those of them whose inputs held NaN/Inf."""
+        kinds, origins = dict(self.carried["kinds"]), dict(self.carried["origins"])
+        for e in self.events:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+            if e.get("origin_layer"):
+                origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
+        return {"kinds": kinds, "origins": origins,
+                "skipped": self.carried["skipped"] + len(
+                    {e["step"] for e in self.events if e.get("action") == "skip"}),
+                "data": self.carried["data"] + len(
+                    {e["step"] for e in self.events if e.get("data")})}
 
     def start(self, meta: dict[str, Any]) -> None:
         record = {"type": "meta", "format": FORMAT, "time": time.time(), **meta}
