@@ -88,3 +88,33 @@ def test_a_guard_closed_or_collected_before_its_first_step_leaves_no_forward_hoo
     del guard
     gc.collect()
     assert hooks() == 0
+
+
+def _verdict(path) -> str:
+    return next(r["message"] for r in gg.read_jsonl(path) if r.get("kind") == "verdict")
+
+
+def test_a_run_an_exception_ends_gets_a_verdict_that_says_so(tmp_path):
+    # Not "stable": the run did not finish. A `with` block, and a script whose uncaught
+    # exception ends it (the exit handler closes the guard).
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.replace("# no guard.close(): the script just ends",
+                                     "raise RuntimeError('the loader died')"))
+    log = tmp_path / "run.jsonl"
+    res = subprocess.run([sys.executable, str(script), str(log)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 1 and "the loader died" in res.stderr
+    assert _verdict(log).startswith("stopped by RuntimeError: the loader died at step 7; "
+                                    "until then: stable")
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        with gg.Guard(model, opt, log=tmp_path / "with.jsonl") as guard:
+            for s in range(5):
+                opt.zero_grad()
+                guard.step(backward(model, seed=s))
+            raise ValueError("out of memory")
+    except ValueError:
+        pass
+    assert guard.verdict().startswith("stopped by ValueError: out of memory at step 5")
+    assert _verdict(tmp_path / "with.jsonl") == guard.verdict()

@@ -157,7 +157,7 @@ def report(
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "noise",
                  "data_shift", "rollback", "rollback_off", "drift", "depth_trend",
-                 "dead_units", "unwatched", "diverged"):
+                 "dead_units", "unwatched", "diverged", "stopped"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:

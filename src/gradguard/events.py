@@ -151,6 +151,10 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                    "learned the new data's statistics afresh")
     said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None, shifted)
+    stops = [e for e in recorder.events if e["kind"] == "stopped"]
+    if stops:  # (a crashed run is not a stable one: what the guard saw comes after)
+        e = stops[-1]
+        said = f"{e['message'].removeprefix('the run ')} at step {e['step']}; until then: {said}"
     if stalled is not None:
         assert c is not None
         level, first = stalled

@@ -218,7 +218,7 @@ class Guard(assembly.Parts):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        lifecycle.close(self, exc[1])  # (an exception that ends the block: in the verdict)
 
     def state_dict(self, snapshots: bool = False) -> dict[str, Any]:
         """The guard's own state (not the model's or optimizer's), versioned: the dict of

@@ -623,6 +623,17 @@ class HostSide:
             action="recover", lr_scale=c.scale, then=then, now=now, to_step=to_step)
         return False
 
+    def stopped(self, exc: BaseException) -> None:
+        """An exception ended the run (the ``with`` block, or the script): one event that
+        the verdict reads. The guard's own give-up has its ``diverged`` event already."""
+        if isinstance(exc, TrainingDivergedError):
+            return
+        what = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+        if len(what) > 300:
+            what = what[:300] + " …"
+        self.g.recorder.event(self.g.steps, "stopped", f"the run stopped by {what}",
+                              action="info", error=type(exc).__name__)
+
     def diverged(self, step: int, why: str) -> None:
         g = self.g
         if g.scaler is None and g._usage.fp16_forward and not g._usage.scaler_elsewhere:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import weakref
 from typing import Any
 
@@ -48,6 +49,14 @@ def unregister(guard: Any, fin: weakref.finalize) -> None:
     _open.discard(guard)
 
 
+def close(guard: Any, exc: BaseException | None) -> None:
+    """Close ``guard``; ``exc``: the exception that ended the run, if one did, which the
+    verdict then names (a crashed run is not a "stable" one)."""
+    if exc is not None and not guard._closed:
+        guard._host.stopped(exc)
+    guard.close()
+
+
 def _release(recorder: Any, hooks: tuple[Any, ...]) -> None:
     for h in hooks:
         h.remove()
@@ -59,8 +68,10 @@ def _release(recorder: Any, hooks: tuple[Any, ...]) -> None:
 
 @atexit.register
 def _close_open_guards() -> None:
+    # (An uncaught exception that ends the script is sys.last_value by now.)
+    exc = getattr(sys, "last_value", None)
     for guard in list(_open):
         try:
-            guard.close()
+            close(guard, exc)
         except Exception:
             log.exception("gradguard: closing an open guard at exit failed")
