@@ -119,6 +119,13 @@ def test_guard_state_travels_with_trainer_checkpoints(corpus, tmp_path):
           resume=str(tmp_path / "checkpoint-6"))
     assert cb2.guard.steps == 9  # continued from step 6
     assert int(cb2.guard.skipped) == 1
+    # From a checkpoint outside output_dir, named in the arguments too: the callback is
+    # told the step, not the folder.
+    cb3 = GradGuardCallback()
+    ckpt = str(tmp_path / "checkpoint-6")
+    train(tiny_bert(vocab), rows, tmp_path / "elsewhere", [cb3], max_steps=9, resume=ckpt,
+          resume_from_checkpoint=ckpt)
+    assert cb3.guard.steps == 9 and int(cb3.guard.skipped) == 1
 
 
 def test_rollback_restores_model_optimizer_and_scheduler(corpus, tmp_path):

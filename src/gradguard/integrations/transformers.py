@@ -20,7 +20,9 @@ follows into a no-op. A skipped step leaves weights and optimizer moments untouc
   plain loops); the guard's metrics go to its own sinks (``log=``, ``tensorboard=``,
   ``sinks=``), not to the Trainer's ``report_to`` loggers.
 - The guard's state is written as ``gradguard.pt`` into each ``checkpoint-N`` folder and
-  read back when training resumes from that checkpoint.
+  read back when training resumes: from the folder named in
+  ``TrainingArguments(resume_from_checkpoint=...)``, else from ``output_dir``'s
+  ``checkpoint-N`` (the Trainer tells callbacks the step, not the folder).
 - DeepSpeed runs its own step and is refused.
 """
 
@@ -121,11 +123,19 @@ class GradGuardCallback(TrainerCallback):
     def _resume(self, args: Any, state: Any) -> None:
         if not state.global_step:
             return
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
-                            STATE_FILE)
-        if not os.path.exists(path):
-            log.warning("gradguard: resuming at step %d without %s; the guard starts fresh",
-                        state.global_step, path)
+        # The Trainer tells callbacks the step it resumed at, not the folder: the one named
+        # in TrainingArguments(resume_from_checkpoint=...) first, then output_dir's.
+        places = [os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
+                               STATE_FILE)]
+        named = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(named, str | os.PathLike):
+            places.insert(0, os.path.join(named, STATE_FILE))
+        path = next((p for p in places if os.path.exists(p)), None)
+        if path is None:
+            log.warning("gradguard: resuming at step %d without the guard's state (looked for "
+                        "%s); the guard starts fresh. For a checkpoint outside output_dir, "
+                        "name it in TrainingArguments(resume_from_checkpoint=...) too",
+                        state.global_step, " and ".join(places))
             return
         assert self.guard is not None
         self.guard.load_state_dict(torch.load(path, map_location=self.guard.device,
