@@ -33,17 +33,18 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, GuardUsageWarning
 from .runlog import Event, Meta, StepRecord, typed
 
 __all__ = [
@@ -193,9 +194,21 @@ def _atomic_append_lines(f: Any, lines: Iterable[str]) -> None:
 class JsonlSink:
     """Append records to a JSON-lines file (the default sink; ``gradguard report`` reads it)."""
 
+    # The files open sinks of this process write to: two live guards on one file
+    # interleave their rows, and the report reads them as one run.
+    _writing: ClassVar[set[Path]] = set()
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = self.path.resolve()
+        if self._key in JsonlSink._writing:
+            warnings.warn(
+                f"another open guard is writing to {self.path}: their rows interleave and "
+                "`gradguard report` reads them as one run. Give each guard its own log= "
+                "(or close the first guard before building the second)",
+                GuardUsageWarning, stacklevel=5)
+        JsonlSink._writing.add(self._key)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         if self._f.tell() > 0:
             # A crash can leave a torn last line; start on a fresh one so this run's first
@@ -222,6 +235,7 @@ class JsonlSink:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+            JsonlSink._writing.discard(self._key)
 
 
 class ConsoleSink:

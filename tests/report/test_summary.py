@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -55,3 +57,17 @@ def test_each_guard_appending_to_one_log_is_its_own_run(tmp_path):
     from gradguard.report.html import run_log_html
 
     assert "run 1 of 2" in run_log_html(path, run=0)
+
+
+def test_two_open_guards_on_one_log_are_warned_about(tmp_path):
+    # Sequential runs append as runs of their own (above); two live guards interleave.
+    log = tmp_path / "run.jsonl"
+    model = torch.nn.Linear(3, 1)
+    first = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=log)
+    with pytest.warns(gg.GuardUsageWarning, match="another open guard is writing to"):
+        second = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=log)
+    first.close()
+    second.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GuardUsageWarning)
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=log).close()
