@@ -166,6 +166,9 @@ def test_state_from_a_differently_configured_guard_is_refused():
         stepped_guard(model).load_state_dict(model.state_dict())
     with pytest.raises(gg.ConfigError, match="not a gradguard state dict"):
         stepped_guard(model).load_state_dict([1, 2])
+    partial = {k: v for k, v in state.items() if k != "host"}
+    with pytest.raises(gg.ConfigError, match=r"guard state lacks \['host'\]"):
+        stepped_guard(model).load_state_dict(partial)
 
 
 def test_a_refused_state_lists_only_the_settings_that_differ():
@@ -253,8 +256,18 @@ def test_load_latest_falls_back_past_a_corrupted_newest_snapshot(tmp_path):
     (tmp_path / ".snapshot-000000400.pt.k3j2.tmp").write_bytes(b"PK\x03\x04 half a zip")
     path, s = snap.load_latest(tmp_path)
     assert path.name == "snapshot-000000200.pt" and s.step == 200
-    with pytest.raises(snap.SnapshotError, match="no loadable snapshot"):
+    with pytest.raises(snap.SnapshotError, match="empty does not exist"):
         snap.load_latest(tmp_path / "empty")
+    # Under torch.distributed each rank writes its own files and reads its own back.
+    for rank in (0, 1):
+        snap.save_file(take(400 + rank), tmp_path / f"snapshot-000000400-rank{rank}.pt")
+    assert snap.load_latest(tmp_path)[1].step == 200  # (not another rank's)
+    assert snap.load_latest(tmp_path, rank=1)[1].step == 401
+    assert snap.load_latest(tmp_path, rank=0)[1].step == 400
+    (tmp_path / "ranks").mkdir()
+    snap.save_file(take(5), tmp_path / "ranks" / "snapshot-000000005-rank0.pt")
+    with pytest.raises(snap.SnapshotError, match="other ranks are there: pass rank="):
+        snap.load_latest(tmp_path / "ranks")
 
 
 def test_guard_snapshots_on_disk_survive_a_corrupted_newest_file(tmp_path):

@@ -97,6 +97,10 @@ def save(g: Guard, snapshots: bool = False, drain: bool = True) -> dict[str, Any
     }
 
 
+_REQUIRED = {"config", "steps", "skipped", "rollbacks", "controller", "lr", "rollback",
+             "attribution", "host", "clip", "grad_spike", "loss_spike", "decision"}
+
+
 def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     """See :meth:`gradguard.Guard.load_state_dict`."""
     if not isinstance(state, dict) or "format" not in state:
@@ -108,6 +112,10 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
             "with the gradguard version that saved it, or leave the guard state out (the "
             "guard relearns its statistics within its warm-up)"
         )
+    missing = sorted(_REQUIRED - set(state))
+    if missing:
+        raise ConfigError(f"guard state lacks {missing}: pass what Guard.state_dict() "
+                          "returned, whole")
     saved = state["config"]
     if isinstance(saved.get("policy"), dict):
         # A policy setting added since the state was saved is read as its default (the

@@ -260,8 +260,8 @@ def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapsho
                     d.get("state"))
 
 
-def load_latest(folder: str | os.PathLike[str], pattern: str = "snapshot-*.pt",
-                map_location: Any = None) -> tuple[Path, Snapshot]:
+def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
+                map_location: Any = None, rank: int | None = None) -> tuple[Path, Snapshot]:
     """The newest snapshot in ``folder`` that passes its checksum, with its path.
 
     After a crash, the newest file may be corrupted (a disk fault; a torn write cannot
@@ -270,16 +270,25 @@ def load_latest(folder: str | os.PathLike[str], pattern: str = "snapshot-*.pt",
 
     Args:
         folder: where the snapshots are (``Rollback(dir=...)``).
-        pattern: glob for snapshot names; the guard's are ``snapshot-<step>[-rank<r>].pt``.
+        pattern: glob for snapshot names (default: the guard's, ``snapshot-<step>.pt``, or
+            ``snapshot-<step>-rank<r>.pt`` with ``rank``).
         map_location: as for :func:`torch.load`.
+        rank: under torch.distributed, this rank's files (each rank writes its own).
 
     Raises:
         SnapshotError: no file in ``folder`` matching ``pattern`` loads.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise SnapshotError(f"snapshot folder {folder} does not exist (or is not a folder)")
+    if pattern is None:
+        pattern = "snapshot-*.pt" if rank is None else f"snapshot-*-rank{rank}.pt"
+    # (Without a rank, another rank's files are not this process's.)
+    others = "-rank" if rank is None and pattern == "snapshot-*.pt" else None
     # Newest written first, not highest step first: a run restarted without its guard
     # state counts steps from 0 again.
-    found = sorted((p for p in folder.glob(pattern) if p.is_file()),
+    found = sorted((p for p in folder.glob(pattern)
+                    if p.is_file() and (others is None or others not in p.name)),
                    key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
     errors: list[str] = []
     for path in found:
@@ -289,5 +298,7 @@ def load_latest(folder: str | os.PathLike[str], pattern: str = "snapshot-*.pt",
             errors.append(str(e))
     raise SnapshotError(
         f"no loadable snapshot matching {pattern!r} in {folder}"
+        + (" (files of other ranks are there: pass rank=)" if others and any(
+            others in p.name for p in folder.glob(pattern)) else "")
         + (f" ({len(errors)} refused: {errors[0]})" if errors else "")
     )
