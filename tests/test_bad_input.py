@@ -373,3 +373,12 @@ def test_a_non_strict_load_keeps_the_lr_scale_the_saved_run_needed():
         opt.zero_grad()
         info = new.step(backward(model, seed=s))
     assert float(info.lr_scale) == pytest.approx(old.lr.scale)
+
+
+def test_found_inf_refusal_says_why_the_optimizer_cannot_run_fused():
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.cfloat))
+    with pytest.raises(gg.ConfigError, match="Adam has complex parameters"):
+        gg.Guard(None, torch.optim.Adam([complex_param]), skip_strategy="found_inf")
+    real = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(gg.ConfigError, match="RMSprop does not"):
+        gg.Guard(None, torch.optim.RMSprop([real]), skip_strategy="found_inf")

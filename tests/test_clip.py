@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import gradguard as gg
 from gradguard.clip import ClipContext
@@ -345,3 +346,41 @@ def test_the_guard_runs_the_spike_clamp_after_the_users_chain():
     assert "SpikeClamp" in repr(auto._device.transforms) and "SpikeClamp" not in repr(auto.clip)
     skip = guard(on_spike="skip")
     assert "SpikeClamp" not in repr(skip._device.transforms)
+
+
+class _Complex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.cfloat))
+        self.b = nn.Parameter(torch.randn(4, dtype=torch.cfloat))
+
+    def forward(self, x):
+        return ((self.w @ x.to(torch.cfloat).T + self.b[:, None]).abs() ** 2).sum()
+
+
+def test_complex_parameters_are_centralised_and_agc_clipped_as_complex_tensors():
+    # Their gradients reach the transforms as real views with a trailing (re, im) dim,
+    # which is not a unit: a complex bias is a vector (Centralize leaves it, AGC clips it
+    # whole) and a complex weight's rows lose their complex mean.
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    model = _Complex()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.0), log=None,
+                     clip=gg.clip.Centralize())
+    loss = model(x)
+    loss.backward()
+    gw, gb = model.w.grad.clone(), model.b.grad.clone()
+    guard.step(loss)
+    guard.close()
+    assert torch.equal(model.b.grad, gb)
+    assert torch.allclose(model.w.grad, gw - gw.mean(dim=1, keepdim=True), atol=1e-5)
+    model = _Complex()
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.0), log=None,
+                     clip=gg.clip.AGC(0.01))
+    loss = model(x)
+    loss.backward()
+    guard.step(loss)
+    guard.close()
+    assert float(model.b.grad.norm() / model.b.detach().norm()) == pytest.approx(0.01, rel=1e-4)
+    rows = model.w.grad.norm(dim=1) / model.w.detach().norm(dim=1)
+    assert torch.allclose(rows, torch.full((4,), 0.01), rtol=1e-4)

@@ -324,9 +324,11 @@ class Value(Transform):
         ctx.modified()
 
 
-def _unitwise_norm(x: Tensor) -> Tensor:
-    """L2 norm per output unit (row of a Linear, filter of a Conv); whole tensor if 0/1-D."""
-    if x.dim() <= 1:
+def _unitwise_norm(x: Tensor, dims: int | None = None) -> Tensor:
+    """L2 norm per output unit (row of a Linear, filter of a Conv); whole tensor if 0/1-D.
+    ``dims``: the tensor's own dimensions, when ``x`` is a complex tensor's real view (one
+    more, for the real and imaginary parts)."""
+    if (x.dim() if dims is None else dims) <= 1:
         return torch.linalg.vector_norm(x.float())
     return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.dim())), keepdim=True)
 
@@ -384,21 +386,23 @@ class AGC(Transform):
     def __call__(self, ctx: ClipContext) -> None:
         grads = ctx.grads()
         weights = ctx.groups.weights or ctx.groups.params
-        todo = [(w, g) for pos, w, g in zip(ctx.positions, weights, grads, strict=True)
+        todo = [(w, g, p.dim()) for pos, w, g, p in zip(ctx.positions, weights, grads,
+                                                        ctx.groups.params, strict=True)
                 if pos not in self._excluded]
         whole: dict[int, tuple[Tensor, Tensor]] = {}
         if ctx.groups.sum_squares is not None:
             # Sharded (FSDP2, Shard(0)): rows of a matrix live on one rank, but a vector's
             # norm is spread over ranks; sum its squares across shards, all in one collective.
-            vec = [i for i, (w, _) in enumerate(todo) if w.dim() <= 1]
+            vec = [i for i, (_, _, d) in enumerate(todo) if d <= 1]
             if vec:
                 sq = torch.stack([torch.stack([todo[i][0].detach().float().square().sum(),
                                                todo[i][1].float().square().sum()])
                                   for i in vec])
                 sq = ctx.groups.sum_squares(sq.flatten()).view(-1, 2).sqrt()
                 whole = {i: (sq[k, 0], sq[k, 1]) for k, i in enumerate(vec)}
-        for i, (w, g) in enumerate(todo):
-            w_norm, g_norm = whole.get(i) or (_unitwise_norm(w.detach()), _unitwise_norm(g))
+        for i, (w, g, d) in enumerate(todo):
+            w_norm, g_norm = whole.get(i) or (_unitwise_norm(w.detach(), d),
+                                              _unitwise_norm(g, d))
             max_norm = w_norm.clamp_min(self.eps) * self.clipping
             factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(_TORCH_EPS), 1.0)
             g.mul_(factor.to(g.dtype))
@@ -554,9 +558,12 @@ class Centralize(Transform):
     """
 
     def __call__(self, ctx: ClipContext) -> None:
-        for g in ctx.grads():
-            if g.dim() > 1:
-                g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+        for p, g in zip(ctx.groups.params, ctx.grads(), strict=True):
+            # (A complex gradient comes as its real view: its last dim is (re, im), kept
+            # out of the mean so that the complex mean is removed.)
+            own = p.dim()
+            if own > 1:
+                g.sub_(g.mean(dim=tuple(range(1, own)), keepdim=True))
         ctx.modified()
 
 

@@ -67,6 +67,23 @@ def _set(st: dict[str, Any], key: str, value: Any, switches: _Switches | None) -
         switches.replace(st, key, value)
 
 
+def _why_not_fused(optimizer: torch.optim.Optimizer) -> str:
+    """Why :func:`_try_fuse` left ``optimizer`` as it was, for a message."""
+    name = type(optimizer).__name__
+    if type(optimizer) not in _FUSABLE:
+        return f"{name} does not"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(p.is_complex() for p in params):
+        return f"{name} has complex parameters, which torch's fused kernels do not take"
+    if any(not torch.is_floating_point(p) for p in params):
+        return f"{name} has parameters that are not floating point"
+    if any(g.get("fused") is not None or g.get("foreach") is not None
+           for g in optimizer.param_groups):
+        return f"{name} was built with its own fused=/foreach= choice, which the guard keeps"
+    return f"{name} cannot run fused here (its parameters' device, or its capturable or " \
+        "differentiable mode)"
+
+
 def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = None) -> bool:
     """Switch a torch Adam/AdamW/SGD/Adagrad to its fused kernel when the user left it open."""
     if type(optimizer) not in _FUSABLE:
@@ -221,7 +238,7 @@ class Stepper:
                                                                         self._switches):
             raise ConfigError(
                 f"skip_strategy='found_inf' needs an optimizer that reads `found_inf` (torch's "
-                f"fused Adam/AdamW/SGD/Adagrad); {type(optimizer).__name__} does not. Use "
+                f"fused Adam/AdamW/SGD/Adagrad); {_why_not_fused(optimizer)}. Use "
                 "skip_strategy='masked' or 'auto'."
             )
         if strategy == "masked":
