@@ -484,10 +484,9 @@ def test_a_give_back_that_recurs_at_every_cut_lr_is_not_the_lr_and_never_gives_u
     # Stood down, the give-back limit no longer keeps snapshots from being taken either.
     assert ctrl.progress_threshold() == math.inf and ctrl.calm_now()
     # The verdict tells it, and does not call the LR unchanged.
-    from types import SimpleNamespace
-
     from gradguard.events import verdict
-    said = verdict(SimpleNamespace(events=[]), ctrl, 5, 0.003)
+    from gradguard.record import Recorder
+    said = verdict(Recorder([], []), ctrl, 5, 0.003)
     assert "so those cuts were taken back (5 rollbacks in all)" in said, said
     assert "the LR ended where it began" in said and "never changed" not in said
     # Memory: it survives a save and load.
