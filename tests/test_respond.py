@@ -643,3 +643,36 @@ def test_a_resumed_guard_watches_the_data_as_the_saved_one_did():
     loop(resumed, model, opt, 40, 80)
     assert [e["step"] for e in resumed.recorder.events if e.get("data")] == [60, 61, 62]
     assert resumed.rollbacks == 0
+
+
+class _DictRoot(nn.Module):
+    """Owns a parameter (so it is the first layer) and takes its batch as a dict, or as a
+    keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+        self.body = small_mlp()
+
+    def forward(self, batch=None, *, x=None):
+        return self.body((batch["x"] if batch is not None else x) * self.scale)
+
+
+@pytest.mark.parametrize("call", ["dict", "keyword"])
+def test_data_passed_as_a_dict_or_a_keyword_is_watched_too(call):
+    model = _DictRoot()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(60):
+        x = torch.randn(32, 8, generator=gen)
+        if 30 <= s < 40:
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        out = model({"x": x}) if call == "dict" else model(x=x)
+        loss = out.pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert guard.rollbacks == 0 and guard.lr.scale == 1
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(31, 40))

@@ -175,9 +175,21 @@ def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
     return model if wrapper is not None and isinstance(model, wrapper) else first
 
 
+def _first_floating(values: Sequence[Any]) -> Tensor | None:
+    """The first floating (or complex) tensor among ``values``, looking one level into a
+    dict, list or tuple (a batch passed as ``model(batch)`` or ``model(x=...)``)."""
+    for v in values:
+        for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple)
+                  else (v,)):
+            if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+                return t
+    return None
+
+
 class InputWatch:
     """Records, per step, whether the data held NaN/Inf: the first floating tensor passed
-    to the first layer, at its first call of the step.
+    to the first layer (positionally, by keyword, or one level down in a dict, list or
+    tuple), at its first call of the step.
 
     Only that one: the first layer's later calls (a recurrence written by hand feeds it
     its own hidden state) and its other arguments (an additive attention mask full of
@@ -196,13 +208,13 @@ class InputWatch:
         self.current_step = current_step
         self.keep = keep
         self.flags: dict[int, Tensor] = {}
-        self.handle = module.register_forward_pre_hook(self._hook)
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, _module: nn.Module, args: Any) -> None:
+    def _hook(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
         step = self.current_step()
         if step in self.flags or not torch.is_grad_enabled():
             return  # a later call of the step, or an evaluation pass between steps
-        x = next((a for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+        x = _first_floating([*args, *kwargs.values()])
         if x is None:
             return
         self.flags[step] = ~torch.isfinite(x).all()
