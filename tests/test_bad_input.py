@@ -382,3 +382,16 @@ def test_found_inf_refusal_says_why_the_optimizer_cannot_run_fused():
     real = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(gg.ConfigError, match="RMSprop does not"):
         gg.Guard(None, torch.optim.RMSprop([real]), skip_strategy="found_inf")
+
+
+def test_a_snapshot_folder_given_as_a_path_may_move_too(tmp_path):
+    from pathlib import Path
+
+    from gradguard.checkpoint import _fields
+    model = small_mlp()
+    state = stepped_guard(model, rollback=gg.Rollback(dir=Path(tmp_path / "a"))).state_dict()
+    moved = gg.Rollback(dir=Path(tmp_path / "b"))
+    assert stepped_guard(model, rollback=moved).load_state_dict(state) == []
+    # (states saved before dir was kept as a str hold a PosixPath repr)
+    assert _fields("Rollback(every=50, dir=PosixPath('/x'))", gg.Rollback) == {
+        "every": 50, "dir": "/x"}

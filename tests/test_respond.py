@@ -1,6 +1,7 @@
 """Policy responses end to end through the Guard: skip, LR control, rollback, escalation."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -676,3 +677,58 @@ def test_data_passed_as_a_dict_or_a_keyword_is_watched_too(call):
     guard.close()
     assert guard.rollbacks == 0 and guard.lr.scale == 1
     assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(31, 40))
+
+
+def test_the_data_watch_does_not_recompile_a_model_compiled_in_place():
+    # Watched from the first step (as on CUDA), inside a graph compiled in place: a hook
+    # that read the step number made dynamo recompile every step until its limit.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    model.compile(backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, log=None)
+    guard._host.watch_from_start = True  # (what mailbox.lag > 0 does on CUDA)
+    for s in range(20):
+        x = torch.randn(16, 6)
+        if s == 15:
+            x[0, 0] = math.nan
+        opt.zero_grad()
+        loss = (model(x) - x[:, :1].nan_to_num()).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert not counters["recompiles"] and counters["stats"]["unique_graphs"] <= 3
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == [15]
+    torch._dynamo.reset()
+
+
+def test_a_guard_whose_data_watch_is_armed_can_still_be_collected():
+    import gc
+    import weakref
+
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    for s in range(3):
+        step(guard, model, opt, s, nan=s == 1)
+    assert guard._inputs.armed
+    ref = weakref.ref(guard)
+    del guard
+    gc.collect()
+    assert ref() is None and not model[0]._forward_pre_hooks  # the hook went too
+
+
+def test_reloading_a_checkpoint_in_the_same_guard_counts_its_events_once():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    for s in range(30):
+        step(guard, model, opt, s, nan=s in (10, 20))
+    state = guard.state_dict()
+    guard.load_state_dict(state)
+    assert guard.diagnosis()["events"] == {"nonfinite": 2}
+    assert "2 bad steps skipped" in guard.verdict()

@@ -166,3 +166,30 @@ def test_a_snapshot_that_does_not_fit_is_refused_before_anything_changes(wrong):
     with pytest.raises(snap.SnapshotError, match=r"does not fit.*Nothing was restored"):
         snap.restore(s, model, list(model.parameters()), opt, extras)
     assert _same(before, _state(model, opt))
+
+
+def test_a_wrapped_tracked_scheduler_takes_the_lr_back_with_its_count():
+    # accelerate wraps both: the scheduler (.scheduler) and the optimizer (.optimizer).
+    # Its count goes back with a rollback, so the LR it set must go back too.
+    class Wrapped:
+        def __init__(self, inner, optimizer):
+            self.scheduler, self.optimizer = inner, optimizer
+
+        def state_dict(self):
+            return self.scheduler.state_dict()
+
+        def load_state_dict(self, s):
+            self.scheduler.load_state_dict(s)
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    wrapped = Wrapped(sched, type("AcceleratedOptimizer", (), {"optimizer": opt})())
+    s = None
+    for t in range(6):
+        opt.step()
+        sched.step()
+        if t == 2:
+            s = snap.take(t, model, list(model.parameters()), opt, {}, [wrapped])
+    snap.restore(s, model, list(model.parameters()), opt, [wrapped])
+    assert opt.param_groups[0]["lr"] == 0.5 ** 3 and sched.last_epoch == 3

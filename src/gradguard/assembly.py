@@ -24,7 +24,7 @@ from .control import Controller
 from .distributed import Sync, make_sync
 from .host import HostSide
 from .lr import LRFactor
-from .params import ForwardOrder
+from .params import ForwardOrder, InputWatch
 from .record import Mailbox, Recorder, Sink, make_sinks
 from .rollback import RollbackStore
 from .running import RunningStats
@@ -64,6 +64,7 @@ class Parts:
     _samples: SampleCounter
     _order_probe: ForwardOrder | None
     _running: RunningStats  # norm layers' statistics, put back on a skipped step
+    _inputs: InputWatch  # NaN/Inf in the data (see gradguard.params)
     _unwatched: list[tuple[str, Tensor]]  # frozen when the guard was built (see params.py)
     _finalizer: weakref.finalize
 
@@ -90,6 +91,7 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
     g._tracked = []
     g.store = None if policy.rollback is None else RollbackStore(
         policy.rollback, model, g.params, optimizer, g._tracked, g.recorder, rank)
+    g._inputs = InputWatch()  # (armed by the host side; its hook goes with the finalizer)
     g._host = HostSide(g)
     g._started = False
     g._closed = False
@@ -101,7 +103,7 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
     g._order_probe = probe
     g._running = RunningStats(model)
     g._finalizer = lifecycle.register(g, g.recorder, g._usage, g._samples, probe,
-                                      g._running)
+                                      g._running, g._inputs)
 
 
 def undo(g: Guard, user_sinks: int) -> None:
@@ -109,7 +111,8 @@ def undo(g: Guard, user_sinks: int) -> None:
     and close the sinks the guard opened (the first ``user_sinks`` are the user's own)."""
     steps = [g._device.stepper.undo] + [
         part.remove for part in (g.__dict__.get(k) for k in
-                                 ("_usage", "_samples", "_order_probe", "_running"))
+                                 ("_usage", "_samples", "_order_probe", "_running",
+                                  "_inputs"))
         if part is not None]
     if "recorder" in g.__dict__:  # (make_sinks puts the user's first)
         steps += [s.close for s in g.recorder.sinks[user_sinks:]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -144,7 +145,7 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
                     ", ".join(skipped), "; ".join(diff))
     h = g._host
     if "events" in state:  # (absent before it existed)
-        g.recorder.carried = state["events"]
+        g.recorder.carry(state["events"])
     g.steps = int(state["steps"])
     g.skipped.copy_(state["skipped"])
     h.rollbacks = int(state["rollbacks"])
@@ -190,6 +191,8 @@ def _fields(text: Any, cls: type) -> dict[str, Any] | None:
     """The keyword values of ``text`` when it reads ``cls(...)`` with literal values."""
     if not isinstance(text, str):
         return None
+    # (A state saved before Rollback took its dir as a str: PosixPath('…') is no literal.)
+    text = re.sub(r"\b(?:Pure)?(?:Posix|Windows)?Path\(('[^']*'|\"[^\"]*\")\)", r"\1", text)
     try:
         node = ast.parse(text, mode="eval").body
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)

@@ -130,7 +130,7 @@ def report(
     from .report import summarize, write_bench_report, write_run_log_report
 
     if not Path(run_log).exists():
-        console.print(f"[red]no such run log or bench directory: {run_log}[/red]")
+        console.print(f"[red]no such run log or bench directory: {escape(run_log)}[/red]")
         raise typer.Exit(2)
     if Path(run_log).is_dir():
         if not any((Path(run_log) / f).exists() for f in ("runs.csv", "meta.json")):

@@ -125,8 +125,7 @@ class DeviceSide:
         for grad in groups.grads:
             grad._gradguard_version = grad._version  # type: ignore[attr-defined]
 
-        watch = g._host.inputs
-        bad_inputs = watch.take(k) if watch is not None else None
+        bad_inputs = g._inputs.take()
         row = pack_row(stats.full_norms(len(g.params)),
                        loss=loss_d if loss_d is not None else self._nan,
                        grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,

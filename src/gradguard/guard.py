@@ -204,8 +204,6 @@ class Guard(assembly.Parts):
         if self._closed:
             return
         lifecycle.unregister(self, self._finalizer)  # takes the optimizer/model hooks off
-        if self._host.inputs is not None:
-            self._host.inputs.remove()
         try:
             self._host.drain()
             if self._started:

@@ -65,7 +65,7 @@ class HostSide:
         self.drift = Drift()
         self.dead = DeadLayers(names, order)
         self.first_module: Any = None
-        self.inputs: InputWatch | None = None  # (see watch_inputs)
+        self.inputs: InputWatch = guard._inputs  # (armed by watch_inputs)
         self.watch_from_start = False  # a resumed run whose guard was watching
         self.rollbacks = 0
         self.skip_batches = 0
@@ -134,9 +134,8 @@ class HostSide:
         """Watch the first layer's inputs for NaN/Inf (:class:`InputWatch`). Inputs differ
         per rank, so under torch.distributed the data is not watched."""
         g = self.g
-        if self.inputs is None and self.first_module is not None and g._sync is None:
-            self.inputs = InputWatch(input_module(g.model, self.first_module),
-                                     lambda: g.steps)
+        if not self.inputs.armed and self.first_module is not None and g._sync is None:
+            self.inputs.arm(input_module(g.model, self.first_module))
 
     def clip_recurrent(self, names: list[str]) -> None:
         """Clip every step to ``min_ratio`` × the typical norm when the model has
@@ -394,7 +393,9 @@ class HostSide:
         g = self.g
         p, c, k = g.policy, g.control, rec["step"]
         if rec["nonfinite"] and p.on_nonfinite == Action.RAISE:
-            self.diverged(k, "NaN/Inf in gradients or loss (on_nonfinite='raise')")
+            where = "the data (the first layer's inputs)" if rec["bad_inputs"] else \
+                "gradients or loss"
+            self.diverged(k, f"NaN/Inf in {where} (on_nonfinite='raise')")
         if self.skip_streak >= p.max_consecutive_skips:
             self.diverged(k, ev.skipped_out(self.skip_streak, self.data_streak,
                                             g.names[self.order[0]] if self.order else ""))
@@ -601,13 +602,14 @@ class HostSide:
         store, rb = g.store, g.policy.rollback
         capped = rb is not None and rb.max_rollbacks is not None and \
             self.rollbacks >= rb.max_rollbacks
-        if not went_back and not capped and store is not None and store.discard_latest():
-            self.rollback(
-                k, f"the weights restored from step {to_step} scored a loss of "
-                f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot holds, "
-                "or the data changed: the one before it tells)", False,
-                check=(point, clip_before, True))
+        if not went_back and not capped and store is not None and store.discard_latest() \
+                and self.rollback(
+                    k, f"the weights restored from step {to_step} scored a loss of "
+                    f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot "
+                    "holds, or the data changed: the one before it tells)", False,
+                    check=(point, clip_before, True)) is not None:
             return True
+        # (The one before it did not fit the model: no test tells; read it as new data.)
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         c.not_the_lr(point)
@@ -655,7 +657,8 @@ class HostSide:
     def state_dict(self) -> dict[str, Any]:
         """Host-side bookkeeping a resumed run needs to decide as the uninterrupted one."""
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
-                "data_streak": self.data_streak, "watching": self.inputs is not None,
+                "data_streak": self.data_streak, "watching": self.inputs.armed,
+                "ignore_rows_before": self.ignore_rows_before,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(), "dead": self.dead.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
@@ -671,6 +674,7 @@ class HostSide:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.data_streak = int(h.get("data_streak", 0))  # (absent before it existed)
         self.watch_from_start = bool(h.get("watching", False))
+        self.ignore_rows_before = int(h.get("ignore_rows_before", 0))
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         base = h.get("early_base")  # (absent before it existed)

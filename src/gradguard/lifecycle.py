@@ -68,8 +68,10 @@ def _release(recorder: Any, hooks: tuple[Any, ...]) -> None:
 
 @atexit.register
 def _close_open_guards() -> None:
-    # (An uncaught exception that ends the script is sys.last_value by now.)
-    exc = getattr(sys, "last_value", None)
+    # (An uncaught exception that ends a script is sys.last_value by now; in an interactive
+    # session it may be any earlier error, long handled.)
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
+    exc = None if interactive else getattr(sys, "last_value", None)
     for guard in list(_open):
         try:
             close(guard, exc)

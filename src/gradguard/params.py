@@ -192,38 +192,48 @@ class InputWatch:
     tuple), at its first call of the step.
 
     Only that one: the first layer's later calls (a recurrence written by hand feeds it
-    its own hidden state) and its other arguments (an additive attention mask full of
-    -inf, a carried state) are the model's, and a NaN there is the model's fault. With
-    micro-batches accumulated into one step only the first is watched; a NaN in a later
-    one is judged as any other NaN step.
+    its own hidden state, a tied embedding decodes with it) and its other arguments (an
+    additive attention mask full of -inf, a carried state) are the model's, and a NaN
+    there is the model's fault. A first call with no floating tensor (token ids) leaves
+    the step unwatched. With micro-batches accumulated into one step only the first is
+    watched; a NaN in a later one is judged as any other NaN step.
 
-    The flag of step ``k`` is a device tensor that travels to the host in that step's row
-    (the ``bad_inputs`` column), so reading it costs no sync. Armed at the first step where
-    rows reach the host late (CUDA), so the first NaN/Inf rows are already watched; else at
-    the first NaN/Inf row, so a healthy run on a CPU pays nothing.
+    The step's flag is a device tensor that travels to the host in the step's row (the
+    ``bad_inputs`` column), so reading it costs no sync. Armed (:meth:`arm`) at the first
+    step where rows reach the host late (CUDA), so the first NaN/Inf rows are already
+    watched; else at the first NaN/Inf row, so a healthy run on a CPU pays nothing. The
+    hook keeps no step number and no reference to the guard: under ``torch.compile`` it
+    traces to two variants (first call of a step or not), and a guard never closed can
+    still be collected (its finalizer takes the hook off).
     """
 
-    def __init__(self, module: nn.Module, current_step: Callable[[], int],
-                 keep: int = 64) -> None:
-        self.current_step = current_step
-        self.keep = keep
-        self.flags: dict[int, Tensor] = {}
-        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.open = True  # the step's first call is still to come
+        self.flag: Tensor | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self.handle is not None
+
+    def arm(self, module: nn.Module) -> None:
+        if self.handle is None:
+            self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
-        step = self.current_step()
-        if step in self.flags or not torch.is_grad_enabled():
+        if not self.open or not torch.is_grad_enabled():
             return  # a later call of the step, or an evaluation pass between steps
+        self.open = False
         x = _first_floating([*args, *kwargs.values()])
-        if x is None:
-            return
-        self.flags[step] = ~torch.isfinite(x).all()
-        while len(self.flags) > self.keep:  # forwards that no step took
-            del self.flags[next(iter(self.flags))]
+        if x is not None:
+            self.flag = ~torch.isfinite(x).all()
 
-    def take(self, step: int) -> Tensor | None:
-        """The flag of ``step`` (None: no watched forward), forgotten once taken."""
-        return self.flags.pop(step, None)
+    def take(self) -> Tensor | None:
+        """The step's flag (None: no watched forward); the next call opens the next step."""
+        flag, self.flag, self.open = self.flag, None, True
+        return flag
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

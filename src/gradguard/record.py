@@ -196,20 +196,20 @@ class JsonlSink:
 
     # The files open sinks of this process write to: two live guards on one file
     # interleave their rows, and the report reads them as one run.
-    _writing: ClassVar[set[Path]] = set()
+    _writing: ClassVar[dict[Path, int]] = {}
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._key = self.path.resolve()
-        if self._key in JsonlSink._writing:
+        if JsonlSink._writing.get(self._key):
             warnings.warn(
                 f"another open guard is writing to {self.path}: their rows interleave and "
                 "`gradguard report` reads them as one run. Give each guard its own log= "
                 "(or close the first guard before building the second)",
                 GuardUsageWarning, stacklevel=5)
-        JsonlSink._writing.add(self._key)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        JsonlSink._writing[self._key] = JsonlSink._writing.get(self._key, 0) + 1
         if self._f.tell() > 0:
             # A crash can leave a torn last line; start on a fresh one so this run's first
             # record is not glued onto the fragment and skipped with it.
@@ -235,7 +235,9 @@ class JsonlSink:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
-            JsonlSink._writing.discard(self._key)
+            left = JsonlSink._writing.pop(self._key, 1) - 1
+            if left > 0:
+                JsonlSink._writing[self._key] = left
 
 
 class ConsoleSink:
@@ -332,6 +334,22 @@ class Recorder:
         # diagnosis count the whole run, not only what happened since the resume.
         self.carried: dict[str, Any] = {"kinds": {}, "origins": {}, "skipped": 0, "data": 0}
 
+    def carry(self, saved: dict[str, Any]) -> None:
+        """Take ``saved`` (a :meth:`tally` from a state being loaded) as the run's story so
+        far: the events this recorder holds already are the run the load replaces (a
+        checkpoint loaded back in the process that wrote it), so they are offset, not
+        counted on top."""
+        self.carried = {"kinds": {}, "origins": {}, "skipped": 0, "data": 0}
+        own = self.tally()
+
+        def offset(key: str) -> dict[str, int]:
+            a, b = saved[key], own[key]
+            return {k: a.get(k, 0) - b.get(k, 0) for k in {*a, *b}}
+
+        self.carried = {"kinds": offset("kinds"), "origins": offset("origins"),
+                        "skipped": saved["skipped"] - own["skipped"],
+                        "data": saved["data"] - own["data"]}
+
     def tally(self) -> dict[str, Any]:
         """Counts of the events so far, the carried ones included: per kind, per origin
         layer, the skipped steps and those of them whose inputs held NaN/Inf."""
@@ -340,7 +358,8 @@ class Recorder:
             kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
             if e.get("origin_layer"):
                 origins[e["origin_layer"]] = origins.get(e["origin_layer"], 0) + 1
-        return {"kinds": kinds, "origins": origins,
+        return {"kinds": {k: n for k, n in kinds.items() if n},
+                "origins": {k: n for k, n in origins.items() if n},
                 "skipped": self.carried["skipped"] + len(
                     {e["step"] for e in self.events if e.get("action") == "skip"}),
                 "data": self.carried["data"] + len(

@@ -14,6 +14,7 @@ lower LR; OLMo-core skips steps whose loss or gradient norm is far above its rec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -108,6 +109,9 @@ class Rollback:
     clean_window: int = 5
 
     def __post_init__(self) -> None:
+        if self.dir is not None and not isinstance(self.dir, str):
+            # (a Path's repr is no literal: the saved settings could not be compared)
+            object.__setattr__(self, "dir", os.fspath(self.dir))
         check_int("Rollback.every", self.every, 1)
         check_int("Rollback.keep", self.keep, 1)
         check_int("Rollback.skip_batches", self.skip_batches, 0)

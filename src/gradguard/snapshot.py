@@ -135,6 +135,20 @@ def _load_model(model: nn.Module, state: dict[str, Any],
                           strict=not outside)
 
 
+def _drives(obj: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``obj`` is an LR scheduler of ``optimizer``, through the wrappers
+    accelerate puts around either (``.scheduler``, ``.optimizer``)."""
+    for sched in (obj, getattr(obj, "scheduler", None)):
+        opt = getattr(sched, "optimizer", None)
+        for _ in range(3):
+            if opt is None:
+                break
+            if opt is optimizer:
+                return True
+            opt = getattr(opt, "optimizer", None)
+    return False
+
+
 def check_fits(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
                optimizer: torch.optim.Optimizer, extras: Sequence[Any] = ()) -> None:
     """Raise :class:`SnapshotError`, before anything is changed, when ``snap`` cannot be
@@ -200,7 +214,7 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
         else:
             for i, p in enumerate(params):
                 p.copy_(snap.model[str(i)])
-    scheduled = any(getattr(e, "optimizer", None) is optimizer for e in extras)
+    scheduled = any(_drives(e, optimizer) for e in extras)
     now = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(clone_tree(snap.optimizer))
     if not scheduled and len(now) == len(optimizer.param_groups):
