@@ -117,6 +117,7 @@ class StepRecord(_Record):
     nonfinite: bool = False
     grad_spike: bool = False
     loss_spike: bool = False
+    bad_inputs: bool = False  # the data held NaN/Inf (absent from logs before it existed)
     clip_coef: float = 1.0
     lr: float | None = None
     norms: list[float] | None = None
