@@ -732,3 +732,20 @@ def test_reloading_a_checkpoint_in_the_same_guard_counts_its_events_once():
     guard.load_state_dict(state)
     assert guard.diagnosis()["events"] == {"nonfinite": 2}
     assert "2 bad steps skipped" in guard.verdict()
+
+
+def test_a_batch_dropped_after_its_forward_pass_leaves_no_data_flag_behind():
+    # The HF callback asks should_skip_batch() after the forward pass: a dropped batch
+    # with NaN records must not mark the next step's (the model's) NaN as the data's.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None, rollback=gg.Rollback(every=5, skip_batches=1))
+    for s in range(12):
+        step(guard, model, opt, s, nan_grad=9 <= s < 12)  # a streak: rolled back at 11
+    assert guard.rollbacks == 1
+    guard._inputs.arm(model[0])  # (as the first NaN step would)
+    opt.zero_grad()
+    backward(model, seed=20, nan=True)  # the batch the loop then drops
+    assert guard.should_skip_batch()
+    info = step(guard, model, opt, 21, nan_grad=True)  # the model's NaN, on clean data
+    assert bool(info.nonfinite) and not any(e.get("data") for e in guard.recorder.events)

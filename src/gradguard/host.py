@@ -159,6 +159,9 @@ class HostSide:
         self.batches_used = True
         if self.skip_batches > 0:
             self.skip_batches -= 1
+            # (A loop that asks after the forward pass, as the HF callback does: that
+            # batch's data flag is no step's.)
+            self.inputs.take()
             return True
         return False
 
