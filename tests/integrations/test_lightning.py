@@ -254,3 +254,32 @@ def test_manual_optimization_steps_through_the_guard(data):
     trainer(callbacks=[cb], max_steps=8).fit(module, loader(xtr, ytr, {4: "nan"}))
     assert finite(module) and cb.guard.steps == 8
     assert [e["step"] for e in cb.guard.recorder.events if e["action"] == "skip"] == [4]
+
+
+def test_a_batch_the_module_declines_leaves_no_data_flag_behind(data):
+    # training_step returning None (Lightning's way to skip a batch, often for a NaN
+    # loss): its forward pass ran and is no step's; the next step's NaN, the model's
+    # own, must not be read as the data's.
+    xtr, ytr, _, _ = data
+
+    class Declining(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def training_step(self, batch, idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            if not torch.isfinite(loss):
+                return None
+            return loss * (math.nan if idx in (3, 11) else 1.0)  # (3: arms the watch)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_steps=20).fit(Declining(), loader(xtr, ytr, {10: "nan"}))
+    nonfinite = [e for e in cb.guard.recorder.events if e["kind"] == "nonfinite"]
+    assert [e["step"] for e in nonfinite] == [3, 10]  # (batch 10 declined: step 10 is 11)
+    assert not any(e.get("data") for e in nonfinite)

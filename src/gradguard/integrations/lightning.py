@@ -201,7 +201,10 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         gate.handled = True
         loss, self._loss = self._loss, None
         if not any(p.grad is not None for p in guard.params):
-            return  # nothing was back-propagated (training_step returned None)
+            # Nothing was back-propagated (training_step returned None): the forward pass
+            # that ran, if one did, is no step's, nor is its data flag.
+            guard._inputs.take()
+            return
         self._unscale(guard.optimizer)
         if guard.should_skip_batch():
             # After a rollback: drop this step's gradients. Zeroed, not freed, so an fp16
