@@ -86,4 +86,10 @@ def test_a_corrupt_shard_is_skipped_as_the_run_without_it_would_be(tmp_path):
     assert poisoned == 0 and guarded == plain
     s = summarize(log)
     assert s.skipped == 12 and s.events["rollback"] == 0 and not s.lr_changes
+    assert s.bad_data == 11  # (the first NaN step arms the watch on a CPU)
+    from typer.testing import CliRunner
+
+    from gradguard.cli import app
+    out = CliRunner().invoke(app, ["report", str(log)], env={"COLUMNS": "200"}).output
+    assert "12 (11 with NaN/Inf in the data)" in out
     assert "12 bad steps skipped (11 of them with NaN/Inf in the model's inputs" in s.verdict

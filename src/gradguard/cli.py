@@ -148,7 +148,8 @@ def report(
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("steps", str(s.steps))
-    head.add_row("skipped steps", str(s.skipped))
+    head.add_row("skipped steps", str(s.skipped) + (
+        f" ({s.bad_data} with NaN/Inf in the data)" if s.bad_data else ""))
     head.add_row("clipped steps", str(s.clipped))
     loss = f"{_fmt(s.first_loss)} → {_fmt(s.last_loss)}"
     if s.ended_nonfinite and s.last_finite_loss is not None:

@@ -393,8 +393,9 @@ def _summary_rows(s: RunSummary) -> list[list[str]]:
     if s.ended_nonfinite and s.last_finite_loss is not None:
         loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
     rows = [["verdict", escape(s.verdict)]] if s.verdict else []
-    rows += [["steps", str(s.steps)], ["skipped steps", str(s.skipped)],
-            ["clipped steps", str(s.clipped)],
+    data = f" ({s.bad_data} with NaN/Inf in the data)" if s.bad_data else ""
+    rows += [["steps", str(s.steps)], ["skipped steps", str(s.skipped) + data],
+             ["clipped steps", str(s.clipped)],
             ["loss first → last", loss],
             ["largest gradient norm", _fmt(s.max_grad_norm)]]
     for kind, n in sorted(s.events.items()):

@@ -25,6 +25,7 @@ class RunSummary:
     path: str
     steps: int = 0
     skipped: int = 0
+    bad_data: int = 0  # steps whose data held NaN/Inf (skipped as the data's)
     clipped: int = 0
     first_loss: float | None = None
     last_loss: float | None = None  # as recorded: a run that ended NaN has NaN here
@@ -74,6 +75,7 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
         elif isinstance(rec, StepRecord):
             s.steps = max(s.steps, rec.step + 1)
             s.skipped += rec.skipped
+            s.bad_data += rec.nonfinite and rec.bad_inputs
             s.clipped += rec.clip_coef < 1 - 1e-6 and not rec.skipped
             loss = rec.loss
             # A NaN loss on a step the guard did not flag non-finite is a step without a
