@@ -396,8 +396,8 @@ def _summary_rows(s: RunSummary) -> list[list[str]]:
     data = f" ({s.bad_data} with NaN/Inf in the data)" if s.bad_data else ""
     rows += [["steps", str(s.steps)], ["skipped steps", str(s.skipped) + data],
              ["clipped steps", str(s.clipped)],
-            ["loss first → last", loss],
-            ["largest gradient norm", _fmt(s.max_grad_norm)]]
+             ["loss first → last", loss],
+             ["largest gradient norm", _fmt(s.max_grad_norm)]]
     for kind, n in sorted(s.events.items()):
         rows.append([f"events: {escape(kind)}", str(n)])
     if s.origins:
