@@ -96,6 +96,43 @@ def test_ddp_one_rank_loss_spike_is_skipped_by_every_rank(tmp_path, sync):
     assert r0["calls"] == STEPS  # one all-reduce per step, flags and statistics together
 
 
+def _shard_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        guard = gg.Guard(model, opt, log=None)
+        x, y, idx = _data(rank)
+        for step in range(STEPS):
+            xb = x[idx[step]]
+            if rank == 1 and 20 <= step < 26:
+                xb = torch.full_like(xb, float("nan"))  # a corrupt shard, on one rank only
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), y[idx[step]])
+            loss.backward()
+            guard.step(loss)
+        guard.close()
+        torch.save({"data": [e["step"] for e in guard.recorder.events if e.get("data")],
+                    "rollbacks": guard.rollbacks, "scale": guard.lr.scale,
+                    "params": [p.detach().clone() for p in model.parameters()]},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_a_corrupt_shard_on_one_rank_is_the_datas_on_every_rank(tmp_path):
+    # One rank's NaN records reach every rank's gradients through DDP's all-reduce; the
+    # data flag is voted on with the guard's own all-reduce, so every rank reads them as
+    # the data's: skipped, no rollback, no LR cut, the replicas identical.
+    _spawn(_shard_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    # (on a CPU the first NaN step arms the watch)
+    assert r0["data"] == r1["data"] == list(range(21, 26))
+    assert r0["rollbacks"] == r1["rollbacks"] == 0 and r0["scale"] == r1["scale"] == 1
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)
+
+
 def _fsdp_model(mesh, sharded: bool) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 

@@ -76,7 +76,8 @@ class DeviceSide:
             if loss_d.dim():  # (a shape is host metadata: no sync)
                 loss_d = loss_d.mean()
             loss_d = loss_d.to(g.device)
-        stats, loss_d, groups = self.measure(groups, loss_d)
+        bad_inputs = g._inputs.take()  # (this step's data flag; agreed on across ranks)
+        stats, loss_d, groups, bad_inputs = self.measure(groups, loss_d, bad_inputs)
         nonfinite = stats.nonfinite
         if loss_d is not None:
             nonfinite = nonfinite | not_finite(loss_d)
@@ -125,7 +126,6 @@ class DeviceSide:
         for grad in groups.grads:
             grad._gradguard_version = grad._version  # type: ignore[attr-defined]
 
-        bad_inputs = g._inputs.take()
         row = pack_row(stats.full_norms(len(g.params)),
                        loss=loss_d if loss_d is not None else self._nan,
                        grad_norm=stats.global_norm, clipped_norm=clipped, skipped=skip,
@@ -139,12 +139,13 @@ class DeviceSide:
         """``ok & (value > above)``; no kernel while a detector has no limit yet."""
         return ok & (value > above) if above < math.inf else self._false
 
-    def measure(self, groups: Any, loss_d: Tensor | None
-                ) -> tuple[GradStats, Tensor | None, Any]:
-        """The fused norm pass; under torch.distributed, agreed across ranks."""
+    def measure(self, groups: Any, loss_d: Tensor | None, bad_inputs: Tensor | None
+                ) -> tuple[GradStats, Tensor | None, Any, Tensor | None]:
+        """The fused norm pass; under torch.distributed, agreed across ranks (with the data
+        flag: whether any rank's data held NaN/Inf)."""
         g = self.g
         if g._sync is None:
-            return compute_stats(groups, g.device), loss_d, groups
+            return compute_stats(groups, g.device), loss_d, groups, bad_inputs
         # All ranks agree on norms, loss and the NaN vote in one all-reduce; everything
         # after this point is computed from identical inputs on every rank.
         if g._sync.sharded:
@@ -153,7 +154,8 @@ class DeviceSide:
         bad = unusable(global_from_norms(local))
         if loss_d is not None:
             bad = bad | not_finite(loss_d)
-        norms, loss_d, any_bad = g._sync.step(local, loss_d, bad)
+        watched = g._inputs.armed
+        norms, loss_d, any_bad, any_data = g._sync.step(local, loss_d, bad, bad_inputs)
         stats = compute_stats(groups, g.device, norms=norms)
         stats.nonfinite = stats.nonfinite | any_bad
-        return stats, loss_d, groups
+        return stats, loss_d, groups, any_data if watched else None

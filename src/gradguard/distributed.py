@@ -71,29 +71,34 @@ class Sync:
         self.rank = dist.get_rank(group)
         self.calls = 0  # collectives issued, for tests and the overhead report
 
-    def step(self, norms: Tensor, loss: Tensor | None, nonfinite: Tensor
-             ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Agree on ``(norms, loss, nonfinite)``; one all-reduce.
+    def step(self, norms: Tensor, loss: Tensor | None, nonfinite: Tensor,
+             bad_data: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """Agree on ``(norms, loss, nonfinite, bad data)``; one all-reduce.
 
         Args:
             norms: per-tensor L2 norms of this rank's gradients (its shards under FSDP2).
             loss: this rank's loss (0-dim fp32) or None.
             nonfinite: this rank's non-finite flag.
+            bad_data: whether this rank's data held NaN/Inf (None: not watched).
 
         Returns:
-            Global per-tensor norms, the mean loss over ranks, and the any-rank flag.
+            Global per-tensor norms, the mean loss over ranks, the any-rank non-finite
+            flag, and the any-rank bad-data flag (one rank's NaN record reaches every
+            rank's gradients through the gradient all-reduce: it explains them all).
         """
         parts = [norms.square()] if self.sharded else []
-        loss_v = loss if loss is not None else torch.zeros((), device=norms.device)
-        parts.append(torch.stack([loss_v.float(), nonfinite.float()]))
+        zero = torch.zeros((), device=norms.device)
+        loss_v = loss if loss is not None else zero
+        data_v = bad_data.to(norms.device) if bad_data is not None else zero
+        parts.append(torch.stack([loss_v.float(), nonfinite.float(), data_v.float()]))
         packed = torch.cat(parts)
         self.dist.all_reduce(packed, group=self.group)
         self.calls += 1
-        tail = packed[-2:]
+        tail = packed[-3:]
         if self.sharded:
-            norms = packed[:-2].sqrt()
+            norms = packed[:-3].sqrt()
         mean_loss = tail[0] / self.world if loss is not None else None
-        return norms, mean_loss, tail[1] > 0
+        return norms, mean_loss, tail[1] > 0, tail[2] > 0
 
     def sum_squares(self, sq: Tensor) -> Tensor:
         """Sum per-tensor squared norms over shards (after a transform edited gradients)."""

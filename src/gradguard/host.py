@@ -131,10 +131,11 @@ class HostSide:
             g.store.start(checkpoint.trajectory(g), g.steps)
 
     def watch_inputs(self) -> None:
-        """Watch the first layer's inputs for NaN/Inf (:class:`InputWatch`). Inputs differ
-        per rank, so under torch.distributed the data is not watched."""
+        """Watch the first layer's inputs for NaN/Inf (:class:`InputWatch`). Under
+        torch.distributed every rank arms it at the same step (the NaN/Inf rows are
+        agreed on), and the flag is voted on with the step's all-reduce."""
         g = self.g
-        if not self.inputs.armed and self.first_module is not None and g._sync is None:
+        if not self.inputs.armed and self.first_module is not None:
             self.inputs.arm(input_module(g.model, self.first_module))
 
     def clip_recurrent(self, names: list[str]) -> None:
