@@ -16,7 +16,8 @@ from .control import Controller
 from .detect import LayerAttribution
 from .record import Recorder, encode_float
 
-__all__ = ["describe_flags", "diagnosis", "give_up", "skipped_out", "verdict"]
+__all__ = ["data_fault", "describe_flags", "diagnosis", "give_up", "skipped_out",
+           "verdict"]
 
 
 def _why(z: float, early: str) -> str:
@@ -24,6 +25,11 @@ def _why(z: float, early: str) -> str:
     if z == 0.0:
         return f"early check: far above the {early} so far"
     return f"z={z:.2f}"
+
+
+def data_fault(rec: dict[str, Any]) -> bool:
+    """A NaN/Inf step whose data held NaN/Inf (:class:`~gradguard.params.InputWatch`)."""
+    return bool(rec["nonfinite"] and rec.get("bad_inputs"))
 
 
 def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[str, Any],
@@ -44,7 +50,7 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
               "top_layers": [[n, round(z, 2) if math.isfinite(z) else encode_float(z)]
                              for n, z in att.top],
               "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
-    if rec["nonfinite"] and rec.get("bad_inputs"):
+    if data_fault(rec):
         # (the attribution would name the first layer: the NaN/Inf came in with the data)
         recorder.event(k, "nonfinite", f"NaN/Inf in the first layer's inputs: the data's, "
                        f"not the run's; {done}, the LR unchanged", data=True, **common)

@@ -257,8 +257,8 @@ class HostSide:
                 and rec["clip_coef"] < 1 - 1e-4:
             self.recurrent_clipped += 1
         self.skip_streak = self.skip_streak + 1 if rec["skipped"] else 0
-        data = rec["nonfinite"] and rec["bad_inputs"]
-        self.data_streak = self.data_streak + 1 if data and rec["skipped"] else 0
+        self.data_streak = self.data_streak + 1 \
+            if ev.data_fault(rec) and rec["skipped"] else 0
         if rec["nonfinite"]:
             self.watch_inputs()
         if flagged:
@@ -403,7 +403,7 @@ class HostSide:
         if self.skip_streak >= p.max_consecutive_skips:
             self.diverged(k, ev.skipped_out(self.skip_streak, self.data_streak,
                                             g.names[self.order[0]] if self.order else ""))
-        if c is None or (rec["nonfinite"] and rec["bad_inputs"]):
+        if c is None or ev.data_fault(rec):
             # NaN/Inf inputs: the data's fault, skipped; it says nothing about the LR, the
             # init or the weights, so the controller never sees the row.
             return False

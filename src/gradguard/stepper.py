@@ -67,27 +67,12 @@ def _set(st: dict[str, Any], key: str, value: Any, switches: _Switches | None) -
         switches.replace(st, key, value)
 
 
-def _why_not_fused(optimizer: torch.optim.Optimizer) -> str:
-    """Why :func:`_try_fuse` left ``optimizer`` as it was, for a message."""
+def _fuse_blocker(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a torch Adam/AdamW/SGD/Adagrad cannot be switched to its fused kernel (for a
+    message), or None when it can."""
     name = type(optimizer).__name__
     if type(optimizer) not in _FUSABLE:
         return f"{name} does not"
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(p.is_complex() for p in params):
-        return f"{name} has complex parameters, which torch's fused kernels do not take"
-    if any(not torch.is_floating_point(p) for p in params):
-        return f"{name} has parameters that are not floating point"
-    if any(g.get("fused") is not None or g.get("foreach") is not None
-           for g in optimizer.param_groups):
-        return f"{name} was built with its own fused=/foreach= choice, which the guard keeps"
-    return f"{name} cannot run fused here (its parameters' device, or its capturable or " \
-        "differentiable mode)"
-
-
-def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = None) -> bool:
-    """Switch a torch Adam/AdamW/SGD/Adagrad to its fused kernel when the user left it open."""
-    if type(optimizer) not in _FUSABLE:
-        return False
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     devices = set(_get_fused_kernels_supported_devices())
@@ -95,14 +80,25 @@ def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = Non
         devices = {"cpu"}  # torch's fused Adagrad has no CUDA kernel
     for group in optimizer.param_groups:
         if group.get("fused") is not None or group.get("foreach") is not None:
-            return False
+            return f"{name} was built with its own fused=/foreach= choice, which the guard keeps"
         if group.get("differentiable") or group.get("capturable"):
-            return False
+            return f"{name} is in capturable or differentiable mode"
         for p in group["params"]:
-            if not (torch.is_floating_point(p) and p.device.type in devices):
-                return False
-            if _is_dtensor(p):
-                return False  # leave sharded optimizers as the user built them
+            if p.is_complex():
+                return f"{name} has complex parameters, which torch's fused kernels do not take"
+            if not torch.is_floating_point(p):
+                return f"{name} has parameters that are not floating point"
+            if p.device.type not in devices:
+                return f"{name}'s parameters are on {p.device.type}, with no fused kernel there"
+            if _is_dtensor(p):  # leave sharded optimizers as the user built them
+                return f"{name} has sharded (DTensor) parameters, which the guard leaves as built"
+    return None
+
+
+def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = None) -> bool:
+    """Switch a torch Adam/AdamW/SGD/Adagrad to its fused kernel when the user left it open."""
+    if _fuse_blocker(optimizer) is not None:
+        return False
     for group in optimizer.param_groups:
         group["fused"] = True
         for p in group["params"]:
@@ -238,7 +234,7 @@ class Stepper:
                                                                         self._switches):
             raise ConfigError(
                 f"skip_strategy='found_inf' needs an optimizer that reads `found_inf` (torch's "
-                f"fused Adam/AdamW/SGD/Adagrad); {_why_not_fused(optimizer)}. Use "
+                f"fused Adam/AdamW/SGD/Adagrad); {_fuse_blocker(optimizer)}. Use "
                 "skip_strategy='masked' or 'auto'."
             )
         if strategy == "masked":
