@@ -92,4 +92,53 @@ def test_a_corrupt_shard_is_skipped_as_the_run_without_it_would_be(tmp_path):
     from gradguard.cli import app
     out = CliRunner().invoke(app, ["report", str(log)], env={"COLUMNS": "200"}).output
     assert "12 (11 with NaN/Inf in the data)" in out
-    assert "12 bad steps skipped (11 of them with NaN/Inf in the model's inputs" in s.verdict
+    assert "12 bad steps skipped (11 of them with NaN/Inf in the data" in s.verdict
+
+
+def _regress(shard, steps=240, seed=0, guarded=True, pass_batch=True):
+    """A diabetes MLP (standardised units), Adam; ``shard`` steps' targets are missing
+    (NaN) for a third of their records, as a CSV with empty cells loads."""
+    from gradguard.scenarios.data import diabetes
+
+    x, y = diabetes()
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, fused=True)  # (one kernel in both)
+    guard = gg.Guard(model, opt, log=None, rollback=gg.Rollback(every=10)) if guarded else None
+    data = batches(x[:360], y[:360], 32, seed)
+    for s in range(steps):
+        xb, yb = next(data)
+        if s in shard:
+            yb = yb.clone()
+            yb[::3] = math.nan
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        if guard is None:
+            if s not in shard:
+                opt.step()
+        else:
+            guard.step(loss, batch=(xb, yb) if pass_batch else None)
+    if guard is not None:
+        guard.close()
+    with torch.no_grad():
+        held_out = nn.functional.mse_loss(model(x[360:]), y[360:]).item()
+    return held_out, guard
+
+
+def test_missing_targets_are_the_datas_when_the_batch_is_passed():
+    # NaN targets leave the model's inputs finite: only the batch tells a shard of missing
+    # labels from a model whose loss went NaN. Passed, the shard is skipped and the run
+    # is bit for bit the one that skips those batches; not passed, it reads as
+    # instability and is rolled back.
+    shard = set(range(100, 112))
+    plain, _ = _regress(shard, guarded=False)
+    guarded, guard = _regress(shard)
+    assert guarded == plain
+    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 12
+    # (the first NaN step arms the watch on a CPU)
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(101, 112))
+    assert "(11 of them with NaN/Inf in the data" in guard.verdict()
+    blind, blind_guard = _regress(shard, pass_batch=False)
+    assert blind_guard.rollbacks >= 1 and blind != plain

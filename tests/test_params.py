@@ -95,3 +95,52 @@ def test_a_compiled_model_blames_bad_data_as_an_eager_one_does():
             loss.backward()
             guard.step(loss)
     assert guard.steps == 110 and guard.rollbacks == 0 and guard.lr.scale == 1
+
+
+def test_a_batch_is_watched_whole_once_armed():
+    from collections import namedtuple
+
+    from gradguard.params import InputWatch
+
+    w = InputWatch()
+    nan = torch.tensor([1.0, math.nan])
+    w.check_batch((torch.ones(2), nan), torch.device("cpu"))
+    assert w.take() is None  # not armed: a healthy CPU run pays nothing
+    w.arm(None)
+    Pair = namedtuple("Pair", "x y")
+    for batch, bad in [((torch.ones(2), nan), True),
+                       ({"x": torch.ones(2), "y": [Pair(torch.ones(1), nan)]}, True),
+                       ({"x": torch.ones(2), "ids": torch.tensor([1, 2])}, False),
+                       ([torch.ones(2), torch.tensor([1.0, math.inf])], True),
+                       (torch.tensor([1 + 0j, complex(math.nan, 0)]), True),
+                       ({"ids": torch.tensor([1, 2])}, None)]:  # (nothing floating)
+        w.check_batch(batch, torch.device("cpu"))
+        flag = w.take()
+        assert (flag if flag is None else bool(flag)) is bad, batch
+    # Several batches in one step (accumulated micro-batches): any of them.
+    w.check_batch(torch.ones(2), torch.device("cpu"))
+    w.check_batch(nan, torch.device("cpu"))
+    assert bool(w.take()) and w.take() is None  # (taken: the next step starts clean)
+
+
+def test_missing_targets_passed_with_the_step_are_the_datas_from_the_first_step():
+    # Where rows arrive late (CUDA) the watch runs from the first step; a guard given only
+    # parameters (no model: no first layer to hook) still watches the batch.
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.zeros(4, 1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    guard = gg.Guard(None, opt, log=None, rollback=gg.Rollback(every=5))
+    guard.mailbox.lag = 2
+    for s in range(60):
+        x = torch.randn(16, 4)
+        y = x @ torch.ones(4, 1)
+        if 30 <= s < 40:
+            y[::4] = math.nan
+        opt.zero_grad()
+        loss = (x @ w - y).pow(2).mean()
+        loss.backward()
+        guard.step(loss, batch={"x": x, "y": y})
+    guard.close()
+    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(30, 40))
+    assert "the batch passed to step" in guard.recorder.events[0]["message"]

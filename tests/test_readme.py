@@ -44,7 +44,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 def test_the_readme_has_its_examples():
     assert len(BLOCKS) >= 10
-    assert "DataLoader" in BLOCKS[0] and "guard.step(loss)" in BLOCKS[0]
+    assert "DataLoader" in BLOCKS[0] and "guard.step(loss, batch=(x, y))" in BLOCKS[0]
 
 
 def test_the_readme_speaks_in_user_terms():

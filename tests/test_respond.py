@@ -334,7 +334,7 @@ def test_nan_inputs_are_the_datas_fault_skipped_without_touching_the_lr():
     data = [e["step"] for e in guard.recorder.events if e.get("data")]
     # (the first NaN step arms the watch: on a CPU a healthy run pays nothing for it)
     assert data == list(range(101, 130))
-    assert "(29 of them with NaN/Inf in the model's inputs" in guard.verdict()
+    assert "(29 of them with NaN/Inf in the data:" in guard.verdict()
 
 
 def test_where_rows_arrive_late_the_inputs_are_watched_from_the_first_step():

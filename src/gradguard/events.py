@@ -52,8 +52,9 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
               "grad_norm": rec["grad_norm"], "loss": rec["loss"]}
     if data_fault(rec):
         # (the attribution would name the first layer: the NaN/Inf came in with the data)
-        recorder.event(k, "nonfinite", f"NaN/Inf in the first layer's inputs: the data's, "
-                       f"not the run's; {done}, the LR unchanged", data=True, **common)
+        recorder.event(k, "nonfinite", f"NaN/Inf in the data (the first layer's inputs or "
+                       f"the batch passed to step): the data's, not the run's; {done}, the LR "
+                       "unchanged", data=True, **common)
     elif rec["nonfinite"]:
         recorder.event(k, "nonfinite", f"NaN/Inf in gradients or loss{where}; {done}", **common)
     if rec["grad_spike"]:
@@ -68,11 +69,12 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
 
 def skipped_out(n: int, data: int, first: str) -> str:
     """Why the guard stops after ``n`` skipped steps in a row, ``data`` of them (the last
-    ones) with NaN/Inf in the inputs of the ``first`` layer."""
+    ones) with NaN/Inf in the data (the ``first`` layer's inputs or the step's batch)."""
     # (On a CPU the first NaN/Inf row arms the watch: that one row is not known.)
     if data and data >= n - 1:
-        return (f"{n} consecutive steps skipped, the inputs of the first layer ({first}) "
-                "held NaN/Inf on every one: the data carries them, not the model or the LR. "
+        return (f"{n} consecutive steps skipped, the data (the inputs of the first layer "
+                f"({first}) or the batch passed to guard.step) held NaN/Inf on every one: "
+                "the data carries them, not the model or the LR. "
                 "Check the data pipeline (a NaN in a file, a division by zero in "
                 "preprocessing); Policy(max_consecutive_skips=...) sets how long the guard "
                 "skips such batches")
@@ -205,7 +207,7 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
     skipped, data = skips
     bad = f"{counted(skipped, 'bad step')} skipped" if skipped else "no step skipped"
     if data:
-        bad += (f" ({data} of them with NaN/Inf in the model's inputs: the data's, not the "
+        bad += (f" ({data} of them with NaN/Inf in the data: the data's, not the "
                 "run's; check the data pipeline)")
     c = control
     # (No threshold is advised: the typical norm falls as the loss does, so its value at

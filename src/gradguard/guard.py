@@ -157,8 +157,8 @@ class Guard(assembly.Parts):
         self._host.data_changed()
 
     # -- the step ----------------------------------------------------------------------
-    def step(self, loss: Tensor | None = None,
-             closure: Callable[[], Tensor] | None = None) -> StepInfo:
+    def step(self, loss: Tensor | None = None, closure: Callable[[], Tensor] | None = None,
+             *, batch: Any = None) -> StepInfo:
         """Measure, transform and apply (or skip) this step's gradients.
 
         Args:
@@ -166,6 +166,8 @@ class Guard(assembly.Parts):
             closure: instead of ``loss``, torch's convention: a callable that clears the
                 gradients, computes the loss, calls ``backward()`` and returns the loss;
                 the guard calls it once, then steps.
+            batch: the step's data (tensors, nested in dicts, lists or tuples): NaN/Inf in
+                it, targets included, is read as the data's fault, not the model's.
 
         Returns:
             A :class:`StepInfo` of device tensors.
@@ -173,7 +175,7 @@ class Guard(assembly.Parts):
         Raises:
             TrainingDivergedError: the policy has run out of remedies.
         """
-        groups, loss = begin_step(self, loss, closure)
+        groups, loss = begin_step(self, loss, closure, batch)
         if not self._started:
             self._started = True
             self._host.start()

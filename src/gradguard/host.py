@@ -131,12 +131,12 @@ class HostSide:
             g.store.start(checkpoint.trajectory(g), g.steps)
 
     def watch_inputs(self) -> None:
-        """Watch the first layer's inputs for NaN/Inf (:class:`InputWatch`). Under
+        """Watch the data for NaN/Inf (:class:`InputWatch`). Under
         torch.distributed every rank arms it at the same step (the NaN/Inf rows are
         agreed on), and the flag is voted on with the step's all-reduce."""
-        g = self.g
-        if not self.inputs.armed and self.first_module is not None:
-            self.inputs.arm(input_module(g.model, self.first_module))
+        g, first = self.g, self.first_module
+        if not self.inputs.armed:
+            self.inputs.arm(None if first is None else input_module(g.model, first))
 
     def clip_recurrent(self, names: list[str]) -> None:
         """Clip every step to ``min_ratio`` × the typical norm when the model has
@@ -397,8 +397,8 @@ class HostSide:
         g = self.g
         p, c, k = g.policy, g.control, rec["step"]
         if rec["nonfinite"] and p.on_nonfinite == Action.RAISE:
-            where = "the data (the first layer's inputs)" if rec["bad_inputs"] else \
-                "gradients or loss"
+            where = "the data (the first layer's inputs or the step's batch)" \
+                if rec["bad_inputs"] else "gradients or loss"
             self.diverged(k, f"NaN/Inf in {where} (on_nonfinite='raise')")
         if self.skip_streak >= p.max_consecutive_skips:
             self.diverged(k, ev.skipped_out(self.skip_streak, self.data_streak,

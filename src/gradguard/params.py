@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -175,6 +175,17 @@ def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
     return model if wrapper is not None and isinstance(model, wrapper) else first
 
 
+def _floating_leaves(obj: Any, depth: int = 8) -> Iterator[Tensor]:
+    """Every floating (or complex) tensor in ``obj``, through dicts, lists and tuples
+    (named ones too) down to ``depth`` levels."""
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+    elif depth > 0 and isinstance(obj, dict | list | tuple):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from _floating_leaves(v, depth - 1)
+
+
 def _first_floating(values: Sequence[Any]) -> Tensor | None:
     """The first floating (or complex) tensor among ``values``, looking one level into a
     dict, list or tuple (a batch passed as ``model(batch)`` or ``model(x=...)``)."""
@@ -198,6 +209,10 @@ class InputWatch:
     the step unwatched. With micro-batches accumulated into one step only the first is
     watched; a NaN in a later one is judged as any other NaN step.
 
+    A batch passed to ``guard.step(loss, batch=...)`` is watched whole (:meth:`check_batch`:
+    every floating tensor in it, targets included), so NaN labels or targets count as the
+    data's too; nothing else tells them apart from a model whose loss went NaN.
+
     The step's flag is a device tensor that travels to the host in the step's row (the
     ``bad_inputs`` column), so reading it costs no sync. Armed (:meth:`arm`) at the first
     step where rows reach the host late (CUDA), so the first NaN/Inf rows are already
@@ -209,15 +224,15 @@ class InputWatch:
 
     def __init__(self) -> None:
         self.handle: Any = None
+        self.armed = False
         self.open = True  # the step's first call is still to come
         self.flag: Tensor | None = None
+        self.batch: Tensor | None = None  # the flag of the batches passed to step
 
-    @property
-    def armed(self) -> bool:
-        return self.handle is not None
-
-    def arm(self, module: nn.Module) -> None:
-        if self.handle is None:
+    def arm(self, module: nn.Module | None) -> None:
+        """Watch from now on: ``module``'s inputs (None: no layer ran, only the batch)."""
+        self.armed = True
+        if self.handle is None and module is not None:
             self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -228,12 +243,25 @@ class InputWatch:
         if x is not None:
             self.flag = ~torch.isfinite(x).all()
 
+    def check_batch(self, batch: Any, device: torch.device) -> None:
+        """Add the step's batch to its flag (when armed): NaN/Inf in any floating tensor of
+        it, however nested in dicts, lists and tuples."""
+        if not self.armed:
+            return
+        for t in _floating_leaves(batch):
+            bad = (~torch.isfinite(t).all()).to(device)  # (host-to-device at most: no wait)
+            self.batch = bad if self.batch is None else self.batch | bad
+
     def take(self) -> Tensor | None:
-        """The step's flag (None: no watched forward); the next call opens the next step."""
-        flag, self.flag, self.open = self.flag, None, True
-        return flag
+        """The step's flag (None: nothing watched); the next call opens the next step."""
+        flag, batch = self.flag, self.batch
+        self.flag, self.batch, self.open = None, None, True
+        if flag is None or batch is None:
+            return batch if flag is None else flag
+        return flag.to(batch.device) | batch
 
     def remove(self) -> None:
+        self.armed = False
         if self.handle is not None:
             self.handle.remove()
             self.handle = None

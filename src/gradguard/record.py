@@ -68,7 +68,7 @@ FORMAT = 1
 # detectors' z-scores, ``grad_z`` and ``loss_z``, are added on the host, where the
 # detectors live.)
 # The flags come last, so that they are packed with one stack and one cast.
-# ``bad_inputs``: the first layer's inputs held NaN/Inf (:class:`~gradguard.params.InputWatch`;
+# ``bad_inputs``: the data held NaN/Inf (:class:`~gradguard.params.InputWatch`;
 # False while it is not armed).
 COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale",
            "skipped", "nonfinite", "grad_spike", "loss_spike", "bad_inputs")

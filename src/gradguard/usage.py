@@ -206,8 +206,8 @@ def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
         check_int(name, v, 1)
 
 
-def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | None
-               ) -> tuple[GradGroups, Tensor | None]:
+def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | None,
+               batch: Any = None) -> tuple[GradGroups, Tensor | None]:
     """What ``guard.step`` checks and prepares before its device half: the closure run,
     AMP gradients unscaled, the gradients collected; misuse refused before anything is
     measured or stepped."""
@@ -231,6 +231,8 @@ def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | No
             "guard.step(), and check the loss depends on the model's parameters"
         )
     check_fresh_grads(groups.grads)
+    if batch is not None:
+        g._inputs.check_batch(batch, g.device)
     return groups, loss
 
 

@@ -274,3 +274,23 @@ def test_a_batch_the_module_declines_leaves_no_data_flag_behind(data):
     nonfinite = [e for e in cb.guard.recorder.events if e["kind"] == "nonfinite"]
     assert [e["step"] for e in nonfinite] == [3, 10]  # (batch 10 declined: step 10 is 11)
     assert not any(e.get("data") for e in nonfinite)
+
+
+def test_missing_soft_labels_are_the_datas(data):
+    # The callback watches each batch whole: NaN soft labels (the model's inputs finite)
+    # in batches 10-19 are the data's, skipped with no rollback or LR cut.
+    xtr, ytr, _, _ = data
+
+    class Soft(type(make_module())):
+        def training_step(self, batch, idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+    soft = nn.functional.one_hot(ytr, 10).float()
+    soft[10 * BATCH:20 * BATCH:7] = math.nan  # (a few records per batch)
+    cb = GradGuardCallback(rollback=gg.Rollback(every=5))
+    trainer(callbacks=[cb], max_steps=40).fit(Soft(), loader(xtr, soft))
+    guard = cb.guard
+    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
+    # (on a CPU the first NaN step arms the watch)
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(11, 20))

@@ -167,6 +167,13 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self._finish()
 
     # -- the step ----------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        """Watch the batch (every micro-batch of the step): NaN/Inf in it, targets too,
+        is the data's fault (checked on the device, read with the step's row)."""
+        if self.guard is not None:
+            self.guard._inputs.check_batch(batch, self.guard.device)
+
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         """Add this backward's loss to the step's loss (unscaled, detached, on device)."""
         if self._gate is None:
