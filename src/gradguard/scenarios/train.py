@@ -148,10 +148,12 @@ def train(
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
+        seen: list[Batch] = []  # (passed to the guard: NaN/Inf in them is the data's)
         for micro in range(accum):
             x, y = next(data)
             if corrupt is not None and micro == 0:
                 x, y = corrupt(step, (x, y))
+            seen.append((x, y))
             with autocast():
                 loss = loss_fn(model(x), y).float() / accum
             (scaler.scale(loss) if use_scaler else loss).backward()
@@ -172,7 +174,7 @@ def train(
                 optimizer.step()
         else:
             try:
-                info = guard.step(total)
+                info = guard.step(total, batch=seen)
             except TrainingDivergedError:
                 res.gave_up = True
                 losses.append(total)
