@@ -13,6 +13,8 @@ manual optimization, and a skipped step leaves parameters and optimizer moments 
 - Gradient accumulation: the hook runs once per optimizer step, on the accumulated
   gradient; the loss the guard checks is the sum of the (already divided) losses Lightning
   back-propagated since the last step, i.e. the mean loss of the accumulation window.
+- Each batch (every micro-batch of an accumulation window) is watched for NaN/Inf,
+  targets included: such a batch is the data's fault, skipped without touching the LR.
 - AMP: bf16 needs nothing. With fp16 the gradients are unscaled before the guard measures
   them (Lightning's plugin does it, or the callback when the optimizer is fused), and
   Lightning's ``GradScaler`` keeps calling ``scaler.update()`` once per step.

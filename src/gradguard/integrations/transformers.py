@@ -14,6 +14,9 @@ follows into a no-op. A skipped step leaves weights and optimizer moments untouc
   gives the Trainer's default back.
 - The loss the guard checks is the model output's ``loss``, averaged over the micro-batches
   of the step (a custom ``compute_loss`` that adds terms outside the model is not seen).
+- The data the guard watches for NaN/Inf is what the Trainer calls the model with
+  (``model(**inputs)``, labels included): a NaN label is the data's fault, skipped
+  without touching the LR.
 - fp16: the Trainer has unscaled the gradients before the hook; the guard is handed
   accelerate's ``GradScaler`` and calls ``scaler.update()`` itself.
 - The Trainer's LR scheduler still advances on a skipped step (as the guard's docs say for
@@ -87,6 +90,7 @@ class GradGuardCallback(TrainerCallback):
         self.guard: Guard | None = None
         self._gate: StepGate | None = None
         self._hook: Any = None
+        self._watch: Any = None
         self._loss_sum: Tensor | None = None
         self._loss_n = 0
 
@@ -118,6 +122,7 @@ class GradGuardCallback(TrainerCallback):
         self._resume(args, state)
         self._gate = StepGate(optimizer, "transformers.Trainer")
         self._hook = model.register_forward_hook(self._capture_loss)
+        self._watch = model.register_forward_pre_hook(self._watch_batch, with_kwargs=True)
         self._loss_sum, self._loss_n = None, 0
 
     def _resume(self, args: Any, state: Any) -> None:
@@ -142,9 +147,10 @@ class GradGuardCallback(TrainerCallback):
                                               weights_only=True))
 
     def _finish(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._watch):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._watch = None
         if self._gate is not None:
             self._gate.remove()
             self._gate = None
@@ -156,6 +162,12 @@ class GradGuardCallback(TrainerCallback):
         self._finish()
 
     # -- the step ----------------------------------------------------------------------
+    def _watch_batch(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        # A pre-hook: the Trainer calls model(**inputs), so the batch, labels included, is
+        # what the model is called with; NaN/Inf in it is the data's fault.
+        if module.training and torch.is_grad_enabled() and self.guard is not None:
+            self.guard._inputs.check_batch((args, kwargs), self.guard.device)
+
     def _capture_loss(self, module: nn.Module, _args: Any, output: Any) -> None:
         # A forward hook: the Trainer hands callbacks no loss, the model output has it.
         if not (module.training and torch.is_grad_enabled() and isinstance(output, Mapping)):
