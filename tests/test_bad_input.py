@@ -384,6 +384,28 @@ def test_found_inf_refusal_says_why_the_optimizer_cannot_run_fused():
         gg.Guard(None, torch.optim.RMSprop([real]), skip_strategy="found_inf")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_found_inf_is_refused_where_torchs_fused_sgd_would_not_train(dtype):
+    # torch's fused SGD on a CPU leaves low-precision parameters unchanged: the guard
+    # would have skipped nothing and trained nothing. "auto" keeps the user's kernel.
+    from gradguard.stepper import _fused_sgd_moves
+
+    model = torch.nn.Linear(32, 1).to(dtype)
+    if _fused_sgd_moves(dtype):
+        pytest.skip(f"this torch's fused SGD updates {dtype} on a CPU")
+    with pytest.raises(gg.ConfigError, match=f"leaves {dtype} parameters unchanged"):
+        gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), skip_strategy="found_inf")
+    w0 = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log=None)
+    loss = model(torch.randn(8, 32, dtype=dtype)).float().pow(2).mean()
+    loss.backward()
+    guard.step(loss)
+    assert not torch.equal(model.weight, w0)
+    assert gg.Guard(None, torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                    skip_strategy="found_inf").stepper.strategy == "found_inf"  # fp32: fused
+
+
 def test_a_snapshot_folder_given_as_a_path_may_move_too(tmp_path):
     from pathlib import Path
 

@@ -37,6 +37,7 @@ would otherwise leave its momentum buffer uninitialised.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,23 @@ def _fuse_blocker(optimizer: torch.optim.Optimizer) -> str | None:
                 return f"{name}'s parameters are on {p.device.type}, with no fused kernel there"
             if _is_dtensor(p):  # leave sharded optimizers as the user built them
                 return f"{name} has sharded (DTensor) parameters, which the guard leaves as built"
+            if isinstance(optimizer, torch.optim.SGD) and p.device.type == "cpu" \
+                    and not _fused_sgd_moves(p.dtype):
+                return (f"torch's fused SGD kernel on a CPU leaves {p.dtype} parameters "
+                        "unchanged (measured on this torch)")
     return None
+
+
+@functools.cache
+def _fused_sgd_moves(dtype: torch.dtype) -> bool:
+    """Whether torch's fused SGD on a CPU updates parameters of ``dtype``: torch 2.13's
+    vectorised loop leaves float16 and bfloat16 ones as they were (a tensor of 16 or more
+    elements), so it is tried once per dtype, on a tensor long enough to take that loop
+    and its scalar tail."""
+    p = torch.ones(1031, dtype=dtype)
+    p.grad = torch.ones(1031, dtype=dtype)
+    torch.optim.SGD([p], lr=0.5, fused=True).step()
+    return bool((p == 0.5).all())
 
 
 def _try_fuse(optimizer: torch.optim.Optimizer, switches: _Switches | None = None) -> bool:
