@@ -180,8 +180,8 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
                 results[(clip, sharded)] = {
                     "norms": torch.stack(norms), "clipped": torch.stack(gnorms),
                     "params": _full(model), "skipped": int(guard.skipped)}
-        # Rollback with sharded snapshots: a NaN batch rolls every rank back to its shard
-        # of the last good state.
+        # Rollback with sharded snapshots: a NaN step (the model's: NaN data is skipped
+        # without one) rolls every rank back to its shard of the last good state.
         model = _fsdp_model(mesh, True)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         guard = gg.Guard(model, opt, on_nonfinite="rollback",
@@ -191,9 +191,9 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             opt.zero_grad()
             xb, yb = x[idx[step]], y[idx[step]]
             # The snapshot after step 8 is kept once rows 9 and 10 (clean_window) were clean.
-            if step == 11:
-                xb = torch.full_like(xb, float("nan"))
             loss = nn.functional.cross_entropy(model(xb), yb)
+            if step == 11:
+                loss = loss * float("nan")
             loss.backward()
             info = guard.step(loss)
             if step == 8:

@@ -117,6 +117,30 @@ def test_a_batch_is_watched_whole_once_armed():
         w.check_batch(batch, torch.device("cpu"))
         flag = w.take()
         assert (flag if flag is None else bool(flag)) is bad, batch
+    # Mappings that are not dicts (a tokenizer's BatchEncoding is a UserDict), dataclasses.
+    from collections import UserDict
+    from dataclasses import dataclass
+
+    @dataclass
+    class Example:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    for batch in (UserDict(x=torch.ones(2), y=nan), Example(torch.ones(2), nan)):
+        w.check_batch(batch, torch.device("cpu"))
+        assert bool(w.take()), batch
+    # Tensors torch has no isfinite for, or that hold no values, are left unwatched.
+    sparse = torch.tensor([[0.0, math.nan]]).to_sparse()
+    w.check_batch((sparse, torch.empty(2, device="meta")), torch.device("cpu"))
+    assert w.take() is None
+    # A column of plain values is not walked (a long list of ids costs nothing).
+    w.check_batch((list(range(100_000)), ["a"] * 10), torch.device("cpu"))
+    assert w.take() is None
+    # A batch on the CPU while the guard is elsewhere is read on the host (free there),
+    # not copied to the guard's device and waited for: the flag is made there.
+    flag = w.batch_flag((torch.ones(2), nan), torch.device("meta"))
+    assert flag.device.type == "meta"
+    assert w.batch_flag(torch.ones(2), torch.device("meta")) is None
     # Several batches in one step (accumulated micro-batches): any of them.
     w.check_batch(torch.ones(2), torch.device("cpu"))
     w.check_batch(nan, torch.device("cpu"))

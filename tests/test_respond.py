@@ -216,7 +216,7 @@ def test_rollback_restores_model_optimizer_and_guard_bit_for_bit():
                      rollback=gg.Rollback(every=5, clean_window=2))
     saved = None
     for s in range(10):
-        info = step(guard, model, opt, s, nan=s == 8)
+        info = step(guard, model, opt, s, nan_grad=s == 8)
         if s == 5:
             saved = ([p.detach().clone() for p in model.parameters()],
                      copy.deepcopy(opt.state_dict()), copy.deepcopy(checkpoint.trajectory(guard)))
@@ -303,7 +303,7 @@ def test_batches_wrapper_drops_batches_after_rollback():
     seen = []
     for i in guard.batches(range(8)):
         seen.append(i)
-        step(guard, model, opt, i, nan=(i == 3))
+        step(guard, model, opt, i, nan_grad=(i == 3))
     assert seen == [0, 1, 2, 3, 6, 7]
 
 
@@ -749,3 +749,70 @@ def test_a_batch_dropped_after_its_forward_pass_leaves_no_data_flag_behind():
     assert guard.should_skip_batch()
     info = step(guard, model, opt, 21, nan_grad=True)  # the model's NaN, on clean data
     assert bool(info.nonfinite) and not any(e.get("data") for e in guard.recorder.events)
+
+
+def _target_step(guard, model, opt, s, nan_target=False):
+    """A regression step whose targets may hold NaN (the inputs stay finite)."""
+    gen = torch.Generator().manual_seed(s)
+    x = torch.randn(32, 8, generator=gen)
+    y = x.sum(1, keepdim=True)
+    if nan_target:
+        y[0] = math.nan
+    opt.zero_grad(set_to_none=True)
+    loss = (model(x) - y).pow(2).mean()
+    loss.backward()
+    return guard.step(loss, batch=(x, y))
+
+
+def test_where_the_first_nan_step_is_not_a_plain_skip_the_data_is_watched_from_the_start():
+    # on_nonfinite="raise" (or "rollback") answers the first NaN/Inf step at once: on a
+    # CPU the watch used to start after it, so "raise" named the gradients, never the data.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None, on_nonfinite="raise")
+    for s in range(10):
+        _target_step(guard, model, opt, s)
+    with pytest.raises(gg.TrainingDivergedError, match=r"NaN/Inf in the data \("):
+        _target_step(guard, model, opt, 10, nan_target=True)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None, on_nonfinite="rollback",
+                     rollback=gg.Rollback(every=5))
+    for s in range(40):
+        _target_step(guard, model, opt, s, nan_target=20 <= s < 25)
+    guard.close()
+    assert guard.rollbacks == 0 and guard.lr.scale == 1
+    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(20, 25))
+
+
+def test_a_resumed_guard_watches_the_batch_from_its_first_step():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None)
+    for s in range(12):
+        _target_step(guard, model, opt, s, nan_target=s == 5)  # (step 5 arms the watch)
+    state = guard.state_dict()
+    guard.close()
+    resumed = gg.Guard(model, opt, log=None)
+    resumed.load_state_dict(state)
+    _target_step(resumed, model, opt, 12, nan_target=True)
+    resumed.close()
+    assert [e["step"] for e in resumed.recorder.events if e.get("data")] == [12]
+
+
+def test_a_batch_with_nothing_to_watch_in_it_is_said_once():
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None, on_nonfinite="raise")  # (watching from the start)
+    with pytest.warns(gg.GuardUsageWarning, match="found no tensor in the str"):
+        for s in range(3):
+            opt.zero_grad()
+            guard.step(backward(model, seed=s), batch="not a batch")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once only; and integer ids are no mistake)
+        opt.zero_grad()
+        guard.step(backward(model, seed=3), batch="not a batch")
+        opt.zero_grad()
+        guard.step(backward(model, seed=4), batch={"ids": torch.tensor([1, 2])})

@@ -66,7 +66,15 @@ class HostSide:
         self.dead = DeadLayers(names, order)
         self.first_module: Any = None
         self.inputs: InputWatch = guard._inputs  # (armed by watch_inputs)
-        self.watch_from_start = False  # a resumed run whose guard was watching
+        # Watched from the first step where rows reach the host late (CUDA: the first NaN
+        # rows are already run by then), and where the first NaN/Inf step is not a plain
+        # skip (on_nonfinite "raise" or "rollback" must know whose it is); else from the
+        # first NaN/Inf row, so a healthy run on a CPU pays nothing. Also a resumed run
+        # whose guard was watching (load_state_dict).
+        self.watch_from_start = bool(guard.mailbox.lag) or \
+            guard.policy.on_nonfinite not in (Action.SKIP, Action.AUTO, Action.NONE)
+        if self.watch_from_start:
+            self.inputs.arm(None)  # (the batch at once; the first layer once it is known)
         self.rollbacks = 0
         self.skip_batches = 0
         self.batches_used = False
@@ -116,7 +124,7 @@ class HostSide:
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
             g._order_probe = None
-            if g.mailbox.lag or self.watch_from_start:
+            if g.mailbox.lag or self.watch_from_start or self.inputs.armed:
                 self.watch_inputs()
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
@@ -135,8 +143,7 @@ class HostSide:
         torch.distributed every rank arms it at the same step (the NaN/Inf rows are
         agreed on), and the flag is voted on with the step's all-reduce."""
         g, first = self.g, self.first_module
-        if not self.inputs.armed:
-            self.inputs.arm(None if first is None else input_module(g.model, first))
+        self.inputs.arm(None if first is None else input_module(g.model, first))
 
     def clip_recurrent(self, names: list[str]) -> None:
         """Clip every step to ``min_ratio`` × the typical norm when the model has
@@ -677,7 +684,9 @@ class HostSide:
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.data_streak = int(h.get("data_streak", 0))  # (absent before it existed)
-        self.watch_from_start = bool(h.get("watching", False))
+        if h.get("watching", False):
+            self.watch_from_start = True
+            self.inputs.arm(None)  # (the first step's batch too; see __init__)
         self.ignore_rows_before = int(h.get("ignore_rows_before", 0))
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")

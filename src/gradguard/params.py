@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .distributed import local_tensor
+from .errors import ConfigError, GuardUsageWarning
 
 __all__ = ["ForwardOrder", "InputWatch", "optimizer_params", "resolve_params"]
 def resolve_params(
@@ -176,24 +180,57 @@ def input_module(model: nn.Module | None, first: nn.Module) -> nn.Module:
 
 
 def _floating_leaves(obj: Any, depth: int = 8) -> Iterator[Tensor]:
-    """Every floating (or complex) tensor in ``obj``, through dicts, lists and tuples
-    (named ones too) down to ``depth`` levels."""
+    """Every floating (or complex) dense tensor in ``obj`` (a DTensor: this rank's shard),
+    through mappings, lists, tuples (named ones too) and dataclasses, down to ``depth``
+    levels; a list or tuple of plain values (ids, strings) is not walked."""
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "fc":
+        obj = torch.from_numpy(obj)  # (no copy; read on the host)
     if isinstance(obj, Tensor):
-        if obj.is_floating_point() or obj.is_complex():
-            yield obj
-    elif depth > 0 and isinstance(obj, dict | list | tuple):
-        for v in obj.values() if isinstance(obj, dict) else obj:
+        t = local_tensor(obj)
+        if (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided \
+                and not t.is_meta and not t.is_nested:
+            yield t
+    elif depth <= 0 or isinstance(obj, str | bytes):
+        return
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
             yield from _floating_leaves(v, depth - 1)
+    elif isinstance(obj, list | tuple):
+        if obj and isinstance(obj[0], int | float | complex | str | bytes):
+            return  # (a column of plain values: no tensor to find, and slow to walk)
+        for v in obj:
+            yield from _floating_leaves(v, depth - 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _floating_leaves(getattr(obj, f.name, None), depth - 1)
+
+
+def _holds_tensor(obj: Any, depth: int = 8) -> bool:
+    """Whether ``obj`` holds any tensor or array at all, where :func:`_floating_leaves`
+    looks (a batch of integer ids holds nothing to watch, and says so by holding some)."""
+    if isinstance(obj, Tensor | np.ndarray):
+        return True
+    if depth <= 0 or isinstance(obj, str | bytes):
+        return False
+    if isinstance(obj, Mapping):
+        return any(_holds_tensor(v, depth - 1) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_holds_tensor(v, depth - 1) for v in obj[:64])
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(_holds_tensor(getattr(obj, f.name, None), depth - 1)
+                   for f in dataclasses.fields(obj))
+    return False
 
 
 def _first_floating(values: Sequence[Any]) -> Tensor | None:
     """The first floating (or complex) tensor among ``values``, looking one level into a
-    dict, list or tuple (a batch passed as ``model(batch)`` or ``model(x=...)``)."""
+    dict, list or tuple (a batch passed as ``model(batch)`` or ``model(x=...)``); None
+    when there is none, or when it is one torch has no ``isfinite`` for (sparse, nested)."""
     for v in values:
         for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list | tuple)
                   else (v,)):
             if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-                return t
+                return next(_floating_leaves(t), None)
     return None
 
 
@@ -228,6 +265,7 @@ class InputWatch:
         self.open = True  # the step's first call is still to come
         self.flag: Tensor | None = None
         self.batch: Tensor | None = None  # the flag of the batches passed to step
+        self.warned = False  # (a batch with no tensor in it: said once)
 
     def arm(self, module: nn.Module | None) -> None:
         """Watch from now on: ``module``'s inputs (None: no layer ran, only the batch)."""
@@ -243,14 +281,47 @@ class InputWatch:
         if x is not None:
             self.flag = ~torch.isfinite(x).all()
 
-    def check_batch(self, batch: Any, device: torch.device) -> None:
-        """Add the step's batch to its flag (when armed): NaN/Inf in any floating tensor of
-        it, however nested in dicts, lists and tuples."""
+    def batch_flag(self, batch: Any, device: torch.device) -> Tensor | None:
+        """NaN/Inf in any floating tensor of ``batch`` (None: not armed, or none to watch),
+        as a flag on ``device`` that needs no host wait: a tensor on the CPU while the
+        guard is elsewhere is read on the host, where reading it is free."""
         if not self.armed:
-            return
+            return None
+        flags: list[Tensor] = []
+        host_bad = False
         for t in _floating_leaves(batch):
-            bad = (~torch.isfinite(t).all()).to(device)  # (host-to-device at most: no wait)
-            self.batch = bad if self.batch is None else self.batch | bad
+            try:
+                bad = ~torch.isfinite(t).all()
+            except (NotImplementedError, RuntimeError):
+                continue  # (a dtype or layout torch has no isfinite for: left unwatched)
+            if bad.device.type == "cpu" and device.type != "cpu":
+                host_bad = host_bad or bool(bad)
+            else:
+                flags.append(bad)
+        if host_bad:
+            flags.append(torch.ones((), dtype=torch.bool, device=device))
+        if not flags:
+            if not self.warned and batch is not None and not _holds_tensor(batch):
+                self.warned = True
+                warnings.warn(
+                    f"guard.step(batch=...) found no tensor in the {type(batch).__name__} it "
+                    "was given, so nothing in it is watched for NaN/Inf: pass the tensors "
+                    "(in dicts, lists, tuples or dataclasses)", GuardUsageWarning,
+                    stacklevel=4)
+            return None
+        flag = flags[0]
+        for f in flags[1:]:
+            flag = flag | f
+        return flag
+
+    def add(self, flag: Tensor | None) -> None:
+        """Fold a batch's flag (:meth:`batch_flag`) into the step's."""
+        if flag is not None:
+            self.batch = flag if self.batch is None else self.batch | flag
+
+    def check_batch(self, batch: Any, device: torch.device) -> None:
+        """Add the step's batch to its flag (when armed)."""
+        self.add(self.batch_flag(batch, device))
 
     def take(self) -> Tensor | None:
         """The step's flag (None: nothing watched); the next call opens the next step."""

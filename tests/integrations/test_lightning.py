@@ -127,11 +127,16 @@ def test_guarded_fit_with_the_other_package_name(data):
 
 def test_rollback_restores_module_optimizer_and_scheduler(data):
     xtr, ytr, _, _ = data
-    module = make_module(scheduler=True)
+
+    class Breaks(type(make_module(scheduler=True))):
+        def training_step(self, batch, idx):  # (the model's NaN: NaN data is not rolled back)
+            return super().training_step(batch, idx) * (math.nan if idx == 17 else 1.0)
+
+    module = Breaks()
     cb = GradGuardCallback(on_nonfinite="rollback",
                            rollback=gg.Rollback(every=5, clean_window=2, skip_batches=3))
     t = trainer(callbacks=[cb], max_steps=30)
-    t.fit(module, loader(xtr, ytr, {17: "nan"}))
+    t.fit(module, loader(xtr, ytr))
     guard = cb.guard
     assert guard.rollbacks == 1 and finite(module)
     ev = next(e for e in guard.recorder.events if e["kind"] == "rollback")
@@ -276,9 +281,11 @@ def test_a_batch_the_module_declines_leaves_no_data_flag_behind(data):
     assert not any(e.get("data") for e in nonfinite)
 
 
-def test_missing_soft_labels_are_the_datas(data):
+@pytest.mark.parametrize("watch", [True, False, "inputs"])
+def test_missing_soft_labels_are_the_datas(data, watch):
     # The callback watches each batch whole: NaN soft labels (the model's inputs finite)
-    # in batches 10-19 are the data's, skipped with no rollback or LR cut.
+    # in batches 10-19 are the data's, skipped with no rollback or LR cut. Told to watch
+    # less (targets that hold NaN on purpose), it reads them as the model's.
     xtr, ytr, _, _ = data
 
     class Soft(type(make_module())):
@@ -288,9 +295,49 @@ def test_missing_soft_labels_are_the_datas(data):
 
     soft = nn.functional.one_hot(ytr, 10).float()
     soft[10 * BATCH:20 * BATCH:7] = math.nan  # (a few records per batch)
-    cb = GradGuardCallback(rollback=gg.Rollback(every=5))
+    cb = GradGuardCallback(rollback=gg.Rollback(every=5),
+                           watch_batch=(lambda b: b[0]) if watch == "inputs" else watch)
     trainer(callbacks=[cb], max_steps=40).fit(Soft(), loader(xtr, soft))
     guard = cb.guard
-    assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
-    # (on a CPU the first NaN step arms the watch)
-    assert [e["step"] for e in guard.recorder.events if e.get("data")] == list(range(11, 20))
+    data_steps = [e["step"] for e in guard.recorder.events if e.get("data")]
+    if watch is True:
+        assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
+        assert data_steps == list(range(11, 20))  # (on a CPU the first NaN step arms it)
+    else:
+        assert guard.rollbacks >= 1 and not data_steps
+
+
+def test_watch_batch_must_be_a_switch_or_a_function():
+    with pytest.raises(gg.ConfigError, match="watch_batch must be True, False or a function"):
+        GradGuardCallback(watch_batch="labels")
+
+
+def test_a_batch_manual_optimisation_passes_over_leaves_no_data_flag_behind(data):
+    # The module skips a batch whose labels are missing and never steps on it; the next
+    # step's NaN, the model's own, must not be read as the data's.
+    xtr, ytr, _, _ = data
+    soft = nn.functional.one_hot(ytr, 10).float()
+    soft[5 * BATCH] = math.nan
+
+    class Manual(type(make_module())):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, idx):
+            x, y = batch
+            if not torch.isfinite(y).all():
+                return None  # (the user's own skip)
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            if idx in (2, 6):  # 2 arms the watch; 6 is the model's NaN
+                loss = loss * math.nan
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_steps=9).fit(Manual(), loader(xtr, soft))
+    nonfinite = [e for e in cb.guard.recorder.events if e["kind"] == "nonfinite"]
+    assert [e["step"] for e in nonfinite] == [2, 5]  # (batch 5 passed over: step 5 is 6)
+    assert not any(e.get("data") for e in nonfinite)

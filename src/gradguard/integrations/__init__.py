@@ -20,9 +20,28 @@ from typing import Any
 
 import torch
 
-from ..errors import GuardUsageError
+from ..errors import ConfigError, GuardUsageError
 
-__all__ = ["StepGate"]
+__all__ = ["StepGate", "watched_part"]
+
+WatchBatch = bool | Callable[[Any], Any]
+
+
+def check_watch(watch: Any) -> WatchBatch:
+    """A callback's ``watch_batch=``: True, False or a callable (refused otherwise)."""
+    if not (isinstance(watch, bool) or callable(watch)):
+        raise ConfigError(f"watch_batch must be True, False or a function of the batch that "
+                          f"returns what to watch, got {watch!r}")
+    return watch
+
+
+def watched_part(watch: WatchBatch, batch: Any) -> Any:
+    """What of ``batch`` the guard watches for NaN/Inf: all of it (True), nothing (False),
+    or what ``watch(batch)`` returns (e.g. the inputs alone, when the targets hold NaN on
+    purpose for the loss to mask)."""
+    if watch is True:
+        return batch
+    return watch(batch) if callable(watch) else None
 
 
 class StepGate:

@@ -14,7 +14,8 @@ manual optimization, and a skipped step leaves parameters and optimizer moments 
   gradient; the loss the guard checks is the sum of the (already divided) losses Lightning
   back-propagated since the last step, i.e. the mean loss of the accumulation window.
 - Each batch (every micro-batch of an accumulation window) is watched for NaN/Inf,
-  targets included: such a batch is the data's fault, skipped without touching the LR.
+  targets included (``watch_batch=``): such a batch is the data's fault, skipped without
+  touching the LR.
 - AMP: bf16 needs nothing. With fp16 the gradients are unscaled before the guard measures
   them (Lightning's plugin does it, or the callback when the optimizer is fused), and
   Lightning's ``GradScaler`` keeps calling ``scaler.update()`` once per step.
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..guard import Guard, StepInfo
-from . import StepGate
+from . import StepGate, WatchBatch, check_watch, watched_part
 
 __all__ = ["GradGuardCallback"]
 
@@ -79,13 +80,16 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         log_metrics: log ``grad_norm``, ``clipped_norm``, ``skipped``, ``lr_scale`` and
             ``skipped_total`` every step, as device tensors (Lightning reads them only when
             it hands metrics to the logger, every ``log_every_n_steps``).
+        watch_batch: watch each batch for NaN/Inf, targets included (True); only the first
+            layer's inputs (False); or what a function of the batch returns (leave out a
+            tensor that holds NaN or -inf on purpose, such as masked-out targets).
         **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
             ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
             ``scaler``: the callback uses the precision plugin's.
     """
 
     def __init__(self, *, prefix: str = "gradguard/", log_metrics: bool = True,
-                 **guard_kwargs: Any) -> None:
+                 watch_batch: WatchBatch = True, **guard_kwargs: Any) -> None:
         super().__init__()
         for k in ("model", "optimizer", "scaler"):
             if k in guard_kwargs:
@@ -93,6 +97,8 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self.guard_kwargs = guard_kwargs
         self.prefix = prefix
         self.log_metrics = log_metrics
+        self.watch_batch = check_watch(watch_batch)
+        self._batch_flag: Tensor | None = None  # this batch's, until its backward
         self.guard: Guard | None = None
         self._gate: StepGate | None = None
         self._scaler: torch.amp.GradScaler | None = None
@@ -171,16 +177,30 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
     # -- the step ----------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
-        """Watch the batch (every micro-batch of the step): NaN/Inf in it, targets too,
-        is the data's fault (checked on the device, read with the step's row)."""
-        if self.guard is not None:
-            self.guard._inputs.check_batch(batch, self.guard.device)
+        """Watch the batch: NaN/Inf in it, targets too, is the data's fault (checked on the
+        device, read with the step's row). The flag counts from the batch's backward on:
+        a batch that never gets one (an epoch ended by ``on_train_batch_start`` returning
+        -1, a batch manual optimisation passes over) adds nothing to any step."""
+        guard = self.guard
+        if guard is None:
+            return
+        if self._loss is None:
+            guard._inputs.take()  # (no backward since the last step: nothing there is a step's)
+        self._batch_flag = guard._inputs.batch_flag(watched_part(self.watch_batch, batch),
+                                                    guard.device)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._batch_flag = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         """Add this backward's loss to the step's loss (unscaled, detached, on device)."""
         if self._gate is None:
             return
         self._gate.handled = False
+        if self.guard is not None:
+            self.guard._inputs.add(self._batch_flag)
+        self._batch_flag = None
         loss = loss.detach().float()
         scaler = self._scaler
         if scaler is not None and scaler.is_enabled():

@@ -15,8 +15,9 @@ follows into a no-op. A skipped step leaves weights and optimizer moments untouc
 - The loss the guard checks is the model output's ``loss``, averaged over the micro-batches
   of the step (a custom ``compute_loss`` that adds terms outside the model is not seen).
 - The data the guard watches for NaN/Inf is what the Trainer calls the model with
-  (``model(**inputs)``, labels included): a NaN label is the data's fault, skipped
-  without touching the LR.
+  (``model(**inputs)``, labels included, ``watch_batch=``): a NaN label is the data's
+  fault, skipped without touching the LR. With ``compute_loss_func`` or label smoothing
+  the Trainer takes the labels out before that call, and they are not watched.
 - fp16: the Trainer has unscaled the gradients before the hook; the guard is handed
   accelerate's ``GradScaler`` and calls ``scaler.update()`` itself.
 - The Trainer's LR scheduler still advances on a skipped step (as the guard's docs say for
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..guard import Guard
-from . import StepGate
+from . import StepGate, WatchBatch, check_watch, watched_part
 
 try:
     from transformers import TrainerCallback
@@ -77,16 +78,21 @@ class GradGuardCallback(TrainerCallback):
         cb.guard.diagnosis()
 
     Args:
+        watch_batch: watch what the Trainer calls the model with (its keyword arguments:
+            ``input_ids``, ``labels``, ...) for NaN/Inf (True); only the first layer's
+            inputs (False); or what a function of those arguments returns (leave out a
+            tensor that holds NaN or -inf on purpose, such as a float attention mask).
         **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
             ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
             ``scaler``: the callback uses the Trainer's.
     """
 
-    def __init__(self, **guard_kwargs: Any) -> None:
+    def __init__(self, *, watch_batch: WatchBatch = True, **guard_kwargs: Any) -> None:
         for k in ("model", "optimizer", "scaler"):
             if k in guard_kwargs:
                 raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
         self.guard_kwargs = guard_kwargs
+        self.watch_batch = check_watch(watch_batch)
         self.guard: Guard | None = None
         self._gate: StepGate | None = None
         self._hook: Any = None
@@ -166,7 +172,8 @@ class GradGuardCallback(TrainerCallback):
         # A pre-hook: the Trainer calls model(**inputs), so the batch, labels included, is
         # what the model is called with; NaN/Inf in it is the data's fault.
         if module.training and torch.is_grad_enabled() and self.guard is not None:
-            self.guard._inputs.check_batch((args, kwargs), self.guard.device)
+            self.guard._inputs.check_batch(watched_part(self.watch_batch, kwargs or args),
+                                           self.guard.device)
 
     def _capture_loss(self, module: nn.Module, _args: Any, output: Any) -> None:
         # A forward hook: the Trainer hands callbacks no loss, the model output has it.
