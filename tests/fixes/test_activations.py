@@ -78,3 +78,14 @@ def test_bounded_activations_stop_the_bad_init_scenario_from_diverging(one_threa
 
     res = scenarios.run(dataclasses.replace(scn, build=build), steps=150)
     assert not res.diverged and res.final_metric > 0.6
+
+
+def test_a_bad_mapping_changes_nothing_and_replacements_follow_the_model():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh()).double()
+    with pytest.raises(gg.ConfigError, match="nothing was changed"):
+        fixes.swap_activations(model, {nn.ReLU: nn.SiLU, nn.Tanh: nn.ReLU})
+    assert isinstance(model[1], nn.ReLU) and isinstance(model[3], nn.Tanh)
+    with pytest.raises(gg.ConfigError, match="pass GELU"):
+        fixes.swap_activations(model, {nn.ReLU: nn.GELU()})
+    fixes.swap_activations(model, {nn.ReLU: nn.PReLU})  # (PReLU has a weight)
+    assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64

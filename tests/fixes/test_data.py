@@ -101,3 +101,25 @@ def test_standardisation_turns_linreg_raw_from_diverging_to_converging_at_the_sa
     # raw units multiplies its gradient by 77²: it explodes again at this LR.
     inverse = scenarios.run(dataclasses.replace(scn, build=lambda s: build(s, "inverse")))
     assert inverse.diverged
+
+
+def test_statistics_keep_the_datas_precision_and_outputs_its_dtype():
+    torch.manual_seed(0)
+    stamps = 1.7e9 + 100 * torch.randn(500, 3, dtype=torch.float64)  # far from zero
+    std = fixes.Standardizer.fit((stamps, torch.randn(500, 1, dtype=torch.float64)))
+    assert std.transform_inputs(stamps).mean(0).abs().max() < 1e-6
+    x, y = torch.randn(64, 3) * 5 + 3, torch.randn(64, 1) * 9 + 1
+    std = fixes.Standardizer.fit((x, y))
+    model = nn.Linear(3, 1).to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    assert std.wrap(model)(xb).dtype == torch.bfloat16
+    assert model(std.transform(xb)).dtype == torch.bfloat16
+
+
+def test_inputs_alone_from_a_tensor_dataset_or_as_a_list_of_batches():
+    x = torch.randn(64, 3) * 4 + 2
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    std = fixes.Standardizer.fit(loader)
+    assert torch.allclose(std.x_mean, x.mean(0), atol=1e-5) and not std.has_targets
+    two = fixes.Standardizer.fit([x[:40], x[40:]])  # (unequal lengths: not a pair)
+    assert torch.allclose(two.x_mean, x.mean(0), atol=1e-5) and not two.has_targets

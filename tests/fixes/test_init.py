@@ -102,3 +102,40 @@ def test_the_doctor_runs_on_a_model_with_a_lazy_layer():
                            trial_steps=10)
     assert d.findings is not None
     assert nn.parameter.is_lazy(model[0].weight)  # the user's model is left as it was
+
+
+def test_reinit_takes_one_pattern_refuses_none_matching_and_changes_all_or_nothing(
+        monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("enc", nn.Linear(4, 8))
+    model.add_module("act", nn.ReLU())
+    model.add_module("fc1", nn.Linear(8, 2))
+    # A string is one pattern, not a list of its letters ("c" would match "enc").
+    assert fixes.reinit(model, layers="fc1").layers == ["fc1"]
+    with pytest.raises(gg.ConfigError, match=r"no layer matches \['nomatch'\]"):
+        fixes.reinit(model, layers=["nomatch"])
+    with pytest.raises(gg.ConfigError, match="n_blocks"):
+        fixes.reinit(model, residual=["fc1"], n_blocks=-1)
+    # A layer torch cannot initialise puts back the layers done before it.
+    rnn_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LSTM(8, 8))
+    before = {k: v.clone() for k, v in rnn_model.state_dict().items()}
+
+    def fails(*_a, **_k):
+        raise NotImplementedError("no kernel for this dtype")
+
+    monkeypatch.setattr("gradguard.fixes.init._reinit_rnn", fails)
+    with pytest.raises(gg.ConfigError, match="changed nothing: no kernel"):
+        fixes.reinit(rnn_model, force=True)
+    after = rnn_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(rnn_model[0], "_gradguard_init")
+
+
+def test_orthogonal_init_works_in_half_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.LSTM(8, 8)).to(torch.bfloat16)
+    fixes.reinit(model, "orthogonal")
+    w = model[0].weight.float()
+    gain = nn.init.calculate_gain("tanh")
+    assert torch.allclose(w @ w.T, gain**2 * torch.eye(8), atol=0.05)

@@ -25,14 +25,19 @@ def test_linear_warmup_then_cosine_to_min_lr():
     opt = torch.optim.SGD([p], lr=1.0)
     sched = fixes.warmup_cosine(opt, warmup_steps=10, total_steps=110, min_lr=0.1)
     assert isinstance(sched, torch.optim.lr_scheduler.SequentialLR)
-    got = lrs(sched, opt, 111)
+    got = lrs(sched, opt, 160)
     assert got[0] == pytest.approx(0.01)
     assert got[5] == pytest.approx(0.01 + 0.99 * 5 / 10)
     assert got[10] == pytest.approx(1.0)
     assert got[60] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 50 / 100)) / 2)
     assert got[110] == pytest.approx(0.1)
+    assert got[110:] == pytest.approx([0.1] * 50)  # held: torch's cosine alone climbs back
     assert all(a <= b for a, b in itertools.pairwise(got[:11]))
     assert all(a >= b - 1e-12 for a, b in itertools.pairwise(got[10:]))
+    import numpy as np
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)  # numpy ints are ints
+    assert lrs(fixes.warmup_cosine(opt, np.int64(2), np.int64(4)), opt, 6)[2] == 1.0
 
 
 def test_a_second_schedule_and_bad_arguments_are_refused():
@@ -49,6 +54,8 @@ def test_a_second_schedule_and_bad_arguments_are_refused():
         fixes.warmup_cosine(fresh, 5, 50, start_factor=0)
     with pytest.raises(gg.ConfigError, match="Optimizer"):
         fixes.warmup_cosine("sgd", 5, 50)
+    with pytest.raises(gg.ConfigError, match="above a group's peak LR"):
+        fixes.warmup_cosine(fresh, 5, 50, min_lr=2.0)
 
 
 def test_the_guard_scales_the_scheduled_lr_and_leaves_the_schedule_alone():

@@ -157,3 +157,36 @@ def test_permanent_prune_bakes_zeros_in_and_still_refuses_twice():
     for bad in (0, 1, 1.5, "0.2", True):
         with pytest.raises(gg.ConfigError, match="amount"):
             fixes.prune(mlp(), bad)
+
+
+def test_weight_norm_hands_an_optimizer_built_before_it_the_new_parameters():
+    # Without optimizer= the layers' new g and v are in no optimizer: the layer stops
+    # training (only the biases moved). With it, everything trains.
+    x = torch.randn(16, 4)
+    for given in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        fixes.weight_norm(model, optimizer=opt if given else None)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert (moved == set(before)) is given, moved
+
+
+def test_tied_weights_and_a_bad_dim_are_refused_before_anything_changes():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    tied = nn.Sequential(emb, head)
+    for fix in (lambda: fixes.weight_norm(tied), lambda: fixes.prune(tied, 0.3)):
+        with pytest.raises(gg.ConfigError, match="tied weights"):
+            fix()
+        assert head.weight is emb.weight and not hasattr(head, "weight_mask")
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 1))
+    with pytest.raises(gg.ConfigError, match="dim=2 is not a dimension of layer '2'"):
+        fixes.weight_norm(cnn, dim=2)
+    assert not any(hasattr(m, "parametrizations") for m in cnn)

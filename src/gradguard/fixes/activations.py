@@ -55,6 +55,11 @@ def _resolve(mapping: Mapping[type[nn.Module], Factory] | str) -> dict[type[nn.M
         if not (isinstance(old, type) and issubclass(old, nn.Module)):
             raise ConfigError(f"swap_activations: mapping keys must be nn.Module classes, "
                               f"got {old!r}")
+        if isinstance(new, nn.Module):
+            raise ConfigError(f"swap_activations: the replacement for {old.__name__} must be a "
+                              f"class or a zero-argument factory, got the module {new!r}: "
+                              f"pass {type(new).__name__} (or lambda: {new!r}), so each "
+                              "place gets its own")
         if not callable(new):
             raise ConfigError(f"swap_activations: the replacement for {old.__name__} must be a "
                               f"class or a zero-argument factory, got {new!r}")
@@ -94,22 +99,29 @@ def swap_activations(model: nn.Module,
                           "container to swap it")
     report = FixReport(fix)
     done: dict[int, nn.Module] = {}
-    # Every path, shared modules included, collected before any is replaced.
+    # Every path, shared modules included, collected before any is replaced; and every
+    # replacement built (and checked) before the first goes in: all or nothing.
     targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                if n and isinstance(m, keys)]
+    like = next((t for t in [*model.parameters(), *model.buffers()]
+                 if t.is_floating_point()), None)
+    for _, old in targets:
+        if id(old) in done:
+            continue
+        factory = table.get(type(old)) or next(v for k, v in table.items() if isinstance(old, k))
+        new = factory()
+        if not isinstance(new, nn.Module):
+            raise ConfigError(f"{fix}: the factory for {type(old).__name__} returned "
+                              f"{type(new).__name__}, not an nn.Module; nothing was changed")
+        if isinstance(new, keys):
+            raise ConfigError(f"{fix}: {type(old).__name__} would become "
+                              f"{type(new).__name__}, itself a mapped type; a second call "
+                              "would swap it again; nothing was changed")
+        if like is not None:  # (a replacement with weights, PReLU: the model's dtype, device)
+            new.to(device=like.device, dtype=like.dtype)
+        done[id(old)] = new
     for name, old in targets:
-        new = done.get(id(old))
-        if new is None:
-            factory = next(v for k, v in table.items() if isinstance(old, k))
-            new = factory()
-            if not isinstance(new, nn.Module):
-                raise ConfigError(f"{fix}: the factory for {type(old).__name__} returned "
-                                  f"{type(new).__name__}, not an nn.Module")
-            if isinstance(new, keys):
-                raise ConfigError(f"{fix}: {type(old).__name__} would become "
-                                  f"{type(new).__name__}, itself a mapped type; a second call "
-                                  "would swap it again")
-            done[id(old)] = new
+        new = done[id(old)]
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
         report.layers.append(name)

@@ -37,8 +37,9 @@ def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     if isinstance(data, Tensor):
         return [(data, None)]
     if isinstance(data, tuple | list) and len(data) == 2 and all(
-            isinstance(t, Tensor) for t in data):
-        return [(data[0], data[1])]
+            isinstance(t, Tensor) for t in data) and data[0].dim() and data[1].dim() and \
+            len(data[0]) == len(data[1]):
+        return [(data[0], data[1])]  # (two tensors of unequal length: two input batches)
     if not isinstance(data, Iterable):
         raise ConfigError("Standardizer.fit: pass a tensor of inputs, an (inputs, targets) "
                           f"batch or an iterable of batches, got {type(data).__name__}")
@@ -46,11 +47,13 @@ def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     for b in itertools.islice(iter(data), max_batches):
         if isinstance(b, Tensor):
             out.append((b, None))
+        elif isinstance(b, tuple | list) and len(b) == 1 and isinstance(b[0], Tensor):
+            out.append((b[0], None))  # (a TensorDataset of inputs alone yields [x])
         elif isinstance(b, tuple | list) and len(b) >= 2 and isinstance(b[0], Tensor):
             out.append((b[0], b[1] if isinstance(b[1], Tensor) else None))
         else:
-            raise ConfigError("Standardizer.fit: each batch must be a tensor or an "
-                              f"(inputs, targets) pair, got {type(b).__name__}")
+            raise ConfigError("Standardizer.fit: each batch must be a tensor, [inputs] or "
+                              f"an (inputs, targets) pair of tensors, got {type(b).__name__}")
     if not out:
         raise ConfigError("Standardizer.fit: the data yielded no batch")
     return out
@@ -72,7 +75,10 @@ def _moments(xs: list[Tensor], dim: int, what: str) -> tuple[Tensor, Tensor]:
     shape = [1] * rank
     shape[d] = flat.shape[1]
     view = shape[1:]
-    return (flat.mean(0).reshape(view).float(), flat.std(0, correction=0).reshape(view).float())
+    # In the data's precision, at least float32: float64 data far from zero (timestamps)
+    # would lose its spread in float32 statistics.
+    dt = torch.promote_types(xs[0].dtype, torch.float32)
+    return (flat.mean(0).reshape(view).to(dt), flat.std(0, correction=0).reshape(view).to(dt))
 
 
 @final
@@ -154,22 +160,20 @@ class Standardizer:
         return self.y_mean is not None
 
     def transform_inputs(self, x: Tensor) -> Tensor:
-        """``(x − mean) / std`` per feature."""
-        return (x - self.x_mean.to(x.device)) / self.x_std.to(x.device)
+        """``(x − mean) / std`` per feature, in ``x``'s dtype."""
+        return _standardise(x, self.x_mean, self.x_std)
 
     def transform_targets(self, y: Tensor) -> Tensor:
         """``(y − mean) / std`` (unchanged when targets were not fitted)."""
         if self.y_mean is None or self.y_std is None:
             return y
-        return (y - self.y_mean.to(y.device).reshape(y.shape[1:])) / \
-            self.y_std.to(y.device).reshape(y.shape[1:])
+        return _standardise(y, self.y_mean.reshape(y.shape[1:]), self.y_std.reshape(y.shape[1:]))
 
     def inverse_targets(self, y: Tensor) -> Tensor:
         """Map standardised predictions back to target units: ``y · std + mean``."""
         if self.y_mean is None or self.y_std is None:
             return y
-        return y * self.y_std.to(y.device).reshape(y.shape[1:]) + \
-            self.y_mean.to(y.device).reshape(y.shape[1:])
+        return _affine(y, self.y_std.reshape(y.shape[1:]), self.y_mean.reshape(y.shape[1:]))
 
     def transform(self, batch: Tensor | tuple[Tensor, Tensor]) -> Any:
         """Standardise inputs, or an ``(inputs, targets)`` batch (targets when fitted)."""
@@ -244,9 +248,25 @@ class Standardized(nn.Module):
             self.report.layers.append("(outputs)")
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.model((x - self.x_mean) / self.x_std, *args, **kwargs)
+        out = self.model(_standardise(x, self.x_mean, self.x_std), *args, **kwargs)
         if self.outputs == "shift":
-            return out + self.y_mean
+            return _affine(out, None, self.y_mean)
         if self.outputs == "inverse":
-            return out * self.y_std + self.y_mean
+            return _affine(out, self.y_std, self.y_mean)
         return out
+
+
+def _standardise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(x − mean) / std`` computed in at least float32 (float64 for float64 data) and
+    returned in ``x``'s dtype, so a half-precision model gets half-precision inputs."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return ((x.to(dt) - mean.to(x.device, dt)) / std.to(x.device, dt)).to(x.dtype)
+
+
+def _affine(y: Tensor, scale: Tensor | None, shift: Tensor) -> Tensor:
+    """``y · scale + shift`` in ``y``'s dtype (computed in at least float32)."""
+    dt = torch.promote_types(y.dtype, torch.float32)
+    out = y.to(dt)
+    if scale is not None:
+        out = out * scale.to(y.device, dt)
+    return (out + shift.to(y.device, dt)).to(y.dtype)

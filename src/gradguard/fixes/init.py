@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 
 __all__ = ["FixReport", "layer_activations", "reinit", "spectral_radius"]
 
@@ -126,14 +126,47 @@ def reinit(
     Returns:
         A :class:`FixReport` naming each layer and the rule applied.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"reinit takes an nn.Module, got {type(model).__name__}")
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if not 0 < rnn_radius <= 1.5:
         raise ConfigError(f"rnn_radius must be in (0, 1.5], got {rnn_radius!r}")
+    if n_blocks is not None:
+        n_blocks = check_int("reinit.n_blocks", n_blocks, 1)
+    layers = [layers] if isinstance(layers, str) else layers  # (one pattern, not its letters)
+    residual = [residual] if isinstance(residual, str) else residual
+    names = [n for n, _ in model.named_modules()]
+    if layers is not None and not any(_match(n, layers) for n in names):
+        raise ConfigError(f"reinit: no layer matches {list(layers)}; the model's layers are "
+                          f"{[n for n in names if n][:12]}")
     report = FixReport(f"reinit(scheme={scheme!r})")
     acts = layer_activations(model)
     res_layers = [n for n in acts if residual and _match(n, residual)]
     blocks = n_blocks or max(1, len(res_layers))
+    # All or nothing: a layer torch cannot initialise (say, in a dtype it has no kernel
+    # for) puts back the layers already done.
+    saved: list[tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], object]] = []
+    try:
+        _reinit_all(model, scheme, layers, force, acts, res_layers, blocks, rnn_radius,
+                    report, saved)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        for m, params, mark in reversed(saved):
+            for p, before in params:
+                p.copy_(before)
+            if mark is None:
+                if hasattr(m, _MARK):
+                    delattr(m, _MARK)
+            else:
+                setattr(m, _MARK, mark)
+        raise ConfigError(f"reinit could not initialise the model, and changed nothing: "
+                          f"{e}") from e
+    return report
+
+
+def _reinit_all(model: nn.Module, scheme: str, layers: Sequence[str] | None, force: bool,
+                acts: dict[str, nn.Module | None], res_layers: list[str], blocks: int,
+                rnn_radius: float, report: FixReport, saved: list) -> None:
     for name, m in model.named_modules():
         if layers is not None and not _match(name, layers):
             continue
@@ -148,13 +181,14 @@ def reinit(
             if _has_matrix(m):  # (a weight reinit has no rule for: say so, not nothing)
                 report.skipped.append(f"{name} (a {type(m).__name__}: no rule for it here)")
             continue
+        saved.append((m, [(p, p.detach().clone()) for p in m.parameters(recurse=False)],
+                      getattr(m, _MARK, None)))
         if isinstance(m, nn.RNNBase):
             _reinit_rnn(name, m, rnn_radius, report)
         else:
             _reinit_layer(name, m, scheme, acts.get(name), name in res_layers, blocks, report)
         setattr(m, _MARK, scheme)
         report.layers.append(name)
-    return report
 
 
 def _has_matrix(m: nn.Module) -> bool:
@@ -202,7 +236,7 @@ def _reinit_layer(name: str, m: nn.Module, scheme: str, act: nn.Module | None,
     else:
         gain = nn.init.calculate_gain("relu" if nonlin == "relu" else
                                       ("tanh" if nonlin == "tanh" else "linear"))
-        nn.init.orthogonal_(w, gain=gain)
+        _orthogonal_(w, gain)
         desc = f"orthogonal (gain {gain:.3g})"
     if is_residual:
         w.mul_(1 / math.sqrt(2 * blocks))
@@ -214,14 +248,24 @@ def _reinit_layer(name: str, m: nn.Module, scheme: str, act: nn.Module | None,
     report.changes.append(f"{name} ({type(m).__name__}, before {after}): {desc}")
 
 
+def _orthogonal_(t: torch.Tensor, gain: float) -> None:
+    """``nn.init.orthogonal_``, drawn in float32 for a half-precision tensor (torch's QR has
+    no half-precision kernel on a CPU)."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        full = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+        nn.init.orthogonal_(full, gain=gain)
+        t.copy_(full)
+    else:
+        nn.init.orthogonal_(t, gain=gain)
+
+
 def _reinit_rnn(name: str, m: nn.RNNBase, radius: float, report: FixReport) -> None:
     for pname, p in m.named_parameters():
         if pname.startswith("weight_hh"):
             gates = p.shape[0] // p.shape[1]
             for g in range(gates):
                 block = p[g * p.shape[1] : (g + 1) * p.shape[1]]
-                nn.init.orthogonal_(block)
-                block.mul_(radius)
+                _orthogonal_(block, radius)
         elif pname.startswith("weight_ih"):
             nn.init.xavier_uniform_(p)
         elif pname.startswith("bias"):

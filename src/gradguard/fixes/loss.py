@@ -29,7 +29,8 @@ __all__ = ["ZLossWrapped", "robust_loss", "with_z_loss", "z_loss"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def z_loss(logits: Tensor, weight: float = 1e-4, dim: int = -1) -> Tensor:
+def z_loss(logits: Tensor, weight: float = 1e-4, dim: int = -1,
+           mask: Tensor | None = None) -> Tensor:
     """The z-loss term ``weight · mean((log Z)²)``, ``log Z = logsumexp(logits, dim)``.
 
     Its gradient on the logits is ``2·weight·log Z·softmax(logits) / N``: it has the sign
@@ -43,6 +44,8 @@ def z_loss(logits: Tensor, weight: float = 1e-4, dim: int = -1) -> Tensor:
         logits: unnormalised scores, classes along ``dim``.
         weight: the coefficient (PaLM: 1e-4).
         dim: the class dimension.
+        mask: the positions that count (``logits`` without ``dim``), e.g. the tokens
+            that are not padding; the mean is over them (0 when there is none).
 
     Returns:
         A scalar tensor to add to the loss.
@@ -51,7 +54,10 @@ def z_loss(logits: Tensor, weight: float = 1e-4, dim: int = -1) -> Tensor:
         raise ConfigError(f"z_loss: logits must be a floating-point tensor, got "
                           f"{getattr(logits, 'dtype', type(logits).__name__)}")
     w = check_positive("z_loss.weight", weight)
-    return w * torch.logsumexp(logits.float(), dim=dim).square().mean()
+    sq = torch.logsumexp(logits.float(), dim=dim).square()
+    if mask is None:
+        return w * (sq.mean() if sq.numel() else sq.sum())
+    return w * (sq * mask).sum() / mask.sum().clamp(min=1)
 
 
 @final
@@ -67,16 +73,22 @@ class ZLossWrapped:
         self.loss_fn = loss_fn
         self.weight = weight
         self.dim = dim
+        # The positions the loss ignores (padding) do not count in the z-loss either.
+        self.ignore_index = getattr(loss_fn, "ignore_index", -100)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return self.loss_fn(logits, targets) + z_loss(logits, self.weight, self.dim)
+        mask = None
+        if isinstance(targets, Tensor) and not torch.is_floating_point(targets) and \
+                logits.dim() > 1 and targets.dim() == logits.dim() - 1:
+            mask = targets != self.ignore_index
+        return self.loss_fn(logits, targets) + z_loss(logits, self.weight, self.dim, mask)
 
     def __repr__(self) -> str:
         name = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
         return f"with_z_loss({name}, weight={self.weight:g})"
 
 
-def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = -1) -> ZLossWrapped:
+def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = 1) -> ZLossWrapped:
     """Wrap a cross-entropy ``loss_fn(logits, targets)`` so it adds the z-loss of the logits.
 
     Reference: Chowdhery et al. 2022 (PaLM), section 5; Wortsman et al. 2023, section 3.1.2.
@@ -84,7 +96,9 @@ def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = -1) -> ZLossWr
     Args:
         loss_fn: e.g. ``F.cross_entropy`` or ``nn.CrossEntropyLoss(label_smoothing=0.1)``.
         weight: the z-loss coefficient (PaLM: 1e-4).
-        dim: the class dimension of the logits (-1: last, which is dim 1 for (N, C)).
+        dim: the class dimension of the logits, as ``F.cross_entropy`` takes them (1:
+            ``(N, C)`` or ``(N, C, T)``). Positions whose class-index target is the loss's
+            ``ignore_index`` (-100 unless the loss module says otherwise) are left out.
 
     Returns:
         A callable with the same signature, ``loss_fn(logits, targets) + z_loss(logits)``.
@@ -97,7 +111,9 @@ def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = -1) -> ZLossWr
     if getattr(loss_fn, "_gradguard_z_loss", False):
         raise ConfigError(f"with_z_loss: {loss_fn!r} already adds a z-loss term; wrapping it "
                           "again would count it twice")
-    return ZLossWrapped(loss_fn, check_positive("with_z_loss.weight", weight), int(dim))
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ConfigError(f"with_z_loss: dim must be an int, got {dim!r}")
+    return ZLossWrapped(loss_fn, check_positive("with_z_loss.weight", weight), dim)
 
 
 _ROBUST = ("huber", "smooth_l1")

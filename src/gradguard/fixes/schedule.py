@@ -8,8 +8,10 @@ guard only ever scales it down (see ``Guard(policy=...)`` and ``Backoff``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from ..errors import ConfigError, check_int
 
@@ -18,15 +20,21 @@ __all__ = ["warmup_cosine"]
 _MARK = "_gradguard_warmup_cosine"
 
 
+def _hold(factor: float, _step: int) -> float:
+    return factor
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, *,
                   start_factor: float = 0.01, min_lr: float = 0.0) -> SequentialLR:
-    """Linear LR warm-up for ``warmup_steps``, then cosine decay to ``min_lr``.
+    """Linear LR warm-up for ``warmup_steps``, then cosine decay to ``min_lr``, held there
+    after ``total_steps``.
 
-    torch's ``SequentialLR([LinearLR, CosineAnnealingLR])``. Warm-up keeps the first
-    updates small while Adam's moment estimates and the loss landscape's sharpness settle
-    (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 2.2; Liu et al. 2020,
-    "On the Variance of the Adaptive Learning Rate and Beyond", section 3); cosine decay is
-    Loshchilov & Hutter 2017, "SGDR", eq. 5 (without restarts).
+    torch's ``SequentialLR([LinearLR, CosineAnnealingLR, LambdaLR])`` (the last holds
+    ``min_lr``: torch's cosine alone would climb back up after its half period). Warm-up
+    keeps the first updates small while Adam's moment estimates and the loss landscape's
+    sharpness settle (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 2.2; Liu
+    et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond", section 3);
+    cosine decay is Loshchilov & Hutter 2017, "SGDR", eq. 5 (without restarts).
 
     Args:
         optimizer: the optimizer whose groups' LRs are the peak LRs.
@@ -46,8 +54,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"warmup_cosine: optimizer must be a torch.optim.Optimizer, got "
                           f"{type(optimizer).__name__}")
-    check_int("warmup_cosine.warmup_steps", warmup_steps, 1)
-    check_int("warmup_cosine.total_steps", total_steps, 2)
+    warmup_steps = check_int("warmup_cosine.warmup_steps", warmup_steps, 1)
+    total_steps = check_int("warmup_cosine.total_steps", total_steps, 2)
     if total_steps <= warmup_steps:
         raise ConfigError(f"warmup_cosine: total_steps ({total_steps}) must exceed "
                           f"warmup_steps ({warmup_steps})")
@@ -55,6 +63,10 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         raise ConfigError(f"warmup_cosine: start_factor must be in (0, 1], got {start_factor!r}")
     if min_lr < 0:
         raise ConfigError(f"warmup_cosine: min_lr must be >= 0, got {min_lr!r}")
+    peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    if any(min_lr > peak for peak in peaks):
+        raise ConfigError(f"warmup_cosine: min_lr ({min_lr!r}) is above a group's peak LR "
+                          f"({min(peaks)!r}): the cosine would climb, not decay")
     if getattr(optimizer, _MARK, False):
         raise ConfigError("warmup_cosine: this optimizer already has a warmup_cosine "
                           "schedule; two schedulers on one optimizer overwrite each other's LR")
@@ -62,8 +74,10 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         optimizer,
         [LinearLR(optimizer, start_factor=start_factor, end_factor=1.0,
                   total_iters=warmup_steps),
-         CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=min_lr)],
-        milestones=[warmup_steps],
+         CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps, eta_min=min_lr),
+         LambdaLR(optimizer, [functools.partial(_hold, min_lr / peak if peak > 0 else 0.0)
+                              for peak in peaks])],
+        milestones=[warmup_steps, total_steps],
     )
     setattr(optimizer, _MARK, True)
     return sched

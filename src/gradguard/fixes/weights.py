@@ -48,6 +48,27 @@ def _layers(model: nn.Module, layers: Sequence[str] | None,
     return found
 
 
+def _refuse_tied(model: nn.Module, chosen: list[tuple[str, nn.Module]], fix: str) -> None:
+    """A weight one layer shares with another (an output head tied to its embedding): a
+    fix that changes how one of them holds it would untie them, or leave the other as it
+    was."""
+    owners: dict[int, list[str]] = {}
+    seen: set[int] = set()
+    for n, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    for name, m in chosen:
+        w = m._parameters.get("weight")
+        others = [o for o in owners.get(id(w), []) if o != name] if w is not None else []
+        if others:
+            raise ConfigError(f"{fix}: layer {name!r} shares its weight with {others[0]!r} "
+                              "(tied weights); the fix would untie them or leave one as it "
+                              "was. Leave it out with layers=[...]; nothing was changed")
+
+
 def _leaf_weight(m: nn.Module) -> Tensor | None:
     """The trainable tensor behind ``m.weight``: the weight itself, or a pruned layer's
     ``weight_orig``; None for a parametrised weight (its norm is set by the parametrisation)."""
@@ -188,7 +209,8 @@ _KINDS = ("weight", "spectral")
 
 
 def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
-                kind: str = "weight", dim: int = 0) -> FixReport:
+                kind: str = "weight", dim: int = 0,
+                optimizer: torch.optim.Optimizer | None = None) -> FixReport:
     """Reparametrise Linear/Conv weights with torch's weight or spectral normalisation.
 
     ``kind="weight"``: w = g·v/‖v‖ per output unit, so the step on the scale g is decoupled
@@ -204,13 +226,19 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
         layers: glob patterns of layer names; default every Linear/Conv layer.
         kind: "weight" or "spectral".
         dim: the output-unit dimension for ``kind="weight"``.
+        optimizer: an optimizer built before the call: each reparametrised weight is
+            replaced in its groups by the parameters that now hold it (its state, the
+            old weight's, is dropped). An optimizer (or a guard) built before the call and
+            not passed here keeps the old weight, which the layer no longer uses: the
+            layer would stop training. Build them after, or pass it.
 
     Returns:
         A :class:`FixReport` naming each reparametrised layer.
 
     Raises:
         ConfigError: a selected layer is already parametrised or pruned (applying the fix
-            twice would stack two normalisations).
+            twice would stack two normalisations), its weight is tied to another layer's,
+            or ``dim`` is not one of its weight's dimensions; nothing is changed then.
     """
     if kind not in _KINDS:
         raise ConfigError(f"weight_norm: kind must be one of {_KINDS}, got {kind!r}")
@@ -224,9 +252,17 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
         if _prune.is_pruned(m) or hasattr(m, _PRUNED):
             raise ConfigError(f"{fix}: layer {name!r} is pruned; apply weight_norm before "
                               "prune, not after")
+        if kind == "weight" and not -m.weight.dim() <= dim < m.weight.dim():
+            raise ConfigError(f"{fix}: dim={dim} is not a dimension of layer {name!r}'s "
+                              f"{m.weight.dim()}-d weight; nothing was changed")
+    _refuse_tied(model, chosen, fix)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"{fix}: optimizer must be a torch.optim.Optimizer, got "
+                          f"{type(optimizer).__name__}")
     report = FixReport(fix)
     for name, m in chosen:
-        w = m.weight.detach()
+        w_param = m.weight
+        w = w_param.detach()
         rows = w.movedim(dim, 0).flatten(1).norm(dim=1) if kind == "weight" else w.norm()
         if bool((rows == 0).any()):
             # g·v/‖v‖ (or w/σ_max) of a zero row is 0/0: the layer would output NaN.
@@ -240,9 +276,22 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
             sigma = float(torch.linalg.matrix_norm(w.flatten(1).double(), ord=2))
             parametrizations.spectral_norm(m, "weight")
             desc = f"weight / σ_max, σ_max was {sigma:.3g} (layer gain now ≤ 1)"
+        if optimizer is not None:
+            desc += _swap_in(optimizer, w_param, list(m.parametrizations.weight.parameters()))
         report.layers.append(name)
         report.changes.append(f"{name} ({type(m).__name__}): {desc}")
     return report
+
+
+def _swap_in(optimizer: torch.optim.Optimizer, old: Tensor, new: list[nn.Parameter]) -> str:
+    """Put ``new`` where ``old`` was in the optimizer's groups; drop ``old``'s state."""
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p is old:
+                group["params"][i:i + 1] = new
+                optimizer.state.pop(old, None)
+                return "; the optimizer now trains its new parameters"
+    return "; the weight was not in the optimizer given"
 
 
 def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None = None,
@@ -278,6 +327,7 @@ def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None
         if parametrize.is_parametrized(m, "weight"):
             raise ConfigError(f"{fix}: layer {name!r} has a parametrised weight "
                               "(weight_norm?); prune before reparametrising")
+    _refuse_tied(model, chosen, fix)
     report = FixReport(fix)
     total = removed = 0
     for name, m in chosen:
