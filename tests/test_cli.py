@@ -24,6 +24,13 @@ def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
         (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "nan,inf", "--out",
           str(tmp_path / "b")], "got [nan, inf]"),  # (rich markup swallowed the list)
         (["report", str(tmp_path)], "without a bench's runs.csv"),
+        (["report", str(afile)], "is not a gradguard run log"),  # (an empty file)
+        (["lr-find", "linreg-raw", "--out", str(tmp_path / "lr.txt")], "must end in .png"),
+        (["lr-find", "linreg-raw", "--start-lr", "1", "--end-lr", "1e-3", "--out",
+          str(tmp_path / "lr.png")], "must rise from a positive start_lr"),
+        (["doctor", "linreg-raw", "--run-log", str(tmp_path / "nope.jsonl")],
+         "no such run log"),
+        (["doctor", "linreg-raw", "--fix", "--steps", "0"], "--steps (of the --fix"),
     ]
     for args, said in cases:
         res = runner.invoke(app, args, env=wide)
@@ -56,3 +63,26 @@ def test_help_shows_no_type_after_flags(command):
     assert "<bool>" not in res.output
     if command in (["doctor"], ["bench"]):
         assert "<int>" in res.output  # options that take a value still say which
+
+
+def test_report_html_into_a_folder_is_refused_and_lr_find_makes_its_folder(tmp_path):
+    import gradguard as gg
+
+    log = tmp_path / "run.jsonl"
+    import torch
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gg.Guard(model, opt, log=log) as guard:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 3)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    (tmp_path / "adir").mkdir()
+    res = runner.invoke(app, ["report", str(log), "--html", str(tmp_path / "adir")])
+    assert res.exit_code == 2 and "is a directory" in res.output
+    assert not list(tmp_path.glob(".adir*"))
+    out = tmp_path / "new" / "sub" / "lr.png"
+    res = runner.invoke(app, ["lr-find", "linreg-raw", "--num-iter", "20", "--out", str(out)])
+    assert res.exit_code == 0 and out.exists(), res.output

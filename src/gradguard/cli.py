@@ -140,6 +140,8 @@ def report(
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
         typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
+    if html:
+        _check_out(html, (".html", ".htm"))
     with _user_errors():
         s = summarize(run_log, run)
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
@@ -188,7 +190,31 @@ def report(
         if len(s.timeline) > events:
             console.print(f"[dim]… {len(s.timeline) - events} more events[/dim]")
     if html:
-        typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
+        with _write_errors(html):
+            typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
+
+
+def _check_out(path: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse, before any work, an output file the command could not write."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        typer.echo(f"{path} is a directory; give a file name ({' or '.join(suffixes)})")
+        raise typer.Exit(2)
+    if p.suffix.lower() not in suffixes:
+        typer.echo(f"{path}: the file name must end in {' or '.join(suffixes)}")
+        raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _write_errors(path: str) -> Iterator[None]:
+    """A file that cannot be written (no permission, a read-only place) exits 2 naming it."""
+    try:
+        yield
+    except OSError as e:
+        typer.echo(f"cannot write {path}: {e.strerror or e}")
+        raise typer.Exit(2) from None
 
 
 _SEV_STYLE = {"critical": "bold red", "warning": "yellow", "info": "dim"}
@@ -241,6 +267,13 @@ def doctor(
     if trial_steps < 0:
         console.print("[red]--trial-steps must be 0 or more[/red]")
         raise typer.Exit(2)
+    if fix and steps < 1:
+        console.print("[red]--steps (of the --fix re-runs) must be 1 or more[/red]")
+        raise typer.Exit(2)
+    if run_log is not None and not Path(run_log).is_file():
+        typer.echo(f"--run-log {run_log}: no such run log (a JSONL file written by "
+                   "Guard(log=...))")
+        raise typer.Exit(2)
     run = _load_run(target, seed)
     if isinstance(run.data, Iterator):  # one pass: the diagnosis and both re-runs share it
         run = dataclasses.replace(run, data=list(itertools.islice(
@@ -281,12 +314,21 @@ def doctor(
         fx = out["fix"]
         console.print("applied to a copy: " + ("; ".join(fx["applied"]) or "nothing safe to apply"))
         t = Table(title=f"{steps}-step re-run, before and after the fixes")
-        for col in ("run", "final train loss", "max grad norm", "blew up at"):
+        for col in ("run", "final train loss", "max grad norm", "blew up"):
             t.add_column(col, justify="right" if col != "run" else "left")
         for label, s in (("before", fx["before"]), ("after", fx["after"])):
-            t.add_row(label, _fmt(s["final_loss"]), _fmt(s["max_grad_norm"]),
-                      "no" if s["diverged_at"] is None else str(s["diverged_at"]))
+            t.add_row(label, _fmt(s["final_loss"]), _fmt(s["max_grad_norm"]), _blew_up(s))
         console.print(t)
+
+
+def _blew_up(s: dict) -> str:
+    """When a re-run blew up: its first NaN/Inf step, else the step its loss left its
+    bound, else "no"."""
+    if s.get("first_nonfinite") is not None:
+        return f"NaN/Inf at step {s['first_nonfinite']}"
+    if s.get("diverged_at") is not None:
+        return f"at step {s['diverged_at']}"
+    return "no"
 
 
 @app.command("lr-find", cls=_Command)
@@ -301,12 +343,14 @@ def lr_find_cmd(
     """LR range test (Smith 2017) on a copy: plot loss vs LR and suggest an LR."""
     from .doctor import lr_find
 
+    _check_out(out, (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     run = _load_run(target, seed)
     with _user_errors():
         res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,
                       end_lr=end_lr, num_iter=num_iter)
     user = float(run.optimizer.param_groups[0]["lr"])
-    res.plot(out, user_lr=user)
+    with _write_errors(out):
+        res.plot(out, user_lr=user)
     console.print(f"your LR: {user:.3g}; suggested: {_fmt(res.suggested, 3)}; loss diverges at: "
                   f"{_fmt(res.diverged_at, 3)}; plot: {out}")
 

@@ -53,3 +53,20 @@ def test_markdown_marks_the_widest_range():
                                        "summary": "demo"}}})
     assert "| fix | **1** |" in md and "| none | 0 |" in md
     assert "## s" in md
+
+
+def test_the_verdict_claims_no_ratio_or_harm_it_could_not_measure():
+    from gradguard.bench.metrics import SummaryRow, verdict
+
+    def row(scn, remedy, decades, ratio=float("nan")):
+        return SummaryRow(scn, remedy, 5, 0, 1e-3, 1e-2, decades, 0.5, 1.0, None, 0.0, 0.0,
+                          0.0, 0.0, tol=0.1, default_lr_ratio=ratio)
+
+    alone = "\n".join(verdict([row("a", "gradguard", 1.0)]))
+    assert "(the only remedy run)" in alone and "no unguarded run ('none')" in alone
+    assert "on 0 of the 0 where the ratio is defined" in alone
+    assert "no harm on 0 of the 0 with an unguarded run" in alone
+    both = "\n".join(verdict([row("a", "gradguard", 1.0, 1.2), row("a", "none", 0.5),
+                              row("b", "gradguard", 1.0), row("b", "none", None)]))
+    assert "on 1 of the 1 where the ratio is defined" in both  # (b: undefined, not a win)
+    assert "no ratio (the unguarded run converged at no LR)" in both

@@ -18,10 +18,19 @@ def read_csv(path):
 @pytest.fixture(scope="module")
 def small_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    (out / "logs").mkdir()
+    (out / "logs" / "mine.jsonl").write_text("a user's own file\n")  # (left alone)
+    (out / "logs" / "linreg-raw__clip-norm.jsonl").write_text("")  # (a previous bench's)
     cfg = BenchConfig(scenarios=["linreg-raw"], remedies=["none", "clip-norm", "gradguard"],
                       seeds=(0,), lr_grid=[1e-5, 1e-3], steps=80, jobs=1, out=out,
                       command="test")
     return run_bench(cfg), out
+
+
+def test_a_rerun_replaces_its_own_logs_only(small_bench):
+    _, out = small_bench
+    assert (out / "logs" / "mine.jsonl").read_text() == "a user's own file\n"
+    assert not (out / "logs" / "linreg-raw__clip-norm.jsonl").exists()  # (no guard there)
 
 
 def test_bench_writes_every_file_with_real_outcomes(small_bench):

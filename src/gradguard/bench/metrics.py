@@ -221,11 +221,12 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
     """Markdown bullets: per scenario, the widest stable LR range, the lowest LR
     sensitivity, ``ours``' ratio at the exploding LR and its harm, then a tally."""
     lines = ["### Verdict per scenario", ""]
-    wins = sens_wins = ratio_ok = harmless = 0
+    wins = sens_wins = ratio_ok = harmless = ratio_defined = harm_checked = 0
     scns = list(dict.fromkeys(s.scenario for s in summary))
     for scn in scns:
         rows = [s for s in summary if s.scenario == scn]
         mine = next((s for s in rows if s.remedy == ours), None)
+        baseline = any(s.remedy == "none" for s in rows)
         widest = max((s.stable_decades for s in rows if s.stable_decades is not None),
                      default=None)
         parts = []
@@ -239,7 +240,8 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             continue
         if widest is not None and mine.stable_decades == widest:
             wins += 1
-            parts.append(f"**{ours} widest**" + (" (tied)" if len(best) > 1 else ""))
+            parts.append(f"**{ours} widest**" + (" (tied)" if len(best) > 1 else "") +
+                         (" (the only remedy run)" if len(rows) == 1 else ""))
         else:
             got = "none" if mine.stable_decades is None else f"{mine.stable_decades:.2g}"
             parts.append(f"{ours} {got} decades")
@@ -254,9 +256,17 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             parts.append(f"LR sensitivity {mine.lr_sensitivity:.3g} (lowest: {lowest} "
                          f"{low:.3g})")
         r = mine.default_lr_ratio
-        if (math.isfinite(r) and r <= 1.5) or math.isnan(r):
-            ratio_ok += 1
-        parts.append(f"at the exploding LR {_f(r)}× the best unguarded loss")
+        if not baseline:
+            parts.append("no unguarded run ('none') to compare the exploding LR or harm with")
+            lines.append(f"- {scn}: " + "; ".join(parts))
+            continue
+        if math.isnan(r):
+            parts.append("at the exploding LR no ratio (the unguarded run converged at no LR)")
+        else:
+            ratio_defined += 1
+            ratio_ok += r <= 1.5
+            parts.append(f"at the exploding LR {_f(r)}× the best unguarded loss")
+        harm_checked += 1
         if mine.harm_lrs:
             parts.append(f"**harm** vs unguarded at lr {mine.harm_lrs}")
         else:
@@ -266,8 +276,9 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
     n = len(scns)
     lines += ["", f"{ours} (default policy): widest stable LR range, alone or tied, on {wins} "
               f"of {n} scenarios; lowest or tied LR sensitivity on {sens_wins} of {n}; at the "
-              f"exploding LR within 1.5× of the best unguarded loss on {ratio_ok} of {n}; no "
-              f"harm on {harmless} of {n}."]
+              f"exploding LR within 1.5× of the best unguarded loss on {ratio_ok} of the "
+              f"{ratio_defined} where the ratio is defined; no harm on {harmless} of the "
+              f"{harm_checked} with an unguarded run to pair with."]
     return lines
 
 

@@ -218,8 +218,14 @@ def run_bench(cfg: BenchConfig,
     jobs, skipped = plan_jobs(cfg)
     out = Path(cfg.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    from .remedies import REMEDIES
+
     for old in (out / "logs").glob("*.jsonl"):
-        old.unlink()
+        # Only a previous bench's logs (<scenario>__<remedy>.jsonl): a file of the user's
+        # that happens to lie there is left alone.
+        scenario, _, remedy = old.stem.partition("__")
+        if scenario in scenarios.SCENARIOS and remedy in REMEDIES:
+            old.unlink()
     results: dict[Job, tuple[dict[str, Any], dict[str, Any]]] = {}
     if cfg.jobs == 1:
         # Single-threaded like a worker: a run's numbers must not depend on --jobs (the

@@ -14,11 +14,12 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 
 __all__ = ["LRFindResult", "as_batch", "clone_optimizer", "cycle_batches", "is_batch", "lr_find"]
 
@@ -64,8 +65,11 @@ class LRFindResult:
         ax.legend()
         ax.set_title("gradguard lr-find")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # (as the HTML report does)
+        try:
+            fig.savefig(path, dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
 
@@ -143,6 +147,11 @@ def lr_find(
     diverge_factor: float = 4.0,
 ) -> LRFindResult:
     """Run the range test on copies; ``model`` and ``optimizer`` are left untouched."""
+    if not (math.isfinite(start_lr) and start_lr > 0 and math.isfinite(end_lr)
+            and end_lr > start_lr):
+        raise ConfigError(f"lr_find: the range must rise from a positive start_lr to a larger "
+                          f"end_lr, got {start_lr!r} → {end_lr!r}")
+    num_iter = check_int("lr_find.num_iter", num_iter, 2)
     m = copy.deepcopy(model)
     m.train()
     opt = clone_optimizer(optimizer, model, m)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
 from ..record import count_runs, read_jsonl
 from ..runlog import Event, Meta, StepRecord
 
@@ -69,6 +70,7 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
     s.runs = count_runs(path)
     s.run = run + s.runs if run < 0 else run
     last_scale = 1.0
+    origin_steps: set[int] = set()
     for rec in read_jsonl(path, run):
         if isinstance(rec, Meta):
             s.meta = rec
@@ -97,7 +99,13 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
                 s.lr_changes.append((rec.step, scale))
                 last_scale = scale
             s.events[rec.kind] += 1
-            if rec.get("origin_layer"):
+            # Where trouble starts: once per flagged step (a spike flags the gradient and
+            # the loss at once), and never for the data's NaN/Inf (it enters at layer 0).
+            if rec.get("origin_layer") and not rec.get("data") and rec.step not in origin_steps:
+                origin_steps.add(rec.step)
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
+    if not s.meta and s.steps == 0 and not s.timeline:
+        raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
+                          "Guard(log=...) writes")
     return s
