@@ -168,6 +168,29 @@ def test_diagnose_run_finds_first_spike_after_lr_rise(tmp_path):
     assert "LR increase" in f.title and f.layers == ["0.weight"]
 
 
+def test_a_run_log_counts_flagged_steps_once_and_the_datas_apart(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    with gg.Guard(m, opt, log=tmp_path / "r.jsonl") as guard:
+        for s in range(60):
+            x = torch.randn(32, 8) * (1000 if s == 45 else 1)  # a spike: two events
+            if s in (20, 30, 31):  # NaN records (the first arms the watch on a CPU)
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+    d = doctor.diagnose_run(str(tmp_path / "r.jsonl"))
+    [data] = [f for f in d.findings if "NaN/Inf in the data" in f.title]
+    assert data.evidence["data_steps"] == [30, 31]
+    [run] = [f for f in d.findings if "first trouble" in f.title]
+    assert run.evidence["count"] == 2  # steps 20 and 45, not 20, 30, 31, 45, 45
+    with pytest.raises(gg.ConfigError, match="not a gradguard run log"):
+        (tmp_path / "junk.jsonl").write_text("hello\n")
+        doctor.diagnose_run(str(tmp_path / "junk.jsonl"))
+
+
 def spiky_run_log(path):
     """A guarded run on a healthy model with many wrong-unit batches: events in the log."""
     torch.manual_seed(0)

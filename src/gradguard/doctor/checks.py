@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..fixes.init import reinit, spectral_radius
 from ..record import read_jsonl
 from ..runlog import Event, StepRecord
@@ -445,11 +446,29 @@ def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
     records = list(read_jsonl(path))
+    if not records:
+        raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
+                          "Guard(log=...) writes")
     steps = [r for r in records if isinstance(r, StepRecord)]
-    trouble = [e for e in records if isinstance(e, Event)
-               and e.kind in ("nonfinite", "grad_spike", "loss_spike")]
+    flags = [e for e in records if isinstance(e, Event)
+             and e.kind in ("nonfinite", "grad_spike", "loss_spike")]
+    # One per flagged step (a spike flags the gradient and the loss at once); the data's
+    # NaN/Inf steps are the data pipeline's, not the run's.
+    data_steps = sorted({e.step for e in flags if e.get("data")})
+    trouble: list[Event] = []
+    for e in flags:
+        if not e.get("data") and (not trouble or trouble[-1].step != e.step):
+            trouble.append(e)
     dead = [e for e in records if isinstance(e, Event) and e.kind == "dead_units"]
     out = [_dead_finding(dead[0], trouble)] if dead else []
+    if data_steps:
+        out.append(Finding(
+            "run_log", "warning",
+            f"{len(data_steps)} step(s) had NaN/Inf in the data (first at step "
+            f"{data_steps[0]}); the guard skipped them without touching the LR",
+            evidence={"data_steps": data_steps[:100]},
+            fix="clean the data pipeline: find the records with ~torch.isfinite(t) (a "
+                "missing value, a division by zero in preprocessing)"))
     if not trouble:
         out.append(Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
                            "or non-finite steps"))
