@@ -129,6 +129,10 @@ def report(
 
     from .report import summarize, write_bench_report, write_run_log_report
 
+    if events < 0:
+        typer.echo(f"--events must be 0 or more, got {events}")
+        raise typer.Exit(2)
+
     if not Path(run_log).exists():
         console.print(f"[red]no such run log or bench directory: {escape(run_log)}[/red]")
         raise typer.Exit(2)

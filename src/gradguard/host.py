@@ -569,8 +569,9 @@ class HostSide:
               "healthy run: a transient fault is likelier than the LR)" if retry
               else _CLIPPING if clip else f"LR scale ×{g.lr.scale:.3g}")
         g.recorder.event(
-            step, "rollback", f"unstable: {reason}; rolled back to the state after step "
-            f"{target.step}, {lr}{skip}",
+            step, "rollback", f"unstable: {reason}; rolled back to "
+            + ("the initial weights" if target.step < 0 else
+               f"the state after step {target.step}") + f", {lr}{skip}",
             action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale,
             clip_all=clip)
         return target.step

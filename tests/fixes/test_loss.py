@@ -96,16 +96,24 @@ def test_robust_loss_returns_torch_losses_and_checks_its_arguments():
         fixes.robust_loss(reduction="avg")
 
 
-def test_z_loss_follows_cross_entropys_class_dim_and_ignored_positions():
+def test_z_loss_takes_the_class_dim_and_leaves_out_ignored_positions():
     torch.manual_seed(0)
     logits = torch.randn(4, 5, 7) * 3  # (N, C, T), as F.cross_entropy takes a sequence
     y = torch.randint(0, 5, (4, 7))
     y[:, 4:] = -100  # padding
-    z = fixes.with_z_loss(F.cross_entropy, 1.0)(logits, y) - F.cross_entropy(logits, y)
+    z = fixes.with_z_loss(F.cross_entropy, 1.0, dim=1)(logits, y) - F.cross_entropy(logits, y)
     expected = torch.logsumexp(logits, 1)[:, :4].square().mean()
     assert z.item() == pytest.approx(expected.item(), rel=1e-5)
-    own = fixes.with_z_loss(nn.CrossEntropyLoss(ignore_index=0), 1.0)
+    own = fixes.with_z_loss(nn.CrossEntropyLoss(ignore_index=0), 1.0, dim=1)
     y2 = torch.randint(0, 5, (4, 7))
     z2 = own(logits, y2) - nn.CrossEntropyLoss(ignore_index=0)(logits, y2)
     expected2 = torch.logsumexp(logits, 1)[y2 != 0].square().mean()
     assert z2.item() == pytest.approx(expected2.item(), rel=1e-5)
+    # An LM's (N, T, C) logits that its own loss reshapes: the default, the last dim.
+    lm = logits.transpose(1, 2)
+
+    def lm_loss(out, t):
+        return F.cross_entropy(out.flatten(0, 1), t.flatten())
+
+    z3 = fixes.with_z_loss(lm_loss, 1.0)(lm, y) - lm_loss(lm, y)
+    assert z3.item() == pytest.approx(expected.item(), rel=1e-5)

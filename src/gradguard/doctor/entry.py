@@ -71,7 +71,8 @@ def load_run(target: str, seed: int = 0) -> Run:
     out = getattr(mod, func)()
     if not (isinstance(out, tuple) and len(out) == 4):
         raise InputError(f"{func}() must return a 4-tuple (model, data, loss_fn, optimizer); "
-                        f"got {type(out).__name__}")
+                        f"got {type(out).__name__}" +
+                        (f" of {len(out)}" if isinstance(out, tuple | list) else ""))
     model, data, loss_fn, opt = out
     if not isinstance(model, nn.Module) or not isinstance(opt, torch.optim.Optimizer):
         raise InputError(f"{func}() must return (nn.Module, data, loss_fn, torch.optim.Optimizer)")

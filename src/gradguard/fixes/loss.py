@@ -79,8 +79,11 @@ class ZLossWrapped:
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         mask = None
         if isinstance(targets, Tensor) and not torch.is_floating_point(targets) and \
-                logits.dim() > 1 and targets.dim() == logits.dim() - 1:
-            mask = targets != self.ignore_index
+                logits.dim() > 1:
+            positions = logits.shape[:self.dim % logits.dim()] + \
+                logits.shape[self.dim % logits.dim() + 1:]
+            if targets.shape == positions:  # (class indices, one per position)
+                mask = targets != self.ignore_index
         return self.loss_fn(logits, targets) + z_loss(logits, self.weight, self.dim, mask)
 
     def __repr__(self) -> str:
@@ -88,7 +91,7 @@ class ZLossWrapped:
         return f"with_z_loss({name}, weight={self.weight:g})"
 
 
-def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = 1) -> ZLossWrapped:
+def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = -1) -> ZLossWrapped:
     """Wrap a cross-entropy ``loss_fn(logits, targets)`` so it adds the z-loss of the logits.
 
     Reference: Chowdhery et al. 2022 (PaLM), section 5; Wortsman et al. 2023, section 3.1.2.
@@ -96,8 +99,9 @@ def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = 1) -> ZLossWra
     Args:
         loss_fn: e.g. ``F.cross_entropy`` or ``nn.CrossEntropyLoss(label_smoothing=0.1)``.
         weight: the z-loss coefficient (PaLM: 1e-4).
-        dim: the class dimension of the logits, as ``F.cross_entropy`` takes them (1:
-            ``(N, C)`` or ``(N, C, T)``). Positions whose class-index target is the loss's
+        dim: the class dimension of the logits the wrapped loss is given (-1: ``(N, C)``,
+            or ``(N, T, C)`` that the loss reshapes itself; pass 1 for ``(N, C, T)`` handed
+            to ``F.cross_entropy`` as is). Positions whose class-index target is the loss's
             ``ignore_index`` (-100 unless the loss module says otherwise) are left out.
 
     Returns:
