@@ -17,6 +17,8 @@ def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
     wide = {"COLUMNS": "200"}
     afile = tmp_path / "afile"
     afile.write_text("")
+    notlog = tmp_path / "notes.txt"
+    notlog.write_text("hello\n")
     cases = [
         (["bench", "-s", "linreg-raw", "-r", "none", "--steps", "0"], "--steps must be"),
         (["bench", "-s", "linreg-raw", "-r", "none", "--out", str(afile / "sub")],
@@ -24,8 +26,8 @@ def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
         (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "nan,inf", "--out",
           str(tmp_path / "b")], "got [nan, inf]"),  # (rich markup swallowed the list)
         (["report", str(tmp_path)], "without a bench's runs.csv"),
-        (["report", str(afile)], "is not a gradguard run log"),  # (an empty file)
-        (["lr-find", "linreg-raw", "--out", str(tmp_path / "lr.txt")], "must end in .png"),
+        (["report", str(notlog)], "is not a gradguard run log"),
+        (["lr-find", "linreg-raw", "--out", str(tmp_path / "lr.txt")], "must end in one of"),
         (["lr-find", "linreg-raw", "--start-lr", "1", "--end-lr", "1e-3", "--out",
           str(tmp_path / "lr.png")], "must rise from a positive start_lr"),
         (["doctor", "linreg-raw", "--run-log", str(tmp_path / "nope.jsonl")],
@@ -86,3 +88,10 @@ def test_report_html_into_a_folder_is_refused_and_lr_find_makes_its_folder(tmp_p
     out = tmp_path / "new" / "sub" / "lr.png"
     res = runner.invoke(app, ["lr-find", "linreg-raw", "--num-iter", "20", "--out", str(out)])
     assert res.exit_code == 0 and out.exists(), res.output
+
+
+def test_the_empty_log_of_a_guard_that_never_stepped_is_a_zero_step_run(tmp_path):
+    empty = tmp_path / "run.jsonl"
+    empty.write_text("")  # (what Guard(log=...) leaves before its first step)
+    res = runner.invoke(app, ["report", str(empty)], env={"COLUMNS": "120"})
+    assert res.exit_code == 0 and "steps" in res.output

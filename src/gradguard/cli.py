@@ -145,7 +145,7 @@ def report(
         typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
     if html:
-        _check_out(html, (".html", ".htm"))
+        _check_out(html, None)
     with _user_errors():
         s = summarize(run_log, run)
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
@@ -198,16 +198,15 @@ def report(
             typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
 
 
-def _check_out(path: str, suffixes: tuple[str, ...]) -> None:
-    """Refuse, before any work, an output file the command could not write."""
-    from pathlib import Path
-
+def _check_out(path: str, suffixes: tuple[str, ...] | None) -> None:
+    """Refuse, before any work, an output file the command could not write: a folder, or
+    a kind of file it cannot make (None: any name)."""
     p = Path(path)
     if p.is_dir():
-        typer.echo(f"{path} is a directory; give a file name ({' or '.join(suffixes)})")
+        typer.echo(f"{path} is a directory; give a file name")
         raise typer.Exit(2)
-    if p.suffix.lower() not in suffixes:
-        typer.echo(f"{path}: the file name must end in {' or '.join(suffixes)}")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        typer.echo(f"{path}: the file name must end in one of {', '.join(sorted(suffixes))}")
         raise typer.Exit(2)
 
 
@@ -345,9 +344,12 @@ def lr_find_cmd(
     seed: int = typer.Option(0),
 ) -> None:
     """LR range test (Smith 2017) on a copy: plot loss vs LR and suggest an LR."""
+    import matplotlib.figure
+
     from .doctor import lr_find
 
-    _check_out(out, (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
+    kinds = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    _check_out(out, tuple(f".{k}" for k in kinds))
     run = _load_run(target, seed)
     with _user_errors():
         res = lr_find(run.model, run.optimizer, run.data, run.loss_fn, start_lr=start_lr,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 __all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning",
@@ -55,11 +54,10 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> floa
 
 
 def check_int(name: str, value: int, lo: int) -> int:
-    """Validate an integer knob (bools are not ints here; numpy's are): returns it as an
-    int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+    """Validate an integer knob (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ConfigError(f"{name} must be an int >= {lo}, got {value!r}")
-    return int(value)
+    return value
 
 
 def config_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:

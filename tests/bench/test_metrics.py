@@ -65,7 +65,7 @@ def test_the_verdict_claims_no_ratio_or_harm_it_could_not_measure():
     alone = "\n".join(verdict([row("a", "gradguard", 1.0)]))
     assert "(the only remedy run)" in alone and "no unguarded run ('none')" in alone
     assert "on 0 of the 0 where the ratio is defined" in alone
-    assert "no harm on 0 of the 0 with an unguarded run" in alone
+    assert "no harm on 0 of the 0 where the unguarded run converged" in alone
     both = "\n".join(verdict([row("a", "gradguard", 1.0, 1.2), row("a", "none", 0.5),
                               row("b", "gradguard", 1.0), row("b", "none", None)]))
     assert "on 1 of the 1 where the ratio is defined" in both  # (b: undefined, not a win)

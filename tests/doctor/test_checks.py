@@ -189,6 +189,8 @@ def test_a_run_log_counts_flagged_steps_once_and_the_datas_apart(tmp_path):
     with pytest.raises(gg.ConfigError, match="not a gradguard run log"):
         (tmp_path / "junk.jsonl").write_text("hello\n")
         doctor.diagnose_run(str(tmp_path / "junk.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")  # (a guard that never stepped)
+    assert "0 steps recorded" in str(doctor.diagnose_run(str(tmp_path / "empty.jsonl")))
 
 
 def spiky_run_log(path):

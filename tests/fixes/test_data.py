@@ -103,7 +103,7 @@ def test_standardisation_turns_linreg_raw_from_diverging_to_converging_at_the_sa
     assert inverse.diverged
 
 
-def test_statistics_keep_the_datas_precision_and_outputs_its_dtype():
+def test_statistics_keep_the_datas_precision_and_the_wrapper_feeds_the_models_dtype():
     torch.manual_seed(0)
     stamps = 1.7e9 + 100 * torch.randn(500, 3, dtype=torch.float64)  # far from zero
     std = fixes.Standardizer.fit((stamps, torch.randn(500, 1, dtype=torch.float64)))
@@ -112,8 +112,13 @@ def test_statistics_keep_the_datas_precision_and_outputs_its_dtype():
     std = fixes.Standardizer.fit((x, y))
     model = nn.Linear(3, 1).to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
-    assert std.wrap(model)(xb).dtype == torch.bfloat16
-    assert model(std.transform(xb)).dtype == torch.bfloat16
+    assert std.wrap(model, outputs="none")(xb).dtype == torch.bfloat16
+    # Half-precision data for a float32 model, and outputs far from zero: promoted, as
+    # torch would (float16 cannot hold a target mean of 2e5 plus its spread).
+    assert std.wrap(nn.Linear(3, 1))(x.half()).dtype == torch.float32
+    big = fixes.Standardizer.fit((x, y + 2e5))
+    back = big.inverse_targets(torch.ones(4, 1, dtype=torch.float16))
+    assert torch.isfinite(back).all() and back.dtype == torch.float32
 
 
 def test_inputs_alone_from_a_tensor_dataset_or_as_a_list_of_batches():
@@ -123,3 +128,6 @@ def test_inputs_alone_from_a_tensor_dataset_or_as_a_list_of_batches():
     assert torch.allclose(std.x_mean, x.mean(0), atol=1e-5) and not std.has_targets
     two = fixes.Standardizer.fit([x[:40], x[40:]])  # (unequal lengths: not a pair)
     assert torch.allclose(two.x_mean, x.mean(0), atol=1e-5) and not two.has_targets
+    # A sequence-first (T, N, D) batch with (N, 1) targets is still a pair.
+    seq = fixes.Standardizer.fit((torch.randn(7, 16, 3), torch.randn(16, 1)))
+    assert seq.has_targets

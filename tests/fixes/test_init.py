@@ -113,6 +113,8 @@ def test_reinit_takes_one_pattern_refuses_none_matching_and_changes_all_or_nothi
     model.add_module("fc1", nn.Linear(8, 2))
     # A string is one pattern, not a list of its letters ("c" would match "enc").
     assert fixes.reinit(model, layers="fc1").layers == ["fc1"]
+    assert fixes.reinit(model, layers=[]).layers == []  # (a computed list, empty: no-op)
+    assert fixes.reinit(model, layers=iter(["enc"]), force=True).layers == ["enc"]
     with pytest.raises(gg.ConfigError, match=r"no layer matches \['nomatch'\]"):
         fixes.reinit(model, layers=["nomatch"])
     with pytest.raises(gg.ConfigError, match="n_blocks"):

@@ -54,7 +54,7 @@ def test_a_second_schedule_and_bad_arguments_are_refused():
         fixes.warmup_cosine(fresh, 5, 50, start_factor=0)
     with pytest.raises(gg.ConfigError, match="Optimizer"):
         fixes.warmup_cosine("sgd", 5, 50)
-    with pytest.raises(gg.ConfigError, match="above a group's peak LR"):
+    with pytest.raises(gg.ConfigError, match="above the peak LR"):
         fixes.warmup_cosine(fresh, 5, 50, min_lr=2.0)
 
 

@@ -266,19 +266,22 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             ratio_defined += 1
             ratio_ok += r <= 1.5
             parts.append(f"at the exploding LR {_f(r)}× the best unguarded loss")
-        harm_checked += 1
         if mine.harm_lrs:
+            harm_checked += 1
             parts.append(f"**harm** vs unguarded at lr {mine.harm_lrs}")
-        else:
+        elif mine.harm_checked:
+            harm_checked += 1
             harmless += 1
             parts.append(f"no harm at the {mine.harm_checked} LR(s) where unguarded converges")
+        else:
+            parts.append("no harm check (the unguarded run converged at no LR)")
         lines.append(f"- {scn}: " + "; ".join(parts))
     n = len(scns)
     lines += ["", f"{ours} (default policy): widest stable LR range, alone or tied, on {wins} "
               f"of {n} scenarios; lowest or tied LR sensitivity on {sens_wins} of {n}; at the "
               f"exploding LR within 1.5× of the best unguarded loss on {ratio_ok} of the "
               f"{ratio_defined} where the ratio is defined; no harm on {harmless} of the "
-              f"{harm_checked} with an unguarded run to pair with."]
+              f"{harm_checked} where the unguarded run converged at some LR."]
     return lines
 
 

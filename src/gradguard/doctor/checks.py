@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..fixes.init import reinit, spectral_radius
 from ..record import read_jsonl
+from ..report.summary import _has_text
 from ..runlog import Event, StepRecord
 from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
@@ -421,7 +422,10 @@ def diagnose(
     else:
         findings = unconfirmed(findings)
     if run_log is not None:
-        findings += diagnose_run(run_log).findings
+        try:
+            findings += diagnose_run(run_log).findings
+        except ConfigError as e:  # (evidence only: a bad log costs the diagnosis nothing)
+            findings.append(Finding("run_log", "info", f"run log not read: {e}"))
     return Diagnosis(findings, meas)
 
 
@@ -446,7 +450,7 @@ def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
     records = list(read_jsonl(path))
-    if not records:
+    if not records and _has_text(path):
         raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
                           "Guard(log=...) writes")
     steps = [r for r in records if isinstance(r, StepRecord)]
@@ -471,7 +475,7 @@ def diagnose_run(path: str) -> Diagnosis:
                 "missing value, a division by zero in preprocessing)"))
     if not trouble:
         out.append(Finding("run_log", "info", f"{len(steps)} steps recorded, no spikes "
-                           "or non-finite steps"))
+                           "or non-finite steps" + (" of the model's" if data_steps else "")))
         return Diagnosis(out, {"steps": len(steps)})
     first = trouble[0]
     k = first.step

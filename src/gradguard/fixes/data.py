@@ -37,9 +37,12 @@ def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     if isinstance(data, Tensor):
         return [(data, None)]
     if isinstance(data, tuple | list) and len(data) == 2 and all(
-            isinstance(t, Tensor) for t in data) and data[0].dim() and data[1].dim() and \
-            len(data[0]) == len(data[1]):
-        return [(data[0], data[1])]  # (two tensors of unequal length: two input batches)
+            isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.dim() == y.dim() and x.shape[1:] == y.shape[1:] and len(x) != len(y) and \
+                torch.is_floating_point(y):
+            return [(x, None), (y, None)]  # (two input batches of unequal size, not a pair)
+        return [(x, y)]
     if not isinstance(data, Iterable):
         raise ConfigError("Standardizer.fit: pass a tensor of inputs, an (inputs, targets) "
                           f"batch or an iterable of batches, got {type(data).__name__}")
@@ -248,7 +251,11 @@ class Standardized(nn.Module):
             self.report.layers.append("(outputs)")
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.model(_standardise(x, self.x_mean, self.x_std), *args, **kwargs)
+        z = _standardise(x, self.x_mean, self.x_std)
+        like = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if like is not None:  # (the wrapped model's dtype: a bf16 model gets bf16 inputs)
+            z = z.to(like.dtype)
+        out = self.model(z, *args, **kwargs)
         if self.outputs == "shift":
             return _affine(out, None, self.y_mean)
         if self.outputs == "inverse":
@@ -257,16 +264,18 @@ class Standardized(nn.Module):
 
 
 def _standardise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``(x − mean) / std`` computed in at least float32 (float64 for float64 data) and
-    returned in ``x``'s dtype, so a half-precision model gets half-precision inputs."""
-    dt = torch.promote_types(x.dtype, torch.float32)
-    return ((x.to(dt) - mean.to(x.device, dt)) / std.to(x.device, dt)).to(x.dtype)
+    """``(x − mean) / std`` in torch's promoted dtype (at least the statistics' float32;
+    float64 for float64 data): half-precision data far from zero would overflow or lose
+    its spread."""
+    dt = torch.promote_types(x.dtype, mean.dtype)
+    return (x.to(dt) - mean.to(x.device, dt)) / std.to(x.device, dt)
 
 
 def _affine(y: Tensor, scale: Tensor | None, shift: Tensor) -> Tensor:
-    """``y · scale + shift`` in ``y``'s dtype (computed in at least float32)."""
-    dt = torch.promote_types(y.dtype, torch.float32)
+    """``y · scale + shift`` in torch's promoted dtype (a half-precision output plus a
+    target mean of 2e5 would overflow float16)."""
+    dt = torch.promote_types(y.dtype, shift.dtype)
     out = y.to(dt)
     if scale is not None:
         out = out * scale.to(y.device, dt)
-    return (out + shift.to(y.device, dt)).to(y.dtype)
+    return out + shift.to(y.device, dt)

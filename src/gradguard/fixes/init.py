@@ -134,10 +134,11 @@ def reinit(
         raise ConfigError(f"rnn_radius must be in (0, 1.5], got {rnn_radius!r}")
     if n_blocks is not None:
         n_blocks = check_int("reinit.n_blocks", n_blocks, 1)
-    layers = [layers] if isinstance(layers, str) else layers  # (one pattern, not its letters)
-    residual = [residual] if isinstance(residual, str) else residual
+    # One pattern, not its letters; an iterator read once.
+    layers = [layers] if isinstance(layers, str) else None if layers is None else list(layers)
+    residual = [residual] if isinstance(residual, str) else list(residual)
     names = [n for n, _ in model.named_modules()]
-    if layers is not None and not any(_match(n, layers) for n in names):
+    if layers and not any(_match(n, layers) for n in names):
         raise ConfigError(f"reinit: no layer matches {list(layers)}; the model's layers are "
                           f"{[n for n in names if n][:12]}")
     report = FixReport(f"reinit(scheme={scheme!r})")

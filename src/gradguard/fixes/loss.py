@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import final
 
@@ -74,7 +75,10 @@ class ZLossWrapped:
         self.weight = weight
         self.dim = dim
         # The positions the loss ignores (padding) do not count in the z-loss either.
-        self.ignore_index = getattr(loss_fn, "ignore_index", -100)
+        self.ignore_index = getattr(loss_fn, "ignore_index", None)
+        if self.ignore_index is None:  # (functools.partial(F.cross_entropy, ignore_index=0))
+            self.ignore_index = (getattr(loss_fn, "keywords", None) or {}).get(
+                "ignore_index", -100)
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         mask = None
@@ -115,9 +119,9 @@ def with_z_loss(loss_fn: LossFn, weight: float = 1e-4, dim: int = -1) -> ZLossWr
     if getattr(loss_fn, "_gradguard_z_loss", False):
         raise ConfigError(f"with_z_loss: {loss_fn!r} already adds a z-loss term; wrapping it "
                           "again would count it twice")
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise ConfigError(f"with_z_loss: dim must be an int, got {dim!r}")
-    return ZLossWrapped(loss_fn, check_positive("with_z_loss.weight", weight), dim)
+    return ZLossWrapped(loss_fn, check_positive("with_z_loss.weight", weight), int(dim))
 
 
 _ROBUST = ("huber", "smooth_l1")

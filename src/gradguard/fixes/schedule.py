@@ -9,6 +9,7 @@ guard only ever scales it down (see ``Guard(policy=...)`` and ``Backoff``).
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
@@ -54,8 +55,12 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"warmup_cosine: optimizer must be a torch.optim.Optimizer, got "
                           f"{type(optimizer).__name__}")
-    warmup_steps = check_int("warmup_cosine.warmup_steps", warmup_steps, 1)
-    total_steps = check_int("warmup_cosine.total_steps", total_steps, 2)
+    # (numpy's ints are ints here: step counts often come out of array arithmetic)
+    warmup_steps, total_steps = (int(v) if isinstance(v, numbers.Integral) and
+                                 not isinstance(v, bool) else v
+                                 for v in (warmup_steps, total_steps))
+    check_int("warmup_cosine.warmup_steps", warmup_steps, 1)
+    check_int("warmup_cosine.total_steps", total_steps, 2)
     if total_steps <= warmup_steps:
         raise ConfigError(f"warmup_cosine: total_steps ({total_steps}) must exceed "
                           f"warmup_steps ({warmup_steps})")
@@ -64,9 +69,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     if min_lr < 0:
         raise ConfigError(f"warmup_cosine: min_lr must be >= 0, got {min_lr!r}")
     peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    if any(min_lr > peak for peak in peaks):
-        raise ConfigError(f"warmup_cosine: min_lr ({min_lr!r}) is above a group's peak LR "
-                          f"({min(peaks)!r}): the cosine would climb, not decay")
+    if min_lr > max(peaks):
+        raise ConfigError(f"warmup_cosine: min_lr ({min_lr!r}) is above the peak LR "
+                          f"({max(peaks)!r}): the cosine would climb, not decay")
     if getattr(optimizer, _MARK, False):
         raise ConfigError("warmup_cosine: this optimizer already has a warmup_cosine "
                           "schedule; two schedulers on one optimizer overwrite each other's LR")

@@ -64,7 +64,8 @@ def _refuse_tied(model: nn.Module, chosen: list[tuple[str, nn.Module]], fix: str
         w = m._parameters.get("weight")
         others = [o for o in owners.get(id(w), []) if o != name] if w is not None else []
         if others:
-            raise ConfigError(f"{fix}: layer {name!r} shares its weight with {others[0]!r} "
+            raise ConfigError(f"{fix}: layer {name!r} shares its weight with "
+                              f"{repr(others[0]) if others[0] else 'the model itself'} "
                               "(tied weights); the fix would untie them or leave one as it "
                               "was. Leave it out with layers=[...]; nothing was changed")
 

@@ -105,7 +105,14 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
                 origin_steps.add(rec.step)
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
-    if not s.meta and s.steps == 0 and not s.timeline:
+    if not s.meta and s.steps == 0 and not s.timeline and _has_text(path):
+        # (An empty file is a guard that never stepped: Guard(log=...) creates it.)
         raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
                           "Guard(log=...) writes")
     return s
+
+
+def _has_text(path: str | os.PathLike[str]) -> bool:
+    """Whether the file holds anything but blank lines."""
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
