@@ -21,6 +21,8 @@ def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
     notlog.write_text("hello\n")
     cases = [
         (["bench", "-s", "linreg-raw", "-r", "none", "--steps", "0"], "--steps must be"),
+        (["bench", "-s", "linreg-raw", "-r", "none", "--jobs", "0", "--out",
+          str(tmp_path / "j")], "jobs must be >= 1, got 0"),  # (was read as "every core")
         (["bench", "-s", "linreg-raw", "-r", "none", "--out", str(afile / "sub")],
          "is a file or lies under one"),
         (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "nan,inf", "--out",

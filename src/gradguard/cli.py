@@ -433,7 +433,7 @@ def bench(
             remedies=remedy or preset.get("remedies", list(REMEDIES)),
             seeds=preset.get("seeds", tuple(range(seeds))) if quick else tuple(range(seeds)),
             lr_grid=grid, lr_points=preset.get("lr_points", lr_points), steps=steps,
-            jobs=jobs or os.cpu_count() or 1, out=out,
+            jobs=jobs if jobs is not None else os.cpu_count() or 1, out=out,
         )
         from .bench.runner import plan_jobs
 

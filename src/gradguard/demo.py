@@ -17,7 +17,8 @@ OUT = Path("gradguard-runs") / "demo"
 def demo_config(out: Path = OUT, jobs: int | None = None, seed: int = 0) -> BenchConfig:
     """The quick preset at one seed, on every core."""
     return BenchConfig(scenarios=QUICK["scenarios"], remedies=QUICK["remedies"], seeds=(seed,),
-                       lr_points=QUICK["lr_points"], jobs=jobs or os.cpu_count() or 1, out=out,
+                       lr_points=QUICK["lr_points"],
+                       jobs=jobs if jobs is not None else os.cpu_count() or 1, out=out,
                        command="gradguard demo")
 
 
