@@ -262,6 +262,8 @@ def doctor(
                                     "(as is, and with each proposed fix) that the "
                                     "severities rest on; 0: none, suspicions stop at warning"),
     seed: int = typer.Option(0),
+    fail_on: str = typer.Option("never", help="exit 1 when a finding is at least this "
+                                "severe: 'critical', 'warning' or 'never' (for CI)"),
 ) -> None:
     """Diagnose why gradients explode or vanish, rank the causes, and propose fixes."""
     from .doctor import diagnose
@@ -269,6 +271,9 @@ def doctor(
 
     if trial_steps < 0:
         console.print("[red]--trial-steps must be 0 or more[/red]")
+        raise typer.Exit(2)
+    if fail_on not in _FAIL_ON:
+        typer.echo(f"--fail-on must be one of {', '.join(_FAIL_ON)}, got {fail_on!r}")
         raise typer.Exit(2)
     if fix and steps < 1:
         console.print("[red]--steps (of the --fix re-runs) must be 1 or more[/red]")
@@ -289,10 +294,13 @@ def doctor(
             fixed, done = apply_fixes(run, d)
             before, after = summary(rerun(run, steps)), summary(rerun(fixed, steps))
             out["fix"] = {"applied": done, "before": before, "after": after, "steps": steps}
+    failed = any(f.severity in _FAIL_ON[fail_on] for f in d.findings)
     if json_out:
         import json
 
         typer.echo(json.dumps(out, indent=2, default=str))
+        if failed:
+            raise typer.Exit(1)
         return
     console.print(f"[bold]gradguard doctor[/bold] · {run.name}")
     # soft_wrap: one line per item, left for the terminal to wrap (rich would break
@@ -322,6 +330,12 @@ def doctor(
         for label, s in (("before", fx["before"]), ("after", fx["after"])):
             t.add_row(label, _fmt(s["final_loss"]), _fmt(s["max_grad_norm"]), _blew_up(s))
         console.print(t)
+    if failed:
+        raise typer.Exit(1)
+
+
+# --fail-on: which severities make the doctor exit 1.
+_FAIL_ON = {"never": (), "critical": ("critical",), "warning": ("critical", "warning")}
 
 
 def _blew_up(s: dict) -> str:

@@ -70,6 +70,8 @@ def test_doctor_says_when_nothing_is_wrong(tmp_path):
     res = runner.invoke(app, ["doctor", f"{script}:make_run"], env=WIDE)
     assert res.exit_code == 0, res.output
     assert "no problem found" in res.output and "root cause" not in res.output
+    res = runner.invoke(app, ["doctor", f"{script}:make_run", "--fail-on", "warning"], env=WIDE)
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "-1"], env=WIDE)
     assert res.exit_code == 2 and "--trial-steps must be 0 or more" in res.output
 
@@ -112,6 +114,13 @@ def test_a_loss_that_is_nan_before_any_step_is_named_not_called_healthy(tmp_path
     res = runner.invoke(app, ["doctor", f"{script}:make_nan_targets", "--trial-steps", "5"],
                         env=WIDE)
     assert "targets hold NaN/Inf" in res.output
+    # For CI: a critical finding fails the command when asked to, as JSON too.
+    for extra in ([], ["--json"]):
+        res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "5",
+                                  "--fail-on", "critical", *extra], env=WIDE)
+        assert res.exit_code == 1, res.output
+    res = runner.invoke(app, ["doctor", f"{script}:make_run", "--fail-on", "always"], env=WIDE)
+    assert res.exit_code == 2 and "--fail-on must be one of" in res.output
     res = runner.invoke(app, ["lr-find", f"{script}:make_run", "--out",
                               str(tmp_path / "lr.png")], env=WIDE)
     assert res.exit_code == 2 and "before any step" in res.output
