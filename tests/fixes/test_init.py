@@ -25,7 +25,8 @@ def test_second_application_changes_nothing_unless_forced():
     fixes.reinit(m)
     before = [p.clone() for p in m.parameters()]
     rep = fixes.reinit(m)
-    assert rep.layers == [] and rep.skipped == ["0", "2"]
+    assert rep.layers == [] and [s.split(" ")[0] for s in rep.skipped] == ["0", "2"]
+    assert "force=True does it again" in rep.skipped[0]  # (the reason, not just the name)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
     assert fixes.reinit(m, force=True).layers == ["0", "2"]
 
@@ -141,3 +142,16 @@ def test_orthogonal_init_works_in_half_precision():
     w = model[0].weight.float()
     gain = nn.init.calculate_gain("tanh")
     assert torch.allclose(w @ w.T, gain**2 * torch.eye(8), atol=0.05)
+
+
+def test_an_lstm_with_a_projection_gets_one_orthogonal_block_per_gate():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 16, proj_size=8)
+    rep = fixes.reinit(nn.Sequential(lstm), force=True)
+    w = lstm.weight_hh_l0.detach()  # (4·16) × 8: four 16 × 8 gate blocks
+    for g in range(4):
+        block = w[g * 16:(g + 1) * 16]
+        assert torch.allclose(block.T @ block, 0.95**2 * torch.eye(8), atol=1e-5)
+    hr = lstm.weight_hr_l0.detach()  # 8 × 16, rows orthonormal
+    assert torch.allclose(hr @ hr.T, torch.eye(8), atol=1e-5)
+    assert "projection orthogonal" in rep.changes[0]

@@ -173,7 +173,8 @@ def _reinit_all(model: nn.Module, scheme: str, layers: Sequence[str] | None, for
             continue
         if isinstance(m, (*_WEIGHTED, nn.RNNBase)):
             if getattr(m, _MARK, None) == scheme and not force:
-                report.skipped.append(name)
+                report.skipped.append(f"{name} (already re-initialised with {scheme!r}; "
+                                      "force=True does it again)")
                 continue
             if (why := _not_reinitable(m)) is not None:
                 report.skipped.append(f"{name} ({why})")
@@ -261,15 +262,20 @@ def _orthogonal_(t: torch.Tensor, gain: float) -> None:
 
 
 def _reinit_rnn(name: str, m: nn.RNNBase, radius: float, report: FixReport) -> None:
+    # One block of hidden_size rows per gate (4 for an LSTM, 3 for a GRU); with an LSTM's
+    # proj_size the blocks are hidden × proj, and the projection back is weight_hr.
+    h = m.hidden_size
     for pname, p in m.named_parameters():
         if pname.startswith("weight_hh"):
-            gates = p.shape[0] // p.shape[1]
-            for g in range(gates):
-                block = p[g * p.shape[1] : (g + 1) * p.shape[1]]
-                _orthogonal_(block, radius)
+            for g in range(p.shape[0] // h):
+                _orthogonal_(p[g * h : (g + 1) * h], radius)
+        elif pname.startswith("weight_hr"):
+            _orthogonal_(p, 1.0)
         elif pname.startswith("weight_ih"):
             nn.init.xavier_uniform_(p)
         elif pname.startswith("bias"):
             nn.init.zeros_(p)
+    proj = ", projection orthogonal" if getattr(m, "proj_size", 0) else ""
     report.changes.append(f"{name} ({type(m).__name__}): recurrent weights orthogonal with "
-                          f"spectral radius {radius}, input weights Xavier, biases zeroed")
+                          f"spectral radius {radius}{proj}, input weights Xavier, biases "
+                          "zeroed")
