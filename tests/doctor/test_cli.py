@@ -72,6 +72,8 @@ def test_doctor_says_when_nothing_is_wrong(tmp_path):
     assert "no problem found" in res.output and "root cause" not in res.output
     res = runner.invoke(app, ["doctor", f"{script}:make_run", "--fail-on", "warning"], env=WIDE)
     assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["doctor", str(script)], env=WIDE)  # (make_run by default)
+    assert res.exit_code == 0 and "no problem found" in res.output, res.output
     res = runner.invoke(app, ["doctor", f"{script}:make_run", "--trial-steps", "-1"], env=WIDE)
     assert res.exit_code == 2 and "--trial-steps must be 0 or more" in res.output
 

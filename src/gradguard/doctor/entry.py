@@ -42,13 +42,16 @@ class Run:
 
 
 def load_run(target: str, seed: int = 0) -> Run:
-    """A built-in scenario name, or ``file.py:function`` returning the 4-tuple above."""
+    """A built-in scenario name, or ``file.py:function`` returning the 4-tuple above
+    (``file.py`` alone: its ``make_run``)."""
     if target in scenarios.SCENARIOS:
         run = scenarios.prepare(target, seed=seed)
         setup = run.setup
         stream = setup.data(setup.batch_size)
         first = [next(stream) for _ in range(32)]
         return Run(target, setup.model, first, setup.loss_fn, run.optimizer)
+    if ":" not in target and target.endswith(".py"):
+        target += ":make_run"  # (the README's name for it)
     if ":" not in target:
         raise ConfigError(
             f"{target!r} is neither a built-in scenario ({', '.join(scenarios.SCENARIOS)}) nor "
