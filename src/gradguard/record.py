@@ -61,6 +61,7 @@ __all__ = [
     "make_sinks",
     "pack_row",
     "read_jsonl",
+    "refuse_non_log",
 ]
 
 FORMAT = 1
@@ -440,6 +441,18 @@ def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 continue
             yield {k: (_unnum(v) if not isinstance(v, list) else [_unnum(x) for x in v])
                    for k, v in rec.items()}
+
+
+def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
+    """Raise :class:`ConfigError` when :func:`read_jsonl` found nothing (``read_any``
+    False) in a file that holds text: it is no run log. An empty file is one: a guard
+    that never stepped (``Guard(log=...)`` creates it)."""
+    if read_any:
+        return
+    with open(path, "rb") as f:
+        if any(line.strip() for line in f):
+            raise ConfigError(f"{path} is not a gradguard run log: no line in it is one "
+                              "that Guard(log=...) writes")
 
 
 def count_runs(path: str | os.PathLike[str]) -> int:

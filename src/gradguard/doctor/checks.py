@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..fixes.init import reinit, spectral_radius
-from ..record import read_jsonl
-from ..report.summary import _has_text
+from ..record import read_jsonl, refuse_non_log
 from ..runlog import Event, StepRecord
 from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
@@ -450,9 +449,7 @@ def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
     records = list(read_jsonl(path))
-    if not records and _has_text(path):
-        raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
-                          "Guard(log=...) writes")
+    refuse_non_log(path, bool(records))
     steps = [r for r in records if isinstance(r, StepRecord)]
     flags = [e for e in records if isinstance(e, Event)
              and e.kind in ("nonfinite", "grad_spike", "loss_spike")]

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
-from ..record import count_runs, read_jsonl
+from ..events import data_fault
+from ..record import count_runs, read_jsonl, refuse_non_log
 from ..runlog import Event, Meta, StepRecord
 
 __all__ = ["RunSummary", "summarize"]
@@ -77,7 +77,7 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
         elif isinstance(rec, StepRecord):
             s.steps = max(s.steps, rec.step + 1)
             s.skipped += rec.skipped
-            s.bad_data += rec.nonfinite and rec.bad_inputs
+            s.bad_data += data_fault(rec)
             s.clipped += rec.clip_coef < 1 - 1e-6 and not rec.skipped
             loss = rec.loss
             # A NaN loss on a step the guard did not flag non-finite is a step without a
@@ -105,14 +105,5 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
                 origin_steps.add(rec.step)
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
-    if not s.meta and s.steps == 0 and not s.timeline and _has_text(path):
-        # (An empty file is a guard that never stepped: Guard(log=...) creates it.)
-        raise ConfigError(f"{path} is not a gradguard run log: no line in it is one that "
-                          "Guard(log=...) writes")
+    refuse_non_log(path, bool(s.meta or s.steps or s.timeline))
     return s
-
-
-def _has_text(path: str | os.PathLike[str]) -> bool:
-    """Whether the file holds anything but blank lines."""
-    with open(path, "rb") as f:
-        return any(line.strip() for line in f)
