@@ -691,7 +691,7 @@ def test_the_data_watch_does_not_recompile_a_model_compiled_in_place():
     model.compile(backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     guard = gg.Guard(model, opt, log=None)
-    guard._host.watch_from_start = True  # (what mailbox.lag > 0 does on CUDA)
+    guard._inputs.arm(None)  # (what mailbox.lag > 0 does on CUDA: armed from the start)
     for s in range(20):
         x = torch.randn(16, 6)
         if s == 15:

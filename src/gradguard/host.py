@@ -71,9 +71,8 @@ class HostSide:
         # skip (on_nonfinite "raise" or "rollback" must know whose it is); else from the
         # first NaN/Inf row, so a healthy run on a CPU pays nothing. Also a resumed run
         # whose guard was watching (load_state_dict).
-        self.watch_from_start = bool(guard.mailbox.lag) or \
-            guard.policy.on_nonfinite not in (Action.SKIP, Action.AUTO, Action.NONE)
-        if self.watch_from_start:
+        if guard.mailbox.lag or \
+                guard.policy.on_nonfinite not in (Action.SKIP, Action.AUTO, Action.NONE):
             self.inputs.arm(None)  # (the batch at once; the first layer once it is known)
         self.rollbacks = 0
         self.skip_batches = 0
@@ -124,7 +123,7 @@ class HostSide:
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
             g._order_probe = None
-            if g.mailbox.lag or self.watch_from_start or self.inputs.armed:
+            if g.mailbox.lag or self.inputs.armed:  # (armed before the first step)
                 self.watch_inputs()
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
@@ -686,7 +685,6 @@ class HostSide:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
         self.data_streak = int(h.get("data_streak", 0))  # (absent before it existed)
         if h.get("watching", False):
-            self.watch_from_start = True
             self.inputs.arm(None)  # (the first step's batch too; see __init__)
         self.ignore_rows_before = int(h.get("ignore_rows_before", 0))
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
