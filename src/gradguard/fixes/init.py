@@ -145,14 +145,22 @@ def reinit(
     acts = layer_activations(model)
     res_layers = [n for n in acts if residual and _match(n, residual)]
     blocks = n_blocks or max(1, len(res_layers))
+    targets = _targets(model, scheme, layers, force, report)
     # All or nothing: a layer torch cannot initialise (say, in a dtype it has no kernel
     # for) puts back the layers already done.
-    saved: list[tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], object]] = []
+    saved = [(m, [(p, p.detach().clone()) for p in m.parameters(recurse=False)],
+              getattr(m, _MARK, None)) for _, m in targets]
     try:
-        _reinit_all(model, scheme, layers, force, acts, res_layers, blocks, rnn_radius,
-                    report, saved)
+        for name, m in targets:
+            if isinstance(m, nn.RNNBase):
+                _reinit_rnn(name, m, rnn_radius, report)
+            else:
+                _reinit_layer(name, m, scheme, acts.get(name), name in res_layers, blocks,
+                              report)
+            setattr(m, _MARK, scheme)
+            report.layers.append(name)
     except (RuntimeError, NotImplementedError, ValueError) as e:
-        for m, params, mark in reversed(saved):
+        for m, params, mark in saved:
             for p, before in params:
                 p.copy_(before)
             if mark is None:
@@ -165,9 +173,11 @@ def reinit(
     return report
 
 
-def _reinit_all(model: nn.Module, scheme: str, layers: Sequence[str] | None, force: bool,
-                acts: dict[str, nn.Module | None], res_layers: list[str], blocks: int,
-                rnn_radius: float, report: FixReport, saved: list) -> None:
+def _targets(model: nn.Module, scheme: str, layers: Sequence[str] | None, force: bool,
+             report: FixReport) -> list[tuple[str, nn.Module]]:
+    """The layers ``reinit`` changes, in order; the others it looked at go to
+    ``report.skipped`` with the reason."""
+    out: list[tuple[str, nn.Module]] = []
     for name, m in model.named_modules():
         if layers is not None and not _match(name, layers):
             continue
@@ -179,18 +189,10 @@ def _reinit_all(model: nn.Module, scheme: str, layers: Sequence[str] | None, for
             if (why := _not_reinitable(m)) is not None:
                 report.skipped.append(f"{name} ({why})")
                 continue
-        else:
-            if _has_matrix(m):  # (a weight reinit has no rule for: say so, not nothing)
-                report.skipped.append(f"{name} (a {type(m).__name__}: no rule for it here)")
-            continue
-        saved.append((m, [(p, p.detach().clone()) for p in m.parameters(recurse=False)],
-                      getattr(m, _MARK, None)))
-        if isinstance(m, nn.RNNBase):
-            _reinit_rnn(name, m, rnn_radius, report)
-        else:
-            _reinit_layer(name, m, scheme, acts.get(name), name in res_layers, blocks, report)
-        setattr(m, _MARK, scheme)
-        report.layers.append(name)
+            out.append((name, m))
+        elif _has_matrix(m):  # (a weight reinit has no rule for: say so, not nothing)
+            report.skipped.append(f"{name} (a {type(m).__name__}: no rule for it here)")
+    return out
 
 
 def _has_matrix(m: nn.Module) -> bool:
