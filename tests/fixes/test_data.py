@@ -131,3 +131,35 @@ def test_inputs_alone_from_a_tensor_dataset_or_as_a_list_of_batches():
     # A sequence-first (T, N, D) batch with (N, 1) targets is still a pair.
     seq = fixes.Standardizer.fit((torch.randn(7, 16, 3), torch.randn(16, 1)))
     assert seq.has_targets
+
+
+def test_statistics_round_trip_through_torch_save_and_bad_ones_are_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g) * torch.tensor([1.0, 100.0, 0.01]) + 5
+    y = torch.randn(64, 2, generator=g) * 30 + 7
+    std = fixes.Standardizer.fit((x, y))
+    torch.save(std.state_dict(), tmp_path / "std.pt")
+    back = fixes.Standardizer.from_state_dict(torch.load(tmp_path / "std.pt"))
+    xs, ys = std.transform((x, y))
+    xb, yb = back.transform((x, y))
+    assert torch.equal(xs, xb) and torch.equal(ys, yb)
+    assert torch.equal(back.inverse_targets(yb), std.inverse_targets(ys))
+    # The state dict holds copies: changing it does not change the Standardizer.
+    sd = std.state_dict()
+    sd["x_mean"].add_(1)
+    assert torch.equal(std.transform_inputs(x), xs)
+    # Inputs alone (class labels): no target statistics, and they stay None.
+    cls = fixes.Standardizer.fit((x, torch.arange(64) % 3))
+    assert not fixes.Standardizer.from_state_dict(cls.state_dict()).has_targets
+    good = std.state_dict()
+    for bad, words in [
+        ({"x_mean": good["x_mean"]}, "expected the dict"),
+        ([1, 2], "expected the dict"),
+        ({**good, "x_std": [1.0, 2.0, 3.0]}, "x_std must be a floating-point tensor"),
+        ({**good, "y_std": None}, "come together"),
+        ({**good, "x_std": torch.ones(4)}, "shape"),
+        ({**good, "x_std": torch.tensor([1.0, 0.0, 1.0])}, "finite and positive"),
+        ({**good, "x_mean": torch.tensor([1.0, float("nan"), 1.0])}, "NaN/Inf"),
+    ]:
+        with pytest.raises(gg.ConfigError, match=words):
+            fixes.Standardizer.from_state_dict(bad)

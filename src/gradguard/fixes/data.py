@@ -13,6 +13,8 @@ Two ways to use it::
     # or, on the data side:
     x, y = std.transform((x, y))                         # train on standardised data
     pred = std.inverse_targets(model(std.transform(x_new)))
+    torch.save(std.state_dict(), "std.pt")               # the statistics, for inference
+    std = gg.fixes.Standardizer.from_state_dict(torch.load("std.pt"))
 """
 
 from __future__ import annotations
@@ -161,6 +163,51 @@ class Standardizer:
     @property
     def has_targets(self) -> bool:
         return self.y_mean is not None
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """The statistics (copies), for ``torch.save``: data-side standardisation needs the
+        same ones at inference (:meth:`from_state_dict` reads them back)."""
+        def copy(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().clone()
+        return {"x_mean": copy(self.x_mean), "x_std": copy(self.x_std),
+                "y_mean": copy(self.y_mean), "y_std": copy(self.y_std)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Standardizer:
+        """A :class:`Standardizer` from :meth:`state_dict`'s statistics.
+
+        Raises:
+            ConfigError: keys missing, not tensors, shapes that do not match, a std that is
+                not finite and positive, or a mean that is not finite.
+        """
+        if not isinstance(state, dict) or not {"x_mean", "x_std"} <= state.keys():
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ConfigError("Standardizer.from_state_dict: expected the dict that "
+                              f"Standardizer.state_dict() returns (x_mean, x_std, y_mean, "
+                              f"y_std), got {got}")
+        ts = {k: state.get(k) for k in ("x_mean", "x_std", "y_mean", "y_std")}
+        for k, t in ts.items():
+            if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
+                raise ConfigError(f"Standardizer.from_state_dict: {k} must be a floating-"
+                                  f"point tensor, got {type(t).__name__}")
+        if (ts["y_mean"] is None) != (ts["y_std"] is None):
+            raise ConfigError("Standardizer.from_state_dict: y_mean and y_std come together "
+                              "(both tensors, or both None)")
+        for m, s in (("x_mean", "x_std"), ("y_mean", "y_std")):
+            mean, std = ts[m], ts[s]
+            if mean is None or std is None:
+                continue
+            if mean.shape != std.shape:
+                raise ConfigError(f"Standardizer.from_state_dict: {m} has shape "
+                                  f"{tuple(mean.shape)} but {s} {tuple(std.shape)}")
+            if not bool(torch.isfinite(mean).all()):
+                raise ConfigError(f"Standardizer.from_state_dict: {m} holds NaN/Inf")
+            if not bool((torch.isfinite(std) & (std > 0)).all()):
+                raise ConfigError(f"Standardizer.from_state_dict: {s} must be finite and "
+                                  "positive (a std of 0 would divide by zero)")
+        clone = {k: None if t is None else t.detach().clone() for k, t in ts.items()}
+        return cls(clone["x_mean"], clone["x_std"], clone["y_mean"], clone["y_std"],
+                   notes=["statistics loaded from a state dict"])
 
     def transform_inputs(self, x: Tensor) -> Tensor:
         """``(x − mean) / std`` per feature, in ``x``'s dtype."""
