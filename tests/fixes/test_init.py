@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -155,3 +156,53 @@ def test_an_lstm_with_a_projection_gets_one_orthogonal_block_per_gate():
     hr = lstm.weight_hr_l0.detach()  # 8 × 16, rows orthonormal
     assert torch.allclose(hr @ hr.T, torch.eye(8), atol=1e-5)
     assert "projection orthogonal" in rep.changes[0]
+
+
+class _Functional(nn.Module):
+    """Activations the registration order cannot see: functional ones, one module shared
+    by two layers and registered before them, a norm and a reshape in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.fc1 = nn.Linear(16, 64)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 64)
+        self.fc4 = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn(self.fc1(x)))
+        h = self.act(self.fc2(h))
+        h = torch.nn.functional.leaky_relu(self.fc3(h).view(-1, 64), negative_slope=0.2)
+        h = torch.tanh(self.fc4(h)) + h  # (the sum comes after the activation)
+        return self.out(h)
+
+
+class _Branchy(nn.Module):
+    """A forward torch.fx cannot trace (it branches on the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x)) if float(x.sum()) > 0 else self.fc(x)
+
+
+def test_activations_are_read_from_the_forward_pass_functional_and_shared_ones_too():
+    acts = fixes.layer_activations(_Functional())
+    assert {k: type(v).__name__ if v is not None else None for k, v in acts.items()} == {
+        "fc1": "ReLU", "fc2": "ReLU", "fc3": "LeakyReLU", "fc4": "Tanh", "out": None}
+    assert acts["fc3"].negative_slope == 0.2
+    # Registration order is the fallback for a forward that cannot be traced.
+    assert isinstance(fixes.layer_activations(_Branchy())["fc"], nn.Tanh)
+    # The init follows: Kaiming (ReLU gain √2) behind the functional ReLUs, Xavier for tanh.
+    torch.manual_seed(0)
+    model = _Functional()
+    report = fixes.reinit(model)
+    assert "fc2 (Linear, before ReLU): Kaiming" in str(report)
+    assert "fc4 (Linear, before Tanh): Xavier" in str(report)
+    assert model.fc2.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.1)

@@ -54,12 +54,23 @@ class FixReport:
 
 
 def layer_activations(model: nn.Module) -> dict[str, nn.Module | None]:
-    """For each Linear/Conv layer, the activation module that follows it.
+    """For each Linear/Conv layer, the activation that follows it in the forward pass.
 
-    Read from registration order, which is forward order for ``nn.Sequential`` stacks and
-    for the usual ``self.fc1 … self.act …`` style; a layer followed by another weight layer
-    before any activation maps to None.
+    Read from the traced forward (``torch.fx``): an activation module, a functional one
+    (``F.relu(self.fc(x))``, ``torch.tanh``, ``x.relu()``; returned as the equivalent
+    module) or one module shared by several layers are all found, through the norms,
+    dropout, pooling and reshapes in between; a layer whose output goes anywhere else
+    first (another weight layer, a residual sum) maps to None. A forward that cannot be
+    traced (data-dependent control flow) falls back to registration order, which is
+    forward order for ``nn.Sequential`` stacks and the usual ``self.fc1 … self.act …``
+    style.
     """
+    out = _registered_activations(model)
+    out.update(_traced_activations(model))
+    return out
+
+
+def _registered_activations(model: nn.Module) -> dict[str, nn.Module | None]:
     out: dict[str, nn.Module | None] = {}
     pending: list[str] = []
     for name, m in model.named_modules():
@@ -74,6 +85,72 @@ def layer_activations(model: nn.Module) -> dict[str, nn.Module | None]:
     for p in pending:
         out.setdefault(p, None)
     return out
+
+
+F = nn.functional
+# Functional activations (and their Tensor-method names), as the module reinit reads them.
+_FUNCTIONAL: dict[object, type[nn.Module]] = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, F.relu6: nn.ReLU6, F.gelu: nn.GELU,
+    F.silu: nn.SiLU, F.elu: nn.ELU, F.mish: nn.Mish, torch.tanh: nn.Tanh,
+    F.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
+    F.hardtanh: nn.Hardtanh, F.softsign: nn.Softsign,
+    "relu": nn.ReLU, "relu_": nn.ReLU, "tanh": nn.Tanh, "tanh_": nn.Tanh,
+    "sigmoid": nn.Sigmoid, "sigmoid_": nn.Sigmoid,
+}
+# What sits between a layer and its activation without changing which gain it needs.
+_PASS_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Dropout,
+                 nn.Flatten, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_PASS_CALLS: set[object] = {
+    F.dropout, F.batch_norm, F.layer_norm, F.group_norm, F.max_pool1d, F.max_pool2d,
+    F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool2d, torch.flatten,
+    "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
+    "unsqueeze"}
+
+
+def _traced_activations(model: nn.Module) -> dict[str, nn.Module | None]:
+    """The activation after each weight layer the traced forward calls ({} when the
+    forward cannot be traced)."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # (any failure to trace: fall back to registration order)
+        return {}
+    mods = dict(model.named_modules())
+    out: dict[str, nn.Module | None] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(mods.get(node.target), _WEIGHTED):
+            # (a layer called twice keeps what follows its first call)
+            out.setdefault(node.target, _activation_after(node, mods))
+    return out
+
+
+def _activation_after(node: object, mods: dict[str, nn.Module]) -> nn.Module | None:
+    while True:
+        users = list(node.users)  # type: ignore[attr-defined]
+        if len(users) != 1:
+            return None
+        node = users[0]
+        op, target = node.op, node.target  # type: ignore[attr-defined]
+        if op == "call_module":
+            m = mods.get(target)
+            if isinstance(m, ACTIVATIONS):
+                return m
+            if isinstance(m, _PASS_MODULES):
+                continue
+            return None
+        if op in ("call_function", "call_method"):
+            if target in (F.leaky_relu, "leaky_relu"):
+                args, kw = node.args, node.kwargs  # type: ignore[attr-defined]
+                slope = kw.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+                return nn.LeakyReLU(slope if isinstance(slope, float | int) else 0.01)
+            if (cls := _FUNCTIONAL.get(target)) is not None:
+                return cls()
+            if target in _PASS_CALLS:
+                continue
+        return None
 
 
 def _gain_and_rule(act: nn.Module | None) -> tuple[str, str, float]:
