@@ -816,3 +816,35 @@ def test_a_batch_with_nothing_to_watch_in_it_is_said_once():
         guard.step(backward(model, seed=3), batch="not a batch")
         opt.zero_grad()
         guard.step(backward(model, seed=4), batch={"ids": torch.tensor([1, 2])})
+
+
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_backoff_lowers_the_lr_in_place_late_in_a_healthy_run_too(loss_only):
+    # Past probe_after (250) a sudden failure of a healthy run is retried at the same LR
+    # from a snapshot; "backoff" asked for a lower LR in place, which a retry without
+    # its rollback left undone (the LR stayed ×1 and the verdict told of a rollback).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    kw = {"on_loss_spike": "backoff"} if loss_only else {"on_spike": "backoff"}
+    guard = gg.Guard(model, opt, **kw)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 8, generator=g)
+    y = 0.3 * x.sum(1, keepdim=True)
+    for i in range(305):
+        j = (i * 32) % 1960
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[j:j + 32]), y[j:j + 32])
+        spike = 100.0 if i == 300 else 1.0
+        if loss_only:
+            loss.backward()
+            guard.step(loss * spike)
+        else:
+            (loss * spike * spike).backward()
+            guard.step(loss)
+    guard.close()
+    assert guard.lr.scale == pytest.approx(0.3) and guard.rollbacks == 0
+    assert guard.control.retries == 0
+    msgs = [e["message"] for e in guard.recorder.events if e["kind"] == "backoff"]
+    assert len(msgs) == 1 and msgs[0].endswith("in place")
+    assert "retried" not in guard.verdict()

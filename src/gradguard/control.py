@@ -678,7 +678,7 @@ class Controller:
         return Verdict(scale=self.scale)
 
     def unstable(self, step: int, reason: str, climb: bool = False,
-                 giveback: bool = False) -> Verdict:
+                 giveback: bool = False, may_retry: bool = True) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
@@ -731,7 +731,7 @@ class Controller:
         # is the snapshot's to say (``can_retry``: one reached clean after the last
         # rollback): independent faults can strike a run at any spacing.
         settled = self.rows >= cfg.probe_after
-        if self.can_retry and sudden and healthy and settled:
+        if may_retry and self.can_retry and sudden and healthy and settled:
             self.calm = 0
             self.retries += 1
             return Verdict(unstable=reason, scale=self.scale, retry=True)

@@ -432,7 +432,9 @@ class HostSide:
         if verdict.unstable is None:
             forced = p.immediate(rec["nonfinite"], rec["grad_spike"], rec["loss_spike"])
             if forced is not None:
-                verdict = c.unstable(k, forced[0])
+                # ("backoff" asks for a lower LR in place: never a retry at the same LR,
+                # which only a rollback could carry out.)
+                verdict = c.unstable(k, forced[0], may_retry=forced[1])
                 may_roll = forced[1]
         g.lr.scale = verdict.scale
         if verdict.raised:
@@ -475,8 +477,8 @@ class HostSide:
         # normal for their loss and gradients. Judge what follows from here.
         self._afresh()
         what = _CLIPPING if clip else f"LR scale ×{verdict.scale:.3g}"
-        g.recorder.event(k, "backoff", f"unstable: {reason}; {what}"
-                         " (no snapshot to roll back to)", action="backoff",
+        why = " (no snapshot to roll back to)" if may_roll else " in place"
+        g.recorder.event(k, "backoff", f"unstable: {reason}; {what}{why}", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
