@@ -32,6 +32,31 @@ def test_the_verdict_counts_in_words_a_reader_expects():
     assert guard.verdict().startswith("stable: 1 bad step skipped, the LR was never changed")
 
 
+def test_the_verdict_tells_of_rollbacks_made_at_the_same_lr():
+    # Stability(floor=0.5): a cut would cross the floor, so a run that had made progress
+    # is rolled back at the same LR. The verdict said "the LR was never changed" and left
+    # the rollback out.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(model, opt, log=None,
+                     policy=gg.Policy(stability=gg.Stability(floor=0.5)))
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(1))
+    y = 0.3 * x.sum(1, keepdim=True)
+    for i in range(120):
+        j = (i * 32) % 1960
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x[j:j + 32]), y[j:j + 32])
+        if i in (40, 41, 42):
+            loss = loss * math.nan  # three NaN steps in a row: instability
+        loss.backward()
+        guard.step(loss)
+    guard.close()
+    assert guard.rollbacks == 1 and guard.lr.scale == 1
+    assert guard.verdict().endswith(
+        "the LR was never changed; 1 rollback to an earlier snapshot at the same LR")
+
+
 
 def _too_high_lr_run(schedule: bool) -> str:
     torch.manual_seed(0)

@@ -235,6 +235,12 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
         failures = "a sudden failure" if c is not None and c.retries == 1 else "sudden failures"
         retried = (f"; {counted(c.retries, 'rollback')} after {failures}, retried at the "
                    "same LR" if c is not None and c.retries else "")
+        # Rollbacks that were no retry: at the floor (a run that made progress is rolled
+        # back at the same LR), or after a cut taken back (the snapshot held the damage).
+        if (others := rollbacks - (c.retries if c is not None else 0)) > 0 and not (
+                c is not None and c.giveback_off):
+            retried += (f"; {counted(others, 'rollback')} to an earlier snapshot at the "
+                        "same LR")
         state = "stable" if not clipped else "unstable at your LR without clipping"
         lr_said, standdown = "the LR was never changed", ""
         if c is not None and c.giveback_off:
@@ -257,11 +263,12 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
               f"≈ {peak * c.scale:.3g})")
         advice = "Scale your schedule by that"
     times = "once" if c.cuts == 1 else f"{c.cuts} times"
+    how = counted(rollbacks, 'rollback') if rollbacks else "in place, no rollback"
     if led:
-        return (f"the guard lowered the LR {times} ({counted(rollbacks, 'rollback')}), to "
-                f"{at}; {bad}{noise}{clipped}{rnn}")
+        return (f"the guard lowered the LR {times} ({how}), to {at}; "
+                f"{bad}{noise}{clipped}{rnn}")
     return (f"unstable at your LR: the guard lowered it {times} "
-            f"({counted(rollbacks, 'rollback')}), it was scaled down on {share:.0%} of steps, "
+            f"({how}), it was scaled down on {share:.0%} of steps, "
             "and the run ended "
             f"stable at {at}; {bad}{noise}{clipped}{rnn}. {advice} to train without the "
             "guard's help")
