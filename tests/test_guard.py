@@ -534,3 +534,21 @@ def test_a_state_saved_before_clip_recurrent_existed_loads_strictly():
     skipped = other.load_state_dict(state, strict=False)
     assert skipped == ["clip"]
     assert other.state_dict()["control"] == guard.state_dict()["control"]
+
+
+def test_each_step_info_keeps_its_own_lr_scale():
+    # StepInfo.lr_scale is the factor of *its* step: all of them were the one LR tensor,
+    # overwritten by the next step (here a warm-up's 0.2, 0.4, ... read back as 1.0).
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log=None,
+                     policy=gg.Policy(stability=gg.Stability(warmup=5)))
+    infos = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        loss.backward()
+        infos.append(guard.step(loss))
+    guard.close()
+    assert [round(float(i.lr_scale), 4) for i in infos] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]

@@ -28,7 +28,7 @@ from torch import Tensor
 from .clip import ClipContext, SpikeClamp, Transform, chain
 from .distributed import local_tensor
 from .lr import host_lr
-from .record import pack_row
+from .record import LR_SCALE_AT, pack_row
 from .respond import Action, DeviceDecision
 from .stats import GradStats, compute_stats, global_from_norms, local_norms, not_finite, unusable
 from .stepper import Stepper
@@ -132,8 +132,10 @@ class DeviceSide:
                        nonfinite=nonfinite, grad_spike=grad_spike, loss_spike=loss_spike,
                        lr_scale=g.lr.tensor, bad_inputs=self._false if bad_inputs is None
                        else bad_inputs.to(g.device))
+        # (this step's factor: the row's own copy, which the next step does not overwrite
+        # as it does the LR tensor)
         return row, (loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
-                     loss_spike, g.lr.tensor, stats.norms)
+                     loss_spike, row[LR_SCALE_AT], stats.norms)
 
     def flag(self, value: Tensor, above: float, ok: Tensor) -> Tensor:
         """``ok & (value > above)``; no kernel while a detector has no limit yet."""

@@ -76,6 +76,7 @@ COLUMNS = ("loss", "grad_norm", "clipped_norm", "lr_scale",
 _BOOL_COLUMNS = {"skipped", "nonfinite", "grad_spike", "loss_spike", "bad_inputs"}
 _FLOATS = tuple(c for c in COLUMNS if c not in _BOOL_COLUMNS)
 _FLAGS = COLUMNS[len(_FLOATS):]
+LR_SCALE_AT = _FLOATS.index("lr_scale")  # (its index in a packed row)
 assert set(_FLAGS) == _BOOL_COLUMNS  # the flags are the tail of COLUMNS
 
 
