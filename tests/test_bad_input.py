@@ -157,7 +157,8 @@ def stepped_guard(model, **kw):
 def test_state_from_a_differently_configured_guard_is_refused():
     model = small_mlp()
     state = stepped_guard(model).state_dict()
-    with pytest.raises(gg.ConfigError, match="same clip settings, policy and parameters"):
+    with pytest.raises(gg.ConfigError,
+                       match=r"same clip settings, policy \(its detectors too\) and parameters"):
         stepped_guard(model, on_spike="skip").load_state_dict(state)
     deeper = small_mlp(depth=4)
     with pytest.raises(gg.ConfigError, match="n_params: 6 → 8"):

@@ -552,3 +552,70 @@ def test_each_step_info_keeps_its_own_lr_scale():
         infos.append(guard.step(loss))
     guard.close()
     assert [round(float(i.lr_scale), 4) for i in infos] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+
+
+_X = torch.randn(2000, 8, generator=torch.Generator().manual_seed(1))
+_Y = 0.3 * _X.sum(1, keepdim=True)
+
+
+def _tanh_run(opt_lr=0.01, **guard_kw):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    o = torch.optim.Adam(m.parameters(), lr=opt_lr)
+    return m, o, gg.Guard(m, o, log=None, **guard_kw)
+
+
+def _steps(m, o, g, rng, nan_at=()):
+    out = []
+    for i in rng:
+        j = (i * 32) % 1960
+        o.zero_grad()
+        loss = nn.functional.mse_loss(m(_X[j:j + 32]), _Y[j:j + 32])
+        if i in nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        out.append(float(g.step(loss).lr_scale))
+    return out
+
+
+def test_a_non_strict_load_gives_loaded_snapshots_this_guards_fresh_parts():
+    # A state saved by another clip chain: the clip is left fresh, and so it must be in
+    # the snapshots loaded with it, or the first rollback fails mid-run restoring theirs.
+    m, o, g = _tanh_run(clip=gg.clip.GlobalNorm(1.0))
+    _steps(m, o, g, range(60))
+    state, ms, os_ = g.state_dict(snapshots=True), m.state_dict(), o.state_dict()
+    g.close()
+    m2, o2, g2 = _tanh_run(clip=[gg.clip.GlobalNorm(1.0), gg.clip.Quantile(0.9, history=50)])
+    m2.load_state_dict(ms)
+    o2.load_state_dict(os_)
+    assert g2.load_state_dict(state, strict=False) == ["clip"]
+    _steps(m2, o2, g2, range(60, 90), nan_at={70, 71, 72})  # three NaN steps: a rollback
+    assert g2.rollbacks == 1
+    g2.close()
+
+
+def test_a_non_strict_load_keeps_this_guards_warmup():
+    m, o, g = _tanh_run(policy=gg.Policy(stability=gg.Stability(warmup=100)))
+    _steps(m, o, g, range(20))
+    state = g.state_dict()
+    g.close()
+    m2, o2, g2 = _tanh_run()  # no warm-up
+    assert "warmup" in g2.load_state_dict(state, strict=False)
+    assert _steps(m2, o2, g2, range(20, 25)) == [1.0] * 5
+    g2.close()
+
+
+def test_a_state_from_other_detector_settings_is_a_settings_difference():
+    # Refused whole (nothing half loaded) when strict; its detector left fresh when not.
+    m, o, g = _tanh_run()
+    _steps(m, o, g, range(12))
+    state = g.state_dict()
+    g.close()
+    _, _, g2 = _tanh_run(policy=gg.Policy(grad_spike=gg.NormSpike(window=32)))
+    fresh = g2.state_dict()
+    with pytest.raises(gg.ConfigError, match=r"(?s)grad_spike: NormSpike.*strict=False"):
+        g2.load_state_dict(state)
+    assert g2.steps == 0 and str(g2.state_dict()["clip"]) == str(fresh["clip"])
+    assert g2.load_state_dict(state, strict=False) == ["grad_spike"]
+    assert g2.steps == 12
+    g2.close()

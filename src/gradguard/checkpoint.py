@@ -10,6 +10,7 @@ settings unless asked to load the parts those settings leave valid.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import logging
 import re
@@ -130,12 +131,24 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     if "shapes" not in saved:  # (saved before the shapes were: the count is all there is)
         saved = {**saved, "shapes": config(g)["shapes"]}
     diff = config_diff(saved, config(g))
+    # The detectors' own settings (a window's length) are theirs to check: tried on
+    # copies, so that a state that does not fit is a difference like the others, found
+    # before anything is loaded.
+    for name in ("grad_spike", "loss_spike"):
+        try:
+            trial = copy.deepcopy(getattr(g, name))
+        except Exception:  # (a user's detector that cannot be copied: it checks as it loads)
+            continue
+        try:
+            trial.load_state_dict(state[name])
+        except ConfigError as e:
+            diff.append(f"{name}: {e}")
     if diff and strict:
         raise ConfigError(
             "guard state was saved with other settings (saved → this guard):\n  "
             + "\n  ".join(diff) + "\nbuild the guard with the same clip settings, policy "
-            "and parameters, or load_state_dict(state, strict=False) to load only the "
-            "parts those settings leave valid"
+            "(its detectors too) and parameters, or load_state_dict(state, strict=False) "
+            "to load only the parts those settings leave valid"
         )
     skipped = _load_parts(g, state, saved) if diff else []
     if not diff:
@@ -150,13 +163,19 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     g.skipped.copy_(state["skipped"])
     h.rollbacks = int(state["rollbacks"])
     h.load_state_dict(state["host"])
+    warmup = g.lr.warmup
     g.lr.load_state_dict(state["lr"])
+    if "controller" in skipped and g.lr.warmup != warmup:
+        # Other stability settings: the warm-up is this guard's (its step count goes on).
+        g.lr.warmup = warmup
+        skipped.append("warmup")
     if g.control is not None and "controller" in skipped:
         # A fresh controller would set the LR scale back to ×1 at the next row: the cuts
         # the saved run found it needed stand (its probe raises them after calm, as ever).
         g.control.scale = g.lr.scale
     if g.store is not None and state["rollback"] is not None:
         g.store.load_state_dict(state["rollback"])
+        _refresh_snapshots(g, skipped)
     if g.control is not None and state["controller"] is not None \
             and "controller" not in skipped:
         g.control.load_state_dict(state["controller"])
@@ -165,6 +184,28 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         h.attribution.load_state_dict({"mean": a["mean"].numpy(), "var": a["var"].numpy(),
                                        "count": int(a["count"])})
     return skipped
+
+
+# The parts of a snapshot's trajectory that each part a non-strict load leaves fresh holds.
+_TRAJECTORY_PARTS = {"clip": ("clip",), "grad_spike": ("grad_spike",),
+                     "loss_spike": ("loss_spike",), "decision": ("decision",),
+                     "controller": ("control",)}
+
+
+def _refresh_snapshots(g: Guard, skipped: list[str]) -> None:
+    """Give the loaded snapshots this guard's fresh state for the parts a non-strict load
+    left fresh: theirs was saved by other settings, and a rollback restoring it would fail
+    (or load settings this guard does not have) in the middle of a run."""
+    keys = [k for part in skipped for k in _TRAJECTORY_PARTS.get(part, ())]
+    if not keys or g.store is None:
+        return
+    now = trajectory(g)
+    for s in g.store.good:
+        for k in keys:
+            if k in now:
+                s.guard[k] = snap.clone_tree(now[k])
+            else:
+                s.guard.pop(k, None)
 
 
 def with_defaults(text: Any, cls: type) -> Any:

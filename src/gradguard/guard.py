@@ -241,8 +241,9 @@ class Guard(assembly.Parts):
                 differ. With ``strict=False`` the parts those settings leave valid are
                 loaded (counters always; the clip statistics when the clip settings and
                 parameters match; the decision and controller when the policy matches;
-                each detector when its state fits) and the rest keeps its fresh state,
-                relearned within its warm-up.
+                each detector when its state fits; the warm-up as this guard's when the
+                policy differs) and the rest keeps its fresh state, relearned within its
+                warm-up; loaded rollback snapshots get the same fresh parts.
 
         Returns:
             The parts that were not loaded (empty when everything was).
