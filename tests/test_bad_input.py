@@ -120,6 +120,11 @@ def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
     (lambda: gg.Policy(rollback=True), r"rollback must be a gradguard.Rollback"),
     (lambda: gg.Policy(stability=0.5), r"stability must be a gradguard.Stability"),
     (lambda: gg.Policy(max_consecutive_skips=0), r"max_consecutive_skips"),
+    (lambda: gg.Policy(grad_spike=gg.NormSpike), r"grad_spike takes a detector, not its class"),
+    (lambda: gg.Policy(loss_spike=gg.LossSpike), r"LossSpike\(\) with parentheses"),
+    (lambda: gg.Stability(giveback="0.5"), r"Stability.giveback must be a number"),
+    (lambda: gg.Stability(giveback=None), r"Stability.giveback must be a number"),
+    (lambda: gg.Rollback(dir=5), r"Rollback.dir must be a folder path"),
 ])
 def test_invalid_settings_fail_at_construction(make, match):
     with pytest.raises(gg.ConfigError, match=match):
@@ -139,11 +144,23 @@ def test_invalid_settings_fail_at_construction(make, match):
     ({"after_step": "maxnorm"}, r"after_step takes a callable"),
     ({"clip": gg.clip.AGC(exclude=["head.*", "0.*"])},
      r"AGC exclude pattern\(s\) \['head\.\*'\] match no parameter.*'0\.weight', '0\.bias'"),
+    ({"params": []}, r"params= is empty"),
+    ({"log": 5}, r"log= takes a file path"),
+    ({"tensorboard": 5}, r"tensorboard= takes a file path"),
+    ({"sinks": [object()]}, r"sinks\[0\] is not a sink \(it lacks meta, steps, event, close\)"),
+    ({"sinks": [gg.record.JsonlSink]}, r"sinks\[0\] is not a sink \(a class"),
 ])
 def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
     model = small_mlp()
     with pytest.raises(gg.ConfigError, match=match):
-        gg.Guard(model, sgd(model), log=tmp_path / "r.jsonl", **kwargs)
+        gg.Guard(model, sgd(model), **{"log": tmp_path / "r.jsonl", **kwargs})
+
+
+def test_a_model_frozen_whole_names_the_fix():
+    # (fine-tuning: a guard built before the layers are unfrozen has nothing to watch)
+    model = small_mlp().requires_grad_(False)
+    with pytest.raises(gg.ConfigError, match=r"(?s)every parameter.*is frozen.*params="):
+        gg.Guard(model, sgd(model), log=None)
 
 
 # -- resuming ----------------------------------------------------------------------------

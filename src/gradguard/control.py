@@ -179,6 +179,7 @@ class Stability:
         check_positive("Stability.rise", self.rise)
         check_positive("Stability.z", self.z, allow_zero=True)
         check_int("Stability.bad_steps", self.bad_steps, 1)
+        check_positive("Stability.giveback", self.giveback)
         if not 0 < self.giveback <= 1:
             raise ConfigError(f"Stability.giveback must be in (0, 1], got {self.giveback!r}")
         for name in ("decrease", "decrease_far"):

@@ -26,7 +26,7 @@ from .params import resolve_params
 from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
 from .rollback import trackable
-from .usage import after_step_hooks, begin_step, check_args
+from .usage import after_step_hooks, begin_step, check_args, check_outputs
 
 __all__ = ["Guard", "StepInfo"]
 
@@ -108,6 +108,7 @@ class Guard(assembly.Parts):
     ) -> None:
         check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
         sinks = list(sinks)
+        check_outputs(log, tensorboard, sinks)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.names, self.params, self._unwatched = resolve_params(model, optimizer, params)
         self.device = self.params[0].device

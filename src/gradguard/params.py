@@ -29,6 +29,9 @@ def resolve_params(
     chosen: list[Tensor] = []
     if params is not None:
         wanted = list(params)
+        if not wanted:
+            raise ConfigError("params= is empty: pass the tensors to watch, or leave it out "
+                              "to watch the model's trainable parameters")
         missing = [i for i, p in enumerate(wanted) if id(p) not in opt_ids]
         if missing:
             raise ConfigError(
@@ -65,6 +68,12 @@ def resolve_params(
             if id(p) not in seen and p.requires_grad:
                 names.append(n)
                 chosen.append(p)
+        if not chosen:
+            raise ConfigError(
+                "every parameter the optimizer holds is frozen (requires_grad=False), so the "
+                "guard has none to watch: build it after unfreezing, or pass "
+                "params=[p for g in optimizer.param_groups for p in g['params']] to watch "
+                "them once they are unfrozen")
         watched = {id(p) for p in chosen}
         return names, chosen, [(n, p) for n, p in named if id(p) not in watched]
     named = optimizer_params(None, optimizer)

@@ -110,6 +110,9 @@ class Rollback:
 
     def __post_init__(self) -> None:
         if self.dir is not None and not isinstance(self.dir, str):
+            if not isinstance(self.dir, os.PathLike):
+                raise ConfigError(f"Rollback.dir must be a folder path (str or os.PathLike) "
+                                  f"or None, got {self.dir!r}")
             # (a Path's repr is no literal: the saved settings could not be compared)
             object.__setattr__(self, "dir", os.fspath(self.dir))
         check_int("Rollback.every", self.every, 1)
@@ -216,8 +219,12 @@ class Policy:
         for name in ("grad_spike", "loss_spike"):
             if isinstance(getattr(self, name), str):  # a registered name
                 object.__setattr__(self, name, make_detector(getattr(self, name)))
+            example = "NormSpike" if name == "grad_spike" else "LossSpike"
+            if isinstance(getattr(self, name), type):  # (a class passes the Protocol check)
+                raise ConfigError(f"{name} takes a detector, not its class: "
+                                  f"{getattr(self, name).__name__}() with parentheses (e.g. "
+                                  f"gg.{example}()), got {getattr(self, name)!r}")
             if not isinstance(getattr(self, name), Detector):
-                example = "NormSpike" if name == "grad_spike" else "LossSpike"
                 raise ConfigError(
                     f"{name} takes a detector (e.g. gg.{example}(...)): an object with "
                     f"bind, limits, observe, state_dict and load_state_dict; got "

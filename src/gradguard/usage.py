@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -204,6 +205,23 @@ def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
     check_optimizer(optimizer)
     for name, v in positive_ints.items():
         check_int(name, v, 1)
+
+
+def check_outputs(log: Any, tensorboard: Any, sinks: list[Any]) -> None:
+    """The ``Guard``'s log paths and sinks, before any file is opened."""
+    for name, v in (("log", log), ("tensorboard", tensorboard)):
+        if v is not None and not isinstance(v, str | os.PathLike):
+            raise ConfigError(f"{name}= takes a file path (str or os.PathLike) or None, got "
+                              f"{v!r}")
+    for i, sink in enumerate(sinks):
+        lacks = [m for m in ("meta", "steps", "event", "close")
+                 if not callable(getattr(sink, m, None))]
+        if lacks or isinstance(sink, type):
+            what = "a class, not an instance" if isinstance(sink, type) else \
+                f"it lacks {', '.join(lacks)}"
+            raise ConfigError(f"sinks[{i}] is not a sink ({what}): a sink is an object with "
+                              f"meta, steps, event and close methods (see gradguard.record.Sink), "
+                              f"got {sink!r}")
 
 
 def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | None,
