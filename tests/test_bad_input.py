@@ -125,6 +125,7 @@ def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
     (lambda: gg.Stability(giveback="0.5"), r"Stability.giveback must be a number"),
     (lambda: gg.Stability(giveback=None), r"Stability.giveback must be a number"),
     (lambda: gg.Rollback(dir=5), r"Rollback.dir must be a folder path"),
+    (lambda: gg.Rollback(memory="off", dir="snaps"), r"memory='off'\) keeps no snapshot"),
 ])
 def test_invalid_settings_fail_at_construction(make, match):
     with pytest.raises(gg.ConfigError, match=match):
@@ -435,3 +436,17 @@ def test_a_snapshot_folder_given_as_a_path_may_move_too(tmp_path):
     # (states saved before dir was kept as a str hold a PosixPath repr)
     assert _fields("Rollback(every=50, dir=PosixPath('/x'))", gg.Rollback) == {
         "every": 50, "dir": "/x"}
+
+
+def test_snapshots_too_large_to_keep_say_none_go_to_disk_either(tmp_path):
+    # memory="auto" that finds no room turns rollback off, and with it the disk
+    # snapshots (written from the kept ones): the warning says so.
+    model = small_mlp()
+    guard = gg.Guard(model, sgd(model), log=None, rollback=gg.Rollback(
+        dir=tmp_path / "snaps", device_fraction=1e-12, host_fraction=1e-12))
+    guard.step(backward(model))  # (where snapshots live is settled at the first step)
+    off = [e for e in guard.recorder.events if e["kind"] == "rollback_off"]
+    if guard.store.place != "off":
+        pytest.skip("no host memory figure on this machine: 'auto' keeps snapshots")
+    assert len(off) == 1 and "no snapshot is written to" in off[0]["message"]
+    guard.close()

@@ -90,7 +90,8 @@ class Rollback:
             host memory when they take at most ``host_fraction`` of what is free there,
             else no rollback), "device", "cpu", or "off".
         device_fraction, host_fraction: the budgets of ``memory="auto"``.
-        dir: also write snapshots to this folder (atomic, checksummed).
+        dir: also write snapshots to this folder (atomic, checksummed); they are the kept
+            in-memory ones, so not with ``memory="off"``.
         disk_every: write every this many steps (default: ``every``; a multiple of it:
             only the snapshots taken every ``every`` steps exist to be written).
         clean_window: a snapshot counts as good when this many steps after it (the first
@@ -131,6 +132,10 @@ class Rollback:
                     "them)")
         if self.memory not in MEMORY:
             raise ConfigError(f"Rollback.memory must be one of {MEMORY}, got {self.memory!r}")
+        if self.memory == "off" and self.dir is not None:
+            raise ConfigError("Rollback(memory='off') keeps no snapshot, and the ones in dir= "
+                              "are written from the kept ones: none would be written; use "
+                              "memory='cpu' (host memory) or 'auto'")
         for name in ("device_fraction", "host_fraction"):
             v = check_positive(f"Rollback.{name}", getattr(self, name))
             if v > 1:

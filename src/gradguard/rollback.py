@@ -140,7 +140,11 @@ class RollbackStore:
                             f"rollback off: {cfg.keep} snapshots need {need / 2**30:.3g} GiB, "
                             f"more than Rollback(device_fraction={cfg.device_fraction}, "
                             f"host_fraction={cfg.host_fraction}) allows; instability is "
-                            "answered by lowering the LR in place", action="warn")
+                            "answered by lowering the LR in place"
+                            + ("" if cfg.dir is None else
+                               f", and no snapshot is written to {cfg.dir} (they are the "
+                               "kept ones; memory='cpu' keeps them in host memory)"),
+                            action="warn")
         return "off"
 
     def _take(self, step: int, guard_state: dict[str, Any]) -> snap.Snapshot:
