@@ -848,3 +848,37 @@ def test_backoff_lowers_the_lr_in_place_late_in_a_healthy_run_too(loss_only):
     msgs = [e["message"] for e in guard.recorder.events if e["kind"] == "backoff"]
     assert len(msgs) == 1 and msgs[0].endswith("in place")
     assert "retried" not in guard.verdict()
+
+
+def test_max_rollbacks_counts_rollbacks_not_lr_cuts_in_place():
+    # "backoff" lowers the LR without a rollback: Rollback(max_rollbacks=0) gave up at
+    # the first spike "after 0 rollbacks".
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, log=None, on_spike="backoff",
+                     rollback=gg.Rollback(max_rollbacks=0))
+    x = torch.randn(64, 8)
+    for i in range(40):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        (loss * (1e4 if i == 30 else 1.0)).backward()
+        guard.step(loss)
+    guard.close()
+    assert guard.lr.scale == pytest.approx(0.3) and guard.rollbacks == 0
+
+
+def test_without_the_controller_no_snapshot_is_kept_but_for_disk(tmp_path):
+    # Nothing rolls back without the stability controller: its snapshots were memory
+    # spent for nothing; those bound for disk (a crash resume) are still taken.
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log=None, policy=gg.Policy(stability=None))
+    assert guard.store is None
+    guard.close()
+    guard = gg.Guard(model, opt, log=None, policy=gg.Policy(
+        stability=None, rollback=gg.Rollback(every=2, dir=tmp_path / "s")))
+    for _ in range(10):
+        guard.step(backward(model))
+    guard.close()
+    assert guard.store is not None and list((tmp_path / "s").glob("*.pt"))

@@ -89,7 +89,10 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
                           flush_every, layers_every)
     g.mailbox = Mailbox(g.device)
     g._tracked = []
-    g.store = None if policy.rollback is None else RollbackStore(
+    # Without the controller nothing rolls back: snapshots are kept only for disk (resume).
+    idle = policy.stability is None and policy.rollback is not None \
+        and policy.rollback.dir is None
+    g.store = None if policy.rollback is None or idle else RollbackStore(
         policy.rollback, model, g.params, optimizer, g._tracked, g.recorder, rank)
     g._inputs = InputWatch()  # (armed by the host side; its hook goes with the finalizer)
     g._host = HostSide(g)

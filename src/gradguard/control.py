@@ -90,6 +90,11 @@ def _rate(rows: deque[bool], streak: int, window: int) -> float:
     return sum(past) / len(past) if len(past) >= window else 0.0
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun, plural unless n is 1 ("1 bad step", "3 bad steps")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _median(x: list[float]) -> float:
     # Pure Python: on windows of ~20 values it is several times faster than numpy's call
     # overhead, and this runs once per training step.
@@ -190,8 +195,11 @@ class Stability:
         check_positive("Stability.floor", self.floor)
         if self.floor >= 1:
             raise ConfigError(f"Stability.floor must be in (0, 1), got {self.floor!r}")
-        if self.warmup not in (None, "auto"):
-            check_int("Stability.warmup", self.warmup, 0)  # type: ignore[arg-type]
+        if self.warmup not in (None, "auto") and (
+                isinstance(self.warmup, bool) or not isinstance(self.warmup, int)
+                or self.warmup < 0):
+            raise ConfigError(f"Stability.warmup must be 'auto', an int >= 0 or None, got "
+                              f"{self.warmup!r}")
 
     def warmup_steps(self, optimizer: Any) -> int:
         """Length of the automatic warm-up for this optimizer (0: none)."""
@@ -625,7 +633,8 @@ class Controller:
             rate = "" if need == cfg.bad_steps else (
                 f" (bad batches come at a rate of {self.bad_rate():.0%} in this run, so "
                 f"{need} in a row are needed)")
-            reason = f"{self.nan_streak} steps in a row with NaN/Inf or a spiking loss{rate}"
+            reason = (f"{counted(self.nan_streak, 'step')} in a row with NaN/Inf or a spiking "
+                      f"loss{rate}")
         elif self.norm_streaks and lv is not None and cfg.norm_streaks and \
                 self.applied_streak and rising and \
                 self.streak >= (need := self.streak_needed(self.flag_rate())):
@@ -634,14 +643,15 @@ class Controller:
                 "a row are needed)")
             grew = "" if grad_norm is None or self.streak_norm is None else (
                 f", the gradient norm not falling ({self.streak_norm:.4g} → {grad_norm:.4g})")
-            reason = (f"{self.streak} flagged steps in a row, {self.applied_streak} of them "
-                      f"applied (gradient-norm or loss spikes){grew}{rate}")
+            reason = (f"{counted(self.streak, 'flagged step')} in a row, "
+                      f"{self.applied_streak} of them applied (gradient-norm or loss "
+                      f"spikes){grew}{rate}")
         elif lv is None and self.streak >= cfg.bad_steps:
             # Early phase: no loss level to judge by yet, so any flag streak is evidence.
             # Later, on a recurrent net, heavy-tailed but healthy gradient norms flag runs
             # of steps, so only a streak the loss itself shows counts (norm_streaks above
             # is the exception for other models).
-            reason = f"{self.streak} flagged steps in a row before any loss history"
+            reason = f"{counted(self.streak, 'flagged step')} in a row before any loss history"
         else:
             if lv is not None:
                 level, se, self.sigma = lv

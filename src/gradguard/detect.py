@@ -101,6 +101,16 @@ class Detector(Protocol):
         """Restore :meth:`state_dict`'s output (:class:`ConfigError` if it does not fit)."""
 
 
+def _above_one(name: str, value: float) -> float:
+    """A ratio to the typical value that marks a spike: a spike is above the typical
+    value, so a ratio at or below 1 would flag (or clip) ordinary steps."""
+    v = check_positive(name, value)
+    if v <= 1:
+        raise ConfigError(f"{name} must be > 1 (a ratio to the typical value; at or below "
+                          f"1 ordinary steps would count as spikes), got {value!r}")
+    return v
+
+
 def judge(det: Detector, value: float, ok: bool = True, noise: float = 1.0) -> Flag:
     """Flag one value and learn from it, as the guard does over a step (on the host).
 
@@ -244,9 +254,9 @@ class NormSpike(_RobustWindow):
         self.warmup = check_int("NormSpike.warmup", warmup, 1)
         if self.warmup > self.window:
             raise ConfigError(f"NormSpike.warmup ({warmup}) must be <= window ({window})")
-        self.min_ratio = check_positive("NormSpike.min_ratio", min_ratio)
+        self.min_ratio = _above_one("NormSpike.min_ratio", min_ratio)
         self.early_ratio = None if early_ratio is None else \
-            check_positive("NormSpike.early_ratio", early_ratio)
+            _above_one("NormSpike.early_ratio", early_ratio)
         self.bind()
 
     def _bound(self, med: float, sigma: float) -> float:
@@ -332,7 +342,7 @@ class LossSpike(_RobustWindow):
         if self.min_count > self.window:
             raise ConfigError(f"LossSpike.min_count ({min_count}) must be <= window ({window})")
         self.early_ratio = None if early_ratio is None else \
-            check_positive("LossSpike.early_ratio", early_ratio)
+            _above_one("LossSpike.early_ratio", early_ratio)
         self.floor = check_positive("LossSpike.floor", floor, allow_zero=True)
         self.bind()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .control import Controller
+from .control import Controller, counted
 from .detect import LayerAttribution
 from .record import Recorder, encode_float
 
@@ -115,11 +115,6 @@ def diagnosis(recorder: Recorder, steps: int, rollbacks: int, scale: float,
     return {"steps": steps, "events": t["kinds"], "origin_layers": t["origins"],
             "rollbacks": rollbacks, "lr_scale": scale, "last_good_step": last_good,
             "recent_events": recorder.events[-10:]}
-
-
-def counted(n: int, noun: str) -> str:
-    """``n`` and the noun, plural unless n is 1 ("1 bad step", "3 bad steps")."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: Any,

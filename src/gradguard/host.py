@@ -29,7 +29,7 @@ import numpy as np
 from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
-from .control import CutPoint
+from .control import CutPoint, counted
 from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
 from .errors import GuardUsageWarning
 from .params import InputWatch, input_module, optimizer_params
@@ -449,10 +449,13 @@ class HostSide:
             # (units that died and stay dead, as the verdict reads them)
             self.diverged(k, ev.give_up(reason, c.scale, lr, self.dead.ended()))
         rb = p.rollback
-        if rb is not None and rb.max_rollbacks is not None and self.rollbacks >= rb.max_rollbacks:
-            self.diverged(k, f"{reason}, after {self.rollbacks} rollbacks "
+        rolls = store is not None and bool(store.good) and may_roll
+        # (the cap counts rollbacks: an LR lowered in place is none)
+        if rolls and rb is not None and rb.max_rollbacks is not None \
+                and self.rollbacks >= rb.max_rollbacks:
+            self.diverged(k, f"{reason}, after {counted(self.rollbacks, 'rollback')} "
                              f"(max_rollbacks={rb.max_rollbacks})")
-        if store is not None and store.good and may_roll:
+        if rolls:
             early = self.early()
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
             # A snapshot is kept when the clean_window rows after it were clean; failing

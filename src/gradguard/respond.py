@@ -169,7 +169,8 @@ class Policy:
             answers in a few steps, into hidden units dying quietly at that LR
             (benchmarks/RESULTS.md, "clamping loss-spike steps").
         stability: the stability controller's settings; None turns it off (the LR is
-            then never changed, and ``max_consecutive_skips`` is the only escalation).
+            then never changed, nothing is rolled back, so no snapshot is kept but for
+            ``Rollback(dir=...)``, and ``max_consecutive_skips`` is the only escalation).
         rollback: rollback settings (default: on where affordable, see
             :class:`Rollback`); None turns rollback off.
         grad_spike: the gradient-norm spike detector (any
