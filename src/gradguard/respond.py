@@ -34,7 +34,7 @@ __all__ = ["Action", "Policy", "Rollback", "TrainingDivergedError", "resolve_pol
 class Action(StrEnum):
     """What the guard does about a flagged step (a plain string works as well)."""
 
-    NONE = "none"          # record only
+    NONE = "none"          # record only (for on_loss_spike: no loss check at all)
     AUTO = "auto"          # skip an isolated flag; apply clipped when the run is in trouble
     CLIP = "clip"          # apply the step clipped to the typical norm
     SKIP = "skip"          # skip the step
@@ -161,7 +161,9 @@ class Policy:
             (apply it clipped and treat the run as unstable at once: lower the LR, no
             rollback), "rollback" (skip it and treat the run as unstable at once), or
             "none" (record it, apply the step as the clip transforms left it).
-        on_loss_spike: "none", "auto" (default: as for on_spike, skip an isolated one and
+        on_loss_spike: "none" (no loss check: nothing flagged, recorded or counted, for a
+            loss whose jumps are its nature), "auto" (default: as for on_spike, skip an
+            isolated one and
             apply one that follows a flagged step), "skip", "backoff" (apply it and lower
             the LR) or "rollback". A loss-spike step that is applied is clipped to the
             typical norm only when its gradient norm spiked too: clamping every one was
