@@ -87,6 +87,18 @@ def test_report_html_into_a_folder_is_refused_and_lr_find_makes_its_folder(tmp_p
     res = runner.invoke(app, ["report", str(log), "--html", str(tmp_path / "adir")])
     assert res.exit_code == 2 and "is a directory" in res.output
     assert not list(tmp_path.glob(".adir*"))
+    # The log itself as the page: refused, the log kept (it was overwritten with HTML).
+    before = log.read_bytes()
+    res = runner.invoke(app, ["report", str(log), "--html", str(log)])
+    assert res.exit_code == 2 and "is the run log being read" in res.output
+    assert log.read_bytes() == before
+    # A bench folder's page into a folder: the same refusal, no traceback, no temp file.
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "meta.json").write_text("{}")
+    res = runner.invoke(app, ["report", str(bench), "--html", str(tmp_path / "adir")])
+    assert res.exit_code == 2 and "is a directory" in res.output
+    assert not list(tmp_path.glob(".adir*"))
     out = tmp_path / "new" / "sub" / "lr.png"
     res = runner.invoke(app, ["lr-find", "linreg-raw", "--num-iter", "20", "--out", str(out)])
     assert res.exit_code == 0 and out.exists(), res.output

@@ -141,11 +141,14 @@ def report(
             typer.echo(f"{run_log} is a directory without a bench's runs.csv or meta.json: "
                        "give a run log (.jsonl) or a `gradguard bench --out` directory")
             raise typer.Exit(2)
+        if html:
+            _check_out(html, None)
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
-        typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
+        with _write_errors(html or str(Path(run_log) / "report.html")):
+            typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
         return
     if html:
-        _check_out(html, None)
+        _check_out(html, None, keep=run_log)
     with _user_errors():
         s = summarize(run_log, run)
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
@@ -198,12 +201,16 @@ def report(
             typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
 
 
-def _check_out(path: str, suffixes: tuple[str, ...] | None) -> None:
-    """Refuse, before any work, an output file the command could not write: a folder, or
-    a kind of file it cannot make (None: any name)."""
+def _check_out(path: str, suffixes: tuple[str, ...] | None, keep: str | None = None) -> None:
+    """Refuse, before any work, an output file the command could not write: a folder, a
+    kind of file it cannot make (None: any name), or the input it reads (``keep``)."""
     p = Path(path)
     if p.is_dir():
         typer.echo(f"{path} is a directory; give a file name")
+        raise typer.Exit(2)
+    if keep is not None and p.exists() and p.resolve() == Path(keep).resolve():
+        typer.echo(f"{path} is the run log being read; give the HTML page another name "
+                   "(writing it there would replace the log)")
         raise typer.Exit(2)
     if suffixes is not None and p.suffix.lower() not in suffixes:
         typer.echo(f"{path}: the file name must end in one of {', '.join(sorted(suffixes))}")

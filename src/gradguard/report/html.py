@@ -466,8 +466,11 @@ def _write(target: Path, text: str) -> Path:
     # Written aside and renamed, so a browser never sees half a report.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone after the rename; left by a failed one)
     return target
 
 
