@@ -341,3 +341,20 @@ def test_a_batch_manual_optimisation_passes_over_leaves_no_data_flag_behind(data
     nonfinite = [e for e in cb.guard.recorder.events if e["kind"] == "nonfinite"]
     assert [e["step"] for e in nonfinite] == [2, 5]  # (batch 5 passed over: step 5 is 6)
     assert not any(e.get("data") for e in nonfinite)
+
+
+def test_a_run_that_crashes_says_so_in_its_verdict(data):
+    # on_exception closed the guard as if the run had ended well: its log said "stable".
+    class Crashing(type(make_module())):
+        def training_step(self, batch, idx):
+            if idx == 15:
+                raise RuntimeError("bad batch 15")
+            return super().training_step(batch, idx)
+
+    cb = GradGuardCallback()
+    with pytest.raises(RuntimeError, match="bad batch 15"):
+        trainer(callbacks=[cb]).fit(Crashing(), loader(data[0], data[1]))
+    kinds = [(e["step"], e["kind"]) for e in cb.guard.recorder.events]
+    assert (15, "stopped") in kinds
+    assert "RuntimeError: bad batch 15" in cb.guard.recorder.events[-2]["message"]
+    assert cb.guard.verdict().startswith("stopped by RuntimeError: bad batch 15 at step 15")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import lifecycle
 from ..errors import ConfigError
 from ..guard import Guard, StepInfo
 from . import StepGate, WatchBatch, check_watch, watched_part
@@ -158,12 +159,14 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self._loss = None
         self._gate = StepGate(opt, "Lightning")
 
-    def _finish(self) -> None:
+    def _finish(self, exc: BaseException | None = None) -> None:
         if self._gate is not None:
             self._gate.remove()
             self._gate = None
         if self.guard is not None:
-            self.guard.close()  # stays readable: events, skipped, diagnosis()
+            # (stays readable: events, skipped, diagnosis(); an exception that ended the
+            # run is named in its verdict, as a plain loop's `with gg.Guard(...)` does)
+            lifecycle.close(self.guard, exc)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Close the guard (flushing its sinks) and restore the optimizer's ``step``."""
@@ -171,8 +174,9 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
             self._finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        """Also close on errors (e.g. ``TrainingDivergedError``), so the run log is complete."""
-        self._finish()
+        """Also close on errors (e.g. ``TrainingDivergedError``), so the run log is complete
+        and its verdict says how the run ended."""
+        self._finish(exception)
 
     # -- the step ----------------------------------------------------------------------
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
