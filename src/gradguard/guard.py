@@ -212,8 +212,10 @@ class Guard(assembly.Parts):
             if self._started:
                 self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
         finally:
-            self.recorder.close()
-            self._closed = True
+            try:
+                self.recorder.close()
+            finally:
+                self._closed = True  # (a sink that failed to close: the guard is closed)
 
     def __enter__(self) -> Guard:
         return self

@@ -35,7 +35,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -419,13 +419,28 @@ class Recorder:
             return
         records = [self.serialise(r) for r in self._pending]
         self._pending = []
-        for s in self.sinks:
-            s.steps(records)
+        _each(self.sinks, lambda s: s.steps(records))
 
     def close(self) -> None:
-        self.flush()
-        for s in self.sinks:
-            s.close()
+        """Flush and close every sink, the others too when one fails (its error is raised
+        after: a tracker that cannot be reached must not leave the run log open)."""
+        try:
+            self.flush()
+        finally:
+            _each(self.sinks, lambda s: s.close())
+
+
+def _each(sinks: list[Sink], call: Callable[[Sink], object]) -> None:
+    """``call`` every sink; one that raises does not keep the rest from theirs (the first
+    error is raised once all were called)."""
+    error: BaseException | None = None
+    for s in sinks:
+        try:
+            call(s)
+        except Exception as e:
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

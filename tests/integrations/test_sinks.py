@@ -91,3 +91,37 @@ def test_wandb_sink_translation_with_a_stand_in_module(monkeypatch):
     assert [d["gradguard/step"] for d in steps] == list(range(12))
     assert "gradguard/grad_norm" not in steps[5] and steps[5]["gradguard/skipped"] == 1.0
     assert run.logged[-1]["gradguard/events"][2][0][:2] == [5, "nonfinite"]
+
+
+class _Unreachable:
+    """A tracker sink whose close fails (a network error)."""
+
+    def meta(self, record):
+        pass
+
+    def steps(self, records):
+        pass
+
+    def event(self, record):
+        pass
+
+    def close(self):
+        raise ConnectionError("tracker unreachable")
+
+
+def test_a_sink_that_fails_to_close_leaves_the_guard_and_its_log_closed(tmp_path):
+    # The guard stayed open (a second close wrote a second verdict, steps were still
+    # taken) and the sinks after the failing one, its own run log among them, unclosed.
+    model = small_mlp()
+    log = tmp_path / "run.jsonl"
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=log,
+                     sinks=[_Unreachable()])
+    for _ in range(5):
+        guard.step(backward(model))
+    with pytest.raises(ConnectionError):
+        guard.close()
+    guard.close()  # closed already: nothing more
+    assert log.read_text().count('"verdict"') == 1
+    assert all(s._f.closed for s in guard.recorder.sinks if hasattr(s, "_f"))
+    with pytest.raises(gg.GuardUsageError, match="closed"):
+        guard.step(backward(model))
