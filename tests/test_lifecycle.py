@@ -118,3 +118,21 @@ def test_a_run_an_exception_ends_gets_a_verdict_that_says_so(tmp_path):
         pass
     assert guard.verdict().startswith("stopped by ValueError: out of memory at step 5")
     assert _verdict(tmp_path / "with.jsonl") == guard.verdict()
+
+
+def test_a_guard_stopped_before_its_first_step_writes_into_no_other_run(tmp_path):
+    # Its "stopped" event went into the log after the previous guard's verdict, with no
+    # run header of its own: the report read it as the earlier run's.
+    log = tmp_path / "run.jsonl"
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gg.Guard(model, opt, log=log) as guard:
+        for _ in range(3):
+            guard.step(backward(model))
+    before = log.read_text()
+    try:
+        with gg.Guard(model, opt, log=log):
+            raise RuntimeError("the loader died")
+    except RuntimeError:
+        pass
+    assert log.read_text() == before

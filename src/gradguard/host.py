@@ -644,7 +644,9 @@ class HostSide:
     def stopped(self, exc: BaseException) -> None:
         """An exception ended the run (the ``with`` block, or the script): one event that
         the verdict reads. The guard's own give-up has its ``diverged`` event already."""
-        if isinstance(exc, TrainingDivergedError):
+        if isinstance(exc, TrainingDivergedError) or not self.g._started:
+            # (before its first step the guard wrote no run header: an event would land
+            # in the run before it in the log, and a run without a step has no verdict)
             return
         what = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
         if len(what) > 300:
