@@ -157,6 +157,10 @@ def report(
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("steps", str(s.steps))
+    if s.resumed_at:
+        head.add_row("resumed at step", ", ".join(map(str, s.resumed_at)))
+    if s.bad_lines:
+        head.add_row("unreadable lines (skipped)", str(s.bad_lines))
     head.add_row("skipped steps", str(s.skipped) + (
         f" ({s.bad_data} with NaN/Inf in the data)" if s.bad_data else ""))
     head.add_row("clipped steps", str(s.clipped))

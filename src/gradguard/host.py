@@ -127,6 +127,8 @@ class HostSide:
                 self.watch_inputs()
         g.recorder.start({
             "gradguard": __version__, "params": g.names,
+            # (past 0 for a guard that resumed a saved state: its log continues that run)
+            "first_step": g.steps, "lr_scale": g.lr.scale,
             "forward_order": [g.names[i] for i in self.order],
             "shapes": [list(p.shape) for p in g.params],
             "config": {"clip": repr(g.clip), **g.policy.describe(),

@@ -443,7 +443,10 @@ def _each(sinks: list[Sink], call: Callable[[Sink], object]) -> None:
         raise error
 
 
-def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+def _records(path: str | os.PathLike[str], bad: list[int] | None = None
+             ) -> Iterator[dict[str, Any]]:
+    """The log's records; a line that is none (torn, corrupt) is skipped, and counted in
+    ``bad[0]`` when ``bad`` is given."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
@@ -452,11 +455,46 @@ def _records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                rec = None
             if not isinstance(rec, dict) or "type" not in rec:
+                if bad is not None:
+                    bad[0] += 1
                 continue
             yield {k: (_unnum(v) if not isinstance(v, list) else [_unnum(x) for x in v])
                    for k, v in rec.items()}
+
+
+def _first_step(meta: dict[str, Any]) -> int:
+    """The step a guard's first row has (past 0: it resumed a saved state)."""
+    v = meta.get("first_step", 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def runs(path: str | os.PathLike[str], bad: list[int] | None = None
+         ) -> list[list[dict[str, Any]]]:
+    """The runs a log holds, each a list of records.
+
+    Each guard appends its own part, starting with a meta line. A guard that resumed a
+    saved state (its meta's ``first_step`` past 0) continues the run before it: its part
+    joins that run, whose records from that step on give way to it (a crashed run's steps
+    past the snapshot it resumed from were done again).
+    """
+    parts: list[list[dict[str, Any]]] = []
+    for rec in _records(path, bad):
+        if rec["type"] == "meta" or not parts:
+            parts.append([])
+        parts[-1].append(rec)
+    out: list[list[dict[str, Any]]] = []
+    for part in parts:
+        head = part[0]
+        first = _first_step(head) if head["type"] == "meta" else 0
+        if out and first:
+            out[-1] = [r for r in out[-1] if r["type"] == "meta"
+                       or not (isinstance(r.get("step"), int) and r["step"] >= first)]
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
 
 
 def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
@@ -472,45 +510,43 @@ def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
 
 
 def count_runs(path: str | os.PathLike[str]) -> int:
-    """How many runs a log holds (each guard appends its own, starting with a meta line)."""
-    return max(1, sum(1 for r in _records(path) if r["type"] == "meta"))
+    """How many runs a log holds (see :func:`runs`)."""
+    return max(1, len(runs(path)))
 
 
-def read_jsonl(path: str | os.PathLike[str], run: int | None = None
-               ) -> Iterator[Meta | StepRecord | Event]:
+def read_jsonl(path: str | os.PathLike[str], run: int | None = None,
+               bad: list[int] | None = None) -> Iterator[Meta | StepRecord | Event]:
     """Read a run log; a torn or corrupt line (e.g. from a crash mid-write) is skipped.
 
     Args:
         path: the JSONL file a ``Guard(log=...)`` wrote.
         run: which run of a file that several guards appended to (each run starts with its
-            ``meta`` line): ``0`` the first, ``-1`` the last; None reads every record.
+            ``meta`` line; a guard that resumed a saved state continues the run before it,
+            see :func:`runs`): ``0`` the first, ``-1`` the last; None reads every record.
+        bad: a one-element list the number of lines that are no record (torn, corrupt:
+            skipped) is added to.
 
     Returns:
         Typed records (:class:`~gradguard.runlog.Meta`, :class:`~gradguard.runlog.StepRecord`,
         :class:`~gradguard.runlog.Event`), which are also read-only mappings of the line's
         keys (``rec["loss"]`` works as it did on the plain dicts).
     """
-    for rec in _select(path, run):
+    for rec in _select(path, run, bad):
         yield typed(rec)
 
 
-def _select(path: str | os.PathLike[str], run: int | None) -> Iterator[dict[str, Any]]:
+def _select(path: str | os.PathLike[str], run: int | None,
+            bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
     if run is None:
-        yield from _records(path)
+        yield from _records(path, bad)
         return
-    n = count_runs(path)
+    held = runs(path, bad)
+    n = max(1, len(held))
     index = run + n if run < 0 else run
     if not 0 <= index < n:
         raise ConfigError(f"{path} holds {n} run(s); run={run} is not one of them "
                           f"(use 0..{n - 1}, or -1 for the last)")
-    seen = -1
-    for rec in _records(path):
-        if rec["type"] == "meta":
-            seen += 1
-        if max(seen, 0) == index:
-            yield rec
-        elif seen > index:
-            return
+    yield from held[index] if held else ()
 
 
 @dataclass(frozen=True)

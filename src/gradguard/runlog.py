@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = ["Event", "Meta", "StepRecord", "typed"]
@@ -34,9 +34,10 @@ class _Record(Mapping[str, Any]):
         """The typed fields (not ``extra``) and their defaults, computed once per class."""
         names = _FIELDS.get(cls)
         if names is None:
-            names = _FIELDS[cls] = {f.name: f.default
-                                    for f in fields(cls)  # type: ignore[arg-type]
-                                    if f.name != "extra"}
+            names = _FIELDS[cls] = {
+                f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(cls)  # type: ignore[arg-type]
+                if f.name != "extra"}
         return names
 
     def __getitem__(self, key: str) -> Any:
@@ -74,7 +75,10 @@ class _Record(Mapping[str, Any]):
 
 
 def _coerce(v: Any, default: Any) -> Any:
-    """``v`` as the type of a scalar field's default (NaN for a non-number in a float)."""
+    """``v`` as the type of a field's default (NaN for a non-number in a float; the
+    default for a list or mapping field that holds something else)."""
+    if isinstance(default, list | dict):
+        return v if isinstance(v, type(default)) else type(default)()
     if isinstance(default, bool):
         return bool(v)
     if isinstance(default, float):
@@ -96,6 +100,8 @@ class Meta(_Record):
     forward_order: list[str] = field(default_factory=list)
     shapes: list[list[int]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    first_step: int = 0  # past 0: the guard resumed a saved state at this step
+    lr_scale: float = 1.0  # the LR scale it started with (a resumed guard's carried one)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

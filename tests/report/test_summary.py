@@ -71,3 +71,51 @@ def test_two_open_guards_on_one_log_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", gg.GuardUsageWarning)
         gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=log).close()
+
+
+def _nan_run(guard, model, steps, nan_at):
+    for i in steps:
+        model.zero_grad()
+        guard.step(backward(model, seed=i, nan=i in nan_at))
+
+
+def test_a_resumed_run_is_one_run_and_a_crash_resume_replaces_the_steps_done_again(tmp_path):
+    # A guard that loads a saved state continues its run: the report read the resumed
+    # part alone (skips since the resume, the first loss of the resumed step) next to
+    # whole-run figures (the step count, the verdict's carried tallies).
+    log = tmp_path / "run.jsonl"
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=log)
+    _nan_run(guard, model, range(30), {5, 10, 20})
+    state = guard.state_dict()
+    _nan_run(guard, model, range(30, 40), {35})  # steps a crash loses: done again below
+    guard.recorder.flush()
+    with pytest.warns(gg.GuardUsageWarning):  # (the crashed guard is still open)
+        guard2 = gg.Guard(model, opt, log=log)
+    guard2.load_state_dict(state)
+    _nan_run(guard2, model, range(30, 60), {50})
+    guard2.close()
+    guard.close()  # (the crashed guard's late close: its verdict is past the resume)
+    s = summarize(log)
+    assert s.runs == 1 and s.resumed_at == [30]
+    assert (s.steps, s.skipped) == (60, 4)  # step 35 of the lost part is not counted
+    assert s.events["nonfinite"] == 4 and s.first_loss is not None
+    assert "4 bad steps skipped" in s.verdict
+
+
+def test_lines_that_are_no_record_are_counted_and_wrong_types_take_defaults(tmp_path):
+    log = tmp_path / "run.jsonl"
+    model = small_mlp()
+    with gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.01), log=log) as guard:
+        _nan_run(guard, model, range(10), set())
+    lines = log.read_text().splitlines()
+    lines[3] = lines[3][:20]  # torn
+    lines.insert(5, "not json at all")
+    lines[0] = lines[0].replace('"params":[', '"params":5,"was":[')
+    log.write_text("\n".join(lines) + "\n")
+    s = summarize(log)
+    assert s.bad_lines == 2 and s.steps == 10 and list(s.meta.params) == []
+    res = CliRunner().invoke(app, ["report", str(log), "--html", str(tmp_path / "r.html")],
+                             env={"COLUMNS": "120"})
+    assert res.exit_code == 0 and "unreadable lines (skipped)" in res.output

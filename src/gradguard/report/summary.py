@@ -38,7 +38,8 @@ class RunSummary:
     timeline: list[Event] = field(default_factory=list)
     lr_changes: list[tuple[int, float]] = field(default_factory=list)
     meta: Mapping[str, Any] = field(default_factory=dict)  # the run's Meta
-    bad_lines: int = 0
+    bad_lines: int = 0  # lines that are no record (torn, corrupt): skipped
+    resumed_at: list[int] = field(default_factory=list)  # steps a guard resumed the run at
     run: int = 0  # which run of the file (0-based)
     runs: int = 1  # how many runs the file holds
 
@@ -69,10 +70,15 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
     s = RunSummary(str(path))
     s.runs = count_runs(path)
     s.run = run + s.runs if run < 0 else run
-    last_scale = 1.0
+    last_scale: float | None = None
     origin_steps: set[int] = set()
-    for rec in read_jsonl(path, run):
+    bad = [0]
+    for rec in read_jsonl(path, run, bad):
         if isinstance(rec, Meta):
+            if last_scale is None:  # (the scale the run started with: ×1 unless resumed)
+                last_scale = rec.lr_scale if math.isfinite(rec.lr_scale) else 1.0
+            if rec.first_step:
+                s.resumed_at.append(rec.first_step)
             s.meta = rec
         elif isinstance(rec, StepRecord):
             s.steps = max(s.steps, rec.step + 1)
@@ -94,6 +100,7 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
         elif isinstance(rec, Event):
             scale = rec.get("lr_scale")
             # The controller's decisions, not the automatic warm-up's per-step ramp.
+            last_scale = 1.0 if last_scale is None else last_scale
             if rec.kind in _SCALE_EVENTS and isinstance(scale, float) \
                     and abs(scale - last_scale) > 1e-9 * max(1.0, last_scale):
                 s.lr_changes.append((rec.step, scale))
@@ -106,4 +113,5 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
     refuse_non_log(path, bool(s.meta or s.steps or s.timeline))
+    s.bad_lines = bad[0]
     return s
