@@ -160,3 +160,43 @@ def test_rows_of_an_accelerator_without_the_cuda_pipeline_reach_the_host_as_arra
     box.post(0, Row(torch.tensor([1.0, 2.0])))
     [(step, arr)] = box.poll()
     assert step == 0 and arr.tolist() == [1.0, 2.0] and box.lag == 0
+
+
+def _tb(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_histograms_keep_their_cadence_and_a_resume_purges_replayed_steps(
+        tmp_path):
+    # Histograms came only at steps that were multiples of both 50 and layers_every
+    # (layers_every=7: one in 350 steps); a crash resume drew its replayed steps twice.
+    from gradguard.record import TensorBoardSink
+
+    with pytest.raises(gg.ConfigError, match="histogram_every must be an int >= 1"):
+        TensorBoardSink(tmp_path / "bad", histogram_every=0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=None, tensorboard=tmp_path / "tb", layers_every=7)
+    for i in range(120):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        guard.step()
+        if i == 59:
+            state = guard.state_dict()
+    guard.close()  # (as if it had crashed at step 119)
+    hist = [e.step for e in _tb(tmp_path / "tb").Histograms("gradguard/log10_layer_grad_norm")]
+    assert hist == [0, 56, 112]
+    assert "gradguard/lr" in _tb(tmp_path / "tb").Tags()["scalars"]
+    guard = gg.Guard(model, opt, log=None, tensorboard=tmp_path / "tb", layers_every=7)
+    guard.load_state_dict(state)
+    for _ in range(60, 80):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        guard.step()
+    guard.close()
+    steps = [e.step for e in _tb(tmp_path / "tb").Scalars("gradguard/grad_norm")]
+    assert steps == sorted(set(steps)) and steps[-1] == 79  # each step once, none past 79

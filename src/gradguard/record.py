@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, GuardUsageWarning
+from .errors import ConfigError, GuardUsageWarning, check_int
 from .runlog import Event, Meta, StepRecord, typed
 
 __all__ = [
@@ -286,24 +286,37 @@ class TensorBoardSink:
             raise ModuleNotFoundError(
                 "TensorBoardSink needs tensorboard: pip install 'gradguard[tensorboard]'"
             ) from e
-        self.writer = SummaryWriter(str(log_dir))
-        self.histogram_every = histogram_every
+        self._writer_cls, self.log_dir = SummaryWriter, str(log_dir)
+        self.writer = SummaryWriter(self.log_dir)
+        self.histogram_every = check_int("TensorBoardSink.histogram_every", histogram_every, 1)
         self._names: list[str] = []
+        self._next_histogram = 0
 
     def meta(self, record: dict[str, Any]) -> None:
         self._names = list(record.get("params", []))
+        first = record.get("first_step", 0)
+        if isinstance(first, int) and first > 0:
+            # A resumed run: what an earlier writer logged from that step on (a crash's
+            # steps, done again now) is purged, or TensorBoard draws both.
+            self.writer.close()
+            self.writer = self._writer_cls(self.log_dir, purge_step=first)
+            self._next_histogram = first
         self.writer.add_text("gradguard/config", json.dumps(record.get("config", {}), indent=1))
 
     def steps(self, records: list[dict[str, Any]]) -> None:
         for r in records:
             k = r["step"]
-            for col in ("loss", "grad_norm", "clipped_norm", "clip_coef", "lr_scale"):
+            for col in ("loss", "grad_norm", "clipped_norm", "clip_coef", "lr_scale", "lr"):
                 v = _unnum(r.get(col))
                 if isinstance(v, float) and math.isfinite(v):
                     self.writer.add_scalar(f"gradguard/{col}", v, k)
-            self.writer.add_scalar("gradguard/skipped", float(r["skipped"]), k)
+            for col in ("skipped", "nonfinite", "grad_spike", "loss_spike"):
+                self.writer.add_scalar(f"gradguard/{col}", float(bool(r.get(col))), k)
             norms = r.get("norms")
-            if norms is not None and k % self.histogram_every == 0:
+            # (every histogram_every steps or more: the first row with norms past each
+            # mark, whatever layers_every keeps norms at)
+            if norms is not None and k >= self._next_histogram:
+                self._next_histogram = k + self.histogram_every
                 arr = np.asarray([_unnum(v) for v in norms], dtype=np.float64)
                 arr = arr[np.isfinite(arr) & (arr > 0)]
                 if arr.size:
