@@ -232,6 +232,19 @@ def test_run_log_page_of_a_log_without_steps(tmp_path):
     assert "no step records" in text and "no per-layer norms" in text
 
 
+def test_run_log_page_of_a_run_stepped_without_a_loss(tmp_path):
+    # (its loss plot showed the loss turning NaN at step 0)
+    model = small_mlp()
+    log = tmp_path / "run.jsonl"
+    with gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.01), log=log) as guard:
+        for i in range(5):
+            model.zero_grad()
+            backward(model, seed=i)
+            guard.step()
+    text = run_log_html(log)
+    assert "No loss was passed to guard.step" in text and "non-finite" not in text
+
+
 def test_cli_report_says_when_a_run_did_not_reach_its_verdict(tmp_path):
     import gradguard as gg
 

@@ -321,8 +321,13 @@ def _run_plot(log: _Log, lines: list[tuple[np.ndarray, str, str, float]], ylabel
 def _run_curves(log: _Log) -> tuple[str, str]:
     """The loss plot and the global-norm plot of one run log."""
     first = next((float(v) for v in log.loss if math.isfinite(v)), math.nan)
-    loss = _run_plot(log, [(log.loss, "C0", "loss", 1.2)], "training loss", first, _LOSS_CAP,
-                     ("spike",))
+    # (a NaN loss on a step not flagged non-finite is a step without one: guard.step()
+    # called without a loss, which would plot as the loss turning NaN)
+    if np.isfinite(log.loss).any() or log.flags.get("nonfinite"):
+        loss = _run_plot(log, [(log.loss, "C0", "loss", 1.2)], "training loss", first,
+                         _LOSS_CAP, ("spike",))
+    else:
+        loss = _absent("No loss was passed to guard.step: there is no loss to plot.")
     fin = log.grad[np.isfinite(log.grad)]
     norm = _run_plot(log, [(log.grad, _BEFORE, "before clipping", 2.2),
                            (log.clipped, _AFTER, "after clipping (what the optimizer saw)", 1.0)],
