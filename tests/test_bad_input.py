@@ -454,3 +454,18 @@ def test_snapshots_too_large_to_keep_say_none_go_to_disk_either(tmp_path):
         pytest.skip("no host memory figure on this machine: 'auto' keeps snapshots")
     assert len(off) == 1 and "no snapshot is written to" in off[0]["message"]
     guard.close()
+
+
+def test_a_state_saved_behind_a_wrapper_loads_into_the_bare_model():
+    # DDP's "module." and torch.compile's "_orig_mod." prefixes read as other parameters:
+    # a DDP run resumed on one process was refused (and strict=False dropped the clip).
+    model = small_mlp()
+    opt = sgd(model)
+    wrapped = torch.compile(model)  # (only wrapped: its forward is never run here)
+    guard = gg.Guard(wrapped, opt, clip=gg.clip.ZScore(), log=None)
+    guard.step(backward(model))
+    state = guard.state_dict()
+    guard.close()
+    bare = gg.Guard(model, opt, clip=gg.clip.ZScore(), log=None)
+    assert bare.load_state_dict(state) == []
+    bare.close()

@@ -43,9 +43,25 @@ def config(g: Guard) -> dict[str, Any]:
     are kept), and the watched parameters' names and shapes."""
     policy = g.policy.describe()
     policy["rollback"] = _decisions(policy["rollback"])
+    prefix = _wrapper_prefix(g.model)
     return {"clip": repr(g.clip), "n_params": len(g.params), "policy": policy,
-            "shapes": {n: "×".join(map(str, p.shape)) for n, p in zip(g.names, g.params,
-                                                                        strict=True)}}
+            "shapes": {n.removeprefix(prefix): "×".join(map(str, p.shape))
+                       for n, p in zip(g.names, g.params, strict=True)}}
+
+
+def _wrapper_prefix(model: Any) -> str:
+    """The name prefix that wrappers put before the model's own parameter names: DDP's
+    ``module.``, ``torch.compile``'s ``_orig_mod.``. A state saved under one loads into
+    the same model without it (a DDP run resumed on one process)."""
+    prefix = ""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            prefix, model = prefix + "module.", model.module
+        elif isinstance(model, torch.nn.Module) and isinstance(
+                getattr(model, "_orig_mod", None), torch.nn.Module):
+            prefix, model = prefix + "_orig_mod.", model._orig_mod
+        else:
+            return prefix
 
 
 def _decisions(text: Any) -> Any:
