@@ -228,3 +228,22 @@ def test_a_give_up_under_fp16_without_the_scaler_names_the_scaler_first():
                 loss = torch.nn.functional.mse_loss(m(x).float(), x.sum(1, keepdim=True))
             scaler.scale(loss).backward()
             guard.step(loss)
+
+
+def test_torchs_checkpoint_helpers_may_initialise_the_optimizer_state():
+    # torch.distributed.checkpoint's get/set_state_dict create a fresh optimizer's state
+    # with a zero-LR optimizer.step(): refused as a step outside the guard, it left the
+    # LR at 0 (torch has no cleanup on error). Any other outside step is still refused.
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = small_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    msd, osd = get_state_dict(model, opt)
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    guard.step(backward(model))
+    backward(model)
+    with pytest.raises(gg.GuardUsageError, match=r"outside guard\.step"):
+        opt.step()
+    guard.close()

@@ -152,8 +152,16 @@ class Usage:
 
 
 def _refuse_outside_steps(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-    if id(optimizer) not in _stepping:
+    if id(optimizer) not in _stepping and not _initialising(optimizer):
         raise GuardUsageError(OUTSIDE_STEP)
+
+
+def _initialising(optimizer: torch.optim.Optimizer) -> bool:
+    """A step at LR 0 of an optimizer without state: how torch.distributed.checkpoint's
+    ``get_state_dict``/``set_state_dict`` create the state to load into (it moves no
+    weight, and the checkpoint is loaded over it)."""
+    return not optimizer.state and all(
+        "lr" in g and float(g["lr"]) == 0.0 for g in optimizer.param_groups)
 
 
 def after_step_hooks(after_step: Any) -> tuple[Callable[[], object], ...]:
