@@ -1,5 +1,6 @@
 """DDP and FSDP2 on CPU (gloo, 2 processes): every rank decides the same, norms are true."""
 
+import datetime
 import os
 import socket
 
@@ -11,7 +12,8 @@ from torch import nn
 
 import gradguard as gg
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch without distributed"),
+              pytest.mark.timeout(180)]
 
 WORLD = 2
 STEPS = 40
@@ -28,7 +30,9 @@ def _init(rank: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A rank left waiting in a collective fails within a minute instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 def _data(rank: int):
@@ -225,3 +229,226 @@ def test_fsdp2_norms_clipping_and_rollback_match_the_unsharded_model(tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert res["rollbacks"] == 1 and res["rolled_back_at"] == 11
         assert res["restored_equal"]  # back to the snapshot taken after step 8
+
+
+def _placement_worker(rank: int, port: int, out: str) -> None:
+    import gradguard.snapshot as snap
+
+    _init(rank, port)
+    try:
+        places, events = [], []
+        for short in (False, True):
+            if short and rank == 1:  # this rank's node has little free memory left
+                snap.host_available_bytes = lambda: 4096
+            model = nn.parallel.DistributedDataParallel(_mlp())
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            guard = gg.Guard(model, opt, log=None, rollback=gg.Rollback(every=10))
+            opt.zero_grad()
+            model(torch.randn(8, 784)).square().mean().backward()
+            guard.step()
+            places.append(guard.store.place)
+            events.append([e["message"] for e in guard.recorder.events
+                           if e["kind"] == "rollback_off"])
+            guard.close()
+        torch.save({"places": places, "events": events}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rollback_on_or_off_is_agreed_by_every_rank(tmp_path):
+    # Rank 1 alone has too little free memory for snapshots: rollback goes off on every
+    # rank (one rank rolling back alone would part the replicas), and says why.
+    _spawn(_placement_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert r0["places"] == r1["places"] == ["device", "off"]
+    assert r0["events"][0] == r1["events"][0] == []
+    assert "another rank has no room" in r0["events"][1][0]
+    assert "on this rank" in r1["events"][1][0]
+
+
+def _loss_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = gg.Guard(model, opt, log=None, on_spike="none", on_loss_spike="skip")
+        torch.manual_seed(rank)
+        raised, losses = None, []
+        for step in range(6):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 784)).square().mean()
+            loss.backward()
+            try:
+                # Rank 1 leaves its loss out at step 3 (needed for rank 0's log only, say).
+                info = guard.step(None if rank == 1 and step == 3 else loss)
+            except gg.GuardUsageError as e:
+                raised = (step, str(e))
+                break
+            if step != 3:  # (the guard's loss: the mean of both ranks')
+                losses.append((float(loss.detach()), float(info.loss)))
+        guard.close()
+        # No loss on any rank: nothing to refuse.
+        none = gg.Guard(model, opt, log=None)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(8, 784)).square().mean().backward()
+            none.step()
+        none.close()
+        torch.save({"raised": raised, "losses": losses}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_loss_passed_on_some_ranks_only_is_refused_by_every_rank(tmp_path):
+    _spawn(_loss_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    # Refused at the same step on both ranks (on a CPU at once; on CUDA when the step's
+    # row is read), so neither is left waiting in the next all-reduce.
+    assert r0["raised"] is not None and r1["raised"] is not None
+    assert r0["raised"][0] == r1["raised"][0] == 3
+    assert "on every rank" in r0["raised"][1] and "1 of 2 ranks" in r1["raised"][1]
+    for (own0, mean0), (own1, mean1) in zip(r0["losses"], r1["losses"], strict=True):
+        assert mean0 == mean1 == pytest.approx((own0 + own1) / 2, rel=1e-6)
+
+
+def _layout_model(mesh, layout: str) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    model = _mlp()
+    if layout == "plain":
+        return model
+    if layout == "ignored":  # the head stays a plain tensor the user keeps in sync
+        fully_shard(model, mesh=mesh, ignored_params=set(model[4].parameters()))
+    elif layout == "shard1":
+        fully_shard(model, mesh=mesh,
+                    shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    else:  # "fsdp", or "hsdp" on the 2-D mesh (Replicate, Shard(0))
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def _layouts_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from gradguard.snapshot import estimate_bytes
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        hsdp = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+        torch.manual_seed(0)
+        x, y = torch.randn(4, 32, 784), torch.randint(0, 10, (4, 32))  # same on both ranks
+        res: dict = {}
+
+        # Snapshot size under FSDP2: this rank's shards, before and after the first step.
+        model = _layout_model(mesh, "fsdp")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        local = sum(p._local_tensor.numel() * 4 for p in model.parameters())
+        res["estimate"] = [(estimate_bytes(list(model.parameters()), opt), 3 * local)]
+        nn.functional.cross_entropy(model(x[0]), y[0]).backward()
+        opt.step()
+        state = sum(v._local_tensor.numel() * v.element_size() if hasattr(v, "_local_tensor")
+                    else v.numel() * v.element_size()
+                    for st in opt.state.values() for v in st.values())
+        res["estimate"].append((estimate_bytes(list(model.parameters()), opt), local + state))
+
+        # AGC and Centralize act per row: a matrix sharded on dim 1 is refused when built.
+        res["refused"] = {}
+        for clip in (gg.clip.AGC(0.01), gg.clip.Centralize()):
+            model = _layout_model(mesh, "shard1")
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            try:
+                gg.Guard(model, opt, log=None, clip=clip).close()
+            except gg.ConfigError as e:
+                res["refused"][type(clip).__name__] = str(e)
+
+        # HSDP and ignored parameters: norms, AGC and clipping as the unsharded model's.
+        for layout in ("plain", "hsdp", "ignored"):
+            model = _layout_model(hsdp if layout == "hsdp" else mesh, layout)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            clip = [gg.clip.AGC(0.01), gg.clip.GlobalNorm(0.5)]
+            guard = gg.Guard(model, opt, log=None, clip=clip, on_spike="none",
+                             on_loss_spike="none", distributed=layout != "plain")
+            norms = []
+            for step in range(len(x)):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[step]), y[step]).backward()
+                if layout == "ignored":
+                    for p in model[4].parameters():
+                        dist.all_reduce(p.grad)
+                        p.grad /= WORLD
+                info = guard.step()
+                norms.append(torch.stack([info.grad_norm, info.clipped_norm]))
+            guard.close()
+            res[layout] = {"norms": torch.stack(norms), "params": _full(model)}
+        torch.save(res, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """What each rank saw with FSDP2 layouts other than plain Shard(0) (one spawn)."""
+    out = tmp_path_factory.mktemp("layouts")
+    _spawn(_layouts_worker, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_fsdp2_snapshot_estimate_counts_this_ranks_shards(layouts):
+    for res in layouts:
+        for estimate, actual in res["estimate"]:
+            assert estimate == actual
+
+
+def test_fsdp2_agc_and_centralize_refuse_a_matrix_sharded_on_dim_1(layouts):
+    for res in layouts:
+        for name in ("AGC", "Centralize"):
+            msg = res["refused"][name]
+            assert "'0.weight'" in msg and "Shard(dim=1)" in msg and "dim 0" in msg
+
+
+@pytest.mark.parametrize("layout", ["hsdp", "ignored"])
+def test_hsdp_and_ignored_params_norms_match_the_unsharded_model(layouts, layout):
+    # Each tensor's squared norm counts once, not once per rank holding a copy of it.
+    for res in layouts:
+        plain, other = res["plain"], res[layout]
+        torch.testing.assert_close(other["norms"], plain["norms"], rtol=1e-5, atol=1e-6)
+        for a, b in zip(other["params"], plain["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _resume_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        from gradguard import snapshot as snap
+
+        folder = os.path.join(out, "snaps")
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+        dist.barrier()
+        # Each rank wrote its snapshots at 10, 20, 30; the crash came after rank 0 wrote
+        # step 30 and before rank 1 did, and rank 1's step 20 file is corrupted.
+        for step in (10, 20, 30):
+            if rank == 1 and step == 30:
+                continue
+            s = snap.Snapshot(step, {"w": torch.full((2,), float(step))}, {}, {})
+            path = snap.save_file(s, os.path.join(folder, f"snapshot-{step:09d}-rank{rank}.pt"))
+            if rank == 1 and step == 20:
+                data = bytearray(path.read_bytes())
+                data[: len(data) // 2] = b""  # truncated
+                path.write_bytes(bytes(data))
+        dist.barrier()
+        path, s = snap.load_latest(folder, rank=rank)
+        torch.save({"step": s.step, "w": s.model["w"]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_crash_resume_loads_the_same_step_on_every_rank(tmp_path):
+    # Each rank took its own newest loadable file: rank 0 step 30, rank 1 step 10 here,
+    # and the resumed ranks parted (then hung on their different step counts).
+    _spawn(_resume_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert r0["step"] == r1["step"] == 10
+    assert torch.equal(r0["w"], r1["w"])

@@ -93,7 +93,7 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
     idle = policy.stability is None and policy.rollback is not None \
         and policy.rollback.dir is None
     g.store = None if policy.rollback is None or idle else RollbackStore(
-        policy.rollback, model, g.params, optimizer, g._tracked, g.recorder, rank)
+        policy.rollback, model, g.params, optimizer, g._tracked, g.recorder, rank, g._sync)
     g._inputs = InputWatch()  # (armed by the host side; its hook goes with the finalizer)
     g._host = HostSide(g)
     g._started = False

@@ -27,6 +27,7 @@ from typing import Any, final
 import torch
 from torch import Tensor
 
+from .distributed import split_dims
 from .errors import ConfigError, check_int, check_positive
 from .state import TensorState
 from .stats import GradGroups, GradStats, finite, foreach_norms, global_from_norms
@@ -333,6 +334,29 @@ def _unitwise_norm(x: Tensor, dims: int | None = None) -> Tensor:
     return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.dim())), keepdim=True)
 
 
+def _rows_whole(transform: str, names: Sequence[str], params: Sequence[Tensor],
+                skip: set[int] | None = None) -> None:
+    """Refuse a matrix sharded across ranks on a dimension other than 0 (FSDP2's
+    ``shard_placement_fn``): ``transform`` acts on each output unit, a slice along dim 0,
+    which such a shard cuts across ranks (each would clip or centre its part alone).
+
+    Raises:
+        ConfigError: naming the parameter, its placements and the fix.
+    """
+    for i, (name, p) in enumerate(zip(names, params, strict=True)):
+        if p.dim() <= 1 or (skip is not None and i in skip):
+            continue
+        cut = sorted(split_dims(p) - {0})
+        if cut:
+            raise ConfigError(
+                f"{transform} acts on each output unit (a slice along dim 0) of {name!r}, "
+                f"shape {tuple(p.shape)}, but it is sharded across ranks on dim "
+                f"{cut[0]} (placements {tuple(p.placements)}): shard it on dim 0, "
+                "fully_shard's default (drop the shard_placement_fn that returns "
+                f"Shard({cut[0]}) for it)" + (", or exclude it from AGC"
+                                              if transform == "AGC" else ""))
+
+
 def _name_matcher(exclude: Sequence[str] | Callable[[str], bool] | str) -> Callable[[str], bool]:
     if callable(exclude):
         return exclude
@@ -369,6 +393,7 @@ class AGC(Transform):
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         self.state = {}
         self._excluded = {i for i, n in enumerate(names) if self._skip(n)}
+        _rows_whole("AGC", names, params, self._excluded)
         if callable(self.exclude):
             return
         patterns = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
@@ -392,14 +417,20 @@ class AGC(Transform):
         whole: dict[int, tuple[Tensor, Tensor]] = {}
         if ctx.groups.sum_squares is not None:
             # Sharded (FSDP2, Shard(0)): rows of a matrix live on one rank, but a vector's
-            # norm is spread over ranks; sum its squares across shards, all in one collective.
+            # norm is spread over ranks; sum its squares across shards, all in one
+            # collective, laid out as the norms are (weights, then gradients: one entry per
+            # tensor, zero for those not summed) so each is weighed by its copies.
             vec = [i for i, (_, _, d) in enumerate(todo) if d <= 1]
             if vec:
-                sq = torch.stack([torch.stack([todo[i][0].detach().float().square().sum(),
-                                               todo[i][1].float().square().sum()])
-                                  for i in vec])
-                sq = ctx.groups.sum_squares(sq.flatten()).view(-1, 2).sqrt()
-                whole = {i: (sq[k, 0], sq[k, 1]) for k, i in enumerate(vec)}
+                at = [k for k, pos in enumerate(ctx.positions) if pos not in self._excluded]
+                rows = [torch.zeros(2, device=todo[vec[0]][1].device)] * len(grads)
+                for i in vec:
+                    w, g, _ = todo[i]
+                    rows[at[i]] = torch.stack([w.detach().float().square().sum(),
+                                               g.float().square().sum()])
+                sq = torch.stack(rows, dim=1)  # (2, gradients)
+                sq = ctx.groups.sum_squares(sq.flatten()).view(2, -1).sqrt()
+                whole = {i: (sq[0, at[i]], sq[1, at[i]]) for i in vec}
         for i, (w, g, d) in enumerate(todo):
             w_norm, g_norm = whole.get(i) or (_unitwise_norm(w.detach(), d),
                                               _unitwise_norm(g, d))
@@ -556,6 +587,10 @@ class Centralize(Transform):
     Reference: Yong, Huang, Hua & Zhang 2020, "Gradient Centralization: A New Optimization
     Technique for Deep Neural Networks", ECCV, eq. 3.
     """
+
+    def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
+        self.state = {}
+        _rows_whole("Centralize", names, params)
 
     def __call__(self, ctx: ClipContext) -> None:
         for p, g in zip(ctx.groups.params, ctx.grads(), strict=True):

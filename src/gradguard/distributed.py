@@ -7,8 +7,12 @@ depend on that can differ between ranks is packed into one small fp32 tensor and
 across the group in a single ``all_reduce``:
 
 * the per-tensor *squared* norms of the local shards (FSDP2 only): their sum is the square
-  of the true unsharded norm;
-* the loss (averaged over ranks, so the loss-spike detector sees the same series everywhere);
+  of the true unsharded norm. A tensor whose pieces are held by several ranks each (HSDP's
+  ``Replicate`` mesh dimension, a parameter ``fully_shard`` left out and the user keeps
+  in sync by hand) has its square divided by its number of copies first, so each piece
+  counts once;
+* the loss (averaged over the ranks that passed one, so the loss-spike detector sees the
+  same series everywhere), and how many ranks passed one: some but not all is refused;
 * a non-finite vote (any rank's NaN/Inf makes every rank skip).
 
 The detectors and the LR backoff then run on identical inputs on every rank and make
@@ -18,12 +22,18 @@ up) read the same rows and agree too.
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Sync", "is_sharded", "local_tensor", "make_sync"]
+from .errors import ConfigError, GuardUsageError
+from .record import ROW_LAG
+
+__all__ = ["Sync", "is_sharded", "local_tensor", "make_sync", "split_dims"]
 
 
 def _dtensor_type() -> type | None:
@@ -44,6 +54,51 @@ def is_sharded(t: Tensor) -> bool:
     return any(p.is_shard() for p in t.placements)
 
 
+def split_dims(t: Tensor) -> set[int]:
+    """The dimensions of ``t`` split across ranks (a ``Shard`` on a mesh dimension of more
+    than one rank); empty for a plain tensor."""
+    if _DTENSOR is None or not isinstance(t, _DTENSOR):
+        return set()
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    return {p.dim % max(t.dim(), 1) for i, p in enumerate(t.placements)
+            if p.is_shard() and mesh.size(i) > 1}
+
+
+def _pieces(t: Tensor) -> int:
+    """Into how many disjoint pieces ``t`` is cut across its device mesh (1: whole)."""
+    if _DTENSOR is None or not isinstance(t, _DTENSOR):
+        return 1
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    return math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_shard())
+
+
+def _shares(params: Sequence[Tensor], group: Any, world: int) -> list[float] | None:
+    """Each parameter's weight in the summed squared norms: 1 / the number of ranks that
+    hold each of its pieces (None: 1 for all, plain FSDP2 over the whole group).
+
+    Raises:
+        ConfigError: a parameter's device mesh is not the group the guard agrees over (the
+            pieces' copies could not be counted).
+    """
+    import torch.distributed as dist
+
+    ranks = sorted(dist.get_process_group_ranks(group if group is not None
+                                                else dist.group.WORLD))
+    shares = []
+    for i, p in enumerate(params):
+        if _DTENSOR is not None and isinstance(p, _DTENSOR):
+            mesh = p.device_mesh  # type: ignore[attr-defined]
+            if sorted(mesh.mesh.flatten().tolist()) != ranks:
+                raise ConfigError(
+                    f"parameter #{i} (shape {tuple(p.shape)}) lives on a device mesh of "
+                    f"ranks {sorted(mesh.mesh.flatten().tolist())}, but the guard agrees "
+                    f"over ranks {ranks}: pass the mesh's process group as "
+                    "Guard(distributed=...), or shard over the guard's group")
+        # A plain tensor is whole on every rank: world copies of one piece.
+        shares.append(_pieces(p) / world)
+    return None if all(w == 1 for w in shares) else shares
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (same storage, so in-place edits land), else ``t``."""
     if _DTENSOR is not None and isinstance(t, _DTENSOR):
@@ -59,9 +114,12 @@ class Sync:
     Args:
         group: the process group (None: the default group).
         sharded: gradients are sharded (FSDP2), so squared norms are summed too.
+        params: the guarded parameters (their layout on the mesh weighs their squared
+            norms; see :func:`_shares`).
     """
 
-    def __init__(self, group: Any = None, sharded: bool = False) -> None:
+    def __init__(self, group: Any = None, sharded: bool = False,
+                 params: Sequence[Tensor] = ()) -> None:
         import torch.distributed as dist
 
         self.dist = dist
@@ -69,42 +127,135 @@ class Sync:
         self.sharded = sharded
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.calls = 0  # collectives issued, for tests and the overhead report
+        self.calls = 0  # per-step collectives issued, for tests and the overhead report
+        self.params = list(params)
+        self._shares = _shares(self.params, group, self.world) if sharded else None
+        self._weights: dict[tuple[Any, ...], Tensor] = {}
+        self._weight: Tensor | None = None  # this step's, aligned with its gradients
+        self._steps = 0
+        # How many ranks passed a loss, per step, until read on the host (see _losses).
+        self._given: deque[tuple[int, Tensor, Any]] = deque()
+        self._pool: list[Tensor] = []  # pinned host tensors to reuse for those counts
 
     def step(self, norms: Tensor, loss: Tensor | None, nonfinite: Tensor,
              bad_data: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """Agree on ``(norms, loss, nonfinite, bad data)``; one all-reduce.
 
         Args:
-            norms: per-tensor L2 norms of this rank's gradients (its shards under FSDP2).
+            norms: per-tensor L2 norms of this rank's gradients (its shards under FSDP2),
+                in the guard's parameter order, those without a gradient left out.
             loss: this rank's loss (0-dim fp32) or None.
             nonfinite: this rank's non-finite flag.
             bad_data: whether this rank's data held NaN/Inf (None: not watched).
 
         Returns:
-            Global per-tensor norms, the mean loss over ranks, the any-rank non-finite
-            flag, and the any-rank bad-data flag (one rank's NaN record reaches every
-            rank's gradients through the gradient all-reduce: it explains them all).
+            Global per-tensor norms, the mean loss over the ranks that passed one, the
+            any-rank non-finite flag, and the any-rank bad-data flag (one rank's NaN record
+            reaches every rank's gradients through the gradient all-reduce: it explains
+            them all).
+
+        Raises:
+            GuardUsageError: some ranks passed a loss and others did not, at a step
+                ``ROW_LAG`` steps back on CUDA (this one elsewhere); on every rank alike.
         """
-        parts = [norms.square()] if self.sharded else []
+        parts = []
+        if self.sharded:
+            self._weight = self._weigh(len(norms), norms.device)
+            sq = norms.square()
+            parts.append(sq if self._weight is None else sq * self._weight)
         zero = torch.zeros((), device=norms.device)
         loss_v = loss if loss is not None else zero
         data_v = bad_data.to(norms.device) if bad_data is not None else zero
-        parts.append(torch.stack([loss_v.float(), nonfinite.float(), data_v.float()]))
+        given = torch.ones((), device=norms.device) if loss is not None else zero
+        parts.append(torch.stack([loss_v.float(), nonfinite.float(), data_v.float(), given]))
         packed = torch.cat(parts)
         self.dist.all_reduce(packed, group=self.group)
         self.calls += 1
-        tail = packed[-3:]
+        tail = packed[-4:]
         if self.sharded:
-            norms = packed[:-3].sqrt()
-        mean_loss = tail[0] / self.world if loss is not None else None
+            norms = packed[:-4].sqrt()
+        self._losses(tail[3])
+        mean_loss = tail[0] / tail[3].clamp_min(1) if loss is not None else None
         return norms, mean_loss, tail[1] > 0, tail[2] > 0
 
+    def _weigh(self, n: int, device: torch.device) -> Tensor | None:
+        """The weights of this step's ``n`` squared norms (None: all 1)."""
+        if self._shares is None:
+            return None
+        if n == len(self.params):
+            index: tuple[int, ...] = ()  # (the common case: every parameter has a gradient)
+        else:
+            # The gradients collect_grads gathered: those that are not None, in order.
+            index = tuple(i for i, p in enumerate(self.params) if p.grad is not None)
+        key = (index, device)
+        if key not in self._weights:
+            shares = self._shares if not index else [self._shares[i] for i in index]
+            self._weights[key] = torch.tensor(shares, dtype=torch.float32, device=device)
+        return self._weights[key]
+
+    def _losses(self, given: Tensor) -> None:
+        """Refuse a loss passed on some ranks but not all, on every rank at the same step.
+
+        A CUDA count is read ``ROW_LAG`` steps later, when the step's row reaches the
+        host anyway (see :class:`~gradguard.record.Mailbox`): waiting for it now would
+        stall the loop on the device every step. The lag is fixed, so every rank raises
+        at the same step and none is left waiting in the next all-reduce.
+        """
+        cuda = given.device.type == "cuda"
+        if cuda:
+            host = self._pool.pop() if self._pool else \
+                torch.empty((), dtype=given.dtype, pin_memory=True)
+            host.copy_(given, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._given.append((self._steps, host, done))
+        else:
+            # (a CPU tensor is read for free; another accelerator's row is copied to the
+            # host at once too, a sync the Mailbox makes every step already)
+            self._given.append((self._steps, given.cpu(), None))
+        self._steps += 1
+        due = self._steps - 1 - (ROW_LAG if cuda else 0)
+        while self._given and self._given[0][0] <= due:
+            step, host, done = self._given.popleft()
+            if done is not None:
+                done.synchronize()  # (recorded ROW_LAG steps ago: long done)
+            count = int(host.numpy())  # (a host tensor: a memory read, as the Mailbox's)
+            if done is not None:
+                self._pool.append(host)
+            if 0 < count < self.world:
+                ago = self._steps - 1 - step
+                raise GuardUsageError(
+                    f"guard.step(loss) got a loss on {count} of {self.world} ranks and none "
+                    "on the others at " + (f"{ago} step(s) before this one" if ago else
+                                           "this step")
+                    + ": the loss is averaged over ranks, and the loss checks must run on "
+                    "every rank alike. Pass the loss on every rank (each rank's own) or "
+                    "on none")
+
+    def agree(self, flags: Sequence[bool], device: torch.device) -> list[bool]:
+        """Whether each of ``flags`` holds on every rank: one all-reduce and a host sync,
+        for a decision taken once (not counted in :attr:`calls`, the per-step ones).
+
+        Args:
+            flags: this rank's answers.
+            device: where the collective's tensor lives (the guard's device: NCCL takes
+                CUDA tensors only).
+        """
+        t = torch.tensor([float(f) for f in flags], device=device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN, group=self.group)
+        return [bool(v) for v in t.tolist()]
+
     def sum_squares(self, sq: Tensor) -> Tensor:
-        """Sum per-tensor squared norms over shards (after a transform edited gradients)."""
+        """Sum per-tensor squared norms over shards (after a transform edited gradients).
+
+        Args:
+            sq: squared norms aligned with this step's gradients, or several such rows
+                stacked and flattened (each weighed like the step's, see :meth:`step`).
+        """
         if not self.sharded:
             return sq
-        sq = sq.clone()
+        w = self._weight
+        sq = sq.clone() if w is None else (sq.view(-1, w.numel()) * w).flatten()
         self.dist.all_reduce(sq, group=self.group)
         self.calls += 1
         return sq
@@ -120,11 +271,9 @@ def make_sync(setting: Any, params: list[Tensor]) -> Sync | None:
     if not active:
         if setting is None:
             return None
-        from .errors import ConfigError
-
         raise ConfigError("distributed=... needs torch.distributed initialised first "
                           "(torch.distributed.init_process_group)")
     group = None if setting in (None, True) else setting
     if dist.get_world_size(group) == 1:
         return None
-    return Sync(group, sharded=any(is_sharded(p) for p in params))
+    return Sync(group, sharded=any(is_sharded(p) for p in params), params=params)

@@ -16,7 +16,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from . import snapshot as snap
 from .errors import ConfigError, GuardUsageError
 from .record import Recorder
 from .respond import Rollback
+
+if TYPE_CHECKING:
+    from .distributed import Sync
 
 __all__ = ["RollbackStore", "trackable"]
 
@@ -64,12 +67,15 @@ class RollbackStore:
             shared: ``guard.track`` appends to it).
         recorder: where snapshot and ``rollback_off`` events go.
         rank: this process's rank under torch.distributed (disk files per rank), or None.
+        sync: the guard's collective under torch.distributed (the ranks agree on where
+            snapshots live), or None.
     """
 
     def __init__(self, cfg: Rollback, model: nn.Module | None, params: Sequence[Tensor],
                  optimizer: torch.optim.Optimizer, tracked: list[Any], recorder: Recorder,
-                 rank: int | None) -> None:
+                 rank: int | None, sync: Sync | None = None) -> None:
         self.cfg = cfg
+        self.sync = sync
         self.model, self.params, self.optimizer = model, params, optimizer
         self.tracked = tracked
         self.recorder = recorder
@@ -120,32 +126,55 @@ class RollbackStore:
             self.good.append(self._take(step - 1, guard_state))
 
     def _placement(self) -> str:
-        """Where in-memory snapshots can live: "device", "cpu" or "off" (too large)."""
+        """Where in-memory snapshots can live: "device", "cpu" or "off" (too large); under
+        torch.distributed the same on every rank (see :meth:`_room`)."""
         cfg = self.cfg
         if cfg.memory != "auto":
             return cfg.memory
-        device = self.params[0].device
         need = cfg.keep * snap.estimate_bytes(self.params, self.optimizer)
-        host = snap.host_available_bytes()
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            if need <= cfg.device_fraction * total:
-                return "device"
-        elif host is None:
-            return "device"  # nothing to measure against: trust the user's device
-        if host is not None and need <= cfg.host_fraction * host:
-            # On a CPU model host memory *is* the device; a GPU model offloads to it.
-            return "device" if device.type == "cpu" else "cpu"
+        on_device, on_host = self._room(need)
+        fits_here = on_device or on_host
+        if self.sync is not None:
+            # Ranks that roll back alone part from the others' replicas: each place is
+            # taken only where it fits on every rank (a node short of memory turns
+            # rollback off for all). Once, at the first step: the host waits for it.
+            on_device, on_host = self.sync.agree([on_device, on_host],
+                                                 self.params[0].device)
+        if on_device:
+            return "device"
+        if on_host:
+            return "cpu"
+        limit = (f"Rollback(device_fraction={cfg.device_fraction}, "
+                 f"host_fraction={cfg.host_fraction})")
+        why = (f"another rank has no room for its {cfg.keep} snapshots within {limit} "
+               f"(this rank's, {need / 2**30:.3g} GiB, fit; every rank must keep them to "
+               "roll back together)") if fits_here else (
+            f"{cfg.keep} snapshots need {need / 2**30:.3g} GiB"
+            + (" on this rank" if self.sync is not None else "")
+            + f", more than {limit} allows")
         self.recorder.event(-1, "rollback_off",
-                            f"rollback off: {cfg.keep} snapshots need {need / 2**30:.3g} GiB, "
-                            f"more than Rollback(device_fraction={cfg.device_fraction}, "
-                            f"host_fraction={cfg.host_fraction}) allows; instability is "
-                            "answered by lowering the LR in place"
+                            f"rollback off: {why}"
+                            + "; instability is answered by lowering the LR in place"
                             + ("" if cfg.dir is None else
                                f", and no snapshot is written to {cfg.dir} (they are the "
                                "kept ones; memory='cpu' keeps them in host memory)"),
                             action="warn")
         return "off"
+
+    def _room(self, need: int) -> tuple[bool, bool]:
+        """Whether ``need`` bytes of snapshots fit (in device memory, in host memory to
+        offload to) on this rank; on a CPU model host memory *is* the device."""
+        cfg = self.cfg
+        device = self.params[0].device
+        host = snap.host_available_bytes()
+        on_host = host is not None and need <= cfg.host_fraction * host
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            return need <= cfg.device_fraction * total, on_host
+        if device.type == "cpu":
+            # (no reading of free memory: nothing to measure against, trust the machine)
+            return host is None or on_host, False
+        return host is None, on_host
 
     def _take(self, step: int, guard_state: dict[str, Any]) -> snap.Snapshot:
         return snap.take(step, self.model, self.params, self.optimizer, guard_state,

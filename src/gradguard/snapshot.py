@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import local_tensor
 from .errors import GradGuardError
 
 __all__ = ["Snapshot", "SnapshotError", "check_fits", "load_file", "load_latest", "restore",
@@ -59,12 +61,60 @@ def estimate_bytes(params: Sequence[Tensor], optimizer: torch.optim.Optimizer) -
     """Bytes one snapshot takes: the parameters plus the optimizer's state.
 
     Before the first step the state does not exist yet; it is counted as two tensors per
-    parameter (Adam's moments: the largest of torch's usual optimizers).
+    parameter (Adam's moments: the largest of torch's usual optimizers). Under FSDP2 a
+    rank's snapshot holds its shards only: a DTensor counts its local shard, not the
+    global size ``numel()`` gives.
     """
-    weights = sum(p.numel() * p.element_size() for p in params)
-    state = sum(v.numel() * v.element_size() for st in optimizer.state.values()
+    weights = sum(_nbytes(p) for p in params)
+    state = sum(_nbytes(v) for st in optimizer.state.values()
                 for v in st.values() if isinstance(v, Tensor))
     return weights + (state if optimizer.state else 2 * weights)
+
+
+def _nbytes(t: Tensor) -> int:
+    t = local_tensor(t)
+    return t.numel() * t.element_size()
+
+
+def _world(group: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _step_of(path: Path) -> int | None:
+    m = re.match(r"snapshot-(\d+)", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _load_agreed(found: list[Path], pattern: str, folder: Path, map_location: Any,
+                 group: Any) -> tuple[Path, Snapshot]:
+    """:func:`load_latest` across ranks: the newest step (in the first rank's order of
+    writing) whose file loads on every rank; a few collectives, once, at a resume."""
+    import torch.distributed as dist
+
+    mine = {}
+    for p in found:
+        if (k := _step_of(p)) is not None:
+            mine.setdefault(k, p)  # (newest first: a step written twice keeps its newest)
+    lists: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(lists, list(mine), group=group)
+    common = [k for k in lists[0] if all(k in other for other in lists)]
+    errors: list[str] = []
+    for k in common:
+        try:
+            got: tuple[Path, Snapshot] | None = (mine[k], load_file(mine[k], map_location))
+        except SnapshotError as e:
+            got = None
+            errors.append(str(e))
+        ok: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(ok, got is not None, group=group)
+        if all(ok) and got is not None:
+            return got
+    raise SnapshotError(
+        f"no step's snapshot matching {pattern!r} in {folder} loads on every rank "
+        f"(this rank has steps {sorted(mine)[-5:]}, {len(common)} in common with every "
+        "rank's)" + (f"; refused here: {errors[0]}" if errors else ""))
 
 
 def host_available_bytes() -> int | None:
@@ -275,12 +325,18 @@ def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapsho
 
 
 def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
-                map_location: Any = None, rank: int | None = None) -> tuple[Path, Snapshot]:
+                map_location: Any = None, rank: int | None = None,
+                group: Any = None) -> tuple[Path, Snapshot]:
     """The newest snapshot in ``folder`` that passes its checksum, with its path.
 
     After a crash, the newest file may be corrupted (a disk fault; a torn write cannot
     happen, see :func:`save_file`) and unfinished temp files may remain; neither is
     taken for a snapshot (temp files never match ``pattern``).
+
+    With ``rank`` under an initialised torch.distributed group of more than one rank,
+    every rank of ``group`` must call it: the ranks agree on the newest step whose
+    snapshot loads on all of them (a crash can leave one rank's newest file unwritten or
+    corrupted, and ranks resumed at different steps would part, then hang).
 
     Args:
         folder: where the snapshots are (``Rollback(dir=...)``).
@@ -288,9 +344,11 @@ def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
             ``snapshot-<step>-rank<r>.pt`` with ``rank``).
         map_location: as for :func:`torch.load`.
         rank: under torch.distributed, this rank's files (each rank writes its own).
+        group: the process group the ranks agree over (None: the default one).
 
     Raises:
-        SnapshotError: no file in ``folder`` matching ``pattern`` loads.
+        SnapshotError: no file in ``folder`` matching ``pattern`` loads (with ``rank``
+            under torch.distributed: no step's file loads on every rank).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -304,6 +362,8 @@ def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
     found = sorted((p for p in folder.glob(pattern)
                     if p.is_file() and (others is None or others not in p.name)),
                    key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+    if rank is not None and _world(group) > 1:
+        return _load_agreed(found, pattern, folder, map_location, group)
     errors: list[str] = []
     for path in found:
         try:
