@@ -208,6 +208,12 @@ def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
         raise ConfigError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    if type(optimizer).__name__ == "AcceleratedOptimizer":
+        # (a torch Optimizer by class, but a wrapper: the step to guard is the inner one's)
+        raise ConfigError("optimizer is accelerate's AcceleratedOptimizer wrapper: pass the "
+                          "optimizer inside it, gg.Guard(model, optimizer.optimizer, "
+                          "scaler=accelerator.scaler), and call guard.step instead of "
+                          "optimizer.step()")
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module or None, got {type(model).__name__}")
     check_optimizer(optimizer)
