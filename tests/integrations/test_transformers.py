@@ -51,9 +51,11 @@ def tiny_bert(vocab):
 
 def train(model, rows, out, callbacks=(), max_grad_norm=0.0, resume=None, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=BATCH, learning_rate=3e-3,
+        output_dir=str(out), learning_rate=3e-3,
+        per_device_train_batch_size=kw.pop("per_device_train_batch_size", BATCH),
         max_grad_norm=max_grad_norm, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        logging_strategy="no", save_strategy=kw.pop("save_strategy", "no"),
+        logging_strategy=kw.pop("logging_strategy", "no"),
+        save_strategy=kw.pop("save_strategy", "no"),
         dataloader_num_workers=0,
         **({"train_sampling_strategy": "sequential"} if SEQUENTIAL else {}), **kw)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
@@ -169,3 +171,73 @@ def test_a_shard_of_missing_labels_is_the_datas(corpus, tmp_path):
     assert guard.rollbacks == 0 and guard.lr.scale == 1 and int(guard.skipped) == 10
     data = [e["step"] for e in guard.recorder.events if e.get("data")]
     assert data == list(range(11, 20))  # (on a CPU the first NaN step arms the watch)
+
+
+def tiny_lm(vocab):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=WINDOW)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_accumulated_causal_lm_losses_are_the_trainers_own(corpus, tmp_path):
+    # A causal LM takes num_items_in_batch: each micro-batch's loss is already divided by
+    # the whole step's tokens. Averaged, the guard's loss was a quarter of the Trainer's,
+    # and each epoch's short last step (one micro-batch) was skipped as a loss spike.
+    vocab, ids, _ = corpus
+    rows = [{"input_ids": i, "labels": i.clone()} for i in ids[: 4 * (4 * 10 + 1)]]
+    cb = GradGuardCallback()
+    trainer = train(tiny_lm(vocab), rows, tmp_path, [cb], per_device_train_batch_size=4,
+                    gradient_accumulation_steps=4, num_train_epochs=2,
+                    logging_strategy="steps", logging_steps=1)
+    ours = [r["loss"] for r in cb.guard.recorder.rows]
+    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(ours) == len(theirs) == 22
+    assert ours == pytest.approx(theirs, rel=1e-3)
+    assert int(cb.guard.skipped) == 0
+
+
+class _TupleOut(torch.nn.Module):
+    """A model that returns a tuple (``return_dict=False``): the loss first, with labels."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.bert = tiny_bert(vocab)
+
+    def forward(self, input_ids, labels=None):
+        return self.bert(input_ids=input_ids, labels=labels, return_dict=False)
+
+
+def test_a_tuple_output_gives_its_loss_and_no_loss_at_all_is_said(corpus, tmp_path, caplog):
+    vocab, ids, target = corpus
+    rows = dataset(ids[:64], target[:64])
+    cb = GradGuardCallback()
+    train(_TupleOut(vocab), rows, tmp_path, [cb], max_steps=3)
+    assert all(math.isfinite(r["loss"]) for r in cb.guard.recorder.rows)
+    # A loss computed outside the model (here: compute_loss_func) is none the guard sees.
+    cb = GradGuardCallback()
+    with caplog.at_level("WARNING", logger="gradguard"):
+        train(tiny_bert(vocab), rows, tmp_path, [cb], max_steps=3)
+        trainer = transformers.Trainer(
+            model=tiny_bert(vocab), train_dataset=rows, callbacks=[cb],
+            compute_loss_func=lambda out, labels, num_items_in_batch=None:
+                torch.nn.functional.mse_loss(out.logits[:, 0], labels),
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=3,
+                max_grad_norm=0.0, report_to=[], use_cpu=True, disable_tqdm=True,
+                logging_strategy="no", save_strategy="no"))
+        trainer.train()
+    assert "the model's output holds no loss" in caplog.text
+
+
+def test_a_checkpoint_from_other_settings_names_the_callbacks_way_out(corpus, tmp_path):
+    vocab, ids, target = corpus
+    rows = dataset(ids[:160], target[:160])
+    train(tiny_bert(vocab), rows, tmp_path, [GradGuardCallback()], max_steps=6,
+          save_strategy="steps", save_steps=6)
+    cb = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0))
+    with pytest.raises(gg.ConfigError, match=f"delete the checkpoint's {STATE_FILE}"):
+        train(tiny_bert(vocab), rows, tmp_path, [cb], max_steps=9,
+              resume=str(tmp_path / "checkpoint-6"))
+    assert cb.guard._closed  # (not left hooked on the optimizer)

@@ -99,6 +99,12 @@ class GradGuardCallback(TrainerCallback):
         self._watch: Any = None
         self._loss_sum: Tensor | None = None
         self._loss_n = 0
+        # Whether this step's forwards got num_items_in_batch: their losses are already
+        # divided by the step's whole token count (summed, not averaged, over micro-batches).
+        self._scaled = False
+        self._labels = False  # whether the last forward was given labels
+        self._no_loss_warned = False
+        self._world = 1
 
     # -- set-up and tear-down ----------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
@@ -125,7 +131,18 @@ class GradGuardCallback(TrainerCallback):
         self.guard = Guard(model, inner, scaler=scaler, **self.guard_kwargs)
         if lr_scheduler is not None and hasattr(lr_scheduler, "load_state_dict"):
             self.guard.track(lr_scheduler)  # rolled back with the model
-        self._resume(args, state)
+        try:
+            self._resume(args, state)
+        except ConfigError as e:
+            self._finish()  # (no half-built guard left hooked on the optimizer)
+            raise ConfigError(
+                f"{e}\n(GradGuardCallback: build it with the settings the checkpoint was "
+                f"saved with, or delete the checkpoint's {STATE_FILE} to resume with a "
+                "fresh guard)") from None
+        # A model loss divided by the tokens of all ranks is averaged over them by the
+        # Trainer's multiplying it back (average_tokens_across_devices), and by the guard.
+        self._world = max(1, int(getattr(args, "world_size", 1) or 1)) if getattr(
+            args, "average_tokens_across_devices", False) else 1
         self._gate = StepGate(optimizer, "transformers.Trainer")
         self._hook = model.register_forward_hook(self._capture_loss)
         self._watch = model.register_forward_pre_hook(self._watch_batch, with_kwargs=True)
@@ -172,15 +189,22 @@ class GradGuardCallback(TrainerCallback):
         # A pre-hook: the Trainer calls model(**inputs), so the batch, labels included, is
         # what the model is called with; NaN/Inf in it is the data's fault.
         if module.training and torch.is_grad_enabled() and self.guard is not None:
+            self._scaled = self._scaled or (kwargs or {}).get("num_items_in_batch") is not None
+            self._labels = (kwargs or {}).get("labels") is not None
             self.guard._inputs.check_batch(watched_part(self.watch_batch, kwargs or args),
                                            self.guard.device)
 
     def _capture_loss(self, module: nn.Module, _args: Any, output: Any) -> None:
         # A forward hook: the Trainer hands callbacks no loss, the model output has it.
-        if not (module.training and torch.is_grad_enabled() and isinstance(output, Mapping)):
+        if not (module.training and torch.is_grad_enabled()):
             return
-        loss = output.get("loss")
-        if not isinstance(loss, Tensor):
+        if isinstance(output, Mapping):
+            loss = output.get("loss")
+        elif isinstance(output, tuple | list) and output and self._labels:
+            loss = output[0]  # (return_dict=False: the loss comes first when labels were given)
+        else:
+            return
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         loss = loss.detach().float().mean()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -193,8 +217,19 @@ class GradGuardCallback(TrainerCallback):
         if gate is None or guard is None:
             return
         gate.handled = True
-        loss = None if self._loss_sum is None else self._loss_sum / self._loss_n
-        self._loss_sum, self._loss_n = None, 0
+        if self._loss_sum is None:
+            loss = None
+            if not self._no_loss_warned:
+                self._no_loss_warned = True
+                log.warning("gradguard: the model's output holds no loss (label smoothing, "
+                            "compute_loss_func, or a loss computed outside the model): the "
+                            "guard runs without its loss checks and the stability "
+                            "controller's loss level")
+        elif self._scaled:
+            loss = self._loss_sum * self._world  # (see _world in on_train_begin)
+        else:
+            loss = self._loss_sum / self._loss_n
+        self._loss_sum, self._loss_n, self._scaled = None, 0, False
         if guard.should_skip_batch():
             self._drop(guard)
             return
