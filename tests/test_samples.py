@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -82,3 +84,28 @@ def test_a_counter_removed_during_a_forward_pass_does_not_break_that_pass():
     counter.append(SampleCounter(model))
     model(torch.randn(3, 4))
     model(torch.randn(3, 4))
+
+
+def test_a_batch_dropped_after_its_forward_pass_is_not_counted_into_the_next_step():
+    # The HF callback asks should_skip_batch after the forward pass: the dropped batches'
+    # samples were counted into the next step, which became the "full" size, so every
+    # later step read as a smaller batch and the spike thresholds stayed widened.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, log=None,
+                     rollback=gg.Rollback(every=10, skip_batches=2))
+    dropped = 0
+    for i in range(60):
+        opt.zero_grad()
+        loss = model(torch.randn(32, 8)).pow(2).mean()
+        if i in (30, 31, 32):
+            loss = loss * math.nan  # three NaN steps: a rollback, then 2 batches skipped
+        loss.backward()
+        if guard.should_skip_batch():
+            dropped += 1
+            continue
+        guard.step(loss)
+    guard.close()
+    assert guard.rollbacks == 1 and dropped == 2
+    assert guard._samples.full == 32 * 8

@@ -169,8 +169,10 @@ class HostSide:
         if self.skip_batches > 0:
             self.skip_batches -= 1
             # (A loop that asks after the forward pass, as the HF callback does: that
-            # batch's data flag is no step's.)
+            # batch's data flag and its samples are no step's; counted into the next
+            # step, they made every later full step read as a smaller one.)
             self.inputs.take()
+            self.g._samples.pending = 0
             return True
         return False
 
