@@ -231,3 +231,19 @@ def test_giving_up_after_units_died_says_so_instead_of_blaming_every_lr(dead_ste
         assert "no LR revives them" in msg and "unstable at any LR" not in msg
     else:
         assert "died" not in msg and "unstable at any LR" in msg, msg
+
+
+def test_the_verdict_names_each_groups_lr_where_they_differ():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.05},
+                           {"params": model[2].parameters(), "lr": 0.01}])
+    guard = gg.Guard(model, opt, log=None, on_spike="backoff")
+    x = torch.randn(64, 8)
+    for i in range(40):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        (loss * (1e4 if i == 30 else 1.0)).backward()
+        guard.step(loss)
+    guard.close()
+    assert "×0.3 of each group's LR (lr ≈ 0.015, 0.003)" in guard.verdict()

@@ -248,7 +248,13 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
     share = c.scaled_rows / max(c.rows, 1)
     advice = "Set that LR (or warm up to it)"
     try:
-        at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
+        if isinstance(lr, list | tuple):  # (parameter groups with their own LRs)
+            shown = ", ".join(f"{float(v) * c.scale:.3g}" for v in lr[:4])
+            at = (f"×{c.scale:.3g} of each group's LR (lr ≈ {shown}"
+                  f"{', …' if len(lr) > 4 else ''})")
+            advice = "Set those LRs (or warm up to them)"
+        else:
+            at = f"lr ≈ {float(lr) * c.scale:.3g} (×{c.scale:.3g} of lr {float(lr):.3g})"
     except (TypeError, ValueError):
         at = f"×{c.scale:.3g} of your LR"
     if lr_span is not None and lr_span[1] > lr_span[0] * (1 + 1e-6):

@@ -196,8 +196,10 @@ class Guard(assembly.Parts):
     def verdict(self) -> str:
         """One sentence on how the run went and what to change (also logged at close)."""
         h = self._host
-        return ev.verdict(self.recorder, self.control, self.rollbacks,
-                          self.optimizer.param_groups[0]["lr"], h.recurrent,
+        lrs = [g.get("lr") for g in self.optimizer.param_groups]
+        # (one LR, or each group's where they differ)
+        lr = lrs[0] if all(_same(v, lrs[0]) for v in lrs) else lrs
+        return ev.verdict(self.recorder, self.control, self.rollbacks, lr, h.recurrent,
                           h.recurrent_clipped, self._device.clip_ratio, h.batch_noise,
                           h.lr_span, h.dead.ended())
 
@@ -252,3 +254,10 @@ class Guard(assembly.Parts):
             The parts that were not loaded (empty when everything was).
         """
         return checkpoint.load(self, state, strict)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a is b
