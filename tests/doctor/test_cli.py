@@ -164,3 +164,111 @@ def test_dataloader_batches_triples_dicts_and_one_pass_generators(tmp_path):
         res = runner.invoke(app, ["doctor", f"{script}:{name}", *quick], env=WIDE)
         assert res.exit_code == 2, res.output
         assert said in res.output and "(inputs, targets)" in res.output
+
+
+def test_optimizers_that_cannot_be_rebuilt_are_copied_or_named(tmp_path):
+    script = _script(tmp_path / "opts.py", """
+        import threading
+
+        class RequiredArgsSGD(torch.optim.Optimizer):  # no defaults for lr and beta
+            def __init__(self, params, lr, beta):
+                super().__init__(params, dict(lr=lr, beta=beta))
+
+            @torch.no_grad()
+            def step(self, closure=None):
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-g["lr"])
+
+        class LockedSGD(torch.optim.SGD):  # neither rebuildable nor deep-copyable
+            def __init__(self, params, lr, lock):
+                super().__init__(params, lr=lr)
+                self.lock = lock
+
+        def make_custom():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, (X, Y), nn.functional.mse_loss, RequiredArgsSGD(m.parameters(), 0.01, 0.9)
+
+        def make_locked():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, (X, Y), nn.functional.mse_loss, LockedSGD(m.parameters(), 0.01,
+                                                                 threading.Lock())
+    """)
+    png = str(tmp_path / "lr.png")
+    res = runner.invoke(app, ["doctor", f"{script}:make_custom", "--trial-steps", "3",
+                              "--no-lr-test", "--fix", "--steps", "3"], env=WIDE)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["lr-find", f"{script}:make_custom", "--num-iter", "10",
+                              "--out", png], env=WIDE)
+    assert res.exit_code == 0 and "suggested" in res.output, res.output
+    for cmd in (["doctor", f"{script}:make_locked", "--trial-steps", "3", "--no-lr-test"],
+                ["lr-find", f"{script}:make_locked", "--num-iter", "10", "--out", png]):
+        res = runner.invoke(app, cmd, env=WIDE)
+        assert res.exit_code == 2, res.output
+        assert "cannot copy LockedSGD" in res.output and "Traceback" not in res.output
+
+
+def test_lr_find_reads_a_one_pass_generator(tmp_path):
+    script = _script(tmp_path / "gen.py", """
+        def make_run():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            gen = ((X[i:i + 32], Y[i:i + 32]) for i in range(0, 256, 32))  # 8 batches
+            return m, gen, nn.functional.mse_loss, torch.optim.SGD(m.parameters(), lr=0.01)
+    """)
+    res = runner.invoke(app, ["lr-find", f"{script}:make_run", "--num-iter", "30",
+                              "--out", str(tmp_path / "lr.png")], env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "suggested" in res.output and (tmp_path / "lr.png").exists()
+
+
+def test_a_per_sample_loss_exits_2_naming_the_fix(tmp_path):
+    script = _script(tmp_path / "per_sample.py", """
+        def make_run():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, (X, Y), nn.MSELoss(reduction="none"), torch.optim.SGD(m.parameters(),
+                                                                             lr=0.01)
+    """)
+    for cmd in (["doctor", f"{script}:make_run", "--trial-steps", "3"],
+                ["lr-find", f"{script}:make_run", "--out", str(tmp_path / "lr.png")]):
+        res = runner.invoke(app, cmd, env=WIDE)
+        assert res.exit_code == 2, res.output
+        assert "must return a scalar" in res.output and "reduction='mean'" in res.output
+
+
+def _no_constants(name: str):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+def test_doctor_fix_json_is_strict_when_a_rerun_blows_up(tmp_path):
+    script = _script(tmp_path / "blowup.py", """
+        def make_run():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, (X * 100, Y), nn.functional.mse_loss, torch.optim.SGD(m.parameters(),
+                                                                             lr=10.0)
+    """)
+    res = runner.invoke(app, ["doctor", f"{script}:make_run", "--json", "--fix", "--steps",
+                              "10", "--trial-steps", "0", "--no-lr-test"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output, parse_constant=_no_constants)
+    assert out["fix"]["before"]["final_loss"] in ("nan", "inf")  # (as the findings write it)
+
+
+def test_lr_find_says_when_its_suggestion_is_clamped(tmp_path):
+    script = _script(tmp_path / "rising.py", """
+        import itertools
+
+        CALLS = itertools.count()
+
+        def rising(out, y):  # the loss only rises: lowest at the first LR tested
+            return nn.functional.mse_loss(out, y) + next(CALLS)
+
+        def make_run():
+            m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+            return m, (X, Y), rising, torch.optim.SGD(m.parameters(), lr=0.01)
+    """)
+    res = runner.invoke(app, ["lr-find", f"{script}:make_run", "--num-iter", "10",
+                              "--start-lr", "1e-6", "--out", str(tmp_path / "lr.png")],
+                        env=WIDE)
+    assert res.exit_code == 0, res.output
+    assert "suggested: 1e-06" in res.output and "clamped to start_lr" in res.output

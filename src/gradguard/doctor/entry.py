@@ -64,14 +64,25 @@ def load_run(target: str, seed: int = 0) -> Run:
     spec = importlib.util.spec_from_file_location(f"_gradguard_user_{file.stem}", file)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(file.parent.resolve()))
+    # The script's folder stays importable while make_run runs too, as under `python
+    # file.py`: sibling modules are often imported inside the function that uses them.
+    folder = str(file.parent.resolve())
+    sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(mod)
+        # Registered before it runs, as `import` does: @dataclass (under `from __future__
+        # import annotations`), typing.get_type_hints and pickle look the module up there.
+        sys.modules[spec.name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(spec.name, None)
+            raise
+        if not hasattr(mod, func):
+            raise AttributeError(f"{file} has no function {func!r}")
+        out = getattr(mod, func)()
     finally:
-        sys.path.pop(0)
-    if not hasattr(mod, func):
-        raise AttributeError(f"{file} has no function {func!r}")
-    out = getattr(mod, func)()
+        if folder in sys.path:  # (make_run may have taken it off itself)
+            sys.path.remove(folder)
     if not (isinstance(out, tuple) and len(out) == 4):
         raise InputError(f"{func}() must return a 4-tuple (model, data, loss_fn, optimizer); "
                         f"got {type(out).__name__}" +

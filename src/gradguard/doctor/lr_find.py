@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, check_int
 
-__all__ = ["LRFindResult", "as_batch", "clone_optimizer", "cycle_batches", "is_batch", "lr_find"]
+__all__ = ["LRFindResult", "as_batch", "clone_optimizer", "cycle_batches", "is_batch", "loss_value",
+           "lr_find"]
 
 Batch = tuple[Tensor, Tensor]
 
@@ -34,6 +35,8 @@ class LRFindResult:
     losses: list[float] = field(default_factory=list)  # smoothed
     diverged_at: float | None = None  # LR where the smoothed loss blew past the threshold
     suggested: float | None = None  # a tenth of the LR at the loss minimum (fastai's rule)
+    # Why ``suggested`` is not that tenth (it fell below the tested range); else None.
+    note: str | None = None
     steepest: float | None = None  # LR at the steepest descent of the smoothed curve
     min_loss_lr: float | None = None
 
@@ -75,7 +78,24 @@ class LRFindResult:
 
 def clone_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
                     copy_model: nn.Module) -> torch.optim.Optimizer:
-    """A fresh optimizer of the same class and hyper-parameters over ``copy_model``."""
+    """A copy of ``optimizer`` over ``copy_model``'s parameters; the original is untouched.
+
+    A fresh optimizer of the same class is built from the param groups (hyper-parameters
+    kept, no state). An optimizer whose constructor needs more than the param groups (a
+    required hyper-parameter, a wrapper around another optimizer) is deep-copied instead,
+    with every parameter re-pointed at its counterpart in ``copy_model``.
+
+    Args:
+        optimizer: the user's optimizer, built over ``model``'s parameters.
+        model: the model ``optimizer`` steps.
+        copy_model: a deep copy of ``model``; the clone steps its parameters.
+
+    Returns:
+        The clone.
+
+    Raises:
+        ConfigError: neither way works; the message says what to change.
+    """
     mapping = {id(p): q for p, q in zip(model.parameters(), copy_model.parameters(),
                                         strict=True)}
     groups = []
@@ -85,7 +105,37 @@ def clone_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module,
         if isinstance(hp.get("lr"), Tensor):
             hp["lr"] = float(hp["lr"])
         groups.append({"params": params, **hp})
-    return type(optimizer)(groups)
+    cls = type(optimizer)
+    try:
+        return cls(groups)
+    except Exception as e:  # (any constructor error: the deep copy below may still work)
+        rebuild_error = e
+    try:
+        return _deepcopy_onto(optimizer, model, copy_model)
+    except Exception as e:
+        raise ConfigError(
+            f"the doctor trains copies of the optimizer and cannot copy {cls.__name__}: "
+            f"{cls.__name__}(param_groups) fails ({type(rebuild_error).__name__}: "
+            f"{rebuild_error}) and copy.deepcopy fails ({type(e).__name__}: {e}). Give its "
+            "constructor's hyper-parameters defaults (they are read back from the param "
+            "groups) or make it deep-copyable") from e
+
+
+def _deepcopy_onto(optimizer: torch.optim.Optimizer, model: nn.Module,
+                   copy_model: nn.Module) -> torch.optim.Optimizer:
+    """A deep copy of ``optimizer`` whose references to ``model`` are to ``copy_model``."""
+    # The memo makes deepcopy hand back the copy's parameter (or module) wherever the
+    # optimizer refers to one: its param groups, its state's keys, an inner optimizer.
+    memo: dict[int, object] = {id(p): q for p, q in zip(model.parameters(),
+                                                        copy_model.parameters(), strict=True)}
+    memo.update((id(a), b) for a, b in zip(model.modules(), copy_model.modules(),
+                                           strict=True))
+    # The whole __dict__, not copy.deepcopy(optimizer): Optimizer.__getstate__ keeps only
+    # defaults, state and param_groups, and would drop a wrapper's inner optimizer.
+    clone = type(optimizer).__new__(type(optimizer))
+    memo[id(optimizer)] = clone
+    clone.__dict__.update(copy.deepcopy(optimizer.__dict__, memo))
+    return clone
 
 
 def is_batch(data: object) -> bool:
@@ -115,13 +165,22 @@ def as_batch(b: object) -> Batch:
 
 
 def cycle_batches(data: Batch | Iterable[Batch]) -> Iterator[Batch]:
-    """Endless batches from one batch or an iterable of batches (re-iterated when spent)."""
+    """Endless batches from one batch or an iterable of batches (re-iterated when spent).
+
+    Args:
+        data: one ``(inputs, targets)`` batch, an iterable of batches (re-iterated), or a
+            one-pass iterator such as a generator (the batches it yields are kept, then
+            replayed).
+
+    Returns:
+        An endless iterator of ``(inputs, targets)`` tuples.
+    """
     if is_batch(data):
         return itertools.repeat(as_batch(data))
-    if isinstance(data, Iterator):
-        return (as_batch(b) for b in data)
     if not isinstance(data, Iterable):
         as_batch(data)  # (raises, naming what it got)
+    if isinstance(data, Iterator):
+        return _replay(data)
 
     def gen() -> Iterator[Batch]:
         while True:
@@ -132,6 +191,39 @@ def cycle_batches(data: Batch | Iterable[Batch]) -> Iterator[Batch]:
             if not yielded:
                 raise ConfigError("the data iterable yielded no batches")
     return gen()
+
+
+def _replay(it: Iterator[object]) -> Iterator[Batch]:
+    """The batches of a one-pass iterator, then the same ones again, endlessly."""
+    # Only what is read is kept, so a long loader is never drained past what is used.
+    seen: list[Batch] = []
+    for b in it:
+        seen.append(as_batch(b))
+        yield seen[-1]
+    if not seen:
+        raise ConfigError("the data iterator yielded no batches (was it already consumed?)")
+    yield from itertools.cycle(seen)
+
+
+def loss_value(loss: object) -> float:
+    """The loss as a float, or a ConfigError when ``loss_fn`` did not return a scalar.
+
+    Args:
+        loss: what ``loss_fn(model(inputs), targets)`` returned.
+
+    Returns:
+        Its value.
+    """
+    if not isinstance(loss, Tensor):
+        raise ConfigError(f"the loss function must return a scalar tensor, got "
+                          f"{type(loss).__name__}: return the loss itself, e.g. "
+                          "nn.CrossEntropyLoss()(outputs, targets)")
+    if loss.numel() != 1:
+        raise ConfigError(
+            f"the loss function must return a scalar, got a tensor of shape "
+            f"{tuple(loss.shape)}: use reduction='mean' (e.g. nn.CrossEntropyLoss(), not "
+            "reduction='none') or return loss.mean()")
+    return float(loss.detach())
 
 
 def lr_find(
@@ -166,7 +258,7 @@ def lr_find(
         x, y = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(m(x), y)
-        value = float(loss.detach())
+        value = loss_value(loss)
         if not math.isfinite(value):
             if i == 0:
                 raise ConfigError(
@@ -193,6 +285,12 @@ def lr_find(
         # The minimum sits just before divergence; a tenth of it is Smith's "still falling
         # fast" region and is robust where the steepest slope is noisy (broken models).
         res.suggested = res.min_loss_lr / 10
+        if res.suggested < start_lr:
+            # Nothing below start_lr was tested: suggesting it would be a guess.
+            res.suggested = start_lr
+            res.note = (f"the loss was lowest at {res.min_loss_lr:.3g}, near the start of the "
+                        f"range, so the suggestion is clamped to start_lr {start_lr:.3g}: "
+                        "lower start_lr or raise num_iter to look below it")
     return res
 
 

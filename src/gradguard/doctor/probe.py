@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fixes.init import _RELU_LIKE, _WEIGHTED
+from .lr_find import loss_value
 
 __all__ = ["LayerProbe", "ProbeResult", "probe"]
 
@@ -80,17 +81,32 @@ def _unit_dead_fraction(y: Tensor, features_last: bool = False) -> float:
 
 def _mha_logit_max(m: nn.MultiheadAttention, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> float | None:
+    """The largest |attention logit| of one call, or None when it cannot be recomputed.
+
+    Args:
+        m: the attention layer.
+        args, kwargs: what it was called with; query and key batched (3-D, laid out as
+            ``m.batch_first`` says) or unbatched (2-D, ``(L, E)``).
+
+    Returns:
+        max |q·k| / sqrt(head dim) over heads, batch and positions.
+    """
     q = args[0] if args else kwargs.get("query")
     k = args[1] if len(args) > 1 else kwargs.get("key", q)
-    if q is None or k is None or not m._qkv_same_embed_dim or m.in_proj_weight is None:
+    if not isinstance(q, Tensor) or not isinstance(k, Tensor) or \
+            not m._qkv_same_embed_dim or m.in_proj_weight is None:
         return None
+    if q.dim() != k.dim() or q.dim() not in (2, 3):
+        return None  # (a layout torch's attention would reject anyway)
     e = m.embed_dim
     w, b = m.in_proj_weight, m.in_proj_bias
     bq = b[:e] if b is not None else None
     bk = b[e : 2 * e] if b is not None else None
     qq = nn.functional.linear(q, w[:e], bq)
     kk = nn.functional.linear(k, w[e : 2 * e], bk)
-    if not m.batch_first:
+    if qq.dim() == 2:  # unbatched (L, E): a batch of one, whatever batch_first says
+        qq, kk = qq.unsqueeze(0), kk.unsqueeze(0)
+    elif not m.batch_first:
         qq, kk = qq.transpose(0, 1), kk.transpose(0, 1)
     h, d = m.num_heads, e // m.num_heads
     qq = qq.reshape(qq.shape[0], qq.shape[1], h, d).transpose(1, 2)
@@ -159,7 +175,7 @@ def probe(model: nn.Module, batch: tuple[Tensor, Tensor],
     try:
         out = m(x)
         loss = loss_fn(out, y)
-        res.loss = float(loss.detach())
+        res.loss = loss_value(loss)
         if isinstance(out, Tensor) and out.dim() == 2 and not torch.is_floating_point(y):
             res.log_z = float(torch.logsumexp(out.detach().float(), dim=1).abs().mean())
         loss.backward()
