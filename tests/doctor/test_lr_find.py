@@ -143,3 +143,23 @@ def test_the_suggestion_stays_inside_the_tested_range():
     assert res.note is not None and "clamped to start_lr" in res.note
     res = lr_find(model, opt, (x, y), nn.CrossEntropyLoss(), num_iter=40)
     assert res.note is None and res.suggested == pytest.approx(res.min_loss_lr / 10)
+
+
+def test_a_deep_copied_optimizer_leaves_the_guards_hooks_behind():
+    # The fallback copy took the original's step hooks with it: a guard's refusal of
+    # steps outside guard.step then refused the doctor's own trial steps.
+    import gradguard as gg
+    from gradguard.doctor.lr_find import clone_optimizer
+
+    class Needy(torch.optim.SGD):
+        def __init__(self, params, lr, momentum_must):  # (not rebuildable from groups)
+            super().__init__(params, lr=lr)
+
+    model = torch.nn.Linear(4, 1)
+    opt = Needy(model.parameters(), 0.1, 0.9)
+    guard = gg.Guard(model, opt, log=None)
+    copy_model = copy.deepcopy(model)
+    clone = clone_optimizer(opt, model, copy_model)
+    copy_model(torch.randn(8, 4)).pow(2).mean().backward()
+    clone.step()  # no GuardUsageError
+    guard.close()

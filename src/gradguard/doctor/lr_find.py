@@ -9,6 +9,7 @@ steepest-descent LR as a second opinion) follow fastai's ``lr_find`` and torch-l
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -135,6 +136,11 @@ def _deepcopy_onto(optimizer: torch.optim.Optimizer, model: nn.Module,
     clone = type(optimizer).__new__(type(optimizer))
     memo[id(optimizer)] = clone
     clone.__dict__.update(copy.deepcopy(optimizer.__dict__, memo))
+    # Hooks are the original's (a guard's refusal of steps outside guard.step among
+    # them): the copy steps freely.
+    for name in list(vars(clone)):
+        if name.startswith("_optimizer_") and name.endswith("_hooks"):
+            setattr(clone, name, collections.OrderedDict())
     return clone
 
 
