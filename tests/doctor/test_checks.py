@@ -1,6 +1,7 @@
 """The doctor ranks the known cause first, on models built to have that cause."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -267,3 +268,67 @@ def test_the_doctor_sees_dead_units_of_a_sequence_model():
     x, y = torch.randn(32, 16, 8), torch.randn(32, 16, 1)
     d = doctor.diagnose(model, (x, y), nn.functional.mse_loss)
     assert any("75% dead units" in f.title for f in d.findings)
+
+
+def test_nan_in_a_later_batch_is_the_datas_finding():
+    loader = digits_loader()
+    loader[2][0][5, 10] = float("nan")  # (one missing value, in batch 2 of 16)
+    m = healthy_model()
+    d = doctor.diagnose(m, loader, nn.functional.cross_entropy,
+                        torch.optim.SGD(m.parameters(), lr=0.05))
+    rc = d.root_cause
+    assert rc is not None and rc.check == "nonfinite" and rc.severity == "critical", str(d)
+    assert "inputs of batch(es) 2 (1 value(s))" in rc.title
+    assert rc.evidence["inputs_batches"] == [2]
+    # The input statistics skip the bad row instead of turning NaN.
+    _, meas = doctor.checks.check_inputs(loader[:4], m)
+    assert all(math.isfinite(v) for v in meas["feature_std_range"])
+    # NaN targets are found as well.
+    x, y = data.diabetes()
+    y = y.clone()
+    y[70] = float("inf")
+    reg = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)]
+    (g,) = doctor.checks.check_finite_data(reg)
+    assert "targets of batch(es) 2" in g.title
+
+
+def test_a_nan_output_in_a_dict_is_named_as_the_forward_pass():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(8, 2)
+
+        def forward(self, x):  # a log of negative inputs: NaN, a forward-pass bug
+            return {"logits": self.f(torch.log(x))}
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long()
+    m = Net()
+    d = doctor.diagnose(m, (x, y), lambda o, t: nn.functional.cross_entropy(o["logits"], t),
+                        torch.optim.SGD(m.parameters(), lr=0.1))
+    assert d.root_cause.check == "nonfinite"
+    assert "output is NaN/Inf on finite inputs" in d.root_cause.title
+
+
+def test_sequence_features_are_named_on_the_axis_the_first_layer_reads():
+    # (B, T, F) into a GRU: feature 3 is in raw units; the others are standardised.
+    torch.manual_seed(0)
+    x = torch.randn(256, 20, 4)
+    x[..., 3] = x[..., 3] * 3000 + 10000
+    y = (x[..., 0].mean(1) > 0).long()
+
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 16, batch_first=True)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
+    (f,), meas = doctor.checks.check_inputs(batches, G())
+    assert f.layers[0] == "feature 3" and meas["feature_dim"] == -1
+    assert meas["feature_std_range"][0] == pytest.approx(1.0, rel=0.1)
+    assert meas["feature_std_range"][1] == pytest.approx(3000, rel=0.1)

@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
 from .lr_find import Batch, as_batch, cycle_batches, is_batch, lr_find
 from .probe import ProbeResult, probe
-from .trial import Trials
+from .trial import Trials, feature_dim, group_lrs
 
 __all__ = ["diagnose", "diagnose_run"]
 
@@ -95,7 +95,8 @@ def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
     except Exception as e:  # an exotic optimizer we cannot clone: say so, do not crash
         return [Finding("learning_rate", "info", f"LR range test not run: {e}",
                         fix="run gradguard lr-find with a standard optimizer")], {}
-    return [], {"user_lr": float(optimizer.param_groups[0]["lr"]),
+    # (The range test ramps every group together: the largest group LR is compared.)
+    return [], {"user_lr": max(group_lrs(optimizer)),
                 "diverges_at": res.diverged_at, "suggested": res.suggested,
                 "min_loss_lr": res.min_loss_lr}
 
@@ -103,66 +104,104 @@ def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
 # -- 3. input scale -------------------------------------------------------------------
 
 
-def _features(x: Tensor) -> Tensor:
-    """(N, D) view: tabular as is, images per channel."""
+def _features(x: Tensor, dim: int = 1) -> Tensor:
+    """(rows, features) view of one batch of inputs: features on axis ``dim`` (tabular
+    columns, image or signal channels, the last axis of a sequence); ``(N,)`` inputs are
+    one feature. Rows with a NaN/Inf are dropped (they are the data check's)."""
     x = x.detach().float()
-    if x.dim() >= 3:
-        return x.transpose(0, 1).reshape(x.shape[1], -1).T
-    return x.reshape(x.shape[0], -1)
+    if x.dim() < 2:
+        f = x.reshape(-1, 1)
+    else:
+        f = x.movedim(dim % x.dim(), -1)
+        f = f.reshape(-1, f.shape[-1])
+    return f[torch.isfinite(f).all(1)]
 
 
-def check_inputs(batches: list[Batch]) -> tuple[list[Finding], dict[str, Any]]:
-    """Unnormalised inputs and targets (LeCun et al. 1998, "Efficient BackProp", sec. 4.3)."""
+def check_inputs(batches: list[Batch], model: nn.Module | None = None
+                 ) -> tuple[list[Finding], dict[str, Any]]:
+    """Unnormalised inputs and targets (LeCun et al. 1998, "Efficient BackProp", sec. 4.3).
+
+    Args:
+        batches: a sample of the data.
+        model: the model the inputs feed (its first layer says which axis holds features
+            in 3-D inputs); None: channels on axis 1.
+
+    Returns:
+        The findings (each names in ``evidence["standardise"]`` what it would standardise:
+        "inputs" or "targets") and the measurements.
+    """
+    out: list[Finding] = []
+    meas: dict[str, Any] = {}
     xs = [b[0] for b in batches if torch.is_floating_point(b[0])]
-    if not xs:
-        return [], {}
-    f = torch.cat([_features(x) for x in xs])
+    if xs and len({x.dim() for x in xs}) == 1:
+        out += _input_findings(xs, feature_dim(model, xs[0]), meas)
+    # Targets are checked whatever the inputs are (token ids in, a price out).
+    ys = [b[1] for b in batches if torch.is_floating_point(b[1]) and b[1].dim() >= 1]
+    if ys and len({y[0].numel() for y in ys}) == 1:
+        y = torch.cat([v.detach().float().reshape(len(v), -1) for v in ys])
+        y = y[torch.isfinite(y).all(1)]
+        if len(y) > 1:
+            ymax = float((y.mean(0).abs() + y.std(0)).max())
+            meas["target_scale"] = ymax
+            sev = _sev(ymax, 10.0, 1000.0)
+            if sev:
+                out.append(Finding(
+                    "input_scale", sev,
+                    f"regression targets are large (|mean| + std up to {ymax:.3g}): the first "
+                    "gradients are that much larger",
+                    evidence={"target_scale": ymax, "standardise": "targets"},
+                    # (Train on standardised targets: adding the mean to the outputs
+                    # would leave the loss, and its gradient, in the raw units.)
+                    fix="train on standardised targets, (y - mean) / std, and map "
+                        "predictions back with · std + mean (gg.fixes.Standardizer's "
+                        "transform and inverse_targets)",
+                    fix_code="std = gg.fixes.Standardizer.fit(loader, targets=True); "
+                             "x, y = std.transform((x, y)); "
+                             "pred = std.inverse_targets(model(x_new))",
+                    score=math.log10(ymax) - 0.5))
+    return out, meas
+
+
+def _input_findings(xs: list[Tensor], dim: int, meas: dict[str, Any]) -> list[Finding]:
+    """The inputs' part of :func:`check_inputs` (``meas`` filled in place)."""
+    f = torch.cat([_features(x, dim) for x in xs])
+    if len(f) < 2:
+        return []
     mean, std = f.mean(0), f.std(0)
     absmax = float(f.abs().max())
     live = std > 1e-3 * float(std.median())
     spread = float(std[live].max() / std[live].min()) if live.sum() > 1 else 1.0
     scale = float((mean.abs() + std).max())
-    meas: dict[str, Any] = {"feature_mean_range": [float(mean.min()), float(mean.max())],
-                            "feature_std_range": [float(std.min()), float(std.max())],
-                            "abs_max": absmax, "std_spread": spread}
-    out: list[Finding] = []
+    # Channels of images and signals, features of tables and sequences.
+    unit = "channel" if xs[0].dim() >= 3 and dim % xs[0].dim() == 1 else "feature"
+    meas.update({"feature_dim": dim, "feature_mean_range": [float(mean.min()), float(mean.max())],
+                 "feature_std_range": [float(std.min()), float(std.max())],
+                 "abs_max": absmax, "std_spread": spread})
+    ev = {**meas, "standardise": "inputs"}
+    # The one line that does it, on the axis measured here (Standardizer takes no (N,)).
+    axis = ", dim=-1" if xs[0].dim() == 3 and dim == -1 else ""
+    line = ("x = (x - x_train.mean()) / x_train.std()" if xs[0].dim() == 1 else
+            f"model = gg.fixes.Standardizer.fit(loader, targets=False{axis}).wrap(model)")
     sev = _sev(scale, 10.0, 100.0)
     if sev:
         worst = [int(i) for i in torch.argsort(mean.abs() + std, descending=True)[:3]]
-        out.append(Finding(
+        return [Finding(
             "input_scale", sev,
-            f"inputs are not standardised: features reach |x| = {absmax:.3g} "
+            f"inputs are not standardised: {unit}s reach |x| = {absmax:.3g} "
             f"(mean up to {float(mean.abs().max()):.3g}, std up to {float(std.max()):.3g})",
-            evidence=meas, layers=[f"feature {i}" for i in worst],
-            fix="standardise inputs to zero mean and unit variance per feature (per channel "
-                "for images), with statistics from the training set; in one line: "
-                "model = gg.fixes.Standardizer.fit(loader).wrap(model)",
+            evidence=ev, layers=[f"{unit} {i}" for i in worst],
+            fix=f"standardise inputs to zero mean and unit variance per {unit} (per channel "
+                f"for images), with statistics from the training set; in one line: {line}",
             fix_code="x = (x - x_train.mean(0)) / x_train.std(0)",
-            score=math.log10(scale)))
-    elif spread > 100 and f.shape[1] <= 100:  # tabular features, not pixels
-        out.append(Finding(
+            score=math.log10(scale))]
+    if spread > 100 and f.shape[1] <= 100:  # tabular features, not pixels
+        return [Finding(
             "input_scale", "warning",
-            f"feature scales differ {spread:.3g}× (an ill-conditioned problem for SGD)",
-            evidence=meas, fix="standardise each feature (gg.fixes.Standardizer)",
-            fix_code="model = gg.fixes.Standardizer.fit(loader).wrap(model)",
-            score=math.log10(spread) - 1))
-    ys = [b[1] for b in batches if torch.is_floating_point(b[1])]
-    if ys:
-        y = torch.cat([v.detach().float().reshape(len(v), -1) for v in ys])
-        ymax = float((y.mean(0).abs() + y.std(0)).max())
-        meas["target_scale"] = ymax
-        sev = _sev(ymax, 10.0, 1000.0)
-        if sev:
-            out.append(Finding(
-                "input_scale", "warning" if sev == "warning" else "critical",
-                f"regression targets are large (|mean| + std up to {ymax:.3g}): the first "
-                "gradients are that much larger",
-                evidence={"target_scale": ymax},
-                fix="standardise targets and invert the transform on predictions, or let "
-                    "gg.fixes.Standardizer's wrapper add the target mean to the outputs",
-                fix_code="model = gg.fixes.Standardizer.fit(loader, targets=True).wrap(model)",
-                score=math.log10(ymax) - 0.5))
-    return out, meas
+            f"{unit} scales differ {spread:.3g}× (an ill-conditioned problem for SGD)",
+            evidence=ev, fix=f"standardise each {unit} (gg.fixes.Standardizer)",
+            fix_code=line,
+            score=math.log10(spread) - 1)]
+    return []
 
 
 # -- 4. activations -------------------------------------------------------------------
@@ -329,9 +368,7 @@ def check_finite_start(model: nn.Module, batch: Batch,
     else:
         with torch.no_grad():
             out = copy.deepcopy(model)(x)
-        outs = [t for t in (out if isinstance(out, tuple | list) else [out])
-                if isinstance(t, Tensor)]
-        if any(bad(t) for t in outs):
+        if any(bad(t) for t in _tensors(out)):
             title = (f"the loss is {loss} before any step: the model's output is NaN/Inf on "
                      "finite inputs (an overflow in the forward pass)")
             fix = ("look at the init's scale and unbounded activations (the init and "
@@ -343,6 +380,66 @@ def check_finite_start(model: nn.Module, batch: Batch,
                    "targets outside the range it expects (class indices, probabilities)")
     return [Finding("nonfinite", "critical", title, evidence={"loss": loss}, fix=fix,
                     score=10.0)]
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """Every tensor of a model's output: itself, or those in a tuple, list or Mapping (a
+    Hugging Face ModelOutput is one), at any depth."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def check_finite_data(batches: list[Batch]) -> list[Finding]:
+    """NaN/Inf in any batch's inputs or targets: the data's fault, not the model's; every
+    trial would stop at the first such batch, so no training measurement can say more.
+
+    Args:
+        batches: every batch the doctor holds (a list's all, else a sample).
+
+    Returns:
+        One critical ``nonfinite`` finding naming the batches, or none.
+    """
+    where: dict[str, list[int]] = {"inputs": [], "targets": []}
+    count = {"inputs": 0, "targets": 0}
+    for i, (x, y) in enumerate(batches):
+        for name, t in (("inputs", x), ("targets", y)):
+            if t.is_floating_point() or t.is_complex():
+                n = int((~torch.isfinite(t)).sum())
+                if n:
+                    where[name].append(i)
+                    count[name] += n
+    parts = [f"{name} of batch(es) {', '.join(map(str, idx[:5]))}"
+             f"{' …' if len(idx) > 5 else ''} ({count[name]} value(s))"
+             for name, idx in where.items() if idx]
+    if not parts:
+        return []
+    which = "inputs" if where["inputs"] else "targets"
+    return [Finding(
+        "nonfinite", "critical",
+        f"the data holds NaN/Inf: the {' and the '.join(parts)}, of the {len(batches)} "
+        "batch(es) read; the first such batch makes every loss after it NaN, whatever the "
+        "model or LR",
+        evidence={"batches": len(batches), "inputs_batches": where["inputs"][:100],
+                  "targets_batches": where["targets"][:100], **count},
+        fix=(f"clean the data: find the rows with ~torch.isfinite({which[0]}) (a missing "
+             "value, a division by zero in preprocessing) and drop or repair them; the "
+             "guard skips such steps in training, but they should not be there"),
+        score=10.0)]
+
+
+def _held(data: Batch | Iterable[Batch], sample: list[Batch]) -> list[Batch]:
+    """The batches the doctor holds: all of a list's (they are in memory already), else
+    the sample read from a loader (reading a loader through would cost a whole epoch)."""
+    if is_batch(data):
+        return [as_batch(data)]
+    if isinstance(data, Sequence):
+        return [as_batch(b) for b in data]
+    return sample
 
 
 # -- the entry points -----------------------------------------------------------------
@@ -399,7 +496,7 @@ def diagnose(
     findings: list[Finding] = []
     meas: dict[str, Any] = {"loss": pr.loss, "forward_std_ratio": pr.forward_ratio(),
                             "backward_grad_ratio": pr.backward_ratio()}
-    f, m = check_inputs(batches)
+    f, m = check_inputs(batches, model)
     findings += f
     meas["inputs"] = m
     findings += check_init(model, batches[0], loss_fn, pr)
@@ -409,6 +506,9 @@ def diagnose(
     start = check_finite_start(model, batches[0], loss_fn, pr.loss)
     if start:  # (no LR test or trial can say more: every one starts from this NaN)
         return Diagnosis([*start, *unconfirmed(findings)], meas)
+    bad_data = check_finite_data(_held(data, batches))
+    if bad_data:  # (every trial would stop at the first such batch)
+        return Diagnosis([*bad_data, *unconfirmed(findings)], meas)
     lr_meas: dict[str, Any] = {}
     if optimizer is not None and lr_test:
         f, lr_meas = check_lr(model, optimizer, data, loss_fn, lr_iters)

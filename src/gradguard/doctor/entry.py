@@ -94,19 +94,46 @@ def load_run(target: str, seed: int = 0) -> Run:
 
 
 def apply_fixes(run: Run, diagnosis: Diagnosis) -> tuple[Run, list[str]]:
-    """The safe fixes (re-initialisation, LR) applied to copies of the run's model/optimizer."""
+    """The safe fixes (re-initialisation, LR) that the doctor's trials confirmed, applied
+    to copies of the run's model and optimizer.
+
+    A fix is applied only when a training trial showed it helps (``evidence["confirmed"]``):
+    a finding the trials cleared, or one never tested, proposes nothing to apply.
+
+    Args:
+        run: the user's run (left untouched).
+        diagnosis: what :func:`gradguard.doctor.diagnose` concluded on it.
+
+    Returns:
+        The fixed copy and one line per fix applied.
+    """
     model = copy.deepcopy(run.model)
     opt = clone_optimizer(run.optimizer, run.model, model)
     done: list[str] = []
-    if any("reinit" in f.fix_code for f in diagnosis.findings if f.severity != "info"):
+    confirmed = [f for f in diagnosis.findings
+                 if f.severity != "info" and f.evidence.get("confirmed") is True]
+    if any("reinit" in f.fix_code for f in confirmed):
         rep = reinit(model, "auto")
         done.append(str(rep).splitlines()[0])
-    for f in diagnosis.by_check("learning_rate"):
-        new = f.evidence.get("suggested_lr")
-        if f.severity != "info" and new:
+    for f in confirmed:
+        if f.check != "learning_rate":
+            continue
+        before = [float(g["lr"]) for g in opt.param_groups]
+        factor, new = f.evidence.get("lr_factor"), f.evidence.get("suggested_lr")
+        if factor:  # (every group scaled alike: their ratios are the user's design)
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * factor
+        elif new:
             for g in opt.param_groups:
                 g["lr"] = new
-            done.append(f"learning rate {f.evidence['user_lr']:.3g} → {new:.3g}")
+        else:
+            continue
+        after = [float(g["lr"]) for g in opt.param_groups]
+        if len(set(before)) == 1:
+            done.append(f"learning rate {before[0]:.3g} → {after[0]:.3g}")
+        else:
+            done.append("learning rates " + ", ".join(f"{v:.3g}" for v in before) + " → "
+                        + ", ".join(f"{v:.3g}" for v in after) + f" (×{factor:.3g})")
     return Run(run.name + " (fixed)", model, run.data, run.loss_fn, opt), done
 
 
