@@ -247,3 +247,17 @@ def test_torchs_checkpoint_helpers_may_initialise_the_optimizer_state():
     with pytest.raises(gg.GuardUsageError, match=r"outside guard\.step"):
         opt.step()
     guard.close()
+
+
+def test_a_users_own_step_at_lr_zero_is_still_an_outside_step():
+    # (a warm-up that starts at 0: the exemption for torch's checkpoint helpers, whose
+    # gradients are zeros, let this NaN step through into Adam's state)
+    model = small_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    guard = gg.Guard(model, opt, log=None)
+    loss = model(torch.randn(4, 8)).sum() * float("nan")
+    loss.backward()
+    with pytest.raises(gg.GuardUsageError, match=r"outside guard\.step"):
+        opt.step()
+    assert not opt.state
+    guard.close()

@@ -157,11 +157,21 @@ def _refuse_outside_steps(optimizer: torch.optim.Optimizer, _args: Any, _kwargs:
 
 
 def _initialising(optimizer: torch.optim.Optimizer) -> bool:
-    """A step at LR 0 of an optimizer without state: how torch.distributed.checkpoint's
-    ``get_state_dict``/``set_state_dict`` create the state to load into (it moves no
-    weight, and the checkpoint is loaded over it)."""
-    return not optimizer.state and all(
-        "lr" in g and float(g["lr"]) == 0.0 for g in optimizer.param_groups)
+    """torch.distributed.checkpoint's ``get_state_dict``/``set_state_dict`` creating the
+    state to load into: a step of an optimizer without state, at LR 0, on gradients it set
+    to zeros (it moves no weight, and the checkpoint is loaded over it). A user's own step
+    at LR 0 (a warm-up's first) has real gradients and is still refused. (Reads the
+    gradients on the host: only on this refused path, never in guard.step.)"""
+    if optimizer.state:
+        return False
+    for g in optimizer.param_groups:
+        lr = g.get("lr")
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr) if lr.numel() == 1 else None
+        if not isinstance(lr, int | float) or isinstance(lr, bool) or lr != 0:
+            return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    return bool(grads) and all(gr is not None and not bool(gr.any()) for gr in grads)
 
 
 def after_step_hooks(after_step: Any) -> tuple[Callable[[], object], ...]:

@@ -206,3 +206,25 @@ def test_activations_are_read_from_the_forward_pass_functional_and_shared_ones_t
     assert "fc2 (Linear, before ReLU): Kaiming" in str(report)
     assert "fc4 (Linear, before Tanh): Xavier" in str(report)
     assert model.fc2.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.1)
+
+
+def test_reading_the_forward_leaves_a_stateful_model_as_it_was():
+    # The trace ran the user's forward on the model itself: a call counter moved, a cached
+    # tensor became a tracing proxy, and the next real forward returned a proxy.
+    class Stateful(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 1)
+            self.calls, self.memory = 0, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            h = torch.relu(self.fc1(x))
+            self.memory = h.detach().mean(0)
+            return self.fc2(h)
+
+    model = Stateful()
+    assert "fc1 (Linear, before ReLU): Kaiming" in str(fixes.reinit(model))
+    assert model.calls == 0 and model.memory is None
+    assert set(vars(model)) == set(vars(Stateful()))
+    assert isinstance(model(torch.randn(3, 4)), torch.Tensor)

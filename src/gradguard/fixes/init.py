@@ -15,6 +15,7 @@ activations and gradients constant through the activation that follows it:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Sequence
@@ -115,10 +116,19 @@ def _traced_activations(model: nn.Module) -> dict[str, nn.Module | None]:
     import torch.fx
 
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # (any failure to trace: fall back to registration order)
+        # Traced on a copy whose tensors are on the meta device: tracing runs the user's
+        # forward, whose side effects (a counter, a cached tensor, a proxy stored on the
+        # module) must not land on the model; the copy costs no memory for its weights.
+        memo: dict[int, object] = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) \
+                if isinstance(t, nn.Parameter) else meta
+        shadow = copy.deepcopy(model, memo)
+        graph = torch.fx.symbolic_trace(shadow).graph
+    except Exception:  # (any failure to copy or trace: fall back to registration order)
         return {}
-    mods = dict(model.named_modules())
+    mods = dict(shadow.named_modules())
     out: dict[str, nn.Module | None] = {}
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(mods.get(node.target), _WEIGHTED):
