@@ -469,3 +469,9 @@ def test_a_state_saved_behind_a_wrapper_loads_into_the_bare_model():
     bare = gg.Guard(model, opt, clip=gg.clip.ZScore(), log=None)
     assert bare.load_state_dict(state) == []
     bare.close()
+    # A state saved before the prefixes were left out (its names carry them) loads too.
+    old = {**state, "config": {**state["config"], "shapes": {
+        f"_orig_mod.{k}": v for k, v in state["config"]["shapes"].items()}}}
+    again = gg.Guard(torch.compile(model), opt, clip=gg.clip.ZScore(), log=None)
+    assert again.load_state_dict(old) == []
+    again.close()

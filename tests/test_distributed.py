@@ -452,3 +452,15 @@ def test_a_crash_resume_loads_the_same_step_on_every_rank(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert r0["step"] == r1["step"] == 10
     assert torch.equal(r0["w"], r1["w"])
+
+
+def test_fsdp_over_tp_strided_shards_count_as_pieces():
+    # FSDP2 over a tensor-parallel layer places it as (_StridedShard, Shard); torch 2.13's
+    # _StridedShard.is_shard() is False, so its pieces were undercounted and its squared
+    # norm halved (checked on 4 gloo ranks, a (dp=2, tp=2) mesh: 0.2027 against 0.2867).
+    from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
+
+    from gradguard.distributed import _cuts
+
+    assert _cuts(_StridedShard(0, split_factor=2)) and _cuts(Shard(1))
+    assert not _cuts(Replicate()) and not _cuts(Partial())

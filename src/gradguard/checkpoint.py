@@ -49,6 +49,19 @@ def config(g: Guard) -> dict[str, Any]:
                        for n, p in zip(g.names, g.params, strict=True)}}
 
 
+def _unwrapped(saved: Any, mine: dict[str, str]) -> Any:
+    """``saved``'s shapes with a wrapper prefix taken off when that makes them this guard's
+    (a state saved behind DDP or torch.compile before the prefixes were left out)."""
+    if not isinstance(saved, dict) or saved == mine:
+        return saved
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        if saved and all(k.startswith(prefix) for k in saved):
+            bare = {k.removeprefix(prefix): v for k, v in saved.items()}
+            if bare == mine:
+                return bare
+    return saved
+
+
 def _wrapper_prefix(model: Any) -> str:
     """The name prefix that wrappers put before the model's own parameter names: DDP's
     ``module.``, ``torch.compile``'s ``_orig_mod.``. A state saved under one loads into
@@ -146,6 +159,7 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         saved["policy"]["rollback"] = _decisions(saved["policy"]["rollback"])
     if "shapes" not in saved:  # (saved before the shapes were: the count is all there is)
         saved = {**saved, "shapes": config(g)["shapes"]}
+    saved = {**saved, "shapes": _unwrapped(saved["shapes"], config(g)["shapes"])}
     diff = config_diff(saved, config(g))
     # The detectors' own settings (a window's length) are theirs to check: tried on
     # copies, so that a state that does not fit is a difference like the others, found

@@ -51,7 +51,7 @@ def is_sharded(t: Tensor) -> bool:
     """True for a DTensor with any ``Shard`` placement."""
     if _DTENSOR is None or not isinstance(t, _DTENSOR):
         return False
-    return any(p.is_shard() for p in t.placements)
+    return any(_cuts(p) for p in t.placements)
 
 
 def split_dims(t: Tensor) -> set[int]:
@@ -61,7 +61,14 @@ def split_dims(t: Tensor) -> set[int]:
         return set()
     mesh = t.device_mesh  # type: ignore[attr-defined]
     return {p.dim % max(t.dim(), 1) for i, p in enumerate(t.placements)
-            if p.is_shard() and mesh.size(i) > 1}
+            if _cuts(p) and mesh.size(i) > 1}
+
+
+def _cuts(p: Any) -> bool:
+    """A placement that splits the tensor across its mesh dimension: a ``Shard``, or
+    FSDP2-over-TP's ``_StridedShard`` (whose ``is_shard()`` is False in torch 2.13)."""
+    return bool(p.is_shard()) or (hasattr(p, "dim") and not p.is_replicate()
+                                  and not p.is_partial())
 
 
 def _pieces(t: Tensor) -> int:
@@ -69,33 +76,19 @@ def _pieces(t: Tensor) -> int:
     if _DTENSOR is None or not isinstance(t, _DTENSOR):
         return 1
     mesh = t.device_mesh  # type: ignore[attr-defined]
-    return math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_shard())
+    return math.prod(mesh.size(i) for i, p in enumerate(t.placements) if _cuts(p))
 
 
 def _shares(params: Sequence[Tensor], group: Any, world: int) -> list[float] | None:
     """Each parameter's weight in the summed squared norms: 1 / the number of ranks that
     hold each of its pieces (None: 1 for all, plain FSDP2 over the whole group).
 
-    Raises:
-        ConfigError: a parameter's device mesh is not the group the guard agrees over (the
-            pieces' copies could not be counted).
+    Every rank of the group holds one piece of each parameter, so a tensor cut into k
+    pieces has world / k copies of each: on a sub-mesh (a layer sharded over the
+    data-parallel ranks of a TP × FSDP layout) the other sub-meshes hold the copies.
     """
-    import torch.distributed as dist
-
-    ranks = sorted(dist.get_process_group_ranks(group if group is not None
-                                                else dist.group.WORLD))
-    shares = []
-    for i, p in enumerate(params):
-        if _DTENSOR is not None and isinstance(p, _DTENSOR):
-            mesh = p.device_mesh  # type: ignore[attr-defined]
-            if sorted(mesh.mesh.flatten().tolist()) != ranks:
-                raise ConfigError(
-                    f"parameter #{i} (shape {tuple(p.shape)}) lives on a device mesh of "
-                    f"ranks {sorted(mesh.mesh.flatten().tolist())}, but the guard agrees "
-                    f"over ranks {ranks}: pass the mesh's process group as "
-                    "Guard(distributed=...), or shard over the guard's group")
-        # A plain tensor is whole on every rank: world copies of one piece.
-        shares.append(_pieces(p) / world)
+    # A plain tensor is whole on every rank: world copies of one piece.
+    shares = [_pieces(p) / world for p in params]
     return None if all(w == 1 for w in shares) else shares
 
 
