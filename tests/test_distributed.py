@@ -439,8 +439,10 @@ def _resume_worker(rank: int, port: int, out: str) -> None:
                 data[: len(data) // 2] = b""  # truncated
                 path.write_bytes(bytes(data))
         dist.barrier()
-        path, s = snap.load_latest(folder, rank=rank)
-        torch.save({"step": s.step, "w": s.model["w"]}, f"{out}/rank{rank}.pt")
+        alone = snap.load_latest(folder, rank=rank)[1].step  # (no collective)
+        path, s = snap.load_latest(folder, rank=rank, agree=True)
+        torch.save({"step": s.step, "w": s.model["w"], "alone": alone},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -452,6 +454,7 @@ def test_a_crash_resume_loads_the_same_step_on_every_rank(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert r0["step"] == r1["step"] == 10
     assert torch.equal(r0["w"], r1["w"])
+    assert (r0["alone"], r1["alone"]) == (30, 10)  # each its own newest, without agree
 
 
 def test_fsdp_over_tp_strided_shards_count_as_pieces():

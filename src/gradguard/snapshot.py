@@ -326,17 +326,17 @@ def load_file(path: str | os.PathLike[str], map_location: Any = None) -> Snapsho
 
 def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
                 map_location: Any = None, rank: int | None = None,
-                group: Any = None) -> tuple[Path, Snapshot]:
+                agree: bool = False, group: Any = None) -> tuple[Path, Snapshot]:
     """The newest snapshot in ``folder`` that passes its checksum, with its path.
 
     After a crash, the newest file may be corrupted (a disk fault; a torn write cannot
     happen, see :func:`save_file`) and unfinished temp files may remain; neither is
     taken for a snapshot (temp files never match ``pattern``).
 
-    With ``rank`` under an initialised torch.distributed group of more than one rank,
-    every rank of ``group`` must call it: the ranks agree on the newest step whose
-    snapshot loads on all of them (a crash can leave one rank's newest file unwritten or
-    corrupted, and ranks resumed at different steps would part, then hang).
+    With ``agree`` under an initialised torch.distributed group of more than one rank,
+    every rank of ``group`` must call it (a collective): the ranks agree on the newest step
+    whose snapshot loads on all of them (a crash can leave one rank's newest file
+    unwritten or corrupted, and ranks resumed at different steps would part, then hang).
 
     Args:
         folder: where the snapshots are (``Rollback(dir=...)``).
@@ -344,6 +344,7 @@ def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
             ``snapshot-<step>-rank<r>.pt`` with ``rank``).
         map_location: as for :func:`torch.load`.
         rank: under torch.distributed, this rank's files (each rank writes its own).
+        agree: agree with the other ranks on the step (see above); needs ``rank``.
         group: the process group the ranks agree over (None: the default one).
 
     Raises:
@@ -362,7 +363,7 @@ def load_latest(folder: str | os.PathLike[str], pattern: str | None = None,
     found = sorted((p for p in folder.glob(pattern)
                     if p.is_file() and (others is None or others not in p.name)),
                    key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
-    if rank is not None and _world(group) > 1:
+    if agree and rank is not None and _world(group) > 1:
         return _load_agreed(found, pattern, folder, map_location, group)
     errors: list[str] = []
     for path in found:
