@@ -286,21 +286,17 @@ class TensorBoardSink:
             raise ModuleNotFoundError(
                 "TensorBoardSink needs tensorboard: pip install 'gradguard[tensorboard]'"
             ) from e
-        self._writer_cls, self.log_dir = SummaryWriter, str(log_dir)
-        self.writer = SummaryWriter(self.log_dir)
+        self.writer = SummaryWriter(str(log_dir))
         self.histogram_every = check_int("TensorBoardSink.histogram_every", histogram_every, 1)
         self._names: list[str] = []
         self._next_histogram = 0
 
     def meta(self, record: dict[str, Any]) -> None:
         self._names = list(record.get("params", []))
+        # (A resumed run's steps done again after a crash are drawn twice: SummaryWriter's
+        # purge_step would also purge every other writer's points in a shared folder.)
         first = record.get("first_step", 0)
-        if isinstance(first, int) and first > 0:
-            # A resumed run: what an earlier writer logged from that step on (a crash's
-            # steps, done again now) is purged, or TensorBoard draws both.
-            self.writer.close()
-            self.writer = self._writer_cls(self.log_dir, purge_step=first)
-            self._next_histogram = first
+        self._next_histogram = first if isinstance(first, int) and first > 0 else 0
         self.writer.add_text("gradguard/config", json.dumps(record.get("config", {}), indent=1))
 
     def steps(self, records: list[dict[str, Any]]) -> None:
@@ -483,31 +479,87 @@ def _first_step(meta: dict[str, Any]) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
-def runs(path: str | os.PathLike[str], bad: list[int] | None = None
-         ) -> list[list[dict[str, Any]]]:
-    """The runs a log holds, each a list of records.
+@dataclass
+class _Part:
+    """What one guard appended to a log, read without keeping its records."""
 
-    Each guard appends its own part, starting with a meta line. A guard that resumed a
-    saved state (its meta's ``first_step`` past 0) continues the run before it: its part
-    joins that run, whose records from that step on give way to it (a crashed run's steps
-    past the snapshot it resumed from were done again).
-    """
-    parts: list[list[dict[str, Any]]] = []
+    first: int = 0  # the step its first row has (past 0: it resumed a saved state)
+    end: int = 0  # one past its last step row
+    verdict: bool = False  # it was closed (its verdict is there)
+    crashed: bool = False  # it ended by an exception or gave up
+
+    @property
+    def clean(self) -> bool:
+        return self.verdict and not self.crashed
+
+
+def _parts(path: str | os.PathLike[str], bad: list[int] | None) -> list[_Part]:
+    parts: list[_Part] = []
     for rec in _records(path, bad):
         if rec["type"] == "meta" or not parts:
-            parts.append([])
-        parts[-1].append(rec)
-    out: list[list[dict[str, Any]]] = []
-    for part in parts:
-        head = part[0]
-        first = _first_step(head) if head["type"] == "meta" else 0
-        if out and first:
-            out[-1] = [r for r in out[-1] if r["type"] == "meta"
-                       or not (isinstance(r.get("step"), int) and r["step"] >= first)]
-            out[-1] += part
-        else:
-            out.append(part)
-    return out
+            parts.append(_Part(_first_step(rec) if rec["type"] == "meta" else 0))
+        part, step, kind = parts[-1], rec.get("step"), rec.get("kind")
+        if rec["type"] == "step" and isinstance(step, int):
+            part.end = max(part.end, step + 1)
+        elif rec["type"] == "event" and kind == "verdict":
+            part.verdict = True
+        elif rec["type"] == "event" and kind in ("stopped", "diverged"):
+            part.crashed = True
+    return parts
+
+
+def _plan(parts: list[_Part]) -> list[list[tuple[int, float]]]:
+    """The runs, each a list of (part index, the step from which its records give way).
+
+    A guard that resumed a saved state continues the latest run it can: one that crashed
+    or gave up (the steps from the snapshot on were done again, and the resumed part's
+    records replace them), or one that stopped cleanly at the very step it resumes at (a
+    planned pause). A state resumed from an earlier step of a run that ended well is a
+    new run branching off it: the finished run keeps all its records.
+    """
+    runs: list[list[tuple[int, float]]] = []
+    for i, part in enumerate(parts):
+        # The latest run that this part continues: one whose last part crashed or gave
+        # up, or stopped cleanly at the very step this one resumes at.
+        home = next((r for r in reversed(runs) if part.first > 0 and (
+            not parts[r[-1][0]].clean or parts[r[-1][0]].end == part.first)), None)
+        if home is None:
+            runs.append([(i, math.inf)])
+            continue
+        home[:] = [(j, min(cut, part.first)) for j, cut in home]
+        home.append((i, math.inf))
+    return runs
+
+
+def runs(path: str | os.PathLike[str], bad: list[int] | None = None
+         ) -> list[list[dict[str, Any]]]:
+    """The runs a log holds, each a list of records (see :func:`read_jsonl` to stream one).
+
+    Each guard appends its own part, starting with a meta line. A guard that resumed a
+    saved state (its meta's ``first_step`` past 0) continues the latest run that crashed,
+    gave up or stopped cleanly where it resumed: its part joins that run, whose
+    records from that step on give way to it (a crashed run's steps past the snapshot it
+    resumed from were done again). A finished run resumed from an earlier step is a new
+    run.
+    """
+    plan = _plan(_parts(path, None))
+    return [list(_stream(path, r, bad)) for r in plan]
+
+
+def _stream(path: str | os.PathLike[str], run: list[tuple[int, float]],
+            bad: list[int] | None) -> Iterator[dict[str, Any]]:
+    """The records of one run of :func:`_plan`, read as they come."""
+    cuts = dict(run)
+    part = -1
+    for rec in _records(path, bad):
+        if rec["type"] == "meta" or part < 0:
+            part += 1
+        if part not in cuts:
+            continue
+        step = rec.get("step")
+        if rec["type"] != "meta" and isinstance(step, int) and step >= cuts[part]:
+            continue
+        yield rec
 
 
 def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
@@ -524,7 +576,7 @@ def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
 
 def count_runs(path: str | os.PathLike[str]) -> int:
     """How many runs a log holds (see :func:`runs`)."""
-    return max(1, len(runs(path)))
+    return max(1, len(_plan(_parts(path, None))))
 
 
 def read_jsonl(path: str | os.PathLike[str], run: int | None = None,
@@ -553,13 +605,14 @@ def _select(path: str | os.PathLike[str], run: int | None,
     if run is None:
         yield from _records(path, bad)
         return
-    held = runs(path, bad)
-    n = max(1, len(held))
+    plan = _plan(_parts(path, None))
+    n = max(1, len(plan))
     index = run + n if run < 0 else run
     if not 0 <= index < n:
         raise ConfigError(f"{path} holds {n} run(s); run={run} is not one of them "
                           f"(use 0..{n - 1}, or -1 for the last)")
-    yield from held[index] if held else ()
+    if plan:
+        yield from _stream(path, plan[index], bad)
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,30 @@ def test_lines_that_are_no_record_are_counted_and_wrong_types_take_defaults(tmp_
     res = CliRunner().invoke(app, ["report", str(log), "--html", str(tmp_path / "r.html")],
                              env={"COLUMNS": "120"})
     assert res.exit_code == 0 and "unreadable lines (skipped)" in res.output
+
+
+def test_a_finished_run_resumed_from_an_earlier_step_is_a_new_run(tmp_path):
+    # A new experiment branching off a finished run's checkpoint hid that run's later
+    # steps and its verdict (they gave way to the branch); a planned pause resumed where
+    # the run stopped is still one run.
+    log = tmp_path / "run.jsonl"
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, log=log)
+    _nan_run(guard, model, range(10), set())
+    early = guard.state_dict()
+    _nan_run(guard, model, range(10, 30), {20})
+    end = guard.state_dict()
+    guard.close()
+    branch = gg.Guard(model, opt, log=log)
+    branch.load_state_dict(early)
+    _nan_run(branch, model, range(10, 15), set())
+    branch.close()
+    assert [(s.steps, s.skipped) for s in (summarize(log, 0), summarize(log, 1))] == [
+        (30, 1), (15, 0)]
+    later = gg.Guard(model, opt, log=log)
+    later.load_state_dict(end)
+    _nan_run(later, model, range(30, 40), set())
+    later.close()
+    s = summarize(log, 0)  # (resumed where run 0 stopped: run 0 goes on, not the branch)
+    assert (s.runs, s.steps, s.skipped, s.resumed_at) == (2, 40, 1, [30])
