@@ -1,9 +1,12 @@
 """Severities from trials: the LR judged in both directions and per param group, and
 ``--fix`` applying only what a trial confirmed."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gradguard import doctor
 from gradguard.doctor.entry import Run, apply_fixes
@@ -118,3 +121,108 @@ def test_confirm_marks_an_explainers_reinit_refuted_by_the_trial():
     assert diag.by_check("init")[0].severity == "info"
     _, done = apply_fixes(run, diag)
     assert not any("reinit" in s for s in done)
+
+
+def _protos(n=1024, d=32, k=10, seed=0, noise=1.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = torch.randn(k, d, generator=g)[y] + noise * torch.randn(n, d, generator=g)
+    x = (x - x.mean(0)) / x.std(0)
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)]
+
+
+def _relu_mlp(depth=3, d=32, h=64, k=10, gain=1.0):
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(d if i == 0 else h, h), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(h, k))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.weight.mul_(gain)
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def test_log_softmax_and_nll_have_the_same_floor_as_cross_entropy():
+    # Uniform zeros and raw frequencies read as log-probabilities gave a negative "floor":
+    # every run then failed, and a real init problem was ranked below the activations.
+    data = _protos(noise=2.0)
+    for wrap, loss in [(lambda m: m, nn.CrossEntropyLoss()),
+                       (lambda m: nn.Sequential(m, nn.LogSoftmax(1)), F.nll_loss)]:
+        model = wrap(_relu_mlp(depth=9, gain=2.5))
+        d = doctor.diagnose(model, data, loss, torch.optim.SGD(model.parameters(), lr=0.01))
+        assert d.root_cause is not None and d.root_cause.check == "init"
+        assert d.root_cause.severity == "critical"
+        assert all(t["chance_loss"] > 0 for t in d.measurements["trials"].values()
+                   if t.get("chance_loss") is not None)
+
+
+def test_missing_labels_the_loss_masks_and_a_warm_up_are_not_faults():
+    # NaN targets a masked loss leaves out made a critical data finding, and the LR a
+    # warm-up schedule had just set (1e-6 of 1e-3) was called too low.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    y = x[:, :3] @ torch.randn(3, 2, generator=g)
+    y[torch.rand(512, 2, generator=g) < 0.2] = math.nan  # missing labels
+
+    def masked(out, target):
+        keep = torch.isfinite(target)
+        return ((out - torch.nan_to_num(target)) ** 2)[keep].mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-3, total_iters=100)
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 512, 32)]
+    d = doctor.diagnose(model, data, masked, opt)
+    assert not [f for f in d.findings if f.severity != "info"], [f.title for f in d.findings]
+
+
+def test_an_optimizer_copied_under_a_scheduler_trains_the_copy_not_the_model():
+    # A scheduler wraps the optimizer's step on the instance; deep-copied, the wrapper
+    # stepped the user's optimizer, and diagnose trained the user's model.
+    class Needy(torch.optim.SGD):
+        def __init__(self, params, lr, needed):
+            super().__init__(params, lr=lr)
+
+    data = _protos()
+    model = _relu_mlp()
+    opt = Needy(model.parameters(), 0.05, True)
+    torch.optim.lr_scheduler.StepLR(opt, 10)
+    nn.CrossEntropyLoss()(model(data[0][0]), data[0][1]).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    d = doctor.diagnose(model, data, nn.CrossEntropyLoss(), opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not opt.state and d.measurements["trials"]["as is"]["ok"]
+
+
+def test_standardising_is_no_cure_when_the_raised_lr_alone_trains():
+    # The standardised trial that stalled was retried at x10 the LR, and its success
+    # credited to standardising; with BatchNorm first, standardising changes nothing and
+    # the raw data trains as well at that LR.
+    data = [(x * 30, y) for x, y in _protos(noise=2.0)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(32), _relu_mlp())
+    d = doctor.diagnose(model, data, nn.CrossEntropyLoss(),
+                        torch.optim.Adam(model.parameters(), lr=3e-5))
+    assert all(f.severity == "info" for f in d.findings if f.check == "input_scale")
+
+
+def test_a_buffer_the_first_forward_creates_does_not_stop_a_trial():
+    class Lazy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _relu_mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "scale"):
+                self.register_buffer("scale", torch.ones(x.shape[1]))
+            return self.net(x * self.scale)
+
+    model = Lazy()
+    d = doctor.diagnose(model, _protos(), nn.CrossEntropyLoss(),
+                        torch.optim.SGD(model.parameters(), lr=0.05))
+    assert d.healthy

@@ -394,19 +394,39 @@ def _tensors(out: Any) -> list[Tensor]:
     return []
 
 
-def check_finite_data(batches: list[Batch]) -> list[Finding]:
-    """NaN/Inf in any batch's inputs or targets: the data's fault, not the model's; every
-    trial would stop at the first such batch, so no training measurement can say more.
+def check_finite_data(batches: list[Batch], model: nn.Module | None = None,
+                      loss_fn: Callable[[Any, Tensor], Tensor] | None = None) -> list[Finding]:
+    """NaN/Inf in any batch's inputs or targets that makes its loss NaN/Inf: the data's
+    fault, not the model's; every trial would stop at the first such batch, so no training
+    measurement can say more. A batch whose loss stays finite (NaN marking a missing
+    label that the loss masks out) is no fault.
 
     Args:
         batches: every batch the doctor holds (a list's all, else a sample).
+        model, loss_fn: to compute the loss of a batch with NaN/Inf (on a copy, without
+            gradients); None: every such batch counts.
 
     Returns:
         One critical ``nonfinite`` finding naming the batches, or none.
     """
     where: dict[str, list[int]] = {"inputs": [], "targets": []}
     count = {"inputs": 0, "targets": 0}
+    shadow: nn.Module | None = None
     for i, (x, y) in enumerate(batches):
+        if all(not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all())
+               for t in (x, y)):
+            continue
+        if model is not None and loss_fn is not None:
+            if shadow is None:
+                shadow = copy.deepcopy(model)
+            try:
+                with torch.no_grad():
+                    masked = bool(torch.isfinite(torch.as_tensor(
+                        loss_fn(shadow(x), y), dtype=torch.float64)).all())
+            except Exception:  # (a loss that raises on it: judged by the values alone)
+                masked = False
+            if masked:
+                continue
         for name, t in (("inputs", x), ("targets", y)):
             if t.is_floating_point() or t.is_complex():
                 n = int((~torch.isfinite(t)).sum())
@@ -506,7 +526,7 @@ def diagnose(
     start = check_finite_start(model, batches[0], loss_fn, pr.loss)
     if start:  # (no LR test or trial can say more: every one starts from this NaN)
         return Diagnosis([*start, *unconfirmed(findings)], meas)
-    bad_data = check_finite_data(_held(data, batches))
+    bad_data = check_finite_data(_held(data, batches), model, loss_fn)
     if bad_data:  # (every trial would stop at the first such batch)
         return Diagnosis([*bad_data, *unconfirmed(findings)], meas)
     lr_meas: dict[str, Any] = {}

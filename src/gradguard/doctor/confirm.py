@@ -29,7 +29,7 @@ from typing import Any
 
 from .findings import CAUSES, Finding
 from .lr_find import Batch
-from .trial import DIVERGE_FACTOR, Trial, Trials, verdict
+from .trial import DIVERGE_FACTOR, STALL_FRACTION, Trial, Trials, verdict
 
 __all__ = ["confirm", "unconfirmed"]
 
@@ -70,6 +70,11 @@ def _trial_of(kind: str, trials: Trials, sample: list[Batch],
     for factor in (10.0, 100.0):
         s = trials.standardized(sample, **kw, lr_scale=factor)
         if s is not None and s.ok:
+            # The control: the raw data at that same LR. When it trains as far, the raised
+            # LR is the cure and standardising is not.
+            found = trials.scaled_lr((factor,))
+            if found is not None and found[1].ok and verdict(found[1], s) == "info":
+                return t, ""
             return s, (f"; then raise the LR {factor:.3g}× (standardised, the gradients are "
                        f"smaller: at your LR, {t.describe()})")
     return t, ""
@@ -210,7 +215,14 @@ def _lr_findings(user: Trial, trials: Trials, meas: dict[str, Any],
     # itself a tenth of the best LR), a higher one; one that stalls near the suggestion,
     # neither. Without a range test, lower first, then higher.
     blew_up = user.diverged or user.peak > DIVERGE_FACTOR * user.start
-    down, up = (0.1, 0.01), () if blew_up else _up_factors(lr, meas)
+    # (Higher LRs only for a run that stalled: one that made progress but ended near its
+    # prior is learning slowly, which a short trial cannot call too low an LR.)
+    stalled = not blew_up and user.progress < STALL_FRACTION
+    # (An LR a warm-up schedule has just set low, below the initial_lr it ramps to, is
+    # not the user's LR: no higher one is advised from it.)
+    warming = any(isinstance(g.get("initial_lr"), int | float)
+                  and g["initial_lr"] > float(g["lr"]) for g in trials.optimizer.param_groups)
+    down, up = (0.1, 0.01), _up_factors(lr, meas) if stalled and not warming else ()
     if blew_up or sugg is None:
         plans = [down, up] if up else [down]
     elif lr <= sugg / 10:
@@ -219,26 +231,32 @@ def _lr_findings(user: Trial, trials: Trials, meas: dict[str, Any],
         plans = [down] if lr >= sugg else []
     tried: list[tuple[float, Trial]] = []
     for factors in plans:
-        found = trials.scaled_lr(factors)
-        if found is None:
-            continue
-        factor, t = found
-        tried.append(found)
-        sev = verdict(user, t)
-        if sev != "info":
-            return [_lr_change(sev, user, trials, factor, t, ev)]
+        for factor in factors:
+            found = trials.scaled_lr((factor,))
+            assert found is not None
+            t = found[1]
+            tried.append(found)
+            sev = verdict(user, t)
+            if sev != "info":
+                return [_lr_change(sev, user, trials, factor, t, ev)]
+            # (Down: the largest lower LR that trains was no cure, so none lower is. Up: a
+            # higher one that barely trains may be the start of what a higher one cures.)
+            if factor < 1 and t.ok:
+                break
     ev["confirmed"] = False
     if not tried:
+        near = "" if sugg is None else f" (the range test suggests {sugg:.3g})"
         return [Finding(
             "learning_rate", "info",
-            f"training at {name} fails ({user.describe()}), within 10× of the range "
-            f"test's suggestion ({sugg:.3g}): no other LR is indicated", evidence=ev)]
+            f"training at {name} fails ({user.describe()}): no other LR is indicated"
+            f"{near}", evidence=ev)]
     factor, t = tried[-1]
     ev["trial"]["fixed"] = t.summary()
     where = f" (LR range test: the loss diverges from {div:.3g})" if div is not None else ""
+    how = "trains little further" if t.ok else "fails too"
     return [Finding(
         "learning_rate", "info",
-        f"training at {name} fails ({user.describe()}), and {_at(lrs, factor)} too "
+        f"training at {name} fails ({user.describe()}), and {_at(lrs, factor)} it {how} "
         f"({t.describe()}): the LR alone is not the cause{where}", evidence=ev)]
 
 

@@ -141,6 +141,10 @@ def _deepcopy_onto(optimizer: torch.optim.Optimizer, model: nn.Module,
     for name in list(vars(clone)):
         if name.startswith("_optimizer_") and name.endswith("_hooks"):
             setattr(clone, name, collections.OrderedDict())
+        elif callable(vars(clone)[name]) and hasattr(type(clone), name):
+            # An instance attribute over a method: an LR scheduler's wrapper of `step`,
+            # which calls the original optimizer's. The copy uses its class's method.
+            delattr(clone, name)
     return clone
 
 

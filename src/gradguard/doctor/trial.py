@@ -140,10 +140,17 @@ class Trial:
 
     @property
     def at_chance(self) -> bool:
-        """Ends no better than a constant prediction: nothing learned from the inputs."""
+        """Ends no better than a constant prediction: nothing learned from the inputs.
+
+        A run that blew up on the way and ends within ``STALL_FRACTION`` of it has
+        collapsed to its prior (a constant predictor's loss is as noisy as the estimate
+        of it); one that never did is learning slowly, as early training on a hard task
+        sits just under its prior, and only counts at or above it."""
         if not math.isfinite(self.chance):
             return False
-        return self.end > self.chance - STALL_FRACTION * abs(self.chance)
+        if self.peak > DIVERGE_FACTOR * self.start:
+            return self.end > self.chance - STALL_FRACTION * abs(self.chance)
+        return self.end >= self.chance
 
     @property
     def ok(self) -> bool:
@@ -294,7 +301,11 @@ class _ConstantPrediction:
             if total <= 0:
                 return []
             freq = (self.counts / total).to(self.device, self.dtype)
-            vecs = [freq.clamp_min(1e-8).log(), torch.zeros_like(freq), freq]
+            # The prior's log: the best constant logits (cross-entropy) and the prior's
+            # log-probabilities (log_softmax + nll_loss) alike; the prior itself only for a
+            # model whose outputs are probabilities. (Uniform zeros or raw frequencies fed
+            # as log-probabilities would be no distribution: a negative "loss".)
+            vecs = [freq.clamp_min(1e-8).log()] + ([freq] if self.probabilities else [])
             return [lambda y, v=v, d=d: _along(v, d, y) for v in vecs for d in self.dims]
         if self.n == 0:
             return []
@@ -325,7 +336,9 @@ class _ConstantPrediction:
                 except Exception:  # (a loss that does not take this form of prediction)
                     continue
                 med = vals[len(vals) // 2] if vals else math.nan
-                if math.isfinite(med) and (math.isnan(best) or med < best):
+                # (a negative loss is no constant prediction's: the loss is read outside
+                # its domain, or has a term a constant cannot stand for)
+                if math.isfinite(med) and med >= 0 and (math.isnan(best) or med < best):
                     best = med
         return best
 
@@ -396,15 +409,18 @@ def run_trial(
 
     # The start: the untouched copy, train mode as in training (dropout, batch statistics),
     # with its buffers (BatchNorm's running statistics) put back afterwards.
-    saved = [b.detach().clone() for b in net.buffers()]
+    # (by name: a buffer the first forward creates, a lazily built cache, has no saved
+    # value and keeps the one it was made with)
+    saved = {n: b.detach().clone() for n, b in net.named_buffers()}
     with torch.no_grad():
         raw, value = recorded(net(head[0][0]), head[0][1])
         floor = _ConstantPrediction(raw, head[0][1])
         res.initial.append(value)
         for x, y in head[1:]:
             res.initial.append(recorded(net(x), y)[1])
-        for b, s in zip(net.buffers(), saved, strict=True):
-            b.copy_(s)
+        for n, b in net.named_buffers():
+            if n in saved and saved[n].shape == b.shape:
+                b.copy_(saved[n])
     tail: collections.deque[Tensor] = collections.deque(maxlen=END_STEPS)
     for x, y in itertools.islice(itertools.chain(head, stream), steps):
         opt.zero_grad(set_to_none=True)
