@@ -433,10 +433,17 @@ class Recorder:
     def close(self) -> None:
         """Flush and close every sink, the others too when one fails (its error is raised
         after: a tracker that cannot be reached must not leave the run log open)."""
+        error: BaseException | None = None
         try:
             self.flush()
-        finally:
+        except Exception as e:
+            error = e
+        try:
             _each(self.sinks, lambda s: s.close())
+        except Exception as e:
+            error = error or e
+        if error is not None:
+            raise error
 
 
 def _each(sinks: list[Sink], call: Callable[[Sink], object]) -> None:

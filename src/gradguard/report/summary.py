@@ -38,7 +38,7 @@ class RunSummary:
     timeline: list[Event] = field(default_factory=list)
     lr_changes: list[tuple[int, float]] = field(default_factory=list)
     meta: Mapping[str, Any] = field(default_factory=dict)  # the run's Meta
-    bad_lines: int = 0  # lines that are no record (torn, corrupt): skipped
+    bad_lines: int = 0  # lines of the file that are no record (torn, corrupt): skipped
     resumed_at: list[int] = field(default_factory=list)  # steps a guard resumed the run at
     run: int = 0  # which run of the file (0-based)
     runs: int = 1  # how many runs the file holds
