@@ -309,9 +309,11 @@ def doctor(
     if json_out:
         import json
 
-        # allow_nan=False: strict JSON, so a NaN that slipped past _finite_json fails here,
+        from .doctor.findings import jsonable
+
+        # allow_nan=False: strict JSON, so a NaN that slipped past jsonable fails here,
         # not in the reader's parser.
-        typer.echo(json.dumps(_finite_json(out), indent=2, default=str, allow_nan=False))
+        typer.echo(json.dumps(jsonable(out), indent=2, default=str, allow_nan=False))
         if failed:
             raise typer.Exit(1)
         return
@@ -347,23 +349,6 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _finite_json(v: object) -> object:
-    """``v`` with every NaN/Inf float written as a string ("nan", "inf", "-inf").
-
-    Args:
-        v: the doctor's output: dicts, lists and scalars.
-
-    Returns:
-        The same structure, valid strict JSON; the findings part already reads this way
-        (``Diagnosis.to_dict``), so the ``fix`` part now matches it.
-    """
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: _finite_json(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite_json(x) for x in v]
-    return v
 
 
 # --fail-on: which severities make the doctor exit 1.

@@ -56,13 +56,15 @@ class Finding:
         return (SEVERITIES.index(self.severity), CAUSES.index(self.check), -self.score)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` with NaN/Inf floats as the strings "nan"/"inf"/"-inf", at any depth: strict
+    JSON for ``json.dumps`` (``--json`` output)."""
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
@@ -110,7 +112,7 @@ class Diagnosis:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({
+        return jsonable({
             "root_cause": self.root_cause.check if self.root_cause else None,
             "findings": [asdict(f) for f in self.findings],
             "measurements": self.measurements,
