@@ -29,6 +29,7 @@ Record schema (one JSON object per line in the JSONL sink):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -428,31 +429,21 @@ class Recorder:
             return
         records = [self.serialise(r) for r in self._pending]
         self._pending = []
-        _each(self.sinks, lambda s: s.steps(records))
+        _all(functools.partial(s.steps, records) for s in self.sinks)
 
     def close(self) -> None:
         """Flush and close every sink, the others too when one fails (its error is raised
         after: a tracker that cannot be reached must not leave the run log open)."""
-        error: BaseException | None = None
-        try:
-            self.flush()
-        except Exception as e:
-            error = e
-        try:
-            _each(self.sinks, lambda s: s.close())
-        except Exception as e:
-            error = error or e
-        if error is not None:
-            raise error
+        _all([self.flush, *(s.close for s in self.sinks)])
 
 
-def _each(sinks: list[Sink], call: Callable[[Sink], object]) -> None:
-    """``call`` every sink; one that raises does not keep the rest from theirs (the first
-    error is raised once all were called)."""
+def _all(calls: Iterable[Callable[[], object]]) -> None:
+    """Make every call; one that raises does not keep the rest from theirs (the first
+    error is raised once all were made)."""
     error: BaseException | None = None
-    for s in sinks:
+    for call in calls:
         try:
-            call(s)
+            call()
         except Exception as e:
             error = error or e
     if error is not None:
@@ -538,21 +529,6 @@ def _plan(parts: list[_Part]) -> list[list[tuple[int, float]]]:
     return runs
 
 
-def runs(path: str | os.PathLike[str], bad: list[int] | None = None
-         ) -> list[list[dict[str, Any]]]:
-    """The runs a log holds, each a list of records (see :func:`read_jsonl` to stream one).
-
-    Each guard appends its own part, starting with a meta line. A guard that resumed a
-    saved state (its meta's ``first_step`` past 0) continues the latest run that crashed,
-    gave up or stopped cleanly where it resumed: its part joins that run, whose
-    records from that step on give way to it (a crashed run's steps past the snapshot it
-    resumed from were done again). A finished run resumed from an earlier step is a new
-    run.
-    """
-    plan = _plan(_parts(path, None))
-    return [list(_stream(path, r, bad)) for r in plan]
-
-
 def _stream(path: str | os.PathLike[str], run: list[tuple[int, float]],
             bad: list[int] | None) -> Iterator[dict[str, Any]]:
     """The records of one run of :func:`_plan`, read as they come."""
@@ -582,7 +558,8 @@ def refuse_non_log(path: str | os.PathLike[str], read_any: bool) -> None:
 
 
 def count_runs(path: str | os.PathLike[str]) -> int:
-    """How many runs a log holds (see :func:`runs`)."""
+    """How many runs a log holds (see :func:`_plan`: each guard appends its own part, and a
+    guard that resumed a saved state may continue an earlier run)."""
     return max(1, len(_plan(_parts(path, None))))
 
 
@@ -593,8 +570,8 @@ def read_jsonl(path: str | os.PathLike[str], run: int | None = None,
     Args:
         path: the JSONL file a ``Guard(log=...)`` wrote.
         run: which run of a file that several guards appended to (each run starts with its
-            ``meta`` line; a guard that resumed a saved state continues the run before it,
-            see :func:`runs`): ``0`` the first, ``-1`` the last; None reads every record.
+            ``meta`` line; a guard that resumed a saved state may continue an earlier run,
+            see :func:`_plan`): ``0`` the first, ``-1`` the last; None reads every record.
         bad: a one-element list the number of lines that are no record (torn, corrupt:
             skipped) is added to.
 
