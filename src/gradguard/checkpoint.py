@@ -157,10 +157,11 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
         for key, cls in (("stability", Stability), ("rollback", Rollback)):
             saved["policy"][key] = with_defaults(saved["policy"][key], cls)
         saved["policy"]["rollback"] = _decisions(saved["policy"]["rollback"])
-    if "shapes" not in saved:  # (saved before the shapes were: the count is all there is)
-        saved = {**saved, "shapes": config(g)["shapes"]}
-    saved = {**saved, "shapes": _unwrapped(saved["shapes"], config(g)["shapes"])}
-    diff = config_diff(saved, config(g))
+    mine = config(g)
+    # (saved before the shapes were: the count is all there is)
+    shapes = saved["shapes"] if "shapes" in saved else mine["shapes"]
+    saved = {**saved, "shapes": _unwrapped(shapes, mine["shapes"])}
+    diff = config_diff(saved, mine)
     # The detectors' own settings (a window's length) are theirs to check: tried on
     # copies, so that a state that does not fit is a difference like the others, found
     # before anything is loaded.
