@@ -23,7 +23,6 @@ up) read the same rows and agree too.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, GuardUsageError
-from .record import ROW_LAG
+from .record import Mailbox
 
 __all__ = ["Sync", "is_sharded", "local_tensor", "make_sync", "split_dims"]
 
@@ -127,8 +126,7 @@ class Sync:
         self._weight: Tensor | None = None  # this step's, aligned with its gradients
         self._steps = 0
         # How many ranks passed a loss, per step, until read on the host (see _losses).
-        self._given: deque[tuple[int, Tensor, Any]] = deque()
-        self._pool: list[Tensor] = []  # pinned host tensors to reuse for those counts
+        self._given: Mailbox | None = None
 
     def step(self, norms: Tensor, loss: Tensor | None, nonfinite: Tensor,
              bad_data: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
@@ -194,27 +192,13 @@ class Sync:
         stall the loop on the device every step. The lag is fixed, so every rank raises
         at the same step and none is left waiting in the next all-reduce.
         """
-        cuda = given.device.type == "cuda"
-        if cuda:
-            host = self._pool.pop() if self._pool else \
-                torch.empty((), dtype=given.dtype, pin_memory=True)
-            host.copy_(given, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._given.append((self._steps, host, done))
-        else:
-            # (a CPU tensor is read for free; another accelerator's row is copied to the
-            # host at once too, a sync the Mailbox makes every step already)
-            self._given.append((self._steps, given.cpu(), None))
+        if self._given is None:
+            self._given = Mailbox(given.device)
+        box = self._given
+        box.post(self._steps, given.reshape(1))
         self._steps += 1
-        due = self._steps - 1 - (ROW_LAG if cuda else 0)
-        while self._given and self._given[0][0] <= due:
-            step, host, done = self._given.popleft()
-            if done is not None:
-                done.synchronize()  # (recorded ROW_LAG steps ago: long done)
-            count = int(host.numpy())  # (a host tensor: a memory read, as the Mailbox's)
-            if done is not None:
-                self._pool.append(host)
+        for step, row in box.poll(upto=self._steps - 1 - box.lag):
+            count = round(float(row[0]))  # (a host array: no device read)
             if 0 < count < self.world:
                 ago = self._steps - 1 - step
                 raise GuardUsageError(
