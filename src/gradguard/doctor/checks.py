@@ -6,7 +6,7 @@ import copy
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
 from .lr_find import Batch, as_batch, cycle_batches, is_batch, lr_find
 from .probe import ProbeResult, probe
-from .trial import Trials, feature_dim, group_lrs
+from .trial import Trials, _features, _leaves, feature_dim, group_lrs
 
 __all__ = ["diagnose", "diagnose_run"]
 
@@ -102,19 +102,6 @@ def check_lr(model: nn.Module, optimizer: torch.optim.Optimizer, data: Any,
 
 
 # -- 3. input scale -------------------------------------------------------------------
-
-
-def _features(x: Tensor, dim: int = 1) -> Tensor:
-    """(rows, features) view of one batch of inputs: features on axis ``dim`` (tabular
-    columns, image or signal channels, the last axis of a sequence); ``(N,)`` inputs are
-    one feature. Rows with a NaN/Inf are dropped (they are the data check's)."""
-    x = x.detach().float()
-    if x.dim() < 2:
-        f = x.reshape(-1, 1)
-    else:
-        f = x.movedim(dim % x.dim(), -1)
-        f = f.reshape(-1, f.shape[-1])
-    return f[torch.isfinite(f).all(1)]
 
 
 def check_inputs(batches: list[Batch], model: nn.Module | None = None
@@ -368,7 +355,7 @@ def check_finite_start(model: nn.Module, batch: Batch,
     else:
         with torch.no_grad():
             out = copy.deepcopy(model)(x)
-        if any(bad(t) for t in _tensors(out)):
+        if any(bad(t) for _, t in _leaves(out)):
             title = (f"the loss is {loss} before any step: the model's output is NaN/Inf on "
                      "finite inputs (an overflow in the forward pass)")
             fix = ("look at the init's scale and unbounded activations (the init and "
@@ -380,18 +367,6 @@ def check_finite_start(model: nn.Module, batch: Batch,
                    "targets outside the range it expects (class indices, probabilities)")
     return [Finding("nonfinite", "critical", title, evidence={"loss": loss}, fix=fix,
                     score=10.0)]
-
-
-def _tensors(out: Any) -> list[Tensor]:
-    """Every tensor of a model's output: itself, or those in a tuple, list or Mapping (a
-    Hugging Face ModelOutput is one), at any depth."""
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, tuple | list):
-        return [t for v in out for t in _tensors(v)]
-    return []
 
 
 def check_finite_data(batches: list[Batch], model: nn.Module | None = None,

@@ -494,20 +494,28 @@ def _regression_like(ys: list[Tensor]) -> bool:
     return len(torch.unique(flat[:10_000])) > 2
 
 
+def _features(x: Tensor, dim: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(rows, features) view of one batch of inputs: features on axis ``dim`` (tabular
+    columns, image or signal channels, the last axis of a sequence); ``(N,)`` inputs are
+    one feature. Rows with a NaN/Inf are dropped (they are the data check's)."""
+    x = x.detach().to(dtype)
+    if x.dim() < 2:
+        f = x.reshape(-1, 1)
+    else:
+        f = x.movedim(dim % x.dim(), -1)
+        f = f.reshape(-1, f.shape[-1])
+    return f[torch.isfinite(f).all(1)]
+
+
 def _input_moments(xs: list[Tensor], dim: int) -> tuple[Tensor, Tensor]:
     """Per-feature mean and std of inputs along ``dim``, shaped to broadcast over a batch
     without its first axis; ``(N,)`` inputs are one feature (scalar statistics)."""
     rank = xs[0].dim()
-    if rank == 1:
-        flat = torch.cat([x.detach().double().reshape(-1, 1) for x in xs])
-        view: list[int] = []
-    else:
-        d = dim % rank
-        flat = torch.cat([x.detach().double().movedim(d, -1).reshape(-1, x.shape[d])
-                          for x in xs])
+    flat = torch.cat([_features(x, dim, torch.float64) for x in xs])
+    view: list[int] = []
+    if rank > 1:
         view = [1] * (rank - 1)
-        view[d - 1] = flat.shape[1]
-    flat = flat[torch.isfinite(flat).all(1)]
+        view[dim % rank - 1] = flat.shape[1]
     mean, std = flat.mean(0), flat.std(0, correction=0)
     std = torch.where(std < 1e-8, torch.ones_like(std), std)  # (a constant feature)
     dt = torch.promote_types(xs[0].dtype, torch.float32)
