@@ -172,7 +172,7 @@ class HostSide:
             # batch's data flag and its samples are no step's; counted into the next
             # step, they made every later full step read as a smaller one.)
             self.inputs.take()
-            self.g._samples.pending = 0
+            self.g._samples.discard()
             return True
         return False
 

@@ -61,6 +61,11 @@ class SampleCounter:
         self.full = max(self.full, n)
         return math.sqrt(self.full / n)
 
+    def discard(self) -> None:
+        """Forget the samples counted since the last step (a batch dropped after its
+        forward pass: no step's)."""
+        self.pending = 0
+
     def remove(self) -> None:
         """Stop counting (the guard is closed)."""
         if self._handle is not None:
