@@ -606,12 +606,8 @@ class Trials:
             mean, std = _input_moments(xs, feature_dim(self.model, xs[0]))
             kwargs["prepare"] = Standardizer(mean, std).wrap
         if do_y:
-            flat = torch.cat([y.detach().double().reshape(len(y), -1) for y in ys])
-            flat = flat[torch.isfinite(flat).all(1)]
-            dt = torch.promote_types(ys[0].dtype, torch.float32)
-            y_mean = flat.mean(0).to(dt)
-            y_std = flat.std(0, correction=0)
-            y_std = torch.where(y_std < 1e-8, torch.ones_like(y_std), y_std).to(dt)
+            # (one mean and std per target element, as for the inputs' features)
+            y_mean, y_std = _input_moments([y.reshape(len(y), -1) for y in ys], 1)
 
             def fwd(y: Tensor) -> Tensor:
                 mu, sd = y_mean.to(y.device), y_std.to(y.device)
