@@ -72,8 +72,8 @@ def _trial_of(kind: str, trials: Trials, sample: list[Batch],
         if s is not None and s.ok:
             # The control: the raw data at that same LR. When it trains as far, the raised
             # LR is the cure and standardising is not.
-            found = trials.scaled_lr((factor,))
-            if found is not None and found[1].ok and verdict(found[1], s) == "info":
+            raw = trials.scaled_lr(factor)
+            if raw.ok and verdict(raw, s) == "info":
                 return t, ""
             return s, (f"; then raise the LR {factor:.3g}× (standardised, the gradients are "
                        f"smaller: at your LR, {t.describe()})")
@@ -232,10 +232,8 @@ def _lr_findings(user: Trial, trials: Trials, meas: dict[str, Any],
     tried: list[tuple[float, Trial]] = []
     for factors in plans:
         for factor in factors:
-            found = trials.scaled_lr((factor,))
-            assert found is not None
-            t = found[1]
-            tried.append(found)
+            t = trials.scaled_lr(factor)
+            tried.append((factor, t))
             sev = verdict(user, t)
             if sev != "info":
                 return [_lr_change(sev, user, trials, factor, t, ev)]

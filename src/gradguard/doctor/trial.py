@@ -635,23 +635,6 @@ class Trials:
             return f"LR {self.user_lr * factor:.3g}"
         return f"LRs ×{factor:.3g}"
 
-    def scaled_lr(self, factors: Iterable[float]) -> tuple[float, Trial] | None:
-        """The first of ``factors`` (every group's LR times it) that trains, else the last.
-
-        Returns:
-            The factor and its trial; None when ``factors`` is empty.
-        """
-        found = None
-        for factor in factors:
-            t = self._run(self.lr_label(factor), lr_scale=factor)
-            found = (factor, t)
-            if t.ok:
-                break
-        return found
-
-    def lower_lr(self) -> tuple[float, Trial]:
-        """The first of LR/10 and LR/100 that trains, else the last one tried: the factor
-        applied to every group's LR, and the trial."""
-        found = self.scaled_lr((0.1, 0.01))
-        assert found is not None
-        return found
+    def scaled_lr(self, factor: float) -> Trial:
+        """The user's setup with every group's LR times ``factor``."""
+        return self._run(self.lr_label(factor), lr_scale=factor)
