@@ -176,6 +176,72 @@ def test_checkpoint_saves_and_restores_guard_state(data, tmp_path):
     assert int(cb2.guard.skipped) == 1
 
 
+def test_a_validate_checkpoint_leaves_a_later_fit_fresh(data, tmp_path):
+    xtr, ytr, _, _ = data
+    t = trainer(callbacks=[GradGuardCallback()], max_steps=12)
+    t.fit(make_module(), loader(xtr, ytr, {8: "nan"}))
+    path = tmp_path / "a.ckpt"
+    t.save_checkpoint(path)
+
+    class Evaluated(type(make_module())):
+        def validation_step(self, batch, _idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+    cb = GradGuardCallback()
+    t2 = trainer(callbacks=[cb], max_steps=6)
+    module = Evaluated()
+    t2.validate(module, loader(xtr[:256], ytr[:256]), ckpt_path=path, verbose=False)
+    t2.fit(module, loader(xtr, ytr))  # no ckpt_path: a new run, not the saved one resumed
+    assert cb.guard.steps == 6 and int(cb.guard.skipped) == 0
+
+
+def test_resume_with_changed_settings_needs_strict_false(data, tmp_path):
+    xtr, ytr, _, _ = data
+    t = trainer(callbacks=[GradGuardCallback()], max_steps=12)
+    t.fit(make_module(), loader(xtr, ytr, {8: "nan"}))
+    path = tmp_path / "a.ckpt"
+    t.save_checkpoint(path)
+
+    def resume(**kw):
+        cb = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0), **kw)
+        trainer(callbacks=[cb], max_steps=20, max_epochs=2).fit(
+            make_module(), loader(xtr, ytr), ckpt_path=path)
+        return cb
+
+    with pytest.raises(gg.ConfigError, match="other settings"):
+        resume()
+    cb = resume(strict=False)  # a clip added mid-run: the counters carry on
+    assert cb.guard.steps == 20 and int(cb.guard.skipped) == 1
+    with pytest.raises(gg.ConfigError, match="strict"):
+        GradGuardCallback(strict="no")
+
+
+def test_a_late_gradient_hook_is_warned_about(data):
+    xtr, ytr, _, _ = data
+
+    class Masked(type(make_module())):
+        def on_before_optimizer_step(self, optimizer):
+            for p in self.net[0].parameters():
+                p.grad.zero_()
+
+    with pytest.warns(UserWarning, match="Masked.*already stepped"):
+        trainer(callbacks=[GradGuardCallback()], max_steps=2).fit(Masked(), loader(xtr, ytr))
+
+    class Logs(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pass
+
+    with pytest.warns(UserWarning, match="Logs.*already stepped"):
+        trainer(callbacks=[GradGuardCallback(), Logs()], max_steps=2).fit(
+            make_module(), loader(xtr, ytr))
+    import warnings
+    with warnings.catch_warnings():  # before the guard, the hook sees the gradients in time
+        warnings.filterwarnings("error", message=".*already stepped")
+        trainer(callbacks=[Logs(), GradGuardCallback()], max_steps=2).fit(
+            make_module(), loader(xtr, ytr))
+
+
 def test_refuses_gradient_clip_val(data):
     xtr, ytr, _, _ = data
     with pytest.raises(gg.ConfigError, match="gradient_clip_val"):

@@ -27,6 +27,7 @@ manual optimization, and a skipped step leaves parameters and optimizer moments 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import torch
@@ -58,14 +59,39 @@ def _callback_bases() -> tuple[type, ...]:
     return tuple(bases)
 
 
-def _overrides_clipping(pl_module: Any) -> bool:
-    """True when the user's LightningModule defines its own ``configure_gradient_clipping``."""
-    for cls in type(pl_module).__mro__:
-        if cls.__name__ == "LightningModule":
+def _overrides(obj: Any, hook: str, base: str) -> bool:
+    """True when ``obj``'s class (below Lightning's ``base`` class) defines ``hook``."""
+    for cls in type(obj).__mro__:
+        if cls.__name__ == base:
             return False
-        if "configure_gradient_clipping" in cls.__dict__:
+        if hook in cls.__dict__:
             return True
     return False
+
+
+def _overrides_clipping(pl_module: Any) -> bool:
+    """True when the user's LightningModule defines its own ``configure_gradient_clipping``."""
+    return _overrides(pl_module, "configure_gradient_clipping", "LightningModule")
+
+
+def _late_gradient_hooks(trainer: Any, pl_module: Any, callback: Any) -> list[str]:
+    """Who else implements ``on_before_optimizer_step`` and runs after the guard has stepped:
+    Lightning calls the callbacks in their order, then the module's hook."""
+    late, after = [], False
+    for cb in getattr(trainer, "callbacks", []):
+        if cb is callback:
+            after = True
+        elif after and _overrides(cb, "on_before_optimizer_step", "Callback"):
+            late.append(type(cb).__name__)
+    if _overrides(pl_module, "on_before_optimizer_step", "LightningModule"):
+        late.append(f"{type(pl_module).__name__} (the LightningModule)")
+    return late
+
+
+def _fitting(trainer: Any) -> bool:
+    """True while the trainer runs ``fit`` (or when it cannot say)."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return fn is None or getattr(fn, "value", fn) == "fit"
 
 
 class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
@@ -84,14 +110,23 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         watch_batch: watch each batch for NaN/Inf, targets included (True); only the first
             layer's inputs (False); or what a function of the batch returns (leave out a
             tensor that holds NaN or -inf on purpose, such as masked-out targets).
+        strict: how ``fit(ckpt_path=...)`` loads the guard state the checkpoint holds
+            (:meth:`gradguard.Guard.load_state_dict`): True refuses a state saved with
+            other guard settings; False loads what those settings leave valid (change a
+            setting mid-run, e.g. add a clip, and resume).
         **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
             ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
             ``scaler``: the callback uses the precision plugin's.
     """
 
     def __init__(self, *, prefix: str = "gradguard/", log_metrics: bool = True,
-                 watch_batch: WatchBatch = True, **guard_kwargs: Any) -> None:
+                 watch_batch: WatchBatch = True, strict: bool = True,
+                 **guard_kwargs: Any) -> None:
         super().__init__()
+        if not isinstance(strict, bool):
+            raise ConfigError(f"GradGuardCallback(strict=...) must be True or False, got "
+                              f"{strict!r}")
+        self.strict = strict
         for k in ("model", "optimizer", "scaler"):
             if k in guard_kwargs:
                 raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
@@ -129,6 +164,20 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         """Refuse a conflicting configuration before any training happens."""
         if stage == "fit":
             self._check(trainer, pl_module)
+            late = _late_gradient_hooks(trainer, pl_module, self)
+            if late:
+                # (Not refused: most such hooks only log, e.g. Lightning's grad_norm.)
+                warnings.warn(
+                    f"on_before_optimizer_step of {', '.join(late)} runs after "
+                    "GradGuardCallback has already stepped the optimizer: a gradient it "
+                    "edits there changes nothing. Edit gradients in on_after_backward, or "
+                    "as a clip transform (GradGuardCallback(clip=...)); a callback can "
+                    "instead go before GradGuardCallback in the Trainer's callbacks",
+                    stacklevel=2)
+        else:
+            # A validate/test/predict(ckpt_path=...) reads a checkpoint too: its guard
+            # state is no later fit's to resume.
+            self._pending_state = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Build the guard once optimizers, schedulers and any checkpoint are in place."""
@@ -140,7 +189,9 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
                 f"{len(optimizers)}. With several (a GAN), use manual optimisation "
                 "(self.automatic_optimization = False) and build a guard per optimizer in "
                 "on_train_start, gg.Guard(self, opt, params=[p for g in opt.param_groups for p "
-                "in g['params']]), calling guard.step() in place of opt.step()")
+                "in g['params']]), calling guard.step() in place of opt.step(); Lightning's "
+                "trainer.global_step counts only the steps of its own optimizer wrappers, so "
+                "bound such a run by max_epochs or limit_train_batches, not max_steps")
         opt = optimizers[0]
         if isinstance(opt, torch.optim.LBFGS):
             raise ConfigError("LBFGS evaluates its closure several times per step; the guard "
@@ -149,7 +200,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         for cfg in trainer.lr_scheduler_configs:
             self.guard.track(cfg.scheduler)  # rolled back with the model
         if self._pending_state is not None:
-            self.guard.load_state_dict(self._pending_state)
+            self.guard.load_state_dict(self._pending_state, strict=self.strict)
             self._pending_state = None
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._scaler is not None:
@@ -272,9 +323,11 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
                            checkpoint: dict[str, Any]) -> None:
         """Restore the guard's state; applied when the guard is built at ``on_train_start``."""
         state = checkpoint.get(STATE_KEY)
-        if state is None:
+        if state is None or not _fitting(trainer):
+            # (validate/test/predict(ckpt_path=...) load the weights to evaluate them; the
+            # guard state is resumed only by fit(ckpt_path=...))
             return
         if self.guard is not None and self._gate is not None:
-            self.guard.load_state_dict(state)
+            self.guard.load_state_dict(state, strict=self.strict)
         else:
             self._pending_state = state
