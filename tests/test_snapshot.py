@@ -193,3 +193,31 @@ def test_a_wrapped_tracked_scheduler_takes_the_lr_back_with_its_count():
             s = snap.take(t, model, list(model.parameters()), opt, {}, [wrapped])
     snap.restore(s, model, list(model.parameters()), opt, [wrapped])
     assert opt.param_groups[0]["lr"] == 0.5 ** 3 and sched.last_epoch == 3
+
+
+@pytest.mark.parametrize("to_cpu", [False, True])
+def test_a_rollback_returns_low_precision_models_optimizer_state_exactly(to_cpu):
+    # torch's load_state_dict casts floating state to the parameter's dtype: NAdam's
+    # float32 mu_product (ASGD's eta/mu) must not come back rounded to bfloat16.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).bfloat16()
+    for opt in (torch.optim.NAdam(model.parameters(), lr=1e-2),
+                torch.optim.ASGD(model.parameters(), lr=1e-2)):
+        x = torch.randn(8, 4).bfloat16()
+
+        def step(opt=opt, x=x):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+        s = snap.take(3, model, list(model.parameters()), opt, {}, to_cpu=to_cpu)
+        for _ in range(3):
+            step()
+        snap.restore(s, model, list(model.parameters()), opt)
+        after = opt.state[model.weight]
+        for k, v in before.items():
+            assert after[k].dtype == v.dtype, k
+            assert torch.equal(after[k], v), k

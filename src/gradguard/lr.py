@@ -28,6 +28,23 @@ def host_lr(lr: Any) -> float | None:
     return None
 
 
+def _scale_rprop(optimizer: torch.optim.Optimizer, f: float) -> None:
+    """Scale Rprop's per-element step sizes and their bounds by ``f``.
+
+    Rprop reads a group's LR only to start its step sizes, then adapts them on its own
+    (Riedmiller & Braun 1993), so a scaled LR alone would change nothing after the first
+    step. Scaling the sizes and their clamp for the step, and back after it, applies the
+    factor to the update and leaves the sizes' own adaptation as it would have been.
+    """
+    for g in optimizer.param_groups:
+        lo, hi = g["step_sizes"]
+        g["step_sizes"] = (lo * f, hi * f)
+        sizes = [st["step_size"] for p in g["params"]
+                 if isinstance(st := optimizer.state.get(p), dict) and "step_size" in st]
+        if sizes:
+            torch._foreach_mul_(sizes, f)
+
+
 class LRFactor:
     """Scale × warm-up, with a device copy for the per-step row.
 
@@ -76,12 +93,20 @@ class LRFactor:
         groups = self.optimizer.param_groups
         f = self.factor
         base = [g["lr"] for g in groups]
+        rprop = f != 1.0 and isinstance(self.optimizer, torch.optim.Rprop)
         if f != 1.0:
             for g, b in zip(groups, base, strict=True):
                 g["lr"] = b * f
+        bounds = [g.get("step_sizes") for g in groups]
+        if rprop:
+            _scale_rprop(self.optimizer, f)
         try:
             yield
         finally:
+            if rprop:
+                _scale_rprop(self.optimizer, 1.0 / f)
+                for g, b in zip(groups, bounds, strict=True):
+                    g["step_sizes"] = b  # (exactly the user's, not lo·f/f)
             if f != 1.0:
                 for g, b in zip(groups, base, strict=True):
                     g["lr"] = b

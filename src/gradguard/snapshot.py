@@ -267,11 +267,30 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
     scheduled = any(_drives(e, optimizer) for e in extras)
     now = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(clone_tree(snap.optimizer))
+    _keep_dtypes(optimizer, snap.optimizer)
     if not scheduled and len(now) == len(optimizer.param_groups):
         for group, hyper in zip(optimizer.param_groups, now, strict=True):
             group.update(hyper)
     for e, s in zip(extras, snap.extras, strict=True):
         e.load_state_dict(clone_tree(s))
+
+
+def _keep_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Put back the state entries ``load_state_dict`` cast to their parameter's dtype.
+
+    torch casts every floating state tensor but ``step`` to the parameter's dtype, so with
+    bfloat16 parameters NAdam's float32 ``mu_product`` (ASGD's ``eta``/``mu``) came back
+    rounded: a rollback must return the state exactly as it was snapshotted.
+    """
+    states = saved.get("state", {})
+    groups = saved.get("param_groups", [])
+    for group, saved_group in zip(optimizer.param_groups, groups, strict=False):
+        for p, key in zip(group["params"], saved_group.get("params", []), strict=False):
+            now = optimizer.state.get(p)
+            for k, v in states.get(key, {}).items():
+                cur = None if now is None else now.get(k)
+                if type(v) is Tensor and type(cur) is Tensor and cur.dtype != v.dtype:
+                    now[k] = v.to(device=cur.device, copy=True)
 
 
 def save_file(snap: Snapshot, path: str | os.PathLike[str]) -> Path:
