@@ -89,3 +89,22 @@ def test_a_bad_mapping_changes_nothing_and_replacements_follow_the_model():
         fixes.swap_activations(model, {nn.ReLU: nn.GELU()})
     fixes.swap_activations(model, {nn.ReLU: nn.PReLU})  # (PReLU has a weight)
     assert model(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_a_transformer_layers_fast_path_flag_follows_its_new_activation():
+    # torch's eval-mode fast path computes ReLU/GELU from activation_relu_or_gelu and
+    # ignores .activation: with the flag left at 1, inference still ran ReLU.
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    for act, mapping, flag in [(nn.ReLU(), "bounded", 0), (nn.Tanh(), {nn.Tanh: nn.GELU}, 2),
+                               (nn.Tanh(), {nn.Tanh: nn.ReLU}, 1),
+                               (nn.Tanh(), {nn.Tanh: lambda: nn.GELU("tanh")}, 0)]:
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=act,
+                                           batch_first=True)
+        model = nn.Sequential(layer)
+        fixes.swap_activations(model, mapping)
+        assert layer.activation_relu_or_gelu == flag
+        train_out = model(x).detach()
+        model.eval()
+        with torch.no_grad():
+            assert torch.allclose(model(x), train_out, atol=1e-5)

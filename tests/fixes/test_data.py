@@ -163,3 +163,31 @@ def test_statistics_round_trip_through_torch_save_and_bad_ones_are_refused(tmp_p
     ]:
         with pytest.raises(gg.ConfigError, match=words):
             fixes.Standardizer.from_state_dict(bad)
+
+
+def test_a_tuple_is_one_batch_and_a_list_is_batches_whatever_the_shapes():
+    # Two same-sized input batches in a list were read as (inputs, targets).
+    torch.manual_seed(0)
+    b1, b2 = torch.randn(16, 3) * 5 + 1, torch.randn(16, 3) * 5 + 1
+    batches = fixes.Standardizer.fit([b1, b2])
+    assert not batches.has_targets
+    assert torch.allclose(batches.x_mean, torch.cat([b1, b2]).mean(0), atol=1e-5)
+    pair = fixes.Standardizer.fit((b1, b2))  # the same tensors as a tuple: a pair
+    assert pair.has_targets and torch.allclose(pair.x_mean, b1.mean(0), atol=1e-5)
+    seqs = fixes.Standardizer.fit([torch.randn(4, 6, 5), torch.randn(4, 7, 5)], dim=-1)
+    assert not seqs.has_targets and seqs.x_mean.shape == (1, 5)
+    # An (x, y) batch handed over as a list is refused with the way out, not misread.
+    with pytest.raises(gg.ConfigError, match=r"as a tuple \(x, y\)"):
+        fixes.Standardizer.fit([torch.randn(8, 4), torch.randn(8, 1)])
+    with pytest.raises(gg.ConfigError, match=r"as a tuple \(x, y\)"):
+        fixes.Standardizer.fit([torch.randn(8, 4), torch.randn(8)])
+
+
+def test_bad_fit_arguments_are_config_errors():
+    x = torch.randn(10, 3)
+    for kw, words in [({"eps": "1e-8"}, "eps"), ({"eps": 0}, "eps"), ({"dim": "1"}, "dim"),
+                      ({"dim": 1.0}, "dim"), ({"dim": 5}, "dim=5 is not a dimension"),
+                      ({"dim": -3}, "dim=-3 is not a dimension")]:
+        with pytest.raises(gg.ConfigError, match=words):
+            fixes.Standardizer.fit(x, **kw)
+    assert fixes.Standardizer.fit(x, dim=-1).x_mean.shape == (3,)

@@ -228,3 +228,101 @@ def test_reading_the_forward_leaves_a_stateful_model_as_it_was():
     assert model.calls == 0 and model.memory is None
     assert set(vars(model)) == set(vars(Stateful()))
     assert isinstance(model(torch.randn(3, 4)), torch.Tensor)
+
+
+class _TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.body = nn.Linear(8, 8)
+        self.act = nn.GELU()
+        self.head = nn.Linear(8, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(self.emb(t))))
+
+
+def test_a_weight_tied_to_the_embedding_is_left_alone_and_named():
+    torch.manual_seed(0)
+    lm = _TinyLM()
+    before = lm.emb.weight.detach().clone()
+    rep = fixes.reinit(lm)
+    assert rep.layers == ["body"] and torch.equal(lm.emb.weight, before)
+    assert lm.head.weight is lm.emb.weight
+    assert any(s.startswith("head (its weight is tied to 'emb'") for s in rep.skipped)
+    assert fixes.reinit(_TinyLM(), layers=["head"]).layers == []
+
+
+def _gpt(n_layer: int) -> nn.Module:
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_attn, self.c_proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc, self.gelu, self.c_proj = nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.mlp = Attn(), MLP()
+
+    model = nn.Module()
+    model.h = nn.ModuleList([Block() for _ in range(n_layer)])
+    return model
+
+
+def test_residual_scaling_counts_blocks_not_projections_as_nanogpt():
+    # nanoGPT: attn.c_proj and mlp.c_proj, two per block, both × 1/sqrt(2·n_layer); the
+    # old default counted projections and scaled by 1/sqrt(2·2·n_layer).
+    torch.manual_seed(0)
+    for n_layer in (1, 4):
+        model = _gpt(n_layer)
+        rep = fixes.reinit(model, residual=["*.c_proj"])
+        assert f"scaled 1/sqrt(2·{n_layer})" in rep.changes[-2]
+        assert rep.changes[-1].startswith(f"residual: {2 * n_layer} output projection(s) in "
+                                          f"{n_layer} block(s)")
+    big = _gpt(8)
+    fixes.reinit(big, residual=["*.c_proj"])
+    plain = nn.Linear(16, 16)
+    nn.init.xavier_normal_(plain.weight)
+    ratio = big.h[0].attn.c_proj.weight.std() / plain.weight.std()
+    assert ratio.item() == pytest.approx(1 / 4, rel=0.15)  # 1/sqrt(2·8)
+    # Blocks named, not indexed: counted after the common prefix; n_blocks overrides.
+    named = nn.Module()
+    named.b1, named.b2, named.b3 = _gpt(1).h[0], _gpt(1).h[0], _gpt(1).h[0]
+    assert "1/sqrt(2·3)" in str(fixes.reinit(named, residual=["*.c_proj"]))
+    assert "1/sqrt(2·12)" in str(fixes.reinit(named, residual=["*.c_proj"], n_blocks=12,
+                                              force=True))
+    # A bare name is the whole name now, so it matches nothing here: refused, with the glob.
+    with pytest.raises(gg.ConfigError, match=r"'\*\.c_proj' selects every 'c_proj'"):
+        fixes.reinit(_gpt(2), residual=["c_proj"])
+
+
+def test_patterns_are_whole_names_and_bad_arguments_are_config_errors():
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 4))
+    model.add_module("fc10", nn.Linear(4, 4))
+    assert fixes.reinit(model, layers=["fc1"]).layers == ["fc1"]
+    for kw, words in [({"rnn_radius": "0.9"}, "rnn_radius"), ({"rnn_radius": 2.0}, "rnn_radius"),
+                      ({"layers": [1]}, "glob patterns"), ({"residual": [None]}, "glob patterns"),
+                      ({"layers": ["fc1", "fc3"]}, r"no layer matches \['fc3'\]")]:
+        with pytest.raises(gg.ConfigError, match=words):
+            fixes.reinit(model, force=True, **kw)
+
+
+def test_frozen_layers_are_not_reinitialised_unless_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LSTM(8, 8))
+    model[0].requires_grad_(False)
+    model[2].weight_hh_l0.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = fixes.reinit(model)
+    assert rep.layers == [] and all(torch.equal(v, model.state_dict()[k])
+                                    for k, v in before.items())
+    assert [s.split(" ")[0] for s in rep.skipped] == ["0", "2"]
+    assert "frozen=True includes it" in rep.skipped[0]
+    assert fixes.reinit(model, frozen=True).layers == ["0", "2"]

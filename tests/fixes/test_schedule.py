@@ -76,3 +76,23 @@ def test_the_guard_scales_the_scheduled_lr_and_leaves_the_schedule_alone():
         sched.step()
     guard.close()
     assert guard.diagnosis()["lr_scale"] < 1.0  # the guard did back off
+
+
+def test_min_lr_is_checked_against_every_param_groups_peak_and_bad_types_refused():
+    # A backbone group at 1e-4 under min_lr 1e-3 would "decay" up to 10× its peak.
+    def two_groups():
+        return torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1e-4},
+                                {"params": [nn.Parameter(torch.zeros(1))], "lr": 1e-2}])
+
+    opt = two_groups()
+    with pytest.raises(gg.ConfigError, match=r"above the peak LR of param group 0 \(0\.0001\)"):
+        fixes.warmup_cosine(opt, 5, 20, min_lr=1e-3)
+    assert not hasattr(opt, "_gradguard_warmup_cosine")  # refused before anything changed
+    ok = fixes.warmup_cosine(opt, 5, 20, min_lr=1e-4)  # the smallest peak itself is fine
+    got = lrs(ok, opt, 25)
+    assert max(got) == pytest.approx(1e-4)
+    fresh = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    for kw, name in [({"start_factor": "0.1"}, "start_factor"), ({"min_lr": None}, "min_lr"),
+                     ({"start_factor": 2.0}, "start_factor"), ({"min_lr": -1.0}, "min_lr")]:
+        with pytest.raises(gg.ConfigError, match=name):
+            fixes.warmup_cosine(fresh, 2, 10, **kw)

@@ -1,5 +1,7 @@
 """Weight constraints, weight normalisation and pruning (gradguard.fixes.weights)."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -190,3 +192,104 @@ def test_tied_weights_and_a_bad_dim_are_refused_before_anything_changes():
     with pytest.raises(gg.ConfigError, match="dim=2 is not a dimension of layer '2'"):
         fixes.weight_norm(cnn, dim=2)
     assert not any(hasattr(m, "parametrizations") for m in cnn)
+
+
+def test_layers_torch_cannot_take_are_refused_before_any_layer_changes():
+    # A hook-based (legacy) weight_norm / spectral_norm or a lazy layer last in the model:
+    # the earlier layers were pruned, then a raw torch error.
+    def legacy(norm, at):
+        m = mlp()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # (deprecated in torch)
+            norm(m[at])
+        return m
+
+    for model, words in [(legacy(nn.utils.weight_norm, 2), "'2' has the hook-based "
+                          "torch.nn.utils.weight_norm"),
+                         (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(2)),
+                          "'2' is a lazy layer")]:
+        with pytest.raises(gg.ConfigError, match=words):
+            fixes.prune(model, 0.5)
+        assert not hasattr(model[0], "weight_mask")
+        assert not hasattr(model[0], "_gradguard_pruned")
+    spec = legacy(nn.utils.spectral_norm, 0)
+    with pytest.raises(gg.ConfigError, match=r"'0' has the hook-based torch\.nn\.utils\.spectral"):
+        fixes.weight_norm(spec)
+    assert not hasattr(spec[2], "parametrizations")
+    lazy = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(2))
+    for fix in (fixes.weight_norm, fixes.MaxNorm, lambda m: fixes.WeightClip(m, 0.1)):
+        with pytest.raises(gg.ConfigError, match=r"'2' is a lazy layer.*forward pass first"):
+            fix(lazy)
+    # The constraints skip a computed weight (as they skip a parametrised one), and say why.
+    mn = fixes.MaxNorm(spec, 2.0)
+    assert mn.names == ["2"] and mn.report.skipped[0].startswith("0 (its weight is computed")
+
+
+def test_patterns_match_the_whole_dotted_name_not_a_substring():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc10, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    assert fixes.weight_norm(Net(), layers=["fc1"]).layers == ["fc1"]
+    assert fixes.MaxNorm(Net(), layers=["fc1"]).names == ["fc1"]
+    assert fixes.MaxNorm(Net(), layers=["fc1*"]).names == ["fc1", "fc10"]  # a glob is a glob
+    torch.manual_seed(0)
+    twelve = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    assert fixes.prune(twelve, 0.5, layers=["1"]).layers == ["1"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert fixes.WeightClip(nested, 1.0, layers=["*.1"]).names == ["0.1"]
+    # A pattern that matches nothing (next to one that does) is refused, with a hint.
+    with pytest.raises(gg.ConfigError, match=r"no layer matches \['fc3'\]"):
+        fixes.MaxNorm(Net(), layers=["fc1", "fc3"])
+    with pytest.raises(gg.ConfigError, match=r"'\*\.1' selects every '1'"):
+        fixes.MaxNorm(nested, layers=["0.0", "1"])
+    for bad in ([0], [None], 3):
+        with pytest.raises(gg.ConfigError, match="glob patterns"):
+            fixes.MaxNorm(mlp(), layers=bad)
+
+
+def test_frozen_layers_are_left_alone_unless_asked():
+    def frozen_backbone():
+        m = mlp()
+        with torch.no_grad():
+            m[0].weight.mul_(50)  # far outside any ball
+            m[0].bias.fill_(5.0)
+        m[0].requires_grad_(False)
+        return m
+
+    m = frozen_backbone()
+    before = m[0].weight.detach().clone()
+    mn = fixes.MaxNorm(m, 1.0)  # now=True shrank the frozen backbone
+    assert torch.equal(m[0].weight, before) and mn.names == ["2"]
+    assert mn.report.skipped == ["0 (frozen: its weight has requires_grad=False; frozen=True "
+                                 "includes it)"]
+    assert fixes.MaxNorm(m, 1.0, frozen=True).names == ["0", "2"]
+    assert m[0].weight.norm(dim=1).max().item() == pytest.approx(1.0, rel=1e-5)
+    m = frozen_backbone()
+    wc = fixes.WeightClip(m, 0.1, bias=True)
+    assert wc.names == ["2"] and m[0].bias.max().item() == 5.0
+    rep = fixes.prune(m, 0.5)
+    assert rep.layers == ["2"] and not hasattr(m[0], "weight_mask")
+    rep = fixes.weight_norm(frozen_backbone(), kind="spectral")
+    assert rep.layers == ["2"] and rep.skipped[0].startswith("0 (frozen")
+    # BitFit-style: the weight frozen, the bias trained: the weight is still left alone.
+    m = mlp()
+    m[0].weight.requires_grad_(False)
+    assert fixes.prune(m, 0.5).layers == ["2"]
+    with pytest.raises(gg.ConfigError, match=r"no selected layer can be constrained.*frozen"):
+        fixes.MaxNorm(frozen_backbone(), layers=["0"])
+
+
+def test_weight_norm_takes_dim_none_and_negative_dims_as_python_counts_them():
+    x = torch.randn(5, 8)
+    for dim, g_shape in [(None, ()), (-1, (1, 8)), (1, (1, 8)), (-2, (16, 1))]:
+        m = mlp()
+        ref = m(x)
+        fixes.weight_norm(m, dim=dim)
+        assert m[0].parametrizations.weight.original0.shape == g_shape
+        assert torch.allclose(m(x), ref, atol=1e-5)
+    assert "over the whole tensor" in fixes.weight_norm(mlp(), dim=None).changes[0]
+    for bad in ("0", 1.0, True):
+        with pytest.raises(gg.ConfigError, match="dim must be an int"):
+            fixes.weight_norm(mlp(), dim=bad)

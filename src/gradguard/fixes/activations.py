@@ -66,13 +66,29 @@ def _resolve(mapping: Mapping[type[nn.Module], Factory] | str) -> dict[type[nn.M
     return dict(mapping)
 
 
+def _fast_path_code(act: nn.Module) -> int:
+    """``nn.TransformerEncoderLayer.activation_relu_or_gelu`` for the activation ``act``, as
+    the layer's ``__init__`` sets it: 1 ReLU, 2 GELU, 0 anything else. The eval-mode fast
+    path computes ReLU or (exact) GELU from this flag and ignores ``.activation``; 0 turns
+    the fast path off, so ``.activation`` runs. A tanh-approximated GELU gets 0 (torch
+    would say 2 and compute the exact GELU on the fast path)."""
+    if isinstance(act, nn.ReLU):
+        return 1
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return 2
+    return 0
+
+
 def swap_activations(model: nn.Module,
                      mapping: Mapping[type[nn.Module], Factory] | str = "smooth") -> FixReport:
     """Replace every activation module of a mapped type, wherever it sits in ``model``.
 
     Each old module gets a fresh replacement (one module shared at several paths gets one
     replacement shared the same way). Replacements are never themselves mapped, so a
-    second call finds nothing left to replace and changes nothing.
+    second call finds nothing left to replace and changes nothing. An
+    ``nn.TransformerEncoderLayer``'s ``activation_relu_or_gelu`` flag is set to match its
+    new ``.activation`` (as the layer's ``__init__`` would), so torch's eval-mode fast path
+    computes the new activation too, not the old ReLU/GELU.
 
     Args:
         model: the module to change in place.
@@ -123,7 +139,10 @@ def swap_activations(model: nn.Module,
     for name, old in targets:
         new = done[id(old)]
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, new)
+        if attr == "activation" and hasattr(owner, "activation_relu_or_gelu"):
+            owner.activation_relu_or_gelu = _fast_path_code(new)
         report.layers.append(name)
         report.changes.append(f"{name}: {type(old).__name__} → {type(new).__name__}")
     if not targets:

@@ -26,7 +26,7 @@ from typing import Any, final
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_int, check_positive
 from .init import FixReport
 
 __all__ = ["Standardized", "Standardizer"]
@@ -35,16 +35,14 @@ _OUTPUTS = ("shift", "inverse", "none")
 
 
 def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
-    """A sample as ``(x, y or None)`` pairs from a tensor, one batch or an iterable of them."""
+    """A sample as ``(x, y or None)`` pairs from a tensor, one batch or an iterable of them.
+
+    By type, never by shape: a tuple of two tensors is one ``(inputs, targets)`` batch;
+    a list (or any other iterable) holds batches, so ``[x1, x2]`` is two input batches."""
     if isinstance(data, Tensor):
         return [(data, None)]
-    if isinstance(data, tuple | list) and len(data) == 2 and all(
-            isinstance(t, Tensor) for t in data):
-        x, y = data
-        if x.dim() == y.dim() and x.shape[1:] == y.shape[1:] and len(x) != len(y) and \
-                torch.is_floating_point(y):
-            return [(x, None), (y, None)]  # (two input batches of unequal size, not a pair)
-        return [(x, y)]
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return [(data[0], data[1])]
     if not isinstance(data, Iterable):
         raise ConfigError("Standardizer.fit: pass a tensor of inputs, an (inputs, targets) "
                           f"batch or an iterable of batches, got {type(data).__name__}")
@@ -64,15 +62,29 @@ def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     return out
 
 
+_AS_PAIR = ("; a list of tensors is read as batches of inputs: pass one (inputs, targets) "
+            "batch as a tuple (x, y)")
+
+
 def _moments(xs: list[Tensor], dim: int, what: str) -> tuple[Tensor, Tensor]:
     """Per-``dim`` mean and std (population) over every other dimension, in float64."""
     rank = xs[0].dim()
     if any(x.dim() != rank for x in xs):
-        raise ConfigError(f"Standardizer.fit: {what} batches have different ranks")
+        ranks = sorted({x.dim() for x in xs})
+        raise ConfigError(f"Standardizer.fit: {what} batches have different ranks ({ranks})"
+                          f"{_AS_PAIR if what == 'inputs' else ''}")
+    if not -rank <= dim < rank:
+        raise ConfigError(f"Standardizer.fit: dim={dim} is not a dimension of the "
+                          f"{rank}-d {what} (shape {tuple(xs[0].shape)}); use 1..{rank - 1} "
+                          "or a negative index such as -1")
     d = dim % rank
     if d == 0:
         raise ConfigError("Standardizer.fit: dim must name a feature dimension, not the batch "
                           "dimension 0")
+    sizes = sorted({x.shape[d] for x in xs})
+    if len(sizes) > 1:
+        raise ConfigError(f"Standardizer.fit: {what} batches have {sizes} features along "
+                          f"dim {dim}{_AS_PAIR if what == 'inputs' else ''}")
     flat = torch.cat([x.detach().double().movedim(d, -1).reshape(-1, x.shape[d]) for x in xs])
     if not torch.isfinite(flat).all():
         raise ConfigError(f"Standardizer.fit: the sample's {what} contain NaN/Inf; fit on "
@@ -120,19 +132,31 @@ class Standardizer:
         """Measure mean and std from a sample of the training data.
 
         Args:
-            data: a tensor of inputs, one ``(inputs, targets)`` batch, or an iterable of
-                batches (a DataLoader, an endless iterator).
+            data: a tensor of inputs, one ``(inputs, targets)`` batch as a tuple, or an
+                iterable of batches (a DataLoader, an endless iterator, a list). The type
+                decides, never the shapes: ``(x, y)`` is one batch with targets,
+                ``[x1, x2]`` is two batches of inputs; each batch of an iterable is a
+                tensor, ``[inputs]`` or ``(inputs, targets, …)``.
             targets: also fit floating-point targets (regression); class labels are left
                 alone whatever this says.
             dim: the feature / channel dimension of the inputs (1 for ``(N, D)`` tables and
                 ``(N, C, H, W)`` images; -1 for ``(N, T, D)`` sequences).
             max_batches: read at most this many batches of an iterable.
-            eps: a std below ``eps`` (a constant feature) is replaced by 1.
+            eps: a std below ``eps`` (a constant feature) is replaced by 1; > 0.
 
         Returns:
             The fitted :class:`Standardizer`.
+
+        Raises:
+            ConfigError: a bad argument (``dim`` not an int or not a feature dimension of
+                the inputs, ``eps`` not a positive number), a sample that is not floating
+                point, holds NaN/Inf, or whose batches disagree in rank or feature count.
         """
         check_int("Standardizer.fit.max_batches", max_batches, 1)
+        eps = check_positive("Standardizer.fit.eps", eps)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ConfigError(f"Standardizer.fit: dim must be an int (the feature dimension, "
+                              f"e.g. 1 or -1), got {dim!r}")
         sample = _batches(data, max_batches)
         xs = [x for x, _ in sample]
         if not all(torch.is_floating_point(x) for x in xs):

@@ -11,6 +11,12 @@ activations and gradients constant through the activation that follows it:
   (Pascanu, Mikolov & Bengio 2013, section 3.3; Saxe et al. 2014 for orthogonal init);
 - residual-branch output projections (names matching ``residual``): scaled by
   1/sqrt(2·n_blocks) as GPT-2 (Radford et al. 2019, section 2.3) and nanoGPT do.
+
+Layer patterns (``layers=``, ``residual=``, here and in :mod:`gradguard.fixes.weights`) are
+``fnmatch`` globs matched against the whole dotted module name: ``"fc1"`` is the layer
+``fc1`` only (not ``fc10``), ``"*.c_proj"`` every ``c_proj`` at any depth, ``"1"`` the
+second layer of an ``nn.Sequential`` (not ``10``). A pattern that matches no layer is
+refused, so a pattern that used to select by substring fails loudly.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_int, check_positive
 
 __all__ = ["FixReport", "layer_activations", "reinit", "spectral_radius"]
 
@@ -182,8 +188,117 @@ def spectral_radius(w: torch.Tensor) -> float:
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*{p}*")
-               for p in patterns)
+    """Whether the dotted module ``name`` matches one of the glob ``patterns`` (whole name:
+    ``"fc1"`` is not ``"fc10"``; ``"*.c_proj"`` is every ``c_proj``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _patterns(value: object, fix: str, what: str = "layers") -> list[str] | None:
+    """``layers=`` / ``residual=`` as a list of glob strings (None stays None; one string is
+    one pattern, not its letters; an iterator is read once)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        out = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigError(f"{fix}: {what} takes a list of glob patterns of layer names "
+                          f"(e.g. ['*.fc1']), got {value!r}") from None
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"{fix}: {what} takes glob patterns of layer names (strings such "
+                          f"as '0' or '*.fc1'), got {bad[0]!r}; nothing was changed")
+    return out
+
+
+def _refuse_unmatched(names: Sequence[str], patterns: Sequence[str], fix: str,
+                      what: str = "layers") -> None:
+    """A pattern that selects nothing is a typo or a partial name: say so, with the names."""
+    unmatched = [p for p in patterns if not any(_match(n, [p]) for n in names)]
+    if unmatched:
+        hint = ""
+        p = unmatched[0]
+        if any(n.rsplit(".", 1)[-1] == p for n in names):
+            hint = f" (patterns match the whole dotted name: '*.{p}' selects every {p!r})"
+        raise ConfigError(f"{fix}: no layer matches {unmatched} in {what}{hint}; the model's "
+                          f"layers are {[n for n in names if n][:12]}; nothing was changed")
+
+
+def _is_lazy(m: nn.Module) -> bool:
+    """A Lazy* layer not run yet: its weight has no shape."""
+    return any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False))
+
+
+def _hook_norm(m: nn.Module) -> str | None:
+    """The hook-based (pre-parametrisation) ``torch.nn.utils.weight_norm`` or
+    ``spectral_norm`` on ``m``, by name, or None: the layer's weight is then recomputed from
+    ``weight_g``/``weight_v`` or ``weight_orig`` before every forward pass."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return "torch.nn.utils.weight_norm"
+        if isinstance(hook, SpectralNorm):
+            return "torch.nn.utils.spectral_norm"
+    return None
+
+
+def _frozen(m: nn.Module) -> bool:
+    """A layer whose weight is frozen (a weight tensor of its own with requires_grad=False:
+    a frozen backbone, or BitFit-style training of the biases alone)."""
+    return any(not p.requires_grad for n, p in m.named_parameters(recurse=False)
+               if n.startswith("weight"))
+
+
+FROZEN_NOTE = "frozen: its weight has requires_grad=False; frozen=True includes it"
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """For each parameter (by id), the names of the modules that hold it as their own."""
+    owners: dict[int, list[str]] = {}
+    seen: set[int] = set()
+    for n, m in model.named_modules():
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    return owners
+
+
+def _tied_to(owners: dict[int, list[str]], name: str, m: nn.Module,
+             only_weight: bool = False) -> str | None:
+    """The other module that holds one of ``m``'s parameters (tied weights), or None."""
+    params = [m._parameters.get("weight")] if only_weight else list(
+        m.parameters(recurse=False))
+    for p in params:
+        if p is None:
+            continue
+        others = [o for o in owners.get(id(p), []) if o != name]
+        if others:
+            return repr(others[0]) if others[0] else "the model itself"
+    return None
+
+
+def _count_blocks(names: Sequence[str]) -> tuple[int, str]:
+    """The number of residual blocks the residual projections ``names`` sit in, and how it
+    was read. Blocks in an ``nn.ModuleList`` / ``nn.Sequential`` (``h.0.attn.c_proj``,
+    ``h.0.mlp.c_proj``): the distinct paths up to the first numeric component. Otherwise
+    the distinct components right after the names' common prefix (``block1.…``)."""
+    if len(names) <= 1:
+        return max(1, len(names)), "one residual layer"
+    parts = [n.split(".") for n in names]
+    firsts = [next((i for i, c in enumerate(ps) if c.isdigit()), None) for ps in parts]
+    if all(i is not None and i < len(ps) - 1 for i, ps in zip(firsts, parts, strict=True)):
+        keys = {".".join(ps[:i + 1]) for i, ps in zip(firsts, parts, strict=True)}  # type: ignore[operator]
+        return len(keys), "counted by block index in the layer names"
+    common = 0
+    while all(len(ps) > common + 1 and ps[common] == parts[0][common] for ps in parts):
+        common += 1
+    keys = {ps[common] for ps in parts}
+    return len(keys), "counted from the layer names' paths"
 
 
 @torch.no_grad()
@@ -196,43 +311,68 @@ def reinit(
     n_blocks: int | None = None,
     rnn_radius: float = 0.95,
     force: bool = False,
+    frozen: bool = False,
 ) -> FixReport:
     """Re-initialise weight layers (and recurrent weights) of ``model`` in place.
 
     Args:
         model: the module to fix.
         scheme: "auto" (by the following activation), "kaiming", "xavier" or "orthogonal".
-        layers: only these layer names (glob patterns); default all weight layers.
+        layers: only these layer names (glob patterns over the whole dotted name, see the
+            module docstring; one string is one pattern); default all weight layers.
         residual: glob patterns of residual-branch output projections to scale by
             1/sqrt(2·n_blocks) (e.g. ``["*.c_proj"]``).
-        n_blocks: number of residual blocks (default: the number of matching layers).
-        rnn_radius: spectral radius for recurrent hidden-to-hidden weights.
+        n_blocks: number of residual blocks. Default: counted from the matching layers'
+            names, as blocks, not layers: nanoGPT's ``transformer.h.{i}.attn.c_proj`` and
+            ``….mlp.c_proj`` are two projections in each of ``n_layer`` blocks, scaled
+            1/sqrt(2·n_layer) as nanoGPT does. Blocks are the distinct paths up to the
+            first numeric component (an ``nn.ModuleList`` / ``nn.Sequential`` index), or,
+            when a name has none, the distinct components after the names' common prefix;
+            the report says which count it used. Pass it when the blocks are laid out
+            otherwise.
+        rnn_radius: spectral radius for recurrent hidden-to-hidden weights, in (0, 1.5].
         force: re-initialise layers this function already initialised with the same scheme
             (otherwise they are left alone, so applying the fix twice changes nothing).
+        frozen: also re-initialise layers whose weight is frozen (``requires_grad=False``).
+            By default they are left alone (a frozen pretrained backbone would lose its
+            weights for good) and listed in ``report.skipped``.
+
+    Layers left alone, each listed in ``report.skipped`` with the reason: a lazy layer not
+    run yet, a weight computed from others (a parametrisation, weight_norm, spectral_norm
+    or pruning), a frozen weight (unless ``frozen=True``), a weight tied to another module
+    (an LM head sharing the embedding table: re-initialising the head would overwrite the
+    embedding with an init meant for the head; untie it, or re-initialise the table
+    yourself), and a weighted module reinit has no rule for.
 
     Returns:
         A :class:`FixReport` naming each layer and the rule applied.
+
+    Raises:
+        ConfigError: a bad scheme, ``rnn_radius``, ``n_blocks`` or pattern, or a pattern in
+            ``layers`` / ``residual`` that matches no layer; nothing is changed then.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"reinit takes an nn.Module, got {type(model).__name__}")
     if scheme not in SCHEMES:
         raise ConfigError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if not 0 < rnn_radius <= 1.5:
-        raise ConfigError(f"rnn_radius must be in (0, 1.5], got {rnn_radius!r}")
+    rnn_radius = check_positive("reinit.rnn_radius", rnn_radius)
+    if rnn_radius > 1.5:
+        raise ConfigError(f"reinit: rnn_radius must be in (0, 1.5], got {rnn_radius!r}")
     if n_blocks is not None:
         n_blocks = check_int("reinit.n_blocks", n_blocks, 1)
-    # One pattern, not its letters; an iterator read once.
-    layers = [layers] if isinstance(layers, str) else None if layers is None else list(layers)
-    residual = [residual] if isinstance(residual, str) else list(residual)
+    layers = _patterns(layers, "reinit")
+    residual = _patterns(residual, "reinit", "residual") or []
     names = [n for n, _ in model.named_modules()]
-    if layers and not any(_match(n, layers) for n in names):
-        raise ConfigError(f"reinit: no layer matches {list(layers)}; the model's layers are "
-                          f"{[n for n in names if n][:12]}")
+    if layers:
+        _refuse_unmatched(names, layers, "reinit")
+    if residual:
+        _refuse_unmatched(names, residual, "reinit", "residual")
     report = FixReport(f"reinit(scheme={scheme!r})")
     acts = layer_activations(model)
     res_layers = [n for n in acts if residual and _match(n, residual)]
-    blocks = n_blocks or max(1, len(res_layers))
-    targets = _targets(model, scheme, layers, force, report)
+    blocks, how = (n_blocks, "n_blocks given") if n_blocks is not None else \
+        _count_blocks(res_layers)
+    targets = _targets(model, scheme, layers, force, frozen, report)
     # All or nothing: a layer torch cannot initialise (say, in a dtype it has no kernel
     # for) puts back the layers already done.
     saved = [(m, [(p, p.detach().clone()) for p in m.parameters(recurse=False)],
@@ -257,14 +397,18 @@ def reinit(
                 setattr(m, _MARK, mark)
         raise ConfigError(f"reinit could not initialise the model, and changed nothing: "
                           f"{e}") from e
+    if any(n in res_layers for n in report.layers):
+        report.changes.append(f"residual: {len(res_layers)} output projection(s) in {blocks} "
+                              f"block(s) ({how}), each scaled 1/sqrt(2·{blocks})")
     return report
 
 
 def _targets(model: nn.Module, scheme: str, layers: Sequence[str] | None, force: bool,
-             report: FixReport) -> list[tuple[str, nn.Module]]:
+             frozen: bool, report: FixReport) -> list[tuple[str, nn.Module]]:
     """The layers ``reinit`` changes, in order; the others it looked at go to
     ``report.skipped`` with the reason."""
     out: list[tuple[str, nn.Module]] = []
+    owners = _owners(model)
     for name, m in model.named_modules():
         if layers is not None and not _match(name, layers):
             continue
@@ -275,6 +419,15 @@ def _targets(model: nn.Module, scheme: str, layers: Sequence[str] | None, force:
                 continue
             if (why := _not_reinitable(m)) is not None:
                 report.skipped.append(f"{name} ({why})")
+                continue
+            if not frozen and _frozen(m):
+                report.skipped.append(f"{name} ({FROZEN_NOTE})")
+                continue
+            if (other := _tied_to(owners, name, m)) is not None:
+                report.skipped.append(
+                    f"{name} (its weight is tied to {other}: re-initialising it would "
+                    f"overwrite {other} too; untie them, or initialise the shared tensor "
+                    "yourself)")
                 continue
             out.append((name, m))
         elif _has_matrix(m):  # (a weight reinit has no rule for: say so, not nothing)
@@ -296,10 +449,10 @@ def _not_reinitable(m: nn.Module) -> str | None:
     """Why a layer's weight cannot be re-initialised in place, or None: a lazy layer has no
     weight yet, and a weight computed from others (a parametrisation, weight_norm,
     pruning) would be recomputed from them at the next forward pass, undoing the init."""
-    if any(nn.parameter.is_lazy(p) for p in m.parameters(recurse=False)):
+    if _is_lazy(m):
         return "lazy: not initialised yet; run one forward pass first"
-    computed = torch.nn.utils.parametrize.is_parametrized(m) or any(
-        hasattr(m, a) for a in ("weight_g", "weight_v", "weight_orig"))
+    computed = torch.nn.utils.parametrize.is_parametrized(m) or _hook_norm(m) is not None \
+        or any(hasattr(m, a) for a in ("weight_g", "weight_v", "weight_orig"))
     if computed:
         return ("its weight is computed (a parametrisation, weight_norm or pruning); "
                 "re-initialise before applying it")

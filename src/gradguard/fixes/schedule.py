@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from ..errors import ConfigError, check_int
+from ..errors import ConfigError, check_int, check_positive
 
 __all__ = ["warmup_cosine"]
 
@@ -43,14 +43,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         total_steps: steps of the whole schedule (> ``warmup_steps``); call
             ``scheduler.step()`` once per optimizer step.
         start_factor: the first step's LR as a fraction of the peak, in (0, 1].
-        min_lr: the LR the cosine ends at.
+        min_lr: the LR the cosine ends at, the same for every param group; it must not
+            exceed any group's peak LR.
 
     Returns:
         The ``torch.optim.lr_scheduler.SequentialLR``.
 
     Raises:
-        ConfigError: bad step counts, or the optimizer already has a warmup_cosine
-            schedule (two schedulers on one optimizer fight over its LR).
+        ConfigError: bad step counts, a ``start_factor`` or ``min_lr`` that is not a number
+            in range, ``min_lr`` above a param group's peak LR, or the optimizer already has
+            a warmup_cosine schedule (two schedulers on one optimizer fight over its LR).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"warmup_cosine: optimizer must be a torch.optim.Optimizer, got "
@@ -64,14 +66,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     if total_steps <= warmup_steps:
         raise ConfigError(f"warmup_cosine: total_steps ({total_steps}) must exceed "
                           f"warmup_steps ({warmup_steps})")
-    if not 0 < start_factor <= 1:
+    start_factor = check_positive("warmup_cosine.start_factor", start_factor)
+    if start_factor > 1:
         raise ConfigError(f"warmup_cosine: start_factor must be in (0, 1], got {start_factor!r}")
-    if min_lr < 0:
-        raise ConfigError(f"warmup_cosine: min_lr must be >= 0, got {min_lr!r}")
+    min_lr = check_positive("warmup_cosine.min_lr", min_lr, allow_zero=True)
     peaks = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-    if min_lr > max(peaks):
-        raise ConfigError(f"warmup_cosine: min_lr ({min_lr!r}) is above the peak LR "
-                          f"({max(peaks)!r}): the cosine would climb, not decay")
+    # Per group: one floor for every group, above a low-LR group's peak, would make that
+    # group's "decay" climb to min_lr and stay there.
+    low = [(i, p) for i, p in enumerate(peaks) if min_lr > p]
+    if low:
+        i, peak = low[0]
+        which = "" if len(peaks) == 1 else f" of param group {i}"
+        raise ConfigError(f"warmup_cosine: min_lr ({min_lr!r}) is above the peak LR{which} "
+                          f"({peak!r}): the cosine would climb, not decay; use a min_lr at or "
+                          f"below the smallest group LR ({min(peaks)!r})")
     if getattr(optimizer, _MARK, False):
         raise ConfigError("warmup_cosine: this optimizer already has a warmup_cosine "
                           "schedule; two schedulers on one optimizer overwrite each other's LR")

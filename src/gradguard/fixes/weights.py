@@ -12,6 +12,14 @@
 The two constraints are objects called after ``optimizer.step()`` (or handed to
 ``Guard(after_step=...)``); they are tensor ops only, so calling them every step costs no
 host-device sync.
+
+Every fix here leaves frozen layers (whose weight has ``requires_grad=False``: a frozen
+pretrained backbone) alone by default and lists them in its report's ``skipped``;
+``frozen=True`` includes them. Every fix checks all the layers it selected before it
+changes any: a Lazy layer not run yet, or a hook-based ``torch.nn.utils.weight_norm`` /
+``spectral_norm`` (the pre-parametrisation API), is refused with a
+:class:`~gradguard.errors.ConfigError` naming the layer (the constraints skip a computed
+weight instead, as they skip a parametrised one).
 """
 
 from __future__ import annotations
@@ -26,46 +34,75 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils import prune as _prune
 
 from ..errors import ConfigError, check_positive
-from .init import _WEIGHTED, FixReport, _match
+from .init import (
+    _WEIGHTED,
+    FROZEN_NOTE,
+    FixReport,
+    _frozen,
+    _hook_norm,
+    _is_lazy,
+    _match,
+    _owners,
+    _patterns,
+    _refuse_unmatched,
+    _tied_to,
+)
 
 __all__ = ["MaxNorm", "WeightClip", "prune", "weight_norm"]
 
 _PRUNED = "_gradguard_pruned"
 
 
-def _layers(model: nn.Module, layers: Sequence[str] | None,
-            fix: str) -> list[tuple[str, nn.Module]]:
-    """The Linear/Conv layers of ``model`` selected by ``layers`` (glob patterns)."""
+def _layers(model: nn.Module, layers: Sequence[str] | None, fix: str, frozen: bool,
+            skipped: list[str]) -> list[tuple[str, nn.Module]]:
+    """The Linear/Conv layers of ``model`` selected by ``layers`` (glob patterns over the
+    whole dotted name), frozen ones left out (into ``skipped``) unless ``frozen``; a lazy
+    layer among them is refused."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{fix}: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(layers, str):
         raise ConfigError(f"{fix}: layers takes a list of patterns, e.g. [{layers!r}]")
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)
-             and (layers is None or _match(n, layers))]
+    patterns = _patterns(layers, fix)
+    weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+    found = [(n, m) for n, m in weighted if patterns is None or _match(n, patterns)]
     if not found:
-        which = "" if layers is None else f" matching {list(layers)}"
+        which = "" if patterns is None else f" matching {patterns}"
         raise ConfigError(f"{fix}: the model has no Linear/Conv layer{which}")
-    return found
+    if patterns:
+        _refuse_unmatched([n for n, _ in weighted], patterns, fix)
+    out = []
+    for name, m in found:
+        if not frozen and _frozen(m):
+            skipped.append(f"{name} ({FROZEN_NOTE})")
+            continue
+        if _is_lazy(m):
+            raise ConfigError(f"{fix}: layer {name!r} is a lazy layer not initialised yet "
+                              "(its weight has no shape); run one forward pass first, or "
+                              "leave it out with layers=[...]; nothing was changed")
+        out.append((name, m))
+    return out
+
+
+def _refuse_hook_norm(chosen: list[tuple[str, nn.Module]], fix: str) -> None:
+    """A hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``: the weight is
+    recomputed from ``weight_g``/``weight_v`` (``weight_orig``) before each forward pass, so
+    a fix on ``weight`` would be undone or would fight the hook."""
+    for name, m in chosen:
+        if (hook := _hook_norm(m)) is not None:
+            raise ConfigError(f"{fix}: layer {name!r} has the hook-based {hook} (its weight "
+                              "is recomputed before every forward pass); remove it "
+                              "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) or "
+                              "leave the layer out with layers=[...]; nothing was changed")
 
 
 def _refuse_tied(model: nn.Module, chosen: list[tuple[str, nn.Module]], fix: str) -> None:
     """A weight one layer shares with another (an output head tied to its embedding): a
     fix that changes how one of them holds it would untie them, or leave the other as it
     was."""
-    owners: dict[int, list[str]] = {}
-    seen: set[int] = set()
-    for n, m in model.named_modules():
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        for p in m.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(n)
+    owners = _owners(model)
     for name, m in chosen:
-        w = m._parameters.get("weight")
-        others = [o for o in owners.get(id(w), []) if o != name] if w is not None else []
-        if others:
-            raise ConfigError(f"{fix}: layer {name!r} shares its weight with "
-                              f"{repr(others[0]) if others[0] else 'the model itself'} "
+        if (other := _tied_to(owners, name, m, only_weight=True)) is not None:
+            raise ConfigError(f"{fix}: layer {name!r} shares its weight with {other} "
                               "(tied weights); the fix would untie them or leave one as it "
                               "was. Leave it out with layers=[...]; nothing was changed")
 
@@ -84,24 +121,28 @@ class _Constraint(abc.ABC):
 
     fix = ""
 
-    def _bind(self, model: nn.Module, layers: Sequence[str] | None, bias: bool) -> None:
+    def _bind(self, model: nn.Module, layers: Sequence[str] | None, bias: bool,
+              frozen: bool) -> None:
         self.names: list[str] = []
         self.tensors: list[Tensor] = []
         self.report = FixReport(self.fix)
-        for name, m in _layers(model, layers, self.fix):
-            w = _leaf_weight(m)
+        for name, m in _layers(model, layers, self.fix, frozen, self.report.skipped):
+            w = None if _hook_norm(m) is not None else _leaf_weight(m)
             if w is None:
-                self.report.skipped.append(name)
+                self.report.skipped.append(
+                    f"{name} (its weight is computed by a parametrisation, weight_norm or "
+                    "spectral_norm, which sets its scale)")
                 continue
             self.names.append(name)
             self.tensors.append(w)
             self.report.layers.append(name)
             self.report.changes.append(self._describe(name, m, w))
-            if bias and isinstance(getattr(m, "bias", None), nn.Parameter):
-                self.tensors.append(m.bias)
+            b = getattr(m, "bias", None)
+            if bias and isinstance(b, nn.Parameter) and (frozen or b.requires_grad):
+                self.tensors.append(b)
         if not self.tensors:
-            raise ConfigError(f"{self.fix}: every selected layer has a parametrised weight "
-                              f"({', '.join(self.report.skipped[:4])}); nothing to constrain")
+            raise ConfigError(f"{self.fix}: no selected layer can be constrained "
+                              f"({'; '.join(self.report.skipped[:4])}); nothing to constrain")
 
     @abc.abstractmethod
     def _describe(self, name: str, m: nn.Module, w: Tensor) -> str:
@@ -133,6 +174,14 @@ class MaxNorm(_Constraint):
         now: project the weights once at construction too, so the first step starts inside
             the ball. Off, a too-large init still produces one huge first step, and the
             projection after it keeps the rows' size but not their (ruined) directions.
+        frozen: constrain frozen layers (weight ``requires_grad=False``) too; by default
+            they are left alone (``now=True`` would otherwise shrink a frozen pretrained
+            backbone) and listed in ``report.skipped``. The tensors are chosen here: a
+            layer unfrozen later is not constrained unless built with ``frozen=True``.
+
+    Raises:
+        ConfigError: a bad ``max_norm`` or pattern, a selected lazy layer not run yet, or
+            no selected layer left to constrain; nothing is changed then.
 
     Attributes:
         report: a :class:`FixReport` naming each constrained layer and its largest row norm
@@ -142,10 +191,11 @@ class MaxNorm(_Constraint):
     fix = "MaxNorm"
 
     def __init__(self, model: nn.Module, max_norm: float = 2.0, *,
-                 layers: Sequence[str] | None = None, now: bool = True) -> None:
+                 layers: Sequence[str] | None = None, now: bool = True,
+                 frozen: bool = False) -> None:
         self.max_norm = check_positive("MaxNorm.max_norm", max_norm)
         self.fix = f"MaxNorm(max_norm={max_norm:g})"
-        self._bind(model, layers, bias=False)
+        self._bind(model, layers, bias=False, frozen=bool(frozen))
         if now:
             self()
 
@@ -176,8 +226,15 @@ class WeightClip(_Constraint):
         limit: the bound c, in weight units (no default: it depends on the fan-in; Kaiming
             init has std √(2/fan_in), WGAN's critics use 0.01).
         layers: glob patterns of layer names; default every Linear/Conv layer.
-        bias: clamp the biases of those layers too (WGAN clamps every parameter).
+        bias: clamp the biases of those layers too (WGAN clamps every parameter); a frozen
+            bias only with ``frozen=True``.
         now: clamp once at construction too, so the first step starts inside the box.
+        frozen: clamp frozen layers (weight ``requires_grad=False``) too; by default they
+            are left alone and listed in ``report.skipped``.
+
+    Raises:
+        ConfigError: a bad ``limit`` or pattern, a selected lazy layer not run yet, or no
+            selected layer left to clamp; nothing is changed then.
 
     Attributes:
         report: a :class:`FixReport` naming each clamped layer.
@@ -187,10 +244,10 @@ class WeightClip(_Constraint):
 
     def __init__(self, model: nn.Module, limit: float, *,
                  layers: Sequence[str] | None = None, bias: bool = False,
-                 now: bool = True) -> None:
+                 now: bool = True, frozen: bool = False) -> None:
         self.limit = check_positive("WeightClip.limit", limit)
         self.fix = f"WeightClip(limit={limit:g})"
-        self._bind(model, layers, bias=bool(bias))
+        self._bind(model, layers, bias=bool(bias), frozen=bool(frozen))
         if now:
             self()
 
@@ -210,8 +267,9 @@ _KINDS = ("weight", "spectral")
 
 
 def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
-                kind: str = "weight", dim: int = 0,
-                optimizer: torch.optim.Optimizer | None = None) -> FixReport:
+                kind: str = "weight", dim: int | None = 0,
+                optimizer: torch.optim.Optimizer | None = None,
+                frozen: bool = False) -> FixReport:
     """Reparametrise Linear/Conv weights with torch's weight or spectral normalisation.
 
     ``kind="weight"``: w = g·v/‖v‖ per output unit, so the step on the scale g is decoupled
@@ -226,25 +284,36 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
         model: the module to change in place.
         layers: glob patterns of layer names; default every Linear/Conv layer.
         kind: "weight" or "spectral".
-        dim: the output-unit dimension for ``kind="weight"``.
+        dim: the output-unit dimension for ``kind="weight"`` (negative counts from the
+            last, as in Python: -1 is the last dimension); ``None`` normalises the whole
+            tensor with one scalar g, as torch's ``weight_norm(dim=None)``.
         optimizer: an optimizer built before the call: each reparametrised weight is
             replaced in its groups by the parameters that now hold it (its state, the
             old weight's, is dropped). An optimizer (or a guard) built before the call and
             not passed here keeps the old weight, which the layer no longer uses: the
             layer would stop training. Build them after, or pass it.
+        frozen: reparametrise frozen layers (weight ``requires_grad=False``) too; by
+            default they are left alone and listed in ``report.skipped``.
 
     Returns:
         A :class:`FixReport` naming each reparametrised layer.
 
     Raises:
         ConfigError: a selected layer is already parametrised or pruned (applying the fix
-            twice would stack two normalisations), its weight is tied to another layer's,
-            or ``dim`` is not one of its weight's dimensions; nothing is changed then.
+            twice would stack two normalisations), has the hook-based
+            ``torch.nn.utils.weight_norm`` / ``spectral_norm``, is lazy and not run yet, its
+            weight is tied to another layer's, or ``dim`` is not one of its weight's
+            dimensions; nothing is changed then.
     """
     if kind not in _KINDS:
         raise ConfigError(f"weight_norm: kind must be one of {_KINDS}, got {kind!r}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise ConfigError(f"weight_norm: dim must be an int (the output-unit dimension) or "
+                          f"None (the whole tensor), got {dim!r}")
     fix = f"weight_norm(kind={kind!r})"
-    chosen = _layers(model, layers, fix)
+    report = FixReport(fix)
+    chosen = _layers(model, layers, fix, bool(frozen), report.skipped)
+    _refuse_hook_norm(chosen, fix)
     for name, m in chosen:
         if parametrize.is_parametrized(m, "weight"):
             raise ConfigError(f"{fix}: layer {name!r} already has a parametrised weight (is "
@@ -253,25 +322,28 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
         if _prune.is_pruned(m) or hasattr(m, _PRUNED):
             raise ConfigError(f"{fix}: layer {name!r} is pruned; apply weight_norm before "
                               "prune, not after")
-        if kind == "weight" and not -m.weight.dim() <= dim < m.weight.dim():
+        if kind == "weight" and dim is not None and not -m.weight.dim() <= dim < m.weight.dim():
             raise ConfigError(f"{fix}: dim={dim} is not a dimension of layer {name!r}'s "
                               f"{m.weight.dim()}-d weight; nothing was changed")
     _refuse_tied(model, chosen, fix)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(f"{fix}: optimizer must be a torch.optim.Optimizer, got "
                           f"{type(optimizer).__name__}")
-    report = FixReport(fix)
     for name, m in chosen:
         w_param = m.weight
         w = w_param.detach()
-        rows = w.movedim(dim, 0).flatten(1).norm(dim=1) if kind == "weight" else w.norm()
+        # (torch reads dim=-1 as "the whole tensor": a negative dim goes in as its index)
+        d = None if dim is None else dim % w.dim()
+        rows = w.norm().reshape(1) if kind != "weight" or d is None else \
+            w.movedim(d, 0).flatten(1).norm(dim=1)
         if bool((rows == 0).any()):
             # g·v/‖v‖ (or w/σ_max) of a zero row is 0/0: the layer would output NaN.
             report.skipped.append(f"{name} (zero weights)")
             continue
         if kind == "weight":
-            parametrizations.weight_norm(m, "weight", dim=dim)
-            desc = (f"weight = g·v/‖v‖ over dim {dim}, g initialised to the current norms "
+            parametrizations.weight_norm(m, "weight", dim=d)
+            over = "the whole tensor" if d is None else f"dim {d}"
+            desc = (f"weight = g·v/‖v‖ over {over}, g initialised to the current norms "
                     f"({float(rows.min()):.3g}–{float(rows.max()):.3g})")
         else:
             sigma = float(torch.linalg.matrix_norm(w.flatten(1).double(), ord=2))
@@ -296,7 +368,7 @@ def _swap_in(optimizer: torch.optim.Optimizer, old: Tensor, new: list[nn.Paramet
 
 
 def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None = None,
-          permanent: bool = False) -> FixReport:
+          permanent: bool = False, frozen: bool = False) -> FixReport:
     """Magnitude pruning: zero the ``amount`` fraction of smallest-|w| weights in each layer.
 
     Uses ``torch.nn.utils.prune.l1_unstructured`` per layer (Han, Pool, Tran & Dally 2015,
@@ -309,18 +381,24 @@ def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None
         amount: fraction of each layer's weights to remove, in (0, 1).
         layers: glob patterns of layer names; default every Linear/Conv layer.
         permanent: bake the zeros in and drop the mask.
+        frozen: prune frozen layers (weight ``requires_grad=False``) too; by default they
+            are left alone and listed in ``report.skipped``.
 
     Returns:
         A :class:`FixReport` with, per layer, how many weights were removed.
 
     Raises:
         ConfigError: a selected layer was already pruned (a second call would prune the
-            survivors again) or has a parametrised weight.
+            survivors again), has a parametrised weight or the hook-based
+            ``torch.nn.utils.weight_norm`` / ``spectral_norm``, is lazy and not run yet, or
+            has a tied weight; all are checked first, so nothing is changed then.
     """
     if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount < 1:
         raise ConfigError(f"prune: amount must be a fraction in (0, 1), got {amount!r}")
     fix = f"prune(amount={amount:g}{', permanent' if permanent else ''})"
-    chosen = _layers(model, layers, fix)
+    report = FixReport(fix)
+    chosen = _layers(model, layers, fix, bool(frozen), report.skipped)
+    _refuse_hook_norm(chosen, fix)
     for name, m in chosen:
         if _prune.is_pruned(m) or hasattr(m, _PRUNED):
             raise ConfigError(f"{fix}: layer {name!r} is already pruned; a second prune would "
@@ -329,7 +407,6 @@ def prune(model: nn.Module, amount: float = 0.2, *, layers: Sequence[str] | None
             raise ConfigError(f"{fix}: layer {name!r} has a parametrised weight "
                               "(weight_norm?); prune before reparametrising")
     _refuse_tied(model, chosen, fix)
-    report = FixReport(fix)
     total = removed = 0
     for name, m in chosen:
         _prune.l1_unstructured(m, "weight", amount=float(amount))
