@@ -8,7 +8,7 @@ import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 try:
     import typer
@@ -20,6 +20,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the [cli] 
     raise SystemExit("the gradguard CLI needs its extra: pip install 'gradguard[cli]'") from e
 
 from . import __version__
+
+if TYPE_CHECKING:  # (the bench imports torch: only when a command needs it)
+    from .bench.runner import BenchConfig, Job
 
 
 class _FlagsWithoutType:
@@ -95,11 +98,14 @@ def demo(
     from .demo import demo_config, headlines
     from .report import write_bench_report
 
+    _check_bench_out(out)
     cfg = demo_config(Path(out), jobs, seed)
+    _plan_or_exit(cfg)
     console.print("[bold]gradguard demo[/bold]: the same real-data runs unguarded, with torch's "
                   "clip_grad_norm_, the zclip and autoclip packages, skip-if-NaN, and "
                   "gradguard's default guard, over a grid of learning rates.")
-    res = run_with_progress(cfg, console)
+    with _bench_interrupt():
+        res = run_with_progress(cfg, console)
     meta = json.loads((res.out / "meta.json").read_text())
     for t in summary_tables(res.summary, meta):
         console.print(t)
@@ -143,9 +149,19 @@ def report(
             raise typer.Exit(2)
         if html:
             _check_out(html, None)
+            from .report.html import bench_input
+
+            if bench_input(run_log, html) is not None:
+                typer.echo(f"{html} is an input file of the bench directory {run_log}; give "
+                           "the HTML page another name (writing it there would replace it)")
+                raise typer.Exit(2)
         # typer.echo, not rich: a long path must come out whole, unwrapped and unstyled.
-        with _write_errors(html or str(Path(run_log) / "report.html")):
-            typer.echo(f"HTML report: {write_bench_report(run_log, html)}")
+        problems: list[str] = []
+        with _write_errors(html or str(Path(run_log) / "report.html")), _user_errors():
+            page = write_bench_report(run_log, html, problems)
+        for line in problems:
+            typer.echo(f"warning: {line}")
+        typer.echo(f"HTML report: {page}")
         return
     if html:
         _check_out(html, None, keep=run_log)
@@ -203,6 +219,42 @@ def report(
     if html:
         with _write_errors(html):
             typer.echo(f"HTML report: {write_run_log_report(run_log, html, run=run)}")
+
+
+def _check_bench_out(out: str) -> None:
+    """Refuse a bench's --out that is a file or lies under one."""
+    if (Path(out).exists() and not Path(out).is_dir()) or any(
+            p.exists() and not p.is_dir() for p in Path(out).parents):
+        typer.echo(f"--out {out} is a file or lies under one: give a directory")
+        raise typer.Exit(2)
+
+
+def _plan_or_exit(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
+    """The bench's runs, or exit 2 naming what the configuration gets wrong."""
+    from .bench.runner import plan_jobs
+
+    try:
+        return plan_jobs(cfg)
+    except (KeyError, ValueError) as e:
+        typer.echo(str(e.args[0] if e.args else e))
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _bench_interrupt() -> Iterator[None]:
+    """Ctrl-C stops a bench with exit 130, saying how far it got and what was written."""
+    from .bench import BenchInterrupted
+
+    try:
+        yield
+    except BenchInterrupted as e:
+        wrote = (f"the results were written to {e.out}" if e.written else
+                 f"nothing was written ({e.out} is as it was before)")
+        typer.echo(f"interrupted: {e.done} of {e.total} runs had finished; {wrote}")
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # (before the first run started)
+        typer.echo("interrupted before any run had finished; nothing was written")
+        raise typer.Exit(130) from None
 
 
 def _check_out(path: str, suffixes: tuple[str, ...] | None, keep: str | None = None) -> None:
@@ -394,15 +446,6 @@ def lr_find_cmd(
         console.print(f"note: {escape(res.note)}", soft_wrap=True)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @app.command(cls=_Command)
 def bench(
     scenario: Annotated[list[str] | None, typer.Option(
@@ -411,13 +454,16 @@ def bench(
         "--remedy", "-r", help="remedy(ies) to compare (default: all; see --list)")] = None,
     lr_grid: str = typer.Option(None, help="comma-separated LRs for every scenario, e.g. "
                                            "'1e-3,1e-2,1e-1' (default: each scenario's grid)"),
-    lr_points: int = typer.Option(1, help="keep every N-th point of each scenario's grid"),
-    seeds: int = typer.Option(5, help="seeds per scenario, remedy and LR (medians need >= 5)"),
+    lr_points: int = typer.Option(None, help="keep every N-th point of each scenario's grid "
+                                  "(default: 1; --quick: 2)", show_default=False),
+    seeds: int = typer.Option(None, help="seeds per scenario, remedy and LR (medians need >= 5) "
+                              "(default: 5; --quick: 1)", show_default=False),
     steps: int = typer.Option(None, help="optimizer steps per run (default: the scenario's)"),
     jobs: int = typer.Option(None, help="worker processes (default: one per CPU core)"),
     out: str = typer.Option("gradguard-runs/bench", help="results directory"),
     quick: bool = typer.Option(False, "--quick", help="the quick preset: 3 scenarios, "
-                                                      "6 remedies, 1 seed, whole decades"),
+                                                      "6 remedies, 1 seed, whole decades "
+                                                      "(options given explicitly win)"),
     html: bool = typer.Option(True, help="write OUT/report.html"),
     list_: bool = typer.Option(False, "--list", help="list scenarios and remedies, then exit"),
 ) -> None:
@@ -449,35 +495,28 @@ def bench(
     except ValueError:
         console.print(f"[red]--lr-grid must be comma-separated numbers, got {lr_grid!r}[/red]")
         raise typer.Exit(2) from None
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         console.print("[red]--seeds must be at least 1[/red]")
         raise typer.Exit(2)
     if steps is not None and steps < 1:
         console.print(f"[red]--steps must be at least 1, got {steps}[/red]")
         raise typer.Exit(2)
-    if (Path(out).exists() and not Path(out).is_dir()) or any(
-            p.exists() and not p.is_dir() for p in Path(out).parents):
-        console.print(f"[red]--out {escape(out)} is a file or lies under one: give a "
-                      "directory[/red]")
-        raise typer.Exit(2)
-    try:
-        cfg = BenchConfig(
-            scenarios=scenario or preset.get("scenarios", list(S.SCENARIOS)),
-            remedies=remedy or preset.get("remedies", list(REMEDIES)),
-            seeds=preset.get("seeds", tuple(range(seeds))) if quick else tuple(range(seeds)),
-            lr_grid=grid, lr_points=preset.get("lr_points", lr_points), steps=steps,
-            jobs=jobs if jobs is not None else os.cpu_count() or 1, out=out,
-        )
-        from .bench.runner import plan_jobs
-
-        plan, skipped = plan_jobs(cfg)
-    except (KeyError, ValueError) as e:
-        console.print(f"[red]{escape(str(e.args[0] if e.args else e))}[/red]")
-        raise typer.Exit(2) from None
+    _check_bench_out(out)
+    # An option given explicitly wins over the preset's value for it.
+    cfg = BenchConfig(
+        scenarios=scenario or preset.get("scenarios", list(S.SCENARIOS)),
+        remedies=remedy or preset.get("remedies", list(REMEDIES)),
+        seeds=tuple(range(seeds)) if seeds is not None else preset.get("seeds", tuple(range(5))),
+        lr_grid=grid, lr_points=lr_points if lr_points is not None else preset.get("lr_points", 1),
+        steps=steps, jobs=jobs if jobs is not None else os.cpu_count() or 1, out=out,
+    )
+    plan, skipped = _plan_or_exit(cfg)
     for name, why in skipped.items():
         console.print(f"[yellow]remedy {name} not run: {why}[/yellow]")
     console.print(f"{len(plan)} runs on {cfg.jobs} worker(s) → {cfg.out}")
-    res = run_with_progress(cfg, console)
+    stale = (cfg.out / "report.html").is_file()
+    with _bench_interrupt():
+        res = run_with_progress(cfg, console)
     import json
 
     meta = json.loads((res.out / "meta.json").read_text())
@@ -490,3 +529,15 @@ def bench(
 
         page = write_bench_report(res.out)
         console.print(f"Report: [bold]{page}[/bold] (open it in a browser)")
+    elif stale:
+        typer.echo(f"Removed the previous bench's {res.out / 'report.html'}: it described "
+                   "another bench (--no-html: no new one written)")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # (last: every command must be registered before it runs)
+    main()

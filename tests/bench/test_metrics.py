@@ -70,3 +70,45 @@ def test_the_verdict_claims_no_ratio_or_harm_it_could_not_measure():
                               row("b", "gradguard", 1.0), row("b", "none", None)]))
     assert "on 1 of the 1 where the ratio is defined" in both  # (b: undefined, not a win)
     assert "no ratio (the unguarded run converged at no LR)" in both
+
+
+def test_a_grid_where_every_run_diverged_has_no_stable_range():
+    # Best loss ∞: no tolerance around it, and ∞ <= ∞ must not call a diverged cell stable.
+    rows = [row(rem, lr, math.inf, seed=s) for rem in ("none", "skip-nonfinite", "gradguard")
+            for lr in (1e-2, 1e-1) for s in (0, 1)]
+    out = {s.remedy: s for s in summarize(rows, {"s": 1e-1})}
+    for s in out.values():
+        assert (s.stable_lo, s.stable_hi, s.stable_decades) == (None, None, None)
+        assert s.harm_checked == 0 and s.harm_lrs == "" and math.isnan(s.tol)
+    md = markdown(list(out.values()), {"scenarios": {"s": {"lr": 1e-1, "grid": [1e-2, 1e-1],
+                                                           "metric": "", "summary": "x"}}})
+    assert "no remedy converged at any LR of the grid" in md
+    assert "gradguard none decades" in md and "harm not checked" in md
+    assert "| gradguard | none | – |" in md and "not checked" in md
+
+
+def test_a_diverged_median_never_converges_even_next_to_a_finite_best():
+    rows = [row("a", 1e-3, 1.0), row("a", 1e-2, math.inf), row("b", 1e-3, math.inf),
+            row("b", 1e-2, math.inf)]
+    out = {s.remedy: s for s in summarize(rows, {"s": 1e-2})}
+    assert out["a"].stable_decades == 0 and out["b"].stable_decades is None
+
+
+def test_default_lr_columns_stay_empty_when_the_grid_leaves_the_default_out():
+    rows = [row("none", 1e-3, 1.0), row("none", 1e-2, math.inf),
+            row("fix", 1e-3, 1.1), row("fix", 1e-2, 1.2)]
+    out = {s.remedy: s for s in summarize(rows, {"s": 1e-1})}  # default 1e-1: not in grid
+    for s in out.values():
+        assert s.default_lr_in_grid == 0
+        assert math.isnan(s.default_lr_test_loss) and math.isnan(s.default_lr_diverged)
+        assert math.isnan(s.default_lr_ratio) and s.default_lr_metric is None
+    # On the grid, the columns are read at the default LR itself.
+    (on,) = [s for s in summarize(rows, {"s": 1e-2}) if s.remedy == "fix"]
+    assert on.default_lr_in_grid == 1 and on.default_lr_test_loss == 1.2
+    md = markdown(list(out.values()), {"scenarios": {"s": {"lr": 1e-1, "grid": [1e-3, 1e-2],
+                                                           "metric": "", "summary": "x"}}})
+    assert "(empty: the LR grid leaves the default LR out)" in md
+    assert "| fix | 0.001–0.01 | 1 | 0.15 | – | – | – | – |" in md
+    rows.append(row("gradguard", 1e-3, 1.0))
+    verdict_md = markdown(summarize(rows, {"s": 1e-1}), {"scenarios": {}})
+    assert "no ratio at the exploding LR (the LR grid leaves it out)" in verdict_md

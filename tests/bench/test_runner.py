@@ -124,3 +124,70 @@ def test_resummarize_recomputes_with_a_new_tolerance(small_bench, tmp_path):
     assert json.loads((copy / "meta.json").read_text())["tol"] == 0.99
     assert "widest stable LR range, alone or tied, on" in (copy / "results.md").read_text()
     assert (copy / "curves.jsonl").read_text() == (out / "curves.jsonl").read_text()
+
+
+def test_duplicate_names_seeds_and_lrs_are_one_cell(tmp_path):
+    from gradguard.bench.runner import plan_jobs
+
+    cfg = BenchConfig(scenarios=["linreg-raw", "linreg-raw"], remedies=["none", "none"],
+                      seeds=(0, 0), lr_grid=[1e-5, 1e-3, 1e-5], steps=5, jobs=1, out=tmp_path,
+                      command="test")
+    jobs, _ = plan_jobs(cfg)
+    assert [(j.scenario, j.remedy, j.lr, j.seed) for j in jobs] == [
+        ("linreg-raw", "none", 1e-5, 0), ("linreg-raw", "none", 1e-3, 0)]
+    res = run_bench(cfg)
+    assert len(read_csv(tmp_path / "runs.csv")) == 2
+    (s,) = res.summary
+    assert s.runs == 2
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["seeds"] == [0] and meta["scenarios"]["linreg-raw"]["grid"] == [1e-5, 1e-3]
+
+
+def _old_bench(out):
+    """A folder as a previous bench left it: its files, a guard log, its report page."""
+    (out / "logs").mkdir(parents=True)
+    for name in ("runs.csv", "summary.csv", "meta.json", "curves.jsonl", "results.md",
+                 "report.html"):
+        (out / name).write_text(f"old {name}\n")
+    (out / "logs" / "linreg-raw__gradguard.jsonl").write_text("old log\n")
+    (out / "logs" / "mine.jsonl").write_text("a user's own file\n")
+    return {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+
+
+def test_an_interrupted_bench_leaves_the_folder_as_it_was(tmp_path):
+    from gradguard.bench import BenchInterrupted
+
+    old = _old_bench(tmp_path)
+    cfg = BenchConfig(scenarios=["linreg-raw"], remedies=["none", "gradguard"], seeds=(0,),
+                      lr_grid=[1e-5, 1e-3], steps=5, jobs=1, out=tmp_path, command="test")
+
+    def ctrl_c(job, row, done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(BenchInterrupted) as info:
+        run_bench(cfg, progress=ctrl_c)
+    assert (info.value.done, info.value.total, info.value.written) == (2, 4, False)
+    # Not one file of the previous bench replaced or deleted, none of this one's left.
+    assert {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == old
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # A folder the bench made for itself goes again.
+    with pytest.raises(BenchInterrupted):
+        run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none"], seeds=(0, 1),
+                              lr_grid=[1e-5], steps=5, jobs=1, out=tmp_path / "new"),
+                  progress=ctrl_c)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_bench_replaces_the_previous_one_whole(tmp_path):
+    _old_bench(tmp_path)
+    run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none", "gradguard"],
+                          seeds=(0,), lr_grid=[1e-3], steps=5, jobs=1, out=tmp_path,
+                          command="test"))
+    for name in ("runs.csv", "summary.csv", "meta.json", "curves.jsonl", "results.md"):
+        assert not (tmp_path / name).read_text().startswith("old"), name
+    # The previous bench's page described another bench: gone (the CLI writes a new one).
+    assert not (tmp_path / "report.html").exists()
+    assert (tmp_path / "logs" / "linreg-raw__gradguard.jsonl").read_text() != "old log\n"
+    assert (tmp_path / "logs" / "mine.jsonl").read_text() == "a user's own file\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

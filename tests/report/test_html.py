@@ -322,3 +322,77 @@ def test_cli_report_prints_log_text_as_text_not_markup(tmp_path):
     res = CliRunner().invoke(app, ["report", str(log)], env={"COLUMNS": "400"})
     assert res.exit_code == 0, res.output
     assert "[bold]exp[/bold]" in res.output and "[bold]run[/bold].jsonl" in res.output
+
+
+def test_cli_report_never_writes_the_page_over_the_bench_inputs(bench_dir, tmp_path):
+    d = tmp_path / "b"
+    shutil.copytree(bench_dir, d)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    runner = CliRunner()
+    log = next((d / "logs").glob("*.jsonl"))
+    for target in ("runs.csv", "summary.csv", "meta.json", "curves.jsonl", "results.md",
+                   str(log.relative_to(d)), "logs/new.jsonl", "./runs.csv"):
+        res = runner.invoke(app, ["report", str(d), "--html", str(d / target)])
+        assert res.exit_code == 2, (target, res.output)
+        assert "is an input file of the bench directory" in " ".join(res.output.split())
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError, match="input file"):
+        write_bench_report(d, d / "runs.csv")
+    res = runner.invoke(app, ["report", str(d), "--html", str(d / "page.html")])
+    assert res.exit_code == 0 and (d / "page.html").exists()
+
+
+def _corrupt(bench_dir: Path, tmp_path: Path, name: str, how) -> Path:
+    d = tmp_path / name
+    shutil.copytree(bench_dir, d)
+    (d / "report.html").unlink(missing_ok=True)
+    how(d)
+    return d
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def test_cli_report_of_a_bench_dir_with_malformed_files_warns_not_crashes(bench_dir, tmp_path):
+    def first_seed_null(d: Path) -> None:
+        lines = (d / "curves.jsonl").read_text().splitlines()
+        rec = json.loads(lines[0])
+        rec["seed"] = None
+        (d / "curves.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+
+    cases = {
+        "sumhdr": (lambda d: (d / "summary.csv").write_text(
+            (d / "summary.csv").read_text().replace("scenario", "scen", 1)),
+            "summary.csv: 2 row(s) without a scenario and remedy"),
+        "metalist": (lambda d: (d / "meta.json").write_text("[1, 2]"),
+                     "meta.json is not a JSON object: ignored"),
+        "metabad": (lambda d: (d / "meta.json").write_text(
+            json.dumps({"scenarios": {SCENARIO: {"lr": "abc"}}, "seeds": "x",
+                        "steps": [1]})), "has no usable default lr ('abc')"),
+        "metatrunc": (lambda d: (d / "meta.json").write_text('{"scenarios": {'),
+                      "meta.json is not valid JSON: ignored"),
+        "seednull": (first_seed_null, "curves.jsonl: 1 record(s) without a usable"),
+        "lrx": (lambda d: _append(d / "curves.jsonl", json.dumps(
+            {"scenario": SCENARIO, "remedy": "none", "lr": "x", "seed": 0}) + "\n"),
+            "curves.jsonl: 1 record(s) without a usable"),
+        "runsbin": (lambda d: (d / "runs.csv").write_bytes(bytes(range(128, 256)) * 8),
+                    "runs.csv is not UTF-8 text: ignored"),
+        "runsextra": (lambda d: (d / "runs.csv").write_text(
+            (d / "runs.csv").read_text().replace("\n", ",surplus,cells\n", 2)), None),
+        "logbin": (lambda d: next((d / "logs").glob("*.jsonl")).write_bytes(b"\xff\xfe" * 50),
+                   None),
+    }
+    runner = CliRunner()
+    for name, (how, warned) in cases.items():
+        d = _corrupt(bench_dir, tmp_path, name, how)
+        res = runner.invoke(app, ["report", str(d), "--html", str(tmp_path / f"{name}.html")],
+                            env={"COLUMNS": "300"})
+        said = " ".join(res.output.split())
+        assert res.exit_code == 0 and res.exception is None, (name, res.output)
+        assert "HTML report:" in said, (name, said)
+        if warned:
+            assert "warning: " in said and warned in said, (name, said)
+            page = (tmp_path / f"{name}.html").read_text()
+            assert "Left out (unreadable)" in page, name

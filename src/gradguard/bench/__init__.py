@@ -9,7 +9,16 @@ Example::
 
 from .metrics import SummaryRow, summarize
 from .remedies import REMEDIES, Remedy
-from .runner import QUICK, RUN_COLUMNS, BenchConfig, BenchResult, Job, run_bench, run_one
+from .runner import (
+    QUICK,
+    RUN_COLUMNS,
+    BenchConfig,
+    BenchInterrupted,
+    BenchResult,
+    Job,
+    run_bench,
+    run_one,
+)
 
-__all__ = ["QUICK", "REMEDIES", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "Remedy",
-           "SummaryRow", "run_bench", "run_one", "summarize"]
+__all__ = ["QUICK", "REMEDIES", "RUN_COLUMNS", "BenchConfig", "BenchInterrupted", "BenchResult",
+           "Job", "Remedy", "SummaryRow", "run_bench", "run_one", "summarize"]

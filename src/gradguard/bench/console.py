@@ -64,7 +64,9 @@ def summary_tables(summary: Sequence[SummaryRow], meta: dict[str, Any]) -> list[
         t.add_column("stable LRs", no_wrap=True)
         t.add_column("decades", justify="right")
         t.add_column("LR sens.", justify="right")
-        t.add_column(f"blew up @{info['lr']:.2g}", justify="right")
+        # Read at the scenario's default LR only: a grid without it leaves these empty.
+        off = "" if any(s.default_lr_in_grid for s in rows) else " (not in grid)"
+        t.add_column(f"blew up @{info['lr']:.2g}{off}", justify="right")
         t.add_column("test loss", justify="right")
         if info["metric"]:
             t.add_column(info["metric"][:8], justify="right")
@@ -78,13 +80,14 @@ def summary_tables(summary: Sequence[SummaryRow], meta: dict[str, Any]) -> list[
                 dec = f"{s.stable_decades:.2g}"
                 if widest is not None and s.stable_decades == widest:
                     dec = f"[bold green]{dec}[/bold green]"
-            blew = (f"[red]{s.default_lr_diverged:.0%}[/red]" if s.default_lr_diverged
+            blew = ("–" if math.isnan(s.default_lr_diverged)
+                    else f"[red]{s.default_lr_diverged:.0%}[/red]" if s.default_lr_diverged
                     else "[green]no[/green]")
             cells = [s.remedy, rng, dec, _fmt(s.lr_sensitivity), blew,
                      _fmt(s.default_lr_test_loss)]
             if info["metric"]:
                 cells.append(_fmt(s.default_lr_metric))
-            cells.append(f"{s.skipped:.0f}")
+            cells.append("–" if math.isnan(s.skipped) else f"{s.skipped:.0f}")
             t.add_row(*cells)
         tables.append(t)
     return tables

@@ -25,7 +25,11 @@ decided by its worst seed. Per scenario:
   healthy steps) separates what the guard's actions do from the noise of a different
   but equivalent kernel (torch's fused SGD against its foreach SGD).
 * **ratio at the exploding LR**: the remedy's median at the scenario's default (exploding)
-  LR over the best median of the unguarded run at any LR.
+  LR over the best median of the unguarded run at any LR. This and the other "default LR"
+  columns are read at that LR only: a grid that leaves it out leaves them empty
+  (``default_lr_in_grid`` 0), never filled from the nearest grid point.
+* When every cell's median diverged there is no ``L*``: nothing converged (no stable
+  range, no tolerance, no LR sensitivity) and harm is not checked.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class SummaryRow:
     harm_lrs: str = ""
     harm_worst: float = math.nan
     placebo_harm_lrs: str = ""
+    # 0 when the LR grid left out the scenario's default LR: the default-LR columns
+    # (test loss, metric, diverged, clipped, skipped, ratio) are then empty.
+    default_lr_in_grid: int = 1
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -121,7 +128,8 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
 
     Args:
         rows: one dict per run.
-        default_lr: each scenario's exploding LR, where the "default LR" columns are read.
+        default_lr: each scenario's exploding LR, where the "default LR" columns are read
+            (empty, NaN, when no cell is at it).
         tol: the practical part of the tolerance, as a fraction of ``L0 − L*`` (see the
             module docstring for the statistical part).
     """
@@ -145,22 +153,37 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
         sigma = _noise(cells)
         n = max((len(c) for c in cells.values()), default=1)
         stat = 2 * math.sqrt(2) * _MEDIAN_SE * sigma / math.sqrt(n)
-        practical = tol * (init - best) if math.isfinite(init) else tol * abs(best)
-        tolerance = max(practical, stat)
+        if math.isfinite(best):
+            practical = tol * (init - best) if math.isfinite(init) else tol * abs(best)
+            tolerance = max(practical, stat)
+        else:
+            # Every cell's median diverged: there is no best loss to be within a tolerance
+            # of, so nothing converged (∞ <= ∞ + tol would call every diverged cell stable).
+            tolerance = math.nan
         limit = best + tolerance
+
+        def converged(v: float, limit: float = limit) -> bool:
+            # A cell whose median is a diverged run never converges (NaN compares False).
+            return math.isfinite(v) and v <= limit
+
         plain = {lr: cell_loss(c) for (name, lr), c in cells.items() if name == "none"}
         best_plain = min(plain.values(), default=math.nan)
-        healthy = sorted(lr for lr, v in plain.items() if v <= limit)
+        healthy = sorted(lr for lr, v in plain.items() if converged(v))
         remedies = list(dict.fromkeys(r["remedy"] for r in srows))
+        d_want = default_lr.get(scn)
         for rem in remedies:
             lrs = sorted({lr for (name, lr) in cells if name == rem})
-            ok = [cell_loss(cells[(rem, lr)]) <= limit for lr in lrs]
+            ok = [converged(cell_loss(cells[(rem, lr)])) for lr in lrs]
             lo, hi, decades = _widest(lrs, ok)
             capped = [min(cell_loss(cells[(rem, lr)]), init) for lr in lrs]
             sens = _mean(c - best for c in capped) if math.isfinite(best) else math.nan
             mine = [r for r in srows if r["remedy"] == rem]
-            d_lr = min(lrs, key=lambda v: abs(math.log(v / default_lr.get(scn, v))))
-            at = cells[(rem, d_lr)]
+            # The "default LR" columns are read at the scenario's default LR only: a grid
+            # that leaves it out leaves them empty (not the nearest LR's numbers under the
+            # default LR's name).
+            d_lr = next((v for v in lrs if d_want is not None
+                         and math.isclose(v, d_want, rel_tol=1e-6)), None)
+            at = cells[(rem, d_lr)] if d_lr is not None else []
             metrics = [float(r["final_metric"]) for r in at if r["final_metric"] not in ("", None)]
             harmed, placebo_harmed, worst = [], [], -math.inf
             checked = 0
@@ -177,7 +200,7 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
                     if (PLACEBO, lr) in cells and rem != PLACEBO and _harms(
                             _paired(cells[(rem, lr)], cells[(PLACEBO, lr)]), sigma):
                         placebo_harmed.append(lr)
-            d_med = cell_loss(at)
+            d_med = cell_loss(at) if at else math.nan
             out.append(SummaryRow(
                 scenario=scn, remedy=rem, runs=len(mine),
                 diverged_runs=sum(int(r["diverged"]) for r in mine),
@@ -195,6 +218,7 @@ def summarize(rows: Sequence[dict], default_lr: dict[str, float],
                 harm_lrs=" ".join(f"{v:.3g}" for v in harmed),
                 harm_worst=worst if math.isfinite(worst) else math.nan,
                 placebo_harm_lrs=" ".join(f"{v:.3g}" for v in placebo_harmed),
+                default_lr_in_grid=int(d_lr is not None),
             ))
     return out
 
@@ -246,8 +270,11 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             got = "none" if mine.stable_decades is None else f"{mine.stable_decades:.2g}"
             parts.append(f"{ours} {got} decades")
         # LR sensitivity is a mean of medians: "tied" means within the scenario's tolerance.
-        low = min(s.lr_sensitivity for s in rows if math.isfinite(s.lr_sensitivity))
-        if mine.lr_sensitivity <= low + mine.tol:
+        low = min((s.lr_sensitivity for s in rows if math.isfinite(s.lr_sensitivity)),
+                  default=None)
+        if low is None or not math.isfinite(mine.lr_sensitivity):
+            parts.append("no LR sensitivity (no run converged to measure it against)")
+        elif mine.lr_sensitivity <= low + mine.tol:
             sens_wins += 1
             parts.append(f"lowest LR sensitivity{' (tied)' if mine.lr_sensitivity > low else ''}"
                          f" {mine.lr_sensitivity:.3g}")
@@ -260,7 +287,9 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             parts.append("no unguarded run ('none') to compare the exploding LR or harm with")
             lines.append(f"- {scn}: " + "; ".join(parts))
             continue
-        if math.isnan(r):
+        if not mine.default_lr_in_grid:
+            parts.append("no ratio at the exploding LR (the LR grid leaves it out)")
+        elif math.isnan(r):
             parts.append("at the exploding LR no ratio (the unguarded run converged at no LR)")
         else:
             ratio_defined += 1
@@ -274,7 +303,7 @@ def verdict(summary: Sequence[SummaryRow], ours: str = "gradguard") -> list[str]
             harmless += 1
             parts.append(f"no harm at the {mine.harm_checked} LR(s) where unguarded converges")
         else:
-            parts.append("no harm check (the unguarded run converged at no LR)")
+            parts.append("harm not checked (the unguarded run converged at no LR)")
         lines.append(f"- {scn}: " + "; ".join(parts))
     n = len(scns)
     lines += ["", f"{ours} (default policy): widest stable LR range, alone or tied, on {wins} "
@@ -291,6 +320,14 @@ def _f(v: float | None, digits: int = 3) -> str:
     if math.isinf(v):
         return "∞"
     return f"{v:.{digits}g}"
+
+
+def _pct(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v:.0%}"
+
+
+def _count(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v:.0f}"
 
 
 def _range(s: SummaryRow) -> str:
@@ -325,12 +362,18 @@ def markdown(summary: Sequence[SummaryRow], meta: dict) -> str:
     for scn in scns:
         info = meta.get("scenarios", {}).get(scn, {})
         metric = info.get("metric") or "metric"
+        mine = [x for x in summary if x.scenario == scn]
+        off_grid = not any(x.default_lr_in_grid for x in mine)
+        tol = mine[0].tol
         lines += [f"## {scn}", "", info.get("summary", ""), "",
                   f"Default LR {info.get('lr', '?')}; grid "
                   f"{', '.join(f'{v:.3g}' for v in info.get('grid', []))}.", "",
-                  f"Tolerance {_f(next(x.tol for x in summary if x.scenario == scn))} "
-                  f"(seed noise σ {_f(next(x.noise for x in summary if x.scenario == scn))})."
-                  " Columns at the default LR are medians over seeds; *ratio* is that median "
+                  (f"Tolerance {_f(tol)} " if math.isfinite(tol) else
+                   "No tolerance (every cell's median diverged: nothing converged) ") +
+                  f"(seed noise σ {_f(mine[0].noise)})."
+                  " Columns at the default LR are medians over seeds"
+                  + (" (empty: the LR grid leaves the default LR out)" if off_grid else "") +
+                  "; *ratio* is that median "
                   "over the best unguarded median at any LR; *harm* lists the LRs (where the "
                   "unguarded run converges) at which the remedy's seed-paired median is worse "
                   "beyond the noise, against the unguarded run and against the placebo.", "",
@@ -338,14 +381,14 @@ def markdown(summary: Sequence[SummaryRow], meta: dict) -> str:
                   f"LR | test loss | ratio | {metric} | harm (vs none / vs placebo) | clipped "
                   "| skipped | s/run |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for s in (x for x in summary if x.scenario == scn):
-            harm = (f"{s.harm_lrs or '–'} / {s.placebo_harm_lrs or '–'}"
-                    if s.harm_checked else "")
+        for s in mine:
+            harm = (f"{s.harm_lrs or '–'} / {s.placebo_harm_lrs or '–'}" if s.harm_checked
+                    else "" if s.remedy == "none" else "not checked")
             lines.append(
                 f"| {s.remedy} | {_range(s)} | {_f(s.stable_decades, 2)} | "
-                f"{_f(s.lr_sensitivity)} | {s.default_lr_diverged:.0%} | "
+                f"{_f(s.lr_sensitivity)} | {_pct(s.default_lr_diverged)} | "
                 f"{_f(s.default_lr_test_loss)} | {_f(s.default_lr_ratio)} | "
                 f"{_f(s.default_lr_metric)} | {harm} | "
-                f"{s.clipped:.0f} | {s.skipped:.0f} | {s.seconds:.2f} |")
+                f"{_count(s.clipped)} | {_count(s.skipped)} | {s.seconds:.2f} |")
         lines.append("")
     return "\n".join(lines)

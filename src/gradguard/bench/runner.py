@@ -8,6 +8,9 @@ The directory (read by ``gradguard report DIR``):
 * ``summary.csv`` / ``results.md`` — per scenario and remedy: stable LR range, LR
   sensitivity and the outcome at the scenario's default LR (see :mod:`.metrics`);
 * ``logs/<scenario>__<remedy>.jsonl`` — guard run logs at the default LR, first seed.
+
+The files are written only when every run has finished, replacing the previous bench's
+(see :func:`run_bench`): a folder never mixes two benches.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import multiprocessing
 import os
 import platform
 import shlex
+import shutil
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +44,8 @@ from ..scenarios.train import RunResult
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
 
-__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchResult", "Job", "cpu_model", "plan_jobs",
-           "resummarize", "run_bench", "run_one"]
+__all__ = ["QUICK", "RUN_COLUMNS", "BenchConfig", "BenchInterrupted", "BenchResult", "Job",
+           "cpu_model", "plan_jobs", "resummarize", "run_bench", "run_one"]
 
 RUN_COLUMNS = ("scenario", "remedy", "lr", "seed", "steps", "diverged", "diverged_at",
                "first_nonfinite", "gave_up", "initial_loss", "final_train_loss",
@@ -90,6 +96,13 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        # A name, seed or LR given twice is one cell, not a cell counted twice in the
+        # medians (first occurrence kept, in order).
+        self.scenarios = list(dict.fromkeys(self.scenarios))
+        self.remedies = list(dict.fromkeys(self.remedies))
+        self.seeds = tuple(dict.fromkeys(self.seeds))
+        if self.lr_grid is not None:
+            self.lr_grid = list(dict.fromkeys(self.lr_grid))
 
     def grid(self, scn: scenarios.Scenario) -> list[float]:
         if self.lr_grid:
@@ -106,6 +119,26 @@ QUICK = {
     "seeds": (0,),
     "lr_points": 2,
 }
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """The bench was interrupted (Ctrl-C): queued runs were cancelled, running ones
+    stopped, and nothing was written — the results directory is as it was before
+    (unless ``written``: the interrupt came after every run had finished and the
+    results had been written).
+
+    Attributes:
+        done: runs that had finished.
+        total: runs planned.
+        out: the results directory.
+        written: the results were written all the same.
+    """
+
+    def __init__(self, done: int, total: int, out: Path, written: bool = False) -> None:
+        super().__init__(f"interrupted after {done} of {total} runs; " + (
+            f"the results were written to {out}" if written else
+            f"nothing written ({out} is as it was)"))
+        self.done, self.total, self.out, self.written = done, total, out, written
 
 
 @dataclass
@@ -167,11 +200,53 @@ def _worker_init() -> None:
     # One thread per worker: runs are small, and N single-threaded runs side by side beat
     # N threads fighting over each one.
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (cancels the
+    # queue, stops the workers); a worker that raised KeyboardInterrupt would only break
+    # the pool with a traceback. The parent spawned us with SIGINT blocked, so one that
+    # came while we started is discarded here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def plan_jobs(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
-    """The runs ``cfg`` asks for, and the remedies left out (with why)."""
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Hold off SIGINT (delivered when the block ends; POSIX, main thread only)."""
+    if not hasattr(signal, "pthread_sigmask") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and stop the running ones now."""
+    # (ProcessPoolExecutor has no public way to stop a running job before Python 3.14's
+    # terminate_workers(); the workers ignore SIGINT, so they are terminated. shutdown()
+    # forgets them: they are taken first.)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(10)
+
+
+def plan_jobs(cfg: BenchConfig, logs: Path | None = None) -> tuple[list[Job], dict[str, str]]:
+    """The runs ``cfg`` asks for, and the remedies left out (with why).
+
+    Args:
+        cfg: what to run.
+        logs: the folder the guard logs go to (default ``cfg.out / "logs"``).
+    """
     _validate(cfg)
+    logs = Path(cfg.out) / "logs" if logs is None else Path(logs)
     skipped = {r: f"needs the '{R.get(r).needs}' package" for r in cfg.remedies
                if not R.get(r).available()}
     jobs: list[Job] = []
@@ -186,7 +261,7 @@ def plan_jobs(cfg: BenchConfig) -> tuple[list[Job], dict[str, str]]:
                 for seed in cfg.seeds:
                     log = None
                     if logged and seed == cfg.seeds[0] and math.isclose(lr, scn.lr):
-                        log = str(cfg.out / "logs" / f"{name}__{rem}.jsonl")
+                        log = str(logs / f"{name}__{rem}.jsonl")
                     jobs.append(Job(name, rem, lr, seed, steps, log))
     return jobs, skipped
 
@@ -211,22 +286,50 @@ def run_bench(cfg: BenchConfig,
               ) -> BenchResult:
     """Run every job of ``cfg`` and write the results directory.
 
+    The runs write into a hidden folder inside ``cfg.out``; only when all have finished
+    do their files replace the previous bench's there (its ``runs.csv``, ``summary.csv``,
+    ``results.md``, ``curves.jsonl``, ``meta.json``, guard logs, and its ``report.html``,
+    which is removed: it described the previous bench). An interrupt (Ctrl-C) cancels
+    the queued runs, stops the running ones and raises :class:`BenchInterrupted` with
+    the folder as it was.
+
     Args:
         cfg: what to run.
         progress: called after each run with ``(job, row, done, total)``.
     """
-    jobs, skipped = plan_jobs(cfg)
     out = Path(cfg.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    from .remedies import REMEDIES
-
-    for old in (out / "logs").glob("*.jsonl"):
-        # Only a previous bench's logs (<scenario>__<remedy>.jsonl): a file of the user's
-        # that happens to lie there is left alone.
-        scenario, _, remedy = old.stem.partition("__")
-        if scenario in scenarios.SCENARIOS and remedy in REMEDIES:
-            old.unlink()
+    _validate(cfg)
+    created = not out.exists()
+    stage = out / f".bench-partial-{os.getpid()}"
     results: dict[Job, tuple[dict[str, Any], dict[str, Any]]] = {}
+    jobs: list[Job] = []
+    written = False
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        (stage / "logs").mkdir(parents=True)
+        jobs, skipped = plan_jobs(cfg, logs=stage / "logs")
+        _run_jobs(cfg, jobs, results, progress)
+        rows = [results[j][0] for j in jobs]
+        meta = _meta(cfg, skipped)
+        summary = summarize(rows, {n: scenarios.get(n).lr for n in cfg.scenarios}, cfg.tol)
+        _write(stage, rows, [results[j][1] for j in jobs], summary, meta)
+        with _sigint_blocked():  # (the folder is replaced whole or not at all)
+            _commit(stage, out)
+            written = True
+    except KeyboardInterrupt:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not written:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # (only if still empty)
+        raise BenchInterrupted(len(results), len(jobs), out, written) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return BenchResult(rows, summary, out, skipped)
+
+
+def _run_jobs(cfg: BenchConfig, jobs: list[Job],
+              results: dict[Job, tuple[dict[str, Any], dict[str, Any]]],
+              progress: Callable[[Job, dict[str, Any], int, int], None] | None) -> None:
     if cfg.jobs == 1:
         # Single-threaded like a worker: a run's numbers must not depend on --jobs (the
         # kernels' reduction order changes with the thread count, and chaotic runs follow).
@@ -239,20 +342,47 @@ def run_bench(cfg: BenchConfig,
                     progress(job, results[job][0], len(results), len(jobs))
         finally:
             torch.set_num_threads(threads)
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_worker_init)
+    try:
+        # The workers are spawned while the jobs are submitted: with SIGINT held off, so
+        # a Ctrl-C in their start-up reaches this process only (see _worker_init).
+        with _sigint_blocked():
             futures = {pool.submit(run_one, job): job for job in jobs}
-            for fut in as_completed(futures):
-                job = futures[fut]
-                results[job] = fut.result()
-                if progress is not None:
-                    progress(job, results[job][0], len(results), len(jobs))
-    rows = [results[j][0] for j in jobs]
-    meta = _meta(cfg, skipped)
-    summary = summarize(rows, {n: scenarios.get(n).lr for n in cfg.scenarios}, cfg.tol)
-    _write(out, rows, [results[j][1] for j in jobs], summary, meta)
-    return BenchResult(rows, summary, out, skipped)
+        for fut in as_completed(futures):
+            job = futures[fut]
+            results[job] = fut.result()
+            if progress is not None:
+                progress(job, results[job][0], len(results), len(jobs))
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _is_bench_log(path: Path) -> bool:
+    # A previous bench's log is named <scenario>__<remedy>.jsonl: a file of the user's
+    # that happens to lie in logs/ is left alone.
+    from .remedies import REMEDIES
+
+    scenario, _, remedy = path.stem.partition("__")
+    return path.suffix == ".jsonl" and scenario in scenarios.SCENARIOS and remedy in REMEDIES
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Replace the previous bench's files in ``out`` with the finished ones in ``stage``."""
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    for old in logs.glob("*.jsonl"):
+        if _is_bench_log(old):
+            old.unlink()
+    for new in (stage / "logs").glob("*.jsonl"):
+        os.replace(new, logs / new.name)
+    # The previous bench's page describes another bench (the caller writes a new one).
+    (out / "report.html").unlink(missing_ok=True)
+    for name in ("runs.csv", "curves.jsonl", "summary.csv", "meta.json", "results.md"):
+        os.replace(stage / name, out / name)
 
 
 def resummarize(out: str | os.PathLike[str], tol: float | None = None) -> list[SummaryRow]:

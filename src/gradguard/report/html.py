@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..record import read_jsonl
 from ..runlog import Event, Meta, StepRecord
 from .summary import RunSummary, summarize
@@ -109,6 +110,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
         v = f
     if isinstance(v, bool | int):
         return str(v)
+    if not isinstance(v, float):  # (a list or object where a number belongs)
+        return escape(str(v))
     if not math.isfinite(v):
         return f'<span class="bad">{"NaN" if math.isnan(v) else f"{v:g}"}</span>'
     return f"{v:.{digits}g}"
@@ -126,7 +129,7 @@ def _table(header: list[str], rows: list[list[str]], text_cols: int = 1) -> str:
 
 
 def _csv_table(rows: list[dict[str, str]]) -> str:
-    header = list(rows[0])
+    header = [h for h in rows[0] if isinstance(h, str)]  # (None: a row's surplus cells)
     text = sum(1 for h in header[:2] if h in ("scenario", "remedy"))
     return _table(header, [[_fmt(r.get(h)) for h in header] for r in rows], text)
 
@@ -495,50 +498,146 @@ class _Bench:
     def default_lr(self, scenario: str) -> float | None:
         lr = self.meta.get("scenarios", {}).get(scenario, {}).get("lr")
         if lr is not None:
-            return float(lr)
+            return float(lr)  # (checked by _clean_meta)
         # Without meta.json (the Setup section says so), the middle of the swept grid.
         lrs = sorted({float(c["lr"]) for c in self.curves or [] if c["scenario"] == scenario})
         return lrs[len(lrs) // 2] if lrs else None
 
 
-def _read_csv(path: Path) -> list[dict[str, str]] | None:
+# The files a bench directory holds and its page is made from (and the guard logs in
+# logs/): the page is never written over one of them.
+BENCH_INPUTS = ("runs.csv", "summary.csv", "meta.json", "curves.jsonl", "results.md")
+
+
+def _read_text(path: Path, problems: list[str]) -> str | None:
+    """A file's text, or None (with the reason in ``problems``) when it is unreadable."""
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if any(r.values())]
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        problems.append(f"{path} is not UTF-8 text: ignored")
+    except OSError as e:
+        problems.append(f"{path} cannot be read ({e.strerror or e}): ignored")
+    return None
+
+
+def _read_csv(path: Path, problems: list[str] | None = None) -> list[dict[str, str]] | None:
+    problems = [] if problems is None else problems
+    text = _read_text(path, problems)
+    if text is None:
+        return None
+    try:
+        rows = [r for r in csv.DictReader(io.StringIO(text, newline=""))
+                if any(v for k, v in r.items() if k is not None)]
+    except csv.Error as e:
+        problems.append(f"{path} is not a readable CSV file ({e}): ignored")
+        return None
     return rows or None
 
 
-def _read_curves(path: Path) -> list[dict[str, Any]] | None:
-    if not path.is_file():
+def _int(v: Any) -> int | None:
+    """An integer from a JSON value (``3``, ``3.0``, ``"3"``); None for anything else."""
+    if isinstance(v, bool):
         return None
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a bench still running
-            if isinstance(rec, dict) and {"scenario", "remedy", "lr", "seed"} <= rec.keys():
-                for key in ("losses", "grad_norms", "clipped_norms"):
-                    rec[key] = np.array([_num(v) for v in rec.get(key) or []], dtype=float)
-                out.append(rec)
+    if isinstance(v, int):
+        return v
+    f = _num(v)
+    return int(f) if math.isfinite(f) and f == int(f) else None
+
+
+def _lr(v: Any) -> float | None:
+    f = _num(v)
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _read_curves(path: Path, problems: list[str] | None = None) -> list[dict[str, Any]] | None:
+    problems = [] if problems is None else problems
+    text = _read_text(path, problems)
+    if text is None:
+        return None
+    out, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a bench still running
+        # A record is placed by its scenario, remedy, LR and seed: one without all four
+        # usable cannot be.
+        if not (isinstance(rec, dict) and isinstance(rec.get("scenario"), str)
+                and isinstance(rec.get("remedy"), str) and _lr(rec.get("lr")) is not None
+                and _int(rec.get("seed")) is not None):
+            bad += 1
+            continue
+        rec["lr"], rec["seed"] = _lr(rec["lr"]), _int(rec["seed"])
+        for key in ("losses", "grad_norms", "clipped_norms"):
+            vals = rec.get(key)
+            rec[key] = np.array([_num(v) for v in vals] if isinstance(vals, list) else [],
+                                dtype=float)
+        out.append(rec)
+    if bad:
+        problems.append(f"{path}: {bad} record(s) without a usable scenario, remedy, lr "
+                        "and seed: skipped")
     return out or None
 
 
-def _read_bench(d: Path) -> _Bench:
+def _clean_meta(meta: Any, path: Path, problems: list[str]) -> dict[str, Any]:
+    """``meta.json`` with what the page reads checked: a part of the wrong kind is left
+    out (and named in ``problems``), not a crash."""
+    if not isinstance(meta, dict):
+        problems.append(f"{path} is not a JSON object: ignored")
+        return {}
+    for key in ("scenarios", "remedies", "steps", "skipped_remedies"):
+        if key in meta and not isinstance(meta[key], dict):
+            problems.append(f"{path}: '{key}' is not an object: ignored")
+            del meta[key]
+    scns = meta.get("scenarios", {})
+    for name, info in list(scns.items()):
+        if not isinstance(info, dict):
+            problems.append(f"{path}: scenario '{name}' is not an object: ignored")
+            scns[name] = {}
+            continue
+        if "lr" in info and _lr(info["lr"]) is None:
+            problems.append(f"{path}: scenario '{name}' has no usable default lr "
+                            f"({info['lr']!r}): ignored")
+            del info["lr"]
+        if "grid" in info and not isinstance(info["grid"], list):
+            del info["grid"]
+    if "seeds" in meta:
+        seeds = meta["seeds"] if isinstance(meta["seeds"], list) else [None]
+        if any(_int(v) is None for v in seeds):
+            problems.append(f"{path}: 'seeds' is not a list of integers: ignored")
+            del meta["seeds"]
+    return meta
+
+
+def _read_bench(d: Path, problems: list[str] | None = None) -> _Bench:
+    problems = [] if problems is None else problems
     meta: dict[str, Any] = {}
-    if (d / "meta.json").is_file():
+    text = _read_text(d / "meta.json", problems)
+    if text is not None:
         try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            meta = _clean_meta(json.loads(text), d / "meta.json", problems)
         except json.JSONDecodeError:
-            meta = {}
-    runs, summary = _read_csv(d / "runs.csv"), _read_csv(d / "summary.csv")
-    curves = _read_curves(d / "curves.jsonl")
-    # Rows that do not say which scenario and remedy they are cannot be placed in a plot.
-    runs = [r for r in runs or [] if r.get("scenario") and r.get("remedy")] or None
+            problems.append(f"{d / 'meta.json'} is not valid JSON: ignored")
+    runs = _read_csv(d / "runs.csv", problems)
+    summary = _read_csv(d / "summary.csv", problems)
+    curves = _read_curves(d / "curves.jsonl", problems)
+
+    def placed(rows: list[dict[str, str]] | None, name: str) -> list[dict[str, str]]:
+        # Rows that do not say which scenario and remedy they are cannot be placed.
+        ok = [r for r in rows or [] if isinstance(r.get("scenario"), str) and r["scenario"]
+              and isinstance(r.get("remedy"), str) and r["remedy"]]
+        if rows and len(ok) < len(rows):
+            problems.append(f"{d / name}: {len(rows) - len(ok)} row(s) without a scenario "
+                            "and remedy: left out of the plots")
+        return ok
+
+    runs = placed(runs, "runs.csv") or None
     scenarios, remedies = list(meta.get("scenarios", {})), list(meta.get("remedies", {}))
-    for rows in (summary, runs, curves):
+    for rows in (placed(summary, "summary.csv"), runs, curves):
         for r in rows or []:
             if r["scenario"] not in scenarios:
                 scenarios.append(r["scenario"])
@@ -657,12 +756,14 @@ def _bench_sensitivity(b: _Bench) -> str:
     groups: dict[tuple[str, str, float], list[tuple[float, bool]]] = defaultdict(list)
     initial: dict[str, list[float]] = defaultdict(list)
     for r in b.runs or []:
+        if _lr(r.get("lr")) is None:
+            continue  # (a row without a usable LR has no place on the LR axis)
         ini = _num(r.get("initial_loss"))
         loss = _num(r.get("final_test_loss"))
         if math.isfinite(ini):
             initial[r["scenario"]].append(ini)
             loss = min(loss, ini) if not math.isnan(loss) else ini
-        groups[(r["scenario"], r["remedy"], _num(r["lr"]))].append(
+        groups[(r["scenario"], r["remedy"], _num(r.get("lr")))].append(
             (loss, str(r.get("diverged", "")).strip().lower() in ("1", "1.0", "true")))
     fig, axes = _panels(len(b.scenarios))
     drawn: list[str] = []
@@ -727,19 +828,33 @@ def _bench_meta(b: _Bench) -> str:
     return "\n".join(out)
 
 
-def bench_html(bench_dir: PathLike) -> str:
+def bench_html(bench_dir: PathLike, problems: list[str] | None = None) -> str:
     """The HTML page of a results directory written by ``gradguard bench``.
 
     Every file is optional: a section whose file is missing says so instead of failing.
+    A file or record that cannot be read (not UTF-8, not the expected JSON, a curve
+    without its LR or seed) is left out, and said so on the page and in ``problems``.
     """
     d = Path(bench_dir)
-    b = _read_bench(d)
-    parts = [f"<h1>gradguard bench report</h1><p class=\"note\">{escape(str(d))}</p>",
-             "<h2>Setup</h2>", _bench_meta(b), "<h2>Results</h2>"]
+    problems = [] if problems is None else problems
+    b = _read_bench(d, problems)
+    logs = sorted((d / "logs").glob("*.jsonl")) if (d / "logs").is_dir() else []
+    heats = []
+    for p in logs:
+        try:
+            heats.append(_heatmap(_read_log(p), p.stem.replace("__", " / ")))
+        except (OSError, ValueError) as e:  # (UnicodeDecodeError and ConfigError too)
+            problems.append(f"{p} cannot be read ({e}): ignored")
+    results_md = _read_text(d / "results.md", problems) if not b.summary else None
+    parts = [f"<h1>gradguard bench report</h1><p class=\"note\">{escape(str(d))}</p>"]
+    if problems:
+        parts.append("<p class=\"note\">Left out (unreadable):<br>"
+                     + "<br>".join(escape(p) for p in problems) + "</p>")
+    parts += ["<h2>Setup</h2>", _bench_meta(b), "<h2>Results</h2>"]
     if b.summary:
         parts.append(_csv_table(b.summary))
-    elif (d / "results.md").is_file():
-        parts.append(f"<pre>{escape((d / 'results.md').read_text(encoding='utf-8'))}</pre>")
+    elif results_md is not None:
+        parts.append(f"<pre>{escape(results_md)}</pre>")
     else:
         parts.append(_absent("summary.csv and results.md are absent."))
     if b.runs:
@@ -757,14 +872,31 @@ def bench_html(bench_dir: PathLike) -> str:
     parts.append(_bench_sensitivity(b) if b.runs and b.scenarios
                  else _absent("runs.csv is absent."))
     parts.append("<h2>Per-layer gradient norms</h2>")
-    logs = sorted((d / "logs").glob("*.jsonl")) if (d / "logs").is_dir() else []
-    heats = [_heatmap(_read_log(p), p.stem.replace("__", " / ")) for p in logs]
     heats = [h for h in heats if h]
     parts += heats or [_absent("No guard logs with per-layer norms (logs/ is absent or empty).")]
     return _page(f"gradguard bench {d.name}", parts)
 
 
-def write_bench_report(bench_dir: PathLike, out: PathLike | None = None) -> Path:
-    """Write :func:`bench_html` to ``out`` (default: ``bench_dir/report.html``)."""
+def bench_input(bench_dir: PathLike, out: PathLike) -> Path | None:
+    """The bench directory's input file ``out`` would overwrite (None: it would not):
+    one of :data:`BENCH_INPUTS` or a guard log in ``logs/``, whether or not it exists."""
+    d, target = Path(bench_dir).resolve(), Path(out).resolve()
+    if target.parent == d and target.name in BENCH_INPUTS:
+        return target
+    if target.parent == d / "logs" and target.suffix == ".jsonl":
+        return target
+    return None
+
+
+def write_bench_report(bench_dir: PathLike, out: PathLike | None = None,
+                       problems: list[str] | None = None) -> Path:
+    """Write :func:`bench_html` to ``out`` (default: ``bench_dir/report.html``).
+
+    Raises:
+        ConfigError: ``out`` is one of the directory's input files (see :func:`bench_input`).
+    """
     target = Path(out) if out is not None else Path(bench_dir) / "report.html"
-    return _write(target, bench_html(bench_dir))
+    if bench_input(bench_dir, target) is not None:
+        raise ConfigError(f"{out} is an input file of the bench directory {bench_dir}; give "
+                          "the HTML page another name (writing it there would replace it)")
+    return _write(target, bench_html(bench_dir, problems))
