@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 __all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning",
@@ -44,7 +45,8 @@ class GuardUsageWarning(UserWarning):
 
 def check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     """Validate a numeric knob at construction, so a bad config fails now, not at step 1000."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # (numbers.Real: numpy's scalars too, as a config read with numpy hands them over)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     v = float(value)
     if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
@@ -55,9 +57,9 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> floa
 
 def check_int(name: str, value: int, lo: int) -> int:
     """Validate an integer knob (bools are not ints here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ConfigError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
+    return int(value)
 
 
 def config_diff(saved: Any, current: Any, prefix: str = "") -> list[str]:

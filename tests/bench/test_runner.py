@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 
 import pytest
 
@@ -191,3 +192,25 @@ def test_a_finished_bench_replaces_the_previous_one_whole(tmp_path):
     assert (tmp_path / "logs" / "linreg-raw__gradguard.jsonl").read_text() != "old log\n"
     assert (tmp_path / "logs" / "mine.jsonl").read_text() == "a user's own file\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_logs_on_another_file_system_are_moved_in(tmp_path, monkeypatch):
+    # logs/ may be a link to another file system, where a rename fails (EXDEV): the
+    # finished bench must still land whole, the previous one's logs replaced.
+    import errno
+
+    def cross_device(real):
+        def move(src, dst, *a, **kw):
+            if ".bench-partial" in str(src) and os.path.basename(os.path.dirname(dst)) == "logs":
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(src, dst, *a, **kw)
+        return move
+
+    _old_bench(tmp_path)
+    monkeypatch.setattr(os, "rename", cross_device(os.rename))
+    monkeypatch.setattr(os, "replace", cross_device(os.replace))
+    run_bench(BenchConfig(scenarios=["linreg-raw"], remedies=["none", "gradguard"],
+                          seeds=(0,), lr_grid=[1e-3], steps=5, jobs=1, out=tmp_path,
+                          command="test"))
+    assert (tmp_path / "logs" / "linreg-raw__gradguard.jsonl").read_text() != "old log\n"
+    assert not (tmp_path / "runs.csv").read_text().startswith("old")

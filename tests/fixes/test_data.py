@@ -165,22 +165,27 @@ def test_statistics_round_trip_through_torch_save_and_bad_ones_are_refused(tmp_p
             fixes.Standardizer.from_state_dict(bad)
 
 
-def test_a_tuple_is_one_batch_and_a_list_is_batches_whatever_the_shapes():
-    # Two same-sized input batches in a list were read as (inputs, targets).
+def test_two_tensors_are_one_batch_as_a_dataloader_yields_it_other_iterables_are_batches():
+    # The type decides, never the shapes: a DataLoader's batch is the list [x, y]; two
+    # same-sized input batches were once read as (inputs, targets) by their shapes.
     torch.manual_seed(0)
     b1, b2 = torch.randn(16, 3) * 5 + 1, torch.randn(16, 3) * 5 + 1
-    batches = fixes.Standardizer.fit([b1, b2])
-    assert not batches.has_targets
-    assert torch.allclose(batches.x_mean, torch.cat([b1, b2]).mean(0), atol=1e-5)
-    pair = fixes.Standardizer.fit((b1, b2))  # the same tensors as a tuple: a pair
-    assert pair.has_targets and torch.allclose(pair.x_mean, b1.mean(0), atol=1e-5)
-    seqs = fixes.Standardizer.fit([torch.randn(4, 6, 5), torch.randn(4, 7, 5)], dim=-1)
+    for pair in ((b1, b2), [b1, b2]):
+        fit = fixes.Standardizer.fit(pair)
+        assert fit.has_targets and torch.allclose(fit.x_mean, b1.mean(0), atol=1e-5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(b1, b2[:, :1]),
+                                         batch_size=16)
+    one = fixes.Standardizer.fit(next(iter(loader)))
+    assert one.has_targets and torch.allclose(one.x_mean, b1.mean(0), atol=1e-5)
+    for batches in (iter([b1, b2]), [[b1], [b2]]):
+        fit = fixes.Standardizer.fit(batches)
+        assert not fit.has_targets
+        assert torch.allclose(fit.x_mean, torch.cat([b1, b2]).mean(0), atol=1e-5)
+    seqs = fixes.Standardizer.fit([torch.randn(4, 6, 5), torch.randn(4, 7, 5),
+                                   torch.randn(4, 3, 5)], dim=-1)
     assert not seqs.has_targets and seqs.x_mean.shape == (1, 5)
-    # An (x, y) batch handed over as a list is refused with the way out, not misread.
-    with pytest.raises(gg.ConfigError, match=r"as a tuple \(x, y\)"):
-        fixes.Standardizer.fit([torch.randn(8, 4), torch.randn(8, 1)])
-    with pytest.raises(gg.ConfigError, match=r"as a tuple \(x, y\)"):
-        fixes.Standardizer.fit([torch.randn(8, 4), torch.randn(8)])
+    with pytest.raises(gg.ConfigError, match=r"as \(x, y\)"):
+        fixes.Standardizer.fit([torch.randn(8, 4), torch.randn(8, 1), torch.randn(8)])
 
 
 def test_bad_fit_arguments_are_config_errors():

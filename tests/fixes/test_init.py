@@ -309,9 +309,15 @@ def test_patterns_are_whole_names_and_bad_arguments_are_config_errors():
     assert fixes.reinit(model, layers=["fc1"]).layers == ["fc1"]
     for kw, words in [({"rnn_radius": "0.9"}, "rnn_radius"), ({"rnn_radius": 2.0}, "rnn_radius"),
                       ({"layers": [1]}, "glob patterns"), ({"residual": [None]}, "glob patterns"),
-                      ({"layers": ["fc1", "fc3"]}, r"no layer matches \['fc3'\]")]:
+                      ({"layers": ["fc3"]}, r"no layer matches \['fc3'\]")]:
         with pytest.raises(gg.ConfigError, match=words):
             fixes.reinit(model, force=True, **kw)
+    # Alternatives may match nothing one by one; a container selects the layers inside it.
+    assert fixes.reinit(model, layers=["fc1", "fc3"], force=True).layers == ["fc1"]
+    outer = nn.Sequential()
+    outer.add_module("encoder", nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    outer.add_module("head", nn.Linear(4, 2))
+    assert fixes.reinit(outer, layers=["encoder"]).layers == ["encoder.0", "encoder.2"]
 
 
 def test_frozen_layers_are_not_reinitialised_unless_asked():
@@ -326,3 +332,24 @@ def test_frozen_layers_are_not_reinitialised_unless_asked():
     assert [s.split(" ")[0] for s in rep.skipped] == ["0", "2"]
     assert "frozen=True includes it" in rep.skipped[0]
     assert fixes.reinit(model, frozen=True).layers == ["0", "2"]
+
+
+def test_numpy_scalars_are_numbers_and_blocks_inside_stages_are_counted():
+    import numpy as np
+
+    from gradguard.fixes.init import _count_blocks
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.RNN(4, 4))
+    assert fixes.reinit(model, rnn_radius=np.float32(0.9)).layers
+    x = torch.randn(16, 3)
+    fit = fixes.Standardizer.fit(x, eps=np.float32(1e-8), dim=np.int64(1))
+    assert fit.x_mean.shape == (3,)
+    assert fixes.weight_norm(nn.Sequential(nn.Linear(3, 2)), dim=np.int64(0)).layers == ["0"]
+    # ConvNeXt/Swin-style stages of blocks: a block is the path up to the last index.
+    stages = [f"stages.{s}.blocks.{b}.mlp.fc2" for s, n in enumerate((3, 3, 9, 3))
+              for b in range(n)]
+    assert _count_blocks(stages)[0] == 18
+    gpt = [f"h.{i}.{part}.c_proj" for i in range(4) for part in ("attn", "mlp")]
+    assert _count_blocks(gpt)[0] == 4
+    assert _count_blocks([f"blocks.{i}.mlp.2" for i in range(6)])[0] == 6
+    assert _count_blocks([*gpt, "final.c_proj"])[0] == 5

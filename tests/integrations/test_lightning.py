@@ -176,12 +176,18 @@ def test_checkpoint_saves_and_restores_guard_state(data, tmp_path):
     assert int(cb2.guard.skipped) == 1
 
 
-def test_a_validate_checkpoint_leaves_a_later_fit_fresh(data, tmp_path):
+def _checkpoint_after_a_nan_batch(data, path):
+    """12 guarded steps, one NaN batch skipped among them, saved to ``path``."""
     xtr, ytr, _, _ = data
     t = trainer(callbacks=[GradGuardCallback()], max_steps=12)
     t.fit(make_module(), loader(xtr, ytr, {8: "nan"}))
-    path = tmp_path / "a.ckpt"
     t.save_checkpoint(path)
+    return path
+
+
+def test_a_validate_checkpoint_leaves_a_later_fit_fresh(data, tmp_path):
+    xtr, ytr, _, _ = data
+    path = _checkpoint_after_a_nan_batch(data, tmp_path / "a.ckpt")
 
     class Evaluated(type(make_module())):
         def validation_step(self, batch, _idx):
@@ -198,10 +204,7 @@ def test_a_validate_checkpoint_leaves_a_later_fit_fresh(data, tmp_path):
 
 def test_resume_with_changed_settings_needs_strict_false(data, tmp_path):
     xtr, ytr, _, _ = data
-    t = trainer(callbacks=[GradGuardCallback()], max_steps=12)
-    t.fit(make_module(), loader(xtr, ytr, {8: "nan"}))
-    path = tmp_path / "a.ckpt"
-    t.save_checkpoint(path)
+    path = _checkpoint_after_a_nan_batch(data, tmp_path / "a.ckpt")
 
     def resume(**kw):
         cb = GradGuardCallback(clip=gg.clip.GlobalNorm(1.0), **kw)

@@ -374,11 +374,14 @@ def _commit(stage: Path, out: Path) -> None:
     """Replace the previous bench's files in ``out`` with the finished ones in ``stage``."""
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    for old in logs.glob("*.jsonl"):
-        if _is_bench_log(old):
-            old.unlink()
+    fresh = {p.name for p in (stage / "logs").glob("*.jsonl")}
     for new in (stage / "logs").glob("*.jsonl"):
-        os.replace(new, logs / new.name)
+        # (shutil.move: logs/ may be a link to another file system, where os.replace fails)
+        shutil.move(new, logs / new.name)
+    # Only once the new logs are in: the previous bench's that this one did not replace.
+    for old in logs.glob("*.jsonl"):
+        if old.name not in fresh and _is_bench_log(old):
+            old.unlink()
     # The previous bench's page describes another bench (the caller writes a new one).
     (out / "report.html").unlink(missing_ok=True)
     for name in ("runs.csv", "curves.jsonl", "summary.csv", "meta.json", "results.md"):

@@ -20,6 +20,7 @@ Two ways to use it::
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterable
 from typing import Any, final
 
@@ -37,11 +38,16 @@ _OUTPUTS = ("shift", "inverse", "none")
 def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     """A sample as ``(x, y or None)`` pairs from a tensor, one batch or an iterable of them.
 
-    By type, never by shape: a tuple of two tensors is one ``(inputs, targets)`` batch;
-    a list (or any other iterable) holds batches, so ``[x1, x2]`` is two input batches."""
+    A tuple of two tensors is one ``(inputs, targets)`` batch; so is a list of two with
+    as many rows each, as a DataLoader yields a batch (``next(iter(loader))`` is the list
+    ``[x, y]``); any other iterable holds batches, so two equal-sized batches of inputs
+    alone go in as ``iter([x1, x2])`` or ``[[x1], [x2]]``."""
     if isinstance(data, Tensor):
         return [(data, None)]
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+    if isinstance(data, tuple | list) and len(data) == 2 and \
+            all(isinstance(t, Tensor) for t in data) and (
+            isinstance(data, tuple) or (data[0].dim() > 0 and data[1].dim() > 0
+                                        and len(data[0]) == len(data[1]))):
         return [(data[0], data[1])]
     if not isinstance(data, Iterable):
         raise ConfigError("Standardizer.fit: pass a tensor of inputs, an (inputs, targets) "
@@ -62,8 +68,8 @@ def _batches(data: Any, max_batches: int) -> list[tuple[Tensor, Tensor | None]]:
     return out
 
 
-_AS_PAIR = ("; a list of tensors is read as batches of inputs: pass one (inputs, targets) "
-            "batch as a tuple (x, y)")
+_AS_PAIR = ("; a list of more than two tensors is read as batches of inputs: pass one "
+            "(inputs, targets) batch as (x, y)")
 
 
 def _moments(xs: list[Tensor], dim: int, what: str) -> tuple[Tensor, Tensor]:
@@ -134,9 +140,10 @@ class Standardizer:
         Args:
             data: a tensor of inputs, one ``(inputs, targets)`` batch as a tuple, or an
                 iterable of batches (a DataLoader, an endless iterator, a list). The type
-                decides, never the shapes: ``(x, y)`` is one batch with targets,
-                ``[x1, x2]`` is two batches of inputs; each batch of an iterable is a
-                tensor, ``[inputs]`` or ``(inputs, targets, …)``.
+                decides: ``(x, y)`` is one batch with targets, and so is ``[x, y]`` with as
+                many rows each (a DataLoader's batch); two equal-sized batches of inputs
+                alone go in as ``iter([x1, x2])`` or ``[[x1], [x2]]``; each batch of an
+                iterable is a tensor, ``[inputs]`` or ``(inputs, targets, …)``.
             targets: also fit floating-point targets (regression); class labels are left
                 alone whatever this says.
             dim: the feature / channel dimension of the inputs (1 for ``(N, D)`` tables and
@@ -154,9 +161,10 @@ class Standardizer:
         """
         check_int("Standardizer.fit.max_batches", max_batches, 1)
         eps = check_positive("Standardizer.fit.eps", eps)
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
             raise ConfigError(f"Standardizer.fit: dim must be an int (the feature dimension, "
                               f"e.g. 1 or -1), got {dim!r}")
+        dim = int(dim)
         sample = _batches(data, max_batches)
         xs = [x for x, _ in sample]
         if not all(torch.is_floating_point(x) for x in xs):

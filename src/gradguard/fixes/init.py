@@ -13,10 +13,12 @@ activations and gradients constant through the activation that follows it:
   1/sqrt(2·n_blocks) as GPT-2 (Radford et al. 2019, section 2.3) and nanoGPT do.
 
 Layer patterns (``layers=``, ``residual=``, here and in :mod:`gradguard.fixes.weights`) are
-``fnmatch`` globs matched against the whole dotted module name: ``"fc1"`` is the layer
-``fc1`` only (not ``fc10``), ``"*.c_proj"`` every ``c_proj`` at any depth, ``"1"`` the
-second layer of an ``nn.Sequential`` (not ``10``). A pattern that matches no layer is
-refused, so a pattern that used to select by substring fails loudly.
+``fnmatch`` globs matched against the whole dotted module name, selecting the module they
+name and every layer inside it: ``"fc1"`` is the layer ``fc1`` only (not ``fc10``),
+``"*.c_proj"`` every ``c_proj`` at any depth, ``"1"`` the second layer of an
+``nn.Sequential`` (not ``10``), ``"encoder"`` every layer inside ``encoder``. Patterns that
+select no layer at all are refused (one of several may match nothing: a recipe can list
+the names of several architectures).
 """
 
 from __future__ import annotations
@@ -188,9 +190,11 @@ def spectral_radius(w: torch.Tensor) -> float:
 
 
 def _match(name: str, patterns: Sequence[str]) -> bool:
-    """Whether the dotted module ``name`` matches one of the glob ``patterns`` (whole name:
-    ``"fc1"`` is not ``"fc10"``; ``"*.c_proj"`` is every ``c_proj``)."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether the dotted module ``name`` is, or sits inside, a module one of the glob
+    ``patterns`` names (whole names: ``"fc1"`` is not ``"fc10"``; ``"encoder"`` is every
+    layer inside ``encoder``; ``"*.c_proj"`` is every ``c_proj``)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"{p}.*")
+               for p in patterns)
 
 
 def _patterns(value: object, fix: str, what: str = "layers") -> list[str] | None:
@@ -214,9 +218,11 @@ def _patterns(value: object, fix: str, what: str = "layers") -> list[str] | None
 
 def _refuse_unmatched(names: Sequence[str], patterns: Sequence[str], fix: str,
                       what: str = "layers") -> None:
-    """A pattern that selects nothing is a typo or a partial name: say so, with the names."""
+    """Patterns that select nothing at all are a typo or a partial name: say so, with the
+    names. (One pattern of several that matches nothing is fine: a recipe may list the
+    names several architectures use, ``["*.c_proj", "*.out_proj"]``.)"""
     unmatched = [p for p in patterns if not any(_match(n, [p]) for n in names)]
-    if unmatched:
+    if unmatched and len(unmatched) == len(patterns):
         hint = ""
         p = unmatched[0]
         if any(n.rsplit(".", 1)[-1] == p for n in names):
@@ -285,14 +291,20 @@ def _tied_to(owners: dict[int, list[str]], name: str, m: nn.Module,
 def _count_blocks(names: Sequence[str]) -> tuple[int, str]:
     """The number of residual blocks the residual projections ``names`` sit in, and how it
     was read. Blocks in an ``nn.ModuleList`` / ``nn.Sequential`` (``h.0.attn.c_proj``,
-    ``h.0.mlp.c_proj``): the distinct paths up to the first numeric component. Otherwise
-    the distinct components right after the names' common prefix (``block1.…``)."""
+    ``h.0.mlp.c_proj``): the distinct paths up to the last index before the layer's own
+    name. Otherwise the distinct components right after the names' common prefix
+    (``block1.…``)."""
     if len(names) <= 1:
         return max(1, len(names)), "one residual layer"
     parts = [n.split(".") for n in names]
-    firsts = [next((i for i, c in enumerate(ps) if c.isdigit()), None) for ps in parts]
-    if all(i is not None and i < len(ps) - 1 for i, ps in zip(firsts, parts, strict=True)):
-        keys = {".".join(ps[:i + 1]) for i, ps in zip(firsts, parts, strict=True)}  # type: ignore[operator]
+    # The block is the path up to the last index before the layer's own name: nanoGPT's
+    # h.0 (attn.c_proj and mlp.c_proj), a stage's stages.1.blocks.2, an MLP's blocks.0
+    # in blocks.0.mlp.2. A name without one (a final projection) is a block of its own.
+    lasts = [max((i for i, c in enumerate(ps[:-1]) if c.isdigit()), default=None)
+             for ps in parts]
+    if any(i is not None for i in lasts):
+        keys = {".".join(ps if i is None else ps[:i + 1])
+                for i, ps in zip(lasts, parts, strict=True)}
         return len(keys), "counted by block index in the layer names"
     common = 0
     while all(len(ps) > common + 1 and ps[common] == parts[0][common] for ps in parts):
@@ -326,8 +338,9 @@ def reinit(
             names, as blocks, not layers: nanoGPT's ``transformer.h.{i}.attn.c_proj`` and
             ``….mlp.c_proj`` are two projections in each of ``n_layer`` blocks, scaled
             1/sqrt(2·n_layer) as nanoGPT does. Blocks are the distinct paths up to the
-            first numeric component (an ``nn.ModuleList`` / ``nn.Sequential`` index), or,
-            when a name has none, the distinct components after the names' common prefix;
+            last index (an ``nn.ModuleList`` / ``nn.Sequential`` position) before the
+            layer's own name (a name without one is a block of its own), or, when no
+            name has one, the distinct components after the names' common prefix;
             the report says which count it used. Pass it when the blocks are laid out
             otherwise.
         rnn_radius: spectral radius for recurrent hidden-to-hidden weights, in (0, 1.5].

@@ -25,6 +25,7 @@ weight instead, as they skip a parametrised one).
 from __future__ import annotations
 
 import abc
+import numbers
 from collections.abc import Sequence
 from typing import final
 
@@ -65,11 +66,11 @@ def _layers(model: nn.Module, layers: Sequence[str] | None, fix: str, frozen: bo
     patterns = _patterns(layers, fix)
     weighted = [(n, m) for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
     found = [(n, m) for n, m in weighted if patterns is None or _match(n, patterns)]
+    if patterns and weighted:
+        _refuse_unmatched([n for n, _ in weighted], patterns, fix)  # (names them, with a hint)
     if not found:
         which = "" if patterns is None else f" matching {patterns}"
         raise ConfigError(f"{fix}: the model has no Linear/Conv layer{which}")
-    if patterns:
-        _refuse_unmatched([n for n, _ in weighted], patterns, fix)
     out = []
     for name, m in found:
         if not frozen and _frozen(m):
@@ -307,9 +308,10 @@ def weight_norm(model: nn.Module, *, layers: Sequence[str] | None = None,
     """
     if kind not in _KINDS:
         raise ConfigError(f"weight_norm: kind must be one of {_KINDS}, got {kind!r}")
-    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
         raise ConfigError(f"weight_norm: dim must be an int (the output-unit dimension) or "
                           f"None (the whole tensor), got {dim!r}")
+    dim = None if dim is None else int(dim)
     fix = f"weight_norm(kind={kind!r})"
     report = FixReport(fix)
     chosen = _layers(model, layers, fix, bool(frozen), report.skipped)
