@@ -265,14 +265,19 @@ def test_frozen_layers_are_left_alone_unless_asked():
     m = frozen_backbone()
     before = m[0].weight.detach().clone()
     mn = fixes.MaxNorm(m, 1.0)  # now=True shrank the frozen backbone
-    assert torch.equal(m[0].weight, before) and mn.names == ["2"]
-    assert mn.report.skipped == ["0 (frozen: its weight has requires_grad=False; frozen=True "
-                                 "includes it)"]
-    assert fixes.MaxNorm(m, 1.0, frozen=True).names == ["0", "2"]
+    assert torch.equal(m[0].weight, before) and mn.names == ["0", "2"]
+    assert "frozen now: left alone until it is unfrozen" in mn.report.changes[0]
+    mn()
+    assert torch.equal(m[0].weight, before)
+    m[0].requires_grad_(True)  # gradual unfreezing: constrained from now on
+    mn()
     assert m[0].weight.norm(dim=1).max().item() == pytest.approx(1.0, rel=1e-5)
     m = frozen_backbone()
-    wc = fixes.WeightClip(m, 0.1, bias=True)
-    assert wc.names == ["2"] and m[0].bias.max().item() == 5.0
+    fixes.MaxNorm(m, 1.0, frozen=True)
+    assert m[0].weight.norm(dim=1).max().item() == pytest.approx(1.0, rel=1e-5)
+    m = frozen_backbone()
+    fixes.WeightClip(m, 0.1, bias=True)
+    assert m[0].bias.max().item() == 5.0 and m[2].bias.abs().max().item() <= 0.1
     rep = fixes.prune(m, 0.5)
     assert rep.layers == ["2"] and not hasattr(m[0], "weight_mask")
     rep = fixes.weight_norm(frozen_backbone(), kind="spectral")
@@ -281,8 +286,8 @@ def test_frozen_layers_are_left_alone_unless_asked():
     m = mlp()
     m[0].weight.requires_grad_(False)
     assert fixes.prune(m, 0.5).layers == ["2"]
-    with pytest.raises(gg.ConfigError, match=r"no selected layer can be constrained.*frozen"):
-        fixes.MaxNorm(frozen_backbone(), layers=["0"])
+    only_frozen = fixes.MaxNorm(frozen_backbone(), 1.0, layers=["0"])  # (built, idle for now)
+    assert only_frozen.names == ["0"]
 
 
 def test_weight_norm_takes_dim_none_and_negative_dims_as_python_counts_them():

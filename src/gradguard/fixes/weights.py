@@ -126,8 +126,11 @@ class _Constraint(abc.ABC):
               frozen: bool) -> None:
         self.names: list[str] = []
         self.tensors: list[Tensor] = []
+        # A frozen tensor is left alone while it is frozen and constrained once unfrozen
+        # (gradual unfreezing): requires_grad is read at every call, a host attribute.
+        self.frozen = bool(frozen)
         self.report = FixReport(self.fix)
-        for name, m in _layers(model, layers, self.fix, frozen, self.report.skipped):
+        for name, m in _layers(model, layers, self.fix, True, self.report.skipped):
             w = None if _hook_norm(m) is not None else _leaf_weight(m)
             if w is None:
                 self.report.skipped.append(
@@ -137,9 +140,11 @@ class _Constraint(abc.ABC):
             self.names.append(name)
             self.tensors.append(w)
             self.report.layers.append(name)
-            self.report.changes.append(self._describe(name, m, w))
+            note = "" if self.frozen or not _frozen(m) else (
+                f"; frozen now: left alone until it is unfrozen ({FROZEN_NOTE})")
+            self.report.changes.append(self._describe(name, m, w) + note)
             b = getattr(m, "bias", None)
-            if bias and isinstance(b, nn.Parameter) and (frozen or b.requires_grad):
+            if bias and isinstance(b, nn.Parameter):
                 self.tensors.append(b)
         if not self.tensors:
             raise ConfigError(f"{self.fix}: no selected layer can be constrained "
@@ -148,6 +153,11 @@ class _Constraint(abc.ABC):
     @abc.abstractmethod
     def _describe(self, name: str, m: nn.Module, w: Tensor) -> str:
         """One report line for layer ``name`` (read at construction, off the hot path)."""
+
+    def active(self) -> list[Tensor]:
+        """The constrained tensors this call acts on: the frozen ones only with
+        ``frozen=True``."""
+        return self.tensors if self.frozen else [w for w in self.tensors if w.requires_grad]
 
     @abc.abstractmethod
     def __call__(self) -> None:
@@ -175,10 +185,10 @@ class MaxNorm(_Constraint):
         now: project the weights once at construction too, so the first step starts inside
             the ball. Off, a too-large init still produces one huge first step, and the
             projection after it keeps the rows' size but not their (ruined) directions.
-        frozen: constrain frozen layers (weight ``requires_grad=False``) too; by default
-            they are left alone (``now=True`` would otherwise shrink a frozen pretrained
-            backbone) and listed in ``report.skipped``. The tensors are chosen here: a
-            layer unfrozen later is not constrained unless built with ``frozen=True``.
+        frozen: constrain frozen tensors (``requires_grad=False``) too; by default each
+            call leaves a tensor alone while it is frozen (``now=True`` would otherwise
+            shrink a frozen pretrained backbone) and constrains it once it is unfrozen
+            (gradual unfreezing); the report notes the layers frozen at construction.
 
     Raises:
         ConfigError: a bad ``max_norm`` or pattern, a selected lazy layer not run yet, or
@@ -209,7 +219,7 @@ class MaxNorm(_Constraint):
     @torch.no_grad()
     def __call__(self) -> None:
         """Project every constrained weight onto the max-norm ball (device ops only)."""
-        for w in self.tensors:
+        for w in self.active():
             # renorm_ rescales only the dim-0 slices (output units) whose norm exceeds c.
             w.renorm_(2, 0, self.max_norm)
 
@@ -230,8 +240,8 @@ class WeightClip(_Constraint):
         bias: clamp the biases of those layers too (WGAN clamps every parameter); a frozen
             bias only with ``frozen=True``.
         now: clamp once at construction too, so the first step starts inside the box.
-        frozen: clamp frozen layers (weight ``requires_grad=False``) too; by default they
-            are left alone and listed in ``report.skipped``.
+        frozen: clamp frozen tensors (``requires_grad=False``) too; by default each call
+            leaves a tensor alone while it is frozen and clamps it once it is unfrozen.
 
     Raises:
         ConfigError: a bad ``limit`` or pattern, a selected lazy layer not run yet, or no
@@ -260,7 +270,7 @@ class WeightClip(_Constraint):
     @torch.no_grad()
     def __call__(self) -> None:
         """Clamp every constrained tensor in place (device ops only)."""
-        for w in self.tensors:
+        for w in self.active():
             w.clamp_(-self.limit, self.limit)
 
 
