@@ -384,3 +384,38 @@ def test_complex_parameters_are_centralised_and_agc_clipped_as_complex_tensors()
     assert float(model.b.grad.norm() / model.b.detach().norm()) == pytest.approx(0.01, rel=1e-4)
     rows = model.w.grad.norm(dim=1) / model.w.detach().norm(dim=1)
     assert torch.allclose(rows, torch.full((4,), 0.01), rtol=1e-4)
+
+
+def test_one_transform_object_serves_one_open_guard():
+    # A GAN's two guards built from one clip list: the second bind overwrote the first's
+    # parameter positions and statistics, and each guard clipped with the other's.
+    import copy
+
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(4, 4), nn.Linear(4, 1)
+    agc = gg.clip.AGC(0.01)
+    first = gg.Guard(gen, torch.optim.SGD(gen.parameters(), lr=0.1), clip=[agc])
+    with pytest.raises(gg.ConfigError, match="already used by another open Guard"):
+        gg.Guard(disc, torch.optim.SGD(disc.parameters(), lr=0.1), clip=[agc])
+    second = gg.Guard(disc, torch.optim.SGD(disc.parameters(), lr=0.1),
+                      clip=[copy.deepcopy(agc)])
+    second.close()
+    first.close()
+    # Once its guard is closed, the transform may serve a new one (a resumed run, a refit).
+    gg.Guard(disc, torch.optim.SGD(disc.parameters(), lr=0.1), clip=[agc]).close()
+
+
+def test_agc_settings_compare_equal_across_processes_and_spellings():
+    # A predicate's repr holds its memory address: a resumed guard never matched the saved
+    # settings. Equal patterns spelt differently are equal settings too.
+    def not_head(name):
+        return name.startswith("head")
+
+    assert "0x" not in repr(gg.clip.AGC(exclude=not_head))
+    assert repr(gg.clip.AGC(exclude="fc.*")) == repr(gg.clip.AGC(exclude=("fc.*",))) \
+        == repr(gg.clip.AGC(exclude=["fc.*"]))
+    for bad in (None, 3):
+        with pytest.raises(gg.ConfigError, match=r"AGC\.exclude"):
+            gg.clip.AGC(exclude=bad)
+    with pytest.raises(gg.ConfigError, match=r"Quantile\.history"):
+        gg.clip.Quantile(history=2**24 + 1)

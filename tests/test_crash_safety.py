@@ -210,3 +210,34 @@ def test_a_disk_snapshot_resumes_the_guard_exactly_after_a_crash(tmp_path):
         assert torch.equal(a, b)
     guard.close()
     guard2.close()
+
+
+def test_a_full_disk_turns_disk_snapshots_off_and_training_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    from gradguard import snapshot
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    writes = []
+
+    def full(snap_, path):
+        writes.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshot, "save_file", full)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=5, dir=tmp_path))
+    x = torch.randn(32, 4)
+    y = x.sum(1, keepdim=True)
+    with pytest.warns(gg.GuardUsageWarning, match="No space left.*disk snapshots are off"):
+        for _ in range(40):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+    guard.close()
+    assert len(writes) == 1  # not tried again on every snapshot
+    assert guard.store.good  # kept in memory all the same
+    assert any(e["kind"] == "rollback_off" and "No space left" in e["message"]
+               for e in guard.recorder.events)

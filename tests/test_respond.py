@@ -295,6 +295,28 @@ def test_rollback_skips_batches_and_escalates():
     assert err.value.diagnosis["events"]["nonfinite"] == 3
 
 
+def test_giving_up_puts_the_last_good_snapshot_back():
+    # A user who catches TrainingDivergedError and saves a checkpoint must not save the
+    # weights that broke: the guard restores its last good snapshot before it raises.
+    torch.manual_seed(0)
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, opt, on_nonfinite="rollback",
+                     rollback=gg.Rollback(every=2, max_rollbacks=0))
+    seen = {-1: [p.detach().clone() for p in model.parameters()]}
+    for s in range(6):
+        step(guard, model, opt, s)
+        seen[guard.steps - 1] = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model[0].weight.add_(7.0)  # damage the step about to fail brings
+    with pytest.raises(gg.TrainingDivergedError, match="were put back to"):
+        step(guard, model, opt, 6, nan_grad=True)
+    back = [e for e in guard.recorder.events if e["kind"] == "restored"]
+    assert len(back) == 1
+    for p, q in zip(model.parameters(), seen[back[0]["to_step"]], strict=True):
+        assert torch.equal(p, q)
+
+
 def test_batches_wrapper_drops_batches_after_rollback():
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

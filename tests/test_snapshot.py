@@ -221,3 +221,25 @@ def test_a_rollback_returns_low_precision_models_optimizer_state_exactly(to_cpu)
         for k, v in before.items():
             assert after[k].dtype == v.dtype, k
             assert torch.equal(after[k], v), k
+
+
+def test_a_snapshot_of_another_optimizer_or_scheduler_is_refused():
+    # An Adam run resumed with SGD: torch would load Adam's groups and state into the SGD,
+    # which then fails at its next step (KeyError 'momentum') with the weights overwritten.
+    model = small_mlp()
+    adam = torch.optim.Adam(model.parameters())
+    backward(model)
+    adam.step()
+    sched = torch.optim.lr_scheduler.StepLR(adam, 10)
+    s = snap.take(3, model, list(model.parameters()), adam, {}, [sched])
+    before = [p.detach().clone() for p in model.parameters()]
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(snap.SnapshotError, match=r"another optimizer.*SGD"):
+        snap.restore(s, model, list(model.parameters()), sgd,
+                     [torch.optim.lr_scheduler.StepLR(sgd, 10)])
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(adam, 10)
+    with pytest.raises(snap.SnapshotError, match="another kind of tracked CosineAnnealingLR"):
+        snap.restore(s, model, list(model.parameters()), adam, [cosine])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    snap.restore(s, model, list(model.parameters()), adam,
+                 [torch.optim.lr_scheduler.StepLR(adam, 10)])  # the same kinds: fine

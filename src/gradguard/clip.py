@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import fnmatch
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
@@ -173,9 +174,18 @@ class Transform(TensorState, abc.ABC):
         return None
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+        args = ", ".join(f"{k}={_setting(v)}" for k, v in vars(self).items()
                          if not k.startswith("_") and k != "state")
         return f"{type(self).__name__}({args})"
+
+
+def _setting(v: Any) -> str:
+    """A setting as the guard's saved settings compare it: a function by its qualified name,
+    not its repr, whose memory address differs in every process (a resumed run's guard
+    would never match the saved one)."""
+    if callable(v) and not isinstance(v, Transform) and hasattr(v, "__qualname__"):
+        return f"<{getattr(v, '__module__', '?')}.{v.__qualname__}>"
+    return repr(v)
 
 
 def _norm_clip_coef(norm: Tensor, max_norm: Tensor | float) -> Tensor:
@@ -386,7 +396,13 @@ class AGC(Transform):
                  exclude: Sequence[str] | Callable[[str], bool] | str = ()) -> None:
         self.clipping = check_positive("AGC.clipping", clipping)
         self.eps = check_positive("AGC.eps", eps)
-        self.exclude = exclude
+        if exclude is None or not (callable(exclude) or isinstance(exclude, str | Sequence)):
+            raise ConfigError(f"AGC.exclude takes glob patterns on parameter names (e.g. "
+                              f"['fc.*']) or a predicate, got {exclude!r}")
+        # One spelling of the patterns ("fc.*", ["fc.*"], ("fc.*",) alike), so that the
+        # settings a resumed guard compares are equal for equal settings.
+        self.exclude = exclude if callable(exclude) else (
+            [exclude] if isinstance(exclude, str) else list(exclude))
         self._skip = _name_matcher(exclude)
         self._excluded: set[int] = set()
 
@@ -456,6 +472,9 @@ class Quantile(Transform):
         if self.q > 1.0:
             raise ConfigError(f"Quantile.q must be in [0, 1], got {q!r}")
         self.history = check_int("Quantile.history", history, 1)
+        if self.history > 2**24:  # (torch.quantile refuses more elements, mid-run)
+            raise ConfigError(f"Quantile.history must be at most 2**24 = {2**24} norms, got "
+                              f"{history!r}")
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         self.state = {
@@ -638,3 +657,32 @@ def as_transform(clip: Transform | Sequence[Transform] | None) -> Transform:
         raise ConfigError(f"clip takes a gradguard.clip transform or a list of them, got "
                           f"{clip!r}; e.g. clip=gg.clip.GlobalNorm(1.0)")
     return clip if isinstance(clip, Transform) else chain(*clip)
+
+
+# Which guard each transform is bound to: a transform holds its guard's parameter positions
+# and statistics, so one object in two guards would clip each with the other's.
+_OWNERS: weakref.WeakKeyDictionary[Transform, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def claim(transform: Transform, owner: Any) -> None:
+    """Bind-time check that no transform in ``transform`` serves another open guard.
+
+    Raises:
+        ConfigError: one of them is bound to another guard that is not closed.
+    """
+    def walk(t: Transform) -> list[Transform]:
+        return [t, *(x for sub in t.transforms for x in walk(sub))] \
+            if isinstance(t, Chain) else [t]
+
+    every = walk(transform)
+    for t in every:
+        ref = _OWNERS.get(t)
+        other = None if ref is None else ref()
+        if other is not None and other is not owner and not getattr(other, "_closed", True):
+            raise ConfigError(
+                f"the clip transform {t!r} is already used by another open Guard: it keeps "
+                "that guard's parameter positions and statistics, so each guard needs its "
+                "own; build another (or pass copy.deepcopy(it)) for this one")
+    for t in every:
+        _OWNERS[t] = weakref.ref(owner)
+

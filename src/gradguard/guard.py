@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import assembly, checkpoint, lifecycle
 from . import events as ev
-from .clip import Transform, as_transform
+from .clip import Transform, as_transform, claim
 from .device import DeviceSide
 from .params import resolve_params
 from .record import Sink, StepInfo
@@ -114,6 +114,7 @@ class Guard(assembly.Parts):
         self.device = self.params[0].device
         self.policy = resolve_policy(policy, on_nonfinite, on_spike, on_loss_spike, rollback)
         self.clip = as_transform(clip)
+        claim(self.clip, self)
         self.clip.bind(self.names, self.params, self.device)
         self.after_step = after_step_hooks(after_step)
         # Device parts: detectors, transforms, skip decision, optimizer stepper; then the

@@ -451,14 +451,16 @@ class HostSide:
         if verdict.give_up:
             lr = self.base_lrs.get(k) or g.optimizer.param_groups[0]["lr"]
             # (units that died and stay dead, as the verdict reads them)
-            self.diverged(k, ev.give_up(reason, c.scale, lr, self.dead.ended()))
+            self.diverged(k, ev.give_up(reason, c.scale, lr, self.dead.ended())
+                          + self.restore_before_giving_up(k))
         rb = p.rollback
         rolls = store is not None and bool(store.good) and may_roll
         # (the cap counts rollbacks: an LR lowered in place is none)
         if rolls and rb is not None and rb.max_rollbacks is not None \
                 and self.rollbacks >= rb.max_rollbacks:
             self.diverged(k, f"{reason}, after {counted(self.rollbacks, 'rollback')} "
-                             f"(max_rollbacks={rb.max_rollbacks})")
+                             f"(max_rollbacks={rb.max_rollbacks})"
+                          + self.restore_before_giving_up(k))
         if rolls:
             early = self.early()
             loss_bad = rec["loss_spike"] or (loss is not None and not math.isfinite(loss))
@@ -527,6 +529,24 @@ class HostSide:
             "value that falls as the model learns (for RL, the negative mean reward)",
             action="info")
         return None
+
+    def restore_before_giving_up(self, step: int) -> str:
+        """Put the model and optimizer back to the latest good snapshot before the guard
+        raises, so that what the user saves after catching the error holds sound weights,
+        not the ones that broke; returns the sentence that says so ("" with none)."""
+        store = self.g.store
+        if store is None or not store.good:
+            return ""
+        try:
+            target = store._restore(False)
+        except snap.SnapshotError:
+            return ""  # (snapshots of another model: the weights stay as they are)
+        where = "the initial weights" if target.step < 0 else \
+            f"the state after step {target.step}, the last good snapshot"
+        self.g.recorder.event(step, "restored", f"model and optimizer put back to {where} "
+                              "before giving up", action="rollback", to_step=target.step)
+        return (f". The model and optimizer were put back to {where}, so a checkpoint "
+                "saved now holds sound weights")
 
     def rollback(self, step: int, reason: str, retry: bool, clip: bool = False,
                  check: tuple[Any, int | None, bool] | None = None) -> int | None:

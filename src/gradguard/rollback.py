@@ -13,6 +13,7 @@ is dropped, so the next one goes a snapshot further back.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import snapshot as snap
-from .errors import ConfigError, GuardUsageError
+from .errors import ConfigError, GuardUsageError, GuardUsageWarning
 from .record import Recorder
 from .respond import Rollback
 
@@ -87,6 +88,7 @@ class RollbackStore:
         self.retried_from: int | None = None
         self.resumed = False
         self.disk_files: deque[Path] = deque()
+        self.disk_failed = False  # a write failed (a full disk): none is tried again
         self.fails: dict[int, int] = {}
         if cfg.dir is not None:
             _usable_dir(Path(cfg.dir))
@@ -195,7 +197,8 @@ class RollbackStore:
     def disk_due(self, step: int) -> bool:
         """Whether the snapshot of ``step``, once kept, is written to disk."""
         cfg = self.cfg
-        return cfg.dir is not None and step % (cfg.disk_every or cfg.every) == 0
+        return cfg.dir is not None and not self.disk_failed and \
+            step % (cfg.disk_every or cfg.every) == 0
 
     def due(self, step: int, early: bool = False) -> bool:
         """Whether a snapshot is due after ``step`` (> 0): every ``every`` steps, and, with
@@ -248,7 +251,20 @@ class RollbackStore:
         assert self.cfg.dir is not None
         # Under DDP/FSDP2 each rank saves its own state (its shards under FSDP2).
         rank = f"-rank{self.rank}" if self.rank is not None else ""
-        path = snap.save_file(s, Path(self.cfg.dir) / f"snapshot-{max(s.step, 0):09d}{rank}.pt")
+        try:
+            path = snap.save_file(s, Path(self.cfg.dir) /
+                                  f"snapshot-{max(s.step, 0):09d}{rank}.pt")
+        except OSError as e:
+            # A full or vanished disk mid-run must not end the training: the snapshot is
+            # still kept in memory, and rollback goes on from there.
+            self.disk_failed = True
+            msg = (f"could not write the snapshot of step {s.step} to Rollback(dir="
+                   f"{str(self.cfg.dir)!r}): {e}; disk snapshots are off for the rest of "
+                   "this run (rollback goes on from memory). Free space or pick another "
+                   "dir to have them again on the next run")
+            self.recorder.event(s.step, "rollback_off", msg, action="warn")
+            warnings.warn(f"gradguard: {msg}", GuardUsageWarning, stacklevel=2)
+            return
         self.disk_files.append(path)
         while len(self.disk_files) > self.cfg.keep:
             self.disk_files.popleft().unlink(missing_ok=True)

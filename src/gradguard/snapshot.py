@@ -199,12 +199,22 @@ def _drives(obj: Any, optimizer: torch.optim.Optimizer) -> bool:
     return False
 
 
+def _other_kind(saved: dict[str, Any], now: dict[str, Any],
+                ignore: set[str]) -> tuple[list[str], list[str]] | None:
+    """The keys only ``saved`` has and those only ``now`` has, when both sides have some:
+    another class of optimizer or scheduler (a newer torch adds keys on one side only)."""
+    only_saved = sorted(set(saved) - set(now) - ignore)
+    only_now = sorted(set(now) - set(saved) - ignore)
+    return (only_saved[:4], only_now[:4]) if only_saved and only_now else None
+
+
 def check_fits(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
                optimizer: torch.optim.Optimizer, extras: Sequence[Any] = ()) -> None:
     """Raise :class:`SnapshotError`, before anything is changed, when ``snap`` cannot be
     restored into these objects: another model, a model whose state's keys changed since
-    (pruning or weight norm applied mid-run), other shapes, other parameter groups, or
-    another number of tracked objects (torch would load part of it, then raise)."""
+    (pruning or weight norm applied mid-run), other shapes, other parameter groups, another
+    optimizer, or another number or kind of tracked objects (torch would load part of it,
+    then raise, or load an Adam's state into an SGD that breaks at its next step)."""
     if model is not None:
         outside, foreign = _outside(model, optimizer)
         now = {k: v for k, v in model.state_dict().items() if k not in foreign}
@@ -226,9 +236,20 @@ def check_fits(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor]
     if sizes != [len(g["params"]) for g in optimizer.param_groups]:
         why.append(f"other optimizer parameter groups (sizes {sizes} against "
                    f"{[len(g['params']) for g in optimizer.param_groups]})")
+    saved_groups = snap.optimizer.get("param_groups", [])
+    if saved_groups and optimizer.param_groups and (
+            other := _other_kind(saved_groups[0], optimizer.param_groups[0], {"params"})):
+        why.append(f"another optimizer (its settings {other[0]} against this "
+                   f"{type(optimizer).__name__}'s {other[1]})")
     if len(extras) != len(snap.extras):
         why.append(f"{len(snap.extras)} tracked object(s) (schedulers, ...), and "
                    f"{len(extras)} were given to restore into")
+    else:
+        for e, saved_e in zip(extras, snap.extras, strict=True):
+            if isinstance(saved_e, dict) and hasattr(e, "state_dict") and (
+                    other := _other_kind(saved_e, e.state_dict(), set())):
+                why.append(f"another kind of tracked {type(e).__name__} (its state "
+                           f"{other[0]} against {other[1]})")
     if why:
         raise SnapshotError(f"the snapshot of step {snap.step} does not fit: "
                             + "; ".join(why) + ". Nothing was restored")
