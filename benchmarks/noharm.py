@@ -104,6 +104,9 @@ actually drive a training loop:
   squared error plus 1e-3 × the codes' L1 norm, Adam lr 1e-3.
 - ``mlp-smooth-adamw``: the MNIST MLP, cross-entropy with label smoothing 0.1, AdamW lr
   1e-3, weight decay 0.1 (a loss with a floor well above 0).
+- ``dae-noise-jump`` (sixth batch, stop 39): a denoising autoencoder (64-128-32-128-64) on
+  sklearn's digits, Adam lr 1e-3, 400 steps; the input noise rises from 0.1 to 0.5 at step
+  200 without ``guard.data_changed()``; held-out squared error at noise 0.5.
 
 Reported apart, as their unguarded runs are not healthy:
 
@@ -198,6 +201,30 @@ def _exact_linear() -> tuple[Tensor, Tensor, Tensor]:
 def _digit_rows() -> tuple[Tensor, Tensor, Tensor]:
     x, y = _heldout()._digits_01()
     return x, y, y
+
+
+def _digit_pixels() -> tuple[Tensor, Tensor, Tensor]:
+    """sklearn's 8×8 digits, pixels in [0, 1], as their own targets (an autoencoder's)."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+    return x, x, x
+
+
+def _dae() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
+                         nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 64))
+
+
+def _noise_jump_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                      gen: torch.Generator) -> Tensor:
+    # The input noise a denoising curriculum raises from 0.1 to 0.5 halfway, unannounced.
+    sd = 0.1 if step < total // 2 else 0.5
+    return nn.functional.mse_loss(model(x + sd * torch.randn(x.shape, generator=gen)), y)
+
+
+def _noisy_digits(x: Tensor) -> Tensor:
+    return x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1234))
 
 
 def _mlp() -> nn.Module:
@@ -616,6 +643,10 @@ def cases() -> dict[str, Case]:
         "sae-l1-adam": (_pixels01, _SparseAE, lambda out, _: out.mean(), _adam(1e-3), 32, 600,
                         "MNIST sparse autoencoder, squared error + 1e-3 L1 of the codes, Adam "
                         "lr 1e-3", None, {}),
+        "dae-noise-jump": (_digit_pixels, _dae, nn.functional.mse_loss, _adam(1e-3), 32, 400,
+                           "digits denoising autoencoder, Adam lr 1e-3, input noise 0.1 → 0.5 "
+                           "at step 200, not announced (held-out at 0.5)", None,
+                           {"train_loss": _noise_jump_train, "test_input": _noisy_digits}),
         "mlp-smooth-adamw": (_mnist, _mlp,
                              lambda a, b: nn.functional.cross_entropy(a, b, label_smoothing=0.1),
                              lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), 32, 600,

@@ -243,3 +243,18 @@ def test_a_snapshot_of_another_optimizer_or_scheduler_is_refused():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     snap.restore(s, model, list(model.parameters()), adam,
                  [torch.optim.lr_scheduler.StepLR(adam, 10)])  # the same kinds: fine
+
+
+def test_the_memory_estimate_counts_what_a_snapshot_holds():
+    # A frozen backbone and buffers are cloned into every snapshot too: the budget of
+    # Rollback(memory="auto") must count them, not only the watched parameters.
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64),
+                                torch.nn.Linear(64, 2))
+    model[0].requires_grad_(False)
+    watched = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(watched, lr=0.1)
+    s = snap.take(0, model, watched, opt, {})
+    held = sum(v.numel() * v.element_size() for v in s.model.values()
+               if isinstance(v, torch.Tensor))
+    assert snap.estimate_bytes(watched, opt, model) >= held
+    assert snap.estimate_bytes(watched, opt) < held  # (the old count: watched ones only)

@@ -12,6 +12,7 @@ is dropped, so the next one goes a snapshot further back.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from collections import deque
@@ -133,7 +134,10 @@ class RollbackStore:
         cfg = self.cfg
         if cfg.memory != "auto":
             return cfg.memory
-        need = cfg.keep * snap.estimate_bytes(self.params, self.optimizer)
+        # The kept snapshots, and the candidates still waiting out their clean_window rows
+        # (one per `every` steps in that window) before one of them is kept.
+        held = cfg.keep + math.ceil(cfg.clean_window / cfg.every)
+        need = held * snap.estimate_bytes(self.params, self.optimizer, self.model)
         on_device, on_host = self._room(need)
         fits_here = on_device or on_host
         if self.sync is not None:
@@ -148,10 +152,11 @@ class RollbackStore:
             return "cpu"
         limit = (f"Rollback(device_fraction={cfg.device_fraction}, "
                  f"host_fraction={cfg.host_fraction})")
-        why = (f"another rank has no room for its {cfg.keep} snapshots within {limit} "
+        why = (f"another rank has no room for its {held} snapshots within {limit} "
                f"(this rank's, {need / 2**30:.3g} GiB, fit; every rank must keep them to "
                "roll back together)") if fits_here else (
-            f"{cfg.keep} snapshots need {need / 2**30:.3g} GiB"
+            f"{held} snapshots (keep={cfg.keep} and those awaiting their clean window) "
+            f"need {need / 2**30:.3g} GiB"
             + (" on this rank" if self.sync is not None else "")
             + f", more than {limit} allows")
         self.recorder.event(-1, "rollback_off",

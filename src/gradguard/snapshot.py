@@ -57,18 +57,24 @@ def clone_tree(obj: Any, to_cpu: bool = False) -> Any:
     return obj
 
 
-def estimate_bytes(params: Sequence[Tensor], optimizer: torch.optim.Optimizer) -> int:
-    """Bytes one snapshot takes: the parameters plus the optimizer's state.
+def estimate_bytes(params: Sequence[Tensor], optimizer: torch.optim.Optimizer,
+                   model: nn.Module | None = None) -> int:
+    """Bytes one snapshot takes: the model's state (with ``model``: its whole state dict,
+    frozen parameters and buffers too, as a snapshot holds it; else ``params``) plus the
+    optimizer's state.
 
-    Before the first step the state does not exist yet; it is counted as two tensors per
-    parameter (Adam's moments: the largest of torch's usual optimizers). Under FSDP2 a
-    rank's snapshot holds its shards only: a DTensor counts its local shard, not the
-    global size ``numel()`` gives.
+    Before the first step the optimizer's state does not exist yet; it is counted as two
+    tensors per watched parameter (Adam's moments: the largest of torch's usual
+    optimizers). Under FSDP2 a rank's snapshot holds its shards only: a DTensor counts its
+    local shard, not the global size ``numel()`` gives.
     """
     weights = sum(_nbytes(p) for p in params)
+    held = weights if model is None else sum(
+        _nbytes(v) for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, Tensor) and k not in _outside(model, optimizer)[1])
     state = sum(_nbytes(v) for st in optimizer.state.values()
                 for v in st.values() if isinstance(v, Tensor))
-    return weights + (state if optimizer.state else 2 * weights)
+    return held + (state if optimizer.state else 2 * weights)
 
 
 def _nbytes(t: Tensor) -> int:
