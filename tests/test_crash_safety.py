@@ -84,9 +84,10 @@ def test_killed_writers_leave_loadable_snapshots_and_a_readable_log(tmp_path):
         folder = tmp_path / f"run{run}"
         names = sorted(p.name for p in folder.iterdir())
         finished = [n for n in names if n.startswith("snapshot-") and n.endswith(".pt")]
-        # Anything else is an unfinished temp file, which never matches a snapshot name.
+        # Anything else is an unfinished temp file, which never matches a snapshot name
+        # (or the lock that keeps another open guard's snapshots out of the dir).
         assert all(n.startswith(".snapshot-") and n.endswith(".tmp")
-                   for n in names if n not in finished), names
+                   for n in names if n not in finished and n != ".gradguard-lock"), names
         # Every finished name is a whole file: rename is atomic, so no torn snapshot exists.
         steps = [snap.load_file(folder / n).step for n in finished]
         path, latest = snap.load_latest(folder)
@@ -241,3 +242,22 @@ def test_a_full_disk_turns_disk_snapshots_off_and_training_goes_on(tmp_path, mon
     assert guard.store.good  # kept in memory all the same
     assert any(e["kind"] == "rollback_off" and "No space left" in e["message"]
                for e in guard.recorder.events)
+
+
+def test_a_snapshot_dir_another_open_guard_writes_to_is_warned_about(tmp_path):
+    # Two guards on one dir write snapshot files of the same names and prune each other's.
+    def guard():
+        model = torch.nn.Linear(3, 1)
+        return gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                        rollback=gg.Rollback(every=5, dir=tmp_path))
+
+    first = guard()
+    with pytest.warns(gg.GuardUsageWarning, match="in use by another open guard"):
+        second = guard()
+    second.close()
+    first.close()
+    import warnings
+
+    with warnings.catch_warnings():  # once the other is closed, the dir is free
+        warnings.filterwarnings("error", message=".*in use by another open guard")
+        guard().close()

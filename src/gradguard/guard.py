@@ -215,6 +215,8 @@ class Guard(assembly.Parts):
             if self._started:
                 self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
         finally:
+            if self.store is not None:
+                self.store.release()  # (its snapshot dir is free for another guard)
             try:
                 self.recorder.close()
             finally:

@@ -59,6 +59,31 @@ def _usable_dir(folder: Path) -> None:
                           "process can write to") from e
 
 
+def _claim_dir(folder: Path, rank: int | None) -> Any:
+    """Lock ``folder`` for this guard (and rank) while it is open, or warn that another
+    open guard writes there: both would write snapshot files of the same names and prune
+    each other's, and a crash-resume would find the other run's. The lock is an ``flock``,
+    released when the guard closes or its process ends (a crashed run's dir is free at
+    once); where there is none (Windows), no check is made."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    name = ".gradguard-lock" + ("" if rank is None else f"-rank{rank}")
+    handle = (folder / name).open("a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        warnings.warn(
+            f"gradguard: Rollback(dir={str(folder)!r}) is in use by another open guard: "
+            "their snapshot files have the same names, so each overwrites and deletes the "
+            "other's (and a resume reads either run's). Give each run its own dir, or close "
+            "the other guard first", GuardUsageWarning, stacklevel=4)
+        return None
+    return handle
+
+
 class RollbackStore:
     """Snapshots for rollback, in memory (device or pinned host) and optionally on disk.
 
@@ -91,8 +116,16 @@ class RollbackStore:
         self.disk_files: deque[Path] = deque()
         self.disk_failed = False  # a write failed (a full disk): none is tried again
         self.fails: dict[int, int] = {}
+        self._lock = None
         if cfg.dir is not None:
             _usable_dir(Path(cfg.dir))
+            self._lock = _claim_dir(Path(cfg.dir), rank)
+
+    def release(self) -> None:
+        """Free the snapshot dir for another guard (the guard closes)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     @property
     def active(self) -> bool:
