@@ -273,3 +273,16 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
             "and the run ended "
             f"stable at {at}; {bad}{noise}{clipped}{rnn}. {advice} to train without the "
             "guard's help")
+
+
+def group_lr(optimizer: Any) -> Any:
+    """The optimizer's LR for the verdict: one number, or each group's where they differ."""
+    lrs = [g.get("lr") for g in optimizer.param_groups]
+    return lrs[0] if all(_same(v, lrs[0]) for v in lrs) else lrs
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a is b

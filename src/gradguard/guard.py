@@ -197,30 +197,14 @@ class Guard(assembly.Parts):
     def verdict(self) -> str:
         """One sentence on how the run went and what to change (also logged at close)."""
         h = self._host
-        lrs = [g.get("lr") for g in self.optimizer.param_groups]
-        # (one LR, or each group's where they differ)
-        lr = lrs[0] if all(_same(v, lrs[0]) for v in lrs) else lrs
-        return ev.verdict(self.recorder, self.control, self.rollbacks, lr, h.recurrent,
-                          h.recurrent_clipped, self._device.clip_ratio, h.batch_noise,
-                          h.lr_span, h.dead.ended())
+        return ev.verdict(self.recorder, self.control, self.rollbacks,
+                          ev.group_lr(self.optimizer), h.recurrent, h.recurrent_clipped,
+                          self._device.clip_ratio, h.batch_noise, h.lr_span, h.dead.ended())
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:
         """Process the rows still in flight, write the run's verdict, close the sinks."""
-        if self._closed:
-            return
-        lifecycle.unregister(self, self._finalizer)  # takes the optimizer/model hooks off
-        try:
-            self._host.drain()
-            if self._started:
-                self.recorder.event(self.steps, "verdict", self.verdict(), action="info")
-        finally:
-            if self.store is not None:
-                self.store.release()  # (its snapshot dir is free for another guard)
-            try:
-                self.recorder.close()
-            finally:
-                self._closed = True  # (a sink that failed to close: the guard is closed)
+        lifecycle.finish(self)
 
     def __enter__(self) -> Guard:
         return self
@@ -257,10 +241,3 @@ class Guard(assembly.Parts):
             The parts that were not loaded (empty when everything was).
         """
         return checkpoint.load(self, state, strict)
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return a is b

@@ -38,6 +38,25 @@ def register(guard: Any, recorder: Any, *hooks: Any) -> weakref.finalize:
     return fin
 
 
+def finish(guard: Any) -> None:
+    """:meth:`gradguard.Guard.close`: process the rows still in flight, write the run's
+    verdict, free the snapshot dir, close the sinks."""
+    if guard._closed:
+        return
+    unregister(guard, guard._finalizer)  # takes the optimizer/model hooks off
+    try:
+        guard._host.drain()
+        if guard._started:
+            guard.recorder.event(guard.steps, "verdict", guard.verdict(), action="info")
+    finally:
+        if guard.store is not None:
+            guard.store.release()  # (its snapshot dir is free for another guard)
+        try:
+            guard.recorder.close()
+        finally:
+            guard._closed = True  # (a sink that failed to close: the guard is closed)
+
+
 def unregister(guard: Any, fin: weakref.finalize) -> None:
     """The guard is closing: take off the hooks given to :func:`register` and stop
     watching it (its recorder is the guard's to close)."""
