@@ -69,9 +69,12 @@ def estimate_bytes(params: Sequence[Tensor], optimizer: torch.optim.Optimizer,
     local shard, not the global size ``numel()`` gives.
     """
     weights = sum(_nbytes(p) for p in params)
-    held = weights if model is None else sum(
-        _nbytes(v) for k, v in model.state_dict(keep_vars=True).items()
-        if isinstance(v, Tensor) and k not in _outside(model, optimizer)[1])
+    if model is None:
+        held = weights
+    else:
+        _, foreign = _outside(model, optimizer)  # (left out of a snapshot: _model_state)
+        held = sum(_nbytes(v) for k, v in model.state_dict(keep_vars=True).items()
+                   if isinstance(v, Tensor) and k not in foreign)
     state = sum(_nbytes(v) for st in optimizer.state.values()
                 for v in st.values() if isinstance(v, Tensor))
     return held + (state if optimizer.state else 2 * weights)

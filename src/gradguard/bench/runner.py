@@ -40,6 +40,7 @@ import torch
 from .. import scenarios
 from ..errors import ConfigError
 from ..record import encode_float
+from ..report.html import BENCH_INPUTS
 from ..scenarios.train import RunResult
 from . import remedies as R
 from .metrics import SummaryRow, markdown, summarize
@@ -298,16 +299,15 @@ def run_bench(cfg: BenchConfig,
         progress: called after each run with ``(job, row, done, total)``.
     """
     out = Path(cfg.out)
-    _validate(cfg)
     created = not out.exists()
     stage = out / f".bench-partial-{os.getpid()}"
+    # (validates cfg before anything is made; the logs go to the stage folder)
+    jobs, skipped = plan_jobs(cfg, logs=stage / "logs")
     results: dict[Job, tuple[dict[str, Any], dict[str, Any]]] = {}
-    jobs: list[Job] = []
     written = False
     try:
         shutil.rmtree(stage, ignore_errors=True)
         (stage / "logs").mkdir(parents=True)
-        jobs, skipped = plan_jobs(cfg, logs=stage / "logs")
         _run_jobs(cfg, jobs, results, progress)
         rows = [results[j][0] for j in jobs]
         meta = _meta(cfg, skipped)
@@ -384,7 +384,7 @@ def _commit(stage: Path, out: Path) -> None:
             old.unlink()
     # The previous bench's page describes another bench (the caller writes a new one).
     (out / "report.html").unlink(missing_ok=True)
-    for name in ("runs.csv", "curves.jsonl", "summary.csv", "meta.json", "results.md"):
+    for name in BENCH_INPUTS:
         os.replace(stage / name, out / name)
 
 
