@@ -660,12 +660,24 @@ def test_a_loss_below_zero_is_judged_on_a_linear_scale_from_then_on():
     assert any(v.unstable for v in feed(ctrl, climb, start=400))
 
 
-def test_unlike_saved_without_its_margin_needs_only_every_loss_above_the_saved_ones():
+def test_unlike_saved_needs_every_held_loss_above_every_saved_one():
     ctrl = Controller(gg.Stability())
     saved = {"losses": [0.1] * 19 + [0.8]}
-    assert ctrl.unlike_saved(saved, [1.0, 1.1, 0.9]) is None  # under 1.5 × 0.8
-    assert ctrl.unlike_saved(saved, [1.0, 1.1, 0.9], margin=False) == (0.1, 1.0)
-    assert ctrl.unlike_saved(saved, [1.0, 0.7, 0.9], margin=False) is None  # one is not
+    assert ctrl.unlike_saved(saved, [1.0, 1.1, 0.9]) == (0.1, 1.0)
+    assert ctrl.unlike_saved(saved, [1.0, 0.7, 0.9]) is None  # one is not
+    assert ctrl.unlike_saved(saved, [1.0, 0.8, 0.9]) is None  # a tie is not above
+
+
+def test_unlike_saved_false_alarms_at_the_rank_tests_rate_under_unchanged_data():
+    # Exchangeable draws (the held weights on unchanged data): all 3 above all 20 saved
+    # happens with probability 1 / C(23, 3) = 1 / 1771, whatever the distribution.
+    gen = np.random.default_rng(0)
+    ctrl = Controller(gg.Stability())
+    trials, hits = 20000, 0
+    for _ in range(trials):
+        draw = np.exp(gen.normal(0, 2.0, 23))  # (heavy spread: decades apart)
+        hits += ctrl.unlike_saved({"losses": list(draw[:20])}, list(draw[20:])) is not None
+    assert hits / trials < 3 / 1771
 
 
 def test_stalled_tells_a_run_at_its_starting_level_from_one_that_learned():
@@ -756,17 +768,17 @@ def test_a_cnn_whose_norms_spike_step_after_step_is_cut_before_its_units_die(see
 def test_restored_weights_are_judged_by_rank_against_their_saved_window():
     ctrl = Controller(gg.Stability())
     saved = {"losses": [0.01 * (1 + i % 5) for i in range(20)], "log_scale": True}
-    # every first loss above 1.5x the highest saved one (0.05): the data changed
-    then, now = ctrl.unlike_saved(saved, [0.2, 0.3, 0.25])
+    # every held loss above the highest saved one (0.05): the data changed
+    then, now = ctrl.unlike_saved(saved, [0.06, 0.3, 0.25])
     assert then == pytest.approx(0.03) and now == pytest.approx(0.25)
     # one of them within: an outlier batch, or weights that score as they did
-    assert ctrl.unlike_saved(saved, [0.2, 0.07, 0.25]) is None
-    assert ctrl.unlike_saved(saved, [0.074, 0.3, 0.3]) is None
+    assert ctrl.unlike_saved(saved, [0.2, 0.04, 0.25]) is None
+    assert ctrl.unlike_saved(saved, [0.05, 0.3, 0.3]) is None
     # a NaN row, too few saved losses, or none yet: no judgement
     assert ctrl.unlike_saved(saved, [0.2, float("nan"), 0.3]) is None
     assert ctrl.unlike_saved({"losses": [0.01] * 5}, [1.0, 1.0, 1.0]) is None
     assert ctrl.unlike_saved(saved, []) is None
-    # a loss that can be negative (a log-likelihood): the margin is rise x |highest|
+    # a loss that can be negative (a log-likelihood): ranks need no scale
     neg = {"losses": [-2.0 - 0.1 * (i % 3) for i in range(20)], "log_scale": False}
-    assert ctrl.unlike_saved(neg, [-0.5, -0.4, -0.6]) is not None
-    assert ctrl.unlike_saved(neg, [-1.5, -0.4, -0.6]) is None
+    assert ctrl.unlike_saved(neg, [-1.9, -0.4, -0.6]) is not None
+    assert ctrl.unlike_saved(neg, [-2.0, -0.4, -0.6]) is None

@@ -13,11 +13,14 @@ def _kinds(guard: gg.Guard) -> list[str]:
 
 
 def _fitted(plan: str, resume_at: int | None = None, policy: gg.Policy | None = None,
-            announce_at: int | None = None) -> tuple[gg.Guard, list[float]]:
+            announce_at: int | None = None, weights: list[float] | None = None,
+            infos: list[gg.StepInfo] | None = None) -> tuple[gg.Guard, list[float]]:
     """A model that already fits the easy batches (loss 1e-8) meets the batches of
-    ``plan`` ('e' easy, 'h' hard: loss ~1, 'n' a noisy easy one: loss 0.8); returns its
-    guard and the LR scale after each step. ``resume_at``: save there and go on in a fresh
-    guard, as a resumed run does; ``announce_at``: call ``guard.data_changed()`` there."""
+    ``plan`` ('e' easy, 'h' hard: loss ~1, 'n' a noisy easy one: loss 0.8, 'x' an outlier:
+    loss 4); returns its guard and the LR scale after each step. ``resume_at``: save there
+    and go on in a fresh guard, as a resumed run does; ``announce_at``: call
+    ``guard.data_changed()`` there; ``weights``, ``infos``: filled with the weight and the
+    StepInfo after each step."""
     policy = policy or gg.Policy()
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
@@ -26,7 +29,7 @@ def _fitted(plan: str, resume_at: int | None = None, policy: gg.Policy | None = 
     guard = gg.Guard(model, opt, log=None, policy=policy)
     x = torch.ones(4, 1)
     targets = {"e": torch.full((4, 1), 2.0 + 1e-4), "h": torch.full((4, 1), 3.0),
-               "n": torch.full((4, 1), 2.0 + 0.8**0.5)}
+               "n": torch.full((4, 1), 2.0 + 0.8**0.5), "x": torch.full((4, 1), 4.0)}
     scales = []
     for i, c in enumerate(plan):
         if i == resume_at:
@@ -39,8 +42,12 @@ def _fitted(plan: str, resume_at: int | None = None, policy: gg.Policy | None = 
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), targets[c])
         loss.backward()
-        guard.step(loss)
+        info = guard.step(loss)
         scales.append(guard.lr.scale)
+        if weights is not None:
+            weights.append(float(model.weight.detach()))
+        if infos is not None:
+            infos.append(info)
     return guard, scales
 
 
@@ -192,6 +199,52 @@ def test_the_second_look_needs_no_margin_over_a_noisier_window():
     kinds = _kinds(guard)
     assert kinds.count("rollback") == 2 and "data_shift" in kinds
     assert "diverged" not in kinds and scales[-1] == 1.0
+    guard.close()
+
+
+def test_the_restored_weights_are_held_while_their_losses_judge_them():
+    # Every loss the restore check reads is computed with the restored weights themselves
+    # (a step taken meanwhile would move them at the LR being judged): the steps after a
+    # rollback leave them as restored, and say so.
+    weights: list[float] = []
+    infos: list[gg.StepInfo] = []
+    guard, _ = _fitted("e" * 40 + "h" * 60, weights=weights, infos=infos)
+    rollbacks = [e for e in guard.recorder.events if e["kind"] == "rollback"]
+    r = rollbacks[0]["step"]
+    assert "the next 3 steps hold the restored weights" in rollbacks[0]["message"]
+    assert weights[r + 1] == weights[r + 2] == weights[r]
+    assert infos[r + 3].rolled_back  # (the third judged them: one snapshot further back)
+    assert all(bool(infos[i].skipped) for i in (r + 1, r + 2, r + 3))
+    held = [e for e in guard.recorder.events if r < e["step"] <= r + 3
+            and e["kind"] == "loss_spike" and e["action"] == "hold"]
+    assert held and all("step held" in e["message"] for e in held)
+    guard.close()
+
+
+def test_a_change_of_data_puts_the_run_back_where_the_rollback_found_it():
+    # The progress made on the new batches before the rollback is the run's, as it would
+    # be without a guard: once the restored weights show the data changed, the model
+    # and optimizer go back to the state the rollback left, not to the older snapshot.
+    weights: list[float] = []
+    guard, _ = _fitted("e" * 40 + "h" * 60, weights=weights)
+    first = next(e for e in guard.recorder.events if e["kind"] == "rollback")
+    shift = next(e for e in guard.recorder.events if e["kind"] == "data_shift")
+    assert shift["returned_to"] == first["step"]
+    assert "back where the rollback found them" in shift["message"]
+    r, d = first["step"], shift["step"]
+    assert weights[d] > weights[r - 1] > weights[r]  # (the hard batches pull it up to 3)
+    assert guard.store.left is None
+    guard.close()
+
+
+def test_the_second_look_compares_the_two_snapshots_on_the_same_new_batches():
+    # The older snapshot's window holds an outlier batch (loss 4) above the new batches'
+    # loss (1): its own test cannot see the change. But it scores above the median saved
+    # with it, and the newer weights score no better than it: both moved with the data.
+    guard, scales = _fitted("e" * 10 + "x" + "e" * 29 + "h" * 60)
+    kinds = _kinds(guard)
+    assert kinds.count("rollback") == 2 and "data_shift" in kinds
+    assert scales[-1] == 1.0 and guard.control.cuts == 0
     guard.close()
 
 

@@ -554,36 +554,33 @@ class Controller:
                 float(before["best"]), first, math.inf if sigma is None else float(sigma)))
         return _median(f(now)) <= lim
 
-    def unlike_saved(self, before: dict[str, Any], losses: list[float],
-                     margin: bool = True) -> tuple[float, float] | None:
-        """(the level then, the median of ``losses``) when every one of the first losses
-        computed with restored weights lies above (1 + ``rise``) × the *highest* loss of the
-        window those same weights had when their snapshot was taken (``before``, its
-        trajectory), or above that highest loss itself without ``margin``; None otherwise.
+    def unlike_saved(self, before: dict[str, Any],
+                     losses: list[float]) -> tuple[float, float] | None:
+        """(the level then, the median of ``losses``) when every one of ``losses`` (the
+        first ``bad_steps`` computed with restored weights, which the guard holds as they
+        are meanwhile: :meth:`gradguard.host.HostSide.take_hold`) lies above the *highest*
+        loss of the window those same weights had when their snapshot was taken
+        (``before``, its trajectory); None otherwise.
 
         A restore is an experiment: the weights are the saved ones, so their loss can have
         moved only with what they are scored on. Right after a rollback for instability,
-        the saved weights scoring far worse than they ever did then says the data (or the
-        loss function) changed since, and the rise that triggered the rollback was that
-        change, not the LR. The test is by rank, not by a noise estimate: near a loss of 0
-        batch losses span decades, so a σ on any scale is wide, while under an unchanged
-        loss one new batch beats all n saved ones with probability 1/(n + 1) before the
-        margin. Only the first loss is computed with the saved weights themselves: the
-        next follow steps taken with the restored momentum at the LR being judged, which
-        at a too-high LR raise them (a regression in raw units is ×3 worse within two
-        steps); they are required too (against one outlier batch), and a rise can only
-        make them easier to pass, so it is the first that decides against a blow-up.
-        Without the margin (the second look, at the snapshot before, once this test has
-        found a change: :meth:`gradguard.host.HostSide.restore_check`) a run whose data
-        did not change passes it with a chance of at most 1/(n + 1), that of its first
-        loss alone.
+        the saved weights scoring worse than they ever did then says the data (or the loss
+        function) changed since, and the rise that triggered the rollback was that change,
+        not the LR. The test is by rank, not by a noise estimate: near a loss of 0 batch
+        losses span decades, so a σ on any scale is wide, while under an unchanged loss
+        each of k new batches at the same weights is exchangeable with the window's n
+        (which, taken as the loss fell, score those weights no better than they are), so
+        all k beat all n with a chance of at most 1 / C(n + k, k): 1 in 1771 for the
+        defaults (n = 20, k = 3). A snapshot holding damage its window did not show fails
+        it too: the guard then judges the one before alike
+        (:meth:`gradguard.host.HostSide.restore_check`), and only both failing reads as
+        new data.
         """
         past = [float(v) for v in before.get("losses", [])]
         if len(past) < self.cfg.min_losses or not losses or not all(
                 math.isfinite(v) for v in [*past, *losses]):
             return None
-        hi = max(past)
-        if min(losses) <= (hi + self.cfg.rise * abs(hi) if margin else hi):
+        if min(losses) <= max(past):
             return None
         return _median(past), _median(losses)
 

@@ -60,6 +60,7 @@ class DeviceSide:
         self.stepper = Stepper(guard.optimizer, skip_strategy, guard.params)
         self._nan = torch.full((), math.nan, device=device)
         self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
 
     def step(self, k: int, groups: Any, loss: Tensor | None) -> tuple[Tensor, tuple[Any, ...]]:
         """Run step ``k`` on ``groups`` (the collected gradients).
@@ -106,6 +107,9 @@ class DeviceSide:
         scale = ctx.take_scale() if self.stepper.strategy == "found_inf" else ctx.flush()
 
         skip = self.decision(nonfinite, grad_spike, loss_spike)
+        # (after a rollback: the restored weights stay as they are while their first
+        # losses judge them, see HostSide.take_hold; the row keeps the detectors' skip)
+        applied = self._true if g._host.take_hold(k) else skip
         base_lr = g.optimizer.param_groups[0]["lr"]
         if (host := host_lr(base_lr)) is not None:  # (free to read: no device wait)
             g._host.base_lrs[k] = host
@@ -115,9 +119,9 @@ class DeviceSide:
             g._host.present[k] = mask
         g.lr.prepare(base_lr)
         with g.lr.applied(), g._usage.stepping():
-            self.stepper.step(groups.params, skip, scale)
+            self.stepper.step(groups.params, applied, scale)
         # (the host strategy has read the skip already: a host bool is free there)
-        g._running.after(skip, bool(skip) if self.stepper.strategy == "host" else None)
+        g._running.after(applied, bool(applied) if self.stepper.strategy == "host" else None)
         for hook in g.after_step:
             hook()
         if g.scaler is not None and g.scaler.is_enabled():
@@ -134,7 +138,7 @@ class DeviceSide:
                        else bad_inputs.to(g.device))
         # (this step's factor: the row's own copy, which the next step does not overwrite
         # as it does the LR tensor)
-        return row, (loss_d, stats.global_norm, clipped, skip, nonfinite, grad_spike,
+        return row, (loss_d, stats.global_norm, clipped, applied, nonfinite, grad_spike,
                      loss_spike, row[LR_SCALE_AT], stats.norms)
 
     def flag(self, value: Tensor, above: float, ok: Tensor) -> Tensor:

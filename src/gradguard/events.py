@@ -41,11 +41,14 @@ def describe_flags(recorder: Recorder, attribution: LayerAttribution, rec: dict[
     # What the device actually did, whatever the configured action was called.
     if rec["skipped"]:
         action = "skip"
+    elif rec.get("_held"):
+        action = "hold"  # (the restored weights being judged: HostSide.take_hold)
     elif rec["clipped_norm"] < rec["grad_norm"] * (1 - 1e-6):
         action = "clip"
     else:
         action = "none"
-    done = {"skip": "step skipped", "clip": "step clipped", "none": "step applied as is"}[action]
+    done = {"skip": "step skipped", "clip": "step clipped", "none": "step applied as is",
+            "hold": "step held (the restored weights are being judged)"}[action]
     common = {"action": action, "origin_layer": att.origin,
               "top_layers": [[n, round(z, 2) if math.isfinite(z) else encode_float(z)]
                              for n, z in att.top],

@@ -21,6 +21,7 @@ guard's trajectory, the state that is rolled back with the weights.
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -81,12 +82,17 @@ class HostSide:
         self.data_streak = 0  # of the skip streak's rows: those whose inputs held NaN/Inf
         self.clean_streak = 0
         self.ignore_rows_before = 0
+        self.applied_from = 0  # the first row after the last rollback's held ones
         # After a rollback: the restored snapshot's trajectory, the LR state and clip row
         # before the rollback's cut, the step it was taken after, and the first losses
         # computed from its weights, until they judge them, and whether it is already the
         # snapshot before the one first restored (see :meth:`restore_check`).
-        self.restored: tuple[dict[str, Any], Any, int | None, int, list[float], bool] | None \
-            = None
+        self.restored: tuple[dict[str, Any], Any, int | None, int, list[float],
+                             list[float] | None] | None = None
+        # The steps still to hold the restored weights for while restore_check judges them,
+        # and the steps held whose rows have not reached the host yet (see take_hold).
+        self.hold = 0
+        self.held: set[int] = set()
         self.base_lrs: dict[int, float] = {}
         # Per step in flight whose gradients some guarded tensors lacked (None): which had
         # one (the dead-units test must not read an unused tensor as a dead one).
@@ -162,6 +168,24 @@ class HostSide:
             g.control.norm_streaks = not names and mode != "always"
         if wanted and g._device.clamps and ratio is not None:
             g._device.clip_ratio = float(ratio)
+
+    def take_hold(self, k: int) -> bool:
+        """Whether step ``k`` leaves the weights as a rollback restored them (a host
+        bool: no sync). The first ``bad_steps`` steps after a rollback are held, so that
+        every loss :meth:`restore_check` judges the restored weights by is computed with
+        those weights themselves: exchangeable, under unchanged data, with the losses the
+        snapshot's window saw, which a rank test then needs no margin for. A step taken
+        instead would move them at the LR being judged and raise the next losses at a
+        too-high LR. It costs ``bad_steps`` batches' updates per rollback."""
+        if self.hold <= 0 or self.restored is None:
+            # (judged already, by a NaN/Inf row, or the data changed: the rows not held
+            # are applied ones)
+            self.applied_from -= self.hold
+            self.hold = 0
+            return False
+        self.hold -= 1
+        self.held.add(k)
+        return True
 
     def should_skip_batch(self) -> bool:
         """See :meth:`gradguard.Guard.should_skip_batch`."""
@@ -260,6 +284,8 @@ class HostSide:
             lo, hi = self.lr_span or (lr, lr)
             self.lr_span = (min(lo, lr), max(hi, lr))
         self.learn(k, rec)
+        rec["_held"] = k in self.held
+        self.held.discard(k)
         norms = rec["_norms"]
         flagged = rec["skipped"] or rec["grad_spike"] or rec["loss_spike"] or rec["nonfinite"]
         self.clean_streak = 0 if flagged else self.clean_streak + 1
@@ -421,7 +447,7 @@ class HostSide:
         # The last restore held: the run got past the rows in which a snapshot holding
         # damage fails at once (the same window as discard_latest's, below).
         held = self.rollbacks > 0 and store is not None and \
-            k - self.ignore_rows_before >= store.cfg.clean_window + c.cfg.bad_steps
+            k - self.applied_from >= store.cfg.clean_window + c.cfg.bad_steps
         c.can_retry = store is not None and store.can_retry(held)
         c.progressed = held or self.rollbacks == 0
         loss = self.judged_loss(k, rec["loss"])
@@ -429,7 +455,8 @@ class HostSide:
             return judged
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]),
-                            skipped=bool(rec["skipped"]), grad_norm=float(rec["grad_norm"]))
+                            skipped=bool(rec["skipped"] or rec["_held"]),
+                            grad_norm=float(rec["grad_norm"]))
         if self.early_base is not None and not self.early():
             self.early_base = None  # the early phase is over: later cuts are the level's
         may_roll = True
@@ -468,14 +495,14 @@ class HostSide:
             # that same test right after being restored (a streak that began within
             # clean_window rows), it holds the damage, not the LR: go one further back
             # at the LR the run had.
-            since = k - self.ignore_rows_before
+            since = k - self.applied_from  # (held rows moved nothing: not counted)
             if since < store.cfg.clean_window + c.cfg.bad_steps and self.rollbacks \
                     and loss_bad and store.discard_latest():
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
             cut_point = c.cut_point()
             target = self.rollback(k, reason, verdict.retry, clip,
-                                   (cut_point, None if clip else c.clip_since, False))
+                                   (cut_point, None if clip else c.clip_since, None))
             if target is not None:
                 if early and target == -1 and self.batch_noise is None:
                     self.echo_ref = c.first_loss
@@ -549,13 +576,15 @@ class HostSide:
                 "saved now holds sound weights")
 
     def rollback(self, step: int, reason: str, retry: bool, clip: bool = False,
-                 check: tuple[Any, int | None, bool] | None = None) -> int | None:
+                 check: tuple[Any, int | None, list[float] | None] | None = None
+                 ) -> int | None:
         """Restore the latest good snapshot; the controller has already set the LR.
 
         Args:
             check: arm :meth:`restore_check` for the restored weights with (the LR state
-                before this rollback's cut, the clip row before it, whether this is
-                already the step one snapshot further back).
+                before this rollback's cut, the clip row before it, and None for a
+                first look, or, for the step one snapshot further back, the losses the
+                first look's weights scored).
 
         Returns:
             The step the restored snapshot was taken after (-1: the initial weights), or
@@ -564,6 +593,9 @@ class HostSide:
         """
         g = self.g
         assert g.store is not None
+        if check is not None and check[2] is None:
+            # (a first look: the state left is what a data change sends the run back to)
+            g.store.leave(g.steps - 1, checkpoint.trajectory(g))
         try:
             target = g.store.restore(retry)
         except snap.SnapshotError as e:
@@ -577,6 +609,13 @@ class HostSide:
         saved = target.guard.get("control")
         self.restored = None if check is None or not saved else (
             saved, check[0], check[1], target.step, [], check[2])
+        # (held only where the test can judge: a window of min_losses saved losses; the
+        # early phase's restores, to the initial weights, have none)
+        self.hold = 0 if self.restored is None or g.control is None or len(
+            self.restored[0].get("losses", ())) < g.control.cfg.min_losses \
+            else g.control.cfg.bad_steps
+        if self.restored is None:
+            g.store.left = None  # (nothing will judge the restore: the state left goes)
         checkpoint.load_trajectory(g, target.guard)
         if self.unjudged and g.control is not None:
             g.control.rebaseline()  # (a snapshot from before may hold losses it judged)
@@ -588,6 +627,7 @@ class HostSide:
         self.skip_batches = skip_n
         self.skip_streak = self.clean_streak = 0
         self.ignore_rows_before = g.steps
+        self.applied_from = g.steps + self.hold
         skip = ""
         if skip_n:
             skip = (f"; skipping the next {skip_n} batches" if self.batches_used else
@@ -599,7 +639,9 @@ class HostSide:
         g.recorder.event(
             step, "rollback", f"unstable: {reason}; rolled back to "
             + ("the initial weights" if target.step < 0 else
-               f"the state after step {target.step}") + f", {lr}{skip}",
+               f"the state after step {target.step}") + f", {lr}{skip}"
+            + (f"; the next {counted(self.hold, 'step')} hold the restored weights, whose "
+               "losses judge them" if self.hold else ""),
             action="rollback", to_step=target.step, reason=reason, lr_scale=g.lr.scale,
             clip_all=clip)
         return target.step
@@ -608,14 +650,23 @@ class HostSide:
         """After a rollback, judge the restored weights by the first ``bad_steps`` losses
         computed from them (:meth:`~gradguard.control.Controller.unlike_saved`).
 
-        When they score far worse than they ever did when saved, either that snapshot
-        holds damage its saved losses did not show (a dormant fault, a corrupted copy) or
-        the data changed. The snapshot before it tells which: the guard goes one back, at
-        the same LR, and judges it alike (once; not past ``max_rollbacks``). Failing too
-        (or with none older), the data
-        changed, not the LR: the rollback's cut is taken back (and its clipping, if it
-        began it), the loss level and the spike detectors learn the new data afresh, and
-        the snapshots judged on the old data are dropped.
+        When they score worse than they ever did when saved, either that snapshot holds
+        damage its saved losses did not show (a dormant fault, a corrupted copy) or the
+        data changed. The snapshot before it tells which: the guard goes one back, at the
+        same LR, and judges it alike (once; not past ``max_rollbacks``). It holds no
+        damage the newer one took on, so the newer weights scoring worse than it on the
+        same new batches is damage, and so is the older weights scoring as well as the
+        losses saved with them (their level then, which training since only lowered).
+        When it fails its own saved window too, or both directions point the other way
+        (it scores above the median saved with it, and the newer weights, trained longer,
+        score no worse than it), or there is none older, the data changed, not the LR:
+        the run goes back to the state the rollback left (the progress since was made
+        on the new data, as no guard would have), the rollback's cut is taken back (and
+        its clipping, if it began it), the loss level and the spike detectors learn the
+        new data afresh, and the snapshots judged on the old data are dropped. The
+        comparison of the two is paired on the same batches' distribution, free of the
+        drift between a saved window and its weights: an older window, from earlier in
+        training, spans higher losses that can hide a change its own test would need.
 
         Returns:
             None while undecided or when the weights scored as saved (the row is judged as
@@ -624,46 +675,76 @@ class HostSide:
         """
         g, c = self.g, self.g.control
         assert self.restored is not None and c is not None
-        saved, point, clip_before, to_step, losses, went_back = self.restored
+        saved, point, clip_before, to_step, losses, first = self.restored
+        store = g.store
         if loss is None or not math.isfinite(float(loss)):
             self.restored = None  # (a NaN/Inf row: the fault path judges it)
+            if store is not None:
+                store.left = None
             return None
         losses.append(float(loss))
-        if len(losses) < c.cfg.bad_steps:
+        # (a first look needs every loss above the saved ones: one that is not decides,
+        # and the steps still held would be lost for nothing)
+        done = first is None and float(loss) <= max(saved["losses"], default=math.inf)
+        if len(losses) < c.cfg.bad_steps and not done:
             return None
         self.restored = None
-        # The second look (at the snapshot before) only tells damage from a change the
-        # first found: the older weights' window is the noisier one (earlier in training),
-        # so the margin would hide the change there; without it, weights whose data did
-        # not change pass with a chance of at most 1/(window + 1).
-        seen = c.unlike_saved(saved, losses, margin=not went_back)
+        seen = None if done else c.unlike_saved(saved, losses)
+        if seen is None and first is not None and (now := statistics.median(losses)) > (
+                then := statistics.median(saved["losses"])) and now >= statistics.median(first):
+            seen = then, now
         if seen is None:
+            if store is not None:
+                store.left = None  # (the restore stands: the rollback was right)
             return None
-        store, rb = g.store, g.policy.rollback
+        rb = g.policy.rollback
         capped = rb is not None and rb.max_rollbacks is not None and \
             self.rollbacks >= rb.max_rollbacks
-        if not went_back and not capped and store is not None and store.discard_latest() \
+        if first is None and not capped and store is not None and store.discard_latest() \
                 and self.rollback(
                     k, f"the weights restored from step {to_step} scored a loss of "
                     f"{seen[1]:.4g} against {seen[0]:.4g} when saved (damage that snapshot "
                     "holds, or the data changed: the one before it tells)", False,
-                    check=(point, clip_before, True)) is not None:
+                    check=(point, clip_before, list(losses))) is not None:
             return True
         # (The one before it did not fit the model: no test tells; read it as new data.)
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
+        back = self._return_to_left()
         c.not_the_lr(point)
         c.clip_since = clip_before
         g.lr.scale = c.scale
         dropped = self._new_data()
+        where = "" if back is None else (
+            f"; the model and optimizer are back where the rollback found them (after step "
+            f"{back}), as the new data had left them")
         g.recorder.event(
             k, "data_shift",
             f"the data changed, not the LR: the weights restored from step {to_step} scored "
             f"a loss of {then:.4g} when saved and {now:.4g} now{ratio}; LR scale "
-            f"back to ×{c.scale:.3g}, the loss level and spike statistics start afresh on "
-            f"the new data, and the {dropped} snapshot(s) judged on the old data are dropped",
-            action="recover", lr_scale=c.scale, then=then, now=now, to_step=to_step)
+            f"back to ×{c.scale:.3g}{where}, the loss level and spike statistics start "
+            f"afresh on the new data, and the {dropped} snapshot(s) judged on the old data "
+            "are dropped", action="recover", lr_scale=c.scale, then=then, now=now,
+            to_step=to_step, returned_to=back)
         return False
+
+    def _return_to_left(self) -> int | None:
+        """After a rollback that the data change caused: put the run back to the state
+        the rollback left (the progress since the snapshot was sound, made on the new data
+        as no guard would have); returns the step it was taken after (None: none kept,
+        or it no longer fits the model, and the restored weights stay)."""
+        g = self.g
+        if g.store is None:
+            return None
+        try:
+            left = g.store.return_to_left()
+        except snap.SnapshotError:
+            return None
+        if left is None:
+            return None
+        checkpoint.load_trajectory(g, left.guard)
+        g.lr.progress = left.step + 1
+        return left.step
 
     def stopped(self, exc: BaseException) -> None:
         """An exception ended the run (the ``with`` block, or the script): one event that
@@ -701,16 +782,18 @@ class HostSide:
         return {"skip_streak": self.skip_streak, "clean_streak": self.clean_streak,
                 "data_streak": self.data_streak, "watching": self.inputs.armed,
                 "ignore_rows_before": self.ignore_rows_before,
+                "applied_from": self.applied_from,
                 "skip_batches": self.skip_batches, "depth": self.depth.state_dict(),
                 "drift": self.drift.state_dict(), "dead": self.dead.state_dict(),
                 "recurrent_clipped": self.recurrent_clipped,
                 "echo_ref": self.echo_ref, "batch_noise": self.batch_noise,
                 "early_base": None if self.early_base is None else list(self.early_base),
                 "lr_span": None if self.lr_span is None else list(self.lr_span),
-                "signs": list(self.signs), "unjudged": self.unjudged,
+                "signs": list(self.signs), "unjudged": self.unjudged, "hold": self.hold,
                 "restored": None if self.restored is None else [
                     self.restored[0], list(self.restored[1]), self.restored[2],
-                    self.restored[3], list(self.restored[4]), self.restored[5]]}
+                    self.restored[3], list(self.restored[4]),
+                    None if self.restored[5] is None else list(self.restored[5])]}
 
     def load_state_dict(self, h: dict[str, Any]) -> None:
         self.skip_streak, self.clean_streak = int(h["skip_streak"]), int(h["clean_streak"])
@@ -718,6 +801,8 @@ class HostSide:
         if h.get("watching", False):
             self.inputs.arm(None)  # (the first step's batch too; see __init__)
         self.ignore_rows_before = int(h.get("ignore_rows_before", 0))
+        self.applied_from = int(h.get("applied_from", self.ignore_rows_before))
+        self.hold = int(h.get("hold", 0))  # (absent before it existed)
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         base = h.get("early_base")  # (absent before it existed)
@@ -730,7 +815,9 @@ class HostSide:
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         r = h.get("restored")  # (absent before it existed)
         self.restored = None if r is None else (
-            r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]], bool(r[5]))
+            r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]],
+            # (a bool before the first look's losses were kept: True had no losses)
+            None if r[5] is None or r[5] is False else [float(v) for v in (r[5] or [])])
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])

@@ -116,6 +116,8 @@ class RollbackStore:
         self.disk_files: deque[Path] = deque()
         self.disk_failed = False  # a write failed (a full disk): none is tried again
         self.fails: dict[int, int] = {}
+        # The state a rollback left, while the restored weights are judged (see leave).
+        self.left: snap.Snapshot | None = None
         self._lock = None
         if cfg.dir is not None:
             _usable_dir(Path(cfg.dir))
@@ -225,8 +227,8 @@ class RollbackStore:
                    full_state: Callable[[], dict[str, Any]] | None = None) -> None:
         """Take this step's snapshot when one is due (see :meth:`due`), as a candidate;
         one bound for disk also holds ``full_state()``, the guard's whole state."""
-        if not self.active or not self.due(step, early):
-            return
+        if not self.active or not self.due(step, early) or self.left is not None:
+            return  # (while restored weights are judged: held, and leave's memory in use)
         cand = self._take(step, guard_state())
         if full_state is not None and self.disk_due(step):
             cand.state = snap.clone_tree(full_state())  # (parts may hand out live lists)
@@ -267,12 +269,32 @@ class RollbackStore:
             return True
         return False
 
+    def leave(self, step: int, guard_state: dict[str, Any]) -> None:
+        """Before a rollback: keep the state it leaves (after ``step``), until the restored
+        weights are judged. When they show the data changed, not the LR, the run goes back
+        to where it was (:meth:`return_to_left`) instead of losing the progress since the
+        snapshot. The awaiting candidates go first (a restore drops them anyway), so the
+        memory the placement budgeted for is not exceeded."""
+        self.candidates.clear()
+        self.left = self._take(step, guard_state) if self.active else None
+
+    def return_to_left(self) -> snap.Snapshot | None:
+        """Put model, optimizer and tracked objects back to the state the rollback left;
+        returns it (None: none kept)."""
+        left, self.left = self.left, None
+        if left is not None:
+            snap.restore(left, self.model, self.params, self.optimizer, self.tracked)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.candidates.clear()
+        return left
+
     def forget(self) -> int:
         """Drop every snapshot (the data changed since they were judged calm: the level
         each recorded is the old data's, so restoring one would bring back a yardstick the
         run can no longer meet). New ones are taken as the run goes on. Returns how many
         were dropped."""
         n = len(self.good)
+        self.left = None
         self.good.clear()
         self.candidates.clear()
         self.fails.clear()
@@ -339,6 +361,8 @@ class RollbackStore:
             # (not the whole guard state a disk-bound one holds: the state is this one)
             out["snapshots"] = [snap.clone_tree({**s.as_dict(), "state": None})
                                 for s in self.good]
+            out["left"] = None if self.left is None else snap.clone_tree(
+                {**self.left.as_dict(), "state": None})
         return out
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
@@ -348,3 +372,5 @@ class RollbackStore:
             self.good.clear()
             self.good.extend(snap.Snapshot(**d) for d in snap.clone_tree(s["snapshots"]))
             self.resumed = True
+            left = s.get("left")  # (absent before it existed)
+            self.left = None if left is None else snap.Snapshot(**snap.clone_tree(left))
