@@ -157,7 +157,8 @@ def test_a_shift_in_the_data_is_not_taken_for_the_lr():
     # the older one scores as badly too, so the data changed, not the LR. The cut is
     # taken back, the old snapshots go, and the run goes on learning the new batches.
     plan = "e" * 40 + "h" * 60
-    guard, scales = _fitted(plan)
+    weights: list[float] = []
+    guard, scales = _fitted(plan, weights=weights)
     kinds = _kinds(guard)
     assert kinds.count("rollback") == 2 and kinds.index("rollback") < kinds.index("data_shift")
     first, second = (e for e in guard.recorder.events if e["kind"] == "rollback")
@@ -171,9 +172,12 @@ def test_a_shift_in_the_data_is_not_taken_for_the_lr():
     # Saved between the rollback and the rows that judge the restored weights, a resumed
     # guard decides alike.
     row = next(e["step"] for e in guard.recorder.events if e["kind"] == "rollback")
-    resumed, resumed_scales = _fitted(plan, resume_at=row + 2)
+    resumed_weights: list[float] = []
+    resumed, resumed_scales = _fitted(plan, resume_at=row + 2, weights=resumed_weights)
     assert resumed_scales == scales
     assert "data_shift" in _kinds(resumed)
+    # (the state the rollback left travels in the checkpoint: the run returns to it alike)
+    assert resumed_weights == weights
     guard.close()
     resumed.close()
 
@@ -262,7 +266,8 @@ def test_a_change_the_user_announces_costs_no_rollback():
 
 def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
     # The same fitted model at a learning rate that blows it up: the restored weights score
-    # what they did when saved, so the rollback's cut stands.
+    # what they did when saved, so the rollback's cut stands. The first held loss within
+    # the saved window decides that, so only that one step is held.
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(2.0)
@@ -270,6 +275,7 @@ def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
     guard = gg.Guard(model, opt, log=None)
     x = torch.ones(4, 1)
     gen = torch.Generator().manual_seed(0)
+    weights = []
     for i in range(120):
         if i == 60:
             opt.param_groups[0]["lr"] = 2.0  # past the edge of this quadratic (1 / 2)
@@ -278,9 +284,13 @@ def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         guard.step(loss)
+        weights.append(float(model.weight.detach()))
     kinds = _kinds(guard)
     assert "rollback" in kinds and "data_shift" not in kinds
     assert guard.control.scale < 1
+    r = next(e["step"] for e in guard.recorder.events if e["kind"] == "rollback")
+    assert weights[r + 1] == weights[r] != weights[r + 2]  # one step held, then applied
+    assert guard.store.left is None  # (the state the rollback left is let go)
     guard.close()
 
 

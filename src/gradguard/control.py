@@ -18,11 +18,11 @@ and a look-alike of the second:
   noise): the run itself is diverging, slowly or fast, or was wrecked in its first steps
   (Adam at a far too high LR) so that even its first level is the wrecked one.
 * **a change of data** — not told from a rising level until the guard rolls back: the
-  restored weights then score far worse than they did when saved
-  (:meth:`Controller.unlike_saved`), and so do those of the snapshot before (which tells
-  a change of data from a snapshot holding damage), so the data moved, not the weights;
-  the host takes the rollback's cut back and starts the level afresh
-  (``HostSide.restore_check``).
+  restored weights, held as restored while they are judged, then score worse than every
+  loss they had when saved (:meth:`Controller.unlike_saved`), and the snapshot before
+  moved with them (which tells a change of data from a snapshot holding damage), so the
+  data moved, not the weights; the host returns the run to where the rollback found it,
+  takes the rollback's cut back and starts the level afresh (``HostSide.restore_check``).
 * **early phase** — before ``min_losses`` losses exist there is no level; then
   ``bad_steps`` flagged steps in a row count as instability, the per-step detectors'
   early checks (a norm or loss far above the first ones) supplying the flags. Later, on
