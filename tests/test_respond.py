@@ -904,3 +904,24 @@ def test_without_the_controller_no_snapshot_is_kept_but_for_disk(tmp_path):
         guard.step(backward(model))
     guard.close()
     assert guard.store is not None and list((tmp_path / "s").glob("*.pt"))
+
+
+@pytest.mark.parametrize(("kw", "slots"), [
+    ({}, 3),  # keep 2 + one candidate awaiting its clean window
+    ({"every": 1, "keep": 1}, 6),  # keep 1 + the 5 candidates of the clean window
+    ({"clean_window": 0}, 3),  # keep 2 + the slot the state a rollback leaves takes
+])
+def test_the_auto_memory_budget_counts_every_snapshot_held_at_once(monkeypatch, kw, slots):
+    from gradguard import snapshot
+    from gradguard.rollback import RollbackStore
+
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    asked = []
+    monkeypatch.setattr(RollbackStore, "_room",
+                        lambda self, need: (asked.append(need), (True, True))[1])
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(**kw))
+    one = snapshot.estimate_bytes(guard.params, opt, model)  # (as the first step sees it)
+    step(guard, model, opt, 0)
+    assert asked == [slots * one]
+    guard.close()

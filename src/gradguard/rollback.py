@@ -170,8 +170,9 @@ class RollbackStore:
         if cfg.memory != "auto":
             return cfg.memory
         # The kept snapshots, and the candidates still waiting out their clean_window rows
-        # (one per `every` steps in that window) before one of them is kept.
-        held = cfg.keep + math.ceil(cfg.clean_window / cfg.every)
+        # (one per `every` steps in that window) before one of them is kept; at least one
+        # slot, which the state a rollback leaves takes while it is judged (see leave).
+        held = cfg.keep + max(1, math.ceil(cfg.clean_window / cfg.every))
         need = held * snap.estimate_bytes(self.params, self.optimizer, self.model)
         on_device, on_host = self._room(need)
         fits_here = on_device or on_host
