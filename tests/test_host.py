@@ -252,6 +252,18 @@ def test_the_second_look_compares_the_two_snapshots_on_the_same_new_batches():
     guard.close()
 
 
+def test_a_second_look_at_the_initial_weights_has_no_saved_level_to_compare():
+    # The snapshot before the failing one is the initial weights (no losses saved with
+    # them): no test tells damage from new data there, and the restore stands, as it did
+    # before the two snapshots were compared (which once raised StatisticsError here).
+    guard, _ = _fitted("e" * 17 + "h" * 40)
+    kinds = _kinds(guard)
+    assert kinds.count("rollback") == 2 and "data_shift" not in kinds
+    assert "the one before it tells" in [e for e in guard.recorder.events
+                                         if e["kind"] == "rollback"][1]["message"]
+    guard.close()
+
+
 def test_a_change_the_user_announces_costs_no_rollback():
     # guard.data_changed() at the switch: the loss statistics start afresh there, so the
     # new batches' loss is the new normal, not a rise.

@@ -690,8 +690,11 @@ class HostSide:
             return None
         self.restored = None
         seen = None if done else c.unlike_saved(saved, losses)
-        if seen is None and first is not None and (now := statistics.median(losses)) > (
-                then := statistics.median(saved["losses"])) and now >= statistics.median(first):
+        # (the second look's comparison needs a saved level: the initial weights have none)
+        if seen is None and first is not None and len(saved["losses"]) >= c.cfg.min_losses \
+                and (now := statistics.median(losses)) > (
+                    then := statistics.median(saved["losses"])) \
+                and now >= statistics.median(first):
             seen = then, now
         if seen is None:
             if store is not None:
