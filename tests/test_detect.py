@@ -117,6 +117,24 @@ def test_drift_warns_on_steady_growth():
     assert not any(d2.update(float(x)) for x in np.exp(rng.normal(0, 0.3, 200)))
 
 
+def test_drift_is_quiet_while_the_loss_falls_as_steadily():
+    # A net leaving a plateau: its gradient norm grows x20 as its loss falls. The same
+    # growth with a flat noisy loss, or one that rises with it, still warns.
+    rng = np.random.default_rng(0)
+    norms = np.geomspace(1, 20, 60)
+    falling = np.linspace(2.0, 0.5, 60) + rng.normal(0, 0.02, 60)
+    learning = Drift(window=50, factor=4)
+    assert not any(learning.update(float(n), float(v)) for n, v in zip(norms, falling, strict=True))
+    for loss in (2.0 + rng.normal(0, 0.05, 60), np.linspace(0.5, 3.0, 60)):
+        d = Drift(window=50, factor=4)
+        said = [d.update(float(n), float(v)) for n, v in zip(norms, loss, strict=True)]
+        assert any(m and "drifting up" in m for m in said)
+    # (its window of losses survives a save and load)
+    again = Drift(window=50, factor=4)
+    again.load_state_dict(learning.state_dict())
+    assert list(again.losses) == list(learning.losses)
+
+
 @pytest.mark.parametrize("bad", [dict(window=2), dict(z_thresh=-1), dict(warmup=0),
                                  dict(warmup=100)])
 def test_detector_config_validated(bad):

@@ -302,7 +302,7 @@ class HostSide:
         else:
             self.attribution.learn(norms)
         for kind, msg in (("depth_trend", self.depth.update(norms)),
-                          ("drift", self.drift.update(rec["grad_norm"]))):
+                          ("drift", self.drift.update(rec["grad_norm"], rec["loss"]))):
             if msg:
                 g.recorder.event(k, kind, msg, action="warn")
         present = self.present.pop(k, None)
