@@ -765,6 +765,19 @@ def test_a_cnn_whose_norms_spike_step_after_step_is_cut_before_its_units_die(see
     assert held > 2.2 and events[0]["kind"] == "dead_units"
 
 
+def test_the_second_look_reads_a_change_when_both_directions_point_at_the_data():
+    ctrl = Controller(gg.Stability())
+    saved = {"losses": [0.3] * 10 + [2.0] * 2 + [0.2] * 8}  # (an outlier above the new ones)
+    # above its saved median, and no better than the newer weights: both moved with it
+    assert ctrl.moved_with(saved, [1.0, 1.1, 0.9], newer=[0.9, 1.0, 0.8]) == (0.3, 1.0)
+    # the newer weights score worse than the older ones: damage in the newer snapshot
+    assert ctrl.moved_with(saved, [1.0, 1.1, 0.9], newer=[1.5, 1.6, 1.4]) is None
+    # the older weights score as they did when saved: damage in the newer snapshot
+    assert ctrl.moved_with(saved, [0.2, 0.25, 0.3], newer=[0.1, 0.1, 0.1]) is None
+    # no saved level (the initial weights): nothing to compare
+    assert ctrl.moved_with({"losses": []}, [1.0, 1.1, 0.9], newer=[0.5] * 3) is None
+
+
 def test_restored_weights_are_judged_by_rank_against_their_saved_window():
     ctrl = Controller(gg.Stability())
     saved = {"losses": [0.01 * (1 + i % 5) for i in range(20)], "log_scale": True}

@@ -584,6 +584,25 @@ class Controller:
             return None
         return _median(past), _median(losses)
 
+    def moved_with(self, before: dict[str, Any], losses: list[float],
+                   newer: list[float]) -> tuple[float, float] | None:
+        """The second look's comparison (:meth:`gradguard.host.HostSide.restore_check`):
+        (the level then, the median of ``losses``) when the older snapshot's held losses
+        ``losses`` are above the median of its saved window (``before``, its trajectory:
+        its level then, which training since only lowered) and no lower than the newer
+        snapshot's, ``newer``, on the same new batches (the newer weights trained longer
+        and, holding no damage, score no worse); None otherwise, and with fewer than
+        ``min_losses`` saved (the initial weights: no level to compare with).
+
+        Both directions point at the data: a snapshot holding damage the older one does
+        not scores worse than it, and the older one scores as it did when saved.
+        """
+        past = [float(v) for v in before.get("losses", [])]
+        if len(past) < self.cfg.min_losses or not losses or not newer:
+            return None
+        then, now = _median(past), _median(losses)
+        return (then, now) if now > then and now >= _median(newer) else None
+
     # -- one row -------------------------------------------------------------------------
     def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool,
                 skipped: bool = False, grad_norm: float | None = None) -> Verdict:

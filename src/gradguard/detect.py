@@ -774,9 +774,7 @@ class Drift:
         if not math.isfinite(corr):  # constant norms: no trend
             return None
         growth = math.exp(slope * len(y))
-        if growth > self.factor and corr > self.min_corr and self._learning():
-            return None
-        if growth > self.factor and corr > self.min_corr:
+        if growth > self.factor and corr > self.min_corr and not self._learning():
             self.cooldown = self.window
             return (f"gradient norm drifting up: ×{growth:.3g} over the last {len(y)} steps "
                     f"(steady, r={corr:.2f}); a spike may follow — consider a lower LR")

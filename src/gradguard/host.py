@@ -21,7 +21,6 @@ guard's trajectory, the state that is rolled back with the weights.
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -690,12 +689,8 @@ class HostSide:
             return None
         self.restored = None
         seen = None if done else c.unlike_saved(saved, losses)
-        # (the second look's comparison needs a saved level: the initial weights have none)
-        if seen is None and first is not None and len(saved["losses"]) >= c.cfg.min_losses \
-                and (now := statistics.median(losses)) > (
-                    then := statistics.median(saved["losses"])) \
-                and now >= statistics.median(first):
-            seen = then, now
+        if seen is None and first is not None:
+            seen = c.moved_with(saved, losses, first)
         if seen is None:
             if store is not None:
                 store.left = None  # (the restore stands: the rollback was right)

@@ -284,9 +284,7 @@ class RollbackStore:
         returns it (None: none kept)."""
         left, self.left = self.left, None
         if left is not None:
-            snap.restore(left, self.model, self.params, self.optimizer, self.tracked)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.candidates.clear()
+            self._put_back(left)
         return left
 
     def forget(self) -> int:
@@ -351,10 +349,13 @@ class RollbackStore:
         target = self.good[-1]
         if retry:
             self.retried_from = target.step
+        self._put_back(target)
+        return target
+
+    def _put_back(self, target: snap.Snapshot) -> None:
         snap.restore(target, self.model, self.params, self.optimizer, self.tracked)
         self.optimizer.zero_grad(set_to_none=True)
-        self.candidates.clear()
-        return target
+        self.candidates.clear()  # (taken from weights that are gone now)
 
     def state_dict(self, snapshots: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"retried_from": self.retried_from, "fails": dict(self.fails)}
