@@ -682,9 +682,10 @@ class HostSide:
                 store.left = None
             return None
         losses.append(float(loss))
-        # (a first look needs every loss above the saved ones: one that is not decides,
-        # and the steps still held would be lost for nothing)
-        done = first is None and float(loss) <= max(saved["losses"], default=math.inf)
+        # (a first look needs every loss above the saved ones but the highest: one that is
+        # not decides, and the steps still held would be lost for nothing)
+        done = first is None and float(loss) <= c.saved_bar(
+            [float(v) for v in saved["losses"]])
         if len(losses) < c.cfg.bad_steps and not done:
             return None
         self.restored = None
