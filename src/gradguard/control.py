@@ -569,10 +569,11 @@ class Controller:
 
         A restore is an experiment: the weights are the saved ones, so their loss can have
         moved only with what they are scored on. Right after a rollback for instability,
-        the saved weights scoring worse than they ever did then says the data (or the loss
-        function) changed since, and the rise that triggered the rollback was that change,
-        not the LR. The test is by rank, not by a noise estimate: near a loss of 0 batch
-        losses span decades, so a σ on any scale is wide, while under an unchanged loss
+        the saved weights scoring worse than nearly all their saved losses says the data
+        (or the loss function) changed since, and the rise that triggered the rollback was
+        that change, not the LR. The test is by rank, not by a noise estimate: near a loss
+        of 0 batch losses span decades, so a σ on any scale is wide, while under an
+        unchanged loss
         each of k new batches at the same weights is exchangeable with the window's n
         (which, taken as the loss fell, score those weights no better than they are), so
         all k land among the top k + 1 of the n + k with a chance of at most

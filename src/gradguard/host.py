@@ -649,7 +649,7 @@ class HostSide:
         """After a rollback, judge the restored weights by the first ``bad_steps`` losses
         computed from them (:meth:`~gradguard.control.Controller.unlike_saved`).
 
-        When they score worse than they ever did when saved, either that snapshot holds
+        When they score worse than all but one loss saved with them, that snapshot holds
         damage its saved losses did not show (a dormant fault, a corrupted copy) or the
         data changed. The snapshot before it tells which: the guard goes one back, at the
         same LR, and judges it alike (once; not past ``max_rollbacks``). It holds no
