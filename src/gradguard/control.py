@@ -573,10 +573,9 @@ class Controller:
         (or the loss function) changed since, and the rise that triggered the rollback was
         that change, not the LR. The test is by rank, not by a noise estimate: near a loss
         of 0 batch losses span decades, so a σ on any scale is wide, while under an
-        unchanged loss
-        each of k new batches at the same weights is exchangeable with the window's n
-        (which, taken as the loss fell, score those weights no better than they are), so
-        all k land among the top k + 1 of the n + k with a chance of at most
+        unchanged loss each of k new batches at the same weights is exchangeable with the
+        window's n (which, taken as the loss fell, score those weights no better than they
+        are), so all k land among the top k + 1 of the n + k with a chance of at most
         C(k + 1, k) / C(n + k, k): 4 in 1771 for the defaults (n = 20, k = 3). A snapshot
         holding damage its window did not show fails it too: the guard then judges the
         one before alike (:meth:`gradguard.host.HostSide.restore_check`), and only both
