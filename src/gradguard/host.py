@@ -564,7 +564,7 @@ class HostSide:
         if store is None or not store.good:
             return ""
         try:
-            target = store._restore(False)
+            target = store.restore_latest()
         except snap.SnapshotError:
             return ""  # (snapshots of another model: the weights stay as they are)
         where = "the initial weights" if target.step < 0 else \

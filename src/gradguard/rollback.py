@@ -336,10 +336,12 @@ class RollbackStore:
         if self.fails[target.step] > 2 and len(self.good) > 1:
             # Restored twice, failed twice, the LR lowered in between: the damage is in it.
             self.good.pop()
-        return self._restore(retry)
+        return self.restore_latest(retry)
 
-    def _restore(self, retry: bool) -> snap.Snapshot:
-        """Put model, optimizer and tracked objects back to the latest good snapshot.
+    def restore_latest(self, retry: bool = False) -> snap.Snapshot:
+        """Put model, optimizer and tracked objects back to the latest good snapshot
+        (:meth:`restore` also counts the restore against that snapshot; the give-up path
+        does not: it ends the run).
 
         Returns the snapshot (the guard restores its own part from ``.guard``). The latest
         good one was taken while the loss was calm, so before the regression began; going
