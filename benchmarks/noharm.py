@@ -108,6 +108,35 @@ actually drive a training loop:
   sklearn's digits, Adam lr 1e-3, 400 steps; the input noise rises from 0.1 to 0.5 at step
   200 without ``guard.data_changed()``; held-out squared error at noise 0.5.
 
+A seventh batch, fixed and committed before any of it ran (stop 42), for how real loops
+change mid-run: parameters that join, a second model and optimizer, rare heavy batches,
+param groups, noisy batch statistics, a state carried across steps:
+
+- ``mlp-unfreeze``: gradual unfreezing (Howard & Ruder 2018): an MNIST MLP 784-128-128-10
+  whose two hidden Linear layers start with ``requires_grad`` False; the one next to the
+  head is thawed at step 200, the input layer at step 400 (the optimizer, SGD momentum 0.9,
+  holds every parameter from the start; the guard is built once, at the start). LR 0.02:
+  at 0.05 the unguarded run's loss blew up at the input layer's thaw (the setup's one fix
+  before the guard ran); at 0.02 it jumps at the thaw and recovers.
+- ``gan-ring``: a GAN on a ring of 8 Gaussians (radius 2, sd 0.05): generator 2-128-128-2,
+  discriminator 2-128-128-1 (LeakyReLU 0.2), both Adam lr 2e-4, betas (0.5, 0.999),
+  non-saturating BCE, batch 64, 2000 steps (D step, then G step, as in PyTorch's DCGAN
+  tutorial); guarded: two Guards in one process, one per optimizer. Held-out: the energy
+  distance between 2000 samples from fixed noise and 2000 fresh ring samples.
+- ``mlp-rare-class``: the MNIST MLP with the nines cut to 1 % of the training pool and the
+  cross-entropy weighted by inverse frequency (10 for a nine, 0.91 for the rest): a batch
+  with a nine in it has a much larger loss. SGD momentum lr 0.05, batch 32. Held-out: the
+  plain (unweighted) cross-entropy on the usual, balanced test split.
+- ``mlp-layer-lr``: the MNIST MLP, SGD momentum lr 0.05, its first layer a param group of
+  its own at lr 0 for the first 300 steps (``LambdaLR``, one lambda per group; its
+  momentum buffer fills meanwhile), tracked by the guard.
+- ``cnn-bn-bs4``: the BN CNN (two conv + BatchNorm layers) at batch 4 (noisy batch
+  statistics), SGD momentum lr 0.01, 600 steps; held-out in eval mode.
+- ``gru-tbptt-lm``: a character GRU language model (embedding 32, 128 units) on the Lee
+  corpus (the first 90 %), truncated BPTT: 32 contiguous streams, 32 characters a step,
+  the hidden state carried (detached) from step to step and reset at each new pass; Adam
+  lr 3e-3, 600 steps. Held-out: next-character cross-entropy on the last 10 %.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -477,6 +506,229 @@ def _plateau(opt: torch.optim.Optimizer, steps: int) -> Any:
     return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=30)
 
 
+# -- the seventh batch (stop 42) ---------------------------------------------------------
+
+
+def _mlp_deep_frozen() -> nn.Module:
+    """An MLP 784-128-128-10 whose two hidden Linear layers start frozen (requires_grad
+    False); ``_unfreeze`` thaws them during the run."""
+    net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                        nn.Linear(128, 10))
+    net[0].requires_grad_(False)
+    net[2].requires_grad_(False)
+    return net
+
+
+def _unfreeze(model: nn.Module, step: int) -> None:
+    # Gradual unfreezing from the head down (Howard & Ruder 2018): the layer next to the
+    # head at step 200, the input layer at step 400; the optimizer held them all along.
+    if step == 200:
+        model[2].requires_grad_(True)  # type: ignore[index]
+    if step == 400:
+        model[0].requires_grad_(True)  # type: ignore[index]
+
+
+# Class 9 is 1 % of the rare-class pool, each other class 11 %: inverse-frequency weights
+# (sklearn's "balanced", n / (classes · count)) from those shares.
+_RARE_SHARE = 0.01
+_RARE_WEIGHT = torch.tensor([1 / (10 * (1 - _RARE_SHARE) / 9)] * 9 + [1 / (10 * _RARE_SHARE)])
+
+
+def _rare_nines(train: Tensor, y: Tensor) -> Tensor:
+    """The training pool with only its first nines (in the seed's order) kept: 1 % of it."""
+    nine = y[train] == 9
+    keep = round(_RARE_SHARE / (1 - _RARE_SHARE) * int((~nine).sum()))
+    return train[~nine | (nine & (nine.cumsum(0) <= keep))]
+
+
+def _weighted_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                    gen: torch.Generator) -> Tensor:
+    return nn.functional.cross_entropy(model(x), y, weight=_RARE_WEIGHT)
+
+
+def _first_layer_late(opt: torch.optim.Optimizer, steps: int
+                      ) -> torch.optim.lr_scheduler.LRScheduler:
+    # one lambda per param group: the first layer's group at lr 0 for 300 steps, then full
+    return torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: float(s >= 300), lambda s: 1.0])
+
+
+def _two_groups(p: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD momentum 0.9, lr 0.05, the first Linear layer (weight, bias) a group of its own."""
+    return torch.optim.SGD([{"params": p[:2]}, {"params": p[2:]}], lr=0.05, momentum=0.9)
+
+
+def _acted(guards: list[Any], gave_up: bool) -> dict[str, int]:
+    """What the guards of one run did (summed over them; an LR cut by any counts)."""
+    acted = {"flagged": 0, "rollbacks": 0, "lr_cut": 0, "gave_up": int(gave_up)}
+    for guard in guards:
+        d = guard.diagnosis()
+        acted["flagged"] += int(d["events"].get("nonfinite", 0) + d["events"].get(
+            "grad_spike", 0) + d["events"].get("loss_spike", 0))
+        acted["rollbacks"] += int(d["rollbacks"])
+        acted["lr_cut"] = max(acted["lr_cut"], int(d["lr_scale"] < 1))
+        guard.close()
+    return acted
+
+
+def _ring(n: int, gen: torch.Generator) -> Tensor:
+    """n points from 8 Gaussians (sd 0.05) evenly spaced on the circle of radius 2."""
+    angle = torch.randint(0, 8, (n,), generator=gen).float() * (2 * math.pi / 8)
+    return 2 * torch.stack([angle.cos(), angle.sin()], 1) + 0.05 * torch.randn(
+        n, 2, generator=gen)
+
+
+def _ring_test() -> tuple[Tensor, Tensor, Tensor]:
+    """The GAN's held-out draw, the same for every seed: (2000 noise vectors for the
+    generator, 2000 fresh ring samples, the same)."""
+    gen = torch.Generator().manual_seed(2024)
+    real = _ring(2000, gen)
+    return torch.randn(2000, 2, generator=gen), real, real
+
+
+def _energy_distance(a: Tensor, b: Tensor) -> Tensor:
+    """The energy distance 2E|A-B| - E|A-A'| - E|B-B'| (Székely & Rizzo) of two samples."""
+    return 2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()
+
+
+class _GAN(nn.Module):
+    """Generator 2-128-128-2 (ReLU) and discriminator 2-128-128-1 (LeakyReLU 0.2); called
+    on noise it generates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Sequential(nn.Linear(2, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                               nn.Linear(128, 2))
+        self.d = nn.Sequential(nn.Linear(2, 128), nn.LeakyReLU(0.2), nn.Linear(128, 128),
+                               nn.LeakyReLU(0.2), nn.Linear(128, 1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.g(z)
+
+
+def _gan_loop(case: Case, guarded: bool, seed: int, total: int
+              ) -> tuple[float, dict[str, int]]:
+    """The GAN's own loop (PyTorch's DCGAN tutorial's order): a discriminator step on real
+    and detached fake samples, then a generator step on the non-saturating loss through the
+    updated discriminator. Guarded: one Guard per optimizer. Held-out: the energy distance
+    between 2000 samples from fixed noise and 2000 fresh ring samples."""
+    data, make_model, loss_fn, make_opt, batch, _, _, _, _ = case
+    z_test, _, real_test = data()
+    torch.manual_seed(seed)
+    gan = make_model()
+    g, d = gan.g, gan.d  # type: ignore[union-attr]
+    opt_g, opt_d = make_opt(list(g.parameters())), make_opt(list(d.parameters()))
+    guard_g = gg.Guard(g, opt_g, log=None) if guarded else None
+    guard_d = gg.Guard(d, opt_d, log=None) if guarded else None
+    gen = torch.Generator().manual_seed(seed)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    gave_up = False
+    for _ in range(total):
+        real = _ring(batch, gen)
+        fake = g(torch.randn(batch, 2, generator=gen))
+        opt_d.zero_grad()
+        out_real, out_fake = d(real), d(fake.detach())
+        loss_d = (bce(out_real, torch.ones_like(out_real))
+                  + bce(out_fake, torch.zeros_like(out_fake)))
+        loss_d.backward()
+        opt_g.zero_grad()
+        try:
+            if guard_d is None:
+                opt_d.step()
+            else:
+                guard_d.step(loss_d)
+            out = d(fake)
+            loss_g = bce(out, torch.ones_like(out))
+            loss_g.backward()
+            if guard_g is None:
+                opt_g.step()
+            else:
+                guard_g.step(loss_g)
+        except gg.TrainingDivergedError:
+            gave_up = True
+            break
+    acted = (_acted([gd for gd in (guard_g, guard_d) if gd is not None], gave_up)
+             if guarded else {})
+    gan.eval()
+    with torch.no_grad():
+        held_out = float(loss_fn(g(z_test), real_test))
+    return (held_out if math.isfinite(held_out) else math.inf), acted
+
+
+def _lee() -> tuple[Tensor, Tensor, Tensor]:
+    """The Lee corpus's character ids: (the first 90 %, the last 10 %, the same)."""
+    from gradguard.scenarios.sequence import lee_tokens
+
+    ids, _ = lee_tokens()
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:], ids[cut:]
+
+
+class _CharGRU(nn.Module):
+    """Character embedding (32), a GRU (128 units), a linear read-out over the 81 chars."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(81, 32)
+        self.rnn = nn.GRU(32, 128, batch_first=True)
+        self.out = nn.Linear(128, 81)
+
+    def forward(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, h = self.rnn(self.emb(x), h)
+        return self.out(y), h
+
+
+_BPTT = 32  # characters per truncated-BPTT window
+
+
+def _tbptt_loop(case: Case, guarded: bool, seed: int, total: int
+                ) -> tuple[float, dict[str, int]]:
+    """Truncated BPTT: the training text (rotated to a per-seed start) cut into ``batch``
+    contiguous streams; each step reads the next 32 characters of every stream, starting
+    from the last step's hidden state (detached); a new pass over the text starts from
+    zeros. Held-out: the next-character cross-entropy over the held-out text, read as 32
+    contiguous rows from a zero state."""
+    data, make_model, loss_fn, make_opt, batch, _, _, _, _ = case
+    train, test, _ = data()
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = make_opt(list(model.parameters()))
+    guard = gg.Guard(model, opt, log=None) if guarded else None
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.roll(train, -int(torch.randint(0, len(train), (), generator=gen)))
+    per = len(text) // batch
+    streams = text[: per * batch].view(batch, per)
+    windows = (per - 1) // _BPTT
+    h: Tensor | None = None
+    gave_up = False
+    for step in range(total):
+        k = step % windows
+        if k == 0:
+            h = None
+        x = streams[:, k * _BPTT: (k + 1) * _BPTT]
+        y = streams[:, k * _BPTT + 1: (k + 1) * _BPTT + 1]
+        opt.zero_grad()
+        logits, h = model(x, h)
+        loss = loss_fn(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        h = h.detach()
+        if guard is None:
+            opt.step()
+        else:
+            try:
+                guard.step(loss)
+            except gg.TrainingDivergedError:
+                gave_up = True
+                break
+    acted = _acted([guard], gave_up) if guard is not None else {}
+    model.eval()
+    rows = len(test) // 32
+    held = test[: 32 * rows + 1]
+    with torch.no_grad():
+        logits, _ = model(held[:-1].view(32, rows))
+        held_out = float(loss_fn(logits.flatten(0, 1), held[1:].view(32, rows).flatten()))
+    return (held_out if math.isfinite(held_out) else math.inf), acted
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -484,8 +736,11 @@ def _plateau(opt: torch.optim.Optimizer, steps: int) -> Any:
 # ((model, inputs, targets, step, steps, generator) -> the training loss, in place of
 # loss(model(inputs), targets)), "test_input" (inputs -> the held-out inputs),
 # "varbatch" ((smallest, largest): each step's batch size, log-uniform), "user_clip" (the
-# user's clip_grad_norm_ before the step, both arms). A ReduceLROnPlateau schedule steps on
-# the training loss.
+# user's clip_grad_norm_ before the step, both arms), "pool" ((training indices, targets)
+# -> the training pool), "on_step" ((model, step) -> None, called before each step's
+# zero_grad, both arms), "loop" ((case, guarded, seed, steps) -> (held-out loss, what the
+# guard did): the case's own training loop, in place of run()'s). A ReduceLROnPlateau
+# schedule steps on the training loss.
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
@@ -652,6 +907,27 @@ def cases() -> dict[str, Case]:
                              lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), 32, 600,
                              "MNIST MLP, label smoothing 0.1, AdamW lr 1e-3, weight decay 0.1",
                              None, {}),
+        # the seventh batch (stop 42)
+        "mlp-unfreeze": (_mnist, _mlp_deep_frozen, _CE, _sgdm(0.02), 32, 600,
+                         "MNIST MLP 784-128-128-10, hidden layers frozen, thawed at steps 200 "
+                         "(second) and 400 (first), SGD momentum lr 0.02", None,
+                         {"on_step": _unfreeze}),
+        "gan-ring": (_ring_test, _GAN, _energy_distance,
+                     lambda p: torch.optim.Adam(p, lr=2e-4, betas=(0.5, 0.999)), 64, 2000,
+                     "2-D GAN on a ring of 8 Gaussians, Adam lr 2e-4 β (0.5, 0.999), one guard "
+                     "per optimizer (held-out: energy distance)", None, {"loop": _gan_loop}),
+        "mlp-rare-class": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                           "MNIST MLP, class 9 at 1 % of the pool, CE weighted by inverse "
+                           "frequency, SGD momentum lr 0.05 (held-out: plain CE)", None,
+                           {"pool": _rare_nines, "train_loss": _weighted_train}),
+        "mlp-layer-lr": (_mnist, _mlp, _CE, _two_groups, 32, 600,
+                         "MNIST MLP, SGD momentum lr 0.05, first layer's param group at lr 0 "
+                         "for 300 steps (LambdaLR)", _first_layer_late, {}),
+        "cnn-bn-bs4": (_mnist, _cnn_bn, _CE, _sgdm(0.01), 4, 600,
+                       "MNIST BN CNN, SGD momentum lr 0.01, batch 4", None, {}),
+        "gru-tbptt-lm": (_lee, _CharGRU, _CE, _adam(3e-3), 32, 600,
+                         "Lee corpus char GRU LM, truncated BPTT (32 streams × 32 chars, state "
+                         "carried), Adam lr 3e-3", None, {"loop": _tbptt_loop}),
     }
 
 
@@ -684,6 +960,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     that gives up (``TrainingDivergedError``) is evaluated where it stopped."""
     data, make_model, loss_fn, make_opt, batch, own_steps, _, schedule, opts = case
     total = own_steps if steps is None else steps
+    if "loop" in opts:
+        return opts["loop"](case, guarded, seed, total)
     x, y, clean = data()
     torch.manual_seed(seed)
     model = make_model()
@@ -694,6 +972,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     train, test = perm[:n], perm[n:]
     if "train_n" in opts:
         train = train[: opts["train_n"]]
+    if "pool" in opts:
+        train = opts["pool"](train, y)
     first = train[y[train] < 5] if "shift" in opts else train
     guard = gg.Guard(model, opt, log=None) if guarded else None
     sched = None if schedule is None else schedule(opt, total)
@@ -703,6 +983,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     gave_up = False
     for step in range(total):
         pool = first if step < opts.get("shift", 0) else train
+        if "on_step" in opts:
+            opts["on_step"](model, step)
         opt.zero_grad()
         loss = torch.zeros(())
         size = batch
@@ -732,14 +1014,7 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
             sched.step(float(loss))
         elif sched is not None:
             sched.step()
-    acted: dict[str, int] = {}
-    if guard is not None:
-        d = guard.diagnosis()
-        acted = {"flagged": int(d["events"].get("nonfinite", 0) + d["events"].get(
-            "grad_spike", 0) + d["events"].get("loss_spike", 0)),
-            "rollbacks": int(d["rollbacks"]), "lr_cut": int(d["lr_scale"] < 1),
-            "gave_up": int(gave_up)}
-        guard.close()
+    acted = _acted([guard], gave_up) if guard is not None else {}
     model.eval()
     with torch.no_grad():
         inputs = opts["test_input"](x[test]) if "test_input" in opts else x[test]
