@@ -264,6 +264,10 @@ class Controller:
         # counts past the early phase (set by the guard: the model has no recurrent layer).
         self.flag_rows: deque[bool] = deque(maxlen=self.bad_rows.maxlen)
         self.norm_streaks = False
+        # Set by the guard when the loss's objective is known to move on its own (another
+        # model's score, or data that changed twice): a streak of flags is then no
+        # evidence about the LR, only NaN/Inf is (see HostSide.stand_down_loss).
+        self.moving = False
         self.applied_streak = 0  # flagged steps applied anyway (clipped), in the streak
         self.streak_norm: float | None = None  # the gradient norm of the streak's first row
         self.scale = 1.0
@@ -673,6 +677,8 @@ class Controller:
                 f"{need} in a row are needed)")
             reason = (f"{counted(self.nan_streak, 'step')} in a row with NaN/Inf or a spiking "
                       f"loss{rate}")
+        elif self.moving:
+            pass  # (the flags a moving objective raises are its own; NaN/Inf counts above)
         elif self.norm_streaks and lv is not None and cfg.norm_streaks and \
                 self.applied_streak and rising and \
                 self.streak >= (need := self.streak_needed(self.flag_rate())):
@@ -909,7 +915,8 @@ class Controller:
                 "bad_rows": [int(b) for b in self.bad_rows],
                 "flag_rows": [int(b) for b in self.flag_rows],
                 "giveback_from": None if self.giveback_from is None else list(
-                    self.giveback_from), "giveback_off": self.giveback_off}
+                    self.giveback_from), "giveback_off": self.giveback_off,
+                "moving": self.moving}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.load_trajectory(s)
@@ -944,3 +951,4 @@ class Controller:
         gb = s.get("giveback_from")  # (these two: absent before they existed)
         self.giveback_from = None if gb is None else (float(gb[0]), int(gb[1]), int(gb[2]))
         self.giveback_off = bool(s.get("giveback_off", False))
+        self.moving = bool(s.get("moving", False))  # (absent before it existed)

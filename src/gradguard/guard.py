@@ -181,6 +181,8 @@ class Guard(assembly.Parts):
         if not self._started:
             self._started = True
             self._host.start()
+        if loss is not None and not self._host.graph_checked:
+            self._host.check_loss_graph(self.steps, loss)
         row, info = self._device.step(self.steps, groups, loss)
         self.mailbox.post(self.steps, row)
         step = self.steps

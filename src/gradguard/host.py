@@ -25,12 +25,14 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from torch import nn
 
 from . import __version__, checkpoint
 from . import events as ev
 from . import snapshot as snap
 from .control import CutPoint, counted
 from .detect import DeadLayers, DepthTrend, Drift, LayerAttribution
+from .distributed import is_sharded
 from .errors import GuardUsageWarning
 from .params import InputWatch, input_module, optimizer_params
 from .respond import Action, TrainingDivergedError
@@ -116,6 +118,13 @@ class HostSide:
         # finite losses seen]; unjudged once they took both.
         self.signs = [False, False, 0]
         self.unjudged = False
+        self.graph_checked = False  # (see check_loss_graph)
+        # The steps at which the restore check read a change of data (not the user's
+        # data_changed()): a second one stands the loss checks down (see restore_check).
+        self.shifts: list[int] = []
+        # The LR state and clipping once the first change was answered: what the second
+        # takes the run back to.
+        self.shift_point: tuple[CutPoint, int | None] | None = None
         self.loss_early = False  # (set per row by learn)
 
     def start(self) -> None:
@@ -542,19 +551,84 @@ class HostSide:
         self.signs[2] += 1
         if not (self.signs[0] and self.signs[1]):
             return loss
-        self.unjudged = True
-        c.rebaseline()
-        c.forget_start()
-        self.g.loss_spike.bind(self.g.device)
-        self.g.recorder.event(
-            k, "loss_unjudged",
-            f"the loss took both signs in its first {self.signs[2]} steps, so it is no loss "
-            "that falls as the model learns (a policy-gradient surrogate, a critic's score, "
-            "a likelihood shifted by a constant): the loss checks stand down for this run; "
-            "NaN/Inf and gradient checks go on. To have a loss judged, pass guard.step a "
-            "value that falls as the model learns (for RL, the negative mean reward)",
-            action="info")
+        self.stand_down_loss(
+            k, f"the loss took both signs in its first {self.signs[2]} steps, so it is no "
+            "loss that falls as the model learns (a policy-gradient surrogate, a critic's "
+            "score, a likelihood shifted by a constant): the loss checks stand down for this "
+            "run; NaN/Inf and gradient checks go on. To have a loss judged, pass guard.step "
+            "a value that falls as the model learns (for RL, the negative mean reward)")
         return None
+
+    def stand_down_loss(self, k: int, why: str, moving: bool = False, **fields: Any
+                        ) -> None:
+        """Judge the rest of the run as if no loss were passed (:meth:`judged_loss`):
+        the loss level, the loss spike test and everything built on them stand down;
+        NaN/Inf and the gradient checks go on. ``why`` is the event's message.
+
+        Args:
+            moving: the objective is known to move on its own (another model's score,
+                or data that changed twice): a streak of gradient-norm flags is then the
+                objective's doing too, not the LR's, so it is no longer instability
+                (each flagged step is still skipped or clipped); NaN/Inf streaks are.
+        """
+        self.unjudged = True
+        c = self.g.control
+        if c is not None:
+            c.rebaseline()
+            c.forget_start()
+            c.moving |= moving
+        self.g.loss_spike.bind(self.g.device)
+        self.g.recorder.event(k, "loss_unjudged", why, action="info", **fields)
+
+    def check_loss_graph(self, k: int, loss: Any) -> None:
+        """Once, at the first loss that carries its autograd graph: stand the loss checks
+        down when that graph reaches trainable parameters outside the guarded model.
+
+        Such a loss is partly another model's, which another optimizer moves: a GAN's
+        generator loss is scored by the discriminator, an actor's by its critic. Its level
+        then rises and falls with the other model's training, not with this model's
+        progress or its LR, so no "rose above its best" can judge it (measured: a GAN on
+        a ring of Gaussians, one guard per optimizer, the generator's guard rolled back and
+        cut the LR on 9 of 10 healthy seeds and gave up on one; benchmarks/NOHARM.md,
+        ``gan-ring``). Walking the graph reads autograd's metadata only (its nodes
+        outlive ``backward()``): no device sync, once per run. Under FSDP2 the forward
+        runs on unsharded copies of the parameters, which no test here can tell from
+        another model's, so a sharded model is not checked."""
+        self.graph_checked = True
+        fn = getattr(loss, "grad_fn", None)
+        g = self.g
+        if fn is None or self.unjudged:
+            return
+        own = {id(p) for p in g.model.parameters()} | {id(p) for p in g.params}
+        own |= {id(p) for _, p in optimizer_params(None, g.optimizer)}
+        if any(is_sharded(p) for p in g.params):
+            return
+        foreign: dict[int, Any] = {}
+        seen, stack = set(), [fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # (an AccumulateGrad: a leaf tensor)
+            if leaf is not None:
+                if isinstance(leaf, nn.Parameter) and leaf.requires_grad \
+                        and id(leaf) not in own:
+                    foreign[id(leaf)] = leaf
+                continue
+            stack.extend(nxt for nxt, _ in node.next_functions)
+        if not foreign:
+            return
+        n = sum(p.numel() for p in foreign.values())
+        self.stand_down_loss(
+            k, f"the loss depends on {len(foreign)} trainable tensor(s) ({n:,} parameters) "
+            "outside the guarded model, as a GAN generator's loss depends on its "
+            "discriminator or an actor's on its critic: another optimizer moves what it "
+            "measures, so its level is no measure of this model's progress. The loss checks "
+            "stand down for this run; NaN/Inf and gradient checks go on. If those "
+            "parameters are not trained (a teacher, a frozen encoder), freeze them "
+            "(requires_grad_(False)) or run them under torch.no_grad(), and the loss is "
+            "judged", moving=True, foreign_tensors=len(foreign), foreign_params=n)
 
     def restore_before_giving_up(self, step: int) -> str:
         """Put the model and optimizer back to the latest good snapshot before the guard
@@ -725,6 +799,32 @@ class HostSide:
             f"afresh on the new data, and the {dropped} snapshot(s) judged on the old data "
             "are dropped", action="recover", lr_scale=c.scale, then=then, now=now,
             to_step=to_step, returned_to=back)
+        self.shifts.append(k)
+        if len(self.shifts) == 1:
+            self.shift_point = (c.cut_point(), c.clip_since)
+        elif not self.unjudged:
+            if self.shift_point is not None:
+                # (every cut since the first change was judged on the moving level)
+                c.not_the_lr(self.shift_point[0])
+                c.clip_since = self.shift_point[1]
+                g.lr.scale = c.scale
+            # A one-off change (a curriculum's next stage, a new source) is answered above
+            # and the loss judged afresh. A second one says the objective moves on its own:
+            # a discriminator's loss, whose data is another model's output, or a critic's;
+            # then every rise is the next change, each one answered by a rollback and a
+            # hold, and the level says nothing about the LR (measured: a GAN's
+            # discriminator guard read 5-13 changes of data in 2000 steps on 3 of 10
+            # seeds and rolled back up to 26 times; benchmarks/NOHARM.md, ``gan-ring``).
+            self.stand_down_loss(
+                k, f"the data changed on its own a second time (steps {self.shifts[0]} and "
+                f"{k}: restored weights scored worse than when saved, as the weights the run "
+                "had did), so what the loss measures keeps moving, as a discriminator's or a "
+                "critic's loss does: its level is no measure of this model's LR. The loss "
+                f"checks stand down for this run, every LR cut since the first change is taken "
+                f"back (LR scale ×{c.scale:.3g}); NaN/Inf and gradient checks go on. If the "
+                "data changes on purpose, call guard.data_changed() at each change and the "
+                "loss stays judged", moving=True, shifts=list(self.shifts),
+                lr_scale=c.scale)
         return False
 
     def _return_to_left(self) -> int | None:
@@ -789,6 +889,9 @@ class HostSide:
                 "early_base": None if self.early_base is None else list(self.early_base),
                 "lr_span": None if self.lr_span is None else list(self.lr_span),
                 "signs": list(self.signs), "unjudged": self.unjudged, "hold": self.hold,
+                "shifts": list(self.shifts),
+                "shift_point": None if self.shift_point is None else [
+                    list(self.shift_point[0]), self.shift_point[1]],
                 "restored": None if self.restored is None else [
                     self.restored[0], list(self.restored[1]), self.restored[2],
                     self.restored[3], list(self.restored[4]),
@@ -810,6 +913,11 @@ class HostSide:
         signs = h.get("signs", [False, False, 0])  # (absent before it existed)
         self.signs = [bool(signs[0]), bool(signs[1]), int(signs[2])]
         self.unjudged = bool(h.get("unjudged", False))
+        self.shifts = [int(v) for v in h.get("shifts", [])]  # (absent before it existed)
+        sp = h.get("shift_point")
+        self.shift_point = None if sp is None else (
+            (float(sp[0][0]), int(sp[0][1]), None if sp[0][2] is None else int(sp[0][2]),
+             int(sp[0][3])), None if sp[1] is None else int(sp[1]))
         span = h.get("lr_span")  # (absent before it existed)
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         r = h.get("restored")  # (absent before it existed)
