@@ -468,3 +468,110 @@ def test_a_loss_that_turns_negative_after_its_first_window_is_still_judged():
     guard, _, _ = _fed([1.5 - 0.05 * k for k in range(60)])  # a likelihood past zero at 30
     assert not guard._host.unjudged
     assert guard.control.losses
+
+
+def _adversarial(frozen_critic: bool = False, steps: int = 40) -> gg.Guard:
+    """A generator whose loss a critic scores, the critic's weights growing ×1.3 a step
+    (as another optimizer training it would move them): the loss rises ×1.69 a step for
+    reasons that are not the generator's LR. The critic is trainable unless
+    ``frozen_critic`` (then the loss is a fixed objective, and that rise is a blow-up)."""
+    torch.manual_seed(0)
+    gen, critic = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    critic.requires_grad_(not frozen_critic)
+    opt = torch.optim.SGD(gen.parameters(), lr=1e-3)
+    guard = gg.Guard(gen, opt, log=None)
+    z = torch.randn(16, 2)
+    for k in range(steps):
+        opt.zero_grad()
+        loss = critic(gen(z)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        if k >= 20:
+            with torch.no_grad():
+                critic.weight.mul_(1.3)
+    guard.recorder.flush()
+    return guard
+
+
+def test_a_loss_scored_by_another_trained_model_is_not_judged():
+    # A GAN generator's loss, an actor's: its graph reaches the critic's trainable
+    # parameters, which another optimizer moves, so its rise is no instability of this
+    # model's LR (benchmarks/NOHARM.md, gan-ring).
+    guard = _adversarial()
+    events = guard.recorder.events
+    down = [e for e in events if e["kind"] == "loss_unjudged"]
+    assert len(down) == 1 and down[0]["step"] == 0
+    assert down[0]["foreign_tensors"] == 2 and down[0]["foreign_params"] == 3
+    assert "outside the guarded model" in down[0]["message"]
+    assert guard.control.moving and guard._host.unjudged
+    kinds = _kinds(guard)
+    assert "rollback" not in kinds and "loss_spike" not in kinds and guard.lr.scale == 1.0
+    # (the decision travels with the guard's state)
+    state = guard.state_dict()
+    guard.close()
+    fresh = gg.Guard(guard.model, guard.optimizer, log=None)
+    fresh.load_state_dict(state)
+    assert fresh._host.unjudged and fresh.control.moving
+    fresh.close()
+    # The same rise with the critic frozen is a fixed objective blowing up: judged.
+    fixed = _adversarial(frozen_critic=True)
+    assert "loss_unjudged" not in _kinds(fixed) and "rollback" in _kinds(fixed)
+    fixed.close()
+
+
+def test_parameters_the_loss_reaches_but_nobody_trains_leave_it_judged():
+    # A teacher run under no_grad, a frozen encoder, an input that requires grad (a
+    # gradient penalty): no trainable parameter outside the model, so the loss is judged.
+    torch.manual_seed(0)
+    student, teacher, encoder = (torch.nn.Linear(3, 2), torch.nn.Linear(3, 2),
+                                 torch.nn.Linear(3, 3))
+    encoder.requires_grad_(False)
+    opt = torch.optim.SGD(student.parameters(), lr=1e-2)
+    guard = gg.Guard(student, opt, log=None)
+    x = torch.randn(8, 3)
+    for _ in range(5):
+        opt.zero_grad()
+        xi = encoder(x).requires_grad_(True)
+        with torch.no_grad():
+            target = teacher(xi)
+        out = student(xi)
+        (grad,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        loss = (out - target).pow(2).mean() + 0.1 * grad.pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.recorder.flush()
+    assert "loss_unjudged" not in _kinds(guard) and not guard.control.moving
+    assert guard._host.graph_checked
+    guard.close()
+
+
+def test_a_second_change_of_data_stands_the_loss_checks_down():
+    # The data changes on its own twice (easy, then hard, then outlier batches for good),
+    # as a discriminator's data does while its generator trains: the second change says
+    # the objective keeps moving, so the loss checks stand down, every cut since the
+    # first change is taken back, and the run goes on at its LR.
+    # (the second change comes once the snapshots taken on the new data hold a window of
+    # losses: a restore without one is not checked)
+    plan = "e" * 40 + "h" * 120 + "x" * 80
+    guard, scales = _fitted(plan)
+    kinds = _kinds(guard)
+    assert kinds.count("data_shift") == 2 and kinds.count("loss_unjudged") == 1
+    assert kinds.index("loss_unjudged") > kinds.index("data_shift")
+    down = next(e for e in guard.recorder.events if e["kind"] == "loss_unjudged")
+    assert down["shifts"] == [e["step"] for e in guard.recorder.events
+                              if e["kind"] == "data_shift"]
+    assert guard.control.moving and scales[-1] == 1.0
+    assert "diverged" not in kinds
+    # Saved after it, a resumed guard keeps judging the run so.
+    state = guard.state_dict()
+    guard.close()
+    fresh = gg.Guard(guard.model, guard.optimizer, log=None)
+    fresh.load_state_dict(state)
+    assert fresh._host.unjudged and fresh.control.moving and fresh._host.shifts == down["shifts"]
+    fresh.close()
+    # A change the user announces is no evidence the objective moves on its own: one
+    # read change is answered, and the loss stays judged.
+    told, _ = _fitted(plan, announce_at=40)
+    assert _kinds(told).count("data_shift") == 2  # (the told one and the read one)
+    assert "loss_unjudged" not in _kinds(told) and not told.control.moving
+    told.close()
