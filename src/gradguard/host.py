@@ -588,12 +588,12 @@ class HostSide:
         generator loss is scored by the discriminator, an actor's by its critic. Its level
         then rises and falls with the other model's training, not with this model's
         progress or its LR, so no "rose above its best" can judge it (measured: a GAN on
-        a ring of Gaussians, one guard per optimizer, the generator's guard rolled back and
-        cut the LR on 9 of 10 healthy seeds and gave up on one; benchmarks/NOHARM.md,
-        ``gan-ring``). Walking the graph reads autograd's metadata only (its nodes
-        outlive ``backward()``): no device sync, once per run. Under FSDP2 the forward
-        runs on unsharded copies of the parameters, which no test here can tell from
-        another model's, so a sharded model is not checked."""
+        a ring of Gaussians, one guard per optimizer, judged by their losses: rollbacks on
+        all 10 healthy seeds, 8 ended worse, the generator's guard gave up on one;
+        benchmarks/NOHARM.md, ``gan-ring``). Walking the graph reads autograd's metadata
+        only (its nodes outlive ``backward()``): no device sync, once per run. Under FSDP2
+        the forward runs on unsharded copies of the parameters, which no test here can
+        tell from another model's, so a sharded model is not checked."""
         self.graph_checked = True
         fn = getattr(loss, "grad_fn", None)
         g = self.g
@@ -813,8 +813,9 @@ class HostSide:
             # a discriminator's loss, whose data is another model's output, or a critic's;
             # then every rise is the next change, each one answered by a rollback and a
             # hold, and the level says nothing about the LR (measured: a GAN's
-            # discriminator guard read 5-13 changes of data in 2000 steps on 3 of 10
-            # seeds and rolled back up to 26 times; benchmarks/NOHARM.md, ``gan-ring``).
+            # discriminator guard, its generator's loss not judged, read 5-13 changes of
+            # data in 2000 steps on 3 of 10 seeds and rolled back up to 26 times, 9 seeds
+            # ending worse; benchmarks/RESULTS.md, "a loss whose objective moves").
             self.stand_down_loss(
                 k, f"the data changed on its own a second time (steps {self.shifts[0]} and "
                 f"{k}: restored weights scored worse than when saved, as the weights the run "
