@@ -711,14 +711,9 @@ def _tbptt_loop(case: Case, guarded: bool, seed: int, total: int
         loss = loss_fn(logits.flatten(0, 1), y.flatten())
         loss.backward()
         h = h.detach()
-        if guard is None:
-            opt.step()
-        else:
-            try:
-                guard.step(loss)
-            except gg.TrainingDivergedError:
-                gave_up = True
-                break
+        if _step(guard, opt, loss):
+            gave_up = True
+            break
     acted = _acted([guard], gave_up) if guard is not None else {}
     model.eval()
     rows = len(test) // 32
@@ -1002,14 +997,9 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
             loss = loss + micro.detach()
         if "user_clip" in opts:
             nn.utils.clip_grad_norm_(model.parameters(), opts["user_clip"])
-        if guard is None:
-            opt.step()
-        else:
-            try:
-                guard.step(loss)
-            except gg.TrainingDivergedError:
-                gave_up = True
-                break
+        if _step(guard, opt, loss):
+            gave_up = True
+            break
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(float(loss))
         elif sched is not None:
@@ -1020,6 +1010,18 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         inputs = opts["test_input"](x[test]) if "test_input" in opts else x[test]
         held_out = float(loss_fn(model(inputs), clean[test]))
     return (held_out if math.isfinite(held_out) else math.inf), acted
+
+
+def _step(guard: gg.Guard | None, opt: torch.optim.Optimizer, loss: Tensor) -> bool:
+    """One optimizer step, through the guard when there is one; True: the guard gave up."""
+    if guard is None:
+        opt.step()
+        return False
+    try:
+        guard.step(loss)
+    except gg.TrainingDivergedError:
+        return True
+    return False
 
 
 def _sign_p(worse: int, better: int) -> float:
