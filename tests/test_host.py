@@ -575,3 +575,20 @@ def test_a_second_change_of_data_stands_the_loss_checks_down():
     assert _kinds(told).count("data_shift") == 2  # (the told one and the read one)
     assert "loss_unjudged" not in _kinds(told) and not told.control.moving
     told.close()
+
+
+def test_a_guard_built_from_the_optimizer_alone_checks_the_graph_against_its_parameters():
+    torch.manual_seed(0)
+    gen, critic = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(gen.parameters(), lr=1e-3)
+    guard = gg.Guard(None, opt, log=None)
+    z = torch.randn(8, 2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = critic(gen(z)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+    guard.recorder.flush()
+    down = [e for e in guard.recorder.events if e["kind"] == "loss_unjudged"]
+    assert len(down) == 1 and down[0]["foreign_tensors"] == 2
+    guard.close()

@@ -599,8 +599,10 @@ class HostSide:
         g = self.g
         if fn is None or self.unjudged:
             return
-        own = {id(p) for p in g.model.parameters()} | {id(p) for p in g.params}
-        own |= {id(p) for _, p in optimizer_params(None, g.optimizer)}
+        own = {id(p) for p in g.params} | {
+            id(p) for _, p in optimizer_params(None, g.optimizer)}
+        if g.model is not None:  # (a guard built from the optimizer alone has none)
+            own |= {id(p) for p in g.model.parameters()}
         if any(is_sharded(p) for p in g.params):
             return
         foreign: dict[int, Any] = {}
