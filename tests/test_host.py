@@ -592,3 +592,52 @@ def test_a_guard_built_from_the_optimizer_alone_checks_the_graph_against_its_par
     down = [e for e in guard.recorder.events if e["kind"] == "loss_unjudged"]
     assert len(down) == 1 and down[0]["foreign_tensors"] == 2
     guard.close()
+
+
+class _Offset(torch.nn.Module):
+    """A linear model plus an output offset that enters ×25 (a layer whose gradient,
+    once it has one, is far larger than the rest's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(8, 1)
+        self.offset = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + 25 * self.offset
+
+
+def _thawed(steps: int = 80, thaw: int = 40) -> gg.Guard:
+    """The offset frozen until ``thaw``, the guard watching every parameter of the
+    optimizer (the README's advice for unfreezing runs)."""
+    torch.manual_seed(0)
+    model = _Offset()
+    model.offset.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None,
+                     params=[p for grp in opt.param_groups for p in grp["params"]])
+    w = torch.randn(8, 1)
+    for k in range(steps):
+        if k == thaw:
+            model.offset.requires_grad_(True)
+        x = torch.randn(32, 8)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), x @ w + 0.5 + torch.randn(32, 1))
+        loss.backward()
+        guard.step(loss)
+    guard.recorder.flush()
+    return guard
+
+
+def test_a_parameter_that_joins_is_no_spike():
+    # Gradual unfreezing with every parameter watched: the offset's gradient joins the
+    # norm at step 40, many times the rest. That is another sum, not a spike: the
+    # gradients and the loss are judged afresh from there, as after data_changed().
+    guard = _thawed()
+    events = guard.recorder.events
+    joined = [e for e in events if e["kind"] == "data_shift"]
+    assert len(joined) == 1 and joined[0]["step"] == 40
+    assert joined[0]["joined"] == ["offset"]
+    assert not [e for e in events if e["kind"] in ("grad_spike", "rollback", "backoff")]
+    assert guard.lr.scale == 1.0
+    guard.close()

@@ -183,6 +183,7 @@ class Guard(assembly.Parts):
             self._host.start()
         if loss is not None and not self._host.graph_checked:
             self._host.check_loss_graph(self.steps, loss)
+        self._host.joined(self.steps, groups.index)
         row, info = self._device.step(self.steps, groups, loss)
         self.mailbox.post(self.steps, row)
         step = self.steps

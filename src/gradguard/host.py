@@ -119,6 +119,10 @@ class HostSide:
         self.signs = [False, False, 0]
         self.unjudged = False
         self.graph_checked = False  # (see check_loss_graph)
+        # The positions of the watched parameters that have had a gradient, and the last
+        # step's (see joined).
+        self.had_grad: set[int] | None = None
+        self.last_index: tuple[int, ...] = ()
         # The steps at which the restore check read a change of data (not the user's
         # data_changed()): a second one stands the loss checks down (see restore_check).
         self.shifts: list[int] = []
@@ -255,6 +259,43 @@ class HostSide:
             f"{len(new)} new parameter(s){_some(new)} are not watched (no NaN/Inf test, "
             "statistics or clipping of their gradients). Build a new guard after changing "
             "the optimizer's groups"))
+
+    def joined(self, step: int, index: tuple[int, ...]) -> None:
+        """Before step ``step`` is measured: when a watched parameter has a gradient for
+        the first time after the first step (a layer unfrozen, a head or an expert first
+        used), judge the gradients and the loss afresh, as after
+        :meth:`gradguard.Guard.data_changed`.
+
+        The gradient norm is a sum over the parameters that have gradients; one that joins
+        adds its share, so the norms after are of another quantity, and the spike test
+        reads the jump as a spike on every step (measured: gradual unfreezing of an MNIST
+        MLP with the guard watching every parameter of the optimizer, the README's advice:
+        a rollback and an LR cut on 10 of 10 healthy seeds, all 10 ending worse). The loss
+        also moves for a reason that is not the LR: what the model can fit has changed.
+        Only a first gradient counts, so parameters that skip steps (experts not routed
+        to, ``set_to_none`` gradients) join once. A comparison of the positions with the
+        last step's on the host: no device work."""
+        if index == self.last_index:
+            return
+        self.last_index = index
+        if self.had_grad is None:
+            self.had_grad = set(index)
+            return
+        new = [i for i in index if i not in self.had_grad]
+        if not new:
+            return
+        self.had_grad.update(new)
+        g = self.g
+        self.drain()  # (a host sync, as data_changed's: the rows in flight predate it)
+        dropped = self._new_data()
+        names = [g.names[i] for i in new]
+        g.recorder.event(
+            step, "data_shift",
+            f"{len(new)} parameter(s) got a gradient for the first time{_some(names)}: the "
+            "model's trainable set grew (a layer unfrozen, a head switched on), so the "
+            "gradient norm and the loss level are judged afresh, as after "
+            f"guard.data_changed(), and the {dropped} snapshot(s) judged before are dropped",
+            action="info", joined=names)
 
     def check_unwatched(self, step: int) -> None:
         """Warn once when a parameter the guard left out for being frozen when it was built
