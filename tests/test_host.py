@@ -12,6 +12,10 @@ def _kinds(guard: gg.Guard) -> list[str]:
     return [e["kind"] for e in guard.recorder.events]
 
 
+def _of(guard: gg.Guard, kind: str) -> list[dict]:
+    return [e for e in guard.recorder.events if e["kind"] == kind]
+
+
 def _fitted(plan: str, resume_at: int | None = None, policy: gg.Policy | None = None,
             announce_at: int | None = None, weights: list[float] | None = None,
             infos: list[gg.StepInfo] | None = None) -> tuple[gg.Guard, list[float]]:
@@ -498,8 +502,7 @@ def test_a_loss_scored_by_another_trained_model_is_not_judged():
     # parameters, which another optimizer moves, so its rise is no instability of this
     # model's LR (benchmarks/NOHARM.md, gan-ring).
     guard = _adversarial()
-    events = guard.recorder.events
-    down = [e for e in events if e["kind"] == "loss_unjudged"]
+    down = _of(guard, "loss_unjudged")
     assert len(down) == 1 and down[0]["step"] == 0
     assert down[0]["foreign_tensors"] == 2 and down[0]["foreign_params"] == 3
     assert "outside the guarded model" in down[0]["message"]
@@ -589,7 +592,7 @@ def test_a_guard_built_from_the_optimizer_alone_checks_the_graph_against_its_par
         loss.backward()
         guard.step(loss)
     guard.recorder.flush()
-    down = [e for e in guard.recorder.events if e["kind"] == "loss_unjudged"]
+    down = _of(guard, "loss_unjudged")
     assert len(down) == 1 and down[0]["foreign_tensors"] == 2
     guard.close()
 
@@ -634,10 +637,9 @@ def test_a_parameter_that_joins_is_no_spike():
     # norm at step 40, many times the rest. That is another sum, not a spike: the
     # gradients and the loss are judged afresh from there, as after data_changed().
     guard = _thawed()
-    events = guard.recorder.events
-    joined = [e for e in events if e["kind"] == "data_shift"]
+    joined = _of(guard, "data_shift")
     assert len(joined) == 1 and joined[0]["step"] == 40
     assert joined[0]["joined"] == ["offset"]
-    assert not [e for e in events if e["kind"] in ("grad_spike", "rollback", "backoff")]
+    assert not {"grad_spike", "rollback", "backoff"} & set(_kinds(guard))
     assert guard.lr.scale == 1.0
     guard.close()
