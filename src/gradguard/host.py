@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,11 @@ def _some(names: list[str]) -> str:
     """Names for a message: ' (a, b, c and 2 more)', or '' for none."""
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return f" ({', '.join(names[:3])}{more})" if names else ""
+
+
+def _cut_point(v: list[Any]) -> CutPoint:
+    """A :data:`~gradguard.control.CutPoint` as a state dict saved it (a JSON list)."""
+    return float(v[0]), int(v[1]), None if v[2] is None else int(v[2]), int(v[3])
 
 
 _CLIPPING = ("LR unchanged, every step clipped to the typical gradient norm from now on (the "
@@ -285,17 +291,13 @@ class HostSide:
         if not new:
             return
         self.had_grad.update(new)
-        g = self.g
-        self.drain()  # (a host sync, as data_changed's: the rows in flight predate it)
-        dropped = self._new_data()
-        names = [g.names[i] for i in new]
-        g.recorder.event(
-            step, "data_shift",
+        names = [self.g.names[i] for i in new]
+        self._known_change(step, lambda dropped: (
             f"{len(new)} parameter(s) got a gradient for the first time{_some(names)}: the "
             "model's trainable set grew (a layer unfrozen, a head switched on), so the "
             "gradient norm and the loss level are judged afresh, as after "
-            f"guard.data_changed(), and the {dropped} snapshot(s) judged before are dropped",
-            action="info", joined=names)
+            f"guard.data_changed(), and the {dropped} snapshot(s) judged before are dropped"),
+            joined=names)
 
     def check_unwatched(self, step: int) -> None:
         """Warn once when a parameter the guard left out for being frozen when it was built
@@ -454,13 +456,19 @@ class HostSide:
 
     def data_changed(self) -> None:
         """The user changed the data or the loss on purpose (``Guard.data_changed``)."""
-        self.drain()  # (a host sync, on purpose: the rows in flight are the old data's)
-        dropped = self._new_data()
-        self.g.recorder.event(
-            self.g.steps, "data_shift",
+        self._known_change(self.g.steps, lambda dropped: (
             f"the data or the loss changed (told by guard.data_changed()): the loss level "
             f"and spike statistics start afresh, and the {dropped} snapshot(s) judged on the "
-            "old data are dropped", action="info")
+            "old data are dropped"))
+
+    def _known_change(self, step: int, message: Callable[[int], str], **fields: Any) -> None:
+        """Judge from ``step`` on new data, with no rollback: a change known for sure (told
+        by the user, or a parameter that joined), not inferred from the loss; a
+        ``data_shift`` event whose message ``message`` writes from the number of snapshots
+        dropped."""
+        self.drain()  # (a host sync, on purpose: the rows in flight are the old data's)
+        dropped = self._new_data()
+        self.g.recorder.event(step, "data_shift", message(dropped), action="info", **fields)
 
     def _stand_down(self) -> None:
         for det in (self.g.grad_spike, self.g.loss_spike):
@@ -640,12 +648,12 @@ class HostSide:
         g = self.g
         if fn is None or self.unjudged:
             return
+        if any(is_sharded(p) for p in g.params):
+            return
         own = {id(p) for p in g.params} | {
             id(p) for _, p in optimizer_params(None, g.optimizer)}
         if g.model is not None:  # (a guard built from the optimizer alone has none)
             own |= {id(p) for p in g.model.parameters()}
-        if any(is_sharded(p) for p in g.params):
-            return
         foreign: dict[int, Any] = {}
         seen, stack = set(), [fn]
         while stack:
@@ -952,16 +960,14 @@ class HostSide:
         self.recurrent_clipped = int(h.get("recurrent_clipped", 0))  # (absent before it)
         self.echo_ref, self.batch_noise = h.get("echo_ref"), h.get("batch_noise")
         base = h.get("early_base")  # (absent before it existed)
-        self.early_base = None if base is None else (
-            float(base[0]), int(base[1]), None if base[2] is None else int(base[2]), int(base[3]))
+        self.early_base = None if base is None else _cut_point(base)
         signs = h.get("signs", [False, False, 0])  # (absent before it existed)
         self.signs = [bool(signs[0]), bool(signs[1]), int(signs[2])]
         self.unjudged = bool(h.get("unjudged", False))
         self.shifts = [int(v) for v in h.get("shifts", [])]  # (absent before it existed)
         sp = h.get("shift_point")
         self.shift_point = None if sp is None else (
-            (float(sp[0][0]), int(sp[0][1]), None if sp[0][2] is None else int(sp[0][2]),
-             int(sp[0][3])), None if sp[1] is None else int(sp[1]))
+            _cut_point(sp[0]), None if sp[1] is None else int(sp[1]))
         span = h.get("lr_span")  # (absent before it existed)
         self.lr_span = None if span is None else (float(span[0]), float(span[1]))
         r = h.get("restored")  # (absent before it existed)
