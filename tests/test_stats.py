@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gradguard as gg
-from gradguard.stats import collect_grads, compute_stats
+from gradguard.stats import collect_grads, compute_stats, loss_value
 from tests.conftest import backward, small_mlp
 
 
@@ -141,3 +141,39 @@ def test_a_float64_model_trains_guarded_as_unguarded_and_skips_a_nan(host, monke
         assert torch.equal(plain, guarded)
     else:  # torch's fused kernel rounds differently
         torch.testing.assert_close(plain, guarded)
+
+
+@pytest.mark.parametrize(("value", "expect"), [
+    (1e39, torch.finfo(torch.float32).max), (-1e39, -torch.finfo(torch.float32).max),
+    (2.5, 2.5), (math.inf, math.inf), (-math.inf, -math.inf)])
+def test_loss_value_saturates_a_finite_float64_loss(value, expect):
+    got = loss_value(torch.tensor(value, dtype=torch.float64))
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert float(got) == expect
+    assert math.isnan(float(loss_value(torch.tensor(math.nan, dtype=torch.float64))))
+
+
+def test_loss_value_means_a_loss_with_a_shape_in_its_own_width():
+    # The mean of two float64 values past float32's range is itself past it: still huge.
+    got = loss_value(torch.tensor([1e39, 3e39], dtype=torch.float64))
+    assert float(got) == torch.finfo(torch.float32).max
+    half = loss_value(torch.tensor([1.0, 2.0], dtype=torch.float16))
+    assert half.dtype == torch.float32 and float(half) == 1.5
+
+
+def test_a_huge_float64_loss_is_not_a_nonfinite_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = gg.Guard(model, opt, log=None)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 3, dtype=torch.float64)
+    loss = (model(x) ** 2).mean() * 1e40  # finite in float64, inf in float32
+    loss.backward()
+    for p in model.parameters():  # (gradients of a sane size: only the loss is huge)
+        p.grad.div_(1e40)
+    info = guard.step(loss)
+    assert not info.nonfinite
+    assert not info.skipped  # (the first step has no history to call it a spike by)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    guard.close()

@@ -30,7 +30,15 @@ from .distributed import local_tensor
 from .lr import host_lr
 from .record import LR_SCALE_AT, pack_row
 from .respond import Action, DeviceDecision
-from .stats import GradStats, compute_stats, global_from_norms, local_norms, not_finite, unusable
+from .stats import (
+    GradStats,
+    compute_stats,
+    global_from_norms,
+    local_norms,
+    loss_value,
+    not_finite,
+    unusable,
+)
 from .stepper import Stepper
 
 if TYPE_CHECKING:
@@ -73,10 +81,7 @@ class DeviceSide:
         loss_d: Tensor | None = None
         loss_spike = self._false
         if loss is not None:
-            loss_d = local_tensor(loss.detach()).float()
-            if loss_d.dim():  # (a shape is host metadata: no sync)
-                loss_d = loss_d.mean()
-            loss_d = loss_d.to(g.device)
+            loss_d = loss_value(local_tensor(loss)).to(g.device)
         bad_inputs = g._inputs.take()  # (this step's data flag; agreed on across ranks)
         stats, loss_d, groups, bad_inputs = self.measure(groups, loss_d, bad_inputs)
         nonfinite = stats.nonfinite

@@ -18,7 +18,7 @@ from torch import Tensor
 from .errors import InputError
 
 __all__ = ["GradGroups", "GradStats", "collect_grads", "compute_stats", "finite",
-           "foreach_norms", "local_norms", "not_finite"]
+           "foreach_norms", "local_norms", "loss_value", "not_finite"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,25 @@ def finite(x: Tensor) -> Tensor:
 def not_finite(x: Tensor) -> Tensor:
     """``~torch.isfinite(x)`` in two kernels (NaN != 0 holds)."""
     return (x - x) != 0
+
+
+def loss_value(loss: Tensor) -> Tensor:
+    """A detached loss as one float32 value (the mean of a loss with a shape), on its device.
+
+    A finite float64 loss past float32's range is huge, not non-finite: it saturates at
+    float32's largest value instead of reading as ``inf`` (which would call a float64 run's
+    large loss a NaN/Inf fault). Device-side; no sync.
+    """
+    x = loss.detach()
+    wide = x.dtype == torch.float64
+    if not wide:
+        x = x.float()
+    if x.dim():  # (a shape is host metadata: no sync)
+        x = x.mean()
+    if wide:
+        big = torch.finfo(torch.float32).max
+        x = torch.where(finite(x), x.clamp(-big, big), x)
+    return x.float()
 
 
 def unusable(global_norm: Tensor) -> Tensor:

@@ -36,6 +36,7 @@ from torch import Tensor
 from .. import lifecycle
 from ..errors import ConfigError
 from ..guard import Guard, StepInfo
+from ..stats import loss_value
 from . import StepGate, WatchBatch, check_watch, watched_part
 
 __all__ = ["GradGuardCallback"]
@@ -256,7 +257,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         if self.guard is not None:
             self.guard._inputs.add(self._batch_flag)
         self._batch_flag = None
-        loss = loss.detach().float()
+        loss = loss_value(loss)
         scaler = self._scaler
         if scaler is not None and scaler.is_enabled():
             # Lightning's fp16 plugin hands the hook the scaled loss.

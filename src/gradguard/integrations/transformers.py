@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..guard import Guard
+from ..stats import loss_value
 from . import StepGate, WatchBatch, check_watch, watched_part
 
 try:
@@ -206,7 +207,7 @@ class GradGuardCallback(TrainerCallback):
             return
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
-        loss = loss.detach().float().mean()
+        loss = loss_value(loss)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._loss_n += 1
 
