@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -383,11 +385,44 @@ def test_a_layer_unfrozen_after_the_guard_was_built_is_named_once():
         guard = _unfrozen_run(False, 5)
     warned = [e for e in guard.recorder.events if e["kind"] == "unwatched"]
     assert len(warned) == 1 and warned[0]["tensors"] == ["0.weight", "0.bias"]
+    # Named at the step it thawed, before that step is judged, and judged afresh from
+    # there (measured: gradual unfreezing in the default build rolled back at a thaw on 6
+    # of 10 healthy seeds when the thaw was only warned of, every 50 steps).
+    assert warned[0]["step"] == 5
+    shifts = [e for e in guard.recorder.events if e["kind"] == "data_shift"]
+    assert [(e["step"], e["joined"]) for e in shifts] == [(5, ["0.weight", "0.bias"])]
     guard.close()
     for params_all, unfreeze_at in ((False, None), (True, 5)):  # never unfrozen; all watched
         guard = _unfrozen_run(params_all, unfreeze_at)
         assert "unwatched" not in _kinds(guard)
         guard.close()
+
+
+def test_gradual_unfreezing_is_judged_afresh_at_every_thaw_and_warned_of_once():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt, log=None)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(30):
+            if i in (10, 20):
+                model[2 if i == 10 else 0].requires_grad_(True)
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            guard.step(loss)
+    assert sum(issubclass(w.category, gg.GuardUsageWarning) for w in caught) == 1
+    named = [(e["step"], e["tensors"]) for e in guard.recorder.events
+             if e["kind"] == "unwatched"]
+    assert named == [(10, ["2.weight", "2.bias"]), (20, ["0.weight", "0.bias"])]
+    assert [(e["step"], e["joined"]) for e in guard.recorder.events
+            if e["kind"] == "data_shift"] == named
+    guard.close()
 
 
 def test_a_parameter_group_added_mid_run_is_named_and_rollback_still_works():

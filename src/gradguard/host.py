@@ -39,7 +39,6 @@ from .params import InputWatch, input_module, optimizer_params
 from .respond import Action, TrainingDivergedError
 
 # How often a parameter left out of the guard for being frozen is checked for a gradient.
-_UNWATCHED_EVERY = 50
 
 def _some(names: list[str]) -> str:
     """Names for a message: ' (a, b, c and 2 more)', or '' for none."""
@@ -129,6 +128,8 @@ class HostSide:
         # step's (see joined).
         self.had_grad: set[int] | None = None
         self.last_index: tuple[int, ...] = ()
+        self.thawed_ids: set[int] = set()  # (parameters left out that were named thawed)
+        self.warned_thaw = False  # (the warning for a thawed unwatched parameter: once)
         # The steps at which the restore check read a change of data (not the user's
         # data_changed()): a second one stands the loss checks down (see restore_check).
         self.shifts: list[int] = []
@@ -238,8 +239,6 @@ class HostSide:
         if g.stepper.groups_changed:  # (the stepper adopted them before this step)
             g.stepper.groups_changed = False
             self.new_groups(step)
-        if g._unwatched and step % _UNWATCHED_EVERY == 0:
-            self.check_unwatched(step)
         if g.store is not None and not rolled:
             # Early snapshots only once the controller can judge them (see RollbackStore.due).
             early = g.control is not None and g.control.has_level()
@@ -267,55 +266,67 @@ class HostSide:
             "the optimizer's groups"))
 
     def joined(self, step: int, index: tuple[int, ...]) -> None:
-        """Before step ``step`` is measured: when a watched parameter has a gradient for
-        the first time after the first step (a layer unfrozen, a head or an expert first
-        used), judge the gradients and the loss afresh, as after
-        :meth:`gradguard.Guard.data_changed`.
+        """Before step ``step`` is measured: when a parameter gets a gradient for the first
+        time after the first step (a layer unfrozen, a head or an expert first used), judge
+        the gradients and the loss afresh, as after :meth:`gradguard.Guard.data_changed`.
 
         The gradient norm is a sum over the parameters that have gradients; one that joins
         adds its share, so the norms after are of another quantity, and the spike test
         reads the jump as a spike on every step (measured: gradual unfreezing of an MNIST
         MLP with the guard watching every parameter of the optimizer, the README's advice:
         a rollback and an LR cut on 10 of 10 healthy seeds, all 10 ending worse). The loss
-        also moves for a reason that is not the LR: what the model can fit has changed.
-        Only a first gradient counts, so parameters that skip steps (experts not routed
-        to, ``set_to_none`` gradients) join once. A comparison of the positions with the
-        last step's on the host: no device work."""
-        if index == self.last_index:
-            return
-        self.last_index = index
-        if self.had_grad is None:
-            self.had_grad = set(index)
-            return
-        new = [i for i in index if i not in self.had_grad]
-        if not new:
-            return
-        self.had_grad.update(new)
-        names = [self.g.names[i] for i in new]
+        also moves for a reason that is not the LR: what the model can fit has changed, so
+        a layer the guard left out for being frozen when it was built counts too (the
+        same run in the default build: a rollback at the first layer's thaw on 6 of 10
+        seeds). Only a first gradient counts, so parameters that skip steps (experts not
+        routed to, ``set_to_none`` gradients) join once. Host work only: a comparison of
+        the positions with the last step's, and an attribute read per parameter left out.
+        """
+        thawed = self.thawed(step)
+        new: list[int] = []
+        if index != self.last_index:
+            self.last_index = index
+            if self.had_grad is None:
+                self.had_grad = set(index)
+            else:
+                new = [i for i in index if i not in self.had_grad]
+                self.had_grad.update(new)
+        if self.had_grad is None or not (new or thawed):
+            return  # (nothing to judge afresh before the first step is measured)
+        names = [self.g.names[i] for i in new] + thawed
         self._known_change(step, lambda dropped: (
-            f"{len(new)} parameter(s) got a gradient for the first time{_some(names)}: the "
+            f"{len(names)} parameter(s) got a gradient for the first time{_some(names)}: the "
             "model's trainable set grew (a layer unfrozen, a head switched on), so the "
             "gradient norm and the loss level are judged afresh, as after "
             f"guard.data_changed(), and the {dropped} snapshot(s) judged before are dropped"),
             joined=names)
 
-    def check_unwatched(self, step: int) -> None:
-        """Warn once when a parameter the guard left out for being frozen when it was built
-        (it watches the trainable ones) has a gradient now: it was unfrozen, and the
-        optimizer updates it while no statistic, clip or NaN/Inf test covers it (a flagged
-        step is still skipped whole). Host attribute reads only, every
-        ``_UNWATCHED_EVERY`` steps."""
+    def thawed(self, step: int) -> list[str]:
+        """Names of the parameters the guard left out for being frozen when it was built
+        (it watches the trainable ones) that have a gradient now: they were unfrozen, and
+        the optimizer updates them while no statistic, clip or NaN/Inf test covers them (a
+        flagged step is still skipped whole). Each is named once, in an ``unwatched``
+        event; the first time also as a warning."""
         g = self.g
-        live = [n for n, p in g._unwatched if p.grad is not None]
-        if not live:
-            return
-        g._unwatched = []
-        self._unwatched(step, live, (
-            f"{len(live)} parameter(s) frozen when the guard was built now get gradients"
-            f"{_some(live)}: the optimizer updates them, but the guard does not watch them "
-            "(no NaN/Inf test, statistics or clipping of their gradients). Build the guard "
-            "after unfreezing, or pass "
-            "params=[p for g in optimizer.param_groups for p in g['params']]"))
+        if len(self.thawed_ids) == len(g._unwatched):
+            return []
+        now = [(n, p) for n, p in g._unwatched
+               if p.grad is not None and id(p) not in self.thawed_ids]
+        if not now:
+            return []
+        self.thawed_ids.update(id(p) for _, p in now)
+        live = [n for n, _ in now]
+        msg = (f"{len(live)} parameter(s) frozen when the guard was built now get gradients"
+               f"{_some(live)}: the optimizer updates them, but the guard does not watch them "
+               "(no NaN/Inf test, statistics or clipping of their gradients). Build the guard "
+               "after unfreezing, or pass "
+               "params=[p for g in optimizer.param_groups for p in g['params']]")
+        g.recorder.event(step, "unwatched", msg, action="warn", tensors=live)
+        if not self.warned_thaw:
+            self.warned_thaw = True
+            # (stacklevel: the user's guard.step call, through joined and this check)
+            warnings.warn(msg, GuardUsageWarning, stacklevel=4)
+        return live
 
     def _unwatched(self, step: int, names: list[str], msg: str) -> None:
         self.g.recorder.event(step, "unwatched", msg, action="warn", tensors=names)

@@ -20,7 +20,7 @@ def resolve_params(
 ) -> tuple[list[str], list[Tensor], list[tuple[str, Tensor]]]:
     """The parameters the guard watches, with names, in model registration order; and,
     when the guard chose them (no ``params``), the optimizer's parameters it left out for
-    being frozen then, with their names (see ``HostSide.check_unwatched``)."""
+    being frozen then, with their names (see ``HostSide.thawed``)."""
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_ids = {id(p) for p in opt_params}
     if not opt_params:
