@@ -76,6 +76,25 @@ recurrent classifier and language model, and a deep net under a bad init with Ad
 - ``wine-mlp-raw-sgd``: a ReLU MLP (12-64-1) predicting alcohol from the raw wine
   features, plain SGD, the grid in multiples of the linear model's limit 2/λmax.
 
+And six more, a fifth batch written the same way at stop 43 (committed before any guarded
+run; the grids were checked on the unguarded arm only): an autoencoder, BatchNorm,
+1-D convolutions, ill-conditioned features, a deep plain net and float16:
+
+- ``mnist-ae-raw-sgd``: a ReLU autoencoder (784-128-32-128-784) on the MNIST subset with
+  the pixels left in 0-255 as input and as MSE target, SGD with momentum 0.9: unscaled
+  inputs and targets in a regression.
+- ``mnist-bncnn-nesterov``: a two-conv CNN with BatchNorm on the MNIST subset (scaled to
+  0-1), SGD with Nesterov momentum 0.9 at high LRs.
+- ``mnist1d-cnn1d-adagrad``: a three-layer 1-D CNN on MNIST-1D, Adagrad.
+- ``diabetes-poly6-sgd``: least squares on x, x², .., x⁶ of the diabetes BMI column
+  min-max scaled to 0-1 (condition number ~6e8), the target in raw units, plain SGD, the
+  grid in multiples of its limit 2/λmax.
+- ``mnist1d-relu12-sgd``: a 12-layer plain ReLU MLP (width 64, Kaiming init, no residuals
+  or normalisation) on MNIST-1D, SGD with momentum 0.9 (at PyTorch's default init it does
+  not train at all: its signal vanishes).
+- ``digits-mixer-fp16``: a two-block MLP-Mixer reading an 8×8 digit as 16 patches of 2×2,
+  under float16 autocast, AdamW with weight decay 0.1.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -394,6 +413,84 @@ def wine_limit() -> float:
     return 2 / _lsq_lambda_max(_wine()[0])
 
 
+def _pixel_autoencoder() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(),
+                         nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 784))
+
+
+@lru_cache(maxsize=1)
+def _pixels_ae() -> tuple[Tensor, Tensor]:
+    """The MNIST subset's raw pixels (0-255) as both input and target."""
+    x, _ = _pixels()
+    return x, x
+
+
+def _bn_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 49, 10))
+
+
+def _conv1d() -> nn.Module:
+    """A 1-D CNN on MNIST-1D's 40-sample signals."""
+    return nn.Sequential(nn.Unflatten(1, (1, 40)),
+                         nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(),
+                         nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+                         nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
+                         nn.Flatten(), nn.Linear(32 * 10, 10))
+
+
+@lru_cache(maxsize=1)
+def _poly6() -> tuple[Tensor, Tensor]:
+    """Diabetes progression (raw) from x, x², .., x⁶ of the BMI column min-max scaled to 0-1."""
+    x, y = _diabetes_raw()
+    bmi = x[:, 2:3]
+    z = (bmi - bmi.min()) / (bmi.max() - bmi.min())
+    return torch.cat([z**k for k in range(1, 7)], 1), y
+
+
+def poly6_limit() -> float:
+    """2/λmax of least squares on the polynomial features (with a bias column)."""
+    return 2 / _lsq_lambda_max(_poly6()[0])
+
+
+def _relu12() -> nn.Module:
+    layers: list[nn.Module] = []
+    width = 40
+    for _ in range(12):
+        lin = nn.Linear(width, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        layers += [lin, nn.ReLU()]
+        width = 64
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+class _Mixer(nn.Module):
+    """An MLP-Mixer reading an 8×8 image as 16 patches of 2×2 (two blocks, width 64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 64)
+        self.token_norms = nn.ModuleList(nn.LayerNorm(64) for _ in range(2))
+        self.token_mlps = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.GELU(),
+                                                      nn.Linear(32, 16)) for _ in range(2))
+        self.channel_norms = nn.ModuleList(nn.LayerNorm(64) for _ in range(2))
+        self.channel_mlps = nn.ModuleList(nn.Sequential(nn.Linear(64, 128), nn.GELU(),
+                                                        nn.Linear(128, 64)) for _ in range(2))
+        self.norm = nn.LayerNorm(64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = x.reshape(len(x), 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(len(x), 16, 4)
+        h = self.embed(patches)
+        for tn, tm, cn, cm in zip(self.token_norms, self.token_mlps, self.channel_norms,
+                                  self.channel_mlps, strict=True):
+            h = h + tm(tn(h).transpose(1, 2)).transpose(1, 2)
+            h = h + cm(cn(h))
+        return self.out(self.norm(h).mean(1))
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard))
@@ -412,7 +509,7 @@ def _adam(m: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def cases() -> dict[str, Case]:
-    lim, hb = wine_limit(), _heavy_ball_limit()
+    lim, hb, plim = wine_limit(), _heavy_ball_limit(), poly6_limit()
     ce, mse = nn.functional.cross_entropy, nn.functional.mse_loss
     return {
         "softmax-raw": (_cancer, lambda: nn.Linear(30, 2), ce, _sgd(0.9),
@@ -479,6 +576,28 @@ def cases() -> dict[str, Case]:
         "wine-mlp-raw-sgd": (_wine, _wine_mlp, mse, _sgd(),
                              [0.1 * lim, lim, 10 * lim, 100 * lim],
                              f"plain SGD; 0.1×, 1×, 10× and 100× the linear limit {lim:.3g}", {}),
+        "mnist-ae-raw-sgd": (_pixels_ae, _pixel_autoencoder, mse, _sgd(0.9),
+                             [1e-5, 1e-4, 1e-3, 1e-2],
+                             "SGD momentum 0.9, pixels 0-255 in and out", {}),
+        "mnist-bncnn-nesterov": (_pixel_images, _bn_cnn, ce,
+                                 lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr,
+                                                               momentum=0.9, nesterov=True),
+                                 [0.01, 0.1, 1.0, 10.0], "SGD Nesterov 0.9, BatchNorm", {}),
+        "mnist1d-cnn1d-adagrad": (_mnist1d, _conv1d, ce,
+                                  lambda m, lr: torch.optim.Adagrad(m.parameters(), lr=lr),
+                                  [0.03, 0.3, 3.0, 30.0], "Adagrad, 1-D convolutions", {}),
+        "diabetes-poly6-sgd": (_poly6, lambda: nn.Linear(6, 1), mse, _sgd(),
+                               [0.1 * plim, plim, 4 * plim, 20 * plim],
+                               f"plain SGD; 0.1×, 1×, 4× and 20× the limit 2/λmax = "
+                               f"{plim:.3g}", {}),
+        "mnist1d-relu12-sgd": (_mnist1d, _relu12, ce, _sgd(0.9), [0.01, 0.1, 0.3, 1.0],
+                               "SGD momentum 0.9, 12 ReLU layers at Kaiming init, no "
+                               "residuals or normalisation", {}),
+        "digits-mixer-fp16": (_digits_01, _Mixer, ce,
+                              lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr,
+                                                              weight_decay=0.1),
+                              [1e-3, 3e-2, 0.1, 1.0], "AdamW (weight decay 0.1), float16 "
+                              "autocast", {"autocast": torch.float16}),
     }
 
 
