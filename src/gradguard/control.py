@@ -796,7 +796,7 @@ class Controller:
         # mirrors a regression: the best level fell by as much as a regression must rise
         # (its regression threshold is still under the first loss), a margin one noisy
         # first loss cannot fake.
-        trained = first is not None and self._shown(self.threshold()) < first
+        trained = self.trained_well()
         if giveback and cfg.clip_on_giveback and self.can_clip and self.clip_since is None:
             self.clip_since = step
             self._before_cut = None
@@ -846,6 +846,13 @@ class Controller:
             return Verdict(unstable=reason, scale=self.scale)
         self.scale = new
         return Verdict(unstable=reason, scale=self.scale)
+
+    def trained_well(self) -> bool:
+        """Whether the run trained well at some point: its best level fell by as much as a
+        regression must rise (the regression threshold is under the first loss), a margin
+        one noisy first loss cannot fake. False before a best exists."""
+        first = self.first_loss
+        return first is not None and self._shown(self.threshold()) < first
 
     def cut_point(self) -> CutPoint:
         """The LR state (scale, probe wait, last raise, cuts) before the cut just made, or

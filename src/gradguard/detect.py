@@ -646,8 +646,10 @@ class DeadLayers:
     exactly has no nonzero norm at all and no prefix; a dead unit in one residual branch
     does not stop the gradient reaching the layers before it, and the network learns on.
 
-    Only warns: measured as a trigger for rollback it did not pay (the snapshots after the
-    oversized steps already hold the dead units; benchmarks/RESULTS.md, "Dead units").
+    The host acts on it only where the run never trained well (see
+    ``HostSide.dead_before_training``); a snapshot whose rows show a dead prefix is not
+    kept. As a trigger for every run it did not pay (a bad init that dies at chance scores
+    better than its own restored weights; benchmarks/RESULTS.md, "Dead units").
 
     Args:
         names: parameter names, in the guard's order.
@@ -712,6 +714,18 @@ class DeadLayers:
                 "tanh/sigmoid saturated), and no LR moves them back; the oversized steps "
                 "that killed them came earlier (a too-high LR, unscaled inputs or a bad "
                 "init)")
+
+    def recently(self) -> bool:
+        """Whether any of the last ``recent`` rows had a dead prefix (a dying layer
+        flickers: one unit fires on one batch, so rows without a dead prefix in between
+        do not show it alive)."""
+        return any(self.recent)
+
+    def restart(self) -> None:
+        """Forget the episode (the weights went back to before it): a new one is reported
+        afresh. Which tensors ever had a gradient is kept."""
+        self.run, self.run_start, self.first, self.last = 0, None, None, None
+        self.recent.clear()
 
     def ended(self) -> tuple[str, str, int, int] | None:
         """(deepest tensor of the dead prefix, the live one after it, how many, the step

@@ -137,6 +137,9 @@ class HostSide:
         # takes the run back to.
         self.shift_point: tuple[CutPoint, int | None] | None = None
         self.loss_early = False  # (set per row by learn)
+        # Units that died before the run trained: instability for the next row the
+        # controller judges (see dead_before_training).
+        self.dead_reason: str | None = None
 
     def start(self) -> None:
         """At the first step: the forward order its forward pass showed, the run log's
@@ -375,6 +378,7 @@ class HostSide:
             assert dead.last is not None
             g.recorder.event(k, "dead_units", msg, action="warn", since=dead.first,
                              tensor=dead.last[0], live=dead.last[1])
+            self.dead_reason = self.dead_before_training()
         if self.echo_ref is not None:
             self.echo(k, rec["loss"])
         rolled = self.escalate(rec, bool(flagged))
@@ -492,6 +496,9 @@ class HostSide:
         assert store is not None
         cw = store.cfg.clean_window
         calm = c is None or (c.calm_now() and c.held_since(cand.guard.get("control", {}), cw))
+        # (weights from among rows that pass no gradient through some layer hold dead or
+        # dying units: no state to go back to, whatever the loss says)
+        calm = calm and not self.dead.recently()
         if self.clean_streak >= cw and calm:
             store.keep(cand)
 
@@ -535,6 +542,10 @@ class HostSide:
                 # which only a rollback could carry out.)
                 verdict = c.unstable(k, forced[0], may_retry=forced[1])
                 may_roll = forced[1]
+        if verdict.unstable is None and self.dead_reason is not None:
+            verdict = c.unstable(k, self.dead_reason, may_retry=False)
+            self.dead.restart()  # (answered: a restored run's units are judged afresh)
+        self.dead_reason = None
         g.lr.scale = verdict.scale
         if verdict.raised:
             g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
@@ -585,6 +596,33 @@ class HostSide:
         g.recorder.event(k, "backoff", f"unstable: {reason}; {what}{why}", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
+
+    def dead_before_training(self) -> str | None:
+        """The reason to treat the dead units just reported as instability, or None.
+
+        Units that die before the run ever trained well (:meth:`Controller.trained_well`:
+        its best loss level never fell under its first by a regression's margin) were
+        killed by the first oversized steps of a too-high LR: the network is a constant
+        function of its input from there on, no LR revives it, and the loss sits at chance,
+        which no level test reads as a blow-up. What undoes it is going back to weights
+        from before, at a lower LR; snapshots whose rows showed a dead prefix are not kept
+        (see :meth:`judge`), so the latest kept one is from before (the initial weights,
+        when the units died in the first steps). A run that trained first and then died
+        is left to the level tests (it regresses from its best), and a bad init that
+        dies while its loss falls far below its first is left alone: restored at a tenth
+        of the LR it scores worse than dead at chance (measured: benchmarks/RESULTS.md,
+        "Dead units"). Needs a judged loss and snapshots to go back to.
+        """
+        g, c, dead = self.g, self.g.control, self.dead
+        if c is None or self.unjudged or c.first_loss is None or g.store is None \
+                or not g.store.active or not g.store.good or dead.last is None \
+                or c.trained_well():
+            return None
+        deepest, _, n = dead.last
+        more = f" and {n - 1} tensor{'s' if n > 2 else ''} before it" if n > 1 else ""
+        return (f"dead units before the run trained: no gradient reaches {deepest}{more} "
+                f"since step {dead.first}, and the loss never fell below its first by a "
+                "regression's margin (oversized early steps)")
 
     def judged_loss(self, k: int, loss: Any) -> Any:
         """The loss the controller judges: None once the loss is unjudged.
