@@ -800,6 +800,66 @@ def test_a_cnn_whose_norms_spike_step_after_step_is_cut_before_its_units_die(see
     assert "dead units before the run trained" in events[1]["message"]
 
 
+def test_trained_well_needs_the_best_level_under_the_first_loss_by_a_regressions_margin():
+    flat, fell, slight = (Controller(gg.Stability()) for _ in range(3))
+    assert not flat.trained_well()  # (no loss yet)
+    for i in range(40):
+        flat.observe(i, 2.3 + 0.01 * (i % 3), False, False)
+        fell.observe(i, 2.3 * 0.9 ** i + 0.05, False, False)
+        slight.observe(i, 2.4 - 0.002 * i + 0.01 * (i % 3), False, False)
+    assert not flat.trained_well() and fell.trained_well()
+    assert not slight.trained_well()  # (2.4 → 2.32: a net at chance, no margin)
+
+
+def _dying_bn_mlp(guarded: bool, steps: int = 150) -> tuple[float, list]:
+    """A BatchNorm ReLU MLP under Nesterov SGD at lr 3 on a 4-class synthetic task (seed
+    1): its hidden units die in the first tens of steps and the loss sits at chance."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4, generator=gen)
+    x = torch.randn(512, 16, generator=gen)
+    y = (x @ w).argmax(1)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
+                          nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=3.0, momentum=0.9, nesterov=True)
+    guard = gg.Guard(model, opt, log=None) if guarded else None
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (32,), generator=batches)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+    events = []
+    if guard is not None:
+        guard.close()
+        events = [e for e in guard.recorder.events if e["kind"] in ("dead_units", "rollback",
+                                                                     "verdict")]
+    model.eval()
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(model(x), y)), events
+
+
+def test_units_that_die_before_the_run_trained_are_rolled_back_at_a_lower_lr():
+    # Found on a blind held-out case (a BatchNorm CNN under Nesterov at lr 0.1): units
+    # killed by the first oversized steps leave a net at chance that no test read as
+    # unstable, since its loss never rose above its start for long.
+    dead, _ = _dying_bn_mlp(False)
+    held, events = _dying_bn_mlp(True)
+    assert dead > 1.3  # (chance: ln 4 = 1.39)
+    kinds = [e["kind"] for e in events]
+    assert kinds[:2] == ["dead_units", "rollback"] and events[0]["step"] == events[1]["step"]
+    assert "dead units before the run trained" in events[1]["message"]
+    assert held < 0.5
+    assert not events[-1]["message"].startswith("stopped learning")
+
+
 def test_the_second_look_reads_a_change_when_both_directions_point_at_the_data():
     ctrl = Controller(gg.Stability())
     saved = {"losses": [0.3] * 10 + [2.0] * 2 + [0.2] * 8}  # (an outlier above the new ones)

@@ -356,6 +356,28 @@ def test_dead_layers_warns_once_when_the_gradient_stops_part_way():
     assert d.ended() == ("w2", "b2", 3, 5)
 
 
+def test_dead_layers_restart_reports_a_new_episode_and_recently_sees_a_flicker():
+    d = _dead_layers()
+    d.update(0, np.ones(4))
+    assert not d.recently()
+    for step in (1, 2):
+        d.update(step, DEAD)
+    assert d.update(3, DEAD) is not None and d.first == 1
+    d.restart()  # (the weights went back to before the episode)
+    assert d.first is None and d.ended() is None and not d.recently()
+    assert d.update(4, DEAD) is None and d.update(5, DEAD) is None
+    assert d.update(6, DEAD) is not None and d.first == 4  # reported afresh
+    e = _dead_layers()
+    e.update(0, np.ones(4))
+    e.update(1, DEAD)  # one dead row among live ones: a dying layer flickers
+    for step in range(2, 10):
+        e.update(step, np.ones(4))
+    assert e.recently()  # (within the last `recent` rows: 10 here)
+    e.update(10, np.ones(4))
+    e.update(11, np.ones(4))  # (the dead row is now 11 rows back)
+    assert not e.recently()
+
+
 def test_dead_layers_streak_spans_rows_that_say_nothing_and_breaks_on_a_live_row():
     d = _dead_layers()
     d.update(0, np.ones(4))
