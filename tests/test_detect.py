@@ -376,6 +376,11 @@ def test_dead_layers_restart_reports_a_new_episode_and_recently_sees_a_flicker()
     e.update(10, np.ones(4))
     e.update(11, np.ones(4))  # (the dead row is now 11 rows back)
     assert not e.recently()
+    # Back to the initial weights: tensors count as dead only once they had a gradient
+    # again (a zero-initialised output layer passes none on the first step).
+    e.restart(initial=True)
+    for step in range(12, 16):
+        assert e.update(step, DEAD) is None and not e.recently()
 
 
 def test_dead_layers_streak_spans_rows_that_say_nothing_and_breaks_on_a_live_row():

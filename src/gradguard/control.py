@@ -854,6 +854,19 @@ class Controller:
         first = self.first_loss
         return first is not None and self._shown(self.threshold()) < first
 
+    def learned(self) -> bool:
+        """Whether the loss level has been under the first loss by a regression's margin:
+        its best level, or already the present one (the median of the window: a loss that
+        falls ×10 in a few steps spreads so much that an upper bound would hide it), which
+        early on, while flags keep the best from being set, is the only level there is."""
+        first = self.first_loss
+        if first is None:
+            return False
+        ref, lv = self.best, self.level()
+        if lv is not None:
+            ref = min(ref, lv[0])
+        return self._shown(self._limit(ref)) < first
+
     def cut_point(self) -> CutPoint:
         """The LR state (scale, probe wait, last raise, cuts) before the cut just made, or
         the present one when none was made; :meth:`not_the_lr` can return to it."""

@@ -646,7 +646,7 @@ class DeadLayers:
     exactly has no nonzero norm at all and no prefix; a dead unit in one residual branch
     does not stop the gradient reaching the layers before it, and the network learns on.
 
-    The host acts on it only where the run never trained well (see
+    The host acts on it only where the run never learned (see
     ``HostSide.dead_before_training``); a snapshot whose rows show a dead prefix is not
     kept. As a trigger for every run it did not pay (a bad init that dies at chance scores
     better than its own restored weights; benchmarks/RESULTS.md, "Dead units").
@@ -717,15 +717,19 @@ class DeadLayers:
 
     def recently(self) -> bool:
         """Whether any of the last ``recent`` rows had a dead prefix (a dying layer
-        flickers: one unit fires on one batch, so rows without a dead prefix in between
-        do not show it alive)."""
+        flickers: one unit fires on one batch, so rows without one in between do not show
+        it alive)."""
         return any(self.recent)
 
-    def restart(self) -> None:
+    def restart(self, initial: bool = False) -> None:
         """Forget the episode (the weights went back to before it): a new one is reported
-        afresh. Which tensors ever had a gradient is kept."""
+        afresh. ``initial``: back to the initial weights, which count as the run's start
+        (a layer initialised at zero, such as an output layer, passes no gradient to the
+        tensors before it on the first step, as at the run's first step)."""
         self.run, self.run_start, self.first, self.last = 0, None, None, None
         self.recent.clear()
+        if initial:
+            self.seen[:] = False
 
     def ended(self) -> tuple[str, str, int, int] | None:
         """(deepest tensor of the dead prefix, the live one after it, how many, the step

@@ -496,9 +496,11 @@ class HostSide:
         assert store is not None
         cw = store.cfg.clean_window
         calm = c is None or (c.calm_now() and c.held_since(cand.guard.get("control", {}), cw))
-        # (weights from among rows that pass no gradient through some layer hold dead or
-        # dying units: no state to go back to, whatever the loss says)
-        calm = calm and not self.dead.recently()
+        # (in a run that has learned nothing yet, weights from among rows that pass no
+        # gradient through some layer hold dead or dying units: no state to go back to,
+        # whatever the loss says; see dead_before_training)
+        if c is not None and not c.learned() and self.dead.recently():
+            calm = False
         if self.clean_streak >= cw and calm:
             store.keep(cand)
 
@@ -600,8 +602,8 @@ class HostSide:
     def dead_before_training(self) -> str | None:
         """The reason to treat the dead units just reported as instability, or None.
 
-        Units that die before the run ever trained well (:meth:`Controller.trained_well`:
-        its best loss level never fell under its first by a regression's margin) were
+        Units that die before the run learned anything (:meth:`Controller.learned`: its
+        loss level was never under its first by a regression's margin) were
         killed by the first oversized steps of a too-high LR: the network is a constant
         function of its input from there on, no LR revives it, and the loss sits at chance,
         which no level test reads as a blow-up. What undoes it is going back to weights
@@ -616,7 +618,7 @@ class HostSide:
         g, c, dead = self.g, self.g.control, self.dead
         if c is None or self.unjudged or c.first_loss is None or g.store is None \
                 or not g.store.active or not g.store.good or dead.last is None \
-                or c.trained_well():
+                or c.learned():
             return None
         deepest, _, n = dead.last
         more = f" and {n - 1} tensor{'s' if n > 2 else ''} before it" if n > 1 else ""
@@ -790,6 +792,8 @@ class HostSide:
         if self.restored is None:
             g.store.left = None  # (nothing will judge the restore: the state left goes)
         checkpoint.load_trajectory(g, target.guard)
+        if target.step == -1:
+            self.dead.restart(initial=True)  # (see DeadLayers.restart)
         if self.unjudged and g.control is not None:
             g.control.rebaseline()  # (a snapshot from before may hold losses it judged)
         if self.batch_noise is not None:
