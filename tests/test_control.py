@@ -809,6 +809,22 @@ def test_trained_well_needs_the_best_level_under_the_first_loss_by_a_regressions
         slight.observe(i, 2.4 - 0.002 * i + 0.01 * (i % 3), False, False)
     assert not flat.trained_well() and fell.trained_well()
     assert not slight.trained_well()  # (2.4 → 2.32: a net at chance, no margin)
+    assert not flat.learned() and fell.learned() and not slight.learned()
+
+
+def test_learned_reads_a_loss_that_falls_fast_before_any_best_exists():
+    # mlp-init's bad init (seed 2 at lr 1e-4; its first 12 losses, then a falling tail):
+    # the loss falls through spikes; its units die at step 17 while only the output bias
+    # learns, and at step 19 the window's median is a third of the first loss. That run
+    # has learned (the dead net at chance scores better than its restored weights
+    # would): the dead-units rule must leave it alone.
+    ctrl = Controller(gg.Stability())
+    losses = [3509.4, 62318.6, 60544.3, 13032.7, 22307.8, 4566.1, 5681.7, 1512.6, 1143.3,
+              2146.0, 269.9, 275.6, 250.0, 180.0, 150.0, 120.0, 100.0, 80.0, 60.0]
+    for i, v in enumerate(losses):
+        ctrl.observe(i, v, False, False)
+    assert not math.isfinite(ctrl.best) or not ctrl.trained_well()
+    assert ctrl.learned()
 
 
 def _dying_bn_mlp(guarded: bool, steps: int = 150) -> tuple[float, list]:
