@@ -544,9 +544,10 @@ class HostSide:
                 # which only a rollback could carry out.)
                 verdict = c.unstable(k, forced[0], may_retry=forced[1])
                 may_roll = forced[1]
-        if verdict.unstable is None and self.dead_reason is not None:
+        dead_cut = verdict.unstable is None and self.dead_reason is not None
+        if dead_cut:
+            assert self.dead_reason is not None
             verdict = c.unstable(k, self.dead_reason, may_retry=False)
-            self.dead.restart()  # (answered: a restored run's units are judged afresh)
         self.dead_reason = None
         g.lr.scale = verdict.scale
         if verdict.raised:
@@ -584,6 +585,8 @@ class HostSide:
             cut_point = c.cut_point()
             target = self.rollback(k, reason, verdict.retry, clip,
                                    (cut_point, None if clip else c.clip_since, None))
+            if target is not None and dead_cut:
+                self.dead.restart()  # (back before the episode: its units are judged afresh)
             if target is not None:
                 if early and target == -1 and self.batch_noise is None:
                     self.echo_ref = c.first_loss
