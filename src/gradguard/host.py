@@ -38,7 +38,6 @@ from .errors import GuardUsageWarning
 from .params import InputWatch, input_module, optimizer_params
 from .respond import Action, TrainingDivergedError
 
-# How often a parameter left out of the guard for being frozen is checked for a gradient.
 
 def _some(names: list[str]) -> str:
     """Names for a message: ' (a, b, c and 2 more)', or '' for none."""
@@ -333,7 +332,7 @@ class HostSide:
 
     def _unwatched(self, step: int, names: list[str], msg: str) -> None:
         self.g.recorder.event(step, "unwatched", msg, action="warn", tensors=names)
-        # (stacklevel: the user's guard.step call, through after_step and the check)
+        # (stacklevel: the user's guard.step call, through after_step and new_groups)
         warnings.warn(msg, GuardUsageWarning, stacklevel=5)
 
     def drain(self) -> None:
