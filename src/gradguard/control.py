@@ -851,21 +851,20 @@ class Controller:
         """Whether the run trained well at some point: its best level fell by as much as a
         regression must rise (the regression threshold is under the first loss), a margin
         one noisy first loss cannot fake. False before a best exists."""
-        first = self.first_loss
-        return first is not None and self._shown(self.threshold()) < first
+        return self._under_first(self.best)
 
     def learned(self) -> bool:
         """Whether the loss level has been under the first loss by a regression's margin:
         its best level, or already the present one (the median of the window: a loss that
         falls ×10 in a few steps spreads so much that an upper bound would hide it), which
         early on, while flags keep the best from being set, is the only level there is."""
+        lv = self.level()
+        return self._under_first(self.best if lv is None else min(self.best, lv[0]))
+
+    def _under_first(self, ref: float) -> bool:
+        """Whether the regression limit above level ``ref`` is under the first loss."""
         first = self.first_loss
-        if first is None:
-            return False
-        ref, lv = self.best, self.level()
-        if lv is not None:
-            ref = min(ref, lv[0])
-        return self._shown(self._limit(ref)) < first
+        return first is not None and self._shown(self._limit(ref)) < first
 
     def cut_point(self) -> CutPoint:
         """The LR state (scale, probe wait, last raise, cuts) before the cut just made, or

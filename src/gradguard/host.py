@@ -323,17 +323,17 @@ class HostSide:
                "(no NaN/Inf test, statistics or clipping of their gradients). Build the guard "
                "after unfreezing, or pass "
                "params=[p for g in optimizer.param_groups for p in g['params']]")
-        g.recorder.event(step, "unwatched", msg, action="warn", tensors=live)
-        if not self.warned_thaw:
-            self.warned_thaw = True
-            # (stacklevel: the user's guard.step call, through joined and this check)
-            warnings.warn(msg, GuardUsageWarning, stacklevel=4)
+        self._unwatched(step, live, msg, warn=not self.warned_thaw)
+        self.warned_thaw = True
         return live
 
-    def _unwatched(self, step: int, names: list[str], msg: str) -> None:
+    def _unwatched(self, step: int, names: list[str], msg: str, warn: bool = True) -> None:
+        """An ``unwatched`` event naming ``names``, and (``warn``) the warning ``msg``."""
         self.g.recorder.event(step, "unwatched", msg, action="warn", tensors=names)
-        # (stacklevel: the user's guard.step call, through after_step and new_groups)
-        warnings.warn(msg, GuardUsageWarning, stacklevel=5)
+        if warn:
+            # (stacklevel: the user's guard.step call, through after_step and new_groups,
+            # or joined and thawed: two frames either way)
+            warnings.warn(msg, GuardUsageWarning, stacklevel=5)
 
     def drain(self) -> None:
         """Wait for and process every row still in flight (a host sync, on purpose)."""
@@ -543,11 +543,10 @@ class HostSide:
                 # which only a rollback could carry out.)
                 verdict = c.unstable(k, forced[0], may_retry=forced[1])
                 may_roll = forced[1]
-        dead_cut = verdict.unstable is None and self.dead_reason is not None
-        if dead_cut:
-            assert self.dead_reason is not None
-            verdict = c.unstable(k, self.dead_reason, may_retry=False)
-        self.dead_reason = None
+        dead, self.dead_reason = self.dead_reason, None
+        dead_cut = False
+        if verdict.unstable is None and dead is not None:
+            verdict, dead_cut = c.unstable(k, dead, may_retry=False), True
         g.lr.scale = verdict.scale
         if verdict.raised:
             g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
