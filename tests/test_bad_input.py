@@ -161,6 +161,15 @@ def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
         gg.Guard(model, sgd(model), **{"log": tmp_path / "r.jsonl", **kwargs})
 
 
+def test_a_list_of_optimizers_names_one_guard_per_optimizer():
+    # (a GAN's two optimizers passed together: each needs its own guard and params=)
+    model = small_mlp()
+    opts = [torch.optim.SGD(model[0].parameters(), lr=0.1), sgd(model)]
+    with pytest.raises(gg.ConfigError, match=r"list of 2 optimizers.*one guard per optimizer"
+                                             r".*params="):
+        gg.Guard(model, opts, log=None)
+
+
 def test_a_model_frozen_whole_names_the_fix():
     # (fine-tuning: a guard built before the layers are unfrozen has nothing to watch)
     model = small_mlp().requires_grad_(False)

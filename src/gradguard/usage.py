@@ -214,6 +214,14 @@ def run_closure(loss: Tensor | None, closure: Callable[[], Tensor]) -> Tensor:
 
 def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
     """The ``Guard`` constructor's own arguments: types, the optimizer, counts >= 1."""
+    if isinstance(optimizer, (list, tuple)) and optimizer and all(
+            isinstance(o, torch.optim.Optimizer) for o in optimizer):
+        # (a GAN's, or one optimizer per part of a model: each needs its own judge)
+        raise ConfigError(
+            f"optimizer is a {type(optimizer).__name__} of {len(optimizer)} optimizers; a "
+            "Guard steps one optimizer: build one guard per optimizer, each with params= "
+            "naming what its optimizer updates (params=[p for g in opt.param_groups for p "
+            "in g['params']]), or put the parameter groups into one optimizer")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
