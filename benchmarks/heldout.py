@@ -95,6 +95,28 @@ run; the grids were checked on the unguarded arm only): an autoencoder, BatchNor
 - ``digits-mixer-fp16``: a two-block MLP-Mixer reading an 8×8 digit as 16 patches of 2×2,
   under float16 autocast, AdamW with weight decay 0.1.
 
+And six more, a sixth batch written the same way at stop 44 (committed before any guarded
+run; the grids were checked on the unguarded arms only): a post-LN transformer under a
+warm-up, a BatchNorm ResNet, a deep SiLU net, GroupNorm with weight decay, a word-embedding
+model and an exponential link, with optimizers the other batches do not use:
+
+- ``mnist-postln-warmup``: a 2-layer post-LN transformer (LayerNorm after each residual
+  sum, none before) reading a 28×28 MNIST image (scaled to 0-1) as 28 row tokens, Adam
+  under a linear warm-up (LambdaLR) over the first 100 steps to the row's LR, then
+  constant, the scheduler tracked by the guard.
+- ``digits-resnet-bn-adam``: a small ResNet (a stem and three basic blocks of two 3×3
+  convolutions with BatchNorm, identity shortcuts, global average pooling) on the 8×8
+  digits, Adam.
+- ``mnist1d-silu-nadam``: a 10-layer SiLU MLP (width 128, PyTorch's default init) on
+  MNIST-1D, NAdam.
+- ``mnist-gncnn-sgd-wd``: a two-conv CNN with GroupNorm on the MNIST subset (scaled to
+  0-1), SGD with momentum 0.9 and weight decay 5e-4 (the usual image recipe) at high LRs.
+- ``lee-cbow-adamax``: a word2vec-style CBOW model (an EmbeddingBag averaging the 4 words
+  either side, a 2000-word softmax) on the Lee corpus, Adamax.
+- ``diabetes-poisson-sgd``: Poisson regression (log link, ``poisson_nll_loss`` with the
+  Stirling term) of the diabetes progression score (whole numbers 25-346, raw units) on
+  the standardised features, plain SGD: a too-high LR overflows ``exp``.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -491,9 +513,111 @@ class _Mixer(nn.Module):
         return self.out(self.norm(h).mean(1))
 
 
+class _PostLNTransformer(nn.Module):
+    """A post-LN transformer classifier (no pre-norm) reading a 28×28 image as 28 row tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, 64)
+        self.pos = nn.Parameter(torch.zeros(28, 64))
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
+                                           norm_first=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.embed(x.reshape(len(x), 28, 28)) + self.pos)
+        return self.out(h.mean(1))
+
+
+class _BasicBlock(nn.Module):
+    """A ResNet basic block: two 3×3 convolutions with BatchNorm and an identity shortcut."""
+
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(ch), nn.ReLU(),
+                                  nn.Conv2d(ch, ch, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def _resnet_bn() -> nn.Module:
+    """A small ResNet on the 8×8 digits: a stem, three basic blocks, global average pooling."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+                         nn.ReLU(), *(_BasicBlock(32) for _ in range(3)),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def _silu_mlp() -> nn.Module:
+    """A 10-layer SiLU MLP (width 128, PyTorch's default init) on MNIST-1D."""
+    layers: list[nn.Module] = []
+    width = 40
+    for _ in range(10):
+        layers += [nn.Linear(width, 128), nn.SiLU()]
+        width = 128
+    return nn.Sequential(*layers, nn.Linear(128, 10))
+
+
+def _gn_cnn() -> nn.Module:
+    """A two-conv CNN (16 and 32 channels) with GroupNorm (4 and 8 groups) on 28×28 images."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+                         nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 49, 10))
+
+
+@lru_cache(maxsize=1)
+def _lee_cbow() -> tuple[Tensor, Tensor]:
+    """CBOW windows of the Lee corpus: the 4 words either side of a word -> that word.
+
+    Words as gensim's ``simple_preprocess`` splits them; the 1999 most frequent keep an id,
+    the rest share id 0; windows whose centre word is id 0 are left out.
+    """
+    from collections import Counter
+
+    from gensim.test.utils import datapath
+    from gensim.utils import simple_preprocess
+
+    with open(datapath("lee_background.cor")) as f:
+        words = simple_preprocess(f.read())
+    vocab = {w: i + 1 for i, (w, _) in enumerate(Counter(words).most_common(1999))}
+    ids = torch.tensor([vocab.get(w, 0) for w in words])
+    win = ids.unfold(0, 9, 1)
+    win = win[win[:, 4] != 0]
+    return torch.cat([win[:, :4], win[:, 5:]], 1), win[:, 4]
+
+
+class _CBOW(nn.Module):
+    """A word2vec-style CBOW model: the mean of the context words' embeddings -> the word."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(2000, 64, mode="mean")
+        self.out = nn.Linear(64, 2000)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.embed(x))
+
+
+@lru_cache(maxsize=1)
+def _diabetes_std() -> tuple[Tensor, Tensor]:
+    """The diabetes features standardised (zero mean, unit variance), the target in raw units."""
+    x, y = _diabetes_raw()
+    return (x - x.mean(0)) / x.std(0), y
+
+
+def _poisson_nll(log_rate: Tensor, y: Tensor) -> Tensor:
+    """Poisson negative log-likelihood of counts ``y`` at rates ``exp(log_rate)``."""
+    return nn.functional.poisson_nll_loss(log_rate, y, log_input=True, full=True)
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
-# at the row's LR, the scheduler tracked by the guard))
+# at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
+# LambdaLR rising linearly to the row's LR over them, then constant, tracked by the guard))
 Case = tuple[Callable[[], tuple[Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
              Callable[[nn.Module, float], torch.optim.Optimizer], list[float], str,
@@ -598,6 +722,26 @@ def cases() -> dict[str, Case]:
                                                               weight_decay=0.1),
                               [1e-3, 3e-2, 0.1, 1.0], "AdamW (weight decay 0.1), float16 "
                               "autocast", {"autocast": torch.float16}),
+        "mnist-postln-warmup": (_pixels_scaled, _PostLNTransformer, ce, _adam,
+                                [1e-3, 1e-2, 3e-2, 0.1], "Adam, post-LN, linear warm-up "
+                                "over 100 steps to the LR", {"warmup": 100}),
+        "digits-resnet-bn-adam": (_digits_images, _resnet_bn, ce, _adam,
+                                  [1e-3, 1e-2, 0.1, 1.0, 3.0], "Adam, BatchNorm, 3 basic blocks",
+                                  {}),
+        "mnist1d-silu-nadam": (_mnist1d, _silu_mlp, ce,
+                               lambda m, lr: torch.optim.NAdam(m.parameters(), lr=lr),
+                               [1e-3, 1e-2, 0.1, 1.0], "NAdam, 10 SiLU layers", {}),
+        "mnist-gncnn-sgd-wd": (_pixel_images, _gn_cnn, ce,
+                               lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr,
+                                                             momentum=0.9, weight_decay=5e-4),
+                               [0.01, 0.1, 1.0, 10.0],
+                               "SGD momentum 0.9, weight decay 5e-4, GroupNorm", {}),
+        "lee-cbow-adamax": (_lee_cbow, _CBOW, ce,
+                            lambda m, lr: torch.optim.Adamax(m.parameters(), lr=lr),
+                            [0.05, 0.2, 0.6, 2.0], "Adamax, EmbeddingBag", {}),
+        "diabetes-poisson-sgd": (_diabetes_std, lambda: nn.Linear(10, 1), _poisson_nll, _sgd(),
+                                 [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+                                 "plain SGD, log link, target in raw units", {}),
     }
 
 
@@ -613,8 +757,12 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
     n = int(0.8 * len(x))
     train, test = perm[:n], perm[n:]
     guard = gg.Guard(model, opt, log=None) if arm == "gradguard" else None
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-             if opts.get("onecycle") else None)
+    warmup = opts.get("warmup")
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    if opts.get("onecycle"):
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    elif warmup:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup))
     if guard is not None and sched is not None:
         guard.track(sched)  # (rolled back with the model)
     dtype = opts.get("autocast")
