@@ -29,9 +29,10 @@ and a look-alike of the second:
   a model without recurrent layers, a streak of flagged steps still counts once the
   guard has applied one of its steps (judged against the run's own rate of flagged
   steps, as bad batches are): gradient norms that spike step after step while the steps
-  go on are a blow-up under way before the loss shows it. On a recurrent net they are
-  not enough: its heavy-tailed but healthy gradient norms flag runs of steps, and the
-  loss level is the better witness (``Stability.norm_streaks``).
+  go on are a blow-up under way before the loss shows it — unless the loss falls through
+  them, as a run leaving a plateau does (:meth:`Controller._falling`). On a recurrent net
+  they are not enough: its heavy-tailed but healthy gradient norms flag runs of steps,
+  and the loss level is the better witness (``Stability.norm_streaks``).
 
 Response to instability: multiply the LR scale by a factor graded by the evidence of how
 far the LR is past its edge, and (when the guard keeps snapshots) return to the last
