@@ -137,6 +137,35 @@ param groups, noisy batch statistics, a state carried across steps:
   the hidden state carried (detached) from step to step and reset at each new pass; Adam
   lr 3e-3, 600 steps. Held-out: next-character cross-entropy on the last 10 %.
 
+An eighth batch, fixed and committed before any of it ran (stop 44), for healthy runs that
+sit on a plateau and then drop: the loss stays near its first value for hundreds of steps,
+then falls, often within a few dozen, while the gradient norm grows, up to twentyfold (the
+exit from a plateau, not a blow-up). Each setup was checked on its unguarded runs only:
+
+- ``mnist1d-tanh10-sgdm``: a 10-layer tanh MLP (width 64, PyTorch's default init) on
+  MNIST-1D, SGD momentum 0.9, lr 0.01, batch 32, 3000 steps: at chance for 350-650 steps,
+  then the loss falls and the gradient norm grows about fifteenfold.
+- ``modadd-mlp-adamw``: modular addition, (a + b) mod 47 over all 2209 pairs, a and b
+  embedded (32 each) into an MLP 64-128-47, AdamW lr 3e-3, weight decay 1, batch 64, 3000
+  steps: at ln 47 for about 500 steps, then the drop. Held-out: the unseen pairs.
+- ``parity-mlp-sgd``: sparse parity (Barak et al. 2022): 8000 random strings of 24 ±1
+  bits (a fixed draw) labelled by the parity of the first three, an MLP 24-128-2, SGD lr
+  0.1, batch 32, 3000 steps: at ln 2 for about 1000 steps.
+- ``induction-attn-adam``: 24 random tokens (of 64) whose first m (4-12, per row) repeat
+  right after them; a two-layer attention-only transformer (d 32, 2 heads) predicts the
+  repeat's next tokens, which needs an induction head (Olsson et al. 2022); Adam lr 1e-3,
+  batch 32, 1500 steps: slow for about 400 steps, then a fall to ~0.1.
+- ``deeplinear-sgd``: a six-layer linear net (16-32-…-32-16, no biases, weights
+  N(0, 0.08²)) regressing y = W x + noise, W of singular values 4, 2, 1 and 0.5, SGD lr
+  0.05, batch 32, 5000 steps: saddle to saddle (Saxe et al. 2014): a first plateau of
+  about 250 steps, left with the gradient norm some twentyfold its start, then a shorter
+  plateau before each smaller singular value.
+- ``gru-recall-adam``: a GRU (32 units) reads 12 one-hot symbols (4 kinds) and names the
+  first, Adam lr 3e-3, batch 32, 1500 steps: at ln 4 for 150-500 steps, then a drop to
+  ~1e-3 in a few dozen. First an LSTM (the setup's one fix before the guard ran): it stuck
+  at a partial solution (loss ~0.8) on 2 of 10 unguarded seeds, one of which then climbed
+  back to chance.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -169,6 +198,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -724,6 +754,151 @@ def _tbptt_loop(case: Case, guarded: bool, seed: int, total: int
     return (held_out if math.isfinite(held_out) else math.inf), acted
 
 
+# -- the eighth batch (stop 44) ----------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _mnist1d() -> tuple[Tensor, Tensor, Tensor]:
+    """MNIST-1D (4000 × 40), generated once per process (``get_dataset()`` would download)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())
+    x, y = torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"])
+    return x, y, y
+
+
+def _tanh10() -> nn.Module:
+    """A 10-layer tanh MLP 40-64-…-64-10 at PyTorch's default init."""
+    layers: list[nn.Module] = []
+    width = 40
+    for _ in range(10):
+        layers += [nn.Linear(width, 64), nn.Tanh()]
+        width = 64
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+_P = 47  # the modulus of the modular-addition case
+
+
+def _modadd() -> tuple[Tensor, Tensor, Tensor]:
+    """Every pair (a, b) with 0 ≤ a, b < 47 (2209 rows of two ids) and (a + b) mod 47."""
+    a = torch.arange(_P).repeat_interleave(_P)
+    b = torch.arange(_P).repeat(_P)
+    return torch.stack([a, b], 1), (a + b) % _P, (a + b) % _P
+
+
+class _ModAddMLP(nn.Module):
+    """Embeds a and b (32 each), concatenates them, MLP 64-128-47 (ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(_P, 32)
+        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, _P))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.emb(x).flatten(1))
+
+
+def _parity() -> tuple[Tensor, Tensor, Tensor]:
+    """8000 random ±1 strings of 24 bits (a fixed draw), labelled by the parity of the first
+    three (sparse parity, k = 3)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 2, (8000, 24), generator=gen).float() * 2 - 1
+    y = (x[:, :3].prod(1) < 0).long()
+    return x, y, y
+
+
+_VOCAB, _SEQ = 64, 24  # the induction case's tokens and sequence length
+
+
+def _induction() -> tuple[Tensor, Tensor, Tensor]:
+    """5000 sequences of 24 random tokens (of 64) whose first m (4-12, drawn per row) are
+    repeated right after them; targets: the next token inside the repeat, -100 (ignored)
+    elsewhere."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, _VOCAB, (5000, _SEQ), generator=gen)
+    y = torch.full_like(x, -100)
+    for i, m in enumerate(torch.randint(4, 13, (5000,), generator=gen).tolist()):
+        x[i, m:2 * m] = x[i, :m]
+        y[i, m:2 * m - 1] = x[i, 1:m]
+    return x, y, y
+
+
+class _CausalAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(a.transpose(1, 2).reshape(b, t, d))
+
+
+class _AttnOnly(nn.Module):
+    """A two-layer attention-only transformer (d 32, 2 heads, learned positions, residual
+    stream, no MLP or LayerNorm): the smallest model with an induction head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(_VOCAB, 32), nn.Embedding(_SEQ, 32)
+        self.blocks = nn.ModuleList(_CausalAttention(32, 2) for _ in range(2))
+        self.out = nn.Linear(32, _VOCAB)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.emb(x) + self.pos.weight
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+def _token_ce(out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy over every scored position (targets -100 are skipped)."""
+    return nn.functional.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+def _saxe() -> tuple[Tensor, Tensor, Tensor]:
+    """4000 Gaussian inputs (16-d) and y = W x + 0.05 noise, W of singular values 4, 2, 1,
+    0.5 (random singular vectors; the rest 0)."""
+    gen = torch.Generator().manual_seed(6)
+    u, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen))
+    w = u @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5] + [0.0] * 12)) @ v.T
+    x = torch.randn(4000, 16, generator=gen)
+    y = x @ w.T + 0.05 * torch.randn(4000, 16, generator=gen)
+    return x, y, y
+
+
+def _deep_linear() -> nn.Module:
+    """Six bias-free Linear layers 16-32-…-32-16, weights N(0, 0.08²) (small init)."""
+    layers = [nn.Linear(16 if i == 0 else 32, 16 if i == 5 else 32, bias=False)
+              for i in range(6)]
+    for lin in layers:
+        nn.init.normal_(lin.weight, std=0.08)
+    return nn.Sequential(*layers)
+
+
+def _recall() -> tuple[Tensor, Tensor, Tensor]:
+    """4000 sequences of 12 one-hot symbols (4 kinds, a fixed draw), labelled by the first."""
+    gen = torch.Generator().manual_seed(8)
+    tok = torch.randint(0, 4, (4000, 12), generator=gen)
+    return nn.functional.one_hot(tok, 4).float(), tok[:, 0], tok[:, 0]
+
+
+class _RecallGRU(nn.Module):
+    """A GRU (32 units) over the one-hot symbols; a linear read-out of its last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 32, batch_first=True)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)
+        return self.out(h[:, -1])
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -923,6 +1098,26 @@ def cases() -> dict[str, Case]:
         "gru-tbptt-lm": (_lee, _CharGRU, _CE, _adam(3e-3), 32, 600,
                          "Lee corpus char GRU LM, truncated BPTT (32 streams × 32 chars, state "
                          "carried), Adam lr 3e-3", None, {"loop": _tbptt_loop}),
+        # the eighth batch (stop 44)
+        "mnist1d-tanh10-sgdm": (_mnist1d, _tanh10, _CE, _sgdm(0.01), 32, 3000,
+                                "MNIST-1D 10-layer tanh MLP (default init), SGD momentum lr "
+                                "0.01", None, {}),
+        "modadd-mlp-adamw": (_modadd, _ModAddMLP, _CE,
+                             lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=1.0), 64,
+                             3000, "(a + b) mod 47, embeddings + MLP, AdamW lr 3e-3, weight "
+                             "decay 1", None, {}),
+        "parity-mlp-sgd": (_parity, lambda: nn.Sequential(
+            nn.Linear(24, 128), nn.ReLU(), nn.Linear(128, 2)), _CE,
+            lambda p: torch.optim.SGD(p, lr=0.1), 32, 3000,
+            "sparse parity (3 of 24 bits), MLP 24-128-2, SGD lr 0.1", None, {}),
+        "induction-attn-adam": (_induction, _AttnOnly, _token_ce, _adam(1e-3), 32, 1500,
+                                "repeated random tokens, 2-layer attention-only transformer, "
+                                "Adam lr 1e-3", None, {}),
+        "deeplinear-sgd": (_saxe, _deep_linear, _MSE, lambda p: torch.optim.SGD(p, lr=0.05), 32,
+                           5000, "6-layer linear net from small init (std 0.08), linear "
+                           "regression, SGD lr 0.05", None, {}),
+        "gru-recall-adam": (_recall, _RecallGRU, _CE, _adam(3e-3), 32, 1500,
+                            "GRU recalls the first of 12 symbols, Adam lr 3e-3", None, {}),
     }
 
 
