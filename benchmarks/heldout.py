@@ -319,19 +319,21 @@ def _heavy_ball_limit() -> float:
 
 
 class _RowTransformer(nn.Module):
-    """A pre-LN transformer classifier reading an 8×8 image as 8 row tokens."""
+    """A transformer classifier reading a square image as its rows, one token each: pre-LN
+    on an 8×8 image by default, ``norm_first=False`` for the original post-LN layout."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 8, norm_first: bool = True) -> None:
         super().__init__()
-        self.embed = nn.Linear(8, 64)
-        self.pos = nn.Parameter(torch.zeros(8, 64))
+        self.rows = rows
+        self.embed = nn.Linear(rows, 64)
+        self.pos = nn.Parameter(torch.zeros(rows, 64))
         layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+                                           norm_first=norm_first)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.out = nn.Linear(64, 10)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.encoder(self.embed(x.reshape(len(x), 8, 8)) + self.pos)
+        h = self.encoder(self.embed(x.reshape(len(x), self.rows, self.rows)) + self.pos)
         return self.out(h.mean(1))
 
 
@@ -513,23 +515,6 @@ class _Mixer(nn.Module):
         return self.out(self.norm(h).mean(1))
 
 
-class _PostLNTransformer(nn.Module):
-    """A post-LN transformer classifier (no pre-norm) reading a 28×28 image as 28 row tokens."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(28, 64)
-        self.pos = nn.Parameter(torch.zeros(28, 64))
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
-                                           norm_first=False)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.out = nn.Linear(64, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.encoder(self.embed(x.reshape(len(x), 28, 28)) + self.pos)
-        return self.out(h.mean(1))
-
-
 class _BasicBlock(nn.Module):
     """A ResNet basic block: two 3×3 convolutions with BatchNorm and an identity shortcut."""
 
@@ -551,14 +536,14 @@ def _resnet_bn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-def _silu_mlp() -> nn.Module:
-    """A 10-layer SiLU MLP (width 128, PyTorch's default init) on MNIST-1D."""
+def _deep_mlp(act: type[nn.Module], width: int) -> nn.Module:
+    """A 10-layer MLP 40-width-…-width-10 on MNIST-1D at PyTorch's default init."""
     layers: list[nn.Module] = []
-    width = 40
+    n_in = 40
     for _ in range(10):
-        layers += [nn.Linear(width, 128), nn.SiLU()]
-        width = 128
-    return nn.Sequential(*layers, nn.Linear(128, 10))
+        layers += [nn.Linear(n_in, width), act()]
+        n_in = width
+    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 def _gn_cnn() -> nn.Module:
@@ -722,13 +707,14 @@ def cases() -> dict[str, Case]:
                                                               weight_decay=0.1),
                               [1e-3, 3e-2, 0.1, 1.0], "AdamW (weight decay 0.1), float16 "
                               "autocast", {"autocast": torch.float16}),
-        "mnist-postln-warmup": (_pixels_scaled, _PostLNTransformer, ce, _adam,
+        "mnist-postln-warmup": (_pixels_scaled,
+                                lambda: _RowTransformer(28, norm_first=False), ce, _adam,
                                 [1e-3, 1e-2, 3e-2, 0.1], "Adam, post-LN, linear warm-up "
                                 "over 100 steps to the LR", {"warmup": 100}),
         "digits-resnet-bn-adam": (_digits_images, _resnet_bn, ce, _adam,
                                   [1e-3, 1e-2, 0.1, 1.0, 3.0], "Adam, BatchNorm, 3 basic blocks",
                                   {}),
-        "mnist1d-silu-nadam": (_mnist1d, _silu_mlp, ce,
+        "mnist1d-silu-nadam": (_mnist1d, lambda: _deep_mlp(nn.SiLU, 128), ce,
                                lambda m, lr: torch.optim.NAdam(m.parameters(), lr=lr),
                                [1e-3, 1e-2, 0.1, 1.0], "NAdam, 10 SiLU layers", {}),
         "mnist-gncnn-sgd-wd": (_pixel_images, _gn_cnn, ce,

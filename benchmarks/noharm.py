@@ -769,12 +769,7 @@ def _mnist1d() -> tuple[Tensor, Tensor, Tensor]:
 
 def _tanh10() -> nn.Module:
     """A 10-layer tanh MLP 40-64-…-64-10 at PyTorch's default init."""
-    layers: list[nn.Module] = []
-    width = 40
-    for _ in range(10):
-        layers += [nn.Linear(width, 64), nn.Tanh()]
-        width = 64
-    return nn.Sequential(*layers, nn.Linear(64, 10))
+    return _heldout()._deep_mlp(nn.Tanh, 64)
 
 
 _P = 47  # the modulus of the modular-addition case
