@@ -166,6 +166,40 @@ exit from a plateau, not a blow-up). Each setup was checked on its unguarded run
   at a partial solution (loss ~0.8) on 2 of 10 unguarded seeds, one of which then climbed
   back to chance.
 
+A ninth batch, fixed and committed before any of it ran guarded (stop 45), for what users
+do to the weights, the gradient or the batch between ``backward()`` and the step, or
+around it; each setup was checked on its unguarded runs only (3 seeds):
+
+- ``mlp-sam``: sharpness-aware minimisation (Foret et al. 2021, ρ 0.05) as a user writes
+  it for ``guard.step(loss)``: a first backward for the gradient at w, then the loss at
+  w + ρ g/‖g‖ (``torch.func.functional_call``), whose gradient lands on w; SGD momentum lr
+  0.05. The guard sees the loss at the perturbed point, above the point's own (two forward
+  and backward passes per step).
+- ``mlp-prune95``: one-shot magnitude pruning mid-run: at step 300, 95 % of each Linear
+  layer's weights (the smallest) masked to zero (torch's ``l1_unstructured``; the mask
+  stays), SGD momentum lr 0.05: the weights change outside the optimizer, the loss jumps
+  five- to eightfold for a few steps and the gradient norm up to 2.5×, then both recover.
+  At 50 % and 80 % the loss stayed within its batch noise (the setup's one change before
+  the guard ran).
+- ``mlp-gradnoise``: annealed Gaussian gradient noise (Neelakantan et al. 2015), variance
+  η/(1 + t)^0.55 added to every gradient before the step, SGD momentum lr 0.05: the
+  gradient norm starts at two to three times the clean one's, mostly noise, and falls as
+  the noise anneals. η 1e-3: at 0.01 (the paper's smallest) the held-out loss was twice the
+  noiseless run's (the setup's one change before the guard ran).
+- ``mlp-logit-scale``: a cosine classifier (a 784-128 ReLU body, 10 prototypes) whose
+  logits are the cosines times a learned scale exp(t), t from 0 (NormFace, Wang et al.
+  2017; CLIP's learned temperature), SGD momentum lr 0.05: the scale grows from 1 to
+  45-55, and t's gradient some twentyfold, while the loss falls.
+- ``mlp-ohem``: online hard example mining (Shrivastava et al. 2016): of each draw of 128
+  only the 64 with the highest loss are trained on, SGD momentum lr 0.05: the training
+  loss is the worst half's, near 1e-3 late in the run, and single batches' gradient norms
+  reach 7-19 times the median of the 20 before. First the 32 hardest (the setup's one
+  change before the guard ran): the held-out loss was 0.6-1.1 on 6 seeds, against ~0.4
+  for the plain MLP at batch 32.
+- ``mlp-lookahead``: Lookahead (Zhang et al. 2019, k 5, α 0.5) written in the loop around
+  SGD momentum lr 0.05: every fifth step the weights are pulled halfway back to a slow
+  copy the guard does not know of (the optimizer's momentum kept).
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -894,6 +928,78 @@ class _RecallGRU(nn.Module):
         return self.out(h[:, -1])
 
 
+# -- the ninth batch (stop 45) -----------------------------------------------------------
+
+
+def _sam_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+               gen: torch.Generator) -> Tensor:
+    # Sharpness-aware minimisation (Foret et al. 2021), ρ 0.05: the gradient at w, then
+    # the loss at w + ρ g/‖g‖ (g held fixed), whose gradient lands on w's .grad.
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(params.values()))
+    scale = 0.05 / (torch.sqrt(sum(g.pow(2).sum() for g in grads)) + 1e-12)
+    shifted = {k: p + scale * g for (k, p), g in zip(params.items(), grads, strict=True)}
+    return nn.functional.cross_entropy(torch.func.functional_call(model, shifted, (x,)), y)
+
+
+def _prune95(model: nn.Module, step: int) -> None:
+    # One-shot magnitude pruning mid-run: at step 300, 95 % of each Linear layer's weights
+    # (the smallest) are masked to zero (torch's l1_unstructured; the mask stays).
+    from torch.nn.utils import prune
+
+    if step == 300:
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):
+                prune.l1_unstructured(layer, "weight", amount=0.95)
+
+
+def _grad_noise(model: nn.Module, step: int, gen: torch.Generator) -> None:
+    # Annealed Gaussian gradient noise (Neelakantan et al. 2015): variance η / (1 + t)^0.55,
+    # η 1e-3, added to every gradient before the step.
+    sd = math.sqrt(1e-3 / (1 + step) ** 0.55)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.add_(sd * torch.randn(p.shape, generator=gen))
+
+
+class _CosineClassifier(nn.Module):
+    """A 784-128 ReLU body and 10 class prototypes; logits: the cosine of the features and
+    each prototype times a learned scale exp(t), t from 0 (NormFace, Wang et al. 2017; CLIP's
+    learned temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(784, 128), nn.ReLU())
+        self.proto = nn.Parameter(torch.randn(10, 128))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        cos = nn.functional.normalize(self.body(x), dim=1) @ nn.functional.normalize(
+            self.proto, dim=1).T
+        return self.log_scale.exp() * cos
+
+
+def _hardest_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                   gen: torch.Generator) -> Tensor:
+    # Online hard example mining (Shrivastava et al. 2016): of each draw of 128, only the
+    # 64 with the highest loss are trained on.
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    return losses.topk(64).values.mean()
+
+
+def _lookahead(model: nn.Module, step: int) -> None:
+    # Lookahead (Zhang et al. 2019), k 5, α 0.5, in the loop: every 5 steps the slow
+    # weights move halfway to the fast ones and the fast weights are reset to them (the
+    # optimizer's momentum is kept).
+    if step == 0:
+        model.slow = [p.detach().clone() for p in model.parameters()]
+    elif step % 5 == 0:
+        with torch.no_grad():
+            for p, slow in zip(model.parameters(), model.slow, strict=True):
+                slow.add_(p - slow, alpha=0.5)
+                p.copy_(slow)
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -903,9 +1009,11 @@ class _RecallGRU(nn.Module):
 # "varbatch" ((smallest, largest): each step's batch size, log-uniform), "user_clip" (the
 # user's clip_grad_norm_ before the step, both arms), "pool" ((training indices, targets)
 # -> the training pool), "on_step" ((model, step) -> None, called before each step's
-# zero_grad, both arms), "loop" ((case, guarded, seed, steps) -> (held-out loss, what the
-# guard did): the case's own training loop, in place of run()'s). A ReduceLROnPlateau
-# schedule steps on the training loss.
+# zero_grad, both arms), "on_grad" ((model, step, generator) -> None, called after the
+# backward pass and before the step, both arms: the user's own gradient edits), "loop"
+# ((case, guarded, seed, steps) -> (held-out loss, what the guard did): the case's own
+# training loop, in place of run()'s). A ReduceLROnPlateau schedule steps on the training
+# loss.
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
@@ -1113,6 +1221,25 @@ def cases() -> dict[str, Case]:
                            "regression, SGD lr 0.05", None, {}),
         "gru-recall-adam": (_recall, _RecallGRU, _CE, _adam(3e-3), 32, 1500,
                             "GRU recalls the first of 12 symbols, Adam lr 3e-3", None, {}),
+        # the ninth batch (stop 45)
+        "mlp-sam": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                    "MNIST MLP, sharpness-aware minimisation (ρ 0.05), SGD momentum lr 0.05",
+                    None, {"train_loss": _sam_train}),
+        "mlp-prune95": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                        "MNIST MLP, SGD momentum lr 0.05, 95 % of each layer's weights pruned "
+                        "(magnitude, one shot) at step 300", None, {"on_step": _prune95}),
+        "mlp-gradnoise": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                          "MNIST MLP, SGD momentum lr 0.05, annealed Gaussian gradient noise "
+                          "(η 1e-3)", None, {"on_grad": _grad_noise}),
+        "mlp-logit-scale": (_mnist, _CosineClassifier, _CE, _sgdm(0.05), 32, 600,
+                            "MNIST cosine classifier with a learned logit scale (from 1), SGD "
+                            "momentum lr 0.05", None, {}),
+        "mlp-ohem": (_mnist, _mlp, _CE, _sgdm(0.05), 128, 600,
+                     "MNIST MLP, online hard example mining (the 64 hardest of 128), SGD "
+                     "momentum lr 0.05", None, {"train_loss": _hardest_train}),
+        "mlp-lookahead": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                          "MNIST MLP, Lookahead (k 5, α 0.5) around SGD momentum lr 0.05",
+                          None, {"on_step": _lookahead}),
     }
 
 
@@ -1185,6 +1312,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
                 micro = micro.float() / accum
             micro.backward()
             loss = loss + micro.detach()
+        if "on_grad" in opts:
+            opts["on_grad"](model, step, gen)
         if "user_clip" in opts:
             nn.utils.clip_grad_norm_(model.parameters(), opts["user_clip"])
         if _step(guard, opt, loss):
