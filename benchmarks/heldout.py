@@ -117,6 +117,29 @@ model and an exponential link, with optimizers the other batches do not use:
   Stirling term) of the diabetes progression score (whole numbers 25-346, raw units) on
   the standardised features, plain SGD: a too-high LR overflows ``exp``.
 
+And six more, a seventh batch written the same way at stop 45 (committed before any guarded
+run; the grids were checked on the unguarded arms only): a vision transformer under plain
+momentum, a robust loss on a linear model, an identity-initialised ReLU RNN, a deep net
+under a bad init with RAdam, a dilated conv net in bfloat16 and weight normalisation with
+a large weight decay:
+
+- ``mnist-vit-sgd``: a ViT (16 patches of 7×7 and a class token, pre-LN, two layers of
+  width 64) on the MNIST subset (scaled to 0-1), SGD with momentum 0.9: attention under
+  a non-adaptive optimizer at too high an LR.
+- ``series-ar12-huber``: an AR(12) linear model forecasting ``series-gru-raw``'s series
+  from its last 12 values in raw units, the Huber loss (``smooth_l1_loss``, δ = 1), plain
+  SGD: a bounded loss gradient, so a too-high LR oscillates instead of overflowing.
+- ``mnist1d-irnn-sgd``: a ReLU RNN (128 units, recurrent weights the identity, biases
+  zero: Le et al.'s IRNN) reading an MNIST-1D signal as 40 scalars, SGD with momentum 0.9.
+- ``mnist1d-elu-badinit-radam``: a 10-layer ELU MLP (width 128) on MNIST-1D, every weight
+  drawn from N(0, 0.15²) (activations grow ~1.25× a layer), RAdam.
+- ``mnist1d-tcn-bf16``: a temporal conv net (a 1×1 stem, four residual blocks of two
+  3-tap convolutions dilated 1, 2, 4 and 8, no normalisation) on MNIST-1D under bfloat16
+  autocast, SGD with momentum 0.9.
+- ``mnist-wn-mlp-wd``: a 784-256-256-10 ReLU MLP with every layer weight-normalised
+  (``parametrizations.weight_norm``) on the MNIST subset (scaled to 0-1), SGD with
+  momentum 0.9 and weight decay 1e-2.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -272,10 +295,10 @@ class _ResMLP(nn.Module):
 class _Recurrent(nn.Module):
     """A recurrent layer reading a sequence of scalars, read out at its last step."""
 
-    def __init__(self, kind: type[nn.RNNBase], hidden: int, **kw: Any) -> None:
+    def __init__(self, kind: type[nn.RNNBase], hidden: int, n_out: int = 1, **kw: Any) -> None:
         super().__init__()
         self.rnn = kind(1, hidden, batch_first=True, **kw)
-        self.out = nn.Linear(hidden, 1)
+        self.out = nn.Linear(hidden, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x.unsqueeze(-1))
@@ -599,6 +622,83 @@ def _poisson_nll(log_rate: Tensor, y: Tensor) -> Tensor:
     return nn.functional.poisson_nll_loss(log_rate, y, log_input=True, full=True)
 
 
+class _PatchViT(nn.Module):
+    """A ViT reading a 28×28 image as 16 patches of 7×7 and a class token: pre-LN, two
+    layers of width 64, classified from the class token after a final LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(49, 64)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, 64))
+        self.pos = nn.Parameter(0.02 * torch.randn(17, 64))
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = x.reshape(len(x), 4, 7, 4, 7).permute(0, 1, 3, 2, 4).reshape(len(x), 16, 49)
+        h = torch.cat([self.cls.expand(len(x), -1, -1), self.embed(patches)], 1) + self.pos
+        return self.out(self.norm(self.encoder(h))[:, 0])
+
+
+def _huber(pred: Tensor, y: Tensor) -> Tensor:
+    """The Huber loss with δ = 1 (``smooth_l1_loss`` at β = 1): quadratic within 1 unit."""
+    return nn.functional.smooth_l1_loss(pred, y)
+
+
+def _irnn() -> nn.Module:
+    """A ReLU RNN (128 units) reading an MNIST-1D signal as 40 scalars, classified at its
+    last step; recurrent weights the identity and biases zero (Le et al.'s IRNN)."""
+    model = _Recurrent(nn.RNN, 128, n_out=10, nonlinearity="relu")
+    nn.init.eye_(model.rnn.weight_hh_l0)
+    nn.init.zeros_(model.rnn.bias_hh_l0)
+    nn.init.zeros_(model.rnn.bias_ih_l0)
+    return model
+
+
+def _elu_badinit() -> nn.Module:
+    """``_deep_mlp``'s 10 layers with ELU, width 128, every weight drawn from N(0, 0.15²)
+    (1.2× Kaiming's scale at fan-in 128, 3× PyTorch's default): the activations grow with
+    depth, ~1.25× a layer, to logits of standard deviation ~10."""
+    model = _deep_mlp(nn.ELU, 128)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.15)
+    return model
+
+
+class _TCNBlock(nn.Module):
+    """A residual block of two dilated 3-tap 1-D convolutions (same length), ReLU."""
+
+    def __init__(self, ch: int, dilation: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv1d(ch, ch, 3, padding=dilation, dilation=dilation),
+                                  nn.ReLU(),
+                                  nn.Conv1d(ch, ch, 3, padding=dilation, dilation=dilation))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def _tcn() -> nn.Module:
+    """A temporal conv net on MNIST-1D: a 1×1 stem to 32 channels, residual blocks dilated
+    1, 2, 4 and 8 (no normalisation), a linear read-out of all 40 positions."""
+    return nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 32, 1),
+                         *(_TCNBlock(32, d) for d in (1, 2, 4, 8)),
+                         nn.Flatten(), nn.Linear(32 * 40, 10))
+
+
+def _wn_mlp() -> nn.Module:
+    """A 784-256-256-10 ReLU MLP, every layer weight-normalised (w = g·v/‖v‖)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    return nn.Sequential(weight_norm(nn.Linear(784, 256)), nn.ReLU(),
+                         weight_norm(nn.Linear(256, 256)), nn.ReLU(),
+                         weight_norm(nn.Linear(256, 10)))
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
@@ -728,6 +828,25 @@ def cases() -> dict[str, Case]:
         "diabetes-poisson-sgd": (_diabetes_std, lambda: nn.Linear(10, 1), _poisson_nll, _sgd(),
                                  [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1],
                                  "plain SGD, log link, target in raw units", {}),
+        "mnist-vit-sgd": (_pixels_scaled, _PatchViT, ce, _sgd(0.9), [0.03, 0.1, 0.3, 1.0],
+                          "SGD momentum 0.9, 16 patches of 7×7 and a class token, pre-LN", {}),
+        "series-ar12-huber": (_series, lambda: nn.Linear(12, 1), _huber, _sgd(),
+                              [1e-5, 1e-4, 1e-3, 1e-2, 0.1],
+                              "plain SGD, Huber loss (δ = 1), raw units", {}),
+        "mnist1d-irnn-sgd": (_mnist1d, _irnn, ce, _sgd(0.9), [3e-4, 1e-3, 3e-3, 1e-2, 0.1],
+                             "SGD momentum 0.9, ReLU RNN at identity init, 40 steps", {}),
+        "mnist1d-elu-badinit-radam": (_mnist1d, _elu_badinit, ce,
+                                      lambda m, lr: torch.optim.RAdam(m.parameters(), lr=lr),
+                                      [3e-3, 1e-2, 3e-2, 0.1, 0.3],
+                                      "RAdam, 10 ELU layers, weights N(0, 0.15²)", {}),
+        "mnist1d-tcn-bf16": (_mnist1d, _tcn, ce, _sgd(0.9), [0.01, 0.03, 0.1, 0.3, 1.0],
+                             "SGD momentum 0.9, dilated residual 1-D convolutions, bfloat16 "
+                             "autocast", {"autocast": torch.bfloat16}),
+        "mnist-wn-mlp-wd": (_pixels_scaled, _wn_mlp, ce,
+                            lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9,
+                                                          weight_decay=1e-2),
+                            [0.03, 0.1, 0.3, 1.0],
+                            "SGD momentum 0.9, weight decay 1e-2, weight norm", {}),
     }
 
 
