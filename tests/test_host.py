@@ -678,3 +678,82 @@ def test_a_parameter_that_joins_is_no_spike():
     assert not {"grad_spike", "rollback", "backoff"} & set(_kinds(guard))
     assert guard.lr.scale == 1.0
     guard.close()
+
+
+def _pruned_mnist(seed: int, how: str) -> tuple[float, gg.Guard]:
+    """The MNIST MLP of :func:`_shifted_mnist` (all ten digits), 95 % of each layer's weights
+    pruned at step 300 (``how``: "mask", torch's ``l1_unstructured``, which reparametrises
+    the weight; "inplace", zeroed in place; "announced", zeroed in place and
+    ``guard.data_changed()`` called); held-out loss after 330 steps, and the guard."""
+    from torch.nn.utils import prune
+
+    from gradguard.scenarios import data
+
+    x, y = data.mnist()
+    x = x.float().reshape(len(x), -1)
+    x = (x - x.mean()) / x.std()
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    n = int(0.8 * len(x))
+    train, test = perm[:n], perm[n:]
+    guard = gg.Guard(model, opt, log=None)
+    for step in range(330):
+        if step == 300:
+            for layer in (model[0], model[2]):
+                if how == "mask":
+                    prune.l1_unstructured(layer, "weight", amount=0.95)
+                    continue
+                with torch.no_grad():
+                    w = layer.weight
+                    w.mul_(w.abs() > w.abs().flatten().kthvalue(int(0.95 * w.numel())).values)
+            if how == "announced":
+                guard.data_changed()
+        idx = train[torch.randint(0, n, (32,), generator=gen)]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        guard.step(loss)
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x[test]), y[test])), guard
+
+
+def test_a_model_pruned_mid_run_is_no_lr_problem():
+    # Found by a blind batch of healthy runs (stop 45, mlp-prune95): the pruned model's loss
+    # rose, the rollback found the snapshots no longer fit (torch's pruning renames the
+    # weight), and the LR cut stood: ×0.1 for the rest of the run, "unstable at your LR".
+    with pytest.warns(gg.GuardUsageWarning, match="data_changed"):
+        _, guard = _pruned_mnist(2, "mask")
+    changed = [e for e in _of(guard, "data_shift") if e.get("model_changed")]
+    assert len(changed) == 1 and "rollback_off" in _kinds(guard)
+    assert guard.lr.scale == 1.0 and guard.rollbacks == 0
+    assert "the model was changed" in guard.verdict()
+    guard.close()
+
+
+def test_a_rollback_past_an_edit_made_in_place_says_it_undid_it():
+    with pytest.warns(gg.GuardUsageWarning, match="undid that write"):
+        _, guard = _pruned_mnist(2, "inplace")
+    undone = _of(guard, "edit_undone")
+    assert undone and undone[0]["edited"] == 300 and undone[0]["to_step"] < 300
+    guard.close()
+    # Announced, the edit starts the loss afresh and no rollback goes back past it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gg.GuardUsageWarning)
+        _, guard = _pruned_mnist(2, "announced")
+    assert "edit_undone" not in _kinds(guard) and guard.rollbacks == 0
+    assert guard.lr.scale == 1.0
+    guard.close()
+
+
+def test_a_closed_guard_refuses_data_changed_and_track():
+    model = torch.nn.Linear(2, 1)
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), log=None)
+    guard.close()
+    with pytest.raises(gg.GuardUsageError, match="closed"):
+        guard.data_changed()
+    with pytest.raises(gg.GuardUsageError, match="closed"):
+        guard.track(torch.optim.lr_scheduler.StepLR(guard.optimizer, 10))

@@ -155,6 +155,13 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                    f"{e['then']:.4g} when saved), so the rollback that rise "
                    "caused was no LR problem: its LR cut was taken back and the guard "
                    "learned the new data's statistics afresh")
+    changes = [e for e in recorder.events if e.get("model_changed")]
+    if changes:
+        at = ", ".join(str(x["step"]) for x in changes)
+        shifted += (f"; the model was changed during the run (found at step {at}: its "
+                    "snapshots no longer fit it), so the rise that came with it was no LR "
+                    "problem: its LR cut was taken back and the guard learned the changed "
+                    "model's statistics afresh")
     said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None, shifted)
     stops = [e for e in recorder.events if e["kind"] == "stopped"]

@@ -22,6 +22,7 @@ from . import assembly, checkpoint, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform, claim
 from .device import DeviceSide
+from .errors import GuardUsageError
 from .params import resolve_params
 from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
@@ -133,6 +134,7 @@ class Guard(assembly.Parts):
     def track(self, obj: Any) -> Any:
         """Include ``obj`` (anything with state_dict/load_state_dict, e.g. an LR scheduler
         or a GradScaler) in rollback snapshots. Returns ``obj``."""
+        self._open("track")
         self._tracked.append(trackable(obj, self._started))
         return obj
 
@@ -155,8 +157,15 @@ class Guard(assembly.Parts):
         return (item for item in iterable if not self.should_skip_batch())
 
     def data_changed(self) -> None:
-        """The data or the loss changed on purpose: judge the loss afresh, no rollback."""
+        """The data, the loss or the model changed on purpose (a curriculum step, pruned
+        or reloaded weights): judge the loss afresh, and never roll back past this point."""
+        self._open("data_changed")
         self._host.data_changed()
+
+    def _open(self, what: str) -> None:
+        if self._closed:
+            raise GuardUsageError(f"guard.{what}() on a closed guard; build a new one to keep "
+                                  "training")
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: Tensor | None = None, closure: Callable[[], Tensor] | None = None,
@@ -178,6 +187,7 @@ class Guard(assembly.Parts):
             TrainingDivergedError: the policy has run out of remedies.
         """
         groups, loss = begin_step(self, loss, closure, batch)
+        self._host.outside_edits(self.steps, end=False)
         if not self._started:
             self._started = True
             self._host.start()
@@ -189,6 +199,7 @@ class Guard(assembly.Parts):
         step = self.steps
         self.steps += 1
         rolled = self._host.after_step(step)
+        self._host.outside_edits(step, end=True)
         return StepInfo(step, *info, rolled)
 
     def diagnosis(self) -> dict[str, Any]:

@@ -81,6 +81,12 @@ class HostSide:
                 guard.policy.on_nonfinite not in (Action.SKIP, Action.AUTO, Action.NONE):
             self.inputs.arm(None)  # (the batch at once; the first layer once it is known)
         self.rollbacks = 0
+        # The watched parameters' autograd version counters as the guard's last step left
+        # them, and the latest step before which something else wrote to them (see
+        # outside_edits).
+        self.versions: list[int] | None = None
+        self.edited: int | None = None
+        self.warned_edit = False
         self.skip_batches = 0
         self.batches_used = False
         self.skip_streak = 0
@@ -468,6 +474,36 @@ class HostSide:
         self.early_base = self.restored = None
         return g.store.forget() if g.store is not None else 0
 
+    def outside_edits(self, step: int, end: bool) -> None:
+        """Note writes to the watched parameters between the guard's steps (pruning, loaded
+        weights, a weight constraint, Lookahead): at the start of a step, versions other
+        than the last step left mean something else wrote to them in place; at its end,
+        the versions the guard's own writes (the update, a restore) leave. Autograd's
+        version counters are host integers: no device sync. A write through ``.data``
+        bypasses them and is not seen."""
+        versions = [p._version for p in self.g.params]
+        if end:
+            self.versions = versions
+        elif self.versions is not None and versions != self.versions:
+            self.edited = step
+
+    def _undid_edit(self, step: int, to_step: int) -> None:
+        """Say so when a rollback restored weights from before an outside edit: it undid
+        the edit (a pruned model dense again, a loaded checkpoint replaced)."""
+        if self.edited is None or to_step >= self.edited:
+            return
+        where = "the initial weights" if to_step < 0 else f"weights from step {to_step}"
+        msg = (f"the rollback restored {where}, from before the parameters were written "
+               f"outside the optimizer (before step {self.edited}: pruning, loaded weights, "
+               "a weight constraint, Lookahead), so it undid that write. If it was a change "
+               "to keep, call guard.data_changed() right after making it: no rollback then "
+               "goes back past it")
+        self.g.recorder.event(step, "edit_undone", msg, action="warn", to_step=to_step,
+                              edited=self.edited)
+        if not self.warned_edit:
+            self.warned_edit = True
+            warnings.warn(f"gradguard: {msg}", GuardUsageWarning, stacklevel=7)
+
     def data_changed(self) -> None:
         """The user changed the data or the loss on purpose (``Guard.data_changed``)."""
         self._known_change(self.g.steps, lambda dropped: (
@@ -580,12 +616,16 @@ class HostSide:
                     and loss_bad and store.discard_latest():
                 verdict = c.not_the_lr()
                 g.lr.scale = verdict.scale
-            cut_point = c.cut_point()
+            cut_point, clip_before = c.cut_point(), None if clip else c.clip_since
             target = self.rollback(k, reason, verdict.retry, clip,
-                                   (cut_point, None if clip else c.clip_since, None))
-            if target is not None and dead_cut:
-                self.dead.restart()  # (back before the episode: its units are judged afresh)
+                                   (cut_point, clip_before, None))
+            if target is None and not rec["nonfinite"]:
+                # (a rise or a streak of spikes judged against what the old model did; a
+                # NaN/Inf streak is the changed model's own, answered in place below)
+                return self._model_changed(k, reason, cut_point, clip_before)
             if target is not None:
+                if dead_cut:
+                    self.dead.restart()  # (back before the episode: judged afresh)
                 if early and target == -1 and self.batch_noise is None:
                     self.echo_ref = c.first_loss
                     if self.early_base is None:
@@ -598,6 +638,27 @@ class HostSide:
         why = " (no snapshot to roll back to)" if may_roll else " in place"
         g.recorder.event(k, "backoff", f"unstable: {reason}; {what}{why}", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
+        return False
+
+    def _model_changed(self, k: int, reason: str, point: Any, clip_before: int | None
+                       ) -> bool:
+        """The snapshots no longer fit the model: it was changed since the latest one was
+        taken (pruned with ``torch.nn.utils.prune``, reparametrised, a layer swapped), so the
+        loss level that rose compares the changed model with the old one, and says nothing
+        about the LR. Take the cut back and judge the loss afresh, as for new data
+        (measured: ``mlp-prune95`` in ``benchmarks/NOHARM.md``)."""
+        g, c = self.g, self.g.control
+        assert c is not None
+        c.not_the_lr(point)
+        c.clip_since = clip_before
+        g.lr.scale = c.scale
+        self._new_data()
+        g.recorder.event(
+            k, "data_shift",
+            f"the model changed since its last snapshot (it no longer fits), not the LR: "
+            f"{reason} compares the changed model with the old one; LR scale back to "
+            f"×{c.scale:.3g}, and the loss level and spike statistics start afresh",
+            action="recover", lr_scale=c.scale, model_changed=True)
         return False
 
     def dead_before_training(self) -> str | None:
@@ -779,9 +840,11 @@ class HostSide:
             g.recorder.event(step, "rollback_off", f"{e}: the {dropped} snapshot(s) taken "
                              "before the change are dropped; new ones are taken from here",
                              action="warn")
-            warnings.warn(f"gradguard: {e}; the snapshots are dropped", GuardUsageWarning,
-                          stacklevel=6)
+            warnings.warn(f"gradguard: {e}; the snapshots are dropped. After changing the "
+                          "model on purpose (pruning, loading weights), call "
+                          "guard.data_changed()", GuardUsageWarning, stacklevel=6)
             return None
+        self._undid_edit(step, target.step)
         saved = target.guard.get("control")
         self.restored = None if check is None or not saved else (
             saved, check[0], check[1], target.step, [], check[2])
