@@ -292,17 +292,23 @@ class _ResMLP(nn.Module):
         return self.out(h)
 
 
-class _Recurrent(nn.Module):
-    """A recurrent layer reading a sequence of scalars, read out at its last step."""
+class _LastStep(nn.Module):
+    """A recurrent layer over a sequence (of scalars: a 2-D batch, or of vectors), read out
+    by a linear layer at its last step."""
 
-    def __init__(self, kind: type[nn.RNNBase], hidden: int, n_out: int = 1, **kw: Any) -> None:
+    def __init__(self, rnn: nn.RNNBase, n_out: int) -> None:
         super().__init__()
-        self.rnn = kind(1, hidden, batch_first=True, **kw)
-        self.out = nn.Linear(hidden, n_out)
+        self.rnn = rnn
+        self.out = nn.Linear(rnn.hidden_size, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x.unsqueeze(-1))
+        h, _ = self.rnn(x.unsqueeze(-1) if x.dim() == 2 else x)
         return self.out(h[:, -1])
+
+
+def _recurrent(kind: type[nn.RNNBase], hidden: int, n_out: int = 1, **kw: Any) -> _LastStep:
+    """``kind`` (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) reading a sequence of scalars."""
+    return _LastStep(kind(1, hidden, batch_first=True, **kw), n_out)
 
 
 def _badinit_cnn() -> nn.Module:
@@ -373,17 +379,9 @@ def _digits_rows() -> tuple[Tensor, Tensor]:
     return x.reshape(len(x), 8, 8), y
 
 
-class _RowLSTM(nn.Module):
+def _row_lstm() -> _LastStep:
     """An LSTM reading an 8×8 image as 8 rows, read out at its last step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(8, 64, batch_first=True)
-        self.out = nn.Linear(64, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x)
-        return self.out(h[:, -1])
+    return _LastStep(nn.LSTM(8, 64, batch_first=True), 10)
 
 
 def _pixel_images() -> tuple[Tensor, Tensor]:
@@ -651,7 +649,7 @@ def _huber(pred: Tensor, y: Tensor) -> Tensor:
 def _irnn() -> nn.Module:
     """A ReLU RNN (128 units) reading an MNIST-1D signal as 40 scalars, classified at its
     last step; recurrent weights the identity and biases zero (Le et al.'s IRNN)."""
-    model = _Recurrent(nn.RNN, 128, n_out=10, nonlinearity="relu")
+    model = _recurrent(nn.RNN, 128, n_out=10, nonlinearity="relu")
     nn.init.eye_(model.rnn.weight_hh_l0)
     nn.init.zeros_(model.rnn.bias_hh_l0)
     nn.init.zeros_(model.rnn.bias_ih_l0)
@@ -726,7 +724,7 @@ def cases() -> dict[str, Case]:
         "linreg-raw-wine": (_wine, lambda: nn.Linear(12, 1), mse, _sgd(),
                             [0.1 * lim, 0.67 * lim, 4 * lim, 20 * lim],
                             f"0.1×, 0.67×, 4× and 20× the limit 2/λmax = {lim:.3g}", {}),
-        "rnn-memory": (_memory_task, lambda: _Recurrent(nn.RNN, 64, nonlinearity="tanh"),
+        "rnn-memory": (_memory_task, lambda: _recurrent(nn.RNN, 64, nonlinearity="tanh"),
                        mse, _sgd(), [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "plain SGD", {}),
         "mlp-raw-pixels": (_pixels, _pixel_mlp, ce, _sgd(0.9),
                            [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "SGD momentum 0.9, pixels 0-255",
@@ -735,7 +733,7 @@ def cases() -> dict[str, Case]:
                             "Adam", {}),
         "mnist1d-deep-tanh": (_mnist1d, _deep_tanh, ce, _sgd(0.9), [1e-3, 1e-2, 0.1, 0.3],
                               "SGD momentum 0.9, Xavier gain 2.5", {}),
-        "series-gru-raw": (_series, lambda: _Recurrent(nn.GRU, 32), mse, _sgd(0.9),
+        "series-gru-raw": (_series, lambda: _recurrent(nn.GRU, 32), mse, _sgd(0.9),
                            [1e-6, 1e-5, 1e-4, 1e-3], "SGD momentum 0.9, raw units", {}),
         "iris-raw-sgd": (_iris, lambda: nn.Linear(4, 3), ce, _sgd(), [0.01, 0.1, 1.0, 3.0],
                          "plain SGD, raw units", {}),
@@ -750,7 +748,7 @@ def cases() -> dict[str, Case]:
                            {"autocast": torch.bfloat16}),
         "digits-resmlp20": (_digits_01, _ResMLP, ce, _sgd(0.9), [0.003, 0.03, 0.1, 0.3],
                             "SGD momentum 0.9, 20 residual blocks, no normalisation", {}),
-        "memory-lstm-adam": (_memory_task, lambda: _Recurrent(nn.LSTM, 64), mse, _adam,
+        "memory-lstm-adam": (_memory_task, lambda: _recurrent(nn.LSTM, 64), mse, _adam,
                              [1e-3, 1e-2, 3e-2, 0.1], "Adam", {}),
         "diabetes-mlp-adam-raw": (_diabetes_raw, lambda: nn.Sequential(
             nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 1)), mse, _adam,
@@ -770,7 +768,7 @@ def cases() -> dict[str, Case]:
                                      [1e-3, 1e-2, 3e-2, 0.1], "AdamW, no warm-up", {}),
         "digits-vgg-nobn": (_digits_images, _vgg_nobn, ce, _sgd(0.9), [0.01, 0.1, 0.3, 1.0],
                             "SGD momentum 0.9, no normalisation", {}),
-        "digits-lstm-sgd": (_digits_rows, _RowLSTM, ce, _sgd(0.9), [0.03, 0.3, 1.0, 3.0],
+        "digits-lstm-sgd": (_digits_rows, _row_lstm, ce, _sgd(0.9), [0.03, 0.3, 1.0, 3.0],
                             "SGD momentum 0.9, 8 rows as a sequence", {}),
         "mnist-cnn-rmsprop": (_pixel_images, _lenet, ce,
                               lambda m, lr: torch.optim.RMSprop(m.parameters(), lr=lr),

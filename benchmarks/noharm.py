@@ -357,15 +357,9 @@ def _row_transformer() -> nn.Module:
     return _heldout()._RowTransformer()
 
 
-class _Recurrent(nn.Module):
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.rnn = getattr(nn, kind)(1, 64, batch_first=True)
-        self.out = nn.Linear(64, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x.unsqueeze(-1))
-        return self.out(h[:, -1])
+def _recurrent(kind: str) -> nn.Module:
+    """``nn.<kind>`` (64 units) reading a sequence of scalars, read out at its last step."""
+    return _heldout()._recurrent(getattr(nn, kind), 64)
 
 
 def _pixels01() -> tuple[Tensor, Tensor, Tensor]:
@@ -915,17 +909,9 @@ def _recall() -> tuple[Tensor, Tensor, Tensor]:
     return nn.functional.one_hot(tok, 4).float(), tok[:, 0], tok[:, 0]
 
 
-class _RecallGRU(nn.Module):
+def _recall_gru() -> nn.Module:
     """A GRU (32 units) over the one-hot symbols; a linear read-out of its last state."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.GRU(4, 32, batch_first=True)
-        self.out = nn.Linear(32, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h, _ = self.rnn(x)
-        return self.out(h[:, -1])
+    return _heldout()._LastStep(nn.GRU(4, 32, batch_first=True), 4)
 
 
 # -- the ninth batch (stop 45) -----------------------------------------------------------
@@ -1073,10 +1059,10 @@ def cases() -> dict[str, Case]:
                        "MNIST MLP, 20 % of training labels random, SGD momentum lr 0.05", None, {}),
         "cnn-adam": (_mnist, _cnn, _CE, lambda p: torch.optim.Adam(p, lr=1e-3), 32, 300,
                      "MNIST CNN, Adam lr 1e-3, batch 32", None, {}),
-        "lstm-adam": (_memory, lambda: _Recurrent("LSTM"), _MSE,
+        "lstm-adam": (_memory, lambda: _recurrent("LSTM"), _MSE,
                       lambda p: torch.optim.Adam(p, lr=3e-3), 32, 600,
                       "LSTM memory task, Adam lr 3e-3, batch 32", None, {}),
-        "gru-sgdm": (_memory, lambda: _Recurrent("GRU"), _MSE,
+        "gru-sgdm": (_memory, lambda: _recurrent("GRU"), _MSE,
                      lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.9), 32, 600,
                      "GRU memory task, SGD momentum lr 0.03, batch 32", None, {}),
         "mlp-sgdr": (_mnist, _mlp, _CE, _sgdm(0.01), 32, 600,
@@ -1219,7 +1205,7 @@ def cases() -> dict[str, Case]:
         "deeplinear-sgd": (_saxe, _deep_linear, _MSE, lambda p: torch.optim.SGD(p, lr=0.05), 32,
                            5000, "6-layer linear net from small init (std 0.08), linear "
                            "regression, SGD lr 0.05", None, {}),
-        "gru-recall-adam": (_recall, _RecallGRU, _CE, _adam(3e-3), 32, 1500,
+        "gru-recall-adam": (_recall, _recall_gru, _CE, _adam(3e-3), 32, 1500,
                             "GRU recalls the first of 12 symbols, Adam lr 3e-3", None, {}),
         # the ninth batch (stop 45)
         "mlp-sam": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,

@@ -312,9 +312,9 @@ def test_a_rollback_for_the_lr_keeps_its_cut_after_the_restore():
     guard.close()
 
 
-def _shifted_mnist(guarded: bool, seed: int) -> tuple[float, gg.Guard | None]:
-    """An MNIST MLP trained on digits 0-4 for 300 steps, then on all ten (a curriculum,
-    or a new data source): held-out loss on all ten, and the guard."""
+def _mnist_mlp(seed: int) -> tuple:
+    """The MNIST subset (standardised), a 784-128-10 ReLU MLP under SGD momentum lr 0.05,
+    the batch generator, and the training and held-out indices (80/20), all from ``seed``."""
     from gradguard.scenarios import data
 
     x, y = data.mnist()
@@ -327,7 +327,13 @@ def _shifted_mnist(guarded: bool, seed: int) -> tuple[float, gg.Guard | None]:
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
     n = int(0.8 * len(x))
-    train, test = perm[:n], perm[n:]
+    return x, y, model, opt, gen, perm[:n], perm[n:]
+
+
+def _shifted_mnist(guarded: bool, seed: int) -> tuple[float, gg.Guard | None]:
+    """An MNIST MLP trained on digits 0-4 for 300 steps, then on all ten (a curriculum,
+    or a new data source): held-out loss on all ten, and the guard."""
+    x, y, model, opt, gen, train, test = _mnist_mlp(seed)
     first = train[y[train] < 5]
     guard = gg.Guard(model, opt, log=None) if guarded else None
     for step in range(500):
@@ -687,19 +693,8 @@ def _pruned_mnist(seed: int, how: str) -> tuple[float, gg.Guard]:
     ``guard.data_changed()`` called); held-out loss after 330 steps, and the guard."""
     from torch.nn.utils import prune
 
-    from gradguard.scenarios import data
-
-    x, y = data.mnist()
-    x = x.float().reshape(len(x), -1)
-    x = (x - x.mean()) / x.std()
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(784, 128), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    n = int(0.8 * len(x))
-    train, test = perm[:n], perm[n:]
+    x, y, model, opt, gen, train, test = _mnist_mlp(seed)
+    n = len(train)
     guard = gg.Guard(model, opt, log=None)
     for step in range(330):
         if step == 300:
