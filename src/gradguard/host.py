@@ -494,10 +494,10 @@ class HostSide:
             return
         where = "the initial weights" if to_step < 0 else f"weights from step {to_step}"
         msg = (f"the rollback restored {where}, from before the parameters were written "
-               f"outside the optimizer (before step {self.edited}: pruning, loaded weights, "
-               "a weight constraint, Lookahead), so it undid that write. If it was a change "
-               "to keep, call guard.data_changed() right after making it: no rollback then "
-               "goes back past it")
+               f"in place outside the optimizer (before step {self.edited}), so it undid "
+               "that write: right for corrupted weights, wrong for a change to keep (pruning, "
+               "loaded weights). Call guard.data_changed() right after such a change: no "
+               "rollback then goes back past it")
         self.g.recorder.event(step, "edit_undone", msg, action="warn", to_step=to_step,
                               edited=self.edited)
         if not self.warned_edit:
