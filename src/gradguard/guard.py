@@ -22,12 +22,11 @@ from . import assembly, checkpoint, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform, claim
 from .device import DeviceSide
-from .errors import GuardUsageError
 from .params import resolve_params
 from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
 from .rollback import trackable
-from .usage import after_step_hooks, begin_step, check_args, check_outputs
+from .usage import after_step_hooks, begin_step, check_args, check_open, check_outputs
 
 __all__ = ["Guard", "StepInfo"]
 
@@ -134,7 +133,7 @@ class Guard(assembly.Parts):
     def track(self, obj: Any) -> Any:
         """Include ``obj`` (anything with state_dict/load_state_dict, e.g. an LR scheduler
         or a GradScaler) in rollback snapshots. Returns ``obj``."""
-        self._open("track")
+        check_open(self)
         self._tracked.append(trackable(obj, self._started))
         return obj
 
@@ -159,13 +158,8 @@ class Guard(assembly.Parts):
     def data_changed(self) -> None:
         """The data, the loss or the model changed on purpose (a curriculum step, pruned
         or reloaded weights): judge the loss afresh, and never roll back past this point."""
-        self._open("data_changed")
+        check_open(self)
         self._host.data_changed()
-
-    def _open(self, what: str) -> None:
-        if self._closed:
-            raise GuardUsageError(f"guard.{what}() on a closed guard; build a new one to keep "
-                                  "training")
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: Tensor | None = None, closure: Callable[[], Tensor] | None = None,

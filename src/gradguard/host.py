@@ -480,7 +480,10 @@ class HostSide:
         than the last step left mean something else wrote to them in place; at its end,
         the versions the guard's own writes (the update, a restore) leave. Autograd's
         version counters are host integers: no device sync. A write through ``.data``
-        bypasses them and is not seen."""
+        bypasses them and is not seen. Only a rollback can undo such a write: a guard
+        without snapshots reads nothing."""
+        if self.g.store is None:
+            return
         versions = [p._version for p in self.g.params]
         if end:
             self.versions = versions
@@ -640,6 +643,15 @@ class HostSide:
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
         return False
 
+    def _take_back(self, point: Any, clip_since: int | None) -> None:
+        """Return the LR state to ``point`` (a :meth:`Controller.cut_point`) and the
+        clipping to ``clip_since``: the cuts since were no LR problem's."""
+        g, c = self.g, self.g.control
+        assert c is not None
+        c.not_the_lr(point)
+        c.clip_since = clip_since
+        g.lr.scale = c.scale
+
     def _model_changed(self, k: int, reason: str, point: Any, clip_before: int | None
                        ) -> bool:
         """The snapshots no longer fit the model: it was changed since the latest one was
@@ -649,9 +661,7 @@ class HostSide:
         (measured: ``mlp-prune95`` in ``benchmarks/NOHARM.md``)."""
         g, c = self.g, self.g.control
         assert c is not None
-        c.not_the_lr(point)
-        c.clip_since = clip_before
-        g.lr.scale = c.scale
+        self._take_back(point, clip_before)
         self._new_data()
         g.recorder.event(
             k, "data_shift",
@@ -826,7 +836,7 @@ class HostSide:
         Returns:
             The step the restored snapshot was taken after (-1: the initial weights), or
             None: the snapshots no longer fit the model (nothing was restored; they are
-            dropped, and the instability is answered in place).
+            dropped, and the caller reads the model as changed, see :meth:`_model_changed`).
         """
         g = self.g
         assert g.store is not None
@@ -952,9 +962,7 @@ class HostSide:
         then, now = seen
         ratio = f" ({now / then:.3g}×)" if then > 0 else ""
         back = self._return_to_left()
-        c.not_the_lr(point)
-        c.clip_since = clip_before
-        g.lr.scale = c.scale
+        self._take_back(point, clip_before)
         dropped = self._new_data()
         where = "" if back is None else (
             f"; the model and optimizer are back where the rollback found them (after step "
@@ -973,9 +981,7 @@ class HostSide:
         elif not self.unjudged:
             if self.shift_point is not None:
                 # (every cut since the first change was judged on the moving level)
-                c.not_the_lr(self.shift_point[0])
-                c.clip_since = self.shift_point[1]
-                g.lr.scale = c.scale
+                self._take_back(*self.shift_point)
             # A one-off change (a curriculum's next stage, a new source) is answered above
             # and the loss judged afresh. A second one says the objective moves on its own:
             # a discriminator's loss, whose data is another model's output, or a critic's;

@@ -256,13 +256,18 @@ def check_outputs(log: Any, tensorboard: Any, sinks: list[Any]) -> None:
                               f"got {sink!r}")
 
 
+def check_open(g: Guard) -> None:
+    """Refuse to use a closed guard (``step``, ``track``, ``data_changed``)."""
+    if g._closed:
+        raise GuardUsageError("this guard was closed; build a new one to keep training")
+
+
 def begin_step(g: Guard, loss: Tensor | None, closure: Callable[[], Tensor] | None,
                batch: Any = None) -> tuple[GradGroups, Tensor | None]:
     """What ``guard.step`` checks and prepares before its device half: the closure run,
     AMP gradients unscaled, the gradients collected; misuse refused before anything is
     measured or stepped."""
-    if g._closed:
-        raise GuardUsageError("this guard was closed; build a new one to keep training")
+    check_open(g)
     if closure is not None:
         loss = run_closure(loss, closure)
     if loss is not None and not isinstance(loss, Tensor):
