@@ -188,3 +188,41 @@ def test_tensorboard_histograms_keep_their_cadence(tmp_path):
     hist = [e.step for e in _tb(tmp_path / "tb").Histograms("gradguard/log10_layer_grad_norm")]
     assert hist == [0, 56, 112]
     assert "gradguard/lr" in _tb(tmp_path / "tb").Tags()["scalars"]
+
+
+def test_a_guard_with_an_open_log_refuses_pickle_and_copy_and_keeps_training(tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def train(g, m, o, n):
+        for _ in range(n):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            g.step(loss)
+
+    guard = gg.Guard(model, opt, log=tmp_path / "run.jsonl")
+    train(guard, model, opt, 3)
+    for attempt in (lambda: pickle.dumps(guard), lambda: copy.deepcopy(guard)):
+        with pytest.raises(gg.GuardUsageError, match=r"state_dict\(\).*log=None"):
+            attempt()
+    train(guard, model, opt, 3)  # the refused copy left the guard and its log working
+    guard.close()
+    steps = [r for r in read_jsonl(tmp_path / "run.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(6))
+
+    # Without a log a guard is plain data: the copy trains its own copies of the model
+    # and optimizer and ends as the original does.
+    model2 = torch.nn.Linear(3, 1)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    plain = gg.Guard(model2, opt2, log=None)
+    train(plain, model2, opt2, 2)
+    twin = pickle.loads(pickle.dumps((plain, model2, opt2)))
+    train(plain, model2, opt2, 3)
+    train(*twin, 3)
+    assert torch.equal(twin[1].weight, model2.weight)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, GuardUsageWarning, check_int
+from .errors import ConfigError, GuardUsageError, GuardUsageWarning, check_int
 from .runlog import Event, Meta, StepRecord, typed
 
 __all__ = [
@@ -194,7 +194,22 @@ def _atomic_append_lines(f: Any, lines: Iterable[str]) -> None:
     os.fsync(f.fileno())
 
 
-class JsonlSink:
+class _OpenResource:
+    """A sink that holds an open file, writer or console: pickling or copying it (with the
+    guard that owns it) would fail deep inside pickle with "cannot pickle
+    '_io.TextIOWrapper' object", or give two guards one file."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise GuardUsageError(
+            f"a Guard with a {type(self).__name__} (log=, tensorboard= or console=) holds "
+            "an open file and cannot be pickled or copied. To save a guard, save "
+            "guard.state_dict() (torch.save(guard.state_dict(), path)) and restore it with "
+            "load_state_dict() on a new Guard; to copy one, build a new Guard on the copied "
+            "model and optimizer and load the state into it (or build the guard with "
+            "log=None, tensorboard=None, console=False)")
+
+
+class JsonlSink(_OpenResource):
     """Append records to a JSON-lines file (the default sink; ``gradguard report`` reads it)."""
 
     # The files open sinks of this process write to: two live guards on one file
@@ -243,7 +258,7 @@ class JsonlSink:
                 JsonlSink._writing[self._key] = left
 
 
-class ConsoleSink:
+class ConsoleSink(_OpenResource):
     """Print events (not steps) to the console with rich, or plain print without it."""
 
     def __init__(self, console: Any = None) -> None:
@@ -277,7 +292,7 @@ class ConsoleSink:
         pass
 
 
-class TensorBoardSink:
+class TensorBoardSink(_OpenResource):
     """Scalars, per-layer norm histograms and events as text, via ``SummaryWriter``."""
 
     def __init__(self, log_dir: str | os.PathLike[str], histogram_every: int = 50) -> None:
