@@ -427,3 +427,23 @@ def test_a_run_that_crashes_says_so_in_its_verdict(data):
     assert (15, "stopped") in kinds
     assert "RuntimeError: bad batch 15" in cb.guard.recorder.events[-2]["message"]
     assert cb.guard.verdict().startswith("stopped by RuntimeError: bad batch 15 at step 15")
+
+
+def test_a_second_fit_that_goes_on_goes_on_with_the_guard(data):
+    xtr, ytr = data[0], data[1]
+    cb = GradGuardCallback()
+    module = make_module()
+    t = trainer(callbacks=[cb], max_steps=10, max_epochs=5)
+    t.fit(module, loader(xtr, ytr, {4: "nan"}))
+    first = cb.guard
+    assert first.steps == 10 and int(first.skipped) == 1
+    t.fit_loop.epoch_loop.max_steps = 20  # the same run, ten steps more
+    t.fit(module, loader(xtr, ytr, {4: "nan"}))
+    assert cb.guard is not first  # (Lightning built a new optimizer)
+    assert cb.guard.steps == 20 and int(cb.guard.skipped) == 2
+    # the statistics went on too: the loss detector has seen both fits' finite losses
+    assert cb.guard.loss_spike.state_dict()["count"] == 18
+
+    # A new Trainer starts from step 0: a new run, judged by a fresh guard.
+    trainer(callbacks=[cb], max_steps=10).fit(module, loader(xtr, ytr, {4: "nan"}))
+    assert cb.guard.steps == 10 and int(cb.guard.skipped) == 1

@@ -26,8 +26,10 @@ manual optimization, and a skipped step leaves parameters and optimizer moments 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -115,6 +117,13 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
             (:meth:`gradguard.Guard.load_state_dict`): True refuses a state saved with
             other guard settings; False loads what those settings leave valid (change a
             setting mid-run, e.g. add a clip, and resume).
+
+    A second ``fit()`` that goes on from where the last one ended (the same Trainer and
+    module, e.g. after raising ``max_steps``: Lightning's ``global_step`` goes on) goes on
+    with the guard's state too, as a resume from a checkpoint would: its statistics, LR
+    scale and counts carry over (Lightning builds a new optimizer, so the guard is new).
+    A fit from step 0, on another module, after a failed fit, or with a module whose
+    parameters changed in between (layers unfrozen) starts a fresh guard.
         **guard_kwargs: passed to :class:`~gradguard.Guard` (``clip``, ``policy``,
             ``on_spike``, ``rollback``, ``log``, ``tensorboard``, ``sinks``, ...). Not
             ``scaler``: the callback uses the precision plugin's.
@@ -141,6 +150,10 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self._scaler: torch.amp.GradScaler | None = None
         self._loss: Tensor | None = None
         self._pending_state: dict[str, Any] | None = None
+        # The state the last fit ended with, for a fit that goes on from it: (the module,
+        # Lightning's global_step then, the guard's state).
+        self._ended: tuple[weakref.ref[Any], int, dict[str, Any]] | None = None
+        self._failed = False
 
     # -- set-up and tear-down ----------------------------------------------------------
     @staticmethod
@@ -200,9 +213,17 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self.guard = Guard(pl_module, opt, **self.guard_kwargs)
         for cfg in trainer.lr_scheduler_configs:
             self.guard.track(cfg.scheduler)  # rolled back with the model
+        ended, self._ended, self._failed = self._ended, None, False
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state, strict=self.strict)
             self._pending_state = None
+        elif ended is not None and ended[0]() is pl_module \
+                and trainer.global_step == ended[1] > 0:
+            # The same run, going on: its guard state goes on with it. Other settings or
+            # parameters (a layer unfrozen between the fits) make it a new phase, which a
+            # fresh guard judges afresh (the check comes before anything is loaded).
+            with contextlib.suppress(ConfigError):
+                self.guard.load_state_dict(ended[2], strict=True)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._scaler is not None:
             # Lightning's plugin owns the GradScaler: the callback unscales before the
@@ -223,11 +244,15 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Close the guard (flushing its sinks) and restore the optimizer's ``step``."""
         if stage == "fit":
+            if self.guard is not None and self._gate is not None and not self._failed:
+                self._ended = (weakref.ref(pl_module), trainer.global_step,
+                               self.guard.state_dict())
             self._finish()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Also close on errors (e.g. ``TrainingDivergedError``), so the run log is complete
         and its verdict says how the run ended."""
+        self._failed, self._ended = True, None
         self._finish(exception)
 
     # -- the step ----------------------------------------------------------------------
