@@ -140,6 +140,32 @@ a large weight decay:
   (``parametrizations.weight_norm``) on the MNIST subset (scaled to 0-1), SGD with
   momentum 0.9 and weight decay 1e-2.
 
+And six more, an eighth batch written the same way at stop 46 (committed before any guarded
+run; the grids were checked on the unguarded arms only): attention without its scaling, a
+graph network, a learned variance, a normalizing flow, a metric-learning loss and a deep
+linear net, models and losses the other batches do not contain:
+
+- ``mnist-attn-noscale-adam``: a 2-layer pre-LN transformer (width 64, one head) reading a
+  28×28 MNIST image (scaled to 0-1) as 28 row tokens, its attention written by hand with
+  the scores q·k left unscaled (no 1/√d, 8× the usual logits), Adam.
+- ``graph-gcn-sgd``: three GCN layers (ReLU(ÂHW), width 64, a dense normalised adjacency
+  D^-½(A + I)D^-½) and a sum read-out over the nodes, classifying 20-node random graphs by
+  their generator (Erdős–Rényi, a two-community block model, a rewired ring; mean degree ~6
+  in all three; the degree one-hot as node features), plain SGD.
+- ``synth-hetero-nll-adam``: a ReLU MLP (1-64-64-2) giving a mean and a log-variance,
+  trained on the Gaussian negative log-likelihood written by hand (½(log σ² + (y - μ)²/σ²))
+  on synthetic 1-D data whose noise grows 40× from the centre outwards, Adam: a variance
+  free to collapse, so that 1/σ² overflows.
+- ``moons-realnvp-adam``: a RealNVP flow (six affine couplings x -> x·e^s + t, each s and t
+  from a 2-64-64-2 ReLU MLP, s unbounded: no tanh) fitted by maximum likelihood to
+  sklearn's two moons (noise 0.05), Adam: an exponential inside the model.
+- ``mnist-triplet-sgd``: an embedding net (784-256-64, ReLU) on fixed triplets of MNIST-subset
+  images (scaled to 0-1: an image, another of its class, one of another class), the
+  triplet margin loss (margin 1), SGD with momentum 0.9: a too-high LR collapses the
+  embedding (loss = the margin) or blows it up.
+- ``mnist1d-deeplinear-sgd``: an 8-layer linear net (width 64, no activations) on MNIST-1D,
+  every weight drawn from N(0, 1.5²/fan_in) (the signal grows ~26× end to end), plain SGD.
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -697,6 +723,212 @@ def _wn_mlp() -> nn.Module:
                          weight_norm(nn.Linear(256, 10)))
 
 
+class _NoScaleAttention(nn.Module):
+    """Single-head self-attention written by hand, its scores q·k left unscaled (no
+    1/√d): a common slip, the softmax's logits √64 = 8× the usual size."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, h: Tensor) -> Tensor:
+        q, k, v = self.qkv(h).chunk(3, -1)
+        return self.proj(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+
+
+class _NoScaleTransformer(nn.Module):
+    """A 2-layer pre-LN transformer (width 64, one head, ``_NoScaleAttention``) reading a
+    28×28 image as 28 row tokens, classified from the mean token after a final LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, 64)
+        self.pos = nn.Parameter(0.02 * torch.randn(28, 64))
+        self.attn = nn.ModuleList(_NoScaleAttention(64) for _ in range(2))
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(64) for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(64, 128), nn.GELU(),
+                                                nn.Linear(128, 64)) for _ in range(2))
+        self.mlp_norms = nn.ModuleList(nn.LayerNorm(64) for _ in range(2))
+        self.norm = nn.LayerNorm(64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.reshape(len(x), 28, 28)) + self.pos
+        for attn, an, mlp, mn in zip(self.attn, self.attn_norms, self.mlps, self.mlp_norms,
+                                     strict=True):
+            h = h + attn(an(h))
+            h = h + mlp(mn(h))
+        return self.out(self.norm(h).mean(1))
+
+
+@lru_cache(maxsize=1)
+def _graphs() -> tuple[Tensor, Tensor]:
+    """3000 random graphs of 20 nodes, a third each Erdős–Rényi (p = 6/19), a two-community
+    stochastic block model (10 + 10 nodes, p 0.5 within, 0.15 across) and a Watts–Strogatz
+    ring (3 neighbours a side, each edge rewired with probability 0.2): mean degree ~6 in
+    all three. A sample is its normalised adjacency D^-½(A + I)D^-½ (20×20) beside its node
+    features, each node's degree one-hot (0-19, as is usual for graphs without features):
+    20×40; the label is the generator."""
+    gen = torch.Generator().manual_seed(5)
+    n, per = 20, 1000
+    same = torch.arange(n) < n // 2
+    p_sbm = torch.where(same[:, None] == same[None, :], 0.5, 0.15)
+    ring = torch.zeros(n, n, dtype=torch.bool)
+    for k in (1, 2, 3):
+        ring |= torch.eye(n, dtype=torch.bool).roll(k, 1)
+    upper = torch.ones(n, n).triu(1).bool()
+    adjs = []
+    for kind in range(3):
+        for _ in range(per):
+            if kind == 0:
+                a = torch.rand(n, n, generator=gen) < 6 / 19
+            elif kind == 1:
+                a = torch.rand(n, n, generator=gen) < p_sbm
+            else:  # rewire each ring edge (i, j) to (i, random) with probability 0.2
+                a = ring.clone()
+                for i, j in ring.nonzero().tolist():
+                    if float(torch.rand(1, generator=gen)) < 0.2:
+                        new = int(torch.randint(0, n, (1,), generator=gen))
+                        if new != i and not (a[i, new] or a[new, i]):
+                            a[i, j] = False
+                            a[i, new] = True
+            if kind < 2:
+                a = a & upper  # each pair drawn once, no self-loops
+            a = a | a.T
+            adjs.append(a.float())
+    adj = torch.stack(adjs)
+    feats = nn.functional.one_hot(adj.sum(2).long(), n).float()
+    a_hat = adj + torch.eye(n)
+    d = a_hat.sum(2).rsqrt()
+    a_hat = d[:, :, None] * a_hat * d[:, None, :]
+    return torch.cat([a_hat, feats], 2), torch.arange(3).repeat_interleave(per)
+
+
+class _GCN(nn.Module):
+    """Three GCN layers (H <- ReLU(Â H W), width 64, Kipf & Welling) on a dense normalised
+    adjacency, summed over the nodes (a sum read-out, as GIN's), a linear layer to the
+    graph's class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(20, 64), nn.Linear(64, 64), nn.Linear(64, 64)])
+        self.out = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, h = x[..., :20], x[..., 20:]
+        for lin in self.layers:
+            h = torch.relu(a @ lin(h))
+        return self.out(h.sum(1))
+
+
+@lru_cache(maxsize=1)
+def _hetero() -> tuple[Tensor, Tensor]:
+    """4000 points x ~ U(-4, 4), y = 2 sin(1.5x) + x/2 + (0.05 + 0.5|x|)ε: noise whose scale
+    grows 40× from the centre to the edges."""
+    gen = torch.Generator().manual_seed(17)
+    x = 8 * torch.rand(4000, 1, generator=gen) - 4
+    eps = torch.randn(4000, 1, generator=gen)
+    return x, 2 * torch.sin(1.5 * x) + x / 2 + (0.05 + 0.5 * x.abs()) * eps
+
+
+def _gauss_nll(out: Tensor, y: Tensor) -> Tensor:
+    """Gaussian negative log-likelihood (nats, without the constant ½log 2π) of ``y`` under a
+    mean ``out[:, 0]`` and a log-variance ``out[:, 1]``, written by hand as is common:
+    ½(log σ² + (y - μ)² e^(-log σ²)), the variance free to collapse."""
+    mu, log_var = out[:, :1], out[:, 1:]
+    return 0.5 * (log_var + (y - mu) ** 2 * torch.exp(-log_var)).mean()
+
+
+class _Coupling(nn.Module):
+    """A RealNVP affine coupling on 2-D points: the coordinate ``mask`` picks passes
+    through and conditions an MLP (2-64-64-2, ReLU) giving a log-scale s and a shift t for
+    the other, x -> x·e^s + t; s unbounded (no tanh). Returns (z, log|det|)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.net = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                 nn.Linear(64, 2))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        keep = x * self.mask
+        s, t = self.net(keep).chunk(2, -1)
+        free = 1 - self.mask
+        s, t = s * free, t * free
+        return keep + free * (x * torch.exp(s) + t), s.sum(-1)
+
+
+class _RealNVP(nn.Module):
+    """Six affine couplings alternating which coordinate they change, onto a standard normal:
+    returns each point's log-likelihood log N(z; 0, I) + Σ log|det|."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.couplings = nn.ModuleList(_Coupling(torch.tensor([1.0, 0.0] if i % 2 == 0
+                                                              else [0.0, 1.0]))
+                                       for i in range(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        log_det = torch.zeros(len(x))
+        for c in self.couplings:
+            x, ld = c(x)
+            log_det = log_det + ld
+        return -0.5 * (x ** 2).sum(-1) - math.log(2 * math.pi) + log_det
+
+
+def _moons() -> tuple[Tensor, Tensor]:
+    """4000 points of sklearn's two moons (noise 0.05); no labels (zeros)."""
+    from sklearn.datasets import make_moons
+
+    x, _ = make_moons(4000, noise=0.05, random_state=3)
+    return torch.tensor(x, dtype=torch.float32), torch.zeros(4000)
+
+
+def _flow_nll(log_lik: Tensor, _: Tensor) -> Tensor:
+    return -log_lik.mean()
+
+
+@lru_cache(maxsize=1)
+def _triplets() -> tuple[Tensor, Tensor]:
+    """A triplet per MNIST-subset image (scaled to 0-1): the image, a random other image of
+    its class, a random image of another class: 5000×3×784; no labels (zeros)."""
+    x, y = _pixels_scaled()
+    gen = torch.Generator().manual_seed(9)
+    pos = torch.empty(len(x), dtype=torch.long)
+    neg = torch.empty(len(x), dtype=torch.long)
+    for c in range(10):
+        mine = (y == c).nonzero().squeeze(1)
+        other = (y != c).nonzero().squeeze(1)
+        shift = torch.randint(1, len(mine), (len(mine),), generator=gen)
+        pos[mine] = mine[(torch.arange(len(mine)) + shift) % len(mine)]
+        neg[mine] = other[torch.randint(0, len(other), (len(mine),), generator=gen)]
+    return torch.stack([x, x[pos], x[neg]], 1), torch.zeros(len(x))
+
+
+def _siamese() -> nn.Module:
+    """One embedding net (784-256-64, ReLU) applied to each image of a triplet."""
+    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 64))
+
+
+def _triplet_loss(emb: Tensor, _: Tensor) -> Tensor:
+    """The triplet margin loss (margin 1, Euclidean) of (anchor, positive, negative)."""
+    return nn.functional.triplet_margin_loss(emb[:, 0], emb[:, 1], emb[:, 2], margin=1.0)
+
+
+def _deep_linear() -> nn.Module:
+    """An 8-layer linear net (40-64-…-64-10, no activations) on MNIST-1D, every weight
+    drawn from N(0, 1.5²/fan_in): the signal grows 1.5× a layer, ~26× end to end."""
+    layers: list[nn.Module] = []
+    n_in = 40
+    for i in range(8):
+        lin = nn.Linear(n_in, 10 if i == 7 else 64)
+        nn.init.normal_(lin.weight, std=1.5 / math.sqrt(n_in))
+        layers.append(lin)
+        n_in = 64
+    return nn.Sequential(*layers)
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
@@ -845,6 +1077,24 @@ def cases() -> dict[str, Case]:
                                                           weight_decay=1e-2),
                             [0.03, 0.1, 0.3, 1.0],
                             "SGD momentum 0.9, weight decay 1e-2, weight norm", {}),
+        "mnist-attn-noscale-adam": (_pixels_scaled, _NoScaleTransformer, ce, _adam,
+                                    [1e-3, 3e-3, 1e-2, 0.1, 1.0],
+                                    "Adam, attention scores without 1/√d, 28 row tokens", {}),
+        "graph-gcn-sgd": (_graphs, _GCN, ce, _sgd(), [0.01, 0.03, 0.1, 0.3, 1.0],
+                          "plain SGD, 3 GCN layers, a sum read-out over 20 nodes", {}),
+        "synth-hetero-nll-adam": (_hetero, lambda: nn.Sequential(
+            nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
+            _gauss_nll, _adam, [1e-3, 1e-2, 0.1, 0.3, 1.0],
+            "Adam, Gaussian NLL with a learned log-variance", {}),
+        "moons-realnvp-adam": (_moons, _RealNVP, _flow_nll, _adam,
+                               [1e-3, 1e-2, 3e-2, 0.1, 0.3],
+                               "Adam, 6 affine couplings, log-scale unbounded", {}),
+        "mnist-triplet-sgd": (_triplets, _siamese, _triplet_loss, _sgd(0.9),
+                              [0.01, 0.1, 0.3, 1.0, 3.0],
+                              "SGD momentum 0.9, triplet margin loss (margin 1)", {}),
+        "mnist1d-deeplinear-sgd": (_mnist1d, _deep_linear, ce, _sgd(),
+                                   [1e-3, 1e-2, 3e-2, 0.1, 1.0],
+                                   "plain SGD, 8 linear layers, weights N(0, 1.5²/fan_in)", {}),
     }
 
 
