@@ -3,6 +3,7 @@
 import datetime
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -80,8 +81,20 @@ def _ddp_worker(rank: int, port: int, out: str, sync: bool) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, *args) -> None:
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+def _spawn(fn, out: str, *args) -> None:
+    """Run ``fn(rank, port, out, *args)`` on every rank; each saves ``out/rank{r}.pt``."""
+    try:
+        mp.spawn(fn, args=(_free_port(), out, *args), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # Seen once in ~100 runs on a loaded 2-core machine: both ranks printed "terminate
+        # called without an active exception" (a C++ thread destroyed while joinable, as
+        # in torch's process-group teardown) and one died of SIGABRT. Where every rank
+        # wrote its results first, the test's work was done and its checks below decide;
+        # a rank that did not write them (or wrote them torn) still fails it.
+        done = all(os.path.exists(f"{out}/rank{r}.pt") for r in range(WORLD))
+        if e.signal_name != "SIGABRT" or not done:
+            raise
+        warnings.warn(f"a rank aborted at exit after writing its results: {e}", stacklevel=2)
 
 
 @pytest.mark.parametrize("sync", [True, False])
