@@ -153,7 +153,6 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         # The state the last fit ended with, for a fit that goes on from it: (the module,
         # Lightning's global_step then, the guard's state).
         self._ended: tuple[weakref.ref[Any], int, dict[str, Any]] | None = None
-        self._failed = False
 
     # -- set-up and tear-down ----------------------------------------------------------
     @staticmethod
@@ -213,7 +212,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
         self.guard = Guard(pl_module, opt, **self.guard_kwargs)
         for cfg in trainer.lr_scheduler_configs:
             self.guard.track(cfg.scheduler)  # rolled back with the model
-        ended, self._ended, self._failed = self._ended, None, False
+        ended, self._ended = self._ended, None
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state, strict=self.strict)
             self._pending_state = None
@@ -244,7 +243,8 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Close the guard (flushing its sinks) and restore the optimizer's ``step``."""
         if stage == "fit":
-            if self.guard is not None and self._gate is not None and not self._failed:
+            # (after an error on_exception has closed the guard already: nothing goes on)
+            if self.guard is not None and self._gate is not None:
                 self._ended = (weakref.ref(pl_module), trainer.global_step,
                                self.guard.state_dict())
             self._finish()
@@ -252,7 +252,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Also close on errors (e.g. ``TrainingDivergedError``), so the run log is complete
         and its verdict says how the run ended."""
-        self._failed, self._ended = True, None
+        self._ended = None  # (a failed fit is no run to go on from)
         self._finish(exception)
 
     # -- the step ----------------------------------------------------------------------
