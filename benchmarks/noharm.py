@@ -207,8 +207,8 @@ and a density model; each setup was checked on its unguarded runs only (10 seeds
 
 - ``mlp-ema-adamw``: the MNIST MLP, AdamW lr 1e-3, with an exponential moving average of
   its weights kept by the user (``AveragedModel`` with ``get_ema_multi_avg_fn(0.99)``,
-  updated after every step, guarded after every ``guard.step`` whatever the guard did; the
-  case's own loop, run()'s split and batches). Held-out: the EMA model's loss (0.23-0.29,
+  updated after every step, guarded after every ``guard.step`` whatever the guard did;
+  run()'s ``average`` option). Held-out: the EMA model's loss (0.23-0.29,
   below the raw model's on 9 of 10 seeds, by a median 0.01). The guard is given the raw
   model: a rollback restores it, not the average, which keeps what the guard took back.
 - ``mnist1d-lora-adam``: LoRA (Hu et al. 2021): an MLP 40-256-256-5 pre-trained in the
@@ -1038,41 +1038,11 @@ def _lookahead(model: nn.Module, step: int) -> None:
 # -- the tenth batch (stop 46) -----------------------------------------------------------
 
 
-def _ema_loop(case: Case, guarded: bool, seed: int, total: int
-              ) -> tuple[float, dict[str, int]]:
-    """run()'s loop (the same split and batches) with an exponential moving average of the
-    weights kept by the user: ``AveragedModel`` with an EMA ``multi_avg_fn`` (decay 0.99),
-    updated after every step (guarded: after every ``guard.step``, whatever the guard did;
-    the guard is given the raw model and knows nothing of the average). Held-out: the EMA
-    model's loss."""
+def _ema(model: nn.Module) -> nn.Module:
+    """The user's exponential moving average of ``model``'s weights (decay 0.99)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    data, make_model, loss_fn, make_opt, batch, _, _, _, _ = case
-    x, y, clean = data()
-    torch.manual_seed(seed)
-    model = make_model()
-    opt = make_opt(list(model.parameters()))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
-    guard = gg.Guard(model, opt, log=None) if guarded else None
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    n = int(0.8 * len(x))
-    train, test = perm[:n], perm[n:]
-    gave_up = False
-    for _ in range(total):
-        idx = train[torch.randint(0, len(train), (batch,), generator=gen)]
-        opt.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
-        loss.backward()
-        if _step(guard, opt, loss):
-            gave_up = True
-            break
-        ema.update_parameters(model)
-    acted = _acted([guard], gave_up) if guard is not None else {}
-    ema.eval()
-    with torch.no_grad():
-        held_out = float(loss_fn(ema(x[test]), clean[test]))
-    return (held_out if math.isfinite(held_out) else math.inf), acted
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
 
 
 def _pretrain(net: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:
@@ -1266,7 +1236,9 @@ class _RealNVP(nn.Module):
 # user's clip_grad_norm_ before the step, both arms), "pool" ((training indices, targets)
 # -> the training pool), "on_step" ((model, step) -> None, called before each step's
 # zero_grad, both arms), "on_grad" ((model, step, generator) -> None, called after the
-# backward pass and before the step, both arms: the user's own gradient edits), "loop"
+# backward pass and before the step, both arms: the user's own gradient edits), "average"
+# (model -> a torch.optim.swa_utils.AveragedModel of it: updated after every step, both
+# arms, and the model the held-out loss is of; the guard knows nothing of it), "loop"
 # ((case, guarded, seed, steps) -> (held-out loss, what the guard did): the case's own
 # training loop, in place of run()'s). A ReduceLROnPlateau schedule steps on the training
 # loss.
@@ -1500,7 +1472,7 @@ def cases() -> dict[str, Case]:
         "mlp-ema-adamw": (_mnist, _mlp, _CE, lambda p: torch.optim.AdamW(p, lr=1e-3), 32, 600,
                           "MNIST MLP, AdamW lr 1e-3, the user's EMA of the weights (decay "
                           "0.99, AveragedModel; held-out: the EMA model)", None,
-                          {"loop": _ema_loop}),
+                          {"average": _ema}),
         "mnist1d-lora-adam": (_mnist1d_upper, _lora_mlp, _CE, _adapters_adam, 32, 600,
                               "MNIST-1D MLP pre-trained on classes 0-4, frozen, rank-8 LoRA "
                               "adapters trained on classes 5-9, Adam lr 1e-3", None, {}),
@@ -1556,6 +1528,7 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     torch.manual_seed(seed)
     model = make_model()
     opt = make_opt(list(model.parameters()))
+    average = opts["average"](model) if "average" in opts else None
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
     n = int(0.8 * len(x))
@@ -1597,15 +1570,18 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         if _step(guard, opt, loss):
             gave_up = True
             break
+        if average is not None:
+            average.update_parameters(model)  # (after every step, whatever the guard did)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(float(loss))
         elif sched is not None:
             sched.step()
     acted = _acted([guard], gave_up) if guard is not None else {}
-    model.eval()
+    judged = model if average is None else average
+    judged.eval()
     with torch.no_grad():
         inputs = opts["test_input"](x[test]) if "test_input" in opts else x[test]
-        held_out = float(loss_fn(model(inputs), clean[test]))
+        held_out = float(loss_fn(judged(inputs), clean[test]))
     return (held_out if math.isfinite(held_out) else math.inf), acted
 
 
