@@ -249,6 +249,59 @@ and a density model; each setup was checked on its unguarded runs only (10 seeds
   3e-4, on 3 seeds each, single batches reached 3-16 after step 100 and the held-out
   losses ended anywhere from -0.06 to 1.5.
 
+An eleventh batch, fixed and committed before any of it ran guarded (stop 47), for
+ordinary training setups whose loss jumps or rises by design, or whose steps carry a noise
+of their own: a target network, a task switch, pseudo-labels joining, a router, an LR raised
+for weight averaging, a large batch's warm-up. Each setup was checked on its unguarded runs
+only (3 seeds):
+
+- ``mdp-dqn-target``: DQN's TD regression (Mnih et al. 2015) on a random MDP (48 states
+  with 16-d Gaussian features, 4 actions, 3 random successors per pair, rewards N(0, 1),
+  γ 0.8; 5000 sampled transitions, a fixed draw): an MLP 16-64-64-4 regresses r + γ max
+  Q_target(s′) with a frozen copy of itself synced every 100 steps (a copy the guard does
+  not know of), Adam lr 1e-3, batch 64, 3000 steps. The loss jumps at each sync by design
+  (steps 200 and 300: the mean of 20 steps from ~0.2 to 0.5-0.7 over the next 5), then
+  settles at ~0.22-0.26, the successors' noise. Held-out: the squared error of Q(s, a)
+  against Q* by value iteration (Q* sd 1.1), 0.04-0.07. First at γ 0.9 (the setup's one
+  change before the guard ran): the error was still falling at step 3000 (0.39, 0.77).
+- ``mlp-class-incremental``: task-sequential (class-incremental) learning: the MNIST MLP,
+  SGD momentum lr 0.05, on the digits 0-1, 2-3, 4-5, 6-7, 8-9, 120 steps each, no replay
+  (run()'s ``tasks`` option): at each switch the loss jumps from 1e-8-0.04 (the mean of 20
+  steps) to 5-14 (the mean of the next 5), single steps to 13-64, and falls back within
+  the task. Held-out: the cross-entropy (ten-way) on the last task's test digits, 8 and 9.
+- ``mlp-pseudo-label``: pseudo-labelling (Lee 2013) with FixMatch's confidence threshold
+  (Sohn et al. 2020): the MNIST MLP with 80 % of its training labels hidden (a fixed draw);
+  from step 200 on, each batch's unlabelled rows the model puts at 0.95 or more join it
+  labelled by its own argmax (a second cross-entropy term, weight 1); SGD momentum lr 0.01,
+  batch 64. Some 13 labelled rows a batch: single steps' losses reach 22-28 times the median
+  of the 20 before; the loss moves little when the pseudo-labels join and falls to ~0.01.
+  Held-out: the cross-entropy on the true labels, 0.43-0.50. First at lr 0.05 and without
+  the threshold (the setup's changes before the guard ran): at 0.05 the labelled rows
+  alone gave held-out 1.5-2.8 (1.9-2.4 with the pseudo-labels); at 0.01 plain argmax
+  raised the held-out loss over the labelled-only run's (0.51-0.64 against 0.40-0.48), the
+  threshold did not.
+- ``moe-top1-adam``: a mixture-of-experts MLP: a trunk 784-128, a router sending each
+  example to one of 4 experts (128-128-128, top-1, Switch; Fedus et al. 2022), added to the
+  trunk's features times the router probability, a head 128-10; cross-entropy plus 0.01 ×
+  Switch's load-balancing loss, Adam lr 1e-3: which expert an example meets changes as the
+  router learns. All four experts stay in use (15-39 % of the examples each, seeds 0-1).
+- ``mlp-swa``: stochastic weight averaging (Izmailov et al. 2018) as PyTorch's docs run
+  it: the MNIST MLP, SGD momentum lr 0.05, cosine decay; from step 300 ``SWALR`` takes the
+  LR back up, from 0.025 to 0.05 over 30 steps, and holds it, while an ``AveragedModel``
+  (equal weights) is updated after every step (run()'s ``average`` and ``average_from``
+  options; the scheduler tracked by the guard). The training loss rises with the LR, from
+  ~0.1 (steps 280-299) to ~0.18-0.2 (the last 50). Held-out: the SWA model's loss,
+  0.21-0.27 (the raw model's at the end: 0.41-0.45).
+- ``mlp-bs512-linscale``: large-batch SGD with the linear-scaling rule's warm-up (Goyal et
+  al. 2017): the MNIST MLP at batch 512, SGD momentum lr 0.1 (0.05 per 256 examples),
+  warmed up linearly from a sixteenth of it over the first 5 % of the 150 steps, then
+  cosine decay. Held-out 0.22-0.24 (0.22-0.30 on 10 seeds). First at lr 0.8 (the MLP's
+  usual 0.05 at batch 32, scaled), 0.4 and 0.2 (Goyal's 0.1 per 256), the setup's change
+  before the guard ran: after the warm-up the loss spiked to 5-18 at 0.8 (held-out
+  0.56-0.98) and to 5-9 at 0.4 (held-out 0.35-0.44); at 0.2 it rose from ~0.7 to 4-4.6 for
+  a few steps right after the warm-up (a catapult) on each of 3 seeds, and with a 10 %
+  warm-up to 6.3 on one.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -1226,6 +1279,139 @@ class _RealNVP(nn.Module):
         return 0.5 * x.pow(2).sum(1) + math.log(2 * math.pi) - logdet
 
 
+# -- the eleventh batch (stop 47) --------------------------------------------------------
+
+
+_S, _A, _GAMMA, _SYNC = 48, 4, 0.8, 100  # the MDP's states, actions, discount; target sync
+
+
+@lru_cache(maxsize=1)
+def _mdp() -> tuple[Tensor, Tensor, Tensor]:
+    """A random MDP (a fixed draw): 48 states with 16-d Gaussian features, 4 actions, each
+    (s, a) leading to one of 3 random next states (Dirichlet(1) probabilities), rewards
+    R(s, a) ~ N(0, 1), γ 0.8. Rows: 5000 sampled transitions [features of s, of s', a];
+    training targets the rewards; clean targets Q*(s, a), by value iteration."""
+    gen = torch.Generator().manual_seed(47)
+    feat = torch.randn(_S, 16, generator=gen)
+    succ = torch.randint(0, _S, (_S, _A, 3), generator=gen)
+    prob = -torch.rand(_S, _A, 3, generator=gen).log()
+    prob = prob / prob.sum(2, keepdim=True)
+    reward = torch.randn(_S, _A, generator=gen)
+    q = torch.zeros(_S, _A)
+    for _ in range(1000):
+        q = reward + _GAMMA * (prob * q.max(1).values[succ]).sum(2)
+    s = torch.randint(0, _S, (5000,), generator=gen)
+    a = torch.randint(0, _A, (5000,), generator=gen)
+    pick = torch.multinomial(prob[s, a], 1, generator=gen).squeeze(1)
+    s2 = succ[s, a, pick]
+    x = torch.cat([feat[s], feat[s2], a[:, None].float()], 1)
+    return x, reward[s, a], q[s, a]
+
+
+class _QNet(nn.Module):
+    """An MLP 16-64-64-4 from a state's features to its 4 actions' Q-values; called on
+    transition rows it returns Q(s, a) of each row's own state and action."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                 nn.Linear(64, _A))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x[:, :16]).gather(1, x[:, 32:].long()).squeeze(1)
+
+
+def _td_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+              gen: torch.Generator) -> Tensor:
+    # DQN's TD regression (Mnih et al. 2015): targets r + γ max_a' Q(s', a') from a frozen
+    # copy of the net, synced every 100 steps (kept in a list: not a submodule, not a
+    # parameter, not known to the guard).
+    if step % _SYNC == 0:
+        model.target = [{k: v.detach().clone() for k, v in model.net.state_dict().items()}]
+    with torch.no_grad():
+        nxt = torch.func.functional_call(model.net, model.target[0], (x[:, 16:32],))
+    return nn.functional.mse_loss(model(x), y + _GAMMA * nxt.max(1).values)
+
+
+_TASKS = (120, [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)])  # steps per task, its digits
+
+
+class _MoE(nn.Module):
+    """A mixture-of-experts MLP: a trunk 784-128 (ReLU), a router 128-4 choosing one expert
+    per example (top-1, Switch; Fedus et al. 2022), experts 128-128-128 (ReLU) added to the
+    trunk's features times their router probability, a head 128-10. Each forward keeps the
+    Switch load-balancing loss, 4 Σ_i f_i P_i (f_i the share of examples sent to expert i,
+    P_i its mean router probability), in ``aux``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(784, 128), nn.ReLU())
+        self.router = nn.Linear(128, 4)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128)) for _ in range(4))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.trunk(x)
+        prob = nn.functional.softmax(self.router(h), dim=1)
+        top = prob.argmax(1)
+        out = torch.zeros_like(h)
+        for i, expert in enumerate(self.experts):
+            rows = top == i
+            if rows.any():
+                out[rows] = prob[rows, i:i + 1] * expert(h[rows])
+        share = nn.functional.one_hot(top, 4).float().mean(0)
+        self.aux = 4 * (share * prob.mean(0)).sum()
+        return self.head(h + out)
+
+
+def _moe_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+               gen: torch.Generator) -> Tensor:
+    out = model(x)
+    return nn.functional.cross_entropy(out, y) + 0.01 * model.aux
+
+
+def _mnist_semi() -> tuple[Tensor, Tensor, Tensor]:
+    """The MNIST subset with 80 % of its training labels hidden (-1; a fixed draw); the
+    clean targets keep them all."""
+    x, y, _ = _mnist()
+    hidden = torch.rand(len(y), generator=torch.Generator().manual_seed(47)) < 0.8
+    return x, torch.where(hidden, -1, y), y
+
+
+def _pseudo_label_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                        gen: torch.Generator) -> Tensor:
+    # Pseudo-labelling (Lee 2013): the labelled rows' cross-entropy; from step 200 on, plus
+    # the cross-entropy of the unlabelled rows the model puts at 0.95 or more against its
+    # own argmax (weight 1; FixMatch's confidence threshold, Sohn et al. 2020).
+    out = model(x)
+    known = y >= 0
+    loss = nn.functional.cross_entropy(out[known], y[known])
+    if step >= 200:
+        conf, guess = nn.functional.softmax(out[~known].detach(), dim=1).max(1)
+        if bool((conf >= 0.95).any()):
+            loss = loss + nn.functional.cross_entropy(out[~known][conf >= 0.95],
+                                                      guess[conf >= 0.95])
+    return loss
+
+
+def _swa(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    # SWA (Izmailov et al. 2018) as PyTorch's docs run it: cosine decay, then from half-way
+    # SWALR takes the LR back up to swa_lr 0.05 over 30 steps and holds it there.
+    from torch.optim.swa_utils import SWALR
+
+    return torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps),
+        SWALR(opt, swa_lr=0.05, anneal_epochs=30)], [steps // 2])
+
+
+def _swa_model(model: nn.Module) -> nn.Module:
+    """The user's SWA model: an equal average of the weights (``AveragedModel``)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    return AveragedModel(model)
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -1238,10 +1424,13 @@ class _RealNVP(nn.Module):
 # zero_grad, both arms), "on_grad" ((model, step, generator) -> None, called after the
 # backward pass and before the step, both arms: the user's own gradient edits), "average"
 # (model -> a torch.optim.swa_utils.AveragedModel of it: updated after every step, both
-# arms, and the model the held-out loss is of; the guard knows nothing of it), "loop"
-# ((case, guarded, seed, steps) -> (held-out loss, what the guard did): the case's own
-# training loop, in place of run()'s). A ReduceLROnPlateau schedule steps on the training
-# loss.
+# arms, and the model the held-out loss is of; the guard knows nothing of it),
+# "average_from" (the share of the run before which the average is not updated; default
+# 0), "tasks" ((steps per task, [the classes of each task]): train on each task's classes
+# in turn, the last task from then on; the held-out loss is on the last task's classes),
+# "loop" ((case, guarded, seed, steps) -> (held-out loss, what the guard did): the case's
+# own training loop, in place of run()'s). A ReduceLROnPlateau schedule steps on the
+# training loss.
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 Case = tuple[Callable[[], tuple[Tensor, Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
@@ -1259,12 +1448,22 @@ def _one_cycle(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedul
                                                total_steps=steps)
 
 
-def _warm_cosine(opt: torch.optim.Optimizer, steps: int
-                 ) -> torch.optim.lr_scheduler.LRScheduler:
-    warm = min(50, steps // 2)
+def _warm_cosine(opt: torch.optim.Optimizer, steps: int, warm: int | None = None,
+                 start: float = 0.01) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from ``start`` × the LR over ``warm`` steps (default: 50, at most half
+    the run), then cosine decay to 0."""
+    warm = min(50, steps // 2) if warm is None else warm
     return torch.optim.lr_scheduler.SequentialLR(opt, [
-        torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, max(warm, 1)),
+        torch.optim.lr_scheduler.LinearLR(opt, start, 1.0, max(warm, 1)),
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps - warm, 1))], [warm])
+
+
+def _linscale_warmup(opt: torch.optim.Optimizer, steps: int
+                     ) -> torch.optim.lr_scheduler.LRScheduler:
+    # The linear-scaling rule's warm-up (Goyal et al. 2017) at batch 512: the LR warmed up
+    # linearly from a sixteenth of it (batch 32's by the rule) over the first 5 % of the
+    # steps, then cosine decay
+    return _warm_cosine(opt, steps, warm=steps // 20, start=1 / 16)
 
 
 def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -1490,6 +1689,31 @@ def cases() -> dict[str, Case]:
         "flow-moons-adam": (_moons, _RealNVP, lambda out, _: out.mean(), _adam(1e-3), 128,
                             1500, "2-D RealNVP (8 affine couplings) on two moons, NLL, Adam lr "
                             "1e-3, batch 128", None, {}),
+        # the eleventh batch (stop 47)
+        "mdp-dqn-target": (_mdp, _QNet, _MSE, _adam(1e-3), 64, 3000,
+                           "random MDP (48 states, 4 actions, γ 0.8), DQN-style TD regression, "
+                           "target net synced every 100 steps, Adam lr 1e-3 (held-out: error "
+                           "against Q*)", None, {"train_loss": _td_train}),
+        "mlp-class-incremental": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                                  "MNIST MLP, five two-digit tasks in turn (120 steps each), "
+                                  "SGD momentum lr 0.05 (held-out: the last task, 8 and 9)",
+                                  None, {"tasks": _TASKS}),
+        "mlp-pseudo-label": (_mnist_semi, _mlp, _CE, _sgdm(0.01), 64, 600,
+                             "MNIST MLP, 20 % of labels, confident (≥ 0.95) unlabelled rows "
+                             "pseudo-labelled by the model's argmax from step 200, SGD "
+                             "momentum lr 0.01, batch 64",
+                             None, {"train_loss": _pseudo_label_train}),
+        "moe-top1-adam": (_mnist, _MoE, _CE, _adam(1e-3), 32, 600,
+                          "MNIST mixture of 4 experts, top-1 routing, load-balancing loss "
+                          "0.01, Adam lr 1e-3", None, {"train_loss": _moe_train}),
+        "mlp-swa": (_mnist, _mlp, _CE, _sgdm(0.05), 32, 600,
+                    "MNIST MLP, SGD momentum lr 0.05, cosine, then SWA from step 300 (SWALR "
+                    "up to 0.05; held-out: the SWA model)", _swa,
+                    {"average": _swa_model, "average_from": 0.5}),
+        "mlp-bs512-linscale": (_mnist, _mlp, _CE, _sgdm(0.1), 512, 150,
+                               "MNIST MLP, batch 512, SGD momentum lr 0.1 (0.05 per 256), "
+                               "linear warm-up from 0.00625 over 5 % of the steps, then cosine",
+                               _linscale_warmup, {}),
     }
 
 
@@ -1538,6 +1762,10 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     if "pool" in opts:
         train = opts["pool"](train, y)
     first = train[y[train] < 5] if "shift" in opts else train
+    per_task, tasks = opts.get("tasks", (0, []))
+    pools = [train[torch.isin(y[train], torch.tensor(t))] for t in tasks]
+    if tasks:
+        test = test[torch.isin(clean[test], torch.tensor(tasks[-1]))]
     guard = gg.Guard(model, opt, log=None) if guarded else None
     sched = None if schedule is None else schedule(opt, total)
     if guard is not None and sched is not None:
@@ -1546,6 +1774,8 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
     gave_up = False
     for step in range(total):
         pool = first if step < opts.get("shift", 0) else train
+        if pools:
+            pool = pools[min(step // per_task, len(pools) - 1)]
         if "on_step" in opts:
             opts["on_step"](model, step)
         opt.zero_grad()
@@ -1570,7 +1800,7 @@ def run(case: Case, guarded: bool, seed: int, steps: int | None = None
         if _step(guard, opt, loss):
             gave_up = True
             break
-        if average is not None:
+        if average is not None and step >= opts.get("average_from", 0) * total:
             average.update_parameters(model)  # (after every step, whatever the guard did)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(float(loss))
