@@ -590,12 +590,6 @@ class HostSide:
         if verdict.raised:
             g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
                              f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)
-        elif verdict.held:
-            left = c.ends_at - 1 - k if c.ends_at is not None else 0
-            g.recorder.event(
-                k, "probe_held", f"calm for a while, but the run ends in {left} steps, fewer "
-                f"than the {c.probe_wait} a raised LR is judged over: the LR scale stays "
-                f"×{c.scale:.3g}", action="hold", lr_scale=c.scale, steps_left=left)
         reason = verdict.unstable
         if reason is None:
             return False

@@ -108,8 +108,7 @@ def train(
         model, optimizer, loss_fn: as in any PyTorch loop.
         data: an iterator of ``(inputs, targets)`` batches.
         steps: number of optimizer steps.
-        guard: when given, ``guard.step(loss)`` replaces ``optimizer.step()``; the loop
-            tells it the run's length (``guard.total_steps``) unless it was told already.
+        guard: when given, ``guard.step(loss)`` replaces ``optimizer.step()``.
         evaluate: returns ``(loss, metric)`` for the trained model.
         corrupt: ``(step, batch) -> batch``, to inject faulty batches (first micro-batch).
         scheduler: stepped once per optimizer step.
@@ -131,8 +130,6 @@ def train(
     use_scaler = scaler is not None and scaler.is_enabled()
     if guard is not None and use_scaler and guard.scaler is None:
         raise ConfigError("pass the scaler to the Guard too: Guard(..., scaler=scaler)")
-    if guard is not None and guard.total_steps is None:
-        guard.total_steps = guard.steps + steps  # (as a trainer's callback does)
 
     def autocast() -> contextlib.AbstractContextManager[None]:
         if amp_dtype is None:
