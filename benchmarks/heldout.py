@@ -166,6 +166,44 @@ linear net, models and losses the other batches do not contain:
 - ``mnist1d-deeplinear-sgd``: an 8-layer linear net (width 64, no activations) on MNIST-1D,
   every weight drawn from N(0, 1.5²/fan_in) (the signal grows ~26× end to end), plain SGD.
 
+And six more, a ninth batch, fixed and committed before any guarded run (stop 47; the grids
+were checked on the unguarded arm only, on 3 seeds, whose medians are given): a recommender,
+a physics-informed net, a quantile loss, a polynomial network, a convolutional autoencoder
+and a sequence-to-sequence model:
+
+- ``synth-mf-sgd``: matrix factorisation (user and item embeddings of dimension 16 drawn
+  from N(0, 0.1²), the rating their dot product, no biases) fitted by MSE to synthetic
+  centred ratings of rank 5 with noise 0.3 (100 users, 100 items, 5000 observed pairs;
+  variance ~1), plain SGD: the loss is quartic in the parameters. Grid 1, 3, 10, 30, 100;
+  unguarded 0.26, 0.22 (it trains from 1.0 to 0.2-0.3; the edge is near 4.5), then ``inf``
+  at 10, 30 and 100 (every seed overflows).
+- ``poisson1d-pinn-adam``: a physics-informed net for u'' = -4π² sin(2πx) on [0, 1],
+  u(0) = u(1) = 0: u(x) = x(1 - x)·N(x), N a tanh MLP 1-64-64-64-1, the loss the MSE of the
+  residual u'' - f at collocation points, u'' by autograd (training runs a double
+  backward), Adam. Grid 1e-3, 1e-2, 3e-2, 0.1, 1; unguarded 9.2, 2.5, 4.7 (seeds 1.3-12.5;
+  from ~780, the mean of f², at u = 0), then 845 and 809: from 0.1 on it ends no better
+  than u = 0 (saturated tanh units; no overflow).
+- ``diabetes-quantile-raw``: 0.9-quantile regression (the pinball loss) of the diabetes
+  progression score on the raw features (values up to ~300), a linear model, SGD with
+  momentum 0.9: a bounded loss gradient, so a too-high LR oscillates instead of
+  overflowing. Grid 1e-4, 1e-3, 1e-2, 0.1, 1; unguarded 11.6, 10.4 (the best constant
+  gives 14.0), then 81, 760 and 5650, growing with the LR.
+- ``digits-quadnet-sgd``: a polynomial network on the 8×8 digits (scaled to 0-1), two layers
+  of squared features x -> (Wx + b)² (64-128-128, degree 4 in the input) and a linear
+  read-out, plain SGD. Grid 0.03, 0.1, 0.3, 1, 3; unguarded 0.27 (0.21 over 5 seeds), 0.12
+  (1 seed of 3, 2 of 5, overflows), then ``inf`` at 0.3, 1 and 3 (every seed). At 0.01 it
+  barely moves from chance in 600 steps (2.29).
+- ``mnist-convae-adam``: a convolutional autoencoder (two stride-2 3×3 convolutions to
+  32×7×7, two transposed convolutions back, ReLU, a linear output) on the MNIST subset's
+  images (scaled to 0-1) as input and MSE target, Adam. Grid 1e-3, 1e-2, 0.1, 1, 10;
+  unguarded 0.0010, 0.0011, then 0.095 (the mean image's error: collapsed), 2.0 (worse
+  than an output of zeros, 0.11) and 3700.
+- ``reverse-seq2seq-sgd``: an LSTM encoder-decoder (embeddings of 32, 128 units each, the
+  encoder's last state starting the decoder, teacher forcing) writing a random sequence of
+  8 tokens (0-9) reversed, the cross-entropy per token, plain SGD without clipping. Grid 1,
+  3, 10, 30, 100; unguarded 0.28, 0.081, 0.062 (from ln 10 = 2.3), then 40 and 81 (blown
+  up; 6.9 at 20).
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -929,6 +967,133 @@ def _deep_linear() -> nn.Module:
     return nn.Sequential(*layers)
 
 
+@lru_cache(maxsize=1)
+def _ratings() -> tuple[Tensor, Tensor]:
+    """Synthetic ratings of rank 5: 100 users, 100 items, 5000 observed (user, item) pairs
+    (half, drawn without replacement), the rating u·v + 0.3ε (centred, std ~1) with u and
+    v ~ N(0, I/√5)."""
+    gen = torch.Generator().manual_seed(21)
+    users, items, rank = 100, 100, 5
+    u = torch.randn(users, rank, generator=gen) / rank ** 0.25
+    v = torch.randn(items, rank, generator=gen) / rank ** 0.25
+    pairs = torch.randperm(users * items, generator=gen)[:5000]
+    x = torch.stack([pairs // items, pairs % items], 1)
+    r = (u[x[:, 0]] * v[x[:, 1]]).sum(1) + 0.3 * torch.randn(5000, generator=gen)
+    return x, r.unsqueeze(1)
+
+
+class _MatrixFactorisation(nn.Module):
+    """A recommender's matrix factorisation: user and item embeddings (dimension 16, drawn
+    from N(0, 0.1²)), a rating their dot product; no biases (the ratings are centred)."""
+
+    def __init__(self, users: int = 100, items: int = 100, dim: int = 16) -> None:
+        super().__init__()
+        self.users = nn.Embedding(users, dim)
+        self.items = nn.Embedding(items, dim)
+        nn.init.normal_(self.users.weight, std=0.1)
+        nn.init.normal_(self.items.weight, std=0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.users(x[:, 0]) * self.items(x[:, 1])).sum(1, keepdim=True)
+
+
+@lru_cache(maxsize=1)
+def _poisson1d() -> tuple[Tensor, Tensor]:
+    """4000 collocation points x ~ U(0, 1) of the 1-D Poisson problem u'' = -4π² sin(2πx),
+    u(0) = u(1) = 0 (solution sin(2πx)); the target is the right-hand side."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.rand(4000, 1, generator=gen)
+    return x, -4 * math.pi ** 2 * torch.sin(2 * math.pi * x)
+
+
+class _PINN(nn.Module):
+    """A physics-informed net for ``_poisson1d``: u(x) = x(1 - x)·N(x) (the boundary
+    conditions built in), N a tanh MLP 1-64-64-64-1; returns u''(x) by autograd (with
+    ``create_graph``: training differentiates through it, a double backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                                 nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.enable_grad():  # the held-out loss is taken under no_grad
+            x = x.detach().requires_grad_(True)
+            u = x * (1 - x) * self.net(x)
+            (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+            (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        return d2u
+
+
+def _pinball(pred: Tensor, y: Tensor) -> Tensor:
+    """The pinball (quantile) loss at τ = 0.9: max(τ(y - q), (τ - 1)(y - q)), its gradient
+    bounded by the features' size."""
+    err = y - pred
+    return torch.maximum(0.9 * err, -0.1 * err).mean()
+
+
+class _Square(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * x
+
+
+def _quadnet() -> nn.Module:
+    """A polynomial network on the 8×8 digits: two layers of squared features
+    x -> (Wx + b)² (64-128-128, degree 4 in the input), a linear read-out."""
+    return nn.Sequential(nn.Linear(64, 128), _Square(), nn.Linear(128, 128), _Square(),
+                         nn.Linear(128, 10))
+
+
+@lru_cache(maxsize=1)
+def _pixel_images_ae() -> tuple[Tensor, Tensor]:
+    """The MNIST subset's 28×28 images (scaled to 0-1) as both input and target."""
+    x, _ = _pixel_images()
+    return x, x
+
+
+def _conv_autoencoder() -> nn.Module:
+    """A convolutional autoencoder on 28×28 images: two stride-2 3×3 convolutions (16 and 32
+    channels, to 7×7), two transposed ones back, ReLU, a linear output."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.ConvTranspose2d(32, 16, 3, stride=2, padding=1, output_padding=1),
+                         nn.ReLU(),
+                         nn.ConvTranspose2d(16, 1, 3, stride=2, padding=1, output_padding=1))
+
+
+_REV_LEN, _REV_VOCAB = 8, 10  # the reversal task's sequence length and tokens (BOS = 10)
+
+
+@lru_cache(maxsize=1)
+def _reversal() -> tuple[Tensor, Tensor]:
+    """4000 random sequences of 8 tokens (0-9) to be written reversed. A sample is the
+    source beside the decoder's teacher-forced input (BOS, then the reversed source but
+    its last token); the target is the reversed source."""
+    gen = torch.Generator().manual_seed(19)
+    src = torch.randint(0, _REV_VOCAB, (4000, _REV_LEN), generator=gen)
+    rev = src.flip(1)
+    dec_in = torch.cat([torch.full((4000, 1), _REV_VOCAB), rev[:, :-1]], 1)
+    return torch.cat([src, dec_in], 1), rev
+
+
+class _Seq2Seq(nn.Module):
+    """An LSTM encoder-decoder (embeddings of 32, 128 units each): the encoder's last state
+    starts the decoder, which reads its teacher-forced input and gives a token a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(_REV_VOCAB + 1, 32)
+        self.encoder = nn.LSTM(32, 128, batch_first=True)
+        self.decoder = nn.LSTM(32, 128, batch_first=True)
+        self.out = nn.Linear(128, _REV_VOCAB)
+
+    def forward(self, x: Tensor) -> Tensor:
+        src, dec_in = x[:, :_REV_LEN], x[:, _REV_LEN:]
+        _, state = self.encoder(self.embed(src))
+        h, _ = self.decoder(self.embed(dec_in), state)
+        return self.out(h)
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
@@ -1095,6 +1260,21 @@ def cases() -> dict[str, Case]:
         "mnist1d-deeplinear-sgd": (_mnist1d, _deep_linear, ce, _sgd(),
                                    [1e-3, 1e-2, 3e-2, 0.1, 1.0],
                                    "plain SGD, 8 linear layers, weights N(0, 1.5²/fan_in)", {}),
+        "synth-mf-sgd": (_ratings, _MatrixFactorisation, mse, _sgd(),
+                         [1.0, 3.0, 10.0, 30.0, 100.0],
+                         "plain SGD, user and item embeddings of 16, a dot product", {}),
+        "poisson1d-pinn-adam": (_poisson1d, _PINN, mse, _adam, [1e-3, 1e-2, 3e-2, 0.1, 1.0],
+                                "Adam, residual of u'' by autograd, tanh", {}),
+        "diabetes-quantile-raw": (_diabetes_raw, lambda: nn.Linear(10, 1), _pinball, _sgd(0.9),
+                                  [1e-4, 1e-3, 1e-2, 0.1, 1.0],
+                                  "SGD momentum 0.9, pinball loss (τ = 0.9), raw units", {}),
+        "digits-quadnet-sgd": (_digits_01, _quadnet, ce, _sgd(), [0.03, 0.1, 0.3, 1.0, 3.0],
+                               "plain SGD, two squared layers", {}),
+        "mnist-convae-adam": (_pixel_images_ae, _conv_autoencoder, mse, _adam,
+                              [1e-3, 1e-2, 0.1, 1.0, 10.0], "Adam, pixels 0-1 in and out", {}),
+        "reverse-seq2seq-sgd": (_reversal, _Seq2Seq, _seq_ce, _sgd(),
+                                [1.0, 3.0, 10.0, 30.0, 100.0],
+                                "plain SGD, LSTM encoder-decoder, teacher forcing", {}),
     }
 
 
