@@ -224,6 +224,27 @@ def test_probe_after_long_calm_and_relapse_doubles_the_wait():
     assert ctrl.probe_wait == 20
 
 
+def test_no_probe_the_run_ends_too_soon_to_answer():
+    # A raise that fails shows it in the loss level only over a window of rows: one due
+    # with fewer steps than that left is held back, told once, and made again once the
+    # run is known to go on long enough.
+    cfg = gg.Stability(decrease=0.25, decrease_far=0.25, probe_after=10, window=8,
+                       min_losses=4)
+    ctrl = Controller(cfg)
+    ctrl.ends_at = 20  # rows 0..19
+    ctrl.unstable(0, "test")
+    v = feed(ctrl, [1.0] * 10, start=1)  # due at row 10: 9 rows left (>= 8), raised
+    assert v[-1].raised and ctrl.scale == pytest.approx(0.5)
+    ctrl.unstable(11, "relapse")  # the wait doubles to 20
+    ctrl.ends_at = 38
+    v = feed(ctrl, [1.0] * 24, start=12)  # due at row 31 with 6 rows left (< 8)
+    assert [x.held for x in v].count(True) == 1 and v[19].held
+    assert not any(x.raised for x in v) and ctrl.scale == pytest.approx(0.125)
+    ctrl.ends_at = None  # unknown again: the due probe is made at once
+    v = feed(ctrl, [1.0], start=36)
+    assert v[0].raised and ctrl.scale == pytest.approx(0.25)
+
+
 def test_probing_never_exceeds_one():
     ctrl = Controller(gg.Stability(decrease=0.5, probe_after=2))
     ctrl.unstable(0, "x")

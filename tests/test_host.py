@@ -752,3 +752,44 @@ def test_a_closed_guard_refuses_data_changed_and_track():
         guard.data_changed()
     with pytest.raises(gg.GuardUsageError, match="closed"):
         guard.track(torch.optim.lr_scheduler.StepLR(guard.optimizer, 10))
+
+
+def _cut_then_calm(total_steps: int | None, steps: int = 60) -> gg.Guard:
+    """A regression whose steps 5-7 have NaN gradients (instability: a cut ×0.1), then
+    calm; probes are due 30 calm steps after a cut."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    policy = gg.Policy(stability=gg.Stability(probe_after=30))
+    guard = gg.Guard(model, opt, log=None, policy=policy, total_steps=total_steps)
+    x = torch.randn(64, 4)
+    y = x.sum(1, keepdim=True)
+    for i in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if 5 <= i <= 7:
+            model.weight.grad[0, 0] = float("nan")
+        guard.step(loss)
+    guard.close()
+    return guard
+
+
+def test_no_lr_probe_the_run_ends_too_soon_to_answer():
+    untold = _cut_then_calm(None)
+    [cut] = _of(untold, "rollback")
+    [probe] = _of(untold, "recover")
+    assert probe["step"] > cut["step"] and untold.control.scale > cut["lr_scale"]
+    # told the run ends 19 steps after the probe was due (a failure shows in the loss level
+    # over its window of 20 rows): held, said once
+    told = _cut_then_calm(probe["step"] + 20)
+    assert not _of(told, "recover") and told.control.scale == cut["lr_scale"]
+    [held] = _of(told, "probe_held")
+    assert held["step"] == probe["step"] and held["steps_left"] == 19
+    assert "ends in 19 steps, fewer than the 20" in held["message"]
+    # a long enough run probes as before
+    assert [e["step"] for e in _of(_cut_then_calm(probe["step"] + 21), "recover")] == [
+        probe["step"]]
+    with pytest.raises(gg.ConfigError, match="total_steps"):
+        gg.Guard(torch.nn.Linear(1, 1), torch.optim.SGD([torch.nn.Parameter(
+            torch.ones(1))], lr=0.1), total_steps=0)

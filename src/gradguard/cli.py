@@ -179,9 +179,9 @@ def report(
         loss += f" (last finite {_fmt(s.last_finite_loss)} at step {s.last_finite_step})"
     head.add_row("loss first → last", loss)
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
-    for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "noise",
-                 "data_shift", "rollback", "rollback_off", "edit_undone", "drift", "depth_trend",
-                 "dead_units", "unwatched", "restored", "diverged", "stopped"):
+    for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "probe_held",
+                 "noise", "data_shift", "rollback", "rollback_off", "edit_undone", "drift",
+                 "depth_trend", "dead_units", "unwatched", "restored", "diverged", "stopped"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:

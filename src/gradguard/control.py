@@ -50,7 +50,11 @@ phase are first retried at the same scale (see :meth:`Controller.unstable`). The
 has memory: it is raised again (by 1/√decrease) only after ``probe_after`` calm steps,
 and a relapse soon after a raise doubles that wait — TCP's multiplicative decrease with
 exponentially backed off probing (Jacobson 1988), so a run settles at a stable LR
-instead of cycling across the edge. Below ``floor`` the guard gives up: the base LR,
+instead of cycling across the edge. A raised LR that fails shows it in the loss level
+only over a window of rows (``window``): where the run's length is known
+(``Guard(total_steps=...)``) and fewer steps than that are left, the probe is not made,
+for a raise that fails then leaves the run's last weights damaged with no step left to
+answer it. Below ``floor`` the guard gives up: the base LR,
 the init or the inputs are wrong, which the doctor diagnoses.
 
 Reasoning borrowed from: backtracking line search (Armijo 1966; Nocedal & Wright 2006,
@@ -223,6 +227,8 @@ class Verdict:
         give_up: set when the LR scale would fall below the floor.
         scale: the LR scale to apply from now on.
         raised: the scale was raised (a probe) at this row.
+        held: a probe was due at this row and not made: the run ends before it could be
+            judged (set once, at the first such row).
         retry: roll back and retry at the same scale (see :meth:`Controller.unstable`).
         clip: roll back at the same scale and clip every step from now on (see
             :meth:`Controller.unstable`).
@@ -232,6 +238,7 @@ class Verdict:
     give_up: bool = False
     scale: float = 1.0
     raised: bool = False
+    held: bool = False
     retry: bool = False
     clip: bool = False
 
@@ -279,6 +286,10 @@ class Controller:
         self.calm = 0
         self.probe_wait = cfg.probe_after
         self.last_raise: int | None = None
+        # The step count at which the run ends (Guard(total_steps=...)), None: unknown;
+        # and whether a probe is being held back for it (told once).
+        self.ends_at: int | None = None
+        self.held = False
         self.instabilities = 0
         self.cuts = 0
         self.retries = 0
@@ -737,9 +748,13 @@ class Controller:
             self.was_calm = self._level_calm()
         self.calm += 1
         if self.calm >= self.probe_wait and self.scale < 1:
+            if self.ends_at is not None and self.ends_at - 1 - step < cfg.window:
+                told, self.held = self.held, True
+                return Verdict(scale=self.scale, held=not told)
             self.scale = min(1.0, self.scale / math.sqrt(cfg.decrease))
             self.calm = 0
             self.last_raise = step
+            self.held = False
             return Verdict(scale=self.scale, raised=True)
         return Verdict(scale=self.scale)
 
@@ -822,6 +837,7 @@ class Controller:
         # is the snapshot's to say (``can_retry``: one reached clean after the last
         # rollback): independent faults can strike a run at any spacing.
         settled = self.rows >= cfg.probe_after
+        self.held = False  # (a probe due later is told about afresh)
         if may_retry and self.can_retry and sudden and healthy and settled:
             self.calm = 0
             self.retries += 1

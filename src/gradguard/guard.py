@@ -22,6 +22,7 @@ from . import assembly, checkpoint, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform, claim
 from .device import DeviceSide
+from .errors import check_int
 from .params import resolve_params
 from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
@@ -81,6 +82,14 @@ class Guard(assembly.Parts):
         after_step: a callable (or a sequence of them) the guard calls right after each
             optimizer step, skipped or not: a weight constraint such as
             ``gg.fixes.MaxNorm(model, 3.0)`` (a projection is harmless on a skipped step).
+        total_steps: how many ``guard.step`` calls the whole run makes (counted from its
+            first step, across resumes; e.g. ``len(loader) * epochs``), if known. After an
+            LR cut the guard raises the LR again (a probe) only while the run has enough
+            steps left for a failure of the raise to show in the loss level
+            (``Stability.window``), so a raised LR that fails cannot damage the last
+            weights with no step left to answer. None: unknown (probes whenever due).
+            The Lightning and Hugging Face callbacks set it from the trainer; it can be
+            set later too (``guard.total_steps = n``).
     """
 
     def __init__(
@@ -105,8 +114,11 @@ class Guard(assembly.Parts):
         params: Iterable[Tensor] | None = None,
         after_step: Callable[[], object] | Sequence[Callable[[], object]] | None = None,
         distributed: Any = None,
+        total_steps: int | None = None,
     ) -> None:
         check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
+        if total_steps is not None:
+            check_int("Guard(total_steps=...)", total_steps, 1)
         sinks = list(sinks)
         check_outputs(log, tensorboard, sinks)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
@@ -128,6 +140,20 @@ class Guard(assembly.Parts):
             assembly.undo(self, len(sinks))
             raise
         d.stepper.commit()
+        self.total_steps = total_steps
+
+    @property
+    def total_steps(self) -> int | None:
+        """How many steps the whole run makes, if known (see the class's Args)."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        if value is not None:
+            value = check_int("Guard(total_steps=...)", value, 1)
+        self._total_steps = value
+        if self.control is not None:
+            self.control.ends_at = value
 
     # -- public helpers ----------------------------------------------------------------
     def track(self, obj: Any) -> Any:

@@ -437,13 +437,31 @@ def test_a_second_fit_that_goes_on_goes_on_with_the_guard(data):
     t.fit(module, loader(xtr, ytr, {4: "nan"}))
     first = cb.guard
     assert first.steps == 10 and int(first.skipped) == 1
+    assert first.total_steps == 10  # (the fit's plan: no LR probe it cannot judge)
     t.fit_loop.epoch_loop.max_steps = 20  # the same run, ten steps more
     t.fit(module, loader(xtr, ytr, {4: "nan"}))
     assert cb.guard is not first  # (Lightning built a new optimizer)
     assert cb.guard.steps == 20 and int(cb.guard.skipped) == 2
+    assert cb.guard.total_steps == 20
     # the statistics went on too: the loss detector has seen both fits' finite losses
     assert cb.guard.loss_spike.state_dict()["count"] == 18
 
     # A new Trainer starts from step 0: a new run, judged by a fresh guard.
     trainer(callbacks=[cb], max_steps=10).fit(module, loader(xtr, ytr, {4: "nan"}))
     assert cb.guard.steps == 10 and int(cb.guard.skipped) == 1
+
+
+def test_the_guard_is_told_how_long_the_fit_is(data):
+    xtr, ytr = data[0][:640], data[1][:640]  # 10 batches an epoch
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_epochs=2, accumulate_grad_batches=2).fit(
+        make_module(), loader(xtr, ytr))
+    assert cb.guard.steps == cb.guard.total_steps == 10
+    # unbounded (Lightning's estimate is inf): unknown; the user's own number wins
+    cb = GradGuardCallback()
+    trainer(callbacks=[cb], max_epochs=-1, max_steps=-1, limit_train_batches=3,
+            max_time={"seconds": 0.5}).fit(make_module(), loader(xtr, ytr))
+    assert cb.guard.total_steps is None
+    cb = GradGuardCallback(total_steps=1000)
+    trainer(callbacks=[cb], max_steps=5).fit(make_module(), loader(xtr, ytr))
+    assert cb.guard.total_steps == 1000

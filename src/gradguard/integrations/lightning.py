@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import warnings
 import weakref
 from typing import Any
@@ -95,6 +96,16 @@ def _fitting(trainer: Any) -> bool:
     """True while the trainer runs ``fit`` (or when it cannot say)."""
     fn = getattr(getattr(trainer, "state", None), "fn", None)
     return fn is None or getattr(fn, "value", fn) == "fit"
+
+
+def _planned_steps(trainer: Any) -> int | None:
+    """The optimizer steps the fit plans to make (Lightning's own estimate, which
+    schedulers such as OneCycleLR are sized by); None when unbounded or unknown."""
+    try:
+        n = trainer.estimated_stepping_batches
+    except Exception:  # (Lightning refuses one when accumulation varies by epoch)
+        return None
+    return int(n) if isinstance(n, int | float) and math.isfinite(n) and n >= 1 else None
 
 
 class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
@@ -210,6 +221,8 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
             raise ConfigError("LBFGS evaluates its closure several times per step; the guard "
                               "cannot own that step")
         self.guard = Guard(pl_module, opt, **self.guard_kwargs)
+        if self.guard.total_steps is None:
+            self.guard.total_steps = _planned_steps(trainer)
         for cfg in trainer.lr_scheduler_configs:
             self.guard.track(cfg.scheduler)  # rolled back with the model
         ended, self._ended = self._ended, None

@@ -130,6 +130,8 @@ class GradGuardCallback(TrainerCallback):
         inner = _unwrap_optimizer(optimizer)
         scaler = getattr(optimizer, "scaler", None)
         self.guard = Guard(model, inner, scaler=scaler, **self.guard_kwargs)
+        if self.guard.total_steps is None and int(getattr(state, "max_steps", 0) or 0) > 0:
+            self.guard.total_steps = int(state.max_steps)  # (the Trainer's plan)
         if lr_scheduler is not None and hasattr(lr_scheduler, "load_state_dict"):
             self.guard.track(lr_scheduler)  # rolled back with the model
         try:
