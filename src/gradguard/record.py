@@ -20,8 +20,8 @@ Record schema (one JSON object per line in the JSONL sink):
   ``layers_every`` steps and on every flagged step).
 - ``{"type": "event", "step": k, "kind": ..., "action": ..., "origin_layer": name|null,
   "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,
-  ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``rollback``, ``snapshot``,
-  ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``.
+  ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``probe_held``, ``rollback``,
+  ``snapshot``, ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``.
 
 :func:`read_jsonl` reads a log back as typed records (:mod:`gradguard.runlog`).
 """
