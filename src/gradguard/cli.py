@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -247,12 +245,6 @@ def _bench_interrupt() -> Iterator[None]:
         wrote = (f"the results were written to {e.out}" if e.written else
                  f"nothing was written ({e.out} is as it was before)")
         typer.echo(f"interrupted: {e.done} of {e.total} runs had finished; {wrote}")
-        if e.stuck:
-            # (a worker pool's thread left waiting on a dead worker's pipe: a normal exit
-            # would wait for it forever; the workers are stopped and nothing is pending)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:  # (before the first run started)
         typer.echo("interrupted before any run had finished; nothing was written")

@@ -133,11 +133,7 @@ class BenchInterrupted(KeyboardInterrupt):
         total: runs planned.
         out: the results directory.
         written: the results were written all the same.
-        stuck: the worker pool's manager thread had not ended after its workers were
-            stopped (see :func:`_stop_pool`): the interpreter would wait for it at exit.
     """
-
-    stuck = False
 
     def __init__(self, done: int, total: int, out: Path, written: bool = False) -> None:
         super().__init__(f"interrupted after {done} of {total} runs; " + (
@@ -228,9 +224,8 @@ def _sigint_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _stop_pool(pool: ProcessPoolExecutor) -> bool:
-    """Cancel the queued runs and stop the running ones now; True when the pool's manager
-    thread is still alive 5 s later."""
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued runs and stop the running ones now."""
     # (ProcessPoolExecutor has no public way to stop a running job before Python 3.14's
     # terminate_workers(); the workers ignore SIGINT, so they are terminated. shutdown()
     # forgets them: they are taken first.)
@@ -242,14 +237,6 @@ def _stop_pool(pool: ProcessPoolExecutor) -> bool:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.join(10)
-    # The manager thread ends once it sees the workers gone, unless it was reading a
-    # result a worker was killed while writing: then it waits on the pipe for good, and
-    # the interpreter joins it at exit (a non-daemon thread). The CLI then exits at once.
-    thread = getattr(pool, "_executor_manager_thread", None)
-    if thread is None:
-        return False
-    thread.join(5)
-    return thread.is_alive()
 
 
 def plan_jobs(cfg: BenchConfig, logs: Path | None = None) -> tuple[list[Job], dict[str, str]]:
@@ -329,14 +316,12 @@ def run_bench(cfg: BenchConfig,
         with _sigint_blocked():  # (the folder is replaced whole or not at all)
             _commit(stage, out)
             written = True
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         shutil.rmtree(stage, ignore_errors=True)
         if created and not written:
             with contextlib.suppress(OSError):
                 out.rmdir()  # (only if still empty)
-        stop = BenchInterrupted(len(results), len(jobs), out, written)
-        stop.stuck = bool(getattr(e, "stuck", False))
-        raise stop from None
+        raise BenchInterrupted(len(results), len(jobs), out, written) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return BenchResult(rows, summary, out, skipped)
@@ -370,9 +355,8 @@ def _run_jobs(cfg: BenchConfig, jobs: list[Job],
             results[job] = fut.result()
             if progress is not None:
                 progress(job, results[job][0], len(results), len(jobs))
-    except BaseException as e:
-        if _stop_pool(pool) and isinstance(e, KeyboardInterrupt):
-            e.stuck = True  # type: ignore[attr-defined]  # (read by run_bench)
+    except BaseException:
+        _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
 
