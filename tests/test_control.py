@@ -243,6 +243,10 @@ def test_no_probe_the_run_ends_too_soon_to_answer():
     ctrl.ends_at = None  # unknown again: the due probe is made at once
     v = feed(ctrl, [1.0], start=36)
     assert v[0].raised and ctrl.scale == pytest.approx(0.25)
+    ctrl.unstable(37, "relapse")  # (the wait doubles to 40)
+    ctrl.ends_at = 30  # a run already past the end it was said to have: the number is
+    v = feed(ctrl, [1.0] * 40, start=38)  # wrong, and the probe is made as if unknown
+    assert v[-1].raised and not any(x.held for x in v)
 
 
 def test_probing_never_exceeds_one():

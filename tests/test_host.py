@@ -754,9 +754,10 @@ def test_a_closed_guard_refuses_data_changed_and_track():
         guard.track(torch.optim.lr_scheduler.StepLR(guard.optimizer, 10))
 
 
-def _cut_then_calm(total_steps: int | None, steps: int = 60) -> gg.Guard:
+def _cut_then_calm(total_steps: int | None) -> gg.Guard:
     """A regression whose steps 5-7 have NaN gradients (instability: a cut ×0.1), then
-    calm; probes are due 30 calm steps after a cut."""
+    calm, for ``total_steps`` steps (60 when None); probes are due 30 calm steps after a
+    cut."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -764,7 +765,7 @@ def _cut_then_calm(total_steps: int | None, steps: int = 60) -> gg.Guard:
     guard = gg.Guard(model, opt, log=None, policy=policy, total_steps=total_steps)
     x = torch.randn(64, 4)
     y = x.sum(1, keepdim=True)
-    for i in range(steps):
+    for i in range(total_steps or 60):
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()

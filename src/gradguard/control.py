@@ -748,7 +748,8 @@ class Controller:
             self.was_calm = self._level_calm()
         self.calm += 1
         if self.calm >= self.probe_wait and self.scale < 1:
-            if self.ends_at is not None and self.ends_at - 1 - step < cfg.window:
+            # (a run past the end it was said to have: the number was wrong, not known)
+            if self.ends_at is not None and 0 <= self.ends_at - 1 - step < cfg.window:
                 told, self.held = self.held, True
                 return Verdict(scale=self.scale, held=not told)
             self.scale = min(1.0, self.scale / math.sqrt(cfg.decrease))

@@ -87,7 +87,8 @@ class Guard(assembly.Parts):
             LR cut the guard raises the LR again (a probe) only while the run has enough
             steps left for a failure of the raise to show in the loss level
             (``Stability.window``), so a raised LR that fails cannot damage the last
-            weights with no step left to answer. None: unknown (probes whenever due).
+            weights with no step left to answer. None: unknown (probes whenever due; so
+            does a run that goes on past the length it was given).
             The Lightning and Hugging Face callbacks set it from the trainer; it can be
             set later too (``guard.total_steps = n``).
     """
