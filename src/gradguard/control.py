@@ -227,8 +227,8 @@ class Verdict:
         give_up: set when the LR scale would fall below the floor.
         scale: the LR scale to apply from now on.
         raised: the scale was raised (a probe) at this row.
-        held: a probe was due at this row and not made: the run ends before it could be
-            judged (set once, at the first such row).
+        held: a probe was due at this row and not made, for the run ends before its
+            failure could show: the steps left then (set once, at the first such row).
         retry: roll back and retry at the same scale (see :meth:`Controller.unstable`).
         clip: roll back at the same scale and clip every step from now on (see
             :meth:`Controller.unstable`).
@@ -238,7 +238,7 @@ class Verdict:
     give_up: bool = False
     scale: float = 1.0
     raised: bool = False
-    held: bool = False
+    held: int | None = None
     retry: bool = False
     clip: bool = False
 
@@ -749,9 +749,10 @@ class Controller:
         self.calm += 1
         if self.calm >= self.probe_wait and self.scale < 1:
             # (a run past the end it was said to have: the number was wrong, not known)
-            if self.ends_at is not None and 0 <= self.ends_at - 1 - step < cfg.window:
+            left = None if self.ends_at is None else self.ends_at - 1 - step
+            if left is not None and 0 <= left < cfg.window:
                 told, self.held = self.held, True
-                return Verdict(scale=self.scale, held=not told)
+                return Verdict(scale=self.scale, held=None if told else left)
             self.scale = min(1.0, self.scale / math.sqrt(cfg.decrease))
             self.calm = 0
             self.last_raise = step

@@ -590,8 +590,7 @@ class HostSide:
         if verdict.raised:
             g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
                              f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)
-        elif verdict.held:
-            left = c.ends_at - 1 - k if c.ends_at is not None else 0
+        elif (left := verdict.held) is not None:
             g.recorder.event(
                 k, "probe_held", f"calm for a while, but the run ends in {left} steps, fewer "
                 f"than the {c.cfg.window} a raised LR's failure takes to show: the LR scale "
