@@ -480,3 +480,94 @@ def test_fsdp_over_tp_strided_shards_count_as_pieces():
 
     assert _cuts(_StridedShard(0, split_factor=2)) and _cuts(Shard(1))
     assert not _cuts(Replicate()) and not _cuts(Partial())
+
+
+def _join_worker(rank: int, port: int, out: str, counts: tuple[int, int], order: str) -> None:
+    from torch.distributed.algorithms.join import Join
+
+    _init(rank, port)
+    try:
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        guard = gg.Guard(model, opt, on_spike="none", on_loss_spike="skip",
+                         log=f"{out}/log{rank}.jsonl")
+        x, y, idx = _data(rank)
+        raised, skips, losses = None, [], []
+
+        def epoch(n: int, spike_at: int | None) -> None:
+            for step in range(n):
+                xb, yb = x[idx[step]], y[idx[step]]
+                if step == spike_at:  # (rank 1 alone is still stepping here)
+                    yb, xb = (yb + 1) % 10, xb * 30
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                info = guard.step(loss)
+                skips.append(bool(info.skipped))
+                losses.append((float(loss.detach()), float(info.loss)))
+
+        try:
+            with Join([model, guard] if order == "model-first" else [guard, model]):
+                epoch(counts[rank], spike_at=35 if rank == 1 else None)
+        except gg.GuardUsageError as e:
+            raised = str(e)
+        state = guard.state_dict()
+        after = {"steps": guard.steps, "scale": guard.lr.scale,
+                 "params": [p.detach().clone() for p in model.parameters()],
+                 "good": [s.step for s in guard.store.good]}
+        if raised is None:
+            # After the join the guards decide alike again: an even epoch keeps the replicas
+            # equal, with a loss spike on one rank's batch skipped by both.
+            with Join([model, guard]):
+                epoch(10, spike_at=5 if rank == 0 else None)
+        guard.close()
+        torch.save({"raised": raised, "skips": skips, "losses": losses, "after": after,
+                    "state_steps": state["steps"], "end_steps": guard.steps,
+                    "params": [p.detach().clone() for p in model.parameters()],
+                    "good": [s.step for s in guard.store.good],
+                    "events": [(e["kind"], e["step"]) for e in guard.recorder.events]},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts", [(30, 40), (0, 12)])
+def test_join_with_uneven_inputs_keeps_the_guards_in_step(tmp_path, counts):
+    _spawn(_join_worker, str(tmp_path), counts, "model-first")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    assert r0["raised"] is None and r1["raised"] is None
+    short, long = counts
+    # While rank 0 was out, rank 1 stepped alone: the guard's loss is its own (no zero
+    # from rank 0 in the mean, no "a loss on 1 of 2 ranks" refusal), before that both's.
+    for step, (own, agreed) in enumerate(r1["losses"][:long]):
+        both = (own + r0["losses"][step][0]) / 2 if step < short else own
+        assert agreed == pytest.approx(both, rel=1e-6)
+    if long > 35:
+        assert r1["skips"][35] and sum(r1["skips"][:long]) == 1
+    # After the join, every rank holds the last joiner's weights and guard state, and
+    # its rollback history starts from them.
+    a0, a1 = r0["after"], r1["after"]
+    assert a0["steps"] == a1["steps"] == long
+    assert a0["scale"] == a1["scale"]
+    for a, b in zip(a0["params"], a1["params"], strict=True):
+        assert torch.equal(a, b)
+    assert a1["good"] == [long - 1]
+    # (a rank that had not stepped takes that snapshot at its first step)
+    assert a0["good"] == ([] if short == 0 else [long - 1])
+    # The even epoch after it: both ranks skip rank 0's spike and stay equal.
+    assert r0["skips"][short:] == r1["skips"][long:]
+    assert r0["skips"][short + 5] and r0["end_steps"] == r1["end_steps"] == long + 10
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)
+    assert r0["good"] == r1["good"]
+    kinds0 = [k for k, _ in r0["events"]]
+    assert ("joined", short) in r0["events"] and ("join_synced", long) in r0["events"]
+    assert "joined" not in [k for k, _ in r1["events"]]
+    assert kinds0.count("join_synced") == 1  # (the even epoch's Join leaves the state be)
+
+
+def test_join_with_the_guard_listed_first_is_refused_on_every_rank(tmp_path):
+    _spawn(_join_worker, str(tmp_path), (5, 5), "guard-first")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for r in (r0, r1):
+        assert r["raised"] is not None and "Join([ddp_model, guard])" in r["raised"]

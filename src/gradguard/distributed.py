@@ -13,7 +13,9 @@ across the group in a single ``all_reduce``:
   counts once;
 * the loss (averaged over the ranks that passed one, so the loss-spike detector sees the
   same series everywhere), and how many ranks passed one: some but not all is refused;
-* a non-finite vote (any rank's NaN/Inf makes every rank skip).
+* a non-finite vote (any rank's NaN/Inf makes every rank skip);
+* how many ranks stepped: a rank that ran out of data inside torch's ``Join`` adds zeros
+  in their place (:mod:`gradguard.join`).
 
 The detectors and the LR backoff then run on identical inputs on every rank and make
 identical decisions, with no further communication; host-side decisions (rollback, giving
@@ -33,6 +35,10 @@ from .errors import ConfigError, GuardUsageError
 from .record import Mailbox
 
 __all__ = ["Sync", "is_sharded", "local_tensor", "make_sync", "split_dims"]
+
+# The agreed scalars after the squared norms: loss, NaN vote, bad data, ranks that passed a
+# loss, ranks that stepped.
+_TAIL = 5
 
 
 def _dtensor_type() -> type | None:
@@ -157,17 +163,26 @@ class Sync:
         zero = torch.zeros((), device=norms.device)
         loss_v = loss if loss is not None else zero
         data_v = bad_data.to(norms.device) if bad_data is not None else zero
-        given = torch.ones((), device=norms.device) if loss is not None else zero
-        parts.append(torch.stack([loss_v.float(), nonfinite.float(), data_v.float(), given]))
+        one = torch.ones((), device=norms.device)
+        given = one if loss is not None else zero
+        # (the last: 1 per rank that steps, 0 from a rank that ran out, see shadow)
+        parts.append(torch.stack([loss_v.float(), nonfinite.float(), data_v.float(), given,
+                                  one]))
         packed = torch.cat(parts)
         self.dist.all_reduce(packed, group=self.group)
         self.calls += 1
-        tail = packed[-4:]
+        tail = packed[-_TAIL:]
         if self.sharded:
-            norms = packed[:-4].sqrt()
-        self._losses(tail[3])
+            norms = packed[:-_TAIL].sqrt()
+        self._losses(tail[3:])
         mean_loss = tail[0] / tail[3].clamp_min(1) if loss is not None else None
         return norms, mean_loss, tail[1] > 0, tail[2] > 0
+
+    def shadow(self, device: torch.device) -> None:
+        """What a rank that ran out of data (in torch's ``Join``) issues in place of
+        :meth:`step`'s all-reduce: zeros, so it adds no loss, no vote and no stepping rank
+        (see :mod:`gradguard.join`; not for sharded gradients, whose norms it would need)."""
+        self.dist.all_reduce(torch.zeros(_TAIL, device=device), group=self.group)
 
     def _weigh(self, n: int, device: torch.device) -> Tensor | None:
         """The weights of this step's ``n`` squared norms (None: all 1)."""
@@ -184,8 +199,11 @@ class Sync:
             self._weights[key] = torch.tensor(shares, dtype=torch.float32, device=device)
         return self._weights[key]
 
-    def _losses(self, given: Tensor) -> None:
+    def _losses(self, counts: Tensor) -> None:
         """Refuse a loss passed on some ranks but not all, on every rank at the same step.
+
+        ``counts``: how many ranks passed a loss, and how many stepped (fewer than all
+        once some ran out of data in torch's ``Join``).
 
         A CUDA count is read ``ROW_LAG`` steps later, when the step's row reaches the
         host anyway (see :class:`~gradguard.record.Mailbox`): waiting for it now would
@@ -193,16 +211,16 @@ class Sync:
         at the same step and none is left waiting in the next all-reduce.
         """
         if self._given is None:
-            self._given = Mailbox(given.device)
+            self._given = Mailbox(counts.device)
         box = self._given
-        box.post(self._steps, given.reshape(1))
+        box.post(self._steps, counts)
         self._steps += 1
         for step, row in box.poll(upto=self._steps - 1 - box.lag):
-            count = round(float(row[0]))  # (a host array: no device read)
-            if 0 < count < self.world:
+            count, stepping = round(float(row[0])), round(float(row[1]))  # (host numbers)
+            if 0 < count < stepping:
                 ago = self._steps - 1 - step
                 raise GuardUsageError(
-                    f"guard.step(loss) got a loss on {count} of {self.world} ranks and none "
+                    f"guard.step(loss) got a loss on {count} of {stepping} ranks and none "
                     "on the others at " + (f"{ago} step(s) before this one" if ago else
                                            "this step")
                     + ": the loss is averaged over ranks, and the loss checks must run on "

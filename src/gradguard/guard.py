@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import assembly, checkpoint, lifecycle
+from . import assembly, checkpoint, join, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform, claim
 from .device import DeviceSide
@@ -130,6 +130,7 @@ class Guard(assembly.Parts):
         claim(self.clip, self)
         self.clip.bind(self.names, self.params, self.device)
         self.after_step = after_step_hooks(after_step)
+        self._join_config = join.disabled_config()  # (set by torch's Join, see join_hook)
         # Device parts: detectors, transforms, skip decision, optimizer stepper; then the
         # host parts (controller, LR factor, rollback store), sinks and hooks.
         self._device = d = DeviceSide(self, skip_strategy)
@@ -207,6 +208,7 @@ class Guard(assembly.Parts):
         Raises:
             TrainingDivergedError: the policy has run out of remedies.
         """
+        join.notify(self)  # (inside torch's Join: this rank still steps)
         groups, loss = begin_step(self, loss, closure, batch)
         self._host.outside_edits(self.steps, end=False)
         if not self._started:
@@ -235,6 +237,28 @@ class Guard(assembly.Parts):
         return ev.verdict(self.recorder, self.control, self.rollbacks,
                           ev.group_lr(self.optimizer), h.recurrent, h.recurrent_clipped,
                           self._device.clip_ratio, h.batch_noise, h.lr_span, h.dead.ended())
+
+    # -- uneven inputs (torch's Join) --------------------------------------------------
+    def join_hook(self, **kwargs: Any) -> Any:
+        """The hook with which ``torch.distributed.algorithms.join.Join([ddp_model,
+        guard])`` keeps ranks that ran out of data in step with the others (see
+        :mod:`gradguard.join`); ``kwargs`` are the context's and unused."""
+        return join.join_hook(self, **kwargs)
+
+    @property
+    def join_device(self) -> torch.device:
+        """Where the join context's own collectives run: the guard's device."""
+        return self.device
+
+    @property
+    def join_process_group(self) -> Any:
+        """The process group the guard agrees over (the default group's object where it
+        uses that one, as DDP names it: Join wants every participant's the same)."""
+        group = self._sync.group if self._sync is not None else None
+        if group is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            return torch.distributed.group.WORLD
+        return group
 
     # -- state -------------------------------------------------------------------------
     def close(self) -> None:
@@ -276,3 +300,9 @@ class Guard(assembly.Parts):
             The parts that were not loaded (empty when everything was).
         """
         return checkpoint.load(self, state, strict)
+
+
+if join.Joinable is not None:
+    # A Joinable by its methods (Join only reads those); registered so that isinstance
+    # says so, without the ABC in the guard's bases.
+    join.Joinable.register(Guard)

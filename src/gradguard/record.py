@@ -21,7 +21,8 @@ Record schema (one JSON object per line in the JSONL sink):
 - ``{"type": "event", "step": k, "kind": ..., "action": ..., "origin_layer": name|null,
   "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,
   ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``probe_held``, ``rollback``,
-  ``snapshot``, ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``.
+  ``snapshot``, ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``,
+  ``joined``, ``join_synced`` (uneven inputs under ``Join``, :mod:`gradguard.join`).
 
 :func:`read_jsonl` reads a log back as typed records (:mod:`gradguard.runlog`).
 """

@@ -111,6 +111,8 @@ class RollbackStore:
         self.candidates: dict[int, snap.Snapshot] = {}
         # Where snapshots live ("device", "cpu" or "off"), settled at the first step.
         self.place: str | None = None
+        # Settled already by the other ranks while this one had not stepped (see rebase).
+        self.agreed_place: str | None = None
         self.retried_from: int | None = None
         self.resumed = False
         self.disk_files: deque[Path] = deque()
@@ -159,9 +161,34 @@ class RollbackStore:
         """At the first step (``step``: the guard's count, past 0 for a resumed guard):
         settle where snapshots live and keep the starting state, labelled as the state
         after the step before (-1: the initial weights)."""
-        self.place = self._placement()
+        self.place = self._placement() if self.agreed_place is None else self.agreed_place
         if self.active and not self.resumed:
             self.good.append(self._take(step - 1, guard_state))
+
+    @property
+    def agrees(self) -> bool:
+        """Whether :meth:`start` settles the snapshots' place with the other ranks (one
+        all-reduce at the first step)."""
+        return self.sync is not None and self.cfg.memory == "auto" \
+            and self.agreed_place is None
+
+    def rebase(self, step: int, guard_state: dict[str, Any], place: str | None,
+               started: bool) -> None:
+        """Start the rollback history afresh from the current weights, labelled ``step``
+        (after a ``Join``: the snapshots held were of a path the other ranks did not
+        take). ``place``: where the other ranks keep snapshots, taken as settled when
+        ``started`` (they have stepped) and this store has not yet."""
+        if self.place is None:
+            if started and place is not None:
+                self.agreed_place = place
+            return  # (the first step takes the first snapshot)
+        self.good.clear()
+        self.candidates.clear()
+        self.fails.clear()
+        self.left = None
+        self.retried_from = None
+        if self.active:
+            self.good.append(self._take(step, guard_state))
 
     def _placement(self) -> str:
         """Where in-memory snapshots can live: "device", "cpu" or "off" (too large); under
