@@ -220,6 +220,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
                 results["restored_equal"] = all(
                     torch.equal(a, b) for a, b in zip(_full(model), at_snapshot, strict=True))
         results["rollbacks"] = guard.rollbacks
+        from torch.distributed.algorithms.join import Join
+
+        try:  # (sharded norms cannot be shadowed by a rank that ran out: no Join)
+            Join([guard])
+        except gg.ConfigError as e:
+            results["join_refused"] = str(e)
         guard.close()
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
@@ -242,6 +248,7 @@ def test_fsdp2_norms_clipping_and_rollback_match_the_unsharded_model(tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert res["rollbacks"] == 1 and res["rolled_back_at"] == 11
         assert res["restored_equal"]  # back to the snapshot taken after step 8
+        assert "same number of steps" in res["join_refused"]
 
 
 def _placement_worker(rank: int, port: int, out: str) -> None:
