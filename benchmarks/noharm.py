@@ -302,6 +302,49 @@ only (3 seeds):
   a few steps right after the warm-up (a catapult) on each of 3 seeds, and with a 10 %
   warm-up to 6.3 on one.
 
+A twelfth batch written the same way at stop 48 (committed before any guarded run; checked
+on the unguarded arm only: seeds 0-1 traced, the held-out loss also on seeds 3-4), for
+healthy runs whose gradient starts at or near zero, grows by design, or is pushed up by the
+loss itself, and for a schedule that raises the LR again and again:
+
+- ``cnn-restarts-warmup``: the MNIST CNN (of ``cnn-adam``), SGD momentum lr 0.05, batch
+  32, 200 steps, cosine warm restarts every 50 steps, each cycle opening with a linear
+  warm-up from a tenth of the peak over 5 steps: the LR goes from ~0 back to 0.05 within 5
+  steps three times. After a restart the 10-step mean of the loss rose on some (0.17 →
+  0.27, 0.11 → 0.16) and single steps reached 0.4-0.66 against a ~0.15-0.25 mean; the
+  gradient norm's maximum up to 2.7× the median of the 10 steps before. Held-out 0.13-0.19.
+- ``infonce-temp-anneal``: the halves encoder of ``mlp-infonce`` under symmetric InfoNCE
+  (batch 64) with the temperature annealed geometrically from 1 to 0.05 over the 600
+  steps, Adam lr 1e-3: the logits' scale grows twentyfold; the training loss falls from
+  3.9 to ~0.26 while the gradient norm's median grows from ~1 to ~2.5. Held-out: the same
+  loss at 0.05 over the whole test split as one batch (1000-way), 2.26-2.42.
+- ``pinn-poisson-f64``: a physics-informed MLP 1-32-32-1 (tanh) in float64 (Raissi et al.
+  2019) for u'' = f on [0, 1], u = sin(πx) + 0.1 sin(4πx): the squared residual (u'' by
+  two nested ``autograd.grad`` calls) at 64 collocation points plus the boundary terms,
+  Adam lr 1e-3, 1000 steps: the loss falls from ~160 to ~0.3, three decades, and the
+  gradient norm rises from ~16-26 to medians of 60-70 (single steps up to ~130) before it
+  falls. Held-out: the squared error of u against the exact solution, 0.002-0.006.
+- ``mlp-rezero-adam``: a residual MNIST MLP (784-128, four blocks h + α_i · F_i(h), F_i
+  128-64-128, the gates α_i learned from 0; ReZero, Bachlechner et al. 2021), Adam lr
+  1e-3: at step 0 the blocks' weights get no gradient at all; their gradient norm grows
+  from ~5e-4 (step 1) to ~0.2 (the last 100 steps) as the gates reach ±0.085-0.14.
+  Held-out 0.24-0.33.
+- ``mlp-dann-grl``: domain-adversarial training (DANN; Ganin et al. 2016): an MNIST MLP
+  (features 784-128, label head 128-10, domain head 128-64-1) on the labelled images and
+  the same batch's images shuffled and turned 30° (their labels unused), the domain head's
+  BCE through a gradient reversal layer whose weight rises 0 → 1 by Ganin's schedule, SGD
+  momentum lr 0.01: the features are trained to raise a term of the loss the guard sees
+  (the domain BCE hovers at 0.5-0.69, the total at ~0.7-0.85 from step 300). Held-out: the
+  cross-entropy on the turned test images, 1.32-1.51 (seeds 0-1: 1.32-1.36 against
+  1.46-1.62 without the domain term).
+- ``skipgram-lee-adam``: word2vec's skip-gram with negative sampling (Mikolov et al.
+  2013) on the Lee corpus's words (1774 words seen 5 or more times, window 2, 201 732
+  rows), each row's 5 negatives drawn up front from the unigram distribution to the 3/4
+  (as Keras's ``skipgrams`` does), 32-d tables, the output one zero at the start, Adam lr
+  3e-3, batch 256, 1200 steps: the first gradient reaches the output table only, and the
+  gradient norm grows tenfold (0.011 → 0.11) while the loss falls from 6 ln 2 (4.16) to
+  ~2.5. Held-out: the same loss on the held-out rows, 2.55.
+
 Reported apart, as their unguarded runs are not healthy:
 
 - ``wine-cauchy``: least squares on the standardised wine data with Cauchy noise (scale 3)
@@ -1412,6 +1455,187 @@ def _swa_model(model: nn.Module) -> nn.Module:
     return AveragedModel(model)
 
 
+
+# -- the twelfth batch (stop 48) ---------------------------------------------------------
+
+
+def _restarts_warmup(opt: torch.optim.Optimizer, steps: int
+                     ) -> torch.optim.lr_scheduler.LRScheduler:
+    # Cosine warm restarts every 50 steps, each cycle opening with a linear warm-up from a
+    # tenth of the peak over 5 steps (restarts with warm-up, as timm's cosine scheduler
+    # runs them): the LR falls to ~0 at each cycle's end, then climbs back to the peak.
+    def scale(step: int) -> float:
+        pos = step % 50
+        if pos < 5:
+            return 0.1 + 0.9 * pos / 5
+        return 0.5 * (1 + math.cos(math.pi * (pos - 5) / 45))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, scale)
+
+
+class _HalvesCosines(_HalvesEncoder):
+    """The halves encoder of ``mlp-infonce`` with the temperature left to the loop:
+    ``cosines`` gives the raw similarity matrix; called, it returns the logits at the
+    final temperature, 0.05 (the held-out loss's)."""
+
+    def cosines(self, x: Tensor) -> Tensor:
+        za = nn.functional.normalize(self.net(x * self.top), dim=1)
+        zb = nn.functional.normalize(self.net(x * (1 - self.top)), dim=1)
+        return za @ zb.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.cosines(x) / 0.05
+
+
+def _infonce_anneal_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                          gen: torch.Generator) -> Tensor:
+    # The contrastive temperature annealed geometrically from 1 to 0.05 over the run: the
+    # logits' scale grows twentyfold, and the loss's and the gradient's with it.
+    tau = 0.05 ** (step / total)
+    return _infonce(model.cosines(x) / tau, y)  # type: ignore[operator]
+
+
+def _poisson1d() -> tuple[Tensor, Tensor, Tensor]:
+    """2000 evenly spaced collocation points on [0, 1] (float64, (n, 1)); training targets
+    the source term f = u''; clean targets the exact solution u = sin(πx) + 0.1 sin(4πx)
+    (u(0) = u(1) = 0)."""
+    x = torch.linspace(0, 1, 2000, dtype=torch.float64)[:, None]
+    u = torch.sin(math.pi * x) + 0.1 * torch.sin(4 * math.pi * x)
+    f = (-math.pi ** 2 * torch.sin(math.pi * x)
+         - 0.1 * (4 * math.pi) ** 2 * torch.sin(4 * math.pi * x))
+    return x, f, u
+
+
+def _pinn() -> nn.Module:
+    """An MLP 1-32-32-1 (tanh) in float64, as physics-informed nets are usually run."""
+    return nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 1)).double()
+
+
+def _pinn_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                gen: torch.Generator) -> Tensor:
+    # A physics-informed loss (Raissi et al. 2019) for u'' = f on [0, 1]: the squared
+    # residual at the batch's points (u'' by two nested autograd.grad calls, the graph
+    # kept) plus the boundary conditions u(0) = u(1) = 0; it falls over decades.
+    x = x.clone().requires_grad_(True)
+    (du,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+    edge = model(torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+    return (d2u - y).pow(2).mean() + edge.pow(2).mean()
+
+
+class _ReZeroMLP(nn.Module):
+    """A residual MLP: 784-128 (ReLU), four blocks h + α_i · F_i(h) with F_i 128-64-128
+    (ReLU between) and the gates α_i learned from 0 (ReZero, Bachlechner et al. 2021), a
+    head 128-10. At the start every block is the identity and its weights get no gradient
+    until its gate moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(784, 128)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 128)) for _ in range(4))
+        self.alpha = nn.Parameter(torch.zeros(4))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.inp(x))
+        for a, block in zip(self.alpha, self.blocks, strict=True):
+            h = h + a * block(h)
+        return self.head(h)
+
+
+class _GradReverse(torch.autograd.Function):
+    """The gradient reversal layer (Ganin & Lempitsky 2015): identity forward, the
+    gradient times -λ backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lam: float) -> Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.lam * grad, None
+
+
+class _DANN(nn.Module):
+    """Domain-adversarial network: features 784-128 (ReLU), a label head 128-10 and a
+    domain head 128-64-1 (ReLU); called, it returns the label logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(784, 128), nn.ReLU())
+        self.label = nn.Linear(128, 10)
+        self.domain = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.label(self.features(x))
+
+
+def _dann_train(model: nn.Module, x: Tensor, y: Tensor, step: int, total: int,
+                gen: torch.Generator) -> Tensor:
+    # DANN (Ganin et al. 2016): the label loss on the source batch plus the domain head's
+    # BCE on source and target features through a gradient reversal layer whose weight
+    # rises 0 → 1 by Ganin's 2 / (1 + exp(-10 p)) - 1: the features are trained to raise a
+    # term of the very loss the guard watches. The target domain: the batch's images,
+    # shuffled and turned 30° (their labels unused).
+    lam = 2 / (1 + math.exp(-10 * step / total)) - 1
+    target = _rotate(x[torch.randperm(len(x), generator=gen)], 30)
+    hs, ht = model.features(x), model.features(target)  # type: ignore[operator]
+    reversed_ = _GradReverse.apply(torch.cat([hs, ht]), lam)
+    dom = model.domain(reversed_).squeeze(1)  # type: ignore[operator]
+    side = torch.cat([torch.zeros(len(x)), torch.ones(len(x))])
+    return (nn.functional.cross_entropy(model.label(hs), y)  # type: ignore[operator]
+            + nn.functional.binary_cross_entropy_with_logits(dom, side))
+
+
+@lru_cache(maxsize=1)
+def _skipgram() -> tuple[Tensor, Tensor, Tensor]:
+    """Skip-gram rows from the Lee corpus's words (lower-cased, those seen 5 or more
+    times; window 2 either side): [centre, context, 5 negatives drawn from the unigram
+    distribution to the power 3/4 (Mikolov et al. 2013)], the negatives a fixed draw made
+    up front, as Keras's ``skipgrams`` makes them. Targets unused (zeros)."""
+    import re
+    from collections import Counter
+
+    from gradguard.scenarios.data import lee_text
+
+    words = re.findall(r"[a-z']+", lee_text().lower())
+    counts = Counter(words)
+    vocab = {w: i for i, (w, c) in enumerate(counts.most_common()) if c >= 5}
+    ids = torch.tensor([vocab[w] for w in words if w in vocab])
+    centre = torch.cat([ids[2:-2]] * 4)
+    context = torch.cat([ids[2 + k: len(ids) - 2 + k] for k in (-2, -1, 1, 2)])
+    freq = torch.bincount(ids, minlength=len(vocab)).double() ** 0.75
+    gen = torch.Generator().manual_seed(48)
+    neg = torch.multinomial(freq, 5 * len(centre), replacement=True, generator=gen)
+    x = torch.cat([centre[:, None], context[:, None], neg.view(-1, 5)], 1)
+    return x, torch.zeros(len(x)), torch.zeros(len(x))
+
+
+class _SkipGram(nn.Module):
+    """word2vec's two embedding tables (32-d), the input one uniform in ±0.5/32 and the
+    output one zero (word2vec's own init); called on rows [centre, context, negatives] it
+    returns the 6 dot products, the context's first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = int(_skipgram()[0].max()) + 1
+        self.inp, self.out = nn.Embedding(n, 32), nn.Embedding(n, 32)
+        nn.init.uniform_(self.inp.weight, -0.5 / 32, 0.5 / 32)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.inp(x[:, :1]) * self.out(x[:, 1:])).sum(2)
+
+
+def _sgns(out: Tensor, y: Tensor) -> Tensor:
+    """The negative-sampling loss: -log σ(context) - Σ log σ(-negative), per row."""
+    logsig = nn.functional.logsigmoid
+    return -(logsig(out[:, 0]) + logsig(-out[:, 1:]).sum(1)).mean()
+
+
 # name -> (data: (x, training targets, clean targets), model, loss, optimizer, batch,
 #          steps, note, LR schedule (optimizer, steps) -> scheduler, or None, options)
 # Options: "shift" (train on classes 0-4 until that step, then on all), "train_n" (train
@@ -1714,6 +1938,29 @@ def cases() -> dict[str, Case]:
                                "MNIST MLP, batch 512, SGD momentum lr 0.1 (0.05 per 256), "
                                "linear warm-up from 0.00625 over 5 % of the steps, then cosine",
                                _linscale_warmup, {}),
+        # the twelfth batch (stop 48)
+        "cnn-restarts-warmup": (_mnist, _cnn, _CE, _sgdm(0.05), 32, 200,
+                                "MNIST CNN, SGD momentum lr 0.05, cosine restarts every 50 "
+                                "steps, each after 5 warm-up steps from 0.005",
+                                _restarts_warmup, {}),
+        "infonce-temp-anneal": (_mnist, _HalvesCosines, _infonce, _adam(1e-3), 64, 600,
+                                "MNIST halves encoder, InfoNCE with the temperature annealed "
+                                "1 → 0.05, Adam lr 1e-3 (held-out at 0.05)", None,
+                                {"train_loss": _infonce_anneal_train}),
+        "pinn-poisson-f64": (_poisson1d, _pinn, _MSE, _adam(1e-3), 64, 1000,
+                             "physics-informed MLP for u'' = f on [0, 1], float64, Adam lr "
+                             "1e-3 (held-out: error against the exact u)", None,
+                             {"train_loss": _pinn_train}),
+        "mlp-rezero-adam": (_mnist, _ReZeroMLP, _CE, _adam(1e-3), 32, 600,
+                            "MNIST residual MLP, four blocks gated by ReZero α from 0, Adam lr "
+                            "1e-3", None, {}),
+        "mlp-dann-grl": (_mnist, _DANN, _CE, _sgdm(0.01), 32, 600,
+                         "MNIST DANN, gradient reversal (λ 0 → 1) against images turned 30°, "
+                         "SGD momentum lr 0.01 (held-out: the turned images)", None,
+                         {"train_loss": _dann_train, "test_input": lambda x: _rotate(x, 30)}),
+        "skipgram-lee-adam": (_skipgram, _SkipGram, _sgns, _adam(3e-3), 256, 1200,
+                              "Lee corpus word2vec skip-gram, 5 negatives, Adam lr 3e-3, "
+                              "batch 256", None, {}),
     }
 
 
