@@ -204,6 +204,45 @@ and a sequence-to-sequence model:
   3, 10, 30, 100; unguarded 0.28, 0.081, 0.062 (from ln 10 = 2.3), then 40 and 81 (blown
   up; 6.9 at 20).
 
+And six more, a tenth batch written the same way at stop 48 (committed before any guarded
+run; the grids were checked on the unguarded arm only): a long-range recurrent task,
+depthwise convolutions, a learned temperature, tied weights, a multi-output regression in
+raw units and a score-matching loss. The losses quoted are seed 0's, or the range over
+seeds 0 and 1 where both were run:
+
+- ``adding-rnn-relu-sgd``: a ReLU RNN (64 units, PyTorch's default init: no identity
+  init) on the adding problem (Hochreiter & Schmidhuber; Pascanu et al. 2013) at length
+  20: (value, marker) pairs, the target the sum of the two marked values; plain SGD. Grid
+  0.01, 0.1, 0.3, 1, 3, 10; unguarded 0.17-0.19 at 0.01-0.3 (from ~1.1; 1/6 is the mean's
+  error: in 600 steps it learns the mean, not the sum), ``inf`` at 1, 3 and 10.
+- ``digits-dwsep-nesterov``: a small MobileNet without normalisation on the 8×8 digits
+  (scaled to 0-1): a 3×3 stem and two depthwise-separable blocks (a 3×3 filter per
+  channel, then a 1×1 convolution), Kaiming's fan-in init, global average pooling; SGD
+  with Nesterov momentum 0.9. Grid 0.01, 0.03, 0.1, 0.3, 1, 3; unguarded 0.45, 0.17-0.19,
+  0.34-0.37 (from 2.30), then 2.5, 2.33 and 2.40 (dead: chance or worse).
+- ``mnist-infonce-sgd``: CLIP-style contrastive learning on the MNIST subset (scaled to
+  0-1): an image and a copy shifted by up to 2 pixels with noise 0.2, ``mnist-triplet-sgd``'s
+  embedding net for both, L2-normalised, scaled by a learned inverse temperature e^t (from
+  1/0.07, CLIP's start, not clamped as CLIP's is), InfoNCE over the batch; SGD with momentum
+  0.9. Grid 0.01, 0.1, 0.3, 1, 3, 10; unguarded 2.0, 2.4, 2.1-2.3 (held-out over 1000
+  pairs, from ~6.0), then 6.908 = ln 1000 at 1, 3 and 10 (collapsed: worse than the start).
+- ``mnist-tiedae-sgd``: a weight-tied autoencoder (784-256-784, ReLU, the decoder the
+  encoder's transpose) on the MNIST subset (scaled to 0-1) as input and MSE target, SGD
+  with momentum 0.9. Grid 0.3, 1, 3, 10, 30, 100; unguarded 0.012, 0.0072, 0.0049 (from
+  0.10), then 0.024, 0.068 (the mean image's error, ~0.07) and 0.070 or ``inf`` at 100.
+- ``circuit-mlp-raw-nesterov``: a ReLU MLP (4-64-64-2) giving an AC circuit's impedance
+  (0-1760) and phase (0-1.6 rad) from resistance, frequency (up to 1760), inductance and
+  capacitance in raw units (sklearn's Friedman #2 and #3 inputs, synthetic, noise-free),
+  SGD with Nesterov momentum 0.9: a multi-output regression whose outputs and inputs
+  differ ~1000× in scale. Grid 1e-8 to 1e-4 by decades; unguarded 4.4e4 at 1e-8 and 1e-7
+  (from 1.7e5-1.9e5; predicting the means gives 7.1e4), then 1.7e5-1.9e5 at 1e-6, 7.2e4 or
+  ``inf`` at 1e-5, ``inf`` at 1e-4.
+- ``moons-dsm-mish-adamw``: denoising score matching on the two moons (noise 0.05): points
+  perturbed by σε, σ = 0.1, and a Mish MLP (2-128-128-128-2) fitted by MSE to the score
+  -ε/σ (variance 100 a coordinate), AdamW with weight decay 0.1. Grid 1e-3, 1e-2, 3e-2,
+  0.1, 0.3, 1; unguarded 82-83, 79-83 (from ~102), then 100-105 from 3e-2 on (no better
+  than a zero score).
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -1094,6 +1133,144 @@ class _Seq2Seq(nn.Module):
         return self.out(h)
 
 
+@lru_cache(maxsize=1)
+def _adding() -> tuple[Tensor, Tensor]:
+    """The adding problem (Hochreiter & Schmidhuber; Pascanu et al. 2013) at length 20:
+    4000 sequences of (value ~ U(0, 1), marker) pairs, one marker in each half; the target
+    is the sum of the two marked values (predicting its mean, 1, gives an MSE of 1/6)."""
+    gen = torch.Generator().manual_seed(23)
+    n, length = 4000, 20
+    values = torch.rand(n, length, generator=gen)
+    first = torch.randint(0, length // 2, (n,), generator=gen)
+    second = torch.randint(length // 2, length, (n,), generator=gen)
+    marks = torch.zeros(n, length)
+    marks[torch.arange(n), first] = 1.0
+    marks[torch.arange(n), second] = 1.0
+    return torch.stack([values, marks], 2), (values * marks).sum(1, keepdim=True)
+
+
+class _SepBlock(nn.Module):
+    """A MobileNet-style depthwise-separable block: a depthwise 3×3 convolution (a filter
+    per channel, fan-in 9), ReLU, a pointwise 1×1 convolution, ReLU; no normalisation."""
+
+    def __init__(self, n_in: int, n_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(n_in, n_in, 3, stride, padding=1, groups=n_in),
+                                  nn.ReLU(), nn.Conv2d(n_in, n_out, 1), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def _dwsep_cnn() -> nn.Module:
+    """A small MobileNet without BatchNorm on the 8×8 digits: a 3×3 stem to 16 channels,
+    two depthwise-separable blocks (16-32-64, the second of stride 2), global average
+    pooling, a linear read-out; convolutions at Kaiming's (fan-in) init, biases zero (at
+    PyTorch's default init, or Kaiming's fan-out one, a depthwise filter's fan-in of 9 is
+    not reckoned with: the signal vanishes and it does not train)."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                          _SepBlock(16, 32), _SepBlock(32, 64, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
+
+
+@lru_cache(maxsize=1)
+def _views() -> tuple[Tensor, Tensor]:
+    """Two views of each MNIST-subset image (scaled to 0-1) for contrastive learning: the
+    image, and a copy shifted by up to 2 pixels each way (wrapping) with Gaussian noise of
+    0.2 added: 5000×2×784; no labels (zeros)."""
+    x, _ = _pixel_images()
+    gen = torch.Generator().manual_seed(29)
+    shifts = torch.randint(-2, 3, (len(x), 2), generator=gen)
+    moved = torch.stack([img.roll((int(a), int(b)), (1, 2)) for img, (a, b) in zip(x, shifts,
+                                                                                    strict=True)])
+    moved = moved + 0.2 * torch.randn(moved.shape, generator=gen)
+    return torch.stack([x.reshape(len(x), -1), moved.reshape(len(x), -1)], 1), torch.zeros(len(x))
+
+
+class _ContrastiveNet(nn.Module):
+    """CLIP's contrastive set-up on the two views: one embedding net (``_siamese``) for
+    both, the embeddings L2-normalised and scaled by √s, s = e^t a learned inverse
+    temperature (t starts at ln(1/0.07), as CLIP's), so that a dot product of the two
+    views is s × their cosine; CLIP clamps s at 100 for stability, this does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _siamese()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(self.net(x), dim=-1) * torch.exp(self.log_scale / 2)
+
+
+def _info_nce(emb: Tensor, _: Tensor) -> Tensor:
+    """InfoNCE (one direction): each first view's dot products with the batch's second
+    views as logits, its own second view the class; the held-out loss is over the whole
+    held-out set, so it starts near ln 1000, not ln 32."""
+    return nn.functional.cross_entropy(emb[:, 0] @ emb[:, 1].T, torch.arange(len(emb)))
+
+
+@lru_cache(maxsize=1)
+def _pixels_scaled_ae() -> tuple[Tensor, Tensor]:
+    """The MNIST subset's flat images (scaled to 0-1) as both input and target."""
+    x, _ = _pixels_scaled()
+    return x, x
+
+
+class _TiedAutoencoder(nn.Module):
+    """A weight-tied autoencoder (784-256-784): h = ReLU(Wx + b), x̂ = Wᵀh + c, one matrix
+    W used twice, so its gradient is the sum of the encoder's and the decoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(784, 256)
+        self.dec_bias = nn.Parameter(torch.zeros(784))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.enc(x))
+        return nn.functional.linear(h, self.enc.weight.T, self.dec_bias)
+
+
+@lru_cache(maxsize=1)
+def _circuit() -> tuple[Tensor, Tensor]:
+    """4000 draws of an AC circuit, the inputs of sklearn's Friedman #2 and #3 in their raw
+    units (resistance R ∈ [0, 100], angular frequency ω ∈ [40π, 560π], inductance
+    L ∈ [0, 1], capacitance C ∈ [1, 11]; the same draws for both), and both their targets
+    noise-free: the impedance √(R² + (ωL - 1/(ωC))²) (0-1760, variance ~1.4e5) and the
+    phase atan((ωL - 1/(ωC))/R) (0-1.57 rad): a two-output regression whose outputs differ
+    ~1000× in scale."""
+    gen = torch.Generator().manual_seed(31)
+    u = torch.rand(4000, 4, generator=gen)
+    r, w = 100 * u[:, 0], 40 * math.pi + 520 * math.pi * u[:, 1]
+    ind, cap = u[:, 2], 1 + 10 * u[:, 3]
+    react = w * ind - 1 / (w * cap)
+    x = torch.stack([r, w, ind, cap], 1)
+    return x, torch.stack([torch.sqrt(r ** 2 + react ** 2), torch.atan(react / r)], 1)
+
+
+@lru_cache(maxsize=1)
+def _noisy_moons() -> tuple[Tensor, Tensor]:
+    """Denoising score matching data: 4000 points of the two moons (noise 0.05) perturbed
+    by σε, σ = 0.1, and the score of the perturbation -ε/σ as the target (variance 100 a
+    coordinate; the best predictor still leaves ~60 of it)."""
+    from sklearn.datasets import make_moons
+
+    x, _ = make_moons(4000, noise=0.05, random_state=37)
+    gen = torch.Generator().manual_seed(37)
+    eps = torch.randn(4000, 2, generator=gen)
+    return torch.tensor(x, dtype=torch.float32) + 0.1 * eps, -eps / 0.1
+
+
+def _score_net() -> nn.Module:
+    """A score network 2-128-128-128-2 with Mish (a smooth self-gated ReLU)."""
+    return nn.Sequential(nn.Linear(2, 128), nn.Mish(), nn.Linear(128, 128), nn.Mish(),
+                         nn.Linear(128, 128), nn.Mish(), nn.Linear(128, 2))
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
@@ -1275,6 +1452,30 @@ def cases() -> dict[str, Case]:
         "reverse-seq2seq-sgd": (_reversal, _Seq2Seq, _seq_ce, _sgd(),
                                 [1.0, 3.0, 10.0, 30.0, 100.0],
                                 "plain SGD, LSTM encoder-decoder, teacher forcing", {}),
+        "adding-rnn-relu-sgd": (_adding, lambda: _LastStep(nn.RNN(2, 64, batch_first=True,
+                                                                  nonlinearity="relu"), 1),
+                                mse, _sgd(), [0.01, 0.1, 0.3, 1.0, 3.0, 10.0],
+                                "plain SGD, ReLU RNN at PyTorch's default init, 30 steps", {}),
+        "digits-dwsep-nesterov": (_digits_images, _dwsep_cnn, ce,
+                                  lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr,
+                                                                momentum=0.9, nesterov=True),
+                                  [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                                  "SGD Nesterov 0.9, depthwise-separable, no normalisation", {}),
+        "mnist-infonce-sgd": (_views, _ContrastiveNet, _info_nce, _sgd(0.9),
+                              [0.01, 0.1, 0.3, 1.0, 3.0, 10.0],
+                              "SGD momentum 0.9, InfoNCE, learned temperature unclamped", {}),
+        "mnist-tiedae-sgd": (_pixels_scaled_ae, _TiedAutoencoder, mse, _sgd(0.9),
+                              [0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+                              "SGD momentum 0.9, tied weights", {}),
+        "circuit-mlp-raw-nesterov": (_circuit, lambda: nn.Sequential(
+            nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)), mse,
+            lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True),
+            [1e-8, 1e-7, 1e-6, 1e-5, 1e-4], "SGD Nesterov 0.9, two outputs, raw units", {}),
+        "moons-dsm-mish-adamw": (_noisy_moons, _score_net, mse,
+                                 lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr,
+                                                                 weight_decay=0.1),
+                                 [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
+                                 "AdamW (weight decay 0.1), Mish, score targets -ε/σ", {}),
     }
 
 
