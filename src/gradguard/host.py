@@ -1069,6 +1069,11 @@ class HostSide:
                 "early_base": None if self.early_base is None else list(self.early_base),
                 "lr_span": None if self.lr_span is None else list(self.lr_span),
                 "signs": list(self.signs), "unjudged": self.unjudged, "hold": self.hold,
+                # (which parameters have had a gradient: one that gets its first is a
+                # change of model, see joined; the unwatched by name, ids are per process)
+                "had_grad": None if self.had_grad is None else sorted(self.had_grad),
+                "last_index": list(self.last_index),
+                "thawed": [n for n, p in self.g._unwatched if id(p) in self.thawed_ids],
                 "shifts": list(self.shifts),
                 "shift_point": None if self.shift_point is None else [
                     list(self.shift_point[0]), self.shift_point[1]],
@@ -1103,6 +1108,13 @@ class HostSide:
             r[0], tuple(r[1]), r[2], int(r[3]), [float(v) for v in r[4]],
             # (a bool before the first look's losses were kept: True had no losses)
             None if r[5] is None or r[5] is False else [float(v) for v in (r[5] or [])])
+        if "had_grad" in h:  # (absent before it existed)
+            seen = h["had_grad"]
+            self.had_grad = None if seen is None else {int(i) for i in seen}
+            self.last_index = tuple(int(i) for i in h["last_index"])
+            thawed = set(h["thawed"])
+            self.thawed_ids = {id(p) for n, p in self.g._unwatched if n in thawed}
+            self.warned_thaw = self.warned_thaw or bool(thawed)
         self.skip_batches = int(h["skip_batches"])
         self.depth.load_state_dict(h["depth"])
         self.drift.load_state_dict(h["drift"])

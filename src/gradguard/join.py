@@ -10,10 +10,14 @@ loss, no NaN vote, no rank counted as stepping.
 
 When every rank has run out, DDP's post-hook gives every rank the weights of the last
 rank to run out (the "last joiner"); the guard's post-hook then does the same for its own
-state (LR scale, detector windows, controller memory, counters), so the ranks decide
-alike again after the join, and every rank starts its rollback history afresh from those
-weights (a rank that ran out early holds snapshots of a path the others left). Nothing
-is done when no rank ran out early.
+state (LR scale, detector windows, controller memory, counters, which parameters have
+had a gradient), the optimizer's state (momenta, moments: DDP leaves them, and a replica
+with stale momenta parts from the others at its next step) and what ``guard.track``
+holds (an LR scheduler), so the ranks decide alike and stay equal after the join; every
+rank starts its rollback history afresh from those weights (a rank that ran out early
+holds snapshots of a path the others left). Nothing is done when no rank ran out early.
+Under gradient accumulation (``ddp.no_sync()``) the shadow follows DDP's: one per synced
+backward, where the stepping ranks call ``guard.step``.
 
 Usage::
 
@@ -53,26 +57,31 @@ def _is_ddp(model: Any) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
+def _unwrapped(model: Any) -> Any:
+    return getattr(model, "_orig_mod", model)  # (torch.compile's wrapper)
+
+
 def notify(g: Guard) -> None:
     """At the start of a step inside ``Join``: tell the context this rank still steps,
     and refuse an order of participants whose collectives would not pair up."""
     cfg = getattr(g, "_join_config", None)
-    if cfg is None or not cfg.enable or g._sync is None:
+    if cfg is None or not cfg.enable:
         return
-    model = g.model
-    if _is_ddp(model):
-        # Both raise at the same step on every rank (the same Join, the same code), so no
-        # rank is left waiting in a collective.
-        if not model._join_config.enable:
-            raise GuardUsageError(
-                "the guard is in a Join without its DDP model: on a rank that ran out, "
-                "DDP's gradient all-reduces would go unanswered. Pass both, the model "
-                "first: Join([ddp_model, guard])")
-        if cfg.is_first_joinable:
-            raise GuardUsageError(
-                "Join([guard, ddp_model]) pairs the guard's all-reduce with DDP's on a "
-                "rank that ran out: list the model first, Join([ddp_model, guard]) (its "
-                "collectives come first in a step)")
+    # Each check raises at the same step on every rank (the same Join, the same code), so
+    # no rank is left waiting in a collective.
+    if cfg.is_first_joinable:
+        # The first participant counts the ranks still stepping at the start of each of
+        # its steps, before DDP's forward and backward collectives, which on a rank that
+        # ran out come first.
+        raise GuardUsageError(
+            "the guard is listed first in Join: list it after the model, "
+            "Join([ddp_model, guard]) (the model's collectives come first in a step)")
+    model = _unwrapped(g.model)
+    if g._sync is not None and _is_ddp(model) and not model._join_config.enable:
+        raise GuardUsageError(
+            "the guard is in a Join without its DDP model: on a rank that ran out, DDP's "
+            "gradient all-reduces would go unanswered. Pass both, the model first: "
+            "Join([ddp_model, guard])")
     Join.notify_join_context(g)
 
 
@@ -88,6 +97,11 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
     def main_hook(self) -> None:
         g, sync = self.g, self.g._sync
         if sync is None:
+            return
+        model = _unwrapped(g.model)
+        if _is_ddp(model) and not model.require_forward_param_sync:
+            # DDP's hook, which ran first, found the stepping ranks in no_sync() (gradient
+            # accumulation): no synced backward, so no guard step, in this iteration.
             return
         if self.shadowed == 0:
             g.recorder.event(g.steps, "joined",
@@ -106,6 +120,9 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
     def post_hook(self, is_last_joiner: bool) -> None:
         g, sync = self.g, self.g._sync
         shadowed, self.shadowed = self.shadowed, 0
+        # Torch leaves a participant's config set after its Join: a later loop outside any
+        # Join must not take the guard for one still inside it.
+        g._join_config = disabled_config()
         if sync is None:
             return
         dist = sync.dist
@@ -122,12 +139,16 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
         store = g.store
         payload: list[Any] = [None]
         if sync.rank == src:
-            # (on the host: a CUDA tensor would unpickle onto the sender's device index)
-            state = snap.clone_tree(checkpoint.save(g, drain=False), to_cpu=True)
+            # The optimizer's state (momenta, Adam's moments) and the objects the guard
+            # tracks (an LR scheduler) moved on only where the run went on. On the host: a
+            # CUDA tensor would unpickle onto the sender's device index.
+            sent = {"state": checkpoint.save(g, drain=False),
+                    "optimizer": g.optimizer.state_dict(),
+                    "tracked": [obj.state_dict() for obj in g._tracked]}
+            sent = snap.clone_tree(sent, to_cpu=True)
             if g.device.type == "cuda":
                 torch.cuda.synchronize(g.device)  # (the copies are non-blocking)
-            payload = [{"state": state,
-                        "started": g._started,
+            payload = [{**sent, "started": g._started,
                         "place": None if store is None else store.place}]
         dist.broadcast_object_list(payload, src=src_global, group=sync.group,
                                    device=g.device if g.device.type == "cuda" else None)
@@ -139,24 +160,36 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
                 dist.broadcast(t, src=src_global, group=sync.group)
         if sync.rank != src:
             checkpoint.load(g, got["state"])
+            g.optimizer.load_state_dict(got["optimizer"])
+            for obj, st in zip(g._tracked, got["tracked"], strict=True):
+                obj.load_state_dict(st)
         if store is not None:
             store.rebase(g.steps - 1, checkpoint.trajectory(g), got["place"],
                          started=got["started"])
+            # (the broadcasts wrote the weights in place: not an edit from outside)
+            g._host.versions = [p._version for p in g.params]
         g.recorder.event(
             g.steps, "join_synced",
-            f"every rank has run out of data: the guard's state and the weights of rank "
-            f"{src} (the last to run out, at step {g.steps}) are every rank's now"
+            f"every rank has run out of data: the guard's state, the optimizer's state and "
+            f"the weights of rank {src} (the last to run out, at step {g.steps}) are every "
+            "rank's now"
             + (f"; this rank ran out {shadowed} steps before it" if shadowed else "")
             + ("; rollback starts afresh from these weights" if store is not None else ""),
             action="info", source_rank=src, shadowed=shadowed)
 
 
 def _model_tensors(g: Guard) -> list[torch.Tensor]:
-    """The weights a rollback restores: the model's parameters and buffers (the guarded
+    """The weights a rollback restores, as DDP syncs them at the end of a join: the
+    model's parameters and buffers but those DDP is told to ignore (the guarded
     parameters where there is no model)."""
-    if g.model is None:
+    model = _unwrapped(g.model)
+    if model is None:
         return [p.data for p in g.params]
-    return [*(p.data for p in g.model.parameters()), *g.model.buffers()]
+    ignore: set[str] = set()
+    if _is_ddp(model):
+        ignore, model = set(model.parameters_to_ignore), model.module
+    return [t.data for n, t in (*model.named_parameters(), *model.named_buffers())
+            if n not in ignore]
 
 
 def join_hook(g: Guard, **kwargs: Any) -> Any:
