@@ -2093,9 +2093,27 @@ def paired(none: list[float], guard: list[float]) -> dict[str, float]:
     worse = sum(d > 0 for d in diff)
     better = sum(d < 0 for d in diff)
     med_d = statistics.median(diff)
+    # The median test cannot see harm on a minority of seeds when most are identical (a
+    # cut on 3 seeds of 20 that ends them 1.8x worse has a median difference of 0), so
+    # the seeds changed by a quarter of the loss or more are counted apart, both ways.
+    far = [_far(u, g) for u, g in zip(none, guard, strict=True)]
     return {"none": med_u, "guard": statistics.median(guard), "diff": med_d,
             "worse": worse, "better": better, "bound": 2 * se,
-            "harm": float(med_d > 2 * se), "p": _sign_p(worse, better)}
+            "harm": float(med_d > 2 * se), "p": _sign_p(worse, better),
+            "far_worse": far.count(1), "far_better": far.count(-1)}
+
+
+FAR = 0.25  # a seed's change counted apart: a quarter of its unguarded loss's magnitude
+
+
+def _far(none: float, guard: float) -> int:
+    """1 where the guarded seed ends worse by FAR of the loss or more, -1 better, else 0
+    (a diverged seed, inf, is worse than any finite one)."""
+    if math.isinf(none) or math.isinf(guard):
+        return 0 if none == guard else (1 if math.isinf(guard) else -1)
+    if abs(guard - none) < FAR * abs(none):
+        return 0
+    return 1 if guard > none else -1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2125,9 +2143,10 @@ def main(argv: list[str] | None = None) -> int:
         "test's p-value is over the seeds that changed. See the module docstring for the "
         "cases.", "",
         "| case | setup | none | gradguard | diff | bound | worse / better | sign p | harm "
+        f"| seeds {FAR:.0%} worse / better "
         "| guard acted (seeds: flagged a step / rolled back / ended with the LR cut) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    harmed = []
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    harmed, far = [], []
     for name, case in healthy.items():
         none = [run(case, False, s, args.steps)[0] for s in range(args.seeds)]
         res = [run(case, True, s, args.steps) for s in range(args.seeds)]
@@ -2139,14 +2158,21 @@ def main(argv: list[str] | None = None) -> int:
                   if any(a["gave_up"] for a in acted) else ""))
         if r["harm"]:
             harmed.append(name)
+        if r["far_worse"]:
+            far.append(f"{name} ({r['far_worse']} of {args.seeds}, "
+                       f"{r['far_better']} as far better)")
         lines.append(
             f"| {name} | {case[6]} | {r['none']:.4g} | {r['guard']:.4g} | {r['diff']:+.3g} "
             f"| {r['bound']:.3g} | {r['worse']:.0f} / {r['better']:.0f} | {r['p']:.2g} | "
-            f"{'**harm**' if r['harm'] else 'none'} | {did} |")
+            f"{'**harm**' if r['harm'] else 'none'} | "
+            f"{r['far_worse']} / {r['far_better']} | {did} |")
         print(name, r, did, flush=True)
     lines += ["", "## Verdict", "",
               (f"Harm by the bench's test on: {', '.join(harmed)}." if harmed else
                "No harm by the bench's test on any case."), "",
+              (f"Seeds that end {FAR:.0%} worse or more guarded (what the median test does "
+               f"not see when most seeds are unchanged): {'; '.join(far)}." if far else
+               f"No seed ends {FAR:.0%} worse or more guarded."), "",
               "## Not healthy without a guard (noisy labels, a schedule past the edge)", "",
               "Per seed, held-out loss on the clean targets; *gave up*: the guard raised "
               "`TrainingDivergedError` (evaluated where it stopped).", "",

@@ -42,3 +42,20 @@ def test_the_harm_test_flags_a_consistent_cost_and_not_noise():
         assert not mod.paired(none, [v + 0.01 for v in none])["harm"]
     finally:
         sys.modules.pop("gradguard_bench_noharm", None)
+
+
+def test_a_minority_of_seeds_far_worse_is_counted_apart():
+    # The restarts' CNN of stop 48: three seeds of ten cut and ending ~1.8x worse, the
+    # others unchanged: the median test says no harm, the far count says three.
+    try:
+        mod = _load()
+        none = [0.133, 0.165, 0.191, 0.175, 0.179, 0.169, 0.181, 0.138, 0.179, 0.176]
+        guard = [0.139, 0.281, 0.346, 0.175, 0.179, 0.311, 0.181, 0.138, 0.169, 0.176]
+        r = mod.paired(none, guard)
+        assert not r["harm"] and r["far_worse"] == 3 and r["far_better"] == 0
+        # Diverged seeds count, and the magnitude of a negative loss (an NLL) is the scale.
+        assert mod._far(1.0, float("inf")) == 1 and mod._far(float("inf"), 1.0) == -1
+        assert mod._far(float("inf"), float("inf")) == 0
+        assert mod._far(-1.0, -0.7) == 1 and mod._far(-1.0, -0.9) == 0
+    finally:
+        sys.modules.pop("gradguard_bench_noharm", None)
