@@ -128,10 +128,10 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
         dist = sync.dist
         # Which rank is the last joiner (the highest, as DDP picks it), and whether any rank
         # ran out early at all: one all-reduce.
-        t = torch.tensor([float(sync.rank if is_last_joiner else -1), float(shadowed > 0)],
-                         device=g.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=sync.group)
-        src, uneven = int(t[0].item()), bool(t[1].item())
+        found = torch.tensor([float(sync.rank if is_last_joiner else -1),
+                              float(shadowed > 0)], device=g.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=sync.group)
+        src, uneven = (int(v) for v in found.tolist())  # (once per join: a host read)
         if not uneven:
             return  # (even inputs: every guard stepped alike)
         g._host.drain()  # (the rows still in flight are judged on the rank that made them)
@@ -156,8 +156,8 @@ class _GuardJoinHook(JoinHook if JoinHook is not None else object):  # type: ign
         # DDP's post-hook gave every rank these weights already; a rollback the drain above
         # made on the last joiner came after it, so they are sent again (once per join).
         with torch.no_grad():
-            for t in _model_tensors(g):
-                dist.broadcast(t, src=src_global, group=sync.group)
+            for tensor in _model_tensors(g):
+                dist.broadcast(tensor, src=src_global, group=sync.group)
         if sync.rank != src:
             checkpoint.load(g, got["state"])
             g.optimizer.load_state_dict(got["optimizer"])

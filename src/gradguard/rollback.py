@@ -182,11 +182,7 @@ class RollbackStore:
             if started and place is not None:
                 self.agreed_place = place
             return  # (the first step takes the first snapshot)
-        self.good.clear()
-        self.candidates.clear()
-        self.fails.clear()
-        self.left = None
-        self.retried_from = None
+        self.forget()
         if self.active:
             self.good.append(self._take(step, guard_state))
 
