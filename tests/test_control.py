@@ -1,5 +1,6 @@
 """The stability controller on its own: evidence classes, LR memory, probing, state."""
 
+import functools
 import math
 
 import numpy as np
@@ -498,8 +499,11 @@ def test_a_state_saved_before_clipping_existed_loads_as_not_clipping():
     assert ctrl.clip_since is None
 
 
+@functools.cache
 def _rnn_long(seed, clip_recurrent=False, **stability):
-    """rnn-long at its exploding LR (1e-2) under a guard: (final loss, guard)."""
+    """rnn-long at its exploding LR (1e-2) under a guard: (final loss, guard). Cached: the
+    two recurrent tests share the default policy's runs (each ~4 s), and no test changes
+    the guard it gets."""
     from gradguard import scenarios
 
     made = []

@@ -4,8 +4,11 @@ written. The committed NOHARM.md is the measurement; three steps prove nothing a
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
 
@@ -19,15 +22,32 @@ def _load():
     return mod
 
 
+def test_every_case_runs_guarded_and_not(one_thread):
+    try:
+        mod = _load()
+        for name, case in {**mod.cases(), **mod.noisy_cases()}.items():
+            for guarded in (False, True):
+                loss, acted = mod.run(case, guarded, 0, 3)
+                assert isinstance(loss, float) and not math.isnan(loss), (name, guarded)
+                want = {"flagged", "rollbacks", "lr_cut", "gave_up"} if guarded else set()
+                assert set(acted) == want, (name, guarded)
+    finally:
+        sys.modules.pop("gradguard_bench_noharm", None)
+
+
 def test_noharm_script_writes_a_row_per_case(tmp_path):
     try:
         mod = _load()
         out = tmp_path / "NOHARM.md"
-        assert mod.main(["--seeds", "2", "--steps", "3", "--out", str(out)]) == 0
+        healthy, noisy = next(iter(mod.cases())), next(iter(mod.noisy_cases()))
+        args = ["--seeds", "2", "--steps", "3", "--out", str(out)]
+        assert mod.main([*args, "--case", healthy, "--case", noisy]) == 0
         text = out.read_text()
-        for name in [*mod.cases(), *mod.noisy_cases()]:
+        for name in (healthy, noisy):
             assert f"| {name} |" in text
         assert "## Verdict" in text and "## Not healthy without a guard" in text
+        with pytest.raises(SystemExit):
+            mod.main([*args, "--case", "no-such-case"])
     finally:
         sys.modules.pop("gradguard_bench_noharm", None)
 
