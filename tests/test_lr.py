@@ -136,4 +136,6 @@ def test_a_guarded_cosine_run_cut_early_ends_on_its_own_schedule():
     assert all(lr * f <= cap * (1 + 1e-9) for lr, f, cap in seen[10:])
     tail = [f for lr, f, cap in seen[10:] if lr < cap]
     assert len(tail) > 20 and all(f == 1.0 for f in tail)
+    said = [e["message"] for e in guard.recorder.events if e["kind"] in ("rollback", "recover")]
+    assert "LR scale ×0.1 (a cap: lr ≤ 0.005)" in said[0]
     assert "a cap of lr" in guard.verdict()

@@ -103,6 +103,11 @@ class LRFactor:
         """The first group's LR cap where the scale acts as one (None: it does not)."""
         return self._scale * self.ref if self.ref is not None and self._scale < 1 else None
 
+    def said(self) -> str:
+        """The scale in an event's words, with the cap it sets where it acts as one."""
+        cap = self.ceiling
+        return f"LR scale ×{self._scale:.3g}" + (f" (a cap: lr ≤ {cap:.3g})" if cap else "")
+
     def _cut_factor(self) -> float:
         """The factor the scale makes of the latest step's LR. Under a cap, a rising LR is
         a ramp (a warm-up replayed after a rollback, a restart's warm-up), whose point is
