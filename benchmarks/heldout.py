@@ -243,6 +243,34 @@ seeds 0 and 1 where both were run:
   0.1, 0.3, 1; unguarded 82-83, 79-83 (from ~102), then 100-105 from 3e-2 on (no better
   than a zero score).
 
+And four more, an eleventh batch, each trained under an LR schedule from
+``torch.optim.lr_scheduler`` (the ``schedule`` option: built after the optimizer, stepped
+after each optimizer step, tracked by the guard), the schedules real training runs use;
+written blind (the grids were checked on the unguarded arms only, seeds 0 and 1, whose
+medians for ``none`` are given):
+
+- ``mnist-lenet-cosine``: ``mnist-cnn-rmsprop``'s LeNet-style CNN on the MNIST subset
+  (scaled to 0-1), SGD with momentum 0.9 under CosineAnnealingLR from the row's LR to 0
+  over the whole run, no warm-up: the standard image-classification recipe. Grid 0.03,
+  0.1, 0.3, 3; unguarded 0.12, 0.15 (from 2.30), then 2.31 at 0.3 and 3 (dead: chance).
+- ``diabetes-mlp-raw-multistep``: a ReLU MLP (10-64-64-1) regressing the diabetes score
+  from the raw features, the target in raw units, SGD with momentum 0.9 under the classic
+  step schedule (MultiStepLR: the LR × 0.1 at 50 % and again at 75 % of the run). Grid
+  1e-6, 3e-6, 1e-5, 1e-4; unguarded 3380, 3320 (from ~3e4; predicting the mean gives
+  5930), then 5960 (5420-6510: no better than the mean) and ``inf`` at 1e-4 (one seed
+  overflows, the other ends dead at 6510). ``clip 1.0`` barely moves at these LRs (1.5e4-3e4:
+  a clipped step is too small in raw units).
+- ``adding-gru-warmcos-adam``: a GRU (64 units) on ``adding-rnn-relu-sgd``'s adding problem,
+  Adam under a linear warm-up over the first 6 % of the steps (36 of 600) followed by
+  cosine decay to 0 (SequentialLR of LinearLR and CosineAnnealingLR): the usual
+  warm-up-cosine recipe on a recurrent net. Grid 0.01, 0.1, 1, 10; unguarded 7.9e-4, 9.2e-5
+  (from ~1.0), then 0.168 and 0.178 (the mean's error, 1/6: it stops learning the sum).
+- ``digits-transformer-sgdr``: ``digits-transformer-adamw``'s pre-LN transformer (8 row
+  tokens of a digit, AdamW) under SGDR (CosineAnnealingWarmRestarts, the LR annealed to 0
+  and restarted at the row's LR every 150 steps, 4 cycles): each restart jumps the LR back
+  up from near 0. Grid 3e-3, 3e-2, 0.3, 3; unguarded 0.086, 0.21 (from ~2.4), then 0.83 and
+  2.32 (chance).
+
 For every case, LR and seed (5 seeds; the seed fixes the init, the split and the batch
 order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``clip 1.0``
 (``clip_grad_norm_(params, 1.0)``, the usual fixed threshold) and ``gradguard``
@@ -1271,10 +1299,42 @@ def _score_net() -> nn.Module:
                          nn.Linear(128, 128), nn.Mish(), nn.Linear(128, 2))
 
 
+def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine annealing from the row's LR to 0 over the whole run, no warm-up."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+
+
+def _step_decay(opt: torch.optim.Optimizer,
+                steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The classic step schedule: the LR × 0.1 at half the run and again at three quarters."""
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[steps // 2, 3 * steps // 4],
+                                                gamma=0.1)
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer,
+                   steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """A linear warm-up over the first 6 % of the steps (36 of 600) from 1/36 of the row's
+    LR to it, then cosine annealing to 0 over the rest (SequentialLR)."""
+    warm = max(1, round(0.06 * steps))
+    sched = torch.optim.lr_scheduler
+    return sched.SequentialLR(opt, [sched.LinearLR(opt, start_factor=1 / warm,
+                                                   total_iters=warm),
+                                    sched.CosineAnnealingLR(opt, T_max=max(1, steps - warm))],
+                              milestones=[warm])
+
+
+def _restarts(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """SGDR: cosine annealing from the row's LR to 0 restarted every 150 steps (4 cycles in
+    600 steps)."""
+    return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=150)
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
 # "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
 # at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
-# LambdaLR rising linearly to the row's LR over them, then constant, tracked by the guard))
+# LambdaLR rising linearly to the row's LR over them, then constant, tracked by the guard),
+# "schedule" (a callable (optimizer, total steps) -> LRScheduler, built after the optimizer,
+# stepped after each optimizer step, tracked by the guard))
 Case = tuple[Callable[[], tuple[Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
              Callable[[nn.Module, float], torch.optim.Optimizer], list[float], str,
@@ -1476,6 +1536,23 @@ def cases() -> dict[str, Case]:
                                                                  weight_decay=0.1),
                                  [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
                                  "AdamW (weight decay 0.1), Mish, score targets -ε/σ", {}),
+        "mnist-lenet-cosine": (_pixel_images, _lenet, ce, _sgd(0.9), [0.03, 0.1, 0.3, 3.0],
+                               "SGD momentum 0.9, CosineAnnealingLR over the run",
+                               {"schedule": _cosine}),
+        "diabetes-mlp-raw-multistep": (_diabetes_raw, lambda: nn.Sequential(
+            nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)), mse,
+            _sgd(0.9), [1e-6, 3e-6, 1e-5, 1e-4],
+            "SGD momentum 0.9, raw units, LR × 0.1 at 50 % and 75 % (MultiStepLR)",
+            {"schedule": _step_decay}),
+        "adding-gru-warmcos-adam": (_adding, lambda: _LastStep(nn.GRU(2, 64, batch_first=True),
+                                                               1),
+                                    mse, _adam, [0.01, 0.1, 1.0, 10.0],
+                                    "Adam, GRU, linear warm-up over 6 % then cosine decay",
+                                    {"schedule": _warmup_cosine}),
+        "digits-transformer-sgdr": (_digits_01, _RowTransformer, ce, _adamw,
+                                    [3e-3, 3e-2, 0.3, 3.0],
+                                    "AdamW, pre-LN, cosine warm restarts every 150 steps",
+                                    {"schedule": _restarts}),
     }
 
 
@@ -1497,6 +1574,8 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     elif warmup:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup))
+    elif opts.get("schedule") is not None:
+        sched = opts["schedule"](opt, steps)
     if guard is not None and sched is not None:
         guard.track(sched)  # (rolled back with the model)
     dtype = opts.get("autocast")
