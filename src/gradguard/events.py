@@ -124,16 +124,14 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None, batch_noise: float | None = None,
             lr_span: tuple[float, float] | None = None,
-            dead: tuple[str, str, int, int] | None = None,
-            ceiling: float | None = None) -> str:
+            dead: tuple[str, str, int, int] | None = None) -> str:
     """One sentence on how the run went and what to change (``ratio``: every step was
     clipped to that many times the typical norm, for the ``recurrent`` layers or for any
     model; ``recurrent_clipped``: the steps any clipping changed in such a run;
     ``batch_noise``: the ratio the restore echo measured when it took an early cut back;
     ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ;
     ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
-    live one after it, how many tensors get none, the step since which); ``ceiling``: the
-    LR the guard's cut caps the first group's at, where it acts as a cap)."""
+    live one after it, how many tensors get none, the step since which))."""
     c = control
     gave_up = [e for e in recorder.events if e["kind"] == "diverged"]
     if gave_up:  # (no LR is advice then: the guard found none the run is stable at)
@@ -165,8 +163,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                     "problem: its LR cut was taken back and the guard learned the changed "
                     "model's statistics afresh")
     said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
-                    batch_noise, lr_span, dead is not None or stalled is not None, shifted,
-                    ceiling)
+                    batch_noise, lr_span, dead is not None or stalled is not None, shifted)
     stops = [e for e in recorder.events if e["kind"] == "stopped"]
     if stops:  # (a crashed run is not a stable one: what the guard saw comes after)
         e = stops[-1]
@@ -209,7 +206,7 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
 def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int, lr: Any,
              recurrent: Sequence[str], recurrent_clipped: int, ratio: float | None,
              batch_noise: float | None, lr_span: tuple[float, float] | None,
-             led: bool = False, shifted: str = "", ceiling: float | None = None) -> str:
+             led: bool = False, shifted: str = "") -> str:
     """The verdict of a run that learned; with ``led``, only what the guard did (dead
     units or a run without progress lead, and no LR the run ended at is advice)."""
     skipped, data = skips
@@ -260,7 +257,6 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
         return f"{state}{bad}, {lr_said}{retried}{standdown}{noise}{clipped}{rnn}"
     share = c.scaled_rows / max(c.rows, 1)
     advice = "Set that LR (or warm up to it)"
-    lowered = "it was scaled down"
     try:
         if isinstance(lr, list | tuple):  # (parameter groups with their own LRs)
             shown = ", ".join(f"{float(v) * c.scale:.3g}" for v in lr[:4])
@@ -277,19 +273,13 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
         at = (f"×{c.scale:.3g} of your schedule (its peak lr {peak:.3g} would be "
               f"≈ {peak * c.scale:.3g})")
         advice = "Scale your schedule by that"
-        if ceiling is not None:
-            # (a cut while the schedule fell or stood: the LR it failed at is capped, and
-            # the schedule runs as set below the cap)
-            at = (f"a cap of lr {ceiling:.3g} on your schedule (peak lr {peak:.3g}; "
-                  "below the cap it ran as you set it)")
-            advice, lowered = "Cap your schedule's LR at that", "the cap stood"
     times = "once" if c.cuts == 1 else f"{c.cuts} times"
     how = counted(rollbacks, 'rollback') if rollbacks else "in place, no rollback"
     if led:
         return (f"the guard lowered the LR {times} ({how}), to {at}; "
                 f"{bad}{noise}{clipped}{rnn}")
     return (f"unstable at your LR: the guard lowered it {times} "
-            f"({how}), {lowered} on {share:.0%} of steps, "
+            f"({how}), it was scaled down on {share:.0%} of steps, "
             "and the run ended "
             f"stable at {at}; {bad}{noise}{clipped}{rnn}. {advice} to train without the "
             "guard's help")

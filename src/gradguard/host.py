@@ -588,9 +588,8 @@ class HostSide:
             verdict, dead_cut = c.unstable(k, dead, may_retry=False), True
         g.lr.scale = verdict.scale
         if verdict.raised:
-            g.recorder.event(k, "recover", "calm for a while: "
-                             + g.lr.said().replace("scale ×", "scale raised to ×", 1),
-                             action="recover", lr_scale=verdict.scale)
+            g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
+                             f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)
         elif (left := verdict.held) is not None:
             g.recorder.event(
                 k, "probe_held", f"calm for a while, but the run ends in {left} steps, fewer "
@@ -643,7 +642,7 @@ class HostSide:
         # No snapshot undid the damage: the weights are elsewhere now, and so is what is
         # normal for their loss and gradients. Judge what follows from here.
         self._afresh()
-        what = _CLIPPING if clip else g.lr.said()
+        what = _CLIPPING if clip else f"LR scale ×{verdict.scale:.3g}"
         why = " (no snapshot to roll back to)" if may_roll else " in place"
         g.recorder.event(k, "backoff", f"unstable: {reason}; {what}{why}", action="backoff",
                          lr_scale=verdict.scale, reason=reason, clip_all=clip)
@@ -892,7 +891,7 @@ class HostSide:
                     "guard.batches(loader) (or ask guard.should_skip_batch()) for that")
         lr = (f"retrying at the same LR scale ×{g.lr.scale:.3g} (a sudden failure of a "
               "healthy run: a transient fault is likelier than the LR)" if retry
-              else _CLIPPING if clip else g.lr.said())
+              else _CLIPPING if clip else f"LR scale ×{g.lr.scale:.3g}")
         g.recorder.event(
             step, "rollback", f"unstable: {reason}; rolled back to "
             + ("the initial weights" if target.step < 0 else

@@ -3,9 +3,7 @@
 The factor is the stability controller's scale times an optional automatic warm-up. It is
 decided on the host from rows already there (no sync) and applied to every param group
 for the optimizer step only: the scheduler sets the base, the guard scales it, and the
-group's LR is put back afterwards. Under a schedule a cut acts as a cap on the LR the run
-failed at, or, made while the schedule rose, as a factor on the whole schedule (see
-:attr:`LRFactor.scale`); at a constant LR the two are the same, bit for bit.
+group's LR is put back afterwards.
 """
 
 from __future__ import annotations
@@ -59,71 +57,16 @@ class LRFactor:
     def __init__(self, optimizer: torch.optim.Optimizer, warmup: int,
                  device: torch.device) -> None:
         self.optimizer = optimizer
-        self._scale = 1.0  # the controller's
-        # Below x1 the scale acts in one of two forms, chosen at the cut: as a ceiling,
-        # scale x ref, on the first group's LR (ref: an LR), or as a factor, scale x k.
-        self.ref: float | None = None
-        self.k = 1.0
-        self.base: float | None = None  # the first group's LR at the latest step
-        self.prev: float | None = None  # and at the step before
+        self.scale = 1.0  # the controller's
         self.factor = 1.0  # what this step applies
         self.tensor = torch.ones((), device=device)
         self.warmup = warmup
         self.progress = 0  # steps since the state the weights are in began
         self.lr0: float | None = None
 
-    @property
-    def scale(self) -> float:
-        """The controller's LR scale (x1: the user's LR as it is)."""
-        return self._scale
-
-    @scale.setter
-    def scale(self, new: float) -> None:
-        new = float(new)
-        old, f = self._scale, self._cut_factor()
-        self._scale = new
-        if new >= 1.0 or self.base is None:
-            self.ref, self.k = None, 1.0
-        elif new < old:
-            # A cut answers the LR the run failed at, f x base. While the user's schedule
-            # falls or stays (an anneal, a constant LR) that is the highest LR the run
-            # meets again: cap it, scale x ref, and leave the schedule below the cap as it
-            # is (TCP's ssthresh is a window size, not a factor; Jacobson 1988). While it
-            # rises (a warm-up) the user's LR is still on its way to the peak the
-            # schedule's later shape is built around: scale the schedule instead.
-            if self.prev is not None and self.base > self.prev:
-                self.ref, self.k = None, f / old
-            elif self.ref is None or f >= 1.0:
-                # (base x (f / old): exactly base after a factor-form cut, f = old)
-                self.ref, self.k = self.base * (f / old), 1.0
-            # (else the failure was at the binding cap: the same ref, a lower scale)
-
-    @property
-    def ceiling(self) -> float | None:
-        """The first group's LR cap where the scale acts as one (None: it does not)."""
-        return self._scale * self.ref if self.ref is not None and self._scale < 1 else None
-
-    def said(self) -> str:
-        """The scale in an event's words, with the cap it sets where it acts as one."""
-        cap = self.ceiling
-        return f"LR scale ×{self._scale:.3g}" + (f" (a cap: lr ≤ {cap:.3g})" if cap else "")
-
-    def _cut_factor(self) -> float:
-        """The factor the scale makes of the latest step's LR. Under a cap, a rising LR is
-        a ramp (a warm-up replayed after a rollback, a restart's warm-up), whose point is
-        its gentle start: scaled, and kept under the cap; a falling or holding one is
-        capped, so the tail of a decay is the user's."""
-        if self.ref is None or not self.base:
-            return self._scale * self.k
-        capped = self._scale * (self.ref / self.base)
-        if self.prev is not None and self.base > self.prev:
-            return min(self._scale, capped)
-        return min(1.0, capped)
-
     def prepare(self, base_lr: Any) -> None:
         """Settle this step's factor (the device copy is refilled only when it changes)."""
-        self.prev, self.base = self.base, host_lr(base_lr)
-        factor = self._cut_factor() * self._warmup_factor(base_lr)
+        factor = self.scale * self._warmup_factor(base_lr)
         if factor != self.factor:
             self.factor = factor
             self.tensor.fill_(factor)  # a host scalar into a device tensor: no sync
@@ -171,9 +114,8 @@ class LRFactor:
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "progress": self.progress, "lr0": self.lr0,
-                "warmup": self.warmup, "ref": self.ref, "k": self.k, "base": self.base}
+                "warmup": self.warmup}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        self._scale, self.ref, self.k = float(s["scale"]), s.get("ref"), s.get("k", 1.0)
-        self.base = s.get("base")
+        self.scale = float(s["scale"])
         self.progress, self.lr0, self.warmup = int(s["progress"]), s["lr0"], int(s["warmup"])
