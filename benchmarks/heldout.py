@@ -244,8 +244,9 @@ seeds 0 and 1 where both were run:
   than a zero score).
 
 And four more, an eleventh batch, each trained under an LR schedule from
-``torch.optim.lr_scheduler`` (the ``schedule`` option: built after the optimizer, stepped
-after each optimizer step, tracked by the guard), the schedules real training runs use;
+``torch.optim.lr_scheduler`` (the ``schedule`` option, as for ``mnist-mlp-onecycle`` and
+``mnist-postln-warmup``: built after the optimizer, stepped after each optimizer step,
+tracked by the guard), the schedules real training runs use;
 written blind (the grids were checked on the unguarded arms only, seeds 0 and 1, whose
 medians for ``none`` are given):
 
@@ -1329,12 +1330,23 @@ def _restarts(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_schedule
     return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=150)
 
 
+def _onecycle(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's OneCycleLR peaking at the row's LR (the LR the optimizer was built with)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
+                                               total_steps=steps)
+
+
+def _linear_warmup(n: int) -> Callable[[torch.optim.Optimizer, int],
+                                       torch.optim.lr_scheduler.LRScheduler]:
+    """A LambdaLR rising linearly to the row's LR over ``n`` steps, then constant."""
+    return lambda opt, _steps: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1.0, (t + 1) / n))
+
+
 # name -> (data, model factory, loss, optimizer factory, LR grid, note on the grid, options:
-# "autocast" (a dtype for the forward pass), "onecycle" (True: torch's OneCycleLR peaking
-# at the row's LR, the scheduler tracked by the guard), "warmup" (a number of steps: a
-# LambdaLR rising linearly to the row's LR over them, then constant, tracked by the guard),
-# "schedule" (a callable (optimizer, total steps) -> LRScheduler, built after the optimizer,
-# stepped after each optimizer step, tracked by the guard))
+# "autocast" (a dtype for the forward pass), "schedule" (a callable (optimizer, total
+# steps) -> LRScheduler, built after the optimizer, stepped after each optimizer step,
+# tracked by the guard))
 Case = tuple[Callable[[], tuple[Tensor, Tensor]], Callable[[], nn.Module],
              Callable[[Tensor, Tensor], Tensor],
              Callable[[nn.Module, float], torch.optim.Optimizer], list[float], str,
@@ -1389,7 +1401,7 @@ def cases() -> dict[str, Case]:
             [1e-3, 1e-2, 0.1, 1.0], "Adam, raw units", {}),
         "mnist-mlp-onecycle": (_pixels_scaled, _wide_mlp, ce, _sgd(0.9), [0.1, 1.0, 3.0, 10.0],
                                "SGD momentum 0.9, OneCycleLR peaking at the LR",
-                               {"onecycle": True}),
+                               {"schedule": _onecycle}),
         "digits-cnn-badinit": (_digits_images, _badinit_cnn, ce, _sgd(0.9),
                                [1e-4, 1e-3, 1e-2, 0.1], "SGD momentum 0.9, weights N(0, 1)", {}),
         "mnist1d-sigmoid": (_mnist1d, _sigmoid_mlp, ce, _sgd(), [0.1, 1.0, 10.0, 30.0],
@@ -1442,7 +1454,7 @@ def cases() -> dict[str, Case]:
         "mnist-postln-warmup": (_pixels_scaled,
                                 lambda: _RowTransformer(28, norm_first=False), ce, _adam,
                                 [1e-3, 1e-2, 3e-2, 0.1], "Adam, post-LN, linear warm-up "
-                                "over 100 steps to the LR", {"warmup": 100}),
+                                "over 100 steps to the LR", {"schedule": _linear_warmup(100)}),
         "digits-resnet-bn-adam": (_digits_images, _resnet_bn, ce, _adam,
                                   [1e-3, 1e-2, 0.1, 1.0, 3.0], "Adam, BatchNorm, 3 basic blocks",
                                   {}),
@@ -1568,14 +1580,8 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
     n = int(0.8 * len(x))
     train, test = perm[:n], perm[n:]
     guard = gg.Guard(model, opt, log=None) if arm == "gradguard" else None
-    warmup = opts.get("warmup")
-    sched: torch.optim.lr_scheduler.LRScheduler | None = None
-    if opts.get("onecycle"):
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    elif warmup:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup))
-    elif opts.get("schedule") is not None:
-        sched = opts["schedule"](opt, steps)
+    schedule = opts.get("schedule")
+    sched = None if schedule is None else schedule(opt, steps)
     if guard is not None and sched is not None:
         guard.track(sched)  # (rolled back with the model)
     dtype = opts.get("autocast")

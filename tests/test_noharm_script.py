@@ -13,69 +13,57 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
 
 
-def _load():
+@pytest.fixture
+def noharm():
     spec = importlib.util.spec_from_file_location("gradguard_bench_noharm", SCRIPT)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_every_case_runs_guarded_and_not(one_thread):
     try:
-        mod = _load()
-        for name, case in {**mod.cases(), **mod.noisy_cases()}.items():
-            for guarded in (False, True):
-                loss, acted = mod.run(case, guarded, 0, 3)
-                assert isinstance(loss, float) and not math.isnan(loss), (name, guarded)
-                want = {"flagged", "rollbacks", "lr_cut", "gave_up"} if guarded else set()
-                assert set(acted) == want, (name, guarded)
+        spec.loader.exec_module(mod)
+        yield mod
     finally:
-        sys.modules.pop("gradguard_bench_noharm", None)
+        sys.modules.pop(spec.name, None)
 
 
-def test_noharm_script_writes_a_row_per_case(tmp_path):
-    try:
-        mod = _load()
-        out = tmp_path / "NOHARM.md"
-        healthy, noisy = next(iter(mod.cases())), next(iter(mod.noisy_cases()))
-        args = ["--seeds", "2", "--steps", "3", "--out", str(out)]
-        assert mod.main([*args, "--case", healthy, "--case", noisy]) == 0
-        text = out.read_text()
-        for name in (healthy, noisy):
-            assert f"| {name} |" in text
-        assert "## Verdict" in text and "## Not healthy without a guard" in text
-        with pytest.raises(SystemExit):
-            mod.main([*args, "--case", "no-such-case"])
-    finally:
-        sys.modules.pop("gradguard_bench_noharm", None)
+def test_every_case_runs_guarded_and_not(noharm, one_thread):
+    for name, case in {**noharm.cases(), **noharm.noisy_cases()}.items():
+        for guarded in (False, True):
+            loss, acted = noharm.run(case, guarded, 0, 3)
+            assert isinstance(loss, float) and not math.isnan(loss), (name, guarded)
+            want = {"flagged", "rollbacks", "lr_cut", "gave_up"} if guarded else set()
+            assert set(acted) == want, (name, guarded)
 
 
-def test_the_harm_test_flags_a_consistent_cost_and_not_noise():
-    try:
-        mod = _load()
-        none = [1.0, 1.1, 0.9, 1.05, 0.95]
-        assert not mod.paired(none, none)["harm"]
-        worse = mod.paired(none, [v + 0.5 for v in none])
-        assert worse["harm"] and worse["worse"] == 5 and worse["p"] < 0.07
-        assert not mod.paired(none, [v + 0.01 for v in none])["harm"]
-    finally:
-        sys.modules.pop("gradguard_bench_noharm", None)
+def test_noharm_script_writes_a_row_per_case(noharm, tmp_path):
+    out = tmp_path / "NOHARM.md"
+    healthy, noisy = next(iter(noharm.cases())), next(iter(noharm.noisy_cases()))
+    args = ["--seeds", "2", "--steps", "3", "--out", str(out)]
+    assert noharm.main([*args, "--case", healthy, "--case", noisy]) == 0
+    text = out.read_text()
+    for name in (healthy, noisy):
+        assert f"| {name} |" in text
+    assert "## Verdict" in text and "## Not healthy without a guard" in text
+    with pytest.raises(SystemExit):
+        noharm.main([*args, "--case", "no-such-case"])
 
 
-def test_a_minority_of_seeds_far_worse_is_counted_apart():
+def test_the_harm_test_flags_a_consistent_cost_and_not_noise(noharm):
+    none = [1.0, 1.1, 0.9, 1.05, 0.95]
+    assert not noharm.paired(none, none)["harm"]
+    worse = noharm.paired(none, [v + 0.5 for v in none])
+    assert worse["harm"] and worse["worse"] == 5 and worse["p"] < 0.07
+    assert not noharm.paired(none, [v + 0.01 for v in none])["harm"]
+
+
+def test_a_minority_of_seeds_far_worse_is_counted_apart(noharm):
     # The restarts' CNN of stop 48: three seeds of ten cut and ending ~1.8x worse, the
     # others unchanged: the median test says no harm, the far count says three.
-    try:
-        mod = _load()
-        none = [0.133, 0.165, 0.191, 0.175, 0.179, 0.169, 0.181, 0.138, 0.179, 0.176]
-        guard = [0.139, 0.281, 0.346, 0.175, 0.179, 0.311, 0.181, 0.138, 0.169, 0.176]
-        r = mod.paired(none, guard)
-        assert not r["harm"] and r["far_worse"] == 3 and r["far_better"] == 0
-        # Diverged seeds count, and the magnitude of a negative loss (an NLL) is the scale.
-        assert mod._far(1.0, float("inf")) == 1 and mod._far(float("inf"), 1.0) == -1
-        assert mod._far(float("inf"), float("inf")) == 0
-        assert mod._far(-1.0, -0.7) == 1 and mod._far(-1.0, -0.9) == 0
-    finally:
-        sys.modules.pop("gradguard_bench_noharm", None)
+    none = [0.133, 0.165, 0.191, 0.175, 0.179, 0.169, 0.181, 0.138, 0.179, 0.176]
+    guard = [0.139, 0.281, 0.346, 0.175, 0.179, 0.311, 0.181, 0.138, 0.169, 0.176]
+    r = noharm.paired(none, guard)
+    assert not r["harm"] and r["far_worse"] == 3 and r["far_better"] == 0
+    # Diverged seeds count, and the magnitude of a negative loss (an NLL) is the scale.
+    assert noharm._far(1.0, float("inf")) == 1 and noharm._far(float("inf"), 1.0) == -1
+    assert noharm._far(float("inf"), float("inf")) == 0
+    assert noharm._far(-1.0, -0.7) == 1 and noharm._far(-1.0, -0.9) == 0
