@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +116,18 @@ def pixel_mlp_run(lr: float, seed: int, steps: int = 200, scale: float = 1.0,
             loss.backward()
             guard.step(loss)
     return guard
+
+
+@pytest.fixture
+def noharm():
+    """benchmarks/noharm.py as a module (its cases, ``run`` and ``main``)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
+    spec = importlib.util.spec_from_file_location("gradguard_bench_noharm", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -461,21 +461,13 @@ def test_a_parameter_group_added_mid_run_is_named_and_rollback_still_works():
 
 
 @pytest.mark.cpu_host
-def test_a_centred_surrogate_loss_is_not_judged_as_a_loss():
+def test_a_centred_surrogate_loss_is_not_judged_as_a_loss(noharm):
     # REINFORCE on MNIST (benchmarks/noharm.py, seed 2): its surrogate loss changes sign
     # from the first steps. Judged as a loss it was rolled back and cut ×0.1 at step 280
     # of a healthy run; unjudged, the run is the unguarded one.
-    import sys
-
-    from tests.test_noharm_script import _load
-
-    try:
-        mod = _load()
-        case = mod.cases()["mnist-reinforce-adam"]
-        plain, _ = mod.run(case, False, 2, steps=300)
-        guarded, acted = mod.run(case, True, 2, steps=300)
-    finally:
-        sys.modules.pop("gradguard_bench_noharm", None)
+    case = noharm.cases()["mnist-reinforce-adam"]
+    plain, _ = noharm.run(case, False, 2, steps=300)
+    guarded, acted = noharm.run(case, True, 2, steps=300)
     assert acted["rollbacks"] == 0 and acted["lr_cut"] == 0
     assert guarded == plain
 

@@ -3,27 +3,11 @@ written. The committed NOHARM.md is the measurement; three steps prove nothing a
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
-
-
-@pytest.fixture
-def noharm():
-    spec = importlib.util.spec_from_file_location("gradguard_bench_noharm", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+# (the script is loaded by the ``noharm`` fixture of tests/conftest.py)
 
 
 def test_every_case_runs_guarded_and_not(noharm, one_thread):
