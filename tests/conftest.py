@@ -118,11 +118,10 @@ def pixel_mlp_run(lr: float, seed: int, steps: int = 200, scale: float = 1.0,
     return guard
 
 
-@pytest.fixture
-def noharm():
-    """benchmarks/noharm.py as a module (its cases, ``run`` and ``main``)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "noharm.py"
-    spec = importlib.util.spec_from_file_location("gradguard_bench_noharm", script)
+def _script(name: str):
+    """benchmarks/<name>.py as a module, for the length of one test."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"gradguard_bench_{name}", script)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -131,3 +130,15 @@ def noharm():
         yield mod
     finally:
         sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def noharm():
+    """benchmarks/noharm.py as a module (its cases, ``run`` and ``main``)."""
+    yield from _script("noharm")
+
+
+@pytest.fixture
+def heldout():
+    """benchmarks/heldout.py as a module (its cases, ``run`` and ``main``)."""
+    yield from _script("heldout")

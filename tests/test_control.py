@@ -989,3 +989,106 @@ def test_restored_weights_are_judged_by_rank_against_their_saved_window():
     neg = {"losses": [-2.0 - 0.1 * (i % 3) for i in range(20)], "log_scale": False}
     assert ctrl.unlike_saved(neg, [-1.9, -0.4, -0.6]) is not None
     assert ctrl.unlike_saved(neg, [-2.0, -0.4, -0.6]) is None
+
+
+def feed_lr(ctrl, losses, lrs, start=0):
+    return [ctrl.observe(start + i, float(v), False, False, lr=float(lr))
+            for i, (v, lr) in enumerate(zip(losses, lrs, strict=True))]
+
+
+def _sgdr(steps=600, period=150, peak=3e-3):
+    t = np.arange(steps) % period
+    return peak * (1 + np.cos(np.pi * t / period)) / 2
+
+
+def _restart_losses(seed=0, steps=600):
+    # The level a run settles at grows with its LR (Mandt et al. 2017): a floor that falls
+    # over training, times 1 + 3·lr/peak, so each warm restart throws the level up ×4 at
+    # once, back to what the run had at that LR in the cycle before, then anneals down.
+    gen = np.random.default_rng(seed)
+    lrs = _sgdr(steps)
+    floor = np.geomspace(1.0, 0.05, steps)
+    return floor * (1 + 3 * lrs / lrs.max()) * np.exp(gen.normal(0, 0.2, steps)), lrs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_warm_restart_back_to_an_lr_the_run_trained_at_is_no_instability(seed):
+    losses, lrs = _restart_losses(seed)
+    ctrl = Controller(gg.Stability())
+    assert not any(v.unstable for v in feed_lr(ctrl, losses, lrs))
+    assert ctrl.scale == 1.0
+    # Judged against the annealed best alone (no LR told), the first restart is a climb.
+    blind = Controller(gg.Stability())
+    verdicts = feed(blind, losses)
+    first = next(i for i, v in enumerate(verdicts) if v.unstable)
+    assert 150 <= first < 200 and "rose above its best" in verdicts[first].unstable
+
+
+def test_a_restart_that_then_blows_up_is_still_caught():
+    losses, lrs = _restart_losses(1)
+    gen = np.random.default_rng(7)
+    # From the second restart the loss climbs ×100 over 60 steps instead of annealing.
+    losses[300:360] = np.geomspace(losses[300], 100 * losses[300], 60) * np.exp(
+        gen.normal(0, 0.2, 60))
+    ctrl = Controller(gg.Stability())
+    verdicts = feed_lr(ctrl, losses[:360], lrs[:360])
+    first = next(i for i, v in enumerate(verdicts) if v.unstable)
+    assert 300 < first < 340
+    assert "rose above its best at an LR like this one" in verdicts[first].unstable
+    assert verdicts[first].scale == pytest.approx(0.1)
+
+
+def test_the_best_is_the_runs_own_on_constant_and_rising_lrs():
+    # A gradual blow-up under a constant LR, and one during a linear warm-up (the LR past
+    # any it set a best at): judged at the same row whether or not the LR is told.
+    gen = np.random.default_rng(0)
+    calm = 2.0 * np.exp(gen.normal(0, 0.2, 60))
+    creep = np.geomspace(2.0, 17.0, 100) * np.exp(gen.normal(0, 0.2, 100))
+    losses = np.concatenate([calm, creep])
+    for lrs in (np.full(160, 0.1), np.linspace(1e-3, 0.1, 160)):
+        told, blind = Controller(gg.Stability()), Controller(gg.Stability())
+        assert feed_lr(told, losses, lrs) == feed(blind, losses)
+        assert told.reference() == told.best
+
+
+def test_only_bests_set_since_the_guards_last_scale_change_count():
+    losses, lrs = _restart_losses(2)
+    ctrl = Controller(gg.Stability())
+    feed_lr(ctrl, losses[:149], lrs[:149])
+    ctrl.lr = lrs[148]
+    assert ctrl.reference() == ctrl.best  # (a decaying LR: the latest best is in band)
+    ctrl.lr = lrs[0]  # back at the peak: the best the run had there
+    assert ctrl.reference() > ctrl.best + math.log(2)
+    ctrl.lr = lrs[0] * 10  # an LR ten times any best's: the run's best
+    assert ctrl.reference() == ctrl.best
+    ctrl.unstable(149, "x")  # the guard's own cut: the old bests were at another scale
+    ctrl.lr = lrs[0]
+    assert ctrl.scale == pytest.approx(0.3) and ctrl.reference() == ctrl.best
+
+
+def test_bests_with_their_lrs_roll_back_and_stay_few():
+    losses, lrs = _restart_losses(3)
+    ctrl = Controller(gg.Stability())
+    feed_lr(ctrl, losses[:140], lrs[:140])
+    traj = ctrl.trajectory()
+    assert 1 < len(traj["bests"]) < 60  # (merged: LRs a quarter band apart at least)
+    feed_lr(ctrl, losses[140:400], lrs[140:400], start=140)
+    ctrl.load_trajectory(traj)
+    assert [list(b) for b in ctrl.bests] == traj["bests"]
+    # A state saved before bests were kept with their LRs: judged by the best alone.
+    old = {k: v for k, v in ctrl.state_dict().items() if k != "bests"}
+    fresh = Controller(gg.Stability())
+    fresh.load_state_dict(old)
+    fresh.lr = lrs[0]
+    assert fresh.bests == [] and fresh.reference() == fresh.best
+
+
+def test_a_healthy_transformer_under_warm_restarts_is_left_alone(heldout, one_thread):
+    # The held-out SGDR transformer at its healthy LR: 30 steps after the restart at step
+    # 150 its loss level rose ×2 over the annealed best, and the guard used to roll back
+    # and cut ×0.1 (held-out 0.265 → 0.343 at step 200 on this seed). Judged against the
+    # best it had at the peak LR in the first cycle, the guard does nothing: every step is
+    # the unguarded run's.
+    case = heldout.cases()["digits-transformer-sgdr"]
+    assert heldout.run(case, "gradguard", 3e-3, 7, 200) == \
+        heldout.run(case, "none", 3e-3, 7, 200)

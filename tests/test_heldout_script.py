@@ -7,27 +7,9 @@ HELDOUT.md is the measurement.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout.py"
-
-
-@pytest.fixture
-def heldout():
-    spec = importlib.util.spec_from_file_location("gradguard_bench_heldout", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_every_case_runs_in_every_arm(heldout, one_thread):

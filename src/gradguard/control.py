@@ -87,6 +87,10 @@ _STREAK_FALSE_RATE = 1e-3
 _MEDIAN_SE = 1.2533
 _MAD_SIGMA = 1.4826
 
+# At most this many bests are kept with their LRs (see Controller._note_best): about 60
+# decades of an annealed LR at the merging step, far more than any schedule spans.
+_MAX_BESTS = 256
+
 
 def _rate(rows: deque[bool], streak: int, window: int) -> float:
     """The share of True in ``rows`` before the trailing ``streak`` (0 with fewer than
@@ -257,6 +261,11 @@ class Controller:
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.best = math.inf
         self.best_se = 0.0
+        # Where the best levels were set: (the user's LR, the LR scale, the level, its
+        # standard error) at each new best, newest last (see :meth:`reference`).
+        self.bests: list[tuple[float, float, float, float]] = []
+        self.lr: float | None = None  # the user's LR at the latest row (None: unknown)
+        self.lrs: deque[float] = deque(maxlen=cfg.window)  # and at the rows before it
         self.log_scale: bool | None = None
         self.sigma: float | None = None
         self._cache: tuple[float, float, float] | None = None
@@ -399,6 +408,8 @@ class Controller:
             if math.isfinite(self.best):
                 self.best = math.exp(self.best)
                 self.best_se *= self.best
+            self.bests = [(lr, sc, math.exp(b), se * math.exp(b))
+                          for lr, sc, b, se in self.bests]
             self.sigma = None
         return [math.log(v) for v in x] if self.log_scale else x
 
@@ -414,7 +425,68 @@ class Controller:
         noisy medians is biased low, and this keeps a lucky window from becoming a bar
         that ordinary noise later clears.
         """
-        return self._limit(self.best)
+        return self._limit(self.reference())
+
+    def reference(self) -> float:
+        """The best level the regression tests judge the present one against: the run's
+        best, or, where the user's schedule has raised the LR again (a warm restart, a
+        cyclic schedule, an SWA phase), the best the run had set when it last trained at
+        an LR like the present one.
+
+        The level a run settles at depends on its LR: SGD's iterates bounce in a region
+        whose excess loss grows with the step size (Mandt, Hoffman & Blei 2017, §3), and a
+        run annealed to a small LR sits far below where it can sit at its peak one. A
+        warm restart (Loshchilov & Hutter 2017) throws the loss up on purpose, and the
+        first steps at the raised LR overshoot further while the sharpness the small LR
+        let grow falls back (the catapult, Lewkowycz et al. 2020): judged against the
+        annealed best, that reads as a run climbing away from it (measured: an AdamW
+        transformer under cosine restarts rolled back and cut ×0.1 forty steps after a
+        restart, where the unguarded run's loss peaked ×3 and fell back below its old best
+        by the cycle's end). So a best is kept with the LR it was set at, and the level is
+        judged against the latest best set at an LR no less than the present one over
+        (1 + ``rise``), the margin the test already gives the loss: the excess loss of an
+        LR that much lower is at most that much lower. That is the run's best on a
+        constant or decaying schedule (every best was set at an LR as high as the present
+        one); only a schedule that raised the LR back to where the run had already trained
+        uses an older best. An LR higher than any the run set a best at (a warm-up, or a
+        raise beyond its old peak) and the guard's own LR moves (a cut, a probe) are judged
+        against the run's best as before: only the bests set since the guard last changed
+        its LR scale count.
+        """
+        lr = self.lr
+        if lr is None or not self.bests:
+            return self.best
+        floor = lr / (1 + self.cfg.rise)
+        # (newest first, and only the bests set since the guard last moved the scale)
+        for i in range(len(self.bests) - 1, -1, -1):
+            at, scale, level, _ = self.bests[i]
+            if scale != self.scale:
+                break
+            if at >= floor:
+                return self.best if i == len(self.bests) - 1 else max(level, self.best)
+        return self.best
+
+    def _note_best(self) -> None:
+        """Keep the new best with the LR it was set at (the lowest of the window's, see
+        :meth:`reference`); an older best set at this scale and an LR no higher is
+        superseded (a later best is lower). Bests at LRs within a quarter of the band of
+        each other are merged into the newer level at the higher LR (which can only make
+        :meth:`reference` stricter), so a schedule that anneals over decades keeps a few
+        dozen of them."""
+        if self.lr is None or not self.lrs:
+            return
+        # The level is the median of the window's losses, computed at the window's LRs:
+        # it was reached at the lowest of them (rows after a restart still carry the
+        # annealed losses).
+        lr = min(self.lrs)
+        step = (1 + self.cfg.rise) ** 0.25
+        keep = lr
+        while self.bests and self.bests[-1][1] == self.scale and \
+                self.bests[-1][0] <= lr * step:
+            keep = max(keep, self.bests.pop()[0])
+        if len(self.bests) >= _MAX_BESTS:
+            del self.bests[0]
+        self.bests.append((keep, self.scale, self.best, self.best_se))
 
     def _limit(self, ref: float) -> float:
         """The regression limit above a reference level (in the level's units)."""
@@ -467,7 +539,7 @@ class Controller:
         first, lv = self._start_scaled(), self.level()
         if first is None or lv is None or self.giveback_off:
             return math.inf
-        return self._giveback_limit(self.best, first, lv[2])
+        return self._giveback_limit(self.reference(), first, lv[2])
 
     def _giveback_limit(self, best: float, first: float, sigma: float) -> float:
         if not math.isfinite(best) or best >= first - self.cfg.z * sigma:
@@ -552,7 +624,7 @@ class Controller:
         lv = self.level()
         thr = min(self.threshold(), self.progress_threshold())
         return lv is None or not math.isfinite(thr) or \
-            lv[0] <= self.best + 0.5 * (thr - self.best)
+            lv[0] <= (ref := self.reference()) + 0.5 * (thr - ref)
 
     def held_since(self, before: dict[str, Any], n: int) -> bool:
         """The last ``n`` losses (the first ones computed with a snapshot's weights) are not
@@ -647,7 +719,8 @@ class Controller:
 
     # -- one row -------------------------------------------------------------------------
     def observe(self, step: int, loss: float | None, flagged: bool, loss_bad: bool,
-                skipped: bool = False, grad_norm: float | None = None) -> Verdict:
+                skipped: bool = False, grad_norm: float | None = None,
+                lr: float | None = None) -> Verdict:
         """Feed one step's row; returns what to do (see :class:`Verdict`).
 
         Args:
@@ -660,8 +733,13 @@ class Controller:
                 once the guard applied one of its steps, see ``Stability.norm_streaks``).
             grad_norm: the step's gradient norm (such a streak counts only while the norm
                 is not below the streak's first; None: not judged).
+            lr: the user's LR at the step (before the guard's scale; None: unknown), which
+                the regression tests read the level's best against (:meth:`reference`).
         """
         cfg = self.cfg
+        self.lr = lr
+        if lr is not None:
+            self.lrs.append(float(lr))
         self.rows += 1
         self.scale_rows[self.scale] = self.scale_rows.get(self.scale, 0) + 1
         if self.scale < 1:
@@ -724,8 +802,10 @@ class Controller:
                 thr = self.threshold()
                 if level - cfg.z * se > thr:
                     climb = True
-                    reason = (f"loss level {self._shown(level):.4g} rose above its best "
-                              f"{self._shown(self.best):.4g} (limit {self._shown(thr):.4g})")
+                    ref = self.reference()
+                    at = "" if ref == self.best else " at an LR like this one"
+                    reason = (f"loss level {self._shown(level):.4g} rose above its best{at} "
+                              f"{self._shown(ref):.4g} (limit {self._shown(thr):.4g})")
                 elif level - cfg.z * se > (start := self.start_threshold()):
                     climb = True
                     reason = (f"loss level {self._shown(level):.4g} rose above the first loss "
@@ -734,9 +814,11 @@ class Controller:
                     climb = giveback = True
                     reason = (f"loss level {self._shown(level):.4g} gave back most of its "
                               f"progress from the first loss {self.start:.4g} to its best "
-                              f"{self._shown(self.best):.4g} (limit {self._shown(back):.4g})")
+                              f"{self._shown(self.reference()):.4g} (limit "
+                              f"{self._shown(back):.4g})")
                 elif level + cfg.z * se < self.best:
                     self.best, self.best_se = level + cfg.z * se, se
+                    self._note_best()
         if reason is None and lv is not None:
             self._note_peak(step, lv)
         if reason is not None:
@@ -946,6 +1028,8 @@ class Controller:
         self.losses.clear()
         self._cache = None
         self.best, self.best_se = math.inf, 0.0
+        self.bests = []
+        self.lrs.clear()
         self.start = None
         self.streak = self.nan_streak = self.applied_streak = 0
         self.streak_norm = self.streak_from = None
@@ -961,12 +1045,17 @@ class Controller:
     def trajectory(self) -> dict[str, Any]:
         """The part rolled back with the model."""
         return {"losses": list(self.losses), "best": self.best, "best_se": self.best_se,
+                "bests": [list(b) for b in self.bests], "lrs": list(self.lrs),
                 "log_scale": self.log_scale, "sigma": self.sigma, "start": self.start}
 
     def load_trajectory(self, s: dict[str, Any]) -> None:
         self.losses = deque(s["losses"], maxlen=self.cfg.window)
         self._cache = None
         self.best, self.best_se = float(s["best"]), float(s["best_se"])
+        # (absent from a state saved before bests were kept with their LRs)
+        self.bests = [(float(a), float(b), float(c), float(d))
+                      for a, b, c, d in s.get("bests", [])]
+        self.lrs = deque((float(v) for v in s.get("lrs", [])), maxlen=self.cfg.window)
         self.log_scale = s["log_scale"]
         self.sigma = s["sigma"]
         # (a state from before the start reference: the run's first loss was it)

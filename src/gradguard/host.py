@@ -571,7 +571,7 @@ class HostSide:
         verdict = c.observe(k, None if loss is None else float(loss), flagged,
                             bool(rec["nonfinite"] or rec["loss_spike"]),
                             skipped=bool(rec["skipped"] or rec["_held"]),
-                            grad_norm=float(rec["grad_norm"]))
+                            grad_norm=float(rec["grad_norm"]), lr=rec["lr"])
         if self.early_base is not None and not self.early():
             self.early_base = None  # the early phase is over: later cuts are the level's
         may_roll = True
