@@ -1064,6 +1064,8 @@ def test_only_bests_set_since_the_guards_last_scale_change_count():
     ctrl.unstable(149, "x")  # the guard's own cut: the old bests were at another scale
     ctrl.lr = lrs[0]
     assert ctrl.scale == pytest.approx(0.3) and ctrl.reference() == ctrl.best
+    ctrl.not_the_lr()  # and back at the scale they were set at: still another epoch
+    assert ctrl.scale == 1.0 and ctrl.reference() == ctrl.best
 
 
 def test_bests_with_their_lrs_roll_back_and_stay_few():

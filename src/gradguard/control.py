@@ -11,12 +11,14 @@ and a look-alike of the second:
   count towards instability.
 * **persistent instability** — ``bad_steps`` steps in a row whose loss was NaN/Inf or
   spiked (more where the run's data brings such batches so often that independent ones
-  line up: :meth:`Controller.streak_needed`), or the loss *level*
-  (the median of recent losses, robust to single bad batches) rising to more than
-  (1 + ``rise``) × its best, beyond the noise of both (confidence bounds ``z`` standard
-  errors wide), or above (1 + ``rise``) × the first loss (plus ``z`` σ of one sample's
-  noise): the run itself is diverging, slowly or fast, or was wrecked in its first steps
-  (Adam at a far too high LR) so that even its first level is the wrecked one.
+  line up: :meth:`Controller.streak_needed`), or the loss *level* (the median of recent
+  losses, robust to single bad batches) rising to more than (1 + ``rise``) × its best,
+  beyond the noise of both (confidence bounds ``z`` standard errors wide; where the user's
+  schedule raised the LR back to one the run had trained at, a warm restart, its best at
+  that LR: :meth:`Controller.reference`), or above (1 + ``rise``) × the first loss (plus
+  ``z`` σ of one sample's noise): the run itself is diverging, slowly or fast, or was
+  wrecked in its first steps (Adam at a far too high LR) so that even its first level is
+  the wrecked one.
 * **a change of data** — not told from a rising level until the guard rolls back: the
   restored weights, held as restored while they are judged, then score worse than every
   loss they had when saved (:meth:`Controller.unlike_saved`), and the snapshot before
@@ -261,7 +263,7 @@ class Controller:
         self.losses: deque[float] = deque(maxlen=cfg.window)
         self.best = math.inf
         self.best_se = 0.0
-        # Where the best levels were set: (the user's LR, the LR scale, the level, its
+        # Where the best levels were set: (the user's LR, the scale epoch, the level, its
         # standard error) at each new best, newest last (see :meth:`reference`).
         self.bests: list[tuple[float, float, float, float]] = []
         self.lr: float | None = None  # the user's LR at the latest row (None: unknown)
@@ -292,6 +294,10 @@ class Controller:
         self.streak_losses: deque[float] = deque(maxlen=cfg.window)
         self.streak_from: float | None = None  # the median of the 3 losses before it
         self.scale = 1.0
+        # Counts the guard's changes of the LR scale (a cut, a probe, a cut taken back):
+        # a best counts for :meth:`reference` only in the epoch it was set in.
+        self.scale_epoch = 0
+        self.epoch_scale = 1.0
         self.calm = 0
         self.probe_wait = cfg.probe_after
         self.last_raise: int | None = None
@@ -458,9 +464,10 @@ class Controller:
             return self.best
         floor = lr / (1 + self.cfg.rise)
         # (newest first, and only the bests set since the guard last moved the scale)
+        epoch = self._epoch()
         for i in range(len(self.bests) - 1, -1, -1):
-            at, scale, level, _ = self.bests[i]
-            if scale != self.scale:
+            at, seen, level, _ = self.bests[i]
+            if seen != epoch:
                 break
             if at >= floor:
                 return self.best if i == len(self.bests) - 1 else max(level, self.best)
@@ -468,7 +475,7 @@ class Controller:
 
     def _note_best(self) -> None:
         """Keep the new best with the LR it was set at (the lowest of the window's, see
-        :meth:`reference`); an older best set at this scale and an LR no higher is
+        :meth:`reference`); an older best set in this scale epoch and an LR no higher is
         superseded (a later best is lower). Bests at LRs within a quarter of the band of
         each other are merged into the newer level at the higher LR (which can only make
         :meth:`reference` stricter), so a schedule that anneals over decades keeps a few
@@ -481,12 +488,20 @@ class Controller:
         lr = min(self.lrs)
         step = (1 + self.cfg.rise) ** 0.25
         keep = lr
-        while self.bests and self.bests[-1][1] == self.scale and \
-                self.bests[-1][0] <= lr * step:
+        epoch = self._epoch()
+        while self.bests and self.bests[-1][1] == epoch and self.bests[-1][0] <= lr * step:
             keep = max(keep, self.bests.pop()[0])
         if len(self.bests) >= _MAX_BESTS:
             del self.bests[0]
-        self.bests.append((keep, self.scale, self.best, self.best_se))
+        self.bests.append((keep, epoch, self.best, self.best_se))
+
+    def _epoch(self) -> int:
+        """The scale epoch, moved on when the scale differs from the one it was counted
+        at."""
+        if self.scale != self.epoch_scale:
+            self.scale_epoch += 1
+            self.epoch_scale = self.scale
+        return self.scale_epoch
 
     def _limit(self, ref: float) -> float:
         """The regression limit above a reference level (in the level's units)."""
@@ -1068,7 +1083,8 @@ class Controller:
         return {**self.trajectory(), "streak": self.streak, "nan_streak": self.nan_streak,
                 "applied_streak": self.applied_streak, "streak_norm": self.streak_norm,
                 "streak_losses": list(self.streak_losses), "streak_from": self.streak_from,
-                "scale": self.scale,
+                "scale": self.scale, "scale_epoch": self.scale_epoch,
+                "epoch_scale": self.epoch_scale,
                 "calm": self.calm, "probe_wait": self.probe_wait,
                 "last_raise": self.last_raise, "instabilities": self.instabilities,
                 "cuts": self.cuts, "retries": self.retries,
@@ -1094,6 +1110,8 @@ class Controller:
         self.streak_losses.extend(float(v) for v in s.get("streak_losses", []))
         self.streak_from = s.get("streak_from")
         self.scale = float(s["scale"])
+        self.scale_epoch = int(s.get("scale_epoch", 0))  # (these two: absent before them)
+        self.epoch_scale = float(s.get("epoch_scale", self.scale))
         self.calm = int(s["calm"])
         self.probe_wait = int(s["probe_wait"])
         self.last_raise = None if s["last_raise"] is None else int(s["last_raise"])
