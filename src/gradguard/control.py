@@ -414,8 +414,8 @@ class Controller:
             if math.isfinite(self.best):
                 self.best = math.exp(self.best)
                 self.best_se *= self.best
-            self.bests = [(lr, sc, math.exp(b), se * math.exp(b))
-                          for lr, sc, b, se in self.bests]
+            self.bests = [(lr, epoch, math.exp(b), se * math.exp(b))
+                          for lr, epoch, b, se in self.bests]
             self.sigma = None
         return [math.log(v) for v in x] if self.log_scale else x
 
