@@ -163,7 +163,10 @@ def report(
         s = summarize(run_log, run)
     which = f" (run {s.run + 1} of {s.runs}; --run picks another)" if s.runs > 1 else ""
     # (Log contents are text, not rich markup: "[bold]" in a path or a message stays.)
-    head = Table(title=escape(f"gradguard run {run_log}{which}"), show_header=False)
+    # The path is a line of its own, never wrapped: as the table's title it was cut to
+    # the table's width with an ellipsis, and a path the user cannot copy is no use.
+    console.print(escape(f"gradguard run {run_log}{which}"), style="bold", soft_wrap=True)
+    head = Table(show_header=False)
     head.add_column("what")
     head.add_column("value", justify="right")
     head.add_row("steps", str(s.steps))

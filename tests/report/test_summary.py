@@ -50,9 +50,9 @@ def test_each_guard_appending_to_one_log_is_its_own_run(tmp_path):
     last, first = summarize(path), summarize(path, run=0)
     assert (last.runs, last.run, last.steps) == (2, 1, 12) and not last.ended_nonfinite
     assert first.steps == 30 and first.ended_nonfinite
-    out = CliRunner().invoke(app, ["report", str(path)], terminal_width=200)
+    out = CliRunner().invoke(app, ["report", str(path)], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "run 2 of 2" in out.output
-    bad = CliRunner().invoke(app, ["report", str(path), "--run", "5"], terminal_width=200)
+    bad = CliRunner().invoke(app, ["report", str(path), "--run", "5"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "holds 2 run(s)" in bad.output
     from gradguard.report.html import run_log_html
 
