@@ -41,12 +41,8 @@ far the LR is past its edge, and (when the guard keeps snapshots) return to the 
 snapshot taken before the loss began to rise, so the damage of the unstable stretch is
 undone rather than trained on. A run that had been training well (its loss level fell
 from the first loss by at least the factor a regression must rise, 1 + ``rise``) and then
-broke (a streak of bad steps) was near its edge: the scale falls by ``decrease``; so was
-a run whose gradient norms spiked step after step while its loss stayed finite and its
-level had already got below its first loss (it was learning at this LR: the overshoot of
-an LR that has just climbed, as a warm-up's or a restart's peak). A run
-that failed before it ever learned, whose loss went NaN/Inf or spiked before it trained
-well, or whose loss level climbed, was far past it:
+broke (a streak of bad steps) was near its edge: the scale falls by ``decrease``. A run
+that failed before it ever trained well, or whose loss level climbed, was far past it:
 the scale falls by ``decrease_far``, one decade, so the next
 attempt lands below the edge instead of spending another failure (and its lost steps)
 finding out. A run whose loss level sank back towards its first loss (the give-back
@@ -140,11 +136,8 @@ class Stability:
             fallen to under 1/(1 + ``rise``) of the first loss) breaks with a streak of bad
             steps: near its edge (a backtracking factor). The probe raises the scale by
             1/√decrease.
-            So does a streak of gradient-norm flags under finite losses once the level
-            has been below the first loss (the run was learning at this LR).
         decrease_far: LR scale multiplier for any other instability: a failure before the
-            run learned, a NaN/Inf or spiking-loss streak before it trained well, or a
-            climbing loss level (far past the edge).
+            run trained well, or a climbing loss level (far past the edge).
         probe_after: calm steps before the scale is raised by 1/√decrease; doubled after
             each relapse (instability within ``probe_after`` steps of a raise).
         floor: give up (:class:`~gradguard.TrainingDivergedError`) when the scale would
@@ -791,7 +784,7 @@ class Controller:
             self.losses.append(float(loss))
         self._cache = None
         reason = None
-        climb = giveback = norms = False
+        climb = giveback = False
         lv = self.level()
         if self.nan_streak >= cfg.bad_steps and self.nan_streak >= (need := self.streak_needed()):
             rate = "" if need == cfg.bad_steps else (
@@ -809,7 +802,6 @@ class Controller:
                 "a row are needed)")
             grew = "" if grad_norm is None or self.streak_norm is None else (
                 f", the gradient norm not falling ({self.streak_norm:.4g} → {grad_norm:.4g})")
-            norms = True
             reason = (f"{counted(self.streak, 'flagged step')} in a row, "
                       f"{self.applied_streak} of them applied (gradient-norm or loss "
                       f"spikes){grew}{rate}")
@@ -845,7 +837,7 @@ class Controller:
         if reason is None and lv is not None:
             self._note_peak(step, lv)
         if reason is not None:
-            verdict = self.unstable(step, reason, climb=climb, giveback=giveback, norms=norms)
+            verdict = self.unstable(step, reason, climb=climb, giveback=giveback)
             self.was_calm = False
             return verdict
         if not flagged:
@@ -891,8 +883,7 @@ class Controller:
         return (math.log(mid) if self.log_scale else mid) < level - self.cfg.z * sigma
 
     def unstable(self, step: int, reason: str, climb: bool = False,
-                 giveback: bool = False, may_retry: bool = True,
-                 norms: bool = False) -> Verdict:
+                 giveback: bool = False, may_retry: bool = True) -> Verdict:
         """Respond to instability found at ``step``: lower the scale, or give up.
 
         A *sudden* failure of a *healthy, settled* run — one row earlier the loss level was
@@ -906,11 +897,8 @@ class Controller:
         early in training (where warm-up exists for a reason), a slow climb, or failing
         again at once after a restore is the LR's doing, and the scale falls: by
         ``decrease`` when the run had been training well and broke (a streak of bad steps,
-        or an immediate action's single one), or when gradient norms blew up under finite
-        losses (``norms``: the norm-streak test) after its level had got below its first
-        loss, by ``decrease_far`` when it never trained well at this LR (never learned at
-        all, for ``norms``) or its loss level climbed (``climb``; see the module
-        docstring).
+        or an immediate action's single one), by ``decrease_far`` when it never trained
+        well at this LR or its loss level climbed (``climb``; see the module docstring).
         At the floor, a run that had trained well and made progress since its last
         rollback (``progressed``) is rolled back at the same scale instead; and a
         give-back that recurred after every cut it caused (×0.1, ×0.01, ×0.001) takes
@@ -960,20 +948,6 @@ class Controller:
         # (its regression threshold is still under the first loss), a margin one noisy
         # first loss cannot fake.
         trained = self.trained_well()
-        # A norm streak under finite losses is weaker evidence than a NaN or spiking loss:
-        # a run whose level had got below its first loss (the best's upper bound) was
-        # learning at this LR, so its norms blowing up puts it near the edge, not a decade
-        # past it. Measured: the catapult as a warm-up or a restart reaches its peak LR
-        # (Lewkowycz et al. 2020: norms ×3–5 for a few steps, resolved by the steps
-        # themselves) tripped the norm streak at steps 12–16 of a CNN under SGD momentum,
-        # before it could have trained well, and the decade's cut outlasted the run.
-        # (The best is an upper bound but the first loss one draw: a flat run whose first
-        # loss was high by chance passes too, and its next failure cuts again. A wrong
-        # ×0.3 costs one more failure, rolled back; a wrong decade, the run's LR for
-        # ``probe_after`` steps.)
-        if norms and not trained:
-            trained = first is not None and math.isfinite(self.best) and (
-                self._shown(self.best) < first)
         if giveback and cfg.clip_on_giveback and self.can_clip and self.clip_since is None:
             self.clip_since = step
             self._before_cut = None
