@@ -34,10 +34,13 @@ browser:
 	      echo "could not install chromium: the browser test will be skipped"; \
 	  else echo "no chromium and no root apt-get: the browser test will be skipped"; fi; }
 
-# One pytest-xdist worker per core (tests/conftest.py gives each one torch thread): on
-# CI's 2 cores the suite took 596 s in one process and 422 s in two.
+# One pytest-xdist worker per core the process may use (tests/conftest.py gives each one
+# torch thread), at most 8: on CI's 2 cores the suite took 596 s in one process and
+# 385-427 s in two. (Not "-n auto": with psutil installed it counts physical cores, one
+# on a 2-vCPU machine with hyper-threading.) PYTEST_WORKERS=N overrides.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 8 ? n : 8 )))
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not benchmark" -n auto
+	$(BIN)/python -m pytest -q -m "not benchmark" -n $(PYTEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
