@@ -12,7 +12,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _XDIST_WORKER:
     # xdist's workers inherit COLUMNS=80, which rich reads once when the CLI's console is
     # made (at import) and then keeps: the width a test passes to CliRunner would be
     # ignored. A worker has no terminal; each CLI test says its own width.
@@ -20,8 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.pop("LINES", None)
 # Under pytest-xdist (``make test`` runs one worker per core) each worker gets one
 # intra-op thread: two workers with two threads each on two cores wait on each other.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER")
-                      else max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1 if _XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,16 @@ import gradguard as gg
 from gradguard.control import Controller
 
 
-def feed(ctrl, losses, flags=None, start=0):
+def feed(ctrl, losses, flags=None, start=0, lrs=None):
+    """Observe ``losses`` (flagged where ``flags`` says; at the user's LRs ``lrs``, if
+    given) from row ``start``; the verdicts."""
+    if lrs is not None:
+        assert len(lrs) == len(losses)
     out = []
     for i, v in enumerate(losses):
         flagged = bool(flags[i]) if flags is not None else False
-        out.append(ctrl.observe(start + i, v, flagged, flagged and not math.isfinite(v)))
+        out.append(ctrl.observe(start + i, v, flagged, flagged and not math.isfinite(v),
+                                lr=None if lrs is None else float(lrs[i])))
     return out
 
 
@@ -991,11 +996,6 @@ def test_restored_weights_are_judged_by_rank_against_their_saved_window():
     assert ctrl.unlike_saved(neg, [-2.0, -0.4, -0.6]) is None
 
 
-def feed_lr(ctrl, losses, lrs, start=0):
-    return [ctrl.observe(start + i, float(v), False, False, lr=float(lr))
-            for i, (v, lr) in enumerate(zip(losses, lrs, strict=True))]
-
-
 def _sgdr(steps=600, period=150, peak=3e-3):
     t = np.arange(steps) % period
     return peak * (1 + np.cos(np.pi * t / period)) / 2
@@ -1015,7 +1015,7 @@ def _restart_losses(seed=0, steps=600):
 def test_a_warm_restart_back_to_an_lr_the_run_trained_at_is_no_instability(seed):
     losses, lrs = _restart_losses(seed)
     ctrl = Controller(gg.Stability())
-    assert not any(v.unstable for v in feed_lr(ctrl, losses, lrs))
+    assert not any(v.unstable for v in feed(ctrl, losses, lrs=lrs))
     assert ctrl.scale == 1.0
     # Judged against the annealed best alone (no LR told), the first restart is a climb.
     blind = Controller(gg.Stability())
@@ -1031,7 +1031,7 @@ def test_a_restart_that_then_blows_up_is_still_caught():
     losses[300:360] = np.geomspace(losses[300], 100 * losses[300], 60) * np.exp(
         gen.normal(0, 0.2, 60))
     ctrl = Controller(gg.Stability())
-    verdicts = feed_lr(ctrl, losses[:360], lrs[:360])
+    verdicts = feed(ctrl, losses[:360], lrs=lrs[:360])
     first = next(i for i, v in enumerate(verdicts) if v.unstable)
     assert 300 < first < 340
     assert "rose above its best at an LR like this one" in verdicts[first].unstable
@@ -1047,14 +1047,14 @@ def test_the_best_is_the_runs_own_on_constant_and_rising_lrs():
     losses = np.concatenate([calm, creep])
     for lrs in (np.full(160, 0.1), np.linspace(1e-3, 0.1, 160)):
         told, blind = Controller(gg.Stability()), Controller(gg.Stability())
-        assert feed_lr(told, losses, lrs) == feed(blind, losses)
+        assert feed(told, losses, lrs=lrs) == feed(blind, losses)
         assert told.reference() == told.best
 
 
 def test_only_bests_set_since_the_guards_last_scale_change_count():
     losses, lrs = _restart_losses(2)
     ctrl = Controller(gg.Stability())
-    feed_lr(ctrl, losses[:149], lrs[:149])
+    feed(ctrl, losses[:149], lrs=lrs[:149])
     ctrl.lr = lrs[148]
     assert ctrl.reference() == ctrl.best  # (a decaying LR: the latest best is in band)
     ctrl.lr = lrs[0]  # back at the peak: the best the run had there
@@ -1071,10 +1071,10 @@ def test_only_bests_set_since_the_guards_last_scale_change_count():
 def test_bests_with_their_lrs_roll_back_and_stay_few():
     losses, lrs = _restart_losses(3)
     ctrl = Controller(gg.Stability())
-    feed_lr(ctrl, losses[:140], lrs[:140])
+    feed(ctrl, losses[:140], lrs=lrs[:140])
     traj = ctrl.trajectory()
     assert 1 < len(traj["bests"]) < 60  # (merged: LRs a quarter band apart at least)
-    feed_lr(ctrl, losses[140:400], lrs[140:400], start=140)
+    feed(ctrl, losses[140:400], start=140, lrs=lrs[140:400])
     ctrl.load_trajectory(traj)
     assert [list(b) for b in ctrl.bests] == traj["bests"]
     # A state saved before bests were kept with their LRs: judged by the best alone.
