@@ -786,3 +786,39 @@ def test_no_lr_probe_the_run_ends_too_soon_to_answer():
     with pytest.raises(gg.ConfigError, match="total_steps"):
         gg.Guard(torch.nn.Linear(1, 1), torch.optim.SGD([torch.nn.Parameter(
             torch.ones(1))], lr=0.1), total_steps=0)
+
+
+def _overshot(after: float) -> gg.Guard:
+    """A toy regression fed calm losses around 1.0 for 40 steps, then 3 steps whose
+    gradients are 60-120× the usual and whose losses are thrown up, within their noise
+    (1.08, 1.12, 1.1), then 15 steps at ``after``: an overshoot the run recovers from when
+    ``after`` is under 1."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    guard = gg.Guard(m, opt, log=None)
+    gen = torch.Generator().manual_seed(0)
+    losses = [1.0 + 0.05 * float(torch.randn((), generator=gen)) for _ in range(40)]
+    losses += [1.08, 1.12, 1.1] + [after] * 15
+    for k, v in enumerate(losses):
+        opt.zero_grad()
+        m(torch.randn(8, 4, generator=gen)).mean().backward()
+        if 40 <= k < 43:
+            for p in m.parameters():
+                p.grad.mul_(30.0 * (k - 38))
+        guard.step(torch.tensor(v))
+    guard.recorder.flush()
+    guard.close()
+    return guard
+
+
+def test_a_norm_streak_the_loss_comes_back_from_is_logged_as_an_overshoot():
+    back = _overshot(0.8)
+    [shot] = _of(back, "overshoot")
+    assert shot["step"] == 52 and shot["action"] == "none"
+    assert "the loss came back" in shot["message"] and "not counted" in shot["message"]
+    assert not _of(back, "rollback") and back.control.scale == 1.0
+    stuck = _overshot(1.15)
+    assert not _of(stuck, "overshoot")
+    roll = _of(stuck, "rollback")[0]  # (the fed losses stay up: the restore is judged too)
+    assert roll["step"] == 52 and "the loss has not come back" in roll["message"]

@@ -183,9 +183,9 @@ def report(
     head.add_row("loss first → last", loss)
     head.add_row("largest gradient norm", _fmt(s.max_grad_norm))
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "probe_held",
-                 "noise", "data_shift", "rollback", "rollback_off", "edit_undone", "drift",
-                 "depth_trend", "dead_units", "unwatched", "restored", "joined", "join_synced",
-                 "diverged", "stopped"):
+                 "overshoot", "noise", "data_shift", "rollback", "rollback_off", "edit_undone",
+                 "drift", "depth_trend", "dead_units", "unwatched", "restored", "joined",
+                 "join_synced", "diverged", "stopped"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:

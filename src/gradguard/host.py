@@ -587,6 +587,9 @@ class HostSide:
         if verdict.unstable is None and dead is not None:
             verdict, dead_cut = c.unstable(k, dead, may_retry=False), True
         g.lr.scale = verdict.scale
+        if verdict.recovered is not None:
+            g.recorder.event(k, "overshoot", verdict.recovered, action="none",
+                             lr_scale=verdict.scale)
         if verdict.raised:
             g.recorder.event(k, "recover", f"calm for a while: LR scale raised to "
                              f"×{verdict.scale:.3g}", action="recover", lr_scale=verdict.scale)

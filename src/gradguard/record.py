@@ -20,9 +20,10 @@ Record schema (one JSON object per line in the JSONL sink):
   ``layers_every`` steps and on every flagged step).
 - ``{"type": "event", "step": k, "kind": ..., "action": ..., "origin_layer": name|null,
   "top_layers": [[name, z], ...], "message": text, ...}`` — kinds: ``nonfinite``,
-  ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``probe_held``, ``rollback``,
-  ``snapshot``, ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``, ``diverged``,
-  ``joined``, ``join_synced`` (uneven inputs under ``Join``, :mod:`gradguard.join`).
+  ``grad_spike``, ``loss_spike``, ``backoff``, ``recover``, ``probe_held``, ``overshoot``,
+  ``rollback``, ``snapshot``, ``drift``, ``depth_trend``, ``dead_units``, ``unwatched``,
+  ``diverged``, ``joined``, ``join_synced`` (uneven inputs under ``Join``,
+  :mod:`gradguard.join`).
 
 :func:`read_jsonl` reads a log back as typed records (:mod:`gradguard.runlog`).
 """
