@@ -114,6 +114,13 @@ def _rate(rows: deque[bool], streak: int, window: int) -> float:
     return sum(past) / len(past) if len(past) >= window else 0.0
 
 
+def _unmark(rows: deque[bool], n: int) -> None:
+    """Mark the last ``n`` of ``rows`` False: rows of an episode found to be the run's,
+    not independent bad batches, which must not raise the bar for the next streak."""
+    for i in range(1, min(n, len(rows)) + 1):
+        rows[-i] = False
+
+
 def counted(n: int, noun: str) -> str:
     """``n`` and the noun, plural unless n is 1 ("1 bad step", "3 bad steps")."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -930,8 +937,7 @@ class Controller:
         # The streak's rows and the flags of the rows waited were the run's, not
         # independent bad batches (as :meth:`unstable` does for a streak it is told of).
         for rows in (self.bad_rows, self.flag_rows):
-            for i in range(1, min(self.rows - first_row + 1, len(rows)) + 1):
-                rows[-i] = False
+            _unmark(rows, self.rows - first_row + 1)
         verdict = self.unstable(step, f"{why}, and {wait} steps later the loss has not come "
                                 f"back ({before:.4g} before the streak, a median of "
                                 f"{after:.4g} since)")
@@ -1003,9 +1009,8 @@ class Controller:
         self.instabilities += 1
         # The bad rows that ended in this instability were the run's, not independent bad
         # batches: they must not raise the bar for the next streak.
-        for rows, n in ((self.bad_rows, self.nan_streak), (self.flag_rows, self.streak)):
-            for i in range(1, min(n, len(rows)) + 1):
-                rows[-i] = False
+        _unmark(self.bad_rows, self.nan_streak)
+        _unmark(self.flag_rows, self.streak)
         self._before_cut = None  # (set again below only if this instability cuts)
         sudden = self.was_calm and self.has_level()
         # Healthy: the run had made progress, its best level under its first loss. A run
