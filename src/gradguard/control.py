@@ -40,9 +40,11 @@ and a look-alike of the second:
   while the loss stays finite, and the loss comes back below where it was (the catapult
   of Lewkowycz et al. 2020). At the user's own LR (no cut in force), a streak whose
   losses were all finite is therefore judged ``window // 2`` rows later, by what the
-  loss did: back under the median of the three losses before the streak (the median of
-  those rows: one lucky batch cannot fake it), it was an overshoot and does not count
-  (:meth:`Controller._judge_overshoot`); still above, it counts as the streak would have.
+  loss did: back under the median of the three losses before the streak, or above it by
+  less than the noise of two such medians (the median of those rows: one lucky batch
+  cannot fake it), it was an overshoot and does not count
+  (:meth:`Controller._judge_overshoot`); still above beyond the noise, it counts as the
+  streak would have.
   A streak with a NaN/Inf loss, or one at an LR the guard has already cut (a relapse of
   a run found past its edge), is not waited for; during the wait the NaN/Inf and
   loss-spike streaks still count at once, and the level's tests judge every row once the
@@ -105,6 +107,10 @@ _MAD_SIGMA = 1.4826
 # At most this many bests are kept with their LRs (see Controller._note_best): about 60
 # decades of an annealed LR at the merging step, far more than any schedule spans.
 _MAX_BESTS = 256
+
+# A flag streak is judged against the median of this many losses before it (one lucky or
+# hard batch does not set the bar; more would reach back past where the streak began).
+_BEFORE = 3
 
 
 def _rate(rows: deque[bool], streak: int, window: int) -> float:
@@ -190,9 +196,9 @@ class Stability:
             bring the run back, a blow-up keeps climbing. As many in a row are needed as
             :meth:`Controller.streak_needed` asks at the run's own rate of flagged
             steps. At the user's LR (no cut in force), a streak whose losses were all
-            finite counts only if, ``window // 2`` rows later, the loss has not come back
-            under where the streak began (an overshoot the run recovers from, see the
-            module docstring). False: only the loss's streaks count after the early
+            finite counts only if, ``window // 2`` rows later, the loss is still above
+            where the streak began, beyond the noise (an overshoot the run recovers from,
+            see the module docstring). False: only the loss's streaks count after the early
             phase.
     """
 
@@ -319,7 +325,7 @@ class Controller:
         # The flagged streak's losses (inf where one was unknown), bounded: a streak long
         # enough to fill it has been judged many times over.
         self.streak_losses: deque[float] = deque(maxlen=cfg.window)
-        self.streak_from: float | None = None  # the median of the 3 losses before it
+        self.streak_from: float | None = None  # the median of the _BEFORE losses before it
         # A norm streak with finite losses, waiting for what the loss does next (see
         # :meth:`_judge_overshoot`): the step it was found at, the loss it is judged
         # against, why it would count, and the row count at its first row.
@@ -796,7 +802,7 @@ class Controller:
             self.streak_norm = grad_norm
             self.streak_losses.clear()
             # (self.losses holds the rows before this one: it is appended to below)
-            self.streak_from = _median(list(self.losses)[-3:]) if self.losses else None
+            self.streak_from = _median(list(self.losses)[-_BEFORE:]) if self.losses else None
         if flagged:
             self.streak_losses.append(
                 float(loss) if loss is not None and math.isfinite(loss) else math.inf)
@@ -902,22 +908,27 @@ class Controller:
         """Judge a waited-on norm streak once ``window // 2`` rows have followed it: the
         verdict, or None (no streak waited on, or still waiting).
 
-        The streak counts unless the median of the losses of those rows is under the
-        median of the three before the streak: the loss came back, the overshoot of an LR
-        near its edge that the run recovers from by itself (the catapult, Lewkowycz et al.
-        2020, §3: the loss grows for a few steps, the curvature falls, and the loss
-        returns below where it was). A blow-up leaves the loss above where it was, or
-        lets the NaN/Inf streak or the level's tests answer it sooner. Half the level's
-        window: long enough for the catapult's few steps of growth and its return, short
-        enough that the rows waited, which a rollback undoes, stay a fraction of the
-        snapshots' spacing.
+        The streak counts only if the median of the losses of those rows is above the
+        median of the three before the streak by more than ``z`` standard errors of the
+        difference of the two medians (σ the level's noise, from successive differences;
+        on a log scale for positive losses), as a level must rise beyond its noise to
+        count. Otherwise the loss came back: the overshoot of an LR near its edge that the
+        run recovers from by itself (the catapult, Lewkowycz et al. 2020, §3: the loss
+        grows for a few steps, the curvature falls, and the loss returns below where it
+        was). A blow-up leaves the loss above where it was, or lets the NaN/Inf streak or
+        the level's tests answer it sooner. Half the level's window: long enough for the
+        catapult's few steps of growth and its return, short enough that the rows waited,
+        which a rollback undoes, stay a fraction of the snapshots' spacing.
 
         Measured (paired seeds, against the build that counts the streak at once; AMD
         EPYC, benchmarks/RESULTS.md): ``cnn-restarts-warmup`` of the no-harm suite, whose
         warm-up to lr 0.05 overshoots at steps 12-16 and recovers, was cut ×0.1 and rolled
         back on 3 of 10 seeds (0.281 / 0.346 / 0.311 against 0.165 / 0.191 / 0.169
         unguarded); waiting, 2 of them are left alone (0.178, 0.171) and the third ends
-        at 0.225. Waiting at an LR the guard had already cut too cost the held-out runs
+        at 0.225: its three losses before the streak were a point on a steep fall (2.2 →
+        0.42 in eight steps), and the ten after it came back to 0.91 against 0.82, inside
+        the noise. Read with the noise, it is left alone too (0.154). Waiting at an LR the
+        guard had already cut too cost the held-out runs
         far past their edge more than it gained (a raw-unit quantile regression at 1000×
         its LR: 3 of 5 seeds 21-32 % worse), so a relapse is not waited for.
         """
@@ -929,11 +940,19 @@ class Controller:
             return None
         self.overshoot = None
         after = _median(list(self.losses)[-wait:])
-        if after < before:
+        lv = self.level()
+        a, b = self._in_units(after), self._in_units(before)
+        # Two medians of noisy losses: "above" must be beyond their noise, as a level must
+        # be to count as risen (z standard errors of the difference of a median of
+        # ``wait`` losses and one of _BEFORE).
+        margin = 0.0 if lv is None or a is None or b is None else (
+            self.cfg.z * _MEDIAN_SE * lv[2] * math.sqrt(1 / wait + 1 / _BEFORE))
+        if after < before or (margin and a < b + margin):
+            back = "came back under" if after < before else "came back to within its noise of"
             return Verdict(scale=self.scale, recovered=(
-                f"{why}, but the loss came back ({before:.4g} before the streak, a median "
-                f"of {after:.4g} over the {wait} steps after it): an overshoot the run "
-                "recovered from, not counted"))
+                f"{why}, but the loss {back} where it was ({before:.4g} before the streak, "
+                f"a median of {after:.4g} over the {wait} steps after it): an overshoot "
+                "the run recovered from, not counted"))
         # The streak's rows and the flags of the rows waited were the run's, not
         # independent bad batches (as :meth:`unstable` does for a streak it is told of).
         for rows in (self.bad_rows, self.flag_rows):
