@@ -39,12 +39,11 @@ and a look-alike of the second:
   its edge (a warm-up reaching its peak, a warm restart) the norm jumps for a few steps
   while the loss stays finite, and the loss comes back below where it was (the catapult
   of Lewkowycz et al. 2020). At the user's own LR (no cut in force), a streak whose
-  losses were all finite is therefore judged ``window // 2`` rows later, by what the
-  loss did: back under the median of the three losses before the streak, or above it by
-  less than the noise of two such medians (the median of those rows: one lucky batch
-  cannot fake it), it was an overshoot and does not count
-  (:meth:`Controller._judge_overshoot`); still above beyond the noise, it counts as the
-  streak would have.
+  losses were all finite is therefore judged ``window // 2`` rows later, by the median
+  of those rows' losses (one lucky batch cannot fake it): back under the median of the
+  three losses before the streak, or above it by less than the noise of two such
+  medians, it was an overshoot and does not count (:meth:`Controller._judge_overshoot`);
+  still above beyond the noise, it counts as the streak would have.
   A streak with a NaN/Inf loss, or one at an LR the guard has already cut (a relapse of
   a run found past its edge), is not waited for; during the wait the NaN/Inf and
   loss-spike streaks still count at once, and the level's tests judge every row once the
@@ -823,7 +822,7 @@ class Controller:
         reason = None
         climb = giveback = False
         lv = self.level()
-        judged = self._judge_overshoot(step)
+        judged = self._judge_overshoot(step, lv)
         if judged is not None and judged.unstable is not None:
             return judged
         recovered = None if judged is None else judged.recovered
@@ -904,9 +903,11 @@ class Controller:
             return Verdict(scale=self.scale, raised=True, recovered=recovered)
         return Verdict(scale=self.scale, recovered=recovered)
 
-    def _judge_overshoot(self, step: int) -> Verdict | None:
-        """Judge a waited-on norm streak once ``window // 2`` rows have followed it: the
-        verdict, or None (no streak waited on, or still waiting).
+    def _judge_overshoot(self, step: int, lv: tuple[float, float, float] | None
+                         ) -> Verdict | None:
+        """Judge a waited-on norm streak once ``window // 2`` rows have followed it, with
+        ``lv`` the present :meth:`level`: the verdict, or None (no streak waited on, or
+        still waiting).
 
         The streak counts only if the median of the losses of those rows is above the
         median of the three before the streak by more than ``z`` standard errors of the
@@ -928,9 +929,9 @@ class Controller:
         at 0.225: its three losses before the streak were a point on a steep fall (2.2 →
         0.42 in eight steps), and the ten after it came back to 0.91 against 0.82, inside
         the noise. Read with the noise, it is left alone too (0.154). Waiting at an LR the
-        guard had already cut too cost the held-out runs
-        far past their edge more than it gained (a raw-unit quantile regression at 1000×
-        its LR: 3 of 5 seeds 21-32 % worse), so a relapse is not waited for.
+        guard had already cut too cost the held-out runs far past their edge more than it
+        gained (a raw-unit quantile regression at 1000× its LR: 3 of 5 seeds 21-32 %
+        worse), so a relapse is not waited for.
         """
         if self.overshoot is None:
             return None
@@ -940,7 +941,6 @@ class Controller:
             return None
         self.overshoot = None
         after = _median(list(self.losses)[-wait:])
-        lv = self.level()
         a, b = self._in_units(after), self._in_units(before)
         # Two medians of noisy losses: "above" must be beyond their noise, as a level must
         # be to count as risen (z standard errors of the difference of a median of
