@@ -313,6 +313,7 @@ guarded run that gives up (``TrainingDivergedError``) is evaluated where it stop
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import time
@@ -1708,6 +1709,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
     ap.add_argument("--out", type=Path, default=HERE / "HELDOUT.md")
     ap.add_argument("--case", action="append", help="run only this case (repeatable)")
+    ap.add_argument("--runs", type=Path, default=None,
+                    help="also write every run's held-out loss to this CSV (case, arm, lr, "
+                         "seed, loss, gave_up), for comparisons paired by seed")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -1724,6 +1728,12 @@ def main(argv: list[str] | None = None) -> int:
             results = dict(zip(jobs, ex.map(_job, jobs), strict=True))
     else:
         results = {job: _job(job) for job in jobs}
+    if args.runs is not None:
+        with args.runs.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["case", "arm", "lr", "seed", "loss", "gave_up"])
+            for (name, arm, lr, seed, _), (loss, gave_up) in results.items():
+                w.writerow([name, arm, repr(lr), seed, repr(loss), int(gave_up)])
     lines = [
         "# Held-out cases: the defaults on problems the bench does not contain", "",
         "Produced by `python benchmarks/heldout.py` "
