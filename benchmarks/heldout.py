@@ -306,6 +306,8 @@ order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``c
 (``gg.Guard(model, opt)``, all defaults). Reported: the median held-out loss over seeds
 (diverged runs count as ``inf``, so a median is finite only when most seeds are). A
 guarded run that gives up (``TrainingDivergedError``) is evaluated where it stopped.
+``--runs FILE`` also writes each run's loss, so two versions of the guard can be compared
+seed by seed.
 
     .venv/bin/python benchmarks/heldout.py --jobs 2   # writes benchmarks/HELDOUT.md
 """
