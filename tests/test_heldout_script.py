@@ -30,15 +30,14 @@ def test_heldout_script_writes_a_row_per_case_and_lr(heldout, tmp_path):
     args = ["--seeds", "2", "--steps", "3", "--jobs", "2", "--out", str(out)]
     assert heldout.main([*args, "--runs", str(runs),
                          *(a for c in chosen for a in ("--case", c))]) == 0
+    rows = sum(len(heldout.cases()[c][4]) for c in chosen)
     # One CSV row per case, LR, arm and seed, each loss the one the table's median is of.
     with runs.open() as f:
         rows_csv = list(csv.DictReader(f))
-    assert len(rows_csv) == sum(len(heldout.cases()[c][4]) for c in chosen) \
-        * len(heldout.ARMS) * 2
+    assert len(rows_csv) == rows * len(heldout.ARMS) * 2
     assert {r["case"] for r in rows_csv} == set(chosen)
     assert all(float(r["loss"]) >= 0 and r["gave_up"] in ("0", "1") for r in rows_csv)
     text = out.read_text()
-    rows = sum(len(heldout.cases()[c][4]) for c in chosen)
     assert text.count("\n| ") - len(chosen) == rows  # minus one header per case
     assert "## Tally" in text and "## rnn-memory" in text and "## softmax-raw" in text
     with pytest.raises(SystemExit):
