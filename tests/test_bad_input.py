@@ -128,7 +128,7 @@ def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
     (lambda: gg.NormSpike(min_ratio=0.5), r"NormSpike.min_ratio must be > 1"),
     (lambda: gg.NormSpike(early_ratio=1), r"NormSpike.early_ratio must be > 1"),
     (lambda: gg.LossSpike(early_ratio=0.9), r"LossSpike.early_ratio must be > 1"),
-    (lambda: gg.Stability(warmup="Auto"), r"Stability.warmup must be 'auto', an int"),
+    (lambda: gg.Stability(warmup="Auto"), r"Stability.warmup must be 'attention', 'auto', an int"),
     (lambda: gg.Rollback(memory="off", dir="snaps"), r"memory='off'\) keeps no snapshot"),
 ])
 def test_invalid_settings_fail_at_construction(make, match):

@@ -410,6 +410,19 @@ def test_auto_warmup_length_follows_beta2():
     assert gg.Stability(warmup=None).warmup_steps(torch.optim.Adam(p)) == 0
 
 
+def test_attention_warmup_length_follows_beta1_and_needs_attention():
+    import torch
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    att = gg.Stability(warmup="attention")
+    assert att.warmup_steps(torch.optim.AdamW(p, betas=(0.9, 0.95)), attention=True) == 20
+    assert att.warmup_steps(torch.optim.Adam(p, betas=(0.0, 0.99)), attention=True) == 2
+    assert att.warmup_steps(torch.optim.Adam(p), attention=False) == 0
+    assert att.warmup_steps(torch.optim.SGD(p, lr=0.1), attention=True) == 0
+    assert att.warmup_steps(torch.optim.RAdam(p), attention=True) == 0
+    assert gg.Stability().warmup_steps(torch.optim.Adam(p), attention=True) == 0  # (off)
+
+
 def test_a_sudden_failure_is_retried_at_the_same_lr_once_a_slow_climb_is_not():
     gen = np.random.default_rng(0)
     ctrl = Controller(gg.Stability(probe_after=50))

@@ -619,3 +619,161 @@ def test_a_state_from_other_detector_settings_is_a_settings_difference():
     assert g2.load_state_dict(state, strict=False) == ["grad_spike"]
     assert g2.steps == 12
     g2.close()
+
+
+class _RowAttention(nn.Module):
+    """Attention over 4 tokens of width 8, built by hand or from torch's layer."""
+
+    def __init__(self, torch_layer: bool) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True) \
+            if torch_layer else None
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        x = x.reshape(len(x), 4, 8)
+        if self.layer is not None:
+            return self.out(self.layer(x).mean(1))
+        q, k, v = self.qkv(x).split(8, -1)
+        a = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5, -1) @ v
+        return self.out(a.mean(1))
+
+
+_ATTENTION = gg.Policy(stability=gg.Stability(warmup="attention"))
+
+
+def _applied_lrs(model, opt, steps=24, pass_loss=True, sched=None, guard=None,
+                 policy=_ATTENTION):
+    """The LR the optimizer stepped with at each step of a guarded regression."""
+    lrs = []
+    opt.register_step_pre_hook(lambda o, *_: lrs.append(o.param_groups[0]["lr"]))
+    guard = guard or gg.Guard(model, opt, log=None, policy=policy)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()
+        guard.step(loss if pass_loss else None)
+        if sched is not None:
+            sched.step()
+    return lrs, guard
+
+
+@pytest.mark.parametrize("torch_layer", [True, False])
+def test_adam_on_attention_is_warmed_up_over_its_first_moments_window(torch_layer):
+    # Stability(warmup="attention"): 2/(1 − β1) steps, 20 at β1 = 0.9.
+    torch.manual_seed(0)
+    m = _RowAttention(torch_layer)
+    o = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    lrs, g = _applied_lrs(m, o)
+    assert lrs == pytest.approx([1e-3 * min(1, (i + 1) / 20) for i in range(24)])
+    assert o.param_groups[0]["lr"] == 1e-3  # (the user's LR between steps)
+    (e,) = [e for e in g.recorder.events if e["kind"] == "warmup"]
+    assert e["steps"] == 20 and e["step"] == 0
+    where = "self_attn" if torch_layer else "attention in the model's graph"
+    assert where in e["message"]
+    assert "warmed up over the first 20 steps" in g.verdict()
+    g.close()
+
+
+def test_the_attention_warm_up_follows_beta1():
+    torch.manual_seed(0)
+    m = _RowAttention(True)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    lrs, g = _applied_lrs(m, o, steps=12)
+    assert lrs[:11] == pytest.approx([1e-3 * (i + 1) / 10 for i in range(10)] + [1e-3])
+    g.close()
+
+
+@pytest.mark.parametrize("torch_layer", [True, False])
+@pytest.mark.parametrize("loss", ["none", "detached"])
+def test_the_attention_warm_up_is_found_without_the_losss_graph(torch_layer, loss):
+    # guard.step() or guard.step(loss.detach()): torch's attention layers are found by
+    # type, attention written by hand in the graph of the model's outputs.
+    torch.manual_seed(0)
+    m = _RowAttention(torch_layer)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    guard = gg.Guard(m, o, log=None, policy=_ATTENTION)
+    if loss == "detached":
+        step = guard.step
+        guard.step = lambda loss: step(loss.detach())
+    lrs, g = _applied_lrs(m, o, steps=3, pass_loss=loss != "none", guard=guard)
+    assert lrs == pytest.approx([5e-5, 1e-4, 1.5e-4])
+    g.close()
+
+
+def test_a_model_run_under_no_grad_first_is_still_read_for_attention():
+    # (an evaluation before training: its outputs carry no graph to read)
+    torch.manual_seed(0)
+    m = _RowAttention(False)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = gg.Guard(m, o, log=None, policy=_ATTENTION)
+    with torch.no_grad():
+        m(torch.randn(4, 32))
+    lrs, _ = _applied_lrs(m, o, steps=2, pass_loss=False, guard=g)
+    assert lrs == pytest.approx([5e-5, 1e-4])
+    g.close()
+
+
+@pytest.mark.parametrize("case", ["mlp-adam", "attention-sgd", "attention-radam", "default"])
+def test_no_attention_warm_up_where_it_does_not_apply(case):
+    # An MLP under Adam takes Adam's first steps without harm (a warm-up costs it the
+    # steps); SGD's first steps are not oversized; RAdam rectifies them itself; and the
+    # default guard warms nothing up (a warm-up costs a healthy transformer too).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1)) if case == "mlp-adam" \
+        else _RowAttention(True)
+    kind = {"attention-sgd": torch.optim.SGD, "attention-radam": torch.optim.RAdam}
+    o = kind.get(case, torch.optim.Adam)(m.parameters(), lr=1e-3)
+    kw = {"policy": gg.Policy()} if case == "default" else {}
+    lrs, g = _applied_lrs(m, o, steps=5, **kw)
+    assert lrs == [1e-3] * 5
+    assert "warm" not in g.verdict()
+    g.close()
+
+
+def test_the_attention_warm_up_stands_down_for_the_users_own():
+    torch.manual_seed(0)
+    m = _RowAttention(True)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=3)
+    lrs, g = _applied_lrs(m, o, steps=6, sched=sched)
+    # (the schedule starts below the LR it was built at: the user's warm-up)
+    assert lrs == pytest.approx([1e-3 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+    g.close()
+    # A schedule that starts at its peak and rises later (one cycle, built at its low LR)
+    # is seen rising: from then on the user's.
+    torch.manual_seed(0)
+    m = _RowAttention(True)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(t + 1, 3))
+    lrs, g = _applied_lrs(m, o, steps=4, sched=sched)
+    assert lrs == pytest.approx([1e-3 / 20, 2e-3, 3e-3, 3e-3])
+    g.close()
+
+
+def test_a_resumed_run_continues_its_attention_warm_up_and_does_not_start_one():
+    torch.manual_seed(0)
+    m = _RowAttention(True)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    _, g = _applied_lrs(m, o, steps=5)
+    state = g.state_dict()
+    g.close()
+    m2 = copy.deepcopy(m)
+    o2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
+    o2.load_state_dict(o.state_dict())
+    g2 = gg.Guard(m2, o2, log=None, policy=_ATTENTION)
+    g2.load_state_dict(state)
+    lrs, _ = _applied_lrs(m2, o2, steps=3, guard=g2)
+    assert lrs == pytest.approx([1e-3 * f for f in (6 / 20, 7 / 20, 8 / 20)])
+    g2.close()
+    _, g = _applied_lrs(m, o, steps=25)  # (a fresh guard on the same run, ramp done)
+    state = g.state_dict()
+    g.close()
+    g3 = gg.Guard(m2, o2, log=None, policy=_ATTENTION)
+    g3.load_state_dict(state)
+    lrs, _ = _applied_lrs(m2, o2, steps=2, guard=g3)
+    assert lrs == [1e-3, 1e-3]
+    g3.close()

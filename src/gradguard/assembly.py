@@ -102,7 +102,9 @@ def assemble(g: Guard, scaler: Any, log: Any, tensorboard: Any, console: bool,
     g._usage = Usage(model, optimizer, scaler is not None, g.device)
     # Ranks must decide alike: under torch.distributed the batch-size factor stays 1.
     g._samples = SampleCounter(model if g._sync is None else None)
-    probe = ForwardOrder(model, g.params)
+    stab = policy.stability
+    probe = ForwardOrder(model, g.params,
+                         outputs=stab is not None and stab.warmup == "attention")
     g._order_probe = probe
     g._running = RunningStats(model)
     g._finalizer = lifecycle.register(g, g.recorder, g._usage, g._samples, probe,

@@ -185,7 +185,7 @@ def report(
     for kind in ("nonfinite", "grad_spike", "loss_spike", "backoff", "recover", "probe_held",
                  "overshoot", "noise", "data_shift", "rollback", "rollback_off", "edit_undone",
                  "drift", "depth_trend", "dead_units", "unwatched", "restored", "joined",
-                 "join_synced", "diverged", "stopped"):
+                 "join_synced", "warmup", "diverged", "stopped"):
         if s.events[kind]:
             head.add_row(f"events: {kind}", str(s.events[kind]))
     if s.origins:

@@ -169,12 +169,25 @@ class Stability:
             fall below this; except for a run that had trained well and broke after
             making progress since its last rollback, which is rolled back at the floor
             (at a thousandth of the LR, the LR is not what breaks it).
-        warmup: an automatic linear LR warm-up: "auto" ramps Adam-family optimizers (those
-            with ``betas``) over 2/(1 − β2) steps, the untuned warm-up of Ma & Yarats 2021
-            (§4; about the time Adam's second-moment estimate needs to become reliable,
-            cf. RAdam, Liu et al. 2020) and leaves others alone; an int ramps any optimizer
-            over that many steps; None or 0 turns it off. It is switched off as soon as
-            the user's own LR rises during the ramp (their schedule warms up already).
+        warmup: an automatic linear LR warm-up, off by default (None). "attention"
+            ramps an Adam-family optimizer (one with ``betas``, RAdam aside: its
+            rectification is a warm-up) over 2/(1 − β1) steps when the model computes
+            dot-product attention (found at the first step: ``nn.MultiheadAttention``, or
+            a fused attention kernel or a softmax over q·kᵀ in the graph of the model's
+            outputs or of the loss) and leaves other models alone: Adam's first updates
+            are oversized (the excess of their size over the stationary one on noisy
+            gradients is √((1 + β1ᵗ)/(1 − β1ᵗ)), gone within about 2/(1 − β1) steps), and
+            attention logits are quadratic in the query and key weights, so at a high LR
+            those first steps can grow them until attention collapses (Wortsman et al.
+            2023, §3.1.1). It is not the default because it costs healthy runs: a
+            held-out transformer at its healthy LR ended 27 % worse (median over 10
+            seeds, 9 worse; benchmarks/RESULTS.md, "a warm-up for attention"). "auto"
+            ramps every Adam-family optimizer over 2/(1 − β2) steps, the untuned warm-up
+            of Ma & Yarats 2021 (§4; about the time Adam's second-moment estimate needs
+            to become reliable, cf. RAdam, Liu et al. 2020); an int ramps any optimizer
+            over that many steps; None or 0 turns it off. It stands down as soon as the
+            user's own LR rises during the ramp, or when it starts below the LR their
+            scheduler was built at (their schedule warms up already).
         giveback: the level also regresses when it has given back more than this
             fraction of the run's progress, from its first loss down to its best (see
             :meth:`Controller.progress_threshold`).
@@ -235,22 +248,30 @@ class Stability:
         check_positive("Stability.floor", self.floor)
         if self.floor >= 1:
             raise ConfigError(f"Stability.floor must be in (0, 1), got {self.floor!r}")
-        if self.warmup not in (None, "auto") and (
+        if self.warmup not in (None, "auto", "attention") and (
                 isinstance(self.warmup, bool) or not isinstance(self.warmup, int)
                 or self.warmup < 0):
-            raise ConfigError(f"Stability.warmup must be 'auto', an int >= 0 or None, got "
-                              f"{self.warmup!r}")
+            raise ConfigError(f"Stability.warmup must be 'attention', 'auto', an int >= 0 or "
+                              f"None, got {self.warmup!r}")
 
-    def warmup_steps(self, optimizer: Any) -> int:
-        """Length of the automatic warm-up for this optimizer (0: none)."""
-        if self.warmup is None:
+    def warmup_steps(self, optimizer: Any, attention: bool = False) -> int:
+        """Length of the automatic warm-up for this optimizer (0: none).
+
+        Args:
+            optimizer: the guarded optimizer (its first group's ``betas``).
+            attention: whether the model computes attention (for ``"attention"``).
+        """
+        if self.warmup is None or (self.warmup == "attention" and not attention):
             return 0
-        if self.warmup != "auto":
+        if self.warmup not in ("auto", "attention"):
             return int(self.warmup)
         betas = optimizer.param_groups[0].get("betas")
-        if not betas or not 0 < float(betas[1]) < 1:
+        if not betas or type(optimizer).__name__ == "RAdam":  # (this module needs no torch)
             return 0
-        return round(2 / (1 - float(betas[1])))
+        beta = float(betas[1] if self.warmup == "auto" else betas[0])
+        if not 0 <= beta < 1 or (self.warmup == "auto" and beta == 0):
+            return 0
+        return max(1, round(2 / (1 - beta)))
 
 
 @dataclass(frozen=True)

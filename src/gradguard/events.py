@@ -164,6 +164,10 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
                     "model's statistics afresh")
     said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None, shifted)
+    warm = next((e for e in recorder.events if e["kind"] == "warmup"), None)
+    if warm is not None:
+        said += (f"; the LR was warmed up over the first {warm['steps']} steps ("
+                 f"{warm['found']}: Stability(warmup='attention'))")
     stops = [e for e in recorder.events if e["kind"] == "stopped"]
     if stops:  # (a crashed run is not a stable one: what the guard saw comes after)
         e = stops[-1]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, graph
 from . import events as ev
 from . import snapshot as snap
 from .control import CutPoint, counted
@@ -129,6 +129,7 @@ class HostSide:
         self.signs = [False, False, 0]
         self.unjudged = False
         self.graph_checked = False  # (see check_loss_graph)
+        self.attention: str | None = None  # where attention was found (warm_up_attention)
         # The positions of the watched parameters that have had a gradient, and the last
         # step's (see joined).
         self.had_grad: set[int] | None = None
@@ -155,6 +156,12 @@ class HostSide:
             probe = g._order_probe
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
+            if names := probe.attention():
+                more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+                self.warm_up_attention(
+                    g.steps, f"attention layers ({', '.join(names[:2])}{more})")
+            elif probe.graph_attention():
+                self.warm_up_attention(g.steps, "dot-product attention in the model's graph")
             g._order_probe = None
             if g.mailbox.lag or self.inputs.armed:  # (armed before the first step)
                 self.watch_inputs()
@@ -760,9 +767,28 @@ class HostSide:
         self.g.loss_spike.bind(self.g.device)
         self.g.recorder.event(k, "loss_unjudged", why, action="info", **fields)
 
+    def warm_up_attention(self, k: int, found: str) -> None:
+        """Start ``Stability(warmup="attention")``'s warm-up on a model found to compute
+        attention, once, on a fresh run (a resumed guard carries its own)."""
+        g = self.g
+        stab = g.policy.stability
+        if self.attention or stab is None or stab.warmup != "attention" or g.lr.warmup \
+                or g.lr.progress or g.steps:
+            return
+        self.attention = found
+        n = stab.warmup_steps(g.optimizer, attention=True)
+        if n:
+            g.lr.warmup = n
+            g.recorder.event(
+                k, "warmup", f"{found} under {type(g.optimizer).__name__}: the LR ramps up "
+                f"linearly over the first {n} steps, 2/(1 − β1), while Adam's first updates "
+                "are oversized (Stability(warmup='attention'))", action="info", steps=n,
+                found=found)
+
     def check_loss_graph(self, k: int, loss: Any) -> None:
         """Once, at the first loss that carries its autograd graph: stand the loss checks
-        down when that graph reaches trainable parameters outside the guarded model.
+        down when that graph reaches trainable parameters outside the guarded model (and,
+        under ``Stability(warmup="attention")``, warm up when it computes attention).
 
         Such a loss is partly another model's, which another optimizer moves: a GAN's
         generator loss is scored by the discriminator, an actor's by its critic. Its level
@@ -777,28 +803,20 @@ class HostSide:
         self.graph_checked = True
         fn = getattr(loss, "grad_fn", None)
         g = self.g
-        if fn is None or self.unjudged:
+        if fn is None:
             return
-        if any(is_sharded(p) for p in g.params):
+        nodes = graph.nodes(fn)
+        stab = g.policy.stability
+        if stab is not None and stab.warmup == "attention" and graph.computes_attention(nodes):
+            self.warm_up_attention(k, "dot-product attention in the loss's graph")
+        if self.unjudged or any(is_sharded(p) for p in g.params):
             return
         own = {id(p) for p in g.params} | {
             id(p) for _, p in optimizer_params(None, g.optimizer)}
         if g.model is not None:  # (a guard built from the optimizer alone has none)
             own |= {id(p) for p in g.model.parameters()}
-        foreign: dict[int, Any] = {}
-        seen, stack = set(), [fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            leaf = getattr(node, "variable", None)  # (an AccumulateGrad: a leaf tensor)
-            if leaf is not None:
-                if isinstance(leaf, nn.Parameter) and leaf.requires_grad \
-                        and id(leaf) not in own:
-                    foreign[id(leaf)] = leaf
-                continue
-            stack.extend(nxt for nxt, _ in node.next_functions)
+        foreign = {id(v): v for v in graph.leaves(nodes)
+                   if isinstance(v, nn.Parameter) and v.requires_grad and id(v) not in own}
         if not foreign:
             return
         n = sum(p.numel() for p in foreign.values())

@@ -74,7 +74,8 @@ class LRFactor:
     def _warmup_factor(self, base_lr: Any) -> float:
         """A linear ramp over ``warmup`` steps, counted from the state the weights are in
         (a rollback to the start ramps again); switched off for good when the user's own
-        LR rises during it (their schedule warms up already)."""
+        LR rises during it, or starts below the LR a scheduler of theirs was built at
+        (their schedule warms up already)."""
         n = self.warmup
         if n == 0 or self.progress >= n:
             return 1.0
@@ -82,6 +83,10 @@ class LRFactor:
         if lr is not None:
             if self.lr0 is None:
                 self.lr0 = lr
+                peak = host_lr(self.optimizer.param_groups[0].get("initial_lr"))
+                if self.progress == 0 and peak is not None and lr < peak * (1 - 1e-6):
+                    self.warmup = 0
+                    return 1.0
             elif lr > self.lr0 * (1 + 1e-6):
                 self.warmup = 0
                 return 1.0

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import graph
 from .distributed import local_tensor
 from .errors import ConfigError, GuardUsageWarning
 
@@ -94,12 +95,14 @@ def refuses_hooks(module: nn.Module) -> bool:
     return isinstance(module, torch.jit.RecursiveScriptModule)
 
 
-def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[Any]:
-    """Register ``hook`` as a forward pre-hook on every module that owns parameters;
-    the handles. Frameworks call submodules, not always the root (Lightning's
-    training_step). Scripted modules (torch.jit.script) refuse hooks and are left out
-    (what the hooks watch is then not seen through them). All or none: a module refusing
-    a hook takes the ones already registered off again."""
+def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any],
+                          after: Callable[..., Any] | None = None) -> list[Any]:
+    """Register ``hook`` as a forward pre-hook (and ``after``, if given, as a forward
+    hook) on every module that owns parameters; the handles. Frameworks call
+    submodules, not always the root (Lightning's training_step). Scripted modules
+    (torch.jit.script) refuse hooks and are left out (what the hooks watch is then not
+    seen through them). All or none: a module refusing a hook takes the ones already
+    registered off again."""
     handles: list[Any] = []
     try:
         for m in model.modules():
@@ -107,6 +110,8 @@ def hook_weighted_modules(model: nn.Module, hook: Callable[..., Any]) -> list[An
                 continue
             if any(True for _ in m.parameters(recurse=False)):
                 handles.append(m.register_forward_pre_hook(hook))
+                if after is not None:
+                    handles.append(m.register_forward_hook(after))
     except BaseException:
         for h in handles:
             h.remove()
@@ -119,15 +124,21 @@ _RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)
 
 
 class ForwardOrder:
-    """Learns the order in which modules run in the first forward pass, and which
-    recurrent layers ran, then unhooks."""
+    """Learns the order in which modules run in the first forward pass, which recurrent
+    and attention layers ran (and, with ``outputs``, whether its graph computes
+    attention), then unhooks."""
 
-    def __init__(self, model: nn.Module | None, params: Sequence[Tensor]) -> None:
+    def __init__(self, model: nn.Module | None, params: Sequence[Tensor],
+                 outputs: bool = False) -> None:
         self.model = model
         self.params = params
         self.calls: list[nn.Module] = []  # each module once, in the order it first ran
         self._seen: set[int] = set()
-        self.handles = [] if model is None else hook_weighted_modules(model, self._hook)
+        # With ``outputs``, the autograd nodes of each module's latest output: the model's
+        # graph, for attention a loss passed detached (or not at all) would not show.
+        self._outputs: dict[int, list[Any]] = {}
+        self.handles = [] if model is None else hook_weighted_modules(
+            model, self._hook, self._output if outputs else None)
 
     def _hook(self, module: nn.Module, _args: Any) -> None:
         # (bounded by the model's modules: a guard built and never stepped keeps these
@@ -136,18 +147,40 @@ class ForwardOrder:
             self._seen.add(id(module))
             self.calls.append(module)
 
+    def _output(self, module: nn.Module, _args: Any, out: Any) -> None:
+        fns = [t.grad_fn for t in _floating_leaves(out) if t.grad_fn is not None]
+        if fns:  # (a forward under no_grad leaves the last one with a graph)
+            self._outputs[id(module)] = fns
+
+    def graph_attention(self) -> bool:
+        """Whether the forward pass's graph computes dot-product attention (see
+        :func:`gradguard.graph.computes_attention`); read once, at the first step."""
+        fns = [fn for fns in self._outputs.values() for fn in fns]
+        self._outputs = {}
+        return bool(fns) and graph.computes_attention(graph.nodes(fns))
+
     def recurrent(self) -> list[str]:
         """Names of torch's recurrent layers (RNN/LSTM/GRU and their cells) that ran
         before the first step with parameters the guard watches. A hand-written loop over
         time steps is not told apart from a layer shared for another reason (an
         encoder-decoder's embedding, a Siamese encoder, a detection head shared across
         feature levels), so only the types count; a frozen or unused RNN does not."""
+        return self._ran(_RECURRENT_TYPES)
+
+    def attention(self) -> list[str]:
+        """Names of the ``nn.MultiheadAttention`` layers that ran before the first step
+        with parameters the guard watches (attention computed by other code is found in
+        the graph of the model's outputs or of the loss instead, see :meth:`graph_attention`
+        and :mod:`gradguard.graph`)."""
+        return self._ran(nn.MultiheadAttention)
+
+    def _ran(self, types: Any) -> list[str]:
         if self.model is None:
             return []
         ran = {id(m) for m in self.calls}
         watched = {id(p) for p in self.params}
         return [name for name, m in self.model.named_modules()
-                if isinstance(m, _RECURRENT_TYPES) and id(m) in ran
+                if isinstance(m, types) and id(m) in ran
                 and any(id(p) in watched for p in m.parameters(recurse=False))]
 
     @property
