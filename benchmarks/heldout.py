@@ -306,8 +306,12 @@ order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``c
 (``gg.Guard(model, opt)``, all defaults). Reported: the median held-out loss over seeds
 (diverged runs count as ``inf``, so a median is finite only when most seeds are). A
 guarded run that gives up (``TrainingDivergedError``) is evaluated where it stopped.
-``--runs FILE`` also writes each run's loss, so two versions of the guard can be compared
-seed by seed.
+``--runs FILE`` also writes each run's loss as it finishes, so two versions of the guard
+can be compared seed by seed; given a file an interrupted run left, it runs only what the
+file lacks (on the same machine, steps and code), so the whole table can be regenerated
+in parts:
+
+    .venv/bin/python benchmarks/heldout.py --jobs 2 --runs runs.csv   # again to resume
 
     .venv/bin/python benchmarks/heldout.py --jobs 2   # writes benchmarks/HELDOUT.md
 """
@@ -316,11 +320,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -1697,11 +1703,60 @@ def run(case: Case, arm: str, lr: float, seed: int, steps: int) -> tuple[float, 
     return (held_out if math.isfinite(held_out) else math.inf), gave_up
 
 
-def _job(job: tuple[str, str, float, int, int]) -> tuple[float, bool]:
+Job = tuple[str, str, float, int, int]  # case, arm, lr, seed, steps
+_RUN_FIELDS = ["case", "arm", "lr", "seed", "loss", "gave_up", "steps", "machine", "code"]
+
+
+def code_digest() -> str:
+    """A digest of gradguard's and this script's source: runs of other code are not
+    mixed into one table."""
+    h = hashlib.sha256()
+    src = Path(gg.__file__).parent
+    for path in [*sorted(src.rglob("*.py")), Path(__file__)]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _job(job: Job) -> tuple[float, bool]:
     """One run by case name (a worker process rebuilds the cases: lambdas do not pickle)."""
     torch.set_num_threads(1)
     name, arm, lr, seed, steps = job
     return run(cases()[name], arm, lr, seed, steps)
+
+
+def _finished(path: Path, steps: int, here: str, code: str
+              ) -> dict[tuple[str, str, float, int], tuple[float, bool]]:
+    """The runs a ``--runs`` file already holds (an interrupted regeneration's), by
+    (case, arm, lr, seed). Refused when they are another length's, machine's or code's:
+    the scenarios are chaotic, and the machine is part of the seed
+    (benchmarks/RESULTS.md)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return {}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(_RUN_FIELDS) - set(rows[0]):
+        raise SystemExit(f"{path}: not a runs file of this script (columns "
+                         f"{sorted(rows[0])}); pass a new --runs path")
+    other = {(r["steps"], r["machine"], r["code"]) for r in rows} - {(str(steps), here, code)}
+    if other:
+        n, where, what = sorted(other)[0]
+        raise SystemExit(f"{path} holds runs of {n} steps on {where} by code {what}; this "
+                         f"run is {steps} steps on {here} by code {code}: finish it there, "
+                         "or pass a new --runs path")
+    return {(r["case"], r["arm"], float(r["lr"]), int(r["seed"])):
+            (float(r["loss"]), r["gave_up"] == "1") for r in rows}
+
+
+def _each(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[float, bool]]]:
+    """Every job's result as it finishes (in worker processes when ``workers`` > 1)."""
+    if workers <= 1:
+        for job in jobs:
+            yield job, _job(job)
+        return
+    with ProcessPoolExecutor(workers) as ex:
+        futures = {ex.submit(_job, job): job for job in jobs}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1713,7 +1768,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", action="append", help="run only this case (repeatable)")
     ap.add_argument("--runs", type=Path, default=None,
                     help="also write every run's held-out loss to this CSV (case, arm, lr, "
-                         "seed, loss, gave_up), for comparisons paired by seed")
+                         "seed, loss, gave_up, steps, machine, code) as it finishes, for "
+                         "comparisons paired by seed; runs it already holds are not run "
+                         "again, so an interrupted regeneration resumes where it stopped")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -1725,22 +1782,28 @@ def main(argv: list[str] | None = None) -> int:
         all_cases = {k: v for k, v in all_cases.items() if k in args.case}
     jobs = [(name, arm, lr, seed, args.steps) for name, case in all_cases.items()
             for lr in case[4] for arm in ARMS for seed in range(args.seeds)]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as ex:
-            results = dict(zip(jobs, ex.map(_job, jobs), strict=True))
-    else:
-        results = {job: _job(job) for job in jobs}
-    if args.runs is not None:
-        with args.runs.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["case", "arm", "lr", "seed", "loss", "gave_up"])
-            for (name, arm, lr, seed, _), (loss, gave_up) in results.items():
-                w.writerow([name, arm, repr(lr), seed, repr(loss), int(gave_up)])
+    here, code = machine(), code_digest()
+    results = {} if args.runs is None else _finished(args.runs, args.steps, here, code)
+    todo = [job for job in jobs if job[:4] not in results]
+    if args.runs is not None and len(todo) < len(jobs):
+        print(f"{args.runs}: {len(jobs) - len(todo)} of the {len(jobs)} runs already done",
+              flush=True)
+    new_file = args.runs is not None and not results
+    with (args.runs.open("w" if new_file else "a", newline="") if args.runs is not None
+          else open(os.devnull, "w")) as f:
+        w = csv.writer(f)
+        if new_file:
+            w.writerow(_RUN_FIELDS)
+        for (name, arm, lr, seed, steps), (loss, gave_up) in _each(todo, args.jobs):
+            results[(name, arm, lr, seed)] = (loss, gave_up)
+            w.writerow([name, arm, repr(lr), seed, repr(loss), int(gave_up), steps, here,
+                        code])
+            f.flush()  # (a run killed later keeps this one)
     lines = [
         "# Held-out cases: the defaults on problems the bench does not contain", "",
         "Produced by `python benchmarks/heldout.py` "
         f"(torch {torch.__version__}, gradguard {gg.__version__}, "
-        f"{machine()}, 1 thread per run; {args.seeds} seeds, "
+        f"{here}, 1 thread per run; {args.seeds} seeds, "
         f"{args.steps} steps, batch 32). Median held-out loss over seeds (`inf`: most seeds "
         "diverged); **bold**: the best arm of the row when it beats the others by more than "
         "10 %. See the module docstring for the cases.", ""]
@@ -1751,7 +1814,7 @@ def main(argv: list[str] | None = None) -> int:
         for lr in case[4]:
             med, gave = {}, 0
             for arm in ARMS:
-                res = [results[(name, arm, lr, s, args.steps)] for s in range(args.seeds)]
+                res = [results[(name, arm, lr, s)] for s in range(args.seeds)]
                 med[arm] = statistics.median(v for v, _ in res)
                 gave += sum(g for _, g in res) if arm == "gradguard" else 0
             best = min(med, key=lambda a: med[a])

@@ -40,5 +40,30 @@ def test_heldout_script_writes_a_row_per_case_and_lr(heldout, tmp_path):
     text = out.read_text()
     assert text.count("\n| ") - len(chosen) == rows  # minus one header per case
     assert "## Tally" in text and "## rnn-memory" in text and "## softmax-raw" in text
+    assert {r["steps"] for r in rows_csv} == {"3"}
+    assert len({(r["machine"], r["code"]) for r in rows_csv}) == 1
     with pytest.raises(SystemExit):
         heldout.main([*args, "--case", "no-such-case"])
+
+
+def test_an_interrupted_regeneration_resumes_from_its_runs_file(heldout, tmp_path,
+                                                               monkeypatch):
+    runs, out = tmp_path / "runs.csv", tmp_path / "HELDOUT.md"
+    args = ["--seeds", "2", "--steps", "3", "--case", "softmax-raw", "--out", str(out),
+            "--runs", str(runs)]
+    assert heldout.main(args) == 0
+    whole, table = runs.read_text().splitlines(), out.read_text()
+    n = len(whole) - 1
+    runs.write_text("\n".join(whole[:-3]) + "\n")  # (killed three runs before the end)
+    ran = []
+    job = heldout._job
+    monkeypatch.setattr(heldout, "_job", lambda j: ran.append(j) or job(j))
+    assert heldout.main(args) == 0
+    assert len(ran) == 3  # only the runs the file lacked
+    with runs.open() as f:
+        assert len(list(csv.DictReader(f))) == n
+    # The same table as the uninterrupted run's (but its wall time).
+    assert out.read_text().split("## Tally")[0] == table.split("## Tally")[0]
+    # Runs of another length are not mixed in.
+    with pytest.raises(SystemExit, match="holds runs of 3 steps"):
+        heldout.main([*args[:2], "--steps", "4", *args[4:]])
