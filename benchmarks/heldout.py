@@ -308,8 +308,9 @@ order) three arms run on identical batches: ``none`` (``optimizer.step()``), ``c
 guarded run that gives up (``TrainingDivergedError``) is evaluated where it stopped.
 ``--runs FILE`` also writes each run's loss as it finishes, so two versions of the guard
 can be compared seed by seed; given a file an interrupted run left, it runs only what the
-file lacks (on the same machine, steps and code), so the whole table can be regenerated
-in parts:
+file lacks (on the same machine and steps; a run by other code, the cases' or, for the
+guarded arm, gradguard's, runs again), so the whole table can be regenerated in parts,
+and after a change to the guard only the guarded arm runs again:
 
     .venv/bin/python benchmarks/heldout.py --jobs 2 --runs runs.csv   # again to resume
 
@@ -327,7 +328,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -1707,13 +1708,15 @@ Job = tuple[str, str, float, int, int]  # case, arm, lr, seed, steps
 _RUN_FIELDS = ["case", "arm", "lr", "seed", "loss", "gave_up", "steps", "machine", "code"]
 
 
-def code_digest() -> str:
-    """A digest of gradguard's and this script's source: runs of other code are not
-    mixed into one table."""
-    h = hashlib.sha256()
-    src = Path(gg.__file__).parent
-    for path in [*sorted(src.rglob("*.py")), Path(__file__)]:
-        h.update(path.read_bytes())
+@cache
+def code_digest(arm: str) -> str:
+    """A digest of the source an arm's runs depend on: this script's (the cases), and for
+    the guarded arm gradguard's too. Runs of other code are not mixed into one table, and
+    the unguarded arms' runs outlive a change to the guard."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    if arm == "gradguard":
+        for path in sorted(Path(gg.__file__).parent.rglob("*.py")):
+            h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -1724,12 +1727,13 @@ def _job(job: Job) -> tuple[float, bool]:
     return run(cases()[name], arm, lr, seed, steps)
 
 
-def _finished(path: Path, steps: int, here: str, code: str
+def _finished(path: Path, steps: int, here: str
               ) -> dict[tuple[str, str, float, int], tuple[float, bool]]:
-    """The runs a ``--runs`` file already holds (an interrupted regeneration's), by
-    (case, arm, lr, seed). Refused when they are another length's, machine's or code's:
-    the scenarios are chaotic, and the machine is part of the seed
-    (benchmarks/RESULTS.md)."""
+    """The runs a ``--runs`` file already holds that this code would repeat (an
+    interrupted regeneration's, or the unguarded arms' after a change to the guard), by
+    (case, arm, lr, seed); a run by other code is stale and runs again. Refused when they
+    are another length's or machine's: the scenarios are chaotic, and the machine is part
+    of the seed (benchmarks/RESULTS.md)."""
     if not path.exists() or path.stat().st_size == 0:
         return {}
     with path.open(newline="") as f:
@@ -1737,14 +1741,14 @@ def _finished(path: Path, steps: int, here: str, code: str
     if rows and set(_RUN_FIELDS) - set(rows[0]):
         raise SystemExit(f"{path}: not a runs file of this script (columns "
                          f"{sorted(rows[0])}); pass a new --runs path")
-    other = {(r["steps"], r["machine"], r["code"]) for r in rows} - {(str(steps), here, code)}
+    other = {(r["steps"], r["machine"]) for r in rows} - {(str(steps), here)}
     if other:
-        n, where, what = sorted(other)[0]
-        raise SystemExit(f"{path} holds runs of {n} steps on {where} by code {what}; this "
-                         f"run is {steps} steps on {here} by code {code}: finish it there, "
-                         "or pass a new --runs path")
+        n, where = sorted(other)[0]
+        raise SystemExit(f"{path} holds runs of {n} steps on {where}; this run is {steps} "
+                         f"steps on {here}: finish it there, or pass a new --runs path")
     return {(r["case"], r["arm"], float(r["lr"]), int(r["seed"])):
-            (float(r["loss"]), r["gave_up"] == "1") for r in rows}
+            (float(r["loss"]), r["gave_up"] == "1") for r in rows
+            if r["code"] == code_digest(r["arm"])}
 
 
 def _each(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[float, bool]]]:
@@ -1782,13 +1786,14 @@ def main(argv: list[str] | None = None) -> int:
         all_cases = {k: v for k, v in all_cases.items() if k in args.case}
     jobs = [(name, arm, lr, seed, args.steps) for name, case in all_cases.items()
             for lr in case[4] for arm in ARMS for seed in range(args.seeds)]
-    here, code = machine(), code_digest()
-    results = {} if args.runs is None else _finished(args.runs, args.steps, here, code)
+    here = machine()
+    results = {} if args.runs is None else _finished(args.runs, args.steps, here)
     todo = [job for job in jobs if job[:4] not in results]
     if args.runs is not None and len(todo) < len(jobs):
         print(f"{args.runs}: {len(jobs) - len(todo)} of the {len(jobs)} runs already done",
               flush=True)
-    new_file = args.runs is not None and not results
+    new_file = args.runs is not None and (not args.runs.exists()
+                                          or args.runs.stat().st_size == 0)
     with (args.runs.open("w" if new_file else "a", newline="") if args.runs is not None
           else open(os.devnull, "w")) as f:
         w = csv.writer(f)
@@ -1797,7 +1802,7 @@ def main(argv: list[str] | None = None) -> int:
         for (name, arm, lr, seed, steps), (loss, gave_up) in _each(todo, args.jobs):
             results[(name, arm, lr, seed)] = (loss, gave_up)
             w.writerow([name, arm, repr(lr), seed, repr(loss), int(gave_up), steps, here,
-                        code])
+                        code_digest(arm)])
             f.flush()  # (a run killed later keeps this one)
     lines = [
         "# Held-out cases: the defaults on problems the bench does not contain", "",

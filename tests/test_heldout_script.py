@@ -41,7 +41,11 @@ def test_heldout_script_writes_a_row_per_case_and_lr(heldout, tmp_path):
     assert text.count("\n| ") - len(chosen) == rows  # minus one header per case
     assert "## Tally" in text and "## rnn-memory" in text and "## softmax-raw" in text
     assert {r["steps"] for r in rows_csv} == {"3"}
-    assert len({(r["machine"], r["code"]) for r in rows_csv}) == 1
+    assert len({r["machine"] for r in rows_csv}) == 1
+    # (the unguarded arms' runs depend on the cases' code only, the guarded arm's on the
+    # guard's too)
+    codes = {r["arm"]: r["code"] for r in rows_csv}
+    assert codes["none"] == codes["clip 1.0"] != codes["gradguard"]
     with pytest.raises(SystemExit):
         heldout.main([*args, "--case", "no-such-case"])
 
@@ -64,6 +68,13 @@ def test_an_interrupted_regeneration_resumes_from_its_runs_file(heldout, tmp_pat
         assert len(list(csv.DictReader(f))) == n
     # The same table as the uninterrupted run's (but its wall time).
     assert out.read_text().split("## Tally")[0] == table.split("## Tally")[0]
+    # After a change to the guard, only the guarded arm's runs are stale.
+    ran.clear()
+    digest = heldout.code_digest
+    monkeypatch.setattr(heldout, "code_digest",
+                        lambda arm: "changed" if arm == "gradguard" else digest(arm))
+    assert heldout.main(args) == 0
+    assert len(ran) == n // len(heldout.ARMS) and {j[1] for j in ran} == {"gradguard"}
     # Runs of another length are not mixed in.
     with pytest.raises(SystemExit, match="holds runs of 3 steps"):
         heldout.main([*args[:2], "--steps", "4", *args[4:]])
