@@ -309,8 +309,9 @@ guarded run that gives up (``TrainingDivergedError``) is evaluated where it stop
 ``--runs FILE`` also writes each run's loss as it finishes, so two versions of the guard
 can be compared seed by seed; given a file an interrupted run left, it runs only what the
 file lacks (on the same machine and steps; a run by other code, the cases' or, for the
-guarded arm, gradguard's, runs again), so the whole table can be regenerated in parts,
-and after a change to the guard only the guarded arm runs again:
+guarded arm, gradguard's, runs again, its stale row left in the file: pair rows by their
+``code`` column), so the whole table can be regenerated in parts, and after a change to
+the guard only the guarded arm runs again:
 
     .venv/bin/python benchmarks/heldout.py --jobs 2 --runs runs.csv   # again to resume
 
@@ -1710,13 +1711,15 @@ _RUN_FIELDS = ["case", "arm", "lr", "seed", "loss", "gave_up", "steps", "machine
 
 @cache
 def code_digest(arm: str) -> str:
-    """A digest of the source an arm's runs depend on: this script's (the cases), and for
-    the guarded arm gradguard's too. Runs of other code are not mixed into one table, and
-    the unguarded arms' runs outlive a change to the guard."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    if arm == "gradguard":
-        for path in sorted(Path(gg.__file__).parent.rglob("*.py")):
-            h.update(path.read_bytes())
+    """A digest of what an arm's runs depend on: torch's version, this script's source
+    and gradguard's data loaders (the cases), and for the guarded arm all of gradguard.
+    Runs of other code are not mixed into one table, and the unguarded arms' runs outlive
+    a change to the guard."""
+    h = hashlib.sha256(torch.__version__.encode())
+    h.update(Path(__file__).read_bytes())
+    src = Path(gg.__file__).parent
+    for path in sorted((src if arm == "gradguard" else src / "scenarios").rglob("*.py")):
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -1737,10 +1740,12 @@ def _finished(path: Path, steps: int, here: str
     if not path.exists() or path.stat().st_size == 0:
         return {}
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if rows and set(_RUN_FIELDS) - set(rows[0]):
-        raise SystemExit(f"{path}: not a runs file of this script (columns "
-                         f"{sorted(rows[0])}); pass a new --runs path")
+        reader = csv.DictReader(f)
+        if reader.fieldnames != _RUN_FIELDS:
+            raise SystemExit(f"{path}: not a runs file of this script (columns "
+                             f"{reader.fieldnames}); pass a new --runs path")
+        # (a line torn by a kill mid-write has too few fields: that run runs again)
+        rows = [r for r in reader if None not in r.values() and None not in r]
     other = {(r["steps"], r["machine"]) for r in rows} - {(str(steps), here)}
     if other:
         n, where = sorted(other)[0]
@@ -1759,8 +1764,12 @@ def _each(jobs: list[Job], workers: int) -> Iterator[tuple[Job, tuple[float, boo
         return
     with ProcessPoolExecutor(workers) as ex:
         futures = {ex.submit(_job, job): job for job in jobs}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+        try:
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        except BaseException:  # (a crash or Ctrl-C: the queued runs are not waited for)
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1787,6 +1796,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(name, arm, lr, seed, args.steps) for name, case in all_cases.items()
             for lr in case[4] for arm in ARMS for seed in range(args.seeds)]
     here = machine()
+    for arm in ARMS:  # (of the code as it is now, before any edit during the runs)
+        code_digest(arm)
     results = {} if args.runs is None else _finished(args.runs, args.steps, here)
     todo = [job for job in jobs if job[:4] not in results]
     if args.runs is not None and len(todo) < len(jobs):
@@ -1799,6 +1810,8 @@ def main(argv: list[str] | None = None) -> int:
         w = csv.writer(f)
         if new_file:
             w.writerow(_RUN_FIELDS)
+        elif args.runs is not None and not args.runs.read_bytes().endswith(b"\n"):
+            f.write("\n")  # (after a line torn by a kill)
         for (name, arm, lr, seed, steps), (loss, gave_up) in _each(todo, args.jobs):
             results[(name, arm, lr, seed)] = (loss, gave_up)
             w.writerow([name, arm, repr(lr), seed, repr(loss), int(gave_up), steps, here,
@@ -1837,7 +1850,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["## Tally", "",
               "Rows where one arm is best by more than 10 %: "
               + ", ".join(f"{a} {n}" for a, n in wins.items())
-              + f". Wall time {time.perf_counter() - t0:.0f} s ({args.jobs} worker(s)).", ""]
+              + f". Wall time {time.perf_counter() - t0:.0f} s ({args.jobs} worker(s)"
+              + (f"; {len(jobs) - len(todo)} runs were done before" if len(todo) < len(jobs)
+                 else "") + ").", ""]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
     return 0

@@ -416,10 +416,12 @@ def test_attention_warmup_length_follows_beta1_and_needs_attention():
     p = [torch.nn.Parameter(torch.zeros(2))]
     att = gg.Stability(warmup="attention")
     assert att.warmup_steps(torch.optim.AdamW(p, betas=(0.9, 0.95)), attention=True) == 20
-    assert att.warmup_steps(torch.optim.Adam(p, betas=(0.0, 0.99)), attention=True) == 2
+    assert att.warmup_steps(torch.optim.Adam(p, betas=(0.5, 0.99)), attention=True) == 4
+    assert att.warmup_steps(torch.optim.Adam(p, betas=(0.0, 0.99)), attention=True) == 0
     assert att.warmup_steps(torch.optim.Adam(p), attention=False) == 0
     assert att.warmup_steps(torch.optim.SGD(p, lr=0.1), attention=True) == 0
     assert att.warmup_steps(torch.optim.RAdam(p), attention=True) == 0
+    assert gg.Stability(warmup="auto").warmup_steps(torch.optim.RAdam(p)) == 2000
     assert gg.Stability().warmup_steps(torch.optim.Adam(p), attention=True) == 0  # (off)
 
 

@@ -79,3 +79,28 @@ def test_nodes_and_leaves_walk_the_whole_graph_once():
     out.sum().backward()  # (the metadata outlives backward)
     assert {id(t) for t in leaves(nodes(out.sum().grad_fn))} == {id(lin.weight),
                                                                   id(lin.bias)}
+
+
+class FlashAttnFunc(torch.autograd.Function):
+    """Stands in for the flash-attn package's kernel: only its node's name matters."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, grad
+
+
+def test_third_party_kernels_soft_caps_and_baddbmm_scores_are_attention():
+    lin = nn.Linear(8, 24)
+    q, k, v = lin(torch.randn(2, 4, 8)).split(8, -1)
+    assert computes_attention(nodes(FlashAttnFunc.apply(q, k, v).sum().grad_fn))
+    capped = torch.tanh(q @ k.transpose(1, 2) / 30) * 30  # (Gemma-style soft cap)
+    assert computes_attention(nodes((torch.softmax(capped, -1) @ v).sum().grad_fn))
+    mask = torch.zeros(2, 4, 4)  # (an added term without a gradient, first operand)
+    scores = torch.baddbmm(mask, q, k.transpose(1, 2))
+    assert computes_attention(nodes(torch.softmax(scores, -1).sum().grad_fn))
+    head = torch.addmm(torch.zeros(4, 3), q[0], nn.Parameter(torch.randn(8, 3)))
+    assert not computes_attention(nodes(torch.softmax(head, -1).sum().grad_fn))

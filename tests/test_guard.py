@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -674,7 +675,7 @@ def test_adam_on_attention_is_warmed_up_over_its_first_moments_window(torch_laye
     assert e["steps"] == 20 and e["step"] == 0
     where = "self_attn" if torch_layer else "attention in the model's graph"
     assert where in e["message"]
-    assert "warmed up over the first 20 steps" in g.verdict()
+    assert "a warm-up ramped the LR up over the first 20 steps" in g.verdict()
     g.close()
 
 
@@ -742,6 +743,7 @@ def test_the_attention_warm_up_stands_down_for_the_users_own():
     lrs, g = _applied_lrs(m, o, steps=6, sched=sched)
     # (the schedule starts below the LR it was built at: the user's warm-up)
     assert lrs == pytest.approx([1e-3 * f for f in (0.25, 0.5, 0.75, 1, 1, 1)])
+    assert not [e for e in g.recorder.events if e["kind"] == "warmup"]
     g.close()
     # A schedule that starts at its peak and rises later (one cycle, built at its low LR)
     # is seen rising: from then on the user's.
@@ -751,6 +753,7 @@ def test_the_attention_warm_up_stands_down_for_the_users_own():
     sched = torch.optim.lr_scheduler.LambdaLR(o, lambda t: min(t + 1, 3))
     lrs, g = _applied_lrs(m, o, steps=4, sched=sched)
     assert lrs == pytest.approx([1e-3 / 20, 2e-3, 3e-3, 3e-3])
+    assert "warm-up" not in g.verdict()  # (it stood down: the verdict does not claim it)
     g.close()
 
 
@@ -777,3 +780,30 @@ def test_a_resumed_run_continues_its_attention_warm_up_and_does_not_start_one():
     lrs, _ = _applied_lrs(m2, o2, steps=2, guard=g3)
     assert lrs == [1e-3, 1e-3]
     g3.close()
+
+
+def test_no_attention_warm_up_for_an_optimizer_that_has_stepped_before():
+    # (a fresh guard on a run under way: Adam's moments are past their oversized start)
+    torch.manual_seed(0)
+    m = _RowAttention(True)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    m(torch.randn(4, 32)).sum().backward()
+    o.step()
+    lrs, g = _applied_lrs(m, o, steps=2)
+    assert lrs == [1e-3, 1e-3]
+    g.close()
+
+
+def test_the_attention_warm_up_event_follows_the_run_logs_meta_line(tmp_path):
+    torch.manual_seed(0)
+    m = _RowAttention(False)
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    log = tmp_path / "run.jsonl"
+    g = gg.Guard(m, o, log=str(log), policy=_ATTENTION)
+    _applied_lrs(m, o, steps=2, guard=g)
+    g.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    types, kinds = [rec["type"] for rec in lines], [rec.get("kind") for rec in lines]
+    # (one run in the log: an event before its meta line would read as a run of its own)
+    assert types[0] == "meta" and types.count("meta") == 1
+    assert kinds.count("warmup") == 1

@@ -266,12 +266,17 @@ class Stability:
         if self.warmup not in ("auto", "attention"):
             return int(self.warmup)
         betas = optimizer.param_groups[0].get("betas")
-        if not betas or type(optimizer).__name__ == "RAdam":  # (this module needs no torch)
+        if not betas:
             return 0
-        beta = float(betas[1] if self.warmup == "auto" else betas[0])
-        if not 0 <= beta < 1 or (self.warmup == "auto" and beta == 0):
+        if self.warmup == "auto":
+            beta = float(betas[1])
+        elif type(optimizer).__name__ == "RAdam":  # (by name: this module needs no torch)
             return 0
-        return max(1, round(2 / (1 - beta)))
+        else:  # (β1 = 0: no first moment, no oversized start to cover)
+            beta = float(betas[0])
+        if not 0 < beta < 1:
+            return 0
+        return round(2 / (1 - beta))
 
 
 @dataclass(frozen=True)

@@ -124,14 +124,15 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
             recurrent: Sequence[str] = (), recurrent_clipped: int = 0,
             ratio: float | None = None, batch_noise: float | None = None,
             lr_span: tuple[float, float] | None = None,
-            dead: tuple[str, str, int, int] | None = None) -> str:
+            dead: tuple[str, str, int, int] | None = None, warmup: int = 0) -> str:
     """One sentence on how the run went and what to change (``ratio``: every step was
     clipped to that many times the typical norm, for the ``recurrent`` layers or for any
     model; ``recurrent_clipped``: the steps any clipping changed in such a run;
     ``batch_noise``: the ratio the restore echo measured when it took an early cut back;
     ``lr_span``: the lowest and highest base LR of the run, a schedule when they differ;
     ``dead``: the run ended with dead units, as (deepest tensor without a gradient, the
-    live one after it, how many tensors get none, the step since which))."""
+    live one after it, how many tensors get none, the step since which); ``warmup``: the
+    length of the guard's warm-up, 0 when it had none or stood down for the user's)."""
     c = control
     gave_up = [e for e in recorder.events if e["kind"] == "diverged"]
     if gave_up:  # (no LR is advice then: the guard found none the run is stable at)
@@ -165,9 +166,9 @@ def verdict(recorder: Recorder, control: Controller | None, rollbacks: int, lr: 
     said = _verdict((skipped, data), control, rollbacks, lr, recurrent, recurrent_clipped, ratio,
                     batch_noise, lr_span, dead is not None or stalled is not None, shifted)
     warm = next((e for e in recorder.events if e["kind"] == "warmup"), None)
-    if warm is not None:
-        said += (f"; the LR was warmed up over the first {warm['steps']} steps ("
-                 f"{warm['found']}: Stability(warmup='attention'))")
+    if warm is not None and warmup:
+        said += (f"; besides, a warm-up ramped the LR up over the first {warmup} steps "
+                 f"({warm['found']}: Stability(warmup='attention'))")
     stops = [e for e in recorder.events if e["kind"] == "stopped"]
     if stops:  # (a crashed run is not a stable one: what the guard saw comes after)
         e = stops[-1]

@@ -1,8 +1,8 @@
-"""What a loss's autograd graph says about the model that computed it.
+"""What an autograd graph says about the model that computed it.
 
-The guard reads the graph once, at the first loss it is given: autograd's node metadata
-outlives ``backward()`` (the saved tensors do not), so the walk needs no device sync and
-no second forward pass.
+The guard reads the graph of the first forward pass's outputs or of the first loss it is
+given, once: autograd's node metadata outlives ``backward()`` (the saved tensors do not),
+so the walk needs no device sync and no second forward pass.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from typing import Any
 __all__ = ["computes_attention", "leaves", "nodes"]
 
 # Fused attention kernels' backward nodes (scaled_dot_product_attention on every backend,
-# flex attention): their names say what they are.
-_FUSED_ATTENTION = re.compile(r"ScaledDotProduct|FlashAttention|EfficientAttention"
-                              r"|CudnnAttention|FlexAttention")
-# Between attention scores and their softmax: reshapes, the 1/√d scale, a mask, a bias.
+# flex attention, the flash-attn package's FlashAttnFunc, xformers' fMHA): their names
+# say what they are.
+_FUSED_ATTENTION = re.compile(r"ScaledDotProduct|Attention|Attn|fMHA")
+# Between attention scores and their softmax: reshapes, the 1/√d scale, a mask, a bias, a
+# tanh soft cap.
 _TO_SCORES = {"View", "UnsafeView", "ReshapeAlias", "Reshape", "Expand", "Transpose", "T",
               "Permute", "Clone", "ToCopy", "Squeeze", "Unsqueeze", "Div", "Mul", "Add",
-              "Sub", "MaskedFill", "Where", "Neg"}
+              "Sub", "MaskedFill", "Where", "Neg", "Tanh"}
 # Ops that leave a tensor a parameter as far as "is this operand a weight" goes.
 _AS_WEIGHT = {"View", "UnsafeView", "ReshapeAlias", "Reshape", "Expand", "Transpose", "T",
               "Permute", "Clone", "ToCopy", "Squeeze", "Unsqueeze", "Select", "Slice",
@@ -79,10 +80,10 @@ def _scores(softmax: Any, depth: int = 8) -> bool:
         for node in frontier:
             kind = _kind(node)
             if kind in _PRODUCTS:
-                ops = [n for n, _ in node.next_functions if n is not None]
+                ops = [n for n, _ in node.next_functions]
                 if kind in ("Baddbmm", "Addmm"):
-                    ops = ops[-2:]  # (the added term first)
-                if len(ops) == 2 and not any(_is_weight(op) for op in ops):
+                    ops = ops[1:3]  # (the added term first)
+                if len(ops) == 2 and None not in ops and not any(map(_is_weight, ops)):
                     return True
             elif kind in _TO_SCORES:
                 nxt.extend(n for n, _ in node.next_functions if n is not None)
@@ -95,7 +96,9 @@ def _scores(softmax: Any, depth: int = 8) -> bool:
 def computes_attention(graph: list[Any]) -> bool:
     """Whether ``graph`` computes dot-product attention: a fused attention kernel, or a
     softmax over the product of two computed tensors (attention written by hand, or
-    torch's own math fallback)."""
+    torch's own math fallback). A weight computed from parameters (a weight-normed or
+    parametrized layer, a cosine classifier) counts as computed, so a softmax over such a
+    layer's output reads as attention too."""
     for node in graph:
         if _FUSED_ATTENTION.search(type(node).__name__):
             return True

@@ -236,7 +236,8 @@ class Guard(assembly.Parts):
         h = self._host
         return ev.verdict(self.recorder, self.control, self.rollbacks,
                           ev.group_lr(self.optimizer), h.recurrent, h.recurrent_clipped,
-                          self._device.clip_ratio, h.batch_noise, h.lr_span, h.dead.ended())
+                          self._device.clip_ratio, h.batch_noise, h.lr_span, h.dead.ended(),
+                          self.lr.warmup)
 
     # -- uneven inputs (torch's Join) --------------------------------------------------
     def join_hook(self, **kwargs: Any) -> Any:

@@ -152,16 +152,13 @@ class HostSide:
         meta line, the rollback store's first snapshot."""
         g = self.g
         g._usage.first_step()
+        attention = None
         if g._order_probe is not None:
             probe = g._order_probe
+            if self.wants_attention():
+                attention = probe.found_attention()
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
-            if names := probe.attention():
-                more = f" and {len(names) - 2} more" if len(names) > 2 else ""
-                self.warm_up_attention(
-                    g.steps, f"attention layers ({', '.join(names[:2])}{more})")
-            elif probe.graph_attention():
-                self.warm_up_attention(g.steps, "dot-product attention in the model's graph")
             g._order_probe = None
             if g.mailbox.lag or self.inputs.armed:  # (armed before the first step)
                 self.watch_inputs()
@@ -176,6 +173,8 @@ class HostSide:
                        "skip_strategy": g.stepper.strategy,
                        "recurrent": self.recurrent},
         })
+        if attention is not None:  # (after the meta line: a run log's events follow it)
+            self.warm_up_attention(g.steps, attention)
         if g.store is not None:
             g.store.start(checkpoint.trajectory(g), g.steps)
 
@@ -767,17 +766,26 @@ class HostSide:
         self.g.loss_spike.bind(self.g.device)
         self.g.recorder.event(k, "loss_unjudged", why, action="info", **fields)
 
+    def wants_attention(self) -> bool:
+        """Whether the guard looks for attention (``Stability(warmup="attention")``)."""
+        stab = self.g.policy.stability
+        return stab is not None and stab.warmup == "attention" and not self.attention
+
     def warm_up_attention(self, k: int, found: str) -> None:
         """Start ``Stability(warmup="attention")``'s warm-up on a model found to compute
-        attention, once, on a fresh run (a resumed guard carries its own)."""
+        attention, once, on a fresh run: not for a resumed guard (it carries its own), an
+        optimizer that has stepped before (its moments are past their oversized start),
+        or a schedule of the user's that starts below its LR (their warm-up)."""
         g = self.g
         stab = g.policy.stability
-        if self.attention or stab is None or stab.warmup != "attention" or g.lr.warmup \
-                or g.lr.progress or g.steps:
+        if not self.wants_attention() or stab is None or g.lr.warmup or g.lr.progress \
+                or g.steps:
             return
         self.attention = found
         n = stab.warmup_steps(g.optimizer, attention=True)
-        if n:
+        # (Adam keeps no state for a parameter before its first step)
+        stepped = any(g.optimizer.state.get(p) for p in g.params)
+        if n and not stepped and not g.lr.user_warms_up():
             g.lr.warmup = n
             g.recorder.event(
                 k, "warmup", f"{found} under {type(g.optimizer).__name__}: the LR ramps up "
@@ -803,11 +811,11 @@ class HostSide:
         self.graph_checked = True
         fn = getattr(loss, "grad_fn", None)
         g = self.g
-        if fn is None:
+        if fn is None or (not self.wants_attention()
+                          and (self.unjudged or any(is_sharded(p) for p in g.params))):
             return
         nodes = graph.nodes(fn)
-        stab = g.policy.stability
-        if stab is not None and stab.warmup == "attention" and graph.computes_attention(nodes):
+        if self.wants_attention() and graph.computes_attention(nodes):
             self.warm_up_attention(k, "dot-product attention in the loss's graph")
         if self.unjudged or any(is_sharded(p) for p in g.params):
             return

@@ -83,14 +83,20 @@ class LRFactor:
         if lr is not None:
             if self.lr0 is None:
                 self.lr0 = lr
-                peak = host_lr(self.optimizer.param_groups[0].get("initial_lr"))
-                if self.progress == 0 and peak is not None and lr < peak * (1 - 1e-6):
+                if self.progress == 0 and self.user_warms_up():
                     self.warmup = 0
                     return 1.0
             elif lr > self.lr0 * (1 + 1e-6):
                 self.warmup = 0
                 return 1.0
         return (self.progress + 1) / n
+
+    def user_warms_up(self) -> bool:
+        """Whether the user's LR is below the ``initial_lr`` a scheduler of theirs was
+        built at: their schedule starts low (a warm-up)."""
+        group = self.optimizer.param_groups[0]
+        lr, peak = host_lr(group["lr"]), host_lr(group.get("initial_lr"))
+        return lr is not None and peak is not None and lr < peak * (1 - 1e-6)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
