@@ -229,8 +229,7 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
         "clip_grad_norm_)")
     rnn = ""
     if ratio is not None:
-        more = f" and {len(recurrent) - 2} more" if len(recurrent) > 2 else ""
-        why = (f"recurrent layers ({', '.join(recurrent[:2])}{more})" if recurrent
+        why = (f"recurrent layers ({listed(recurrent)})" if recurrent
                else "clip_recurrent='always'")
         rnn = (f"; {why}: every step was clipped to at most {ratio:g}× the typical gradient "
                f"norm, {counted(recurrent_clipped, 'step')} clipped in all "
@@ -288,6 +287,12 @@ def _verdict(skips: tuple[int, int], control: Controller | None, rollbacks: int,
             "and the run ended "
             f"stable at {at}; {bad}{noise}{clipped}{rnn}. {advice} to train without the "
             "guard's help")
+
+
+def listed(names: Sequence[str]) -> str:
+    """The first two names, and how many more ("a, b and 3 more")."""
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{', '.join(names[:2])}{more}"
 
 
 def group_lr(optimizer: Any) -> Any:

@@ -156,7 +156,10 @@ class HostSide:
         if g._order_probe is not None:
             probe = g._order_probe
             if self.wants_attention():
-                attention = probe.found_attention()
+                if names := probe.attention():
+                    attention = f"attention layers ({ev.listed(names)})"
+                elif probe.graph_attention():
+                    attention = "dot-product attention in the model's graph"
             self.set_order(probe.finish(), probe.first)
             self.clip_recurrent(probe.recurrent())
             g._order_probe = None
@@ -811,13 +814,16 @@ class HostSide:
         self.graph_checked = True
         fn = getattr(loss, "grad_fn", None)
         g = self.g
-        if fn is None or (not self.wants_attention()
-                          and (self.unjudged or any(is_sharded(p) for p in g.params))):
+        if fn is None:
+            return
+        judged = not self.unjudged and not any(is_sharded(p) for p in g.params)
+        attention = self.wants_attention()
+        if not (judged or attention):
             return
         nodes = graph.nodes(fn)
-        if self.wants_attention() and graph.computes_attention(nodes):
+        if attention and graph.computes_attention(nodes):
             self.warm_up_attention(k, "dot-product attention in the loss's graph")
-        if self.unjudged or any(is_sharded(p) for p in g.params):
+        if not judged:
             return
         own = {id(p) for p in g.params} | {
             id(p) for _, p in optimizer_params(None, g.optimizer)}

@@ -154,18 +154,12 @@ class ForwardOrder:
         if fns:  # (a forward under no_grad leaves the last one with a graph)
             self._outputs[id(module)] = fns
 
-    def found_attention(self) -> str | None:
-        """Where the first forward pass computed dot-product attention: its
-        ``nn.MultiheadAttention`` layers, or, with ``outputs``, its graph (see
-        :func:`gradguard.graph.computes_attention`); None when it did not."""
-        if names := self.attention():
-            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
-            return f"attention layers ({', '.join(names[:2])}{more})"
+    def graph_attention(self) -> bool:
+        """With ``outputs``: whether the first forward pass's graph computes dot-product
+        attention (see :func:`gradguard.graph.computes_attention`)."""
         fns = [fn for fns in self._outputs.values() for fn in fns]
         self._outputs = {}
-        if fns and graph.computes_attention(graph.nodes(fns)):
-            return "dot-product attention in the model's graph"
-        return None
+        return bool(fns) and graph.computes_attention(graph.nodes(fns))
 
     def recurrent(self) -> list[str]:
         """Names of torch's recurrent layers (RNN/LSTM/GRU and their cells) that ran
@@ -178,7 +172,7 @@ class ForwardOrder:
     def attention(self) -> list[str]:
         """Names of the ``nn.MultiheadAttention`` layers that ran before the first step
         with parameters the guard watches (attention computed by other code is found in
-        the graph of the model's outputs or of the loss instead, see :meth:`found_attention`
+        the graph of the model's outputs or of the loss instead, see :meth:`graph_attention`
         and :mod:`gradguard.graph`)."""
         return self._ran(nn.MultiheadAttention)
 
@@ -201,7 +195,7 @@ class ForwardOrder:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self._outputs = {}  # (the graphs they hold: read before, by found_attention)
+        self._outputs = {}  # (the graphs they hold: read before, by graph_attention)
 
     def finish(self) -> list[int]:
         """Positions of the guarded params in forward order (unused ones at the end)."""
