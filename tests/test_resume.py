@@ -3,6 +3,7 @@
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -119,3 +120,35 @@ def test_a_guard_resumed_without_snapshots_names_the_state_it_resumed_from():
     said = [e["message"] for e in guard2.recorder.events if e["kind"] == "rollback"]
     assert said and f"state after step {SAVE - 1}" in said[0]
     guard2.close()
+
+
+def _drop(part, key=None):
+    def damage(state):
+        if key is None:
+            state[part] = {}
+        else:
+            del state[part][key]
+    return damage
+
+
+@pytest.mark.parametrize("damage", [_drop("host", "skip_streak"), _drop("lr"),
+                                    _drop("controller"), _drop("rollback"),
+                                    _drop("decision")],
+                         ids=["host-key", "lr", "controller", "rollback", "decision"])
+def test_a_damaged_state_loads_nothing(damage):
+    # A state whose settings fit but one of whose parts was edited or cut short: refused
+    # by name, and the guard that refused it goes on exactly as its twin that never saw
+    # it (its counters, detectors, controller and in-memory snapshots all untouched).
+    model, opt, guard = make(0)
+    run(model, opt, guard, 0, SAVE)
+    state = guard.state_dict(snapshots=True)
+    damage(state)
+    twins = [make(1), make(1)]
+    for m, o, g in twins:
+        run(m, o, g, 0, 60)  # (past the NaN streak's rollback and LR cut at 40-42)
+    with pytest.raises(gg.ConfigError, match="nothing was loaded"):
+        twins[1][2].load_state_dict(state)
+    after = [run(m, o, g, 60, 200) for m, o, g in twins]
+    assert after[0] == after[1]
+    for a, b in zip(twins[0][0].parameters(), twins[1][0].parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -181,12 +181,53 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
             "(its detectors too) and parameters, or load_state_dict(state, strict=False) "
             "to load only the parts those settings leave valid"
         )
-    skipped = _load_parts(g, state, saved) if diff else []
-    if not diff:
-        load_trajectory(g, state)
+    # A state whose settings fit can still be damaged (a part edited or cut short): its
+    # parts are read one after another, so the guard is put back as it was when one of
+    # them fails, rather than left half-loaded (its counters from one run, its
+    # detectors from another).
+    undo = _undo_point(g)
+    try:
+        skipped = _apply(g, state, saved, diff)
+    except Exception as e:
+        _undo(g, undo)
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{e} (nothing was loaded)") from e
+        raise ConfigError(
+            f"guard state is damaged ({type(e).__name__}: {e}); nothing was loaded: pass "
+            "what Guard.state_dict() returned, whole and unedited") from e
     if skipped:
         log.warning("gradguard: guard state loaded without %s (settings differ: %s)",
                     ", ".join(skipped), "; ".join(diff))
+    return skipped
+
+
+def _undo_point(g: Guard) -> tuple[Any, ...]:
+    """What :func:`_undo` needs to put the guard back: its own state as the rows that
+    reached the host so far left it (no drain: the rows still in flight stay there), and
+    the in-memory snapshots and carried event counts by reference (not copied)."""
+    store = g.store
+    return (snap.clone_tree(save(g, drain=False)),
+            None if store is None else (list(store.good), store.left, store.resumed),
+            copy.deepcopy(g.recorder.carried))
+
+
+def _undo(g: Guard, undo: tuple[Any, ...]) -> None:
+    state, kept, carried = undo
+    _apply(g, state, state["config"], [])
+    if kept is not None and g.store is not None:
+        g.store.good.clear()
+        g.store.good.extend(kept[0])
+        g.store.left, g.store.resumed = kept[1], kept[2]
+    g.recorder.carried = carried
+
+
+def _apply(g: Guard, state: dict[str, Any], saved: dict[str, Any], diff: list[str]
+           ) -> list[str]:
+    """Load ``state``'s parts into ``g`` (``diff``: the settings that differ, whose parts
+    stay fresh); returns the parts not loaded."""
+    skipped = _load_parts(g, state, saved) if diff else []
+    if not diff:
+        load_trajectory(g, state)
     h = g._host
     if "events" in state:  # (absent before it existed)
         g.recorder.carry(state["events"])
