@@ -130,6 +130,14 @@ def test_mixed_fp32_and_bf16_parameters_work(opt_cls):
     (lambda: gg.LossSpike(early_ratio=0.9), r"LossSpike.early_ratio must be > 1"),
     (lambda: gg.Stability(warmup="Auto"), r"Stability.warmup must be 'attention', 'auto', an int"),
     (lambda: gg.Rollback(memory="off", dir="snaps"), r"memory='off'\) keeps no snapshot"),
+    # (a string reads as true: "False" would switch the setting on)
+    (lambda: gg.Stability(clip_on_giveback="False"),
+     r"Stability.clip_on_giveback must be True or False, got 'False'"),
+    (lambda: gg.Stability(norm_streaks=None), r"Stability.norm_streaks must be True or False"),
+    (lambda: gg.clip.Normalize(per_tensor="False"), r"Normalize.per_tensor must be True or"),
+    (lambda: gg.clip.ZScore(skip_update_on_spike=1), r"ZScore.skip_update_on_spike must be"),
+    (lambda: gg.LossSpike(ratio=0.5), r"LossSpike.ratio must be > 1"),
+    (lambda: gg.Rollback(dir=""), r"Rollback.dir is empty: give a folder path \('.' for"),
 ])
 def test_invalid_settings_fail_at_construction(make, match):
     with pytest.raises(gg.ConfigError, match=match):
@@ -154,11 +162,87 @@ def test_invalid_settings_fail_at_construction(make, match):
     ({"tensorboard": 5}, r"tensorboard= takes a file path"),
     ({"sinks": [object()]}, r"sinks\[0\] is not a sink \(it lacks meta, steps, event, close\)"),
     ({"sinks": [gg.record.JsonlSink]}, r"sinks\[0\] is not a sink \(a class"),
+    ({"sinks": gg.record.ConsoleSink()}, r"sinks= takes a list of sinks, got one: sinks=\["),
+    ({"sinks": 5}, r"sinks= takes a list of sinks, got 5"),
+    ({"log": ""}, r"log= is empty: give a path, or None"),
+    ({"tensorboard": ""}, r"tensorboard= is empty"),
+    ({"scaler": torch.amp.GradScaler}, r"scaler= takes the torch.amp.GradScaler instance .*"
+                                       r"got the class"),
+    ({"scaler": True}, r"scaler= takes .* got a bool"),
+    ({"params": small_mlp()}, r"params= takes tensors, got the module Sequential: "
+                              r"params=model.parameters\(\)"),
+    ({"distributed": "nccl"}, r"distributed= takes None \(auto\), True, False or a process "
+                              r"group"),
+    ({"distributed": 1}, r"distributed= takes"),
 ])
 def test_invalid_guard_arguments_fail_at_construction(kwargs, match, tmp_path):
     model = small_mlp()
     with pytest.raises(gg.ConfigError, match=match):
         gg.Guard(model, sgd(model), **{"log": tmp_path / "r.jsonl", **kwargs})
+
+
+def test_a_folder_for_the_log_names_a_file_in_it(tmp_path):
+    model = small_mlp()
+    with pytest.raises(gg.ConfigError, match=r"is a folder: give the file to write, e\.g\. "
+                                             r"log='.*run\.jsonl'"):
+        gg.Guard(model, sgd(model), log=tmp_path)
+
+
+def test_named_parameters_for_params_names_the_fix():
+    model = small_mlp()
+    with pytest.raises(gg.ConfigError, match=r"got \(name, tensor\) pairs"):
+        gg.Guard(model, sgd(model), params=model.named_parameters())
+
+
+def test_tracking_a_scheduler_class_is_refused_before_any_step():
+    model = small_mlp()
+    opt = sgd(model)
+    guard = gg.Guard(model, opt)
+    with pytest.raises(gg.ConfigError, match=r"track\(\) takes an instance, not the class "
+                                             r"StepLR: e\.g\. guard\.track\(StepLR\("):
+        guard.track(torch.optim.lr_scheduler.StepLR)
+    backward(model)
+    guard.step()  # (nothing was tracked: the first snapshot is taken as usual)
+    assert guard.steps == 1
+
+
+def test_restore_names_a_slip_in_its_arguments_before_changing_anything(tmp_path):
+    model = small_mlp()
+    opt = sgd(model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=5, dir=tmp_path))
+    guard.track(sched)
+    for _ in range(30):
+        backward(model)
+        guard.step()
+        sched.step()
+    guard.close()
+    found = snap.load_latest(tmp_path)
+    before = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    with pytest.raises(gg.ConfigError, match=r"load_latest\(\) returns \(path, snapshot\)"):
+        snap.restore(found, model, params, opt, [sched])
+    with pytest.raises(gg.ConfigError, match=r"extras= is a list of the tracked objects"):
+        snap.restore(found[1], model, params, opt, sched)
+    with pytest.raises(gg.ConfigError, match=r"optimizer must be a torch.optim.Optimizer"):
+        snap.restore(found[1], model, opt, params, [sched])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    snap.restore(found[1], model, params, opt, [sched])  # (the right call still works)
+
+
+def test_read_jsonl_refuses_a_file_that_is_no_run_log_and_a_run_that_is_no_index(tmp_path):
+    other = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(3)}, other)
+    with pytest.raises(gg.ConfigError, match=r"is not a gradguard run log"):
+        list(gg.read_jsonl(other))
+    model = small_mlp()
+    with gg.Guard(model, sgd(model), log=tmp_path / "r.jsonl") as guard:
+        backward(model)
+        guard.step()
+    with pytest.raises(gg.ConfigError, match=r"run= takes an int \(0 the first run, -1 the "
+                                             r"last\) or None .* got 'last'"):
+        list(gg.read_jsonl(tmp_path / "r.jsonl", run="last"))
+    assert len(list(gg.read_jsonl(tmp_path / "r.jsonl", run=-1))) >= 2
 
 
 def test_a_list_of_optimizers_names_one_guard_per_optimizer():

@@ -27,6 +27,8 @@ def test_bench_and_report_refuse_bad_arguments_with_a_message(tmp_path):
          "is a file or lies under one"),
         (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "nan,inf", "--out",
           str(tmp_path / "b")], "got [nan, inf]"),  # (rich markup swallowed the list)
+        (["bench", "-s", "linreg-raw", "-r", "none", "--lr-grid", "", "--out",
+          str(tmp_path / "e")], "--lr-grid must be comma-separated numbers, got ''"),
         (["demo", "--jobs", "0", "--out", str(tmp_path / "d")], "jobs must be >= 1, got 0"),
         (["demo", "--out", str(afile / "sub")], "is a file or lies under one"),
         (["report", str(tmp_path)], "without a bench's runs.csv"),

@@ -489,7 +489,7 @@ def bench(
         return
     preset: dict = dict(QUICK) if quick else {}
     try:
-        grid = [float(v) for v in lr_grid.split(",")] if lr_grid else None
+        grid = None if lr_grid is None else [float(v) for v in lr_grid.split(",")]
     except ValueError:
         console.print(f"[red]--lr-grid must be comma-separated numbers, got {lr_grid!r}[/red]")
         raise typer.Exit(2) from None

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .distributed import split_dims
-from .errors import ConfigError, check_int, check_positive
+from .errors import ConfigError, check_bool, check_int, check_positive
 from .state import TensorState
 from .stats import GradGroups, GradStats, finite, foreach_norms, global_from_norms
 
@@ -533,7 +533,8 @@ class ZScore(Transform):
         self.max_norm = None if max_norm is None else check_positive("ZScore.max_norm", max_norm)
         self.clip_factor = check_positive("ZScore.clip_factor", clip_factor)
         self.eps = check_positive("ZScore.eps", eps)
-        self.skip_update_on_spike = bool(skip_update_on_spike)
+        self.skip_update_on_spike = check_bool("ZScore.skip_update_on_spike",
+                                               skip_update_on_spike)
 
     def bind(self, names: Sequence[str], params: Sequence[Tensor], device: torch.device) -> None:
         f32 = {"dtype": torch.float32, "device": device}
@@ -633,7 +634,7 @@ class Normalize(Transform):
 
     def __init__(self, norm: float = 1.0, per_tensor: bool = False, eps: float = 1e-6) -> None:
         self.norm = check_positive("Normalize.norm", norm)
-        self.per_tensor = bool(per_tensor)
+        self.per_tensor = check_bool("Normalize.per_tensor", per_tensor)
         self.eps = check_positive("Normalize.eps", eps)
 
     def __call__(self, ctx: ClipContext) -> None:

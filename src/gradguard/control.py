@@ -87,7 +87,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError, check_int, check_positive
+from .errors import ConfigError, check_bool, check_int, check_positive
 
 __all__ = ["Controller", "CutPoint", "Stability", "Verdict"]
 
@@ -246,6 +246,8 @@ class Stability:
                 raise ConfigError(f"Stability.{name} must be in (0, 1), got {v!r}")
         check_int("Stability.probe_after", self.probe_after, 1)
         check_positive("Stability.floor", self.floor)
+        check_bool("Stability.clip_on_giveback", self.clip_on_giveback)
+        check_bool("Stability.norm_streaks", self.norm_streaks)
         if self.floor >= 1:
             raise ConfigError(f"Stability.floor must be in (0, 1), got {self.floor!r}")
         if self.warmup not in (None, "auto", "attention") and (

@@ -262,6 +262,11 @@ def make_sync(setting: Any, params: list[Tensor]) -> Sync | None:
         return None
     import torch.distributed as dist
 
+    if setting is not None and setting is not True and not (
+            dist.is_available() and isinstance(setting, dist.ProcessGroup)):
+        raise ConfigError(f"distributed= takes None (auto), True, False or a process group "
+                          f"(torch.distributed.new_group(...)), got {setting!r}")
+
     active = dist.is_available() and dist.is_initialized()
     if not active:
         if setting is None:

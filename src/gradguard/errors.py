@@ -6,6 +6,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy
+
 __all__ = ["ConfigError", "GradGuardError", "GuardUsageError", "GuardUsageWarning",
            "InputError", "MissingFileError", "UnknownNameError", "check_int",
            "check_positive", "config_diff"]
@@ -53,6 +55,13 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> floa
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
     return v
+
+
+def check_bool(name: str, value: bool) -> bool:
+    """Validate an on/off knob: a string such as "False" would read as true."""
+    if not isinstance(value, bool | numpy.bool_):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_int(name: str, value: int, lo: int) -> int:

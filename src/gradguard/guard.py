@@ -11,6 +11,8 @@ which wait for the rows still in flight.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ from . import assembly, checkpoint, join, lifecycle
 from . import events as ev
 from .clip import Transform, as_transform, claim
 from .device import DeviceSide
-from .errors import check_int
+from .errors import ConfigError, check_int
 from .params import resolve_params
 from .record import Sink, StepInfo
 from .respond import Action, Policy, resolve_policy
@@ -120,8 +122,7 @@ class Guard(assembly.Parts):
         check_args(model, optimizer, flush_every=flush_every, layers_every=layers_every)
         if total_steps is not None:
             check_int("Guard(total_steps=...)", total_steps, 1)
-        sinks = list(sinks)
-        check_outputs(log, tensorboard, sinks)
+        sinks = check_outputs(log, tensorboard, sinks, scaler)
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.names, self.params, self._unwatched = resolve_params(model, optimizer, params)
         self.device = self.params[0].device
@@ -301,6 +302,37 @@ class Guard(assembly.Parts):
             The parts that were not loaded (empty when everything was).
         """
         return checkpoint.load(self, state, strict)
+
+
+def check_guard_kwargs(owner: str, kwargs: dict[str, Any]) -> None:
+    """The :class:`Guard` keywords an integration holds until training starts, checked
+    when the integration is built: a typo or a bad value fails there, not after the
+    trainer was set up.
+
+    Args:
+        owner: the integration's name, for the message.
+        kwargs: the keywords it will build the guard with (not ``model``, ``optimizer``
+            nor ``scaler``: it takes those from the trainer).
+    """
+    for k in ("model", "optimizer", "scaler"):
+        if k in kwargs:
+            raise ConfigError(f"{owner} takes {k!r} from the Trainer; do not pass it")
+    known = [n for n in inspect.signature(Guard.__init__).parameters
+             if n not in ("self", "model", "optimizer", "scaler")]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        named = [f"{u!r}" + "".join(f" (did you mean {c!r}?)"
+                                    for c in difflib.get_close_matches(u, known, 1))
+                 for u in unknown]
+        raise ConfigError(f"{owner} got {', '.join(named)}, not a Guard keyword; Guard takes "
+                          f"{', '.join(known)}")
+    resolve_policy(kwargs.get("policy"), kwargs.get("on_nonfinite"), kwargs.get("on_spike"),
+                   kwargs.get("on_loss_spike"), kwargs.get("rollback"))
+    as_transform(kwargs.get("clip"))
+    check_outputs(kwargs.get("log"), kwargs.get("tensorboard"), kwargs.get("sinks", ()))
+    for k in ("flush_every", "layers_every", "total_steps"):
+        if kwargs.get(k) is not None:
+            check_int(k, kwargs[k], 1)
 
 
 if join.Joinable is not None:

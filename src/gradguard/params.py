@@ -29,7 +29,18 @@ def resolve_params(
     names: list[str] = []
     chosen: list[Tensor] = []
     if params is not None:
+        if isinstance(params, nn.Module):
+            raise ConfigError(f"params= takes tensors, got the module {type(params).__name__}"
+                              ": params=model.parameters(), or leave params out to watch the "
+                              "model's trainable parameters")
         wanted = list(params)
+        if any(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+               for p in wanted):
+            raise ConfigError("params= takes tensors, got (name, tensor) pairs: pass "
+                              "model.parameters(), or [p for _, p in model.named_parameters()]")
+        if any(not isinstance(p, Tensor) for p in wanted):
+            bad = next(p for p in wanted if not isinstance(p, Tensor))
+            raise ConfigError(f"params= takes tensors, got a {type(bad).__name__}")
         if not wanted:
             raise ConfigError("params= is empty: pass the tensors to watch, or leave it out "
                               "to watch the model's trainable parameters")

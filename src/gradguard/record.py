@@ -597,8 +597,14 @@ def read_jsonl(path: str | os.PathLike[str], run: int | None = None,
         :class:`~gradguard.runlog.Event`), which are also read-only mappings of the line's
         keys (``rec["loss"]`` works as it did on the plain dicts).
     """
+    if run is not None and (isinstance(run, bool) or not isinstance(run, int)):
+        raise ConfigError(f"run= takes an int (0 the first run, -1 the last) or None for "
+                          f"every record, got {run!r}")
+    read_any = False
     for rec in _select(path, run, bad):
+        read_any = True
         yield typed(rec)
+    refuse_non_log(path, read_any)
 
 
 def _select(path: str | os.PathLike[str], run: int | None,

@@ -110,6 +110,9 @@ class Rollback:
     clean_window: int = 5
 
     def __post_init__(self) -> None:
+        if self.dir == "" or self.dir == b"":
+            raise ConfigError("Rollback.dir is empty: give a folder path ('.' for the "
+                              "current folder), or None to keep snapshots in memory only")
         if self.dir is not None and not isinstance(self.dir, str):
             if not isinstance(self.dir, os.PathLike):
                 raise ConfigError(f"Rollback.dir must be a folder path (str or os.PathLike) "

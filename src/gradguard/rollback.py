@@ -37,6 +37,9 @@ __all__ = ["RollbackStore", "trackable"]
 def trackable(obj: Any, started: bool) -> Any:
     """``obj``, checked for ``Guard.track``: it must have state_dict/load_state_dict and
     come before the first step (the first snapshot must already hold it)."""
+    if isinstance(obj, type):  # (its methods unbound: found only at the first snapshot)
+        raise ConfigError(f"track() takes an instance, not the class {obj.__name__}: "
+                          f"e.g. guard.track({obj.__name__}(optimizer, ...))")
     if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
         raise ConfigError(f"track() needs state_dict/load_state_dict, {type(obj).__name__} "
                           "has neither")

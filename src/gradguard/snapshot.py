@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import local_tensor
-from .errors import GradGuardError
+from .errors import ConfigError, GradGuardError
 
 __all__ = ["Snapshot", "SnapshotError", "check_fits", "load_file", "load_latest", "restore",
            "save_file", "take"]
@@ -287,6 +287,7 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
     and a rollback must not raise an LR the user lowered. A tracked scheduler's count goes
     back, and the LR it set goes back with it.
     """
+    _check_restore_args(snap, model, optimizer, extras)
     check_fits(snap, model, params, optimizer, extras)
     with torch.no_grad():
         if model is not None:
@@ -303,6 +304,26 @@ def restore(snap: Snapshot, model: nn.Module | None, params: Sequence[Tensor],
             group.update(hyper)
     for e, s in zip(extras, snap.extras, strict=True):
         e.load_state_dict(clone_tree(s))
+
+
+def _check_restore_args(snap: Any, model: Any, optimizer: Any, extras: Any) -> None:
+    """:func:`restore`'s arguments by type, so that a slip is named, not met as an
+    AttributeError deep inside (nothing is changed before this)."""
+    if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[1], Snapshot):
+        raise ConfigError("restore() takes the Snapshot, and load_latest() returns "
+                          "(path, snapshot): path, s = load_latest(folder); restore(s, ...)")
+    if not isinstance(snap, Snapshot):
+        raise ConfigError(f"restore() takes a Snapshot (from load_file() or load_latest()), got "
+                          f"a {type(snap).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"restore(snapshot, model, params, optimizer, extras): model "
+                          f"must be an nn.Module or None, got a {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"restore(snapshot, model, params, optimizer, extras): optimizer "
+                          f"must be a torch.optim.Optimizer, got a {type(optimizer).__name__}")
+    if not isinstance(extras, list | tuple):
+        raise ConfigError(f"restore()'s extras= is a list of the tracked objects (e.g. "
+                          f"[scheduler]), got a {type(extras).__name__}")
 
 
 def _keep_dtypes(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

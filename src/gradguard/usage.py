@@ -239,12 +239,30 @@ def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
         check_int(name, v, 1)
 
 
-def check_outputs(log: Any, tensorboard: Any, sinks: list[Any]) -> None:
-    """The ``Guard``'s log paths and sinks, before any file is opened."""
+def check_outputs(log: Any, tensorboard: Any, sinks: Any, scaler: Any = None) -> list[Any]:
+    """The ``Guard``'s log paths, sinks and scaler, before any file is opened; returns the
+    sinks as a list."""
     for name, v in (("log", log), ("tensorboard", tensorboard)):
         if v is not None and not isinstance(v, str | os.PathLike):
             raise ConfigError(f"{name}= takes a file path (str or os.PathLike) or None, got "
                               f"{v!r}")
+        if v is not None and os.fspath(v) == "":
+            raise ConfigError(f"{name}= is empty: give a path, or None for no {name}")
+    if log is not None and os.path.isdir(log):
+        raise ConfigError(f"log={os.fspath(log)!r} is a folder: give the file to write, "
+                          f"e.g. log={os.path.join(os.fspath(log), 'run.jsonl')!r}")
+    if scaler is not None and (isinstance(scaler, type) or not all(
+            callable(getattr(scaler, m, None)) for m in ("is_enabled", "unscale_", "update"))):
+        what = "the class" if isinstance(scaler, type) else "a " + type(scaler).__name__
+        raise ConfigError(f"scaler= takes the torch.amp.GradScaler instance your loop uses, "
+                          f"got {what}: scaler = torch.amp.GradScaler(); "
+                          "gg.Guard(..., scaler=scaler)")
+    if all(callable(getattr(sinks, m, None)) for m in ("meta", "steps", "event", "close")):
+        raise ConfigError(f"sinks= takes a list of sinks, got one: sinks=[{sinks!r}]")
+    try:
+        sinks = list(sinks)
+    except TypeError:
+        raise ConfigError(f"sinks= takes a list of sinks, got {sinks!r}") from None
     for i, sink in enumerate(sinks):
         lacks = [m for m in ("meta", "steps", "event", "close")
                  if not callable(getattr(sink, m, None))]
@@ -254,6 +272,7 @@ def check_outputs(log: Any, tensorboard: Any, sinks: list[Any]) -> None:
             raise ConfigError(f"sinks[{i}] is not a sink ({what}): a sink is an object with "
                               f"meta, steps, event and close methods (see gradguard.record.Sink), "
                               f"got {sink!r}")
+    return sinks
 
 
 def check_open(g: Guard) -> None:

@@ -241,3 +241,16 @@ def test_a_checkpoint_from_other_settings_names_the_callbacks_way_out(corpus, tm
         train(tiny_bert(vocab), rows, tmp_path, [cb], max_steps=9,
               resume=str(tmp_path / "checkpoint-6"))
     assert cb.guard._closed  # (not left hooked on the optimizer)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"on_spkie": "skip"}, r"'on_spkie' \(did you mean 'on_spike'\?\), not a Guard keyword"),
+    ({"clip": "global"}, r"clip takes a gradguard.clip transform"),
+    ({"rollback": True}, r"rollback"),
+    ({"log": 5}, r"log= takes a file path"),
+    ({"scaler": None}, r"takes 'scaler' from the Trainer"),
+])
+def test_the_callback_checks_its_guard_keywords_when_built(kwargs, match):
+    # (before, a typo surfaced only at the start of training, after the Trainer's set-up)
+    with pytest.raises(gg.ConfigError, match=match):
+        GradGuardCallback(**kwargs)

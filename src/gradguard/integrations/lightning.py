@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import lifecycle
 from ..errors import ConfigError
-from ..guard import Guard, StepInfo
+from ..guard import Guard, StepInfo, check_guard_kwargs
 from ..stats import loss_value
 from . import StepGate, WatchBatch, check_watch, watched_part
 
@@ -148,9 +148,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
             raise ConfigError(f"GradGuardCallback(strict=...) must be True or False, got "
                               f"{strict!r}")
         self.strict = strict
-        for k in ("model", "optimizer", "scaler"):
-            if k in guard_kwargs:
-                raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
+        check_guard_kwargs("GradGuardCallback", guard_kwargs)
         self.guard_kwargs = guard_kwargs
         self.prefix = prefix
         self.log_metrics = log_metrics

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..guard import Guard
+from ..guard import Guard, check_guard_kwargs
 from ..stats import loss_value
 from . import StepGate, WatchBatch, check_watch, watched_part
 
@@ -89,9 +89,7 @@ class GradGuardCallback(TrainerCallback):
     """
 
     def __init__(self, *, watch_batch: WatchBatch = True, **guard_kwargs: Any) -> None:
-        for k in ("model", "optimizer", "scaler"):
-            if k in guard_kwargs:
-                raise ConfigError(f"GradGuardCallback takes {k!r} from the Trainer; do not pass it")
+        check_guard_kwargs("GradGuardCallback", guard_kwargs)
         self.guard_kwargs = guard_kwargs
         self.watch_batch = check_watch(watch_batch)
         self.guard: Guard | None = None
