@@ -152,3 +152,28 @@ def test_a_damaged_state_loads_nothing(damage):
     assert after[0] == after[1]
     for a, b in zip(twins[0][0].parameters(), twins[1][0].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_refused_non_strict_load_leaves_the_snapshots_and_the_data_watch_as_they_were():
+    # A non-strict load rewrites the in-memory snapshots' guard parts in place (the parts
+    # it leaves fresh) and may switch the data watch on; a part that fails after that
+    # must take both back.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, opt, rollback=gg.Rollback(every=2, clean_window=1),
+                     policy=gg.Policy(grad_spike=gg.NormSpike(window=16)))
+    run(model, opt, guard, 0, 30)
+    other_model, other_opt, other = make(1)
+    run(other_model, other_opt, other, 0, 45)  # (its NaN streak at 40-42 arms its watch)
+    state = other.state_dict()
+    state["host"]["watching"] = True
+    del state["attribution"]["mean"]
+    parts = [copy.deepcopy(s.guard) for s in guard.store.good]
+    armed = guard._host.inputs.armed
+    with pytest.raises(gg.ConfigError, match="nothing was loaded"):
+        guard.load_state_dict(state, strict=False)
+    assert guard._host.inputs.armed == armed
+    for s, before in zip(guard.store.good, parts, strict=True):
+        assert s.guard.keys() == before.keys()
+        assert repr(s.guard["grad_spike"]) == repr(before["grad_spike"])

@@ -189,7 +189,13 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
     try:
         skipped = _apply(g, state, saved, diff)
     except Exception as e:
-        _undo(g, undo)
+        try:
+            _undo(g, undo)
+        except Exception as again:  # (a user's detector that cannot take its own state)
+            raise ConfigError(
+                f"guard state is damaged ({type(e).__name__}: {e}), and putting the guard "
+                f"back failed too ({type(again).__name__}: {again}): build a fresh guard"
+            ) from e
         if isinstance(e, ConfigError):
             raise ConfigError(f"{e} (nothing was loaded)") from e
         raise ConfigError(
@@ -203,22 +209,30 @@ def load(g: Guard, state: dict[str, Any], strict: bool = True) -> list[str]:
 
 def _undo_point(g: Guard) -> tuple[Any, ...]:
     """What :func:`_undo` needs to put the guard back: its own state as the rows that
-    reached the host so far left it (no drain: the rows still in flight stay there), and
-    the in-memory snapshots and carried event counts by reference (not copied)."""
+    reached the host so far left it (no drain: the rows still in flight stay there); the
+    in-memory snapshots by reference, with their guard parts' entries (a non-strict load
+    rewrites those in place, see _refresh_snapshots); the carried event counts; and the
+    host's one-way switches (a load turns the data watch on, never off)."""
     store = g.store
-    return (snap.clone_tree(save(g, drain=False)),
-            None if store is None else (list(store.good), store.left, store.resumed),
-            copy.deepcopy(g.recorder.carried))
+    kept = None if store is None else (
+        [(s, dict(s.guard)) for s in store.good], store.left, store.resumed)
+    h = g._host
+    return (snap.clone_tree(save(g, drain=False)), kept, copy.deepcopy(g.recorder.carried),
+            (h.inputs.armed, h.warned_thaw))
 
 
 def _undo(g: Guard, undo: tuple[Any, ...]) -> None:
-    state, kept, carried = undo
+    state, kept, carried, (armed, warned_thaw) = undo
     _apply(g, state, state["config"], [])
     if kept is not None and g.store is not None:
         g.store.good.clear()
-        g.store.good.extend(kept[0])
+        for s, guard_parts in kept[0]:
+            s.guard.clear()
+            s.guard.update(guard_parts)
+            g.store.good.append(s)
         g.store.left, g.store.resumed = kept[1], kept[2]
     g.recorder.carried = carried
+    g._host.inputs.armed, g._host.warned_thaw = armed, warned_thaw
 
 
 def _apply(g: Guard, state: dict[str, Any], saved: dict[str, Any], diff: list[str]

@@ -107,8 +107,7 @@ def _above_one(name: str, value: float) -> float:
     v = check_positive(name, value)
     if v <= 1:
         raise ConfigError(f"{name} must be > 1 (a ratio to the typical value; at or below "
-                          f"1 a step no larger than the typical one could count as a "
-                          f"spike), got {value!r}")
+                          f"1 ordinary steps would count as spikes), got {value!r}")
     return v
 
 
@@ -338,7 +337,7 @@ class LossSpike(_RobustWindow):
                  floor: float = 0.05) -> None:
         self.window = check_int("LossSpike.window", window, 4)
         self.z_thresh = check_positive("LossSpike.z_thresh", z_thresh)
-        self.ratio = _above_one("LossSpike.ratio", ratio)
+        self.ratio = check_positive("LossSpike.ratio", ratio)  # (<= 1: that test off)
         self.min_count = check_int("LossSpike.min_count", min_count, 2)
         if self.min_count > self.window:
             raise ConfigError(f"LossSpike.min_count ({min_count}) must be <= window ({window})")

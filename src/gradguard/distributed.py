@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -258,6 +259,8 @@ class Sync:
 
 def make_sync(setting: Any, params: list[Tensor]) -> Sync | None:
     """The ``Sync`` a guard needs: ``setting`` is None (auto), False, True or a process group."""
+    if isinstance(setting, numpy.bool_):
+        setting = bool(setting)
     if setting is False:
         return None
     import torch.distributed as dist

@@ -329,7 +329,9 @@ def check_guard_kwargs(owner: str, kwargs: dict[str, Any]) -> None:
     resolve_policy(kwargs.get("policy"), kwargs.get("on_nonfinite"), kwargs.get("on_spike"),
                    kwargs.get("on_loss_spike"), kwargs.get("rollback"))
     as_transform(kwargs.get("clip"))
-    check_outputs(kwargs.get("log"), kwargs.get("tensorboard"), kwargs.get("sinks", ()))
+    sinks = check_outputs(kwargs.get("log"), kwargs.get("tensorboard"), kwargs.get("sinks", ()))
+    if "sinks" in kwargs:
+        kwargs["sinks"] = sinks  # (a generator, read by the check, is kept as its list)
     for k in ("flush_every", "layers_every", "total_steps"):
         if kwargs.get(k) is not None:
             check_int(k, kwargs[k], 1)

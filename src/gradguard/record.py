@@ -34,6 +34,7 @@ import contextlib
 import functools
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -597,9 +598,11 @@ def read_jsonl(path: str | os.PathLike[str], run: int | None = None,
         :class:`~gradguard.runlog.Event`), which are also read-only mappings of the line's
         keys (``rec["loss"]`` works as it did on the plain dicts).
     """
-    if run is not None and (isinstance(run, bool) or not isinstance(run, int)):
-        raise ConfigError(f"run= takes an int (0 the first run, -1 the last) or None for "
-                          f"every record, got {run!r}")
+    if run is not None:
+        if isinstance(run, bool) or not isinstance(run, numbers.Integral):
+            raise ConfigError(f"run= takes an int (0 the first run, -1 the last) or None "
+                              f"for every record, got {run!r}")
+        run = int(run)
     read_any = False
     for rec in _select(path, run, bad):
         read_any = True

@@ -473,3 +473,10 @@ def test_the_callback_checks_its_guard_keywords_when_built(kwargs, match):
     # (before, a typo surfaced only at the start of training, after the Trainer's set-up)
     with pytest.raises(gg.ConfigError, match=match):
         GradGuardCallback(**kwargs)
+
+
+def test_the_callback_keeps_sinks_given_as_a_generator():
+    # (the keyword check reads the generator: the callback keeps what it read)
+    sink = gg.record.ConsoleSink()
+    cb = GradGuardCallback(sinks=(s for s in [sink]))
+    assert list(cb.guard_kwargs["sinks"]) == [sink]
