@@ -38,8 +38,8 @@ def resolve_params(
                for p in wanted):
             raise ConfigError("params= takes tensors, got (name, tensor) pairs: pass "
                               "model.parameters(), or [p for _, p in model.named_parameters()]")
-        if any(not isinstance(p, Tensor) for p in wanted):
-            bad = next(p for p in wanted if not isinstance(p, Tensor))
+        bad = next((p for p in wanted if not isinstance(p, Tensor)), None)
+        if bad is not None:
             raise ConfigError(f"params= takes tensors, got a {type(bad).__name__}")
         if not wanted:
             raise ConfigError("params= is empty: pass the tensors to watch, or leave it out "

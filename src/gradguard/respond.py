@@ -110,7 +110,7 @@ class Rollback:
     clean_window: int = 5
 
     def __post_init__(self) -> None:
-        if self.dir == "" or self.dir == b"":
+        if self.dir == "":
             raise ConfigError("Rollback.dir is empty: give a folder path ('.' for the "
                               "current folder), or None to keep snapshots in memory only")
         if self.dir is not None and not isinstance(self.dir, str):

@@ -239,6 +239,9 @@ def check_args(model: Any, optimizer: Any, **positive_ints: int) -> None:
         check_int(name, v, 1)
 
 
+_SINK_METHODS = ("meta", "steps", "event", "close")  # (gradguard.record.Sink's)
+
+
 def check_outputs(log: Any, tensorboard: Any, sinks: Any, scaler: Any = None) -> list[Any]:
     """The ``Guard``'s log paths, sinks and scaler, before any file is opened; returns the
     sinks as a list."""
@@ -257,15 +260,14 @@ def check_outputs(log: Any, tensorboard: Any, sinks: Any, scaler: Any = None) ->
         raise ConfigError(f"scaler= takes the torch.amp.GradScaler instance your loop uses, "
                           f"got {what}: scaler = torch.amp.GradScaler(); "
                           "gg.Guard(..., scaler=scaler)")
-    if all(callable(getattr(sinks, m, None)) for m in ("meta", "steps", "event", "close")):
+    if all(callable(getattr(sinks, m, None)) for m in _SINK_METHODS):
         raise ConfigError(f"sinks= takes a list of sinks, got one: sinks=[{sinks!r}]")
     try:
         sinks = list(sinks)
     except TypeError:
         raise ConfigError(f"sinks= takes a list of sinks, got {sinks!r}") from None
     for i, sink in enumerate(sinks):
-        lacks = [m for m in ("meta", "steps", "event", "close")
-                 if not callable(getattr(sink, m, None))]
+        lacks = [m for m in _SINK_METHODS if not callable(getattr(sink, m, None))]
         if lacks or isinstance(sink, type):
             what = "a class, not an instance" if isinstance(sink, type) else \
                 f"it lacks {', '.join(lacks)}"

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..fixes.init import reinit, spectral_radius
-from ..record import read_jsonl, refuse_non_log
+from ..record import read_jsonl
 from ..runlog import Event, StepRecord
 from .confirm import confirm, unconfirmed
 from .findings import Diagnosis, Finding
@@ -543,8 +543,7 @@ def _dead_finding(dead: Event, trouble: list[Event]) -> Finding:
 
 def diagnose_run(path: str) -> Diagnosis:
     """Read a guard's JSONL log: when and where trouble started, what preceded it."""
-    records = list(read_jsonl(path))
-    refuse_non_log(path, bool(records))
+    records = list(read_jsonl(path))  # (refuses a file that is no run log)
     steps = [r for r in records if isinstance(r, StepRecord)]
     flags = [e for e in records if isinstance(e, Event)
              and e.kind in ("nonfinite", "grad_spike", "loss_spike")]

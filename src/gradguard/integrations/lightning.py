@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import lifecycle
-from ..errors import ConfigError
+from ..errors import ConfigError, check_bool
 from ..guard import Guard, StepInfo, check_guard_kwargs
 from ..stats import loss_value
 from . import StepGate, WatchBatch, check_watch, watched_part
@@ -144,10 +144,7 @@ class GradGuardCallback(*_callback_bases()):  # type: ignore[misc]
                  watch_batch: WatchBatch = True, strict: bool = True,
                  **guard_kwargs: Any) -> None:
         super().__init__()
-        if not isinstance(strict, bool):
-            raise ConfigError(f"GradGuardCallback(strict=...) must be True or False, got "
-                              f"{strict!r}")
-        self.strict = strict
+        self.strict = check_bool("GradGuardCallback(strict=...)", strict)
         check_guard_kwargs("GradGuardCallback", guard_kwargs)
         self.guard_kwargs = guard_kwargs
         self.prefix = prefix

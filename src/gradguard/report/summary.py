@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import data_fault
-from ..record import count_runs, read_jsonl, refuse_non_log
+from ..record import count_runs, read_jsonl
 from ..runlog import Event, Meta, StepRecord
 
 __all__ = ["RunSummary", "summarize"]
@@ -112,6 +112,5 @@ def summarize(path: str | os.PathLike[str], run: int = -1) -> RunSummary:
                 origin_steps.add(rec.step)
                 s.origins[rec["origin_layer"]] += 1
             s.timeline.append(rec)
-    refuse_non_log(path, bool(s.meta or s.steps or s.timeline))
     s.bad_lines = bad[0]
     return s
