@@ -71,9 +71,11 @@ NOTES = """
 ## Verdict
 
 Every run meets the criterion: 0 poisoned steps over 558 / 561 injected faults and test
-accuracy within 2 % of the clean run at its LR; within 1 % on all but `rollback` at lr 1e-3
-(1.05 %: 10 of the 1000 test images). `default-all` (every fault kind, including weight
-corruptions and LR spikes, under `gg.Guard(model, opt)`) meets it for the first time: the
+accuracy within 2 % of the clean run at its LR. The default guard (`default`, and
+`default-all` with every fault kind) stays within 1 % at both LRs; `rollback`, which skips
+every flagged step, can miss 1 % by a few of the 1000 test images (its row).
+`default-all` (every fault kind, including weight corruptions and LR spikes, under
+`gg.Guard(model, opt)`) meets it for the first time: the
 previous guard gave up at step 4721 with the model at chance (findings 1 and 2). On a
 healthy run the guard changes nothing: `guarded-clean` flags no step and ends with the
 clean run's accuracy to the last digit at both LRs.
@@ -116,28 +118,30 @@ damaged. `default-all` is the same fault stream under `gg.Guard(model, opt)`.
    "gave up at step 4721" into met.
 2. **The LR still drifts down under a fault every ~14 steps.** Not every fault finds a
    snapshot to retry from, each of the others cuts, and a relapse soon after a probe
-   doubles the wait for the next: the `rollback` runs end at ×0.009 (lr 1e-3) and ×0.01
-   (lr 1e-4) and spend 7976 / 5599 of 8000 steps below ×1. At lr 1e-3 the next cut would
-   have crossed the floor at step 6926, and the guard gave up (accuracy 0.097) until the
-   floor rule changed: a run that had trained well and broke after making progress since
-   its last rollback is rolled back at the floor instead (at a thousandth of its LR the LR
-   is not what breaks it); a failure without progress in between still gives up.
-   Accuracy holds because this model fits its 4000 images early; a task whose late steps
-   matter would pay for the lower LR. Weight corruption every ~120 steps is far beyond
-   what real runs see; it is the stress case.
+   doubles the wait for the next: the `rollback` runs end far below ×1 and spend most of
+   their 8000 steps there (the table's *min LR scale* and *steps at LR scale < 1*). At lr
+   1e-3 the next cut would have crossed the floor at step 6926, and the guard gave up
+   (accuracy 0.097) until the floor rule changed: a run that had trained well and broke
+   after making progress since its last rollback is rolled back at the floor instead (at
+   a thousandth of its LR the LR is not what breaks it); a failure without progress in
+   between still gives up. Accuracy holds because this model fits its 4000 images early;
+   a task whose late steps matter would pay for the lower LR. Weight corruption every
+   ~120 steps is far beyond what real runs see; it is the stress case.
 3. **Early faults cost an LR cut by design.** The first faults strike at step 20, inside
    the first 250 steps, where a failure is taken as the LR's (that is what warm-up is
    for), and before the run has trained well, so the cut is the far one: `default` at lr
    1e-3 rolls back once there, to ×0.1, and probes back to ×1 by step ~1020 (1000 steps
-   below 1; ×0.3 and 500 steps with the previous single cut factor), ending 0.31 % below
-   its clean run.
+   below 1; ×0.3 and 500 steps with the previous single cut factor), ending within half a
+   percent of its clean run.
 4. **Once the training loss is ~0.002, ordinary hard batches read as loss spikes.** The
-   `rollback` run at lr 1e-3 flags 209 steps that carry no fault, nearly all after step
-   4600, where it has fit its 4000 images, and skips them (that configuration skips every
-   flag); `default-all` flags 4. The count depends on the path a run takes: its first
-   rollback (step 23) goes to the snapshot of step 8 (early snapshots, see
-   `gradguard.rollback.RollbackStore.due`), and the same run on an AMD EPYC before that
-   change flagged 29. The loss detector's noise floor (5 % of the first loss) is what
+   `rollback` run at lr 1e-3 flags steps that carry no fault (the table's *unexplained
+   flags*; in the run traced, nearly all after step 4600, once it had fit its 4000
+   images), and skips them (that
+   configuration skips every flag); `default-all` flags a handful. The count depends on
+   the path a run takes, which the machine is part of: 130 in the Intel Xeon's run this
+   file held before stop 58, 272 in that stop's run on an AMD EPYC, and 29 on an AMD EPYC
+   before the early snapshots (`gradguard.rollback.RollbackStore.due`) moved its first
+   rollback. The loss detector's noise floor (5 % of the first loss) is what
    lets these through; issue 13 lists it as an open mechanism.
 
 Faults are at least 11 steps apart: each is an isolated incident, as real ones are.
