@@ -71,8 +71,8 @@ NOTES = """
 ## Verdict
 
 Every run meets the criterion: 0 poisoned steps over 558 / 561 injected faults and test
-accuracy within 2 % of the clean run at its LR. The default guard (`default`, and
-`default-all` with every fault kind) stays within 1 % at both LRs; `rollback`, which skips
+accuracy within 2 % of the clean run at its LR. The default guard stays within 1 %
+(`default` at both LRs, `default-all`, every fault kind, at lr 1e-3); `rollback`, which skips
 every flagged step, can miss 1 % by a few of the 1000 test images (its row).
 `default-all` (every fault kind, including weight corruptions and LR spikes, under
 `gg.Guard(model, opt)`) meets it for the first time: the
